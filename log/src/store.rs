@@ -1,0 +1,1 @@
+//! sled-backed storage (in progress)

@@ -1,0 +1,1 @@
+//! cluster TLS (in progress)

@@ -1,0 +1,240 @@
+//! Events, the proposals that carry them, and the envelope the log wraps around them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::ServiceSpec;
+use crate::{LogIndex, NodeId, Term};
+
+/// Version of the encoding of a [`Proposal`] in the log.
+///
+/// A proposal is always written inside [`VersionedProposal`], whose first field on disk is the variant
+/// index, so a log written by an older coyote stays readable: when the shape of an event changes, add a
+/// `V2` variant, keep decoding `V1` and convert it in `From<VersionedProposal>`.
+pub const FORMAT_VERSION: u16 = 1;
+
+/// A member of the cluster as the log knows it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub id: NodeId,
+    /// Address other members reach this node's Raft/gRPC endpoint at (`HOST:PORT`).
+    pub addr: String,
+}
+
+/// Who serves a service (master), who takes over by itself (failover), and who holds its data and waits
+/// for an instruction (backups).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub master: NodeId,
+    pub failover: Option<NodeId>,
+    pub backups: Vec<NodeId>,
+}
+
+/// Everything that can happen to a cluster. New variants go at the end: the encoding uses their position.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The first event of every log.
+    ClusterCreated {
+        cluster_id: String,
+        node: NodeInfo,
+        ca_pin: String,
+    },
+    /// A server joined with a token; this also records one use of that token.
+    NodeJoined {
+        node: NodeInfo,
+        token_id: String,
+        secret_sha256: String,
+    },
+    NodeLeft {
+        node_id: NodeId,
+        reason: String,
+    },
+    TokenIssued {
+        token_id: String,
+        secret_sha256: String,
+        expires_at_ms: u64,
+        uses: u32,
+    },
+    TokenRevoked {
+        token_id: String,
+    },
+    ServiceCreated {
+        spec: ServiceSpec,
+    },
+    ServiceSpecChanged {
+        spec: ServiceSpec,
+    },
+    ServiceRemoved {
+        name: String,
+    },
+    PlacementSet {
+        service: String,
+        placement: Placement,
+    },
+    /// Authority for `service` moves to `to`, which may serve from `serve_from_ms` on.
+    AuthoritySwitched {
+        service: String,
+        to: NodeId,
+        reason: String,
+        serve_from_ms: u64,
+    },
+    /// An alarm; its id is the log index of this event. At most one alarm per `key` is open.
+    AlarmRaised {
+        key: String,
+        node: Option<NodeId>,
+        service: Option<String>,
+        message: String,
+    },
+    AlarmCleared {
+        alarm_id: u64,
+        reason: String,
+    },
+}
+
+impl Event {
+    /// Short stable name, used by `events tail --kind` and in JSON output.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::ClusterCreated { .. } => "cluster_created",
+            Event::NodeJoined { .. } => "node_joined",
+            Event::NodeLeft { .. } => "node_left",
+            Event::TokenIssued { .. } => "token_issued",
+            Event::TokenRevoked { .. } => "token_revoked",
+            Event::ServiceCreated { .. } => "service_created",
+            Event::ServiceSpecChanged { .. } => "service_spec_changed",
+            Event::ServiceRemoved { .. } => "service_removed",
+            Event::PlacementSet { .. } => "placement_set",
+            Event::AuthoritySwitched { .. } => "authority_switched",
+            Event::AlarmRaised { .. } => "alarm_raised",
+            Event::AlarmCleared { .. } => "alarm_cleared",
+        }
+    }
+
+    /// All kinds, for validating `--kind` filters.
+    pub const KINDS: &'static [&'static str] = &[
+        "cluster_created",
+        "node_joined",
+        "node_left",
+        "token_issued",
+        "token_revoked",
+        "service_created",
+        "service_spec_changed",
+        "service_removed",
+        "placement_set",
+        "authority_switched",
+        "alarm_raised",
+        "alarm_cleared",
+    ];
+
+    /// One human line describing the event.
+    pub fn summary(&self) -> String {
+        match self {
+            Event::ClusterCreated { cluster_id, node, ca_pin } => format!(
+                "cluster {cluster_id} created by node {} at {} (CA pin {})",
+                node.id,
+                node.addr,
+                &ca_pin[..ca_pin.len().min(16)]
+            ),
+            Event::NodeJoined { node, token_id, .. } => {
+                format!("node {} joined at {} using token {token_id}", node.id, node.addr)
+            }
+            Event::NodeLeft { node_id, reason } => format!("node {node_id} left: {reason}"),
+            Event::TokenIssued { token_id, expires_at_ms, uses, .. } => {
+                format!("token {token_id} issued for {uses} use(s), expires at {expires_at_ms}")
+            }
+            Event::TokenRevoked { token_id } => format!("token {token_id} revoked"),
+            Event::ServiceCreated { spec } => format!("service {} created ({})", spec.name, spec.describe()),
+            Event::ServiceSpecChanged { spec } => {
+                format!("service {} spec changed ({})", spec.name, spec.describe())
+            }
+            Event::ServiceRemoved { name } => format!("service {name} removed"),
+            Event::PlacementSet { service, placement } => {
+                format!("service {service} placed: {}", placement.describe())
+            }
+            Event::AuthoritySwitched { service, to, reason, serve_from_ms } => {
+                format!("service {service} authority to node {to} from {serve_from_ms}: {reason}")
+            }
+            Event::AlarmRaised { key, message, .. } => format!("alarm {key}: {message}"),
+            Event::AlarmCleared { alarm_id, reason } => format!("alarm {alarm_id} cleared: {reason}"),
+        }
+    }
+}
+
+impl Placement {
+    pub fn describe(&self) -> String {
+        let failover = self.failover.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+        let backups: Vec<String> = self.backups.iter().map(|n| n.to_string()).collect();
+        format!("master {} failover {} backups [{}]", self.master, failover, backups.join(","))
+    }
+
+    /// Every node named, master first.
+    pub fn nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
+        std::iter::once(self.master).chain(self.failover).chain(self.backups.iter().copied())
+    }
+}
+
+/// What a proposer submits to the log: the event, with the proposer's clock and identity.
+///
+/// Time arrives here, from outside, so that applying stays pure: every replica sees the same `at_ms`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(into = "VersionedProposal", from = "VersionedProposal")]
+pub struct Proposal {
+    /// Proposer's wall clock, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Who asked: `node:2`, `cli@node:1`, `monitor@node:3`, ...
+    pub actor: String,
+    pub event: Event,
+}
+
+/// The on-disk form of a [`Proposal`]; see [`FORMAT_VERSION`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum VersionedProposal {
+    V1 { at_ms: u64, actor: String, event: Event },
+}
+
+impl From<Proposal> for VersionedProposal {
+    fn from(p: Proposal) -> Self {
+        VersionedProposal::V1 { at_ms: p.at_ms, actor: p.actor, event: p.event }
+    }
+}
+
+impl From<VersionedProposal> for Proposal {
+    fn from(v: VersionedProposal) -> Self {
+        match v {
+            VersionedProposal::V1 { at_ms, actor, event } => Proposal { at_ms, actor, event },
+        }
+    }
+}
+
+/// A proposal as committed: the log position it was committed at, around it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    pub index: LogIndex,
+    pub term: Term,
+    pub at_ms: u64,
+    pub actor: String,
+    pub event: Event,
+}
+
+impl Envelope {
+    pub fn new(index: LogIndex, term: Term, proposal: Proposal) -> Self {
+        Envelope { index, term, at_ms: proposal.at_ms, actor: proposal.actor, event: proposal.event }
+    }
+}
+
+/// Encode a value with the project's bincode configuration.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing plain data structures into a Vec cannot fail: no I/O, no size limit, no non-string
+    // map keys in our types.
+    bincode::serde::encode_to_vec(value, bincode::config::standard())
+        .expect("bincode encoding of coyote state into memory cannot fail")
+}
+
+/// Decode a value encoded by [`encode`]; trailing bytes are an error.
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, crate::Error> {
+    let (value, read) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map_err(|e| crate::Error::Decode(e.to_string()))?;
+    if read != bytes.len() {
+        return Err(crate::Error::Decode(format!("{} trailing bytes", bytes.len() - read)));
+    }
+    Ok(value)
+}

@@ -1,0 +1,75 @@
+//! The domain of a coyote cluster: what can happen to it ([`Event`]), and what it is ([`State`]).
+//!
+//! # How it works
+//!
+//! Every change that matters is an event in the cluster's Raft log. A proposer (the CLI through the
+//! local node, later the monitor, the reconciler, the CRM) builds a [`Proposal`]: the event, its own
+//! clock reading (`at_ms`) and who it is (`actor`). It validates the proposal against its current view
+//! of the state ([`State::validate`]) and proposes it. Once committed, the log wraps the proposal in an
+//! [`Envelope`] with its index and term, and every replica calls [`State::apply`] with it.
+//!
+//! Between validation and application the state may move (another proposal got in first), so `apply`
+//! checks the event again. One that no longer holds is recorded as [`Outcome::Rejected`], with its
+//! reason, identically on every replica: the log keeps it and `events tail` shows it.
+//!
+//! This crate is pure: no async, no clock, no I/O, no randomness. Time and ids arrive inside the
+//! envelope, so every replica derives byte-identical state from the same log, and a replay of the log
+//! gives the same state (a property test checks it). Maps are ordered for the same reason.
+//!
+//! Roles (master / failover / backup), each node's desired containers, open alarms and valid tokens are
+//! functions of the state ([`State::roles`], [`State::desired_containers`], [`State::open_alarms`],
+//! [`State::valid_tokens`]).
+//!
+//! An `Err` from `apply` is not a rejection: it means an invariant ([`State::check_invariants`]) broke,
+//! which is a bug. The caller must stop the node rather than let replicas diverge.
+//!
+//! # Left out, on purpose
+//!
+//! - The failover and fencing rules of authority switches (majority agreement, lease periods): a switch
+//!   is accepted here when its target holds a role for the service and is a member. Those conditions
+//!   belong to the failover work that builds on this crate.
+//! - Token secrets: the log only ever holds their SHA-256.
+
+mod event;
+pub mod spec;
+mod state;
+
+pub use event::{
+    decode, encode, Envelope, Event, NodeInfo, Placement, Proposal, VersionedProposal, FORMAT_VERSION,
+};
+pub use spec::{PortMap, ServiceSpec};
+pub use state::{
+    sha256_hex, Alarm, ClusterInfo, ContainerGoal, DesiredContainer, Member, Outcome, Role, Service, State,
+    Token, TokenStatus, PLACEMENT_BACKUPS_MAX,
+};
+
+/// Ids of nodes: sized, never reused within a cluster.
+pub type NodeId = u64;
+/// Position in the Raft log.
+pub type LogIndex = u64;
+/// Raft term.
+pub type Term = u64;
+
+/// Why a command does not hold against the current state: a deterministic answer for the client.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Rejection {
+    pub reason: String,
+}
+
+impl Rejection {
+    pub fn new(reason: impl Into<String>) -> Self {
+        Rejection { reason: reason.into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The state broke an invariant: a bug; replicas must stop rather than diverge.
+    #[error("state invariant violated: {0}")]
+    Invariant(String),
+    #[error("cannot decode stored data: {0}")]
+    Decode(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,586 @@
+//! The cluster state, how each event changes it, and the views derived from it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::event::{Envelope, Event, NodeInfo, Placement, Proposal};
+use crate::spec::ServiceSpec;
+use crate::{Error, LogIndex, NodeId, Rejection};
+
+/// Backups named by the automatic placement of a new service (more can be set by hand).
+pub const PLACEMENT_BACKUPS_MAX: usize = 3;
+/// Bounds that keep the state small no matter what is proposed.
+pub const TOKENS_MAX: usize = 1024;
+pub const SERVICES_MAX: usize = 4096;
+pub const ALARMS_OPEN_MAX: usize = 4096;
+pub const TOKEN_USES_MAX: u32 = 1000;
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ClusterInfo {
+    pub id: String,
+    pub ca_pin: String,
+    pub created_at_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub id: NodeId,
+    pub addr: String,
+    pub joined_at_ms: u64,
+    pub joined_index: LogIndex,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Token {
+    pub id: String,
+    pub secret_sha256: String,
+    pub issued_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub uses_total: u32,
+    pub uses_left: u32,
+    pub revoked: bool,
+    pub used_by: Vec<NodeId>,
+}
+
+/// Why a token cannot be used now, or `None` if it can.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenStatus {
+    Valid,
+    Expired,
+    UsedUp,
+    Revoked,
+}
+
+impl Token {
+    pub fn status(&self, now_ms: u64) -> TokenStatus {
+        if self.revoked {
+            TokenStatus::Revoked
+        } else if self.uses_left == 0 {
+            TokenStatus::UsedUp
+        } else if now_ms >= self.expires_at_ms {
+            TokenStatus::Expired
+        } else {
+            TokenStatus::Valid
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub spec: ServiceSpec,
+    pub placement: Option<Placement>,
+    pub created_at_ms: u64,
+    /// The current master may serve from this moment (set by an authority switch).
+    pub serve_from_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Alarm {
+    pub id: u64,
+    pub key: String,
+    pub node: Option<NodeId>,
+    pub service: Option<String>,
+    pub message: String,
+    pub raised_at_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Master,
+    Failover,
+    Backup,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Master => "master",
+            Role::Failover => "failover",
+            Role::Backup => "backup",
+        }
+    }
+}
+
+/// What a node should be doing with a service's container.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerGoal {
+    /// Master of an always-on service.
+    Running,
+    /// Master of an on-demand service: stopped until traffic arrives.
+    OnDemand,
+    /// Failover: created and stopped, ready to start.
+    Standby,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DesiredContainer {
+    pub service: String,
+    pub spec_hash: String,
+    pub goal: ContainerGoal,
+}
+
+/// The result of applying one envelope. Rejections are deterministic: every replica records the same.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    Rejected { reason: String },
+}
+
+impl Outcome {
+    pub fn is_applied(&self) -> bool {
+        matches!(self, Outcome::Applied)
+    }
+}
+
+/// The whole replicated state of a cluster. Ordered maps only, so that encoding is canonical.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct State {
+    pub cluster: Option<ClusterInfo>,
+    pub members: BTreeMap<NodeId, Member>,
+    /// Ids of nodes that left: never given out again.
+    pub departed: BTreeSet<NodeId>,
+    pub tokens: BTreeMap<String, Token>,
+    pub services: BTreeMap<String, Service>,
+    pub alarms: BTreeMap<u64, Alarm>,
+    pub last_applied: LogIndex,
+    pub applied_count: u64,
+    pub rejected_count: u64,
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+impl State {
+    /// Applies one committed envelope. A command that no longer holds is recorded as rejected; an `Err`
+    /// means the state was already broken (a bug), and the caller must stop rather than diverge.
+    pub fn apply(&mut self, env: &Envelope) -> Result<Outcome, Error> {
+        if env.index <= self.last_applied {
+            return Err(Error::Invariant(format!(
+                "envelope {} applied after {}: the log went backwards",
+                env.index, self.last_applied
+            )));
+        }
+        self.last_applied = env.index;
+        let outcome = match self.check(&env.event, env.at_ms) {
+            Err(rejection) => {
+                self.rejected_count += 1;
+                Outcome::Rejected { reason: rejection.reason }
+            }
+            Ok(()) => {
+                self.mutate(env);
+                self.applied_count += 1;
+                Outcome::Applied
+            }
+        };
+        self.check_invariants()?;
+        Ok(outcome)
+    }
+
+    /// Validates a proposal against the current state, before it is proposed.
+    pub fn validate(&self, proposal: &Proposal) -> Result<(), Rejection> {
+        self.check(&proposal.event, proposal.at_ms)
+    }
+
+    fn check(&self, event: &Event, at_ms: u64) -> Result<(), Rejection> {
+        let reject = |m: String| Err(Rejection::new(m));
+        if self.cluster.is_none() && !matches!(event, Event::ClusterCreated { .. }) {
+            return reject("the cluster has not been created yet".into());
+        }
+        match event {
+            Event::ClusterCreated { cluster_id, node, .. } => {
+                if self.cluster.is_some() {
+                    return reject("the cluster already exists".into());
+                }
+                if cluster_id.is_empty() || node.id == 0 {
+                    return reject("cluster id and node id must be set".into());
+                }
+            }
+            Event::NodeJoined { node, token_id, secret_sha256 } => {
+                if node.id == 0 || self.members.contains_key(&node.id) || self.departed.contains(&node.id) {
+                    return reject(format!("node id {} is already taken", node.id));
+                }
+                if self.members.values().any(|m| m.addr == node.addr) {
+                    return reject(format!("address {} is already used by a member", node.addr));
+                }
+                let Some(token) = self.tokens.get(token_id) else {
+                    return reject(format!("token {token_id} does not exist"));
+                };
+                if token.secret_sha256 != *secret_sha256 {
+                    return reject(format!("wrong secret for token {token_id}"));
+                }
+                match token.status(at_ms) {
+                    TokenStatus::Valid => {}
+                    TokenStatus::Expired => return reject(format!("token {token_id} has expired")),
+                    TokenStatus::UsedUp => return reject(format!("token {token_id} has already been used")),
+                    TokenStatus::Revoked => return reject(format!("token {token_id} has been revoked")),
+                }
+            }
+            Event::NodeLeft { node_id, .. } => {
+                if !self.members.contains_key(node_id) {
+                    return reject(format!("node {node_id} is not a member"));
+                }
+                if self.members.len() == 1 {
+                    return reject("the last member cannot leave".into());
+                }
+                if let Some(name) = self.services_where(*node_id, Role::Master).next() {
+                    return reject(format!("node {node_id} is master of {name}: switch it away first"));
+                }
+            }
+            Event::TokenIssued { token_id, expires_at_ms, uses, secret_sha256 } => {
+                if token_id.is_empty() || token_id.len() > 64 || secret_sha256.len() != 64 {
+                    return reject("token id or secret hash is malformed".into());
+                }
+                if self.tokens.contains_key(token_id) {
+                    return reject(format!("token {token_id} already exists"));
+                }
+                if *uses == 0 || *uses > TOKEN_USES_MAX {
+                    return reject(format!("a token allows 1 to {TOKEN_USES_MAX} uses"));
+                }
+                if *expires_at_ms <= at_ms {
+                    return reject("the token would already be expired".into());
+                }
+                if self.tokens.len() >= TOKENS_MAX {
+                    return reject(format!("too many tokens (at most {TOKENS_MAX}): revoke some"));
+                }
+            }
+            Event::TokenRevoked { token_id } => match self.tokens.get(token_id) {
+                None => return reject(format!("token {token_id} does not exist")),
+                Some(t) if t.revoked => return reject(format!("token {token_id} is already revoked")),
+                Some(_) => {}
+            },
+            Event::ServiceCreated { spec } => {
+                spec.validate()?;
+                if self.services.contains_key(&spec.name) {
+                    return reject(format!("service {} already exists", spec.name));
+                }
+                if self.services.len() >= SERVICES_MAX {
+                    return reject(format!("too many services (at most {SERVICES_MAX})"));
+                }
+                self.check_ports_free(spec)?;
+            }
+            Event::ServiceSpecChanged { spec } => {
+                spec.validate()?;
+                if !self.services.contains_key(&spec.name) {
+                    return reject(format!("service {} does not exist", spec.name));
+                }
+                self.check_ports_free(spec)?;
+            }
+            Event::ServiceRemoved { name } => {
+                if !self.services.contains_key(name) {
+                    return reject(format!("service {name} does not exist"));
+                }
+            }
+            Event::PlacementSet { service, placement } => {
+                if !self.services.contains_key(service) {
+                    return reject(format!("service {service} does not exist"));
+                }
+                self.check_placement(placement)?;
+            }
+            Event::AuthoritySwitched { service, to, .. } => {
+                let Some(svc) = self.services.get(service) else {
+                    return reject(format!("service {service} does not exist"));
+                };
+                let Some(placement) = &svc.placement else {
+                    return reject(format!("service {service} has no placement yet"));
+                };
+                if placement.master == *to {
+                    return reject(format!("node {to} is already master of {service}"));
+                }
+                if !placement.nodes().any(|n| n == *to) {
+                    return reject(format!("node {to} holds no role for {service}"));
+                }
+                if !self.members.contains_key(to) {
+                    return reject(format!("node {to} is not a member"));
+                }
+            }
+            Event::AlarmRaised { key, node, service, .. } => {
+                if key.is_empty() {
+                    return reject("an alarm needs a key".into());
+                }
+                if let Some(open) = self.alarms.values().find(|a| a.key == *key) {
+                    return reject(format!("alarm {key} is already open as {}", open.id));
+                }
+                if let Some(n) = node {
+                    if !self.members.contains_key(n) {
+                        return reject(format!("node {n} is not a member"));
+                    }
+                }
+                if let Some(s) = service {
+                    if !self.services.contains_key(s) {
+                        return reject(format!("service {s} does not exist"));
+                    }
+                }
+                if self.alarms.len() >= ALARMS_OPEN_MAX {
+                    return reject(format!("too many open alarms (at most {ALARMS_OPEN_MAX})"));
+                }
+            }
+            Event::AlarmCleared { alarm_id, .. } => {
+                if !self.alarms.contains_key(alarm_id) {
+                    return reject(format!("alarm {alarm_id} is not open"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_ports_free(&self, spec: &ServiceSpec) -> Result<(), Rejection> {
+        for (name, svc) in &self.services {
+            if *name == spec.name {
+                continue;
+            }
+            for p in &spec.ports {
+                if svc.spec.ports.iter().any(|q| q.host == p.host) {
+                    return Err(Rejection::new(format!(
+                        "host port {} is already used by service {name}",
+                        p.host
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_placement(&self, placement: &Placement) -> Result<(), Rejection> {
+        let mut seen = BTreeSet::new();
+        for n in placement.nodes() {
+            if !self.members.contains_key(&n) {
+                return Err(Rejection::new(format!("node {n} is not a member")));
+            }
+            if !seen.insert(n) {
+                return Err(Rejection::new(format!("node {n} is named twice in the placement")));
+            }
+        }
+        Ok(())
+    }
+
+    fn mutate(&mut self, env: &Envelope) {
+        match &env.event {
+            Event::ClusterCreated { cluster_id, node, ca_pin } => {
+                self.cluster = Some(ClusterInfo {
+                    id: cluster_id.clone(),
+                    ca_pin: ca_pin.clone(),
+                    created_at_ms: env.at_ms,
+                });
+                self.add_member(node, env);
+            }
+            Event::NodeJoined { node, token_id, .. } => {
+                let token = self.tokens.get_mut(token_id).expect("checked: token exists");
+                token.uses_left -= 1;
+                token.used_by.push(node.id);
+                self.add_member(node, env);
+            }
+            Event::NodeLeft { node_id, .. } => {
+                self.members.remove(node_id);
+                self.departed.insert(*node_id);
+                for svc in self.services.values_mut() {
+                    if let Some(p) = &mut svc.placement {
+                        if p.failover == Some(*node_id) {
+                            p.failover = None;
+                        }
+                        p.backups.retain(|b| b != node_id);
+                    }
+                }
+            }
+            Event::TokenIssued { token_id, secret_sha256, expires_at_ms, uses } => {
+                self.tokens.insert(
+                    token_id.clone(),
+                    Token {
+                        id: token_id.clone(),
+                        secret_sha256: secret_sha256.clone(),
+                        issued_at_ms: env.at_ms,
+                        expires_at_ms: *expires_at_ms,
+                        uses_total: *uses,
+                        uses_left: *uses,
+                        revoked: false,
+                        used_by: Vec::new(),
+                    },
+                );
+            }
+            Event::TokenRevoked { token_id } => {
+                self.tokens.get_mut(token_id).expect("checked: token exists").revoked = true;
+            }
+            Event::ServiceCreated { spec } => {
+                self.services.insert(
+                    spec.name.clone(),
+                    Service {
+                        spec: spec.clone(),
+                        placement: None,
+                        created_at_ms: env.at_ms,
+                        serve_from_ms: env.at_ms,
+                    },
+                );
+            }
+            Event::ServiceSpecChanged { spec } => {
+                self.services.get_mut(&spec.name).expect("checked: service exists").spec = spec.clone();
+            }
+            Event::ServiceRemoved { name } => {
+                self.services.remove(name);
+                self.alarms.retain(|_, a| a.service.as_deref() != Some(name));
+            }
+            Event::PlacementSet { service, placement } => {
+                self.services.get_mut(service).expect("checked: service exists").placement =
+                    Some(placement.clone());
+            }
+            Event::AuthoritySwitched { service, to, serve_from_ms, .. } => {
+                let svc = self.services.get_mut(service).expect("checked: service exists");
+                let p = svc.placement.as_mut().expect("checked: placement exists");
+                let old = p.master;
+                if p.failover == Some(*to) {
+                    p.failover = None;
+                }
+                p.backups.retain(|b| b != to);
+                p.backups.insert(0, old);
+                p.master = *to;
+                svc.serve_from_ms = *serve_from_ms;
+            }
+            Event::AlarmRaised { key, node, service, message } => {
+                self.alarms.insert(
+                    env.index,
+                    Alarm {
+                        id: env.index,
+                        key: key.clone(),
+                        node: *node,
+                        service: service.clone(),
+                        message: message.clone(),
+                        raised_at_ms: env.at_ms,
+                    },
+                );
+            }
+            Event::AlarmCleared { alarm_id, .. } => {
+                self.alarms.remove(alarm_id);
+            }
+        }
+    }
+
+    fn add_member(&mut self, node: &NodeInfo, env: &Envelope) {
+        self.members.insert(
+            node.id,
+            Member { id: node.id, addr: node.addr.clone(), joined_at_ms: env.at_ms, joined_index: env.index },
+        );
+    }
+
+    /// Checks what must never be false. Kept in release builds: a broken state must stop the node.
+    pub fn check_invariants(&self) -> Result<(), Error> {
+        for (name, svc) in &self.services {
+            if svc.spec.name != *name {
+                return Err(Error::Invariant(format!("service {name} stored under another name")));
+            }
+            let Some(p) = &svc.placement else { continue };
+            let mut seen = BTreeSet::new();
+            for n in p.nodes() {
+                if !seen.insert(n) {
+                    return Err(Error::Invariant(format!("service {name}: node {n} holds two roles")));
+                }
+            }
+            if !self.members.contains_key(&p.master) {
+                return Err(Error::Invariant(format!("service {name}: master {} is not a member", p.master)));
+            }
+        }
+        for (id, m) in &self.members {
+            if m.id != *id || self.departed.contains(id) {
+                return Err(Error::Invariant(format!("member {id} is inconsistent")));
+            }
+        }
+        Ok(())
+    }
+
+    // ---- derived views ----
+
+    /// The role `node` holds for `service`, if any.
+    pub fn role(&self, service: &str, node: NodeId) -> Option<Role> {
+        let p = self.services.get(service)?.placement.as_ref()?;
+        if p.master == node {
+            Some(Role::Master)
+        } else if p.failover == Some(node) {
+            Some(Role::Failover)
+        } else if p.backups.contains(&node) {
+            Some(Role::Backup)
+        } else {
+            None
+        }
+    }
+
+    /// Roles of every node for every placed service.
+    pub fn roles(&self) -> BTreeMap<String, BTreeMap<NodeId, Role>> {
+        let mut out = BTreeMap::new();
+        for (name, svc) in &self.services {
+            let Some(p) = &svc.placement else { continue };
+            let mut roles = BTreeMap::new();
+            roles.insert(p.master, Role::Master);
+            if let Some(f) = p.failover {
+                roles.insert(f, Role::Failover);
+            }
+            for b in &p.backups {
+                roles.insert(*b, Role::Backup);
+            }
+            out.insert(name.clone(), roles);
+        }
+        out
+    }
+
+    /// Names of services where `node` holds `role`.
+    pub fn services_where(&self, node: NodeId, role: Role) -> impl Iterator<Item = &str> + '_ {
+        self.services.keys().filter(move |s| self.role(s, node) == Some(role)).map(|s| s.as_str())
+    }
+
+    /// The containers `node` should have, derived from its roles.
+    pub fn desired_containers(&self, node: NodeId) -> Vec<DesiredContainer> {
+        let mut out = Vec::new();
+        for (name, svc) in &self.services {
+            let goal = match self.role(name, node) {
+                Some(Role::Master) if svc.spec.on_demand => ContainerGoal::OnDemand,
+                Some(Role::Master) => ContainerGoal::Running,
+                Some(Role::Failover) => ContainerGoal::Standby,
+                Some(Role::Backup) | None => continue,
+            };
+            out.push(DesiredContainer { service: name.clone(), spec_hash: svc.spec.hash(), goal });
+        }
+        out
+    }
+
+    pub fn open_alarms(&self) -> impl Iterator<Item = &Alarm> {
+        self.alarms.values()
+    }
+
+    /// Tokens that can still be used at `now_ms`.
+    pub fn valid_tokens(&self, now_ms: u64) -> impl Iterator<Item = &Token> {
+        self.tokens.values().filter(move |t| t.status(now_ms) == TokenStatus::Valid)
+    }
+
+    /// The id a newly joining node gets: never one in use or used before.
+    pub fn next_node_id(&self) -> NodeId {
+        let max_member = self.members.keys().next_back().copied().unwrap_or(0);
+        let max_departed = self.departed.iter().next_back().copied().unwrap_or(0);
+        max_member.max(max_departed) + 1
+    }
+
+    /// A placement for a new service: the least loaded member is master, the next failover, then up to
+    /// [`PLACEMENT_BACKUPS_MAX`] backups. Deterministic: ties go to the lower node id.
+    pub fn place(&self) -> Option<Placement> {
+        let mut load: BTreeMap<NodeId, (usize, usize)> =
+            self.members.keys().map(|id| (*id, (0, 0))).collect();
+        for svc in self.services.values() {
+            let Some(p) = &svc.placement else { continue };
+            if let Some(l) = load.get_mut(&p.master) {
+                l.0 += 1;
+            }
+            for n in p.nodes().skip(1) {
+                if let Some(l) = load.get_mut(&n) {
+                    l.1 += 1;
+                }
+            }
+        }
+        let mut order: Vec<NodeId> = load.keys().copied().collect();
+        order.sort_by_key(|id| (load[id], *id));
+        let mut it = order.into_iter();
+        let master = it.next()?;
+        let failover = it.next();
+        let backups = it.take(PLACEMENT_BACKUPS_MAX).collect();
+        Some(Placement { master, failover, backups })
+    }
+}

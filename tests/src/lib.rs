@@ -1,0 +1,1 @@
+//! Helpers for driving real coyote processes.
