@@ -1,0 +1,219 @@
+//! Scenario tests: each `scenarios/NAME.txt` is a list of commands; running it prints a transcript that
+//! must equal `scenarios/NAME.out`. Run with `UPDATE_SCENARIOS=1` to rewrite the transcripts after an
+//! intended change of behaviour, then read the diff.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use coyote_state_machine::spec::{parse_bytes, parse_port};
+use coyote_state_machine::{
+    sha256_hex, Envelope, Event, NodeInfo, Outcome, Placement, Proposal, ServiceSpec, State,
+};
+
+struct Runner {
+    state: State,
+    index: u64,
+    clock_ms: u64,
+    out: String,
+}
+
+fn args(words: &[&str]) -> (Vec<String>, BTreeMap<String, String>) {
+    let mut pos = Vec::new();
+    let mut kv = BTreeMap::new();
+    for w in words {
+        match w.split_once('=') {
+            Some((k, v)) => {
+                kv.insert(k.to_string(), v.to_string());
+            }
+            None => pos.push(w.to_string()),
+        }
+    }
+    (pos, kv)
+}
+
+fn node_list(text: &str) -> Vec<u64> {
+    text.split(',').filter(|s| !s.is_empty()).map(|s| s.parse().expect("node id")).collect()
+}
+
+impl Runner {
+    fn propose(&mut self, event: Event) {
+        self.index += 1;
+        let proposal = Proposal { at_ms: self.clock_ms, actor: "scenario".into(), event };
+        let pre = self.state.validate(&proposal);
+        let env = Envelope::new(self.index, 1, proposal);
+        let kind = env.event.kind();
+        let outcome = self.state.apply(&env).expect("invariants hold");
+        // Validation before proposing and application agree when nothing happened in between.
+        assert_eq!(pre.is_ok(), outcome.is_applied(), "validate and apply disagree at {}", self.index);
+        match outcome {
+            Outcome::Applied => writeln!(self.out, "{} {kind}: applied", self.index).unwrap(),
+            Outcome::Rejected { reason } => {
+                writeln!(self.out, "{} {kind}: rejected: {reason}", self.index).unwrap()
+            }
+        }
+    }
+
+    fn spec(&self, pos: &[String], kv: &BTreeMap<String, String>) -> ServiceSpec {
+        ServiceSpec {
+            name: pos[1].clone(),
+            image: kv.get("image").cloned().unwrap_or_default(),
+            domains: kv.get("domains").map(|d| d.split(',').map(String::from).collect()).unwrap_or_default(),
+            ports: kv
+                .get("ports")
+                .map(|p| p.split(',').map(|x| parse_port(x).expect("port")).collect())
+                .unwrap_or_default(),
+            memory_bytes: kv.get("memory").map(|m| parse_bytes(m).expect("memory")),
+            on_demand: pos.iter().any(|p| p == "on-demand"),
+        }
+    }
+
+    fn run(&mut self, line: &str) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (pos, kv) = args(&words);
+        let get = |k: &str| kv.get(k).cloned().unwrap_or_default();
+        let num =
+            |k: &str| get(k).parse::<u64>().unwrap_or_else(|_| panic!("{k}= needs a number in {line:?}"));
+        match pos[0].as_str() {
+            "clock" => self.clock_ms = pos[1].parse().expect("clock ms"),
+            "cluster" => self.propose(Event::ClusterCreated {
+                cluster_id: pos[1].clone(),
+                node: NodeInfo { id: num("node"), addr: get("addr") },
+                ca_pin: "ab".repeat(32),
+            }),
+            "token-issue" => self.propose(Event::TokenIssued {
+                token_id: pos[1].clone(),
+                secret_sha256: sha256_hex(get("secret").as_bytes()),
+                expires_at_ms: num("expires"),
+                uses: num("uses") as u32,
+            }),
+            "token-revoke" => self.propose(Event::TokenRevoked { token_id: pos[1].clone() }),
+            "join" => self.propose(Event::NodeJoined {
+                node: NodeInfo { id: num("node"), addr: get("addr") },
+                token_id: get("token"),
+                secret_sha256: sha256_hex(get("secret").as_bytes()),
+            }),
+            "leave" => self.propose(Event::NodeLeft { node_id: num("node"), reason: "scenario".into() }),
+            "service-create" => {
+                let spec = self.spec(&pos, &kv);
+                self.propose(Event::ServiceCreated { spec })
+            }
+            "service-change" => {
+                let spec = self.spec(&pos, &kv);
+                self.propose(Event::ServiceSpecChanged { spec })
+            }
+            "service-rm" => self.propose(Event::ServiceRemoved { name: pos[1].clone() }),
+            "place" => {
+                let placement = self.state.place().expect("a member to place on");
+                self.propose(Event::PlacementSet { service: pos[1].clone(), placement })
+            }
+            "placement" => self.propose(Event::PlacementSet {
+                service: pos[1].clone(),
+                placement: Placement {
+                    master: num("master"),
+                    failover: kv.get("failover").map(|f| f.parse().expect("failover id")),
+                    backups: node_list(&get("backups")),
+                },
+            }),
+            "switch" => self.propose(Event::AuthoritySwitched {
+                service: pos[1].clone(),
+                to: num("to"),
+                reason: "scenario".into(),
+                serve_from_ms: self.clock_ms,
+            }),
+            "alarm-raise" => self.propose(Event::AlarmRaised {
+                key: get("key"),
+                node: kv.get("node").map(|n| n.parse().expect("node id")),
+                service: kv.get("service").cloned(),
+                message: get("message"),
+            }),
+            "alarm-clear" => self.propose(Event::AlarmCleared {
+                alarm_id: pos[1].parse().expect("id"),
+                reason: "scenario".into(),
+            }),
+            "show" => self.show(&pos[1], pos.get(2)),
+            other => panic!("unknown scenario command {other:?}"),
+        }
+    }
+
+    fn show(&mut self, what: &str, arg: Option<&String>) {
+        let s = &self.state;
+        let out = &mut self.out;
+        match what {
+            "members" => {
+                for m in s.members.values() {
+                    writeln!(out, "  node {} at {}", m.id, m.addr).unwrap();
+                }
+            }
+            "roles" => {
+                for (svc, roles) in s.roles() {
+                    let r: Vec<String> = roles.iter().map(|(n, r)| format!("{n}={}", r.as_str())).collect();
+                    writeln!(out, "  {svc}: {}", r.join(" ")).unwrap();
+                }
+            }
+            "tokens" => {
+                for t in s.tokens.values() {
+                    writeln!(
+                        out,
+                        "  {}: {:?} uses_left={} used_by={:?}",
+                        t.id,
+                        t.status(self.clock_ms),
+                        t.uses_left,
+                        t.used_by
+                    )
+                    .unwrap();
+                }
+                let valid: Vec<&str> = s.valid_tokens(self.clock_ms).map(|t| t.id.as_str()).collect();
+                writeln!(out, "  valid: {valid:?}").unwrap();
+            }
+            "desired" => {
+                let node: u64 = arg.expect("node id").parse().expect("node id");
+                for d in s.desired_containers(node) {
+                    writeln!(out, "  node {node}: {} {:?}", d.service, d.goal).unwrap();
+                }
+            }
+            "alarms" => {
+                for a in s.open_alarms() {
+                    writeln!(out, "  alarm {} {}: {}", a.id, a.key, a.message).unwrap();
+                }
+            }
+            other => panic!("unknown show {other:?}"),
+        }
+    }
+}
+
+fn run_scenario(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).expect("scenario file");
+    let mut r = Runner { state: State::default(), index: 0, clock_ms: 1_000, out: String::new() };
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        writeln!(r.out, "> {line}").unwrap();
+        r.run(line);
+    }
+    r.out
+}
+
+#[test]
+fn scenarios() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios");
+    let update = std::env::var_os("UPDATE_SCENARIOS").is_some();
+    let mut count = 0;
+    let mut paths: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    paths.sort();
+    for path in paths.into_iter().filter(|p| p.extension().is_some_and(|e| e == "txt")) {
+        count += 1;
+        let got = run_scenario(&path);
+        let expected_path = path.with_extension("out");
+        if update {
+            std::fs::write(&expected_path, &got).unwrap();
+            continue;
+        }
+        let expected = std::fs::read_to_string(&expected_path)
+            .unwrap_or_else(|_| panic!("{} missing: run with UPDATE_SCENARIOS=1", expected_path.display()));
+        assert_eq!(got, expected, "scenario {} differs from its transcript", path.display());
+    }
+    assert!(count >= 2, "no scenarios found in {}", dir.display());
+}
