@@ -1,1 +1,966 @@
-//! sled-backed storage (in progress)
+//! Durable storage for one node: the Raft log, the Raft metadata, the applied state and the archive of
+//! every applied event, all in one sled database.
+//!
+//! # Layout
+//!
+//! [`open`] opens a single `sled::Db` at the node's data directory and works with four trees in it:
+//!
+//! - `log`: the Raft log. Key: the entry's index as a big-endian `u64`, so that sled's byte order is
+//!   index order and a range scan is a log range. Value: the bincode-encoded [`Entry`].
+//! - `meta`: small records: the vote, the last committed log id, the last purged log id, and the
+//!   node's own bytes stored through [`StoreHandle::meta_put`] (under a separate `user/` prefix, so they
+//!   can never collide with Raft's keys).
+//! - `events`: the archive. Key: the log index, big-endian. Value: an encoded [`EventRecord`], the
+//!   envelope that was applied and what came of it (applied, or rejected with a reason).
+//! - `snapshot`: the current snapshot, its metadata and its data, written together in one batch.
+//!
+//! The default tree holds a format marker. sled itself, given a directory whose `db` or `conf` it
+//! cannot read, quietly starts an empty database over it; for us that would be a node that forgot its
+//! vote and its log and rejoined as if new. So [`open`] only lets sled at a directory that is absent or
+//! empty (a new store) or that holds sled's files and our marker. A new store is created in a sibling
+//! directory (`.NAME.creating`), marker written and flushed, then renamed into place, so that no crash
+//! can leave a directory of ours without the marker. Anything else (stray files, another program's sled database,
+//! a store sled can no longer read) is refused with a [`StoreError`]. Every record openraft reads at
+//! start-up (vote, committed, last purged, the first and last log entries, the snapshot) is decoded and
+//! checked before [`open`] returns, so damage is reported at start-up, with the record named, rather
+//! than as a failure deep inside Raft later. sled's own `open` runs under `catch_unwind`: whatever is
+//! in the directory, opening it returns an error and does not take the process down. sled releases
+//! its file lock a moment after the last handle is dropped, so a store reopened within one process (a
+//! node restarted in the simulation) may find it still held: that error alone is retried for two
+//! seconds.
+//!
+//! # Log and vote
+//!
+//! [`LogStore`] implements openraft's `RaftLogStorage` (storage v2). `append` writes all the entries
+//! of one call in one sled batch (atomic: all or none), then flushes, and only then tells openraft the
+//! entries are durable through the callback. Openraft hands over everything that accumulated since the
+//! previous call, so one flush (one `fsync`) covers a whole batch of proposals under load. `save_vote`
+//! flushes before it returns, as Raft requires: a node that forgot its vote could vote twice in a term.
+//! `truncate` flushes too, so that conflicting entries a follower removed cannot come back after a
+//! crash and make its log look longer than it is.
+//!
+//! Two writes are deliberately not flushed:
+//!
+//! - `save_committed`: openraft only uses it to re-apply committed entries sooner after a restart. If
+//!   it is lost, the node re-learns the commit index from the leader.
+//! - `purge`: it first writes the new last purged log id, then removes the entries in a second batch.
+//!   If both are lost, old entries reappear, which only costs space (they are covered by the snapshot,
+//!   which `build_snapshot` flushed before openraft asked to purge).
+//!
+//! The durability argument for these, and for the archive below, relies on one property of sled: every
+//! tree of a database is written into one shared log, and recovery restores a prefix of it. So if a
+//! later write survived a crash, every earlier write did too: a surviving commit index implies the
+//! entries it covers, a surviving purge implies the last purged id, a surviving archive record implies
+//! the log entry it was applied from. Our crash tests (kill -9 during writes, then restart) are what
+//! check that sled 0.34 keeps this promise (its tracker has open reports of corruption after an abrupt
+//! stop). Everything sled-specific stays in this file, behind openraft's traits and [`StoreHandle`].
+//!
+//! # The flush
+//!
+//! sled's `flush` is blocking: it writes and `fsync`s. It runs on tokio's blocking pool
+//! (`spawn_blocking`) and the async method awaits it, so no runtime worker thread stalls on the disk.
+//! We do not use `flush_async`: it completes on sled's own threads, which is a source of
+//! nondeterminism in the simulation tests and adds nothing here, since we wait for the result anyway.
+//!
+//! # State machine and archive
+//!
+//! [`StateMachineStore`] keeps the cluster [`State`] in memory. Applying an entry does not write the
+//! state to disk: after a restart the state is the last snapshot's, and openraft re-applies the log
+//! entries after it (it asks [`RaftStateMachine::applied_state`] where to start). Since applying is
+//! pure and deterministic, the replay rebuilds exactly the same state. (Openraft replays at once up to
+//! the saved commit index, the rest when the leader confirms it; meanwhile the node's view lags, as
+//! any follower's may.) A normal entry becomes an
+//! `Envelope` (log index, term, proposal), `State::apply` gives its outcome, and an [`EventRecord`] is
+//! written to `events`, without a flush: like the state, the record is rebuilt, byte for byte, when its
+//! log entry is re-applied. Blank and membership entries are not events and are not archived.
+//!
+//! An `Err` from `State::apply` means an invariant broke, which is a bug. Continuing would let this
+//! replica diverge from the others, so the store panics with the entry and the reason, as toydb does.
+//! The panic poisons the state lock, and every later reader through [`StoreHandle::with_state`]
+//! panics as well rather than read a broken state: the node must stop.
+//!
+//! Readers outside Raft see the state through [`StoreHandle`]. It is behind a `std::sync::RwLock`, not
+//! an async one: no critical section contains an `.await`, each is short (one apply batch is CPU work
+//! plus one in-memory sled batch), and readers can then be plain closures callable from sync code.
+//! Applying holds the write lock while it writes the batch's archive records, and
+//! [`StoreHandle::events`] reads under the read lock and stops at the last applied index, so a reader
+//! always sees the archive and the state at the same point of the log. After each batch, the last
+//! applied index is published on a `tokio::sync::watch` channel ([`StoreHandle::subscribe`]).
+//!
+//! # Snapshots
+//!
+//! A snapshot is one encoded value: the last applied log id, the last membership, the state and the
+//! whole archive. The archive is in it because openraft purges the log after a snapshot: a node that
+//! joins later, or falls too far behind, receives the snapshot instead of the entries, and without the
+//! archive it would have the state but not the history of how the cluster got there (`events tail`
+//! would differ between nodes). The cost: a snapshot grows with the whole history, not with the size
+//! of the state; building one reads and re-encodes every archived event, and openraft keeps it in memory
+//! as one buffer while it sends it. An event encodes to a few hundred bytes, so 100 000 events make a
+//! snapshot of tens of megabytes: fine for a control plane's rate of joins, deploys and alarms, and
+//! the limits below say what to do when it is not.
+//!
+//! `build_snapshot` writes the snapshot to the `snapshot` tree and flushes before returning it, so
+//! that openraft can purge the log behind it. `install_snapshot` persists the received snapshot, then
+//! replaces the state, the membership, the last applied log id and the whole `events` tree (in one
+//! batch, under the write lock) with the snapshot's contents, then flushes. If a crash separates the
+//! two writes, [`open`] notices that the archive up to the snapshot differs from the snapshot's and
+//! rewrites it from the snapshot. On open, the persisted snapshot is loaded into memory, so
+//! `applied_state` reports its last applied log id and openraft replays only the entries after it.
+//! Building and installing are serialised by an async mutex, since openraft builds snapshots in a
+//! separate task.
+//!
+//! # Left out, on purpose
+//!
+//! - The archive is never compacted, and snapshots carry all of it. If history grows to hundreds of
+//!   megabytes, the way out is to stream the archive separately from the state (chunked transfer),
+//!   not to drop history.
+//! - One snapshot is kept; an older one is replaced, not retained.
+//! - [`open`] is blocking (sled recovery reads the whole log); call it at start-up or in
+//!   `spawn_blocking`. [`StoreHandle::meta_put`] blocks for one flush.
+//! - No checksum of our own: sled checksums each record it writes; we check that every record decodes
+//!   and that keys and contents agree (an entry stored under index 17 must say index 17).
+//! - No migration between sled versions: sled 0.34's on-disk format is what this store reads. The
+//!   format marker and the versioned snapshot encoding leave room for a migration when it is needed.
+//! - No encryption at rest; the directory's permissions are the protection.
+//! - [`StoreHandle::last_applied`] is 0 both before anything is applied and after the entry at index 0
+//!   (openraft's initial membership entry); events only ever have indexes from 1.
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use coyote_state_machine::{decode, encode, Envelope, Outcome, State};
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    EntryPayload, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageIOError,
+    StoredMembership, Vote,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::types::{Entry, LogId, Node, NodeId, StorageError, TypeConfig};
+
+/// Snapshot metadata, as openraft defines it for our types.
+type Meta = SnapshotMeta<NodeId, Node>;
+
+const LOG_TREE: &str = "log";
+const META_TREE: &str = "meta";
+const EVENTS_TREE: &str = "events";
+const SNAPSHOT_TREE: &str = "snapshot";
+
+/// Key of the format marker, in sled's default tree.
+const FORMAT_KEY: &[u8] = b"coyote/store-format";
+/// The format this code reads and writes.
+const FORMAT: &[u8] = b"coyote-store/1";
+
+const VOTE_KEY: &[u8] = b"raft/vote";
+const COMMITTED_KEY: &[u8] = b"raft/committed";
+const PURGED_KEY: &[u8] = b"raft/last-purged";
+/// Prefix of the keys written through [`StoreHandle::meta_put`].
+const USER_PREFIX: &[u8] = b"user/";
+
+const SNAPSHOT_META_KEY: &[u8] = b"meta";
+const SNAPSHOT_DATA_KEY: &[u8] = b"data";
+
+/// An applied event as archived: the envelope and what applying it gave.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct EventRecord {
+    pub envelope: Envelope,
+    pub outcome: Outcome,
+}
+
+/// Why the store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The directory cannot be opened as a coyote store: missing permissions, locked by another process,
+    /// damaged, or some other program's data.
+    #[error("cannot open the store at {}: {reason}", path.display())]
+    Open { path: PathBuf, reason: String },
+    /// A record read from disk (or received in a snapshot) does not decode.
+    #[error("{what} cannot be decoded: {reason}")]
+    Corrupt { what: String, reason: String },
+    /// Records decode but contradict each other or where they are stored.
+    #[error("{what} is inconsistent: {reason}")]
+    Inconsistent { what: String, reason: String },
+    /// sled failed.
+    #[error("cannot {action}: {source}")]
+    Io {
+        action: &'static str,
+        #[source]
+        source: sled::Error,
+    },
+    /// The blocking task that flushed or built a snapshot failed (it panicked or was cancelled).
+    #[error("cannot {action}: the background task failed: {reason}")]
+    Task { action: &'static str, reason: String },
+}
+
+fn io(action: &'static str) -> impl FnOnce(sled::Error) -> StoreError {
+    move |source| StoreError::Io { action, source }
+}
+
+fn corrupt(what: impl Into<String>, reason: impl Into<String>) -> StoreError {
+    StoreError::Corrupt { what: what.into(), reason: reason.into() }
+}
+
+fn inconsistent(what: impl Into<String>, reason: impl Into<String>) -> StoreError {
+    StoreError::Inconsistent { what: what.into(), reason: reason.into() }
+}
+
+/// Decodes a record read from disk; `what` names it in the error ("log entry 17").
+fn decode_from_disk<T: DeserializeOwned>(
+    bytes: &[u8],
+    what: impl FnOnce() -> String,
+) -> Result<T, StoreError> {
+    decode(bytes).map_err(|e| {
+        let reason = match e {
+            coyote_state_machine::Error::Decode(reason) => reason,
+            other => other.to_string(),
+        };
+        corrupt(what(), reason)
+    })
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn key_index(key: &[u8], tree: &str) -> Result<u64, StoreError> {
+    let bytes: [u8; 8] = key.try_into().map_err(|_| {
+        inconsistent(format!("a key of the {tree} tree"), format!("it is {} bytes, not 8", key.len()))
+    })?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+/// Runs blocking store work on tokio's blocking pool and waits for it.
+async fn blocking<T: Send + 'static>(
+    action: &'static str,
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| StoreError::Task { action, reason: e.to_string() })?
+}
+
+/// Everything in a snapshot, as encoded in its data. Versioned like the proposals in the log, so that a
+/// later coyote can still read the snapshots an earlier one wrote.
+#[derive(Serialize, Deserialize)]
+enum SnapshotFile {
+    V1(SnapshotBody),
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotBody {
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership<NodeId, Node>,
+    state: State,
+    archive: Vec<EventRecord>,
+}
+
+impl SnapshotBody {
+    fn decode(data: &[u8], what: &str) -> Result<Self, StoreError> {
+        let SnapshotFile::V1(body) = decode_from_disk(data, || what.to_string())?;
+        Ok(body)
+    }
+
+    /// Checks the body against its metadata and against itself.
+    fn check(&self, meta: &Meta, what: &str) -> Result<(), StoreError> {
+        let bad = |reason: String| Err(inconsistent(what, reason));
+        if self.last_applied != meta.last_log_id {
+            return bad(format!(
+                "its data ends at {:?} but its metadata says {:?}",
+                self.last_applied, meta.last_log_id
+            ));
+        }
+        if self.last_membership != meta.last_membership {
+            return bad("its data and its metadata name different memberships".into());
+        }
+        let expected = self.state.applied_count + self.state.rejected_count;
+        if self.archive.len() as u64 != expected {
+            return bad(format!("it archives {} events, its state counts {expected}", self.archive.len()));
+        }
+        let last_index = self.last_applied.map(|l| l.index).unwrap_or(0);
+        let mut previous = 0;
+        for record in &self.archive {
+            let index = record.envelope.index;
+            if index <= previous || index > last_index {
+                return bad(format!("its archive holds event {index} out of order"));
+            }
+            previous = index;
+        }
+        if self.state.last_applied > last_index {
+            return bad("its state is ahead of its last applied log id".into());
+        }
+        Ok(())
+    }
+}
+
+/// The applied state, in memory.
+#[derive(Default)]
+struct Machine {
+    state: State,
+    last_applied: Option<LogId>,
+    membership: StoredMembership<NodeId, Node>,
+}
+
+/// What the three handles share.
+struct Shared {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+    events: sled::Tree,
+    snapshot: sled::Tree,
+    machine: RwLock<Machine>,
+    applied_tx: watch::Sender<u64>,
+    /// Serialises building and installing snapshots.
+    snapshot_lock: tokio::sync::Mutex<()>,
+}
+
+impl Shared {
+    fn read_machine(&self) -> RwLockReadGuard<'_, Machine> {
+        self.machine
+            .read()
+            .expect("the state lock is poisoned: applying an entry panicked, this node must stop")
+    }
+
+    fn write_machine(&self) -> RwLockWriteGuard<'_, Machine> {
+        self.machine
+            .write()
+            .expect("the state lock is poisoned: applying an entry panicked, this node must stop")
+    }
+
+    /// Tells subscribers the last applied index, if it moved.
+    fn publish(&self, last_index: u64) {
+        self.applied_tx.send_if_modified(|published| std::mem::replace(published, last_index) != last_index);
+    }
+
+    /// Flushes every tree to disk, on the blocking pool.
+    async fn flush(&self, action: &'static str) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        blocking(action, move || db.flush().map(drop).map_err(io(action))).await
+    }
+
+    fn get_meta<T: DeserializeOwned>(&self, key: &[u8], what: &str) -> Result<Option<T>, StoreError> {
+        match self.meta.get(key).map_err(io("read the store metadata"))? {
+            None => Ok(None),
+            Some(bytes) => decode_from_disk(&bytes, || what.to_string()).map(Some),
+        }
+    }
+
+    fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry, StoreError> {
+        let index = key_index(key, LOG_TREE)?;
+        let entry: Entry = decode_from_disk(value, || format!("log entry {index}"))?;
+        if entry.log_id.index != index {
+            return Err(inconsistent(
+                format!("log entry {index}"),
+                format!("it is stored at {index} but carries index {}", entry.log_id.index),
+            ));
+        }
+        Ok(entry)
+    }
+
+    fn read_entries(&self, range: impl RangeBounds<u64>) -> Result<Vec<Entry>, StoreError> {
+        let start = match range.start_bound() {
+            Bound::Included(&i) => i,
+            Bound::Excluded(&i) => match i.checked_add(1) {
+                Some(i) => i,
+                None => return Ok(Vec::new()),
+            },
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&i) if i < start => return Ok(Vec::new()),
+            Bound::Excluded(&i) if i <= start => return Ok(Vec::new()),
+            Bound::Included(&i) => Bound::Included(index_key(i)),
+            Bound::Excluded(&i) => Bound::Excluded(index_key(i)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let mut entries = Vec::new();
+        for item in self.log.range((Bound::Included(index_key(start)), end)) {
+            let (key, value) = item.map_err(io("read log entries"))?;
+            entries.push(Self::decode_entry(&key, &value)?);
+        }
+        Ok(entries)
+    }
+
+    fn last_entry(&self) -> Result<Option<Entry>, StoreError> {
+        match self.log.last().map_err(io("read the last log entry"))? {
+            None => Ok(None),
+            Some((key, value)) => Self::decode_entry(&key, &value).map(Some),
+        }
+    }
+
+    /// Archived events with indexes in `[from, upto]`, at most `limit` of them.
+    fn read_events(&self, from: u64, upto: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
+        let mut records = Vec::new();
+        if from > upto {
+            return Ok(records);
+        }
+        for item in self.events.range(index_key(from)..=index_key(upto)).take(limit) {
+            let (key, value) = item.map_err(io("read the event archive"))?;
+            let index = key_index(&key, EVENTS_TREE)?;
+            let record: EventRecord = decode_from_disk(&value, || format!("archived event {index}"))?;
+            if record.envelope.index != index {
+                return Err(inconsistent(
+                    format!("archived event {index}"),
+                    format!("it is stored at {index} but carries index {}", record.envelope.index),
+                ));
+            }
+            records.push(record);
+        }
+        Ok(records)
+    }
+
+    /// The persisted snapshot: its metadata and its data, both checked.
+    fn read_snapshot(&self) -> Result<Option<(Meta, Vec<u8>)>, StoreError> {
+        let meta = self.snapshot.get(SNAPSHOT_META_KEY).map_err(io("read the snapshot"))?;
+        let data = self.snapshot.get(SNAPSHOT_DATA_KEY).map_err(io("read the snapshot"))?;
+        match (meta, data) {
+            (None, None) => Ok(None),
+            (Some(meta), Some(data)) => {
+                let meta = decode_from_disk(&meta, || "the saved snapshot's metadata".to_string())?;
+                Ok(Some((meta, data.to_vec())))
+            }
+            _ => Err(inconsistent("the saved snapshot", "its metadata or its data is missing")),
+        }
+    }
+
+    /// Writes a snapshot (metadata and data in one batch); the caller flushes.
+    fn write_snapshot(&self, meta: &Meta, data: &[u8]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(SNAPSHOT_META_KEY, encode(meta));
+        batch.insert(SNAPSHOT_DATA_KEY, data);
+        self.snapshot.apply_batch(batch).map_err(io("write the snapshot"))
+    }
+
+    /// Replaces the whole archive with `archive`, in one batch.
+    fn replace_archive(&self, archive: &[EventRecord]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for key in self.events.iter().keys() {
+            batch.remove(key.map_err(io("read the event archive"))?);
+        }
+        for record in archive {
+            batch.insert(&index_key(record.envelope.index), encode(record));
+        }
+        self.events.apply_batch(batch).map_err(io("replace the event archive"))
+    }
+
+    /// Makes the archive up to the snapshot equal to the snapshot's, if a crash left it otherwise.
+    /// Returns whether it had to.
+    fn repair_archive(&self, body: &SnapshotBody) -> Result<bool, StoreError> {
+        let upto = body.last_applied.map(|l| l.index).unwrap_or(0);
+        let mut stored = self.events.range(..=index_key(upto));
+        let mut same = true;
+        for record in &body.archive {
+            match stored.next() {
+                Some(Ok((key, value)))
+                    if *key == index_key(record.envelope.index) && *value == *encode(record) => {}
+                Some(Err(e)) => return Err(io("read the event archive")(e)),
+                _ => {
+                    same = false;
+                    break;
+                }
+            }
+        }
+        if same && stored.next().is_none() {
+            return Ok(false);
+        }
+        let mut batch = sled::Batch::default();
+        for key in self.events.range(..=index_key(upto)).keys() {
+            batch.remove(key.map_err(io("read the event archive"))?);
+        }
+        for record in &body.archive {
+            batch.insert(&index_key(record.envelope.index), encode(record));
+        }
+        self.events.apply_batch(batch).map_err(io("repair the event archive"))?;
+        self.db.flush().map_err(io("flush the repaired event archive"))?;
+        Ok(true)
+    }
+
+    /// Builds a snapshot of the state as it is now and persists it durably. Blocking.
+    fn build_snapshot(&self) -> Result<(Meta, Vec<u8>), StoreError> {
+        let (state, last_applied, last_membership) = {
+            let machine = self.read_machine();
+            (machine.state.clone(), machine.last_applied, machine.membership.clone())
+        };
+        // Records up to `last_applied` never change once written (only installing a snapshot rewrites
+        // them, with the same committed contents, and that waits for the snapshot lock we hold), so
+        // reading them after releasing the state lock still gives the archive of this state.
+        let archive = match last_applied {
+            Some(last) => self.read_events(0, last.index, usize::MAX)?,
+            None => Vec::new(),
+        };
+        // A snapshot id only has to be unique; sled's id generator survives restarts.
+        let seq = self.db.generate_id().map_err(io("generate a snapshot id"))?;
+        let snapshot_id = match last_applied {
+            Some(last) => format!("{}-{}-{seq}", last.leader_id.term, last.index),
+            None => format!("none-{seq}"),
+        };
+        let meta =
+            SnapshotMeta { last_log_id: last_applied, last_membership: last_membership.clone(), snapshot_id };
+        let body = SnapshotBody { last_applied, last_membership, state, archive };
+        body.check(&meta, "the snapshot being built")?;
+        let data = encode(&SnapshotFile::V1(body));
+        self.write_snapshot(&meta, &data)?;
+        self.db.flush().map_err(io("flush the snapshot"))?;
+        Ok((meta, data))
+    }
+
+    /// Persists a received snapshot and replaces the state and the archive with its contents. Blocking.
+    fn install_snapshot(&self, meta: &Meta, data: &[u8]) -> Result<u64, StoreError> {
+        let what = format!("the received snapshot {}", meta.snapshot_id);
+        let body = SnapshotBody::decode(data, &what)?;
+        body.check(meta, &what)?;
+        // Snapshot first: if a crash comes before the archive is replaced, `open` repairs the archive
+        // from it. sled recovers writes in order, so the reverse (new archive, old snapshot) cannot be.
+        self.write_snapshot(meta, data)?;
+        let last_index = {
+            let mut machine = self.write_machine();
+            self.replace_archive(&body.archive)?;
+            machine.state = body.state;
+            machine.last_applied = body.last_applied;
+            machine.membership = body.last_membership;
+            machine.last_applied.map(|l| l.index).unwrap_or(0)
+        };
+        self.db.flush().map_err(io("flush the installed snapshot"))?;
+        Ok(last_index)
+    }
+}
+
+/// Files and directories sled 0.34 keeps in a database directory.
+fn is_sled_file(name: &str) -> bool {
+    matches!(name, "conf" | "db" | "blobs") || name.starts_with("snap.")
+}
+
+/// Opens the store's sled database, or creates it. Errors and panics of sled become a reason.
+///
+/// sled "recovers" a directory whose `db` or `conf` it cannot read by starting an empty database over
+/// it. That would make a damaged store look like a new node that remembers no vote and no log, so
+/// sled is only ever pointed at a directory that is absent, empty, or holds both `conf` and `db`; and a
+/// new store is created elsewhere and renamed into place with its format marker already written (see
+/// [`create_db`]), so an existing directory without the marker is never ours.
+fn open_db(path: &Path) -> Result<sled::Db, String> {
+    let existing = match std::fs::read_dir(path) {
+        Ok(entries) => {
+            let mut names = Vec::new();
+            for entry in entries {
+                let entry = entry.map_err(|e| format!("cannot list the directory: {e}"))?;
+                names.push(entry.file_name().to_string_lossy().into_owned());
+            }
+            names.sort();
+            names
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(format!("cannot list the directory: {e}")),
+    };
+    if existing.is_empty() {
+        create_db(path)?;
+    } else if existing.iter().any(|n| !is_sled_file(n))
+        || !["conf", "db"].iter().all(|f| existing.iter().any(|n| n == f))
+    {
+        return Err(format!(
+            "the directory is not empty and does not hold a coyote store (it contains: {})",
+            existing.join(", ")
+        ));
+    }
+    let db = sled_open(path)?;
+    check_format(&db)?;
+    Ok(db)
+}
+
+/// Runs `sled::open`, turning a panic into an error.
+///
+/// sled locks its `db` file, and releases the lock only when its background threads let go of the
+/// file, a little after the last handle is dropped. So a store closed and reopened within one process
+/// (a restarted node in the simulation, a test) can find it still locked for a moment: that error alone
+/// is retried, for up to [`LOCK_WAIT`]. Another process holding the store gets the error after that.
+fn sled_open(path: &Path) -> Result<sled::Db, String> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match sled_open_once(path) {
+            Err(e) if e.contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            result => return result,
+        }
+    }
+}
+
+/// How long [`sled_open`] waits for a lock held by a store closed a moment ago.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn sled_open_once(path: &Path) -> Result<sled::Db, String> {
+    match std::panic::catch_unwind(|| sled::Config::new().path(path).open()) {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(format!("sled panicked while opening it: {message}"))
+        }
+    }
+}
+
+/// Creates a new store at `path` (absent or an empty directory): in a sibling directory first, with the
+/// format marker written and flushed, then renamed into place. A crash leaves either no store or a
+/// complete empty one, never a directory without its marker.
+fn create_db(path: &Path) -> Result<(), String> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err("the path has no parent directory to create the store in".into());
+    };
+    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    let staging = parent.join(format!(".{}.creating", name.to_string_lossy()));
+    if staging.exists() {
+        // Left by a crash during an earlier creation: nothing in it was ever used.
+        std::fs::remove_dir_all(&staging).map_err(|e| format!("cannot remove {}: {e}", staging.display()))?;
+    }
+    {
+        let db = sled_open(&staging)?;
+        db.insert(FORMAT_KEY, FORMAT).map_err(|e| format!("cannot write the format marker: {e}"))?;
+        db.flush().map_err(|e| format!("cannot flush the new store: {e}"))?;
+    }
+    if path.exists() {
+        std::fs::remove_dir(path).map_err(|e| format!("cannot replace the empty directory: {e}"))?;
+    }
+    std::fs::rename(&staging, path).map_err(|e| format!("cannot move the new store into place: {e}"))?;
+    // The rename itself must reach the disk.
+    std::fs::File::open(parent)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|e| format!("cannot sync {}: {e}", parent.display()))?;
+    Ok(())
+}
+
+/// Checks the format marker.
+fn check_format(db: &sled::Db) -> Result<(), String> {
+    match db.get(FORMAT_KEY).map_err(|e| format!("cannot read the format marker: {e}"))? {
+        Some(found) if *found == *FORMAT => Ok(()),
+        Some(found) => Err(format!(
+            "it holds store format {:?}, this coyote reads {:?}",
+            String::from_utf8_lossy(&found),
+            String::from_utf8_lossy(FORMAT)
+        )),
+        None => {
+            Err("it is a sled database without a coyote format marker: another program's, or damaged".into())
+        }
+    }
+}
+
+/// Opens (or creates) the store in directory `path`: the Raft log store and state machine to hand to
+/// openraft, and a handle for everyone else. Blocking: call it at start-up or in `spawn_blocking`.
+pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore, StoreHandle), StoreError> {
+    let failed = |reason: String| StoreError::Open { path: path.to_path_buf(), reason };
+    let db = open_db(path).map_err(failed)?;
+    let shared = load(db).map_err(|e| failed(e.to_string()))?;
+    let shared = Arc::new(shared);
+    Ok((
+        LogStore { shared: shared.clone() },
+        StateMachineStore { shared: shared.clone() },
+        StoreHandle { shared },
+    ))
+}
+
+/// Checks the database, loads the snapshot and builds the shared store.
+fn load(db: sled::Db) -> Result<Shared, StoreError> {
+    let tree = |name: &str| db.open_tree(name).map_err(io("open the store's trees"));
+    let (log, meta, events, snapshot) =
+        (tree(LOG_TREE)?, tree(META_TREE)?, tree(EVENTS_TREE)?, tree(SNAPSHOT_TREE)?);
+    let (applied_tx, _) = watch::channel(0);
+    let mut shared = Shared {
+        db,
+        log,
+        meta,
+        events,
+        snapshot,
+        machine: RwLock::new(Machine::default()),
+        applied_tx,
+        snapshot_lock: tokio::sync::Mutex::new(()),
+    };
+
+    // Everything openraft reads at start-up must decode.
+    shared.get_meta::<Vote<NodeId>>(VOTE_KEY, "the saved vote")?;
+    shared.get_meta::<Option<LogId>>(COMMITTED_KEY, "the saved commit index")?;
+    shared.get_meta::<LogId>(PURGED_KEY, "the last purged log id")?;
+    if let Some((key, value)) = shared.log.first().map_err(io("read the first log entry"))? {
+        Shared::decode_entry(&key, &value)?;
+    }
+    shared.last_entry()?;
+
+    if let Some((meta, data)) = shared.read_snapshot()? {
+        let body = SnapshotBody::decode(&data, "the saved snapshot")?;
+        body.check(&meta, "the saved snapshot")?;
+        if shared.repair_archive(&body)? {
+            tracing::warn!(snapshot = %meta.snapshot_id, "rewrote the event archive from the saved snapshot");
+        }
+        let last_index = body.last_applied.map(|l| l.index).unwrap_or(0);
+        *shared.machine.get_mut().expect("a new lock is not poisoned") =
+            Machine { state: body.state, last_applied: body.last_applied, membership: body.last_membership };
+        shared.publish(last_index);
+    }
+    Ok(shared)
+}
+
+fn read_logs(e: StoreError) -> StorageError {
+    StorageIOError::read_logs(&e).into()
+}
+
+fn write_logs(e: StoreError) -> StorageError {
+    StorageIOError::write_logs(&e).into()
+}
+
+/// The Raft log and vote, for openraft. Cloning gives another handle to the same store (openraft uses
+/// clones as log readers for replication).
+#[derive(Clone)]
+pub struct LogStore {
+    shared: Arc<Shared>,
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        self.shared.read_entries(range).map_err(read_logs)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged_log_id =
+            self.shared.get_meta::<LogId>(PURGED_KEY, "the last purged log id").map_err(read_logs)?;
+        let last = self.shared.last_entry().map_err(read_logs)?.map(|entry| entry.log_id);
+        Ok(LogState { last_purged_log_id, last_log_id: last.or(last_purged_log_id) })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        let write_vote = |e: StoreError| StorageError::from(StorageIOError::write_vote(&e));
+        self.shared.meta.insert(VOTE_KEY, encode(vote)).map_err(|e| write_vote(io("save the vote")(e)))?;
+        self.shared.flush("flush the vote").await.map_err(write_vote)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        self.shared.get_meta(VOTE_KEY, "the saved vote").map_err(|e| StorageIOError::read_vote(&e).into())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // Not flushed: see the module documentation.
+        self.shared
+            .meta
+            .insert(COMMITTED_KEY, encode(&committed))
+            .map(drop)
+            .map_err(|e| write_logs(io("save the commit index")(e)))
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        let committed: Option<Option<LogId>> =
+            self.shared.get_meta(COMMITTED_KEY, "the saved commit index").map_err(read_logs)?;
+        Ok(committed.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            batch.insert(&index_key(entry.log_id.index), encode(&entry));
+        }
+        // Readable from here on, as openraft requires when `append` returns...
+        self.shared.log.apply_batch(batch).map_err(|e| write_logs(io("append log entries")(e)))?;
+        // ...and durable before we say so.
+        self.shared.flush("flush appended log entries").await.map_err(write_logs)?;
+        callback.log_io_completed(Ok(()));
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        for key in self.shared.log.range(index_key(log_id.index)..).keys() {
+            batch.remove(key.map_err(|e| write_logs(io("read log entries to truncate")(e)))?);
+        }
+        self.shared.log.apply_batch(batch).map_err(|e| write_logs(io("truncate the log")(e)))?;
+        self.shared.flush("flush the truncated log").await.map_err(write_logs)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // The last purged id goes first: from then on openraft ignores the entries up to it, so a crash
+        // before they are removed only leaves dead entries behind. Not flushed: see the module docs.
+        self.shared
+            .meta
+            .insert(PURGED_KEY, encode(&log_id))
+            .map_err(|e| write_logs(io("save the purge point")(e)))?;
+        let mut batch = sled::Batch::default();
+        for key in self.shared.log.range(..=index_key(log_id.index)).keys() {
+            batch.remove(key.map_err(|e| write_logs(io("read log entries to purge")(e)))?);
+        }
+        self.shared.log.apply_batch(batch).map_err(|e| write_logs(io("purge the log")(e)))
+    }
+}
+
+/// The state machine and its snapshots, for openraft. Cloning gives another handle to the same store
+/// (openraft's snapshot builder is one).
+#[derive(Clone)]
+pub struct StateMachineStore {
+    shared: Arc<Shared>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let _building = self.shared.snapshot_lock.lock().await;
+        let shared = self.shared.clone();
+        // Reading and encoding the whole archive, then flushing, is long blocking work.
+        let (meta, data) = blocking("build a snapshot", move || shared.build_snapshot())
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership<NodeId, Node>), StorageError> {
+        let machine = self.shared.read_machine();
+        Ok((machine.last_applied, machine.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries = entries.into_iter();
+        let mut outcomes = Vec::with_capacity(entries.size_hint().0);
+        let last_index = {
+            let mut machine = self.shared.write_machine();
+            let mut archive = sled::Batch::default();
+            for entry in entries {
+                let log_id = entry.log_id;
+                match entry.payload {
+                    EntryPayload::Blank => outcomes.push(Outcome::Applied),
+                    EntryPayload::Normal(proposal) => {
+                        let envelope = Envelope::new(log_id.index, log_id.leader_id.term, proposal);
+                        let outcome = match machine.state.apply(&envelope) {
+                            Ok(outcome) => outcome,
+                            Err(e) => panic!(
+                                "applying log entry {log_id} broke the cluster state ({e}); stopping so \
+                                 that this replica does not diverge: {envelope:?}"
+                            ),
+                        };
+                        let record = EventRecord { envelope, outcome: outcome.clone() };
+                        archive.insert(&index_key(log_id.index), encode(&record));
+                        outcomes.push(outcome);
+                    }
+                    EntryPayload::Membership(membership) => {
+                        machine.membership = StoredMembership::new(Some(log_id), membership);
+                        outcomes.push(Outcome::Applied);
+                    }
+                }
+                machine.last_applied = Some(log_id);
+            }
+            // Under the write lock, so readers see archive and state at the same log position. If this
+            // fails, the state is ahead of the archive; openraft stops the node on the error, and a
+            // restart rebuilds both from the snapshot and the log.
+            self.shared
+                .events
+                .apply_batch(archive)
+                .map_err(|e| StorageIOError::write_state_machine(&io("archive applied events")(e)))?;
+            machine.last_applied.map(|l| l.index).unwrap_or(0)
+        };
+        self.shared.publish(last_index);
+        Ok(outcomes)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &Meta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let _installing = self.shared.snapshot_lock.lock().await;
+        let shared = self.shared.clone();
+        let owned_meta = meta.clone();
+        let data = snapshot.into_inner();
+        let last_index = blocking("install a snapshot", move || shared.install_snapshot(&owned_meta, &data))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        self.shared.publish(last_index);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let snapshot = self.shared.read_snapshot().map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        Ok(snapshot.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+    }
+}
+
+/// Read access to the store for the rest of the node (API, reconciler, monitor), and its own metadata.
+#[derive(Clone)]
+pub struct StoreHandle {
+    shared: Arc<Shared>,
+}
+
+impl StoreHandle {
+    /// Runs `f` on the current state. Keep `f` short: appliers wait while it runs.
+    ///
+    /// Panics if applying an entry panicked earlier (a broken invariant): the node must stop.
+    pub fn with_state<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        f(&self.shared.read_machine().state)
+    }
+
+    /// Up to `limit` archived events, in index order, from `from_index` (inclusive) to the last applied
+    /// index. Events the state has not caught up with yet (after a restart) are not returned.
+    pub fn events(&self, from_index: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
+        let machine = self.shared.read_machine();
+        match machine.last_applied {
+            None => Ok(Vec::new()),
+            Some(last) => self.shared.read_events(from_index, last.index, limit),
+        }
+    }
+
+    /// The last applied log index, updated after each applied batch and each installed snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.shared.applied_tx.subscribe()
+    }
+
+    /// The last applied log index (0 when nothing is applied yet).
+    pub fn last_applied(&self) -> u64 {
+        *self.shared.applied_tx.borrow()
+    }
+
+    /// A value stored with [`Self::meta_put`].
+    pub fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let value = self.shared.meta.get(user_key(key)).map_err(io("read node metadata"))?;
+        Ok(value.map(|v| v.to_vec()))
+    }
+
+    /// Stores a small value durably: it is on disk when this returns. Blocking (one flush).
+    pub fn meta_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.shared.meta.insert(user_key(key), value).map_err(io("write node metadata"))?;
+        self.shared.db.flush().map_err(io("flush node metadata"))?;
+        Ok(())
+    }
+}
+
+fn user_key(key: &[u8]) -> Vec<u8> {
+    [USER_PREFIX, key].concat()
+}

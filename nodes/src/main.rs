@@ -1,1 +1,518 @@
-fn main() {}
+//! `coyote`: the node daemon and the command line.
+
+mod api;
+mod client;
+mod daemon;
+mod datadir;
+mod view;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+use coyote_log::RaftSettings;
+use coyote_state_machine::spec::{parse_bytes, parse_port};
+use coyote_state_machine::{PortMap, ServiceSpec};
+use hyper::Method;
+use serde_json::{json, Value};
+
+use crate::client::Client;
+use crate::daemon::Addresses;
+use crate::datadir::DataDir;
+
+#[derive(Parser)]
+#[command(name = "coyote", version, about = "A few servers, one self-hosting cluster")]
+struct Cli {
+    /// Data directory of the node [default: $COYOTE_DATA, else /var/lib/coyote for root, else
+    /// ~/.local/share/coyote]
+    #[arg(long, global = true, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Print JSON instead of text (one object per line for streams)
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node: creates a single-node cluster first if the data directory is empty
+    Up {
+        #[command(flatten)]
+        addrs: AddrArgs,
+        #[command(flatten)]
+        raft: RaftArgs,
+    },
+    /// Create a single-node cluster in an empty data directory (then run it with `coyote node`)
+    Init {
+        #[command(flatten)]
+        addrs: AddrArgs,
+        #[command(flatten)]
+        raft: RaftArgs,
+    },
+    /// Run the node held in the data directory, in the foreground
+    Node {
+        #[command(flatten)]
+        raft: RaftArgs,
+    },
+    /// Join a cluster with a token from `coyote token create`, then run the node in the foreground
+    Join {
+        token: String,
+        #[command(flatten)]
+        addrs: AddrArgs,
+        #[command(flatten)]
+        raft: RaftArgs,
+    },
+    /// Show the cluster as this node sees it
+    Status,
+    /// Join tokens
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// The event log
+    #[command(subcommand)]
+    Events(EventsCmd),
+    /// Hosted services
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Open alarms
+    #[command(subcommand)]
+    Alarm(AlarmCmd),
+}
+
+#[derive(Args)]
+struct AddrArgs {
+    /// Address to listen on for other members
+    #[arg(long, default_value = "127.0.0.1:7100", value_name = "HOST:PORT")]
+    listen: String,
+    /// Address other members dial [default: the --listen address]
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<String>,
+}
+
+#[derive(Args)]
+struct RaftArgs {
+    /// Leader heartbeat interval
+    #[arg(long, default_value_t = RaftSettings::default().heartbeat_ms, value_name = "MS")]
+    heartbeat_ms: u64,
+    /// Election timeout, lower bound
+    #[arg(long, default_value_t = RaftSettings::default().election_min_ms, value_name = "MS")]
+    election_min_ms: u64,
+    /// Election timeout, upper bound
+    #[arg(long, default_value_t = RaftSettings::default().election_max_ms, value_name = "MS")]
+    election_max_ms: u64,
+    /// Snapshot (and compact the log) after this many entries
+    #[arg(long, default_value_t = RaftSettings::default().snapshot_every, value_name = "N")]
+    snapshot_every: u64,
+    /// Entries kept behind a snapshot for lagging followers
+    #[arg(long, default_value_t = RaftSettings::default().keep_logs, value_name = "N")]
+    keep_logs: u64,
+}
+
+impl RaftArgs {
+    fn settings(&self) -> RaftSettings {
+        RaftSettings {
+            heartbeat_ms: self.heartbeat_ms,
+            election_min_ms: self.election_min_ms,
+            election_max_ms: self.election_max_ms,
+            snapshot_every: self.snapshot_every,
+            keep_logs: self.keep_logs,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Issue a join token
+    Create {
+        /// How long the token stays valid (s, m, h, d)
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// How many servers may join with it
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+    /// List tokens
+    List,
+    /// Revoke a token by id
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum EventsCmd {
+    /// Print events, oldest first
+    Tail {
+        /// Keep printing new events as they are committed
+        #[arg(long, short)]
+        follow: bool,
+        /// Start at this log index
+        #[arg(long, value_name = "INDEX")]
+        from: Option<u64>,
+        /// Only events of this kind (node_joined, service_created, ...)
+        #[arg(long)]
+        kind: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    /// Create a service; it is placed on a master, a failover and backups among the members
+    Create {
+        name: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long = "domain", value_name = "DOMAIN")]
+        domains: Vec<String>,
+        /// HOST:CONTAINER, or PORT for the same on both sides
+        #[arg(long = "port", value_name = "HOST:CONTAINER")]
+        ports: Vec<String>,
+        /// Memory limit (256M, 1G)
+        #[arg(long)]
+        memory: Option<String>,
+        /// Keep the container stopped until a connection arrives
+        #[arg(long)]
+        on_demand: bool,
+    },
+    /// List services
+    List,
+    /// Show one service
+    Show { name: String },
+    /// Remove a service
+    Rm { name: String },
+}
+
+#[derive(Subcommand)]
+enum AlarmCmd {
+    /// List open alarms
+    List,
+    /// Clear an alarm by id
+    Clear { id: u64 },
+}
+
+fn main() -> ExitCode {
+    // A panic anywhere (a broken state invariant, most of all) must stop the whole node: a replica
+    // that carried on without one of its tasks would diverge from the others.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
+    let cli = Cli::parse();
+    let daemon = matches!(
+        cli.command,
+        Command::Up { .. } | Command::Init { .. } | Command::Node { .. } | Command::Join { .. }
+    );
+    let default_level = if daemon { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(format!("{default_level},openraft=warn"))
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let data = cli.data.clone().unwrap_or_else(datadir::default_data_dir);
+    let dir = DataDir::new(&data);
+    let client = Client::new(&data);
+    let json = cli.json;
+    match cli.command {
+        Command::Up { addrs, raft } => {
+            let settings = raft.settings();
+            if !dir.is_initialized() {
+                daemon::init(&dir, &addrs.into(), &settings).await?;
+            }
+            daemon::run(&dir, &settings).await
+        }
+        Command::Init { addrs, raft } => daemon::init(&dir, &addrs.into(), &raft.settings()).await,
+        Command::Node { raft } => daemon::run(&dir, &raft.settings()).await,
+        Command::Join { token, addrs, raft } => {
+            daemon::join(&dir, &token, &addrs.into()).await?;
+            daemon::run(&dir, &raft.settings()).await
+        }
+        Command::Status => {
+            let status = client.call(Method::GET, "/v1/status", None).await?;
+            print_status(&status, json);
+            Ok(())
+        }
+        Command::Token(cmd) => token(cmd, &client, json).await,
+        Command::Events(EventsCmd::Tail { follow, from, kind }) => {
+            let mut query = vec![];
+            if let Some(f) = from {
+                query.push(format!("from={f}"));
+            }
+            if let Some(k) = &kind {
+                query.push(format!("kind={k}"));
+            }
+            if follow {
+                query.push("follow=true".into());
+            }
+            let path = format!("/v1/events?{}", query.join("&"));
+            if follow {
+                client.stream(&path, |e| print_event(&e, json)).await
+            } else {
+                let events = client.call(Method::GET, &path, None).await?;
+                for e in events.as_array().into_iter().flatten() {
+                    print_event(e, json)?;
+                }
+                Ok(())
+            }
+        }
+        Command::Service(cmd) => service(cmd, &client, json).await,
+        Command::Alarm(AlarmCmd::List) => {
+            let alarms = client.call(Method::GET, "/v1/alarms", None).await?;
+            if json {
+                print_json_lines(&alarms);
+            } else {
+                for a in alarms.as_array().into_iter().flatten() {
+                    println!(
+                        "{:>6}  {}  {}  {}",
+                        a["id"].as_u64().unwrap_or(0),
+                        view::format_ms(a["raised_at_ms"].as_u64().unwrap_or(0)),
+                        a["key"].as_str().unwrap_or(""),
+                        a["message"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Alarm(AlarmCmd::Clear { id }) => {
+            let r = client.call(Method::POST, &format!("/v1/alarms/{id}/clear"), None).await?;
+            print_done(&r, json, &format!("alarm {id} cleared"));
+            Ok(())
+        }
+    }
+}
+
+impl From<AddrArgs> for Addresses {
+    fn from(a: AddrArgs) -> Self {
+        Addresses { listen: a.listen, advertise: a.advertise }
+    }
+}
+
+fn print_json_lines(list: &Value) {
+    for item in list.as_array().into_iter().flatten() {
+        println!("{item}");
+    }
+}
+
+fn print_done(reply: &Value, json: bool, text: &str) {
+    if json {
+        println!("{reply}");
+    } else {
+        println!("{text} (log index {})", reply["index"]);
+    }
+}
+
+/// `1h`, `30m`, `90s`, `2d`, or plain seconds, into milliseconds.
+fn parse_duration_ms(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = match digits.parse() {
+        Ok(n) if n > 0 => n,
+        _ => bail!("{text:?} is not a duration (examples: 90s, 30m, 1h, 2d)"),
+    };
+    let unit_ms = match unit {
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => bail!("{text:?} has an unknown unit (use s, m, h or d)"),
+    };
+    n.checked_mul(unit_ms).ok_or_else(|| anyhow::anyhow!("{text:?} is too long"))
+}
+
+async fn token(cmd: TokenCmd, client: &Client, json: bool) -> Result<()> {
+    match cmd {
+        TokenCmd::Create { ttl, uses } => {
+            let ttl_ms = parse_duration_ms(&ttl)?;
+            let r = client
+                .call(Method::POST, "/v1/tokens", Some(json!({ "ttl_ms": ttl_ms, "uses": uses })))
+                .await?;
+            let token = r["token"].as_str().unwrap_or_default();
+            let command =
+                format!("coyote join {token} --data /var/lib/coyote --listen <THIS-SERVER-IP>:7100");
+            if json {
+                let mut out = r.clone();
+                out["command"] = json!(command);
+                println!("{out}");
+            } else {
+                println!("{token}");
+                eprintln!(
+                    "token {} for {uses} server(s), valid until {}; on the new server run:\n  {command}",
+                    r["id"].as_str().unwrap_or(""),
+                    view::format_ms(r["expires_at_ms"].as_u64().unwrap_or(0))
+                );
+            }
+        }
+        TokenCmd::List => {
+            let list = client.call(Method::GET, "/v1/tokens", None).await?;
+            if json {
+                print_json_lines(&list);
+            } else {
+                for t in list.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<14} {:<8} uses left {}/{}  expires {}  used by {}",
+                        t["id"].as_str().unwrap_or(""),
+                        t["status"].as_str().unwrap_or(""),
+                        t["uses_left"],
+                        t["uses_total"],
+                        view::format_ms(t["expires_at"].as_u64().unwrap_or(0)),
+                        t["used_by"]
+                    );
+                }
+            }
+        }
+        TokenCmd::Revoke { id } => {
+            let r = client.call(Method::DELETE, &format!("/v1/tokens/{id}"), None).await?;
+            print_done(&r, json, &format!("token {id} revoked"));
+        }
+    }
+    Ok(())
+}
+
+async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
+    match cmd {
+        ServiceCmd::Create { name, image, domains, ports, memory, on_demand } => {
+            let ports: Vec<PortMap> =
+                ports.iter().map(|p| parse_port(p)).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?;
+            let memory_bytes = memory.as_deref().map(parse_bytes).transpose().map_err(anyhow::Error::msg)?;
+            let spec = ServiceSpec { name: name.clone(), image, domains, ports, memory_bytes, on_demand };
+            if let Err(r) = spec.validate() {
+                bail!("{r}");
+            }
+            let r = client.call(Method::POST, "/v1/services", Some(serde_json::to_value(&spec)?)).await?;
+            if json {
+                println!("{r}");
+            } else {
+                let p = &r["placement"];
+                println!(
+                    "service {name} created (log index {}): master {}, failover {}, backups {}",
+                    r["index"], p["master"], p["failover"], p["backups"]
+                );
+            }
+        }
+        ServiceCmd::List => {
+            let list = client.call(Method::GET, "/v1/services", None).await?;
+            if json {
+                print_json_lines(&list);
+            } else {
+                for s in list.as_array().into_iter().flatten() {
+                    print_service_line(s);
+                }
+            }
+        }
+        ServiceCmd::Show { name } => {
+            let s = client.call(Method::GET, &format!("/v1/services/{name}"), None).await?;
+            if json {
+                println!("{s}");
+            } else {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            }
+        }
+        ServiceCmd::Rm { name } => {
+            let r = client.call(Method::DELETE, &format!("/v1/services/{name}"), None).await?;
+            print_done(&r, json, &format!("service {name} removed"));
+        }
+    }
+    Ok(())
+}
+
+fn print_service_line(s: &Value) {
+    let p = &s["placement"];
+    println!(
+        "{:<24} {:<32} master {}  failover {}  backups {}",
+        s["name"].as_str().unwrap_or(""),
+        s["spec"]["image"].as_str().unwrap_or(""),
+        p["master"],
+        p["failover"],
+        p["backups"]
+    );
+}
+
+fn print_event(e: &Value, json: bool) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let line = if json {
+        e.to_string()
+    } else {
+        let mut line = format!(
+            "{:>7}  {}  {:<16} {:<20} {}",
+            e["index"].as_u64().unwrap_or(0),
+            view::format_ms(e["at"].as_u64().unwrap_or(0)),
+            e["actor"].as_str().unwrap_or(""),
+            e["kind"].as_str().unwrap_or(""),
+            e["summary"].as_str().unwrap_or("")
+        );
+        if let Some(reason) = e.get("reason").and_then(|r| r.as_str()) {
+            line.push_str(&format!("  [rejected: {reason}]"));
+        }
+        line
+    };
+    // A closed pipe (`coyote events tail | head`) ends the command quietly.
+    if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+        std::process::exit(0);
+    }
+    Ok(())
+}
+
+fn print_status(s: &Value, json: bool) {
+    if json {
+        println!("{s}");
+        return;
+    }
+    let opt = |v: &Value| if v.is_null() { "-".to_string() } else { v.to_string() };
+    println!("cluster   {}", s["cluster_id"].as_str().unwrap_or(""));
+    println!("node      {} ({})", s["node_id"], s["state"].as_str().unwrap_or(""));
+    println!("leader    {}", opt(&s["leader"]));
+    println!("term      {}", s["term"]);
+    println!(
+        "log       last {}, applied {}, snapshot {}, purged {}",
+        opt(&s["last_log_index"]),
+        opt(&s["applied_index"]),
+        opt(&s["snapshot_index"]),
+        opt(&s["purged_index"])
+    );
+    println!("members");
+    for m in s["members"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<4} {:<24} {:<8} {}",
+            m["id"].as_u64().unwrap_or(0),
+            m["addr"].as_str().unwrap_or(""),
+            m["role"].as_str().unwrap_or(""),
+            if m["reachable"].as_bool() == Some(true) { "reachable" } else { "UNREACHABLE" }
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration_ms;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration_ms("1h").unwrap(), 3_600_000);
+        assert_eq!(parse_duration_ms("90s").unwrap(), 90_000);
+        assert_eq!(parse_duration_ms("2d").unwrap(), 172_800_000);
+        assert_eq!(parse_duration_ms("5").unwrap(), 5_000);
+        for bad in ["", "0", "h", "1y", "-1h"] {
+            assert!(parse_duration_ms(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -16,6 +16,8 @@ pub const TOKENS_MAX: usize = 1024;
 pub const SERVICES_MAX: usize = 4096;
 pub const ALARMS_OPEN_MAX: usize = 4096;
 pub const TOKEN_USES_MAX: u32 = 1000;
+/// Tokens are forgotten this long after they expire (their use stays in the event history).
+pub const TOKEN_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ClusterInfo {
@@ -244,8 +246,8 @@ impl State {
                 if *expires_at_ms <= at_ms {
                     return reject("the token would already be expired".into());
                 }
-                if self.tokens.len() >= TOKENS_MAX {
-                    return reject(format!("too many tokens (at most {TOKENS_MAX}): revoke some"));
+                if self.valid_tokens(at_ms).count() >= TOKENS_MAX {
+                    return reject(format!("too many valid tokens (at most {TOKENS_MAX}): revoke some"));
                 }
             }
             Event::TokenRevoked { token_id } => match self.tokens.get(token_id) {
@@ -387,6 +389,7 @@ impl State {
                 }
             }
             Event::TokenIssued { token_id, secret_sha256, expires_at_ms, uses } => {
+                self.tokens.retain(|_, t| t.expires_at_ms.saturating_add(TOKEN_RETENTION_MS) > env.at_ms);
                 self.tokens.insert(
                     token_id.clone(),
                     Token {

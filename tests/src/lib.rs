@@ -1,1 +1,336 @@
-//! Helpers for driving real coyote processes.
+//! Helpers for driving real `coyote` processes: start, join, kill -9, restart, and call the CLI.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+/// Raft timings that make elections quick on loopback.
+pub const FAST_RAFT: &[&str] =
+    &["--heartbeat-ms", "100", "--election-min-ms", "500", "--election-max-ms", "1000"];
+
+/// The `coyote` binary: `$COYOTE_BIN`, else the one next to this test in the target directory,
+/// built on first use.
+pub fn coyote_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(b) = std::env::var_os("COYOTE_BIN") {
+            return PathBuf::from(b);
+        }
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
+        let bin = profile_dir.join("coyote");
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build.args(["build", "-p", "coyote-nodes", "--bin", "coyote"]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build.status().expect("running cargo build");
+        assert!(status.success(), "building coyote failed");
+        bin
+    })
+}
+
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().unwrap().port()
+}
+
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}; last error: {last_err:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One coyote node: a data directory, an address, and maybe a running process.
+pub struct Node {
+    pub dir: PathBuf,
+    pub addr: String,
+    child: Option<Child>,
+    log: PathBuf,
+    starts: u32,
+}
+
+impl Node {
+    pub fn new(root: &Path, name: &str) -> Self {
+        Node {
+            dir: root.join(name),
+            addr: format!("127.0.0.1:{}", free_port()),
+            child: None,
+            log: root.join(format!("{name}.log")),
+            starts: 0,
+        }
+    }
+
+    fn spawn(&mut self, args: &[&str]) -> Result<()> {
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(coyote_bin())
+            .args(args)
+            .args(FAST_RAFT)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting coyote")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// `coyote up`: creates a cluster if the directory is empty.
+    pub fn up(&mut self) -> Result<()> {
+        let dir = self.dir.display().to_string();
+        let addr = self.addr.clone();
+        self.spawn(&["up", "--data", &dir, "--listen", &addr])?;
+        self.wait_ready()
+    }
+
+    pub fn join(&mut self, token: &str) -> Result<()> {
+        let dir = self.dir.display().to_string();
+        let addr = self.addr.clone();
+        self.spawn(&["join", token, "--data", &dir, "--listen", &addr])?;
+        self.wait_ready()
+    }
+
+    /// Runs `coyote join` that is expected to fail; returns its stderr. Errs if it keeps running.
+    pub fn join_expect_failure(&self, token: &str) -> Result<String> {
+        let mut child = Command::new(coyote_bin())
+            .args(["join", token, "--data"])
+            .arg(&self.dir)
+            .args(["--listen", &self.addr])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("coyote join kept running: it was expected to be refused");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output()?;
+        if out.status.success() {
+            bail!("coyote join exited 0: it was expected to be refused");
+        }
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// `coyote node` on an existing directory.
+    pub fn restart(&mut self) -> Result<()> {
+        let dir = self.dir.display().to_string();
+        self.spawn(&["node", "--data", &dir])?;
+        self.wait_ready()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Waits until the node answers `status` and knows a leader.
+    pub fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    bail!("coyote exited with {status}; log:\n{}", self.log_text());
+                }
+            }
+            if let Ok(s) = self.status() {
+                if !s["leader"].is_null() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("node in {} not ready after 30 s; log:\n{}", self.dir.display(), self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `coyote --data DIR ARGS...` and returns its output.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(coyote_bin())
+            .arg("--data")
+            .arg(&self.dir)
+            .args(args)
+            .output()
+            .expect("running the coyote CLI")
+    }
+
+    /// Runs a CLI command with `--json` that must succeed, and parses its single JSON object.
+    pub fn cli_json(&self, args: &[&str]) -> Result<Value> {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cli(&all);
+        if !out.status.success() {
+            bail!("coyote {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| format!("output of {args:?} is not JSON"))
+    }
+
+    /// Runs a CLI command with `--json` that prints one object per line.
+    pub fn cli_json_lines(&self, args: &[&str]) -> Result<Vec<Value>> {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cli(&all);
+        if !out.status.success() {
+            bail!("coyote {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).with_context(|| format!("line {l:?} is not JSON")))
+            .collect()
+    }
+
+    pub fn status(&self) -> Result<Value> {
+        self.cli_json(&["status"])
+    }
+
+    pub fn events(&self) -> Result<Vec<Value>> {
+        self.cli_json_lines(&["events", "tail"])
+    }
+
+    pub fn token(&self, extra: &[&str]) -> Result<String> {
+        let mut args = vec!["token", "create"];
+        args.extend_from_slice(extra);
+        let v = self.cli_json(&args)?;
+        v["token"].as_str().map(String::from).ok_or_else(|| anyhow!("no token in {v}"))
+    }
+
+    /// One request to the node's API socket without the CLI (for tight write loops).
+    pub fn api(&self, method: &str, path: &str, body: &str) -> Result<(u16, Value)> {
+        api_call(&self.dir.join("coyote.sock"), method, path, body)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// HTTP/1.1 over the unix socket, `Connection: close`, JSON answer.
+pub fn api_call(socket: &Path, method: &str, path: &str, body: &str) -> Result<(u16, Value)> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: coyote\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no HTTP response"))?;
+    let code: u16 =
+        head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| anyhow!("bad status"))?;
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((code, serde_json::from_str(&body).with_context(|| format!("body {body:?}"))?))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A cluster of `n` nodes formed with join tokens; node 0 created it.
+pub fn cluster(root: &Path, n: usize) -> Result<Vec<Node>> {
+    let mut nodes = vec![Node::new(root, "n1")];
+    nodes[0].up()?;
+    for i in 1..n {
+        let token = nodes[0].token(&[])?;
+        let mut node = Node::new(root, &format!("n{}", i + 1));
+        node.join(&token)?;
+        nodes.push(node);
+    }
+    wait_until("every node to be a voter", Duration::from_secs(30), || {
+        let s = nodes[0].status()?;
+        let voters =
+            s["members"].as_array().map(|m| m.iter().filter(|m| m["role"] != "learner").count()).unwrap_or(0);
+        Ok((voters == n).then_some(()))
+    })?;
+    Ok(nodes)
+}
+
+/// The node that is leader now, as seen by the running nodes.
+pub fn leader_index(nodes: &[Node]) -> Result<usize> {
+    for node in nodes {
+        if let Ok(s) = node.status() {
+            if let Some(leader) = s["leader"].as_u64() {
+                if let Some(i) = node_index(nodes, leader)? {
+                    return Ok(i);
+                }
+            }
+        }
+    }
+    bail!("no node knows a leader")
+}
+
+fn node_index(nodes: &[Node], id: u64) -> Result<Option<usize>> {
+    for (i, n) in nodes.iter().enumerate() {
+        let text = std::fs::read_to_string(n.dir.join("node.json"))?;
+        let v: Value = serde_json::from_str(&text)?;
+        if v["node_id"].as_u64() == Some(id) {
+            return Ok(Some(i));
+        }
+    }
+    Ok(None)
+}
+
+/// `(index, kind, summary, outcome)` of each event: what must agree across nodes.
+pub fn event_keys(events: &[Value]) -> Vec<(u64, String, String, String)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e["index"].as_u64().unwrap_or(0),
+                e["kind"].as_str().unwrap_or("").to_string(),
+                e["summary"].as_str().unwrap_or("").to_string(),
+                e["outcome"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}

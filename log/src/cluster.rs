@@ -1,0 +1,551 @@
+//! A member of the cluster's log: the `Raft` instance, its store, its gRPC services, proposals with
+//! forwarding to the leader, joins, and the loop that turns joined servers into voters.
+//!
+//! # Proposals
+//! [`LogNode::propose`] validates a command against the local state first (so a user gets a clear
+//! reason at once), then writes it through Raft. A node that is not the leader forwards the proposal
+//! to the leader over the cluster's mutual TLS; the leader proposes it without forwarding again. While
+//! no leader is known (an election is under way) the proposal is retried until [`PROPOSE_TIMEOUT`].
+//! A forward is retried only when the leader could not be reached at all or answered that it is no
+//! longer the leader, so a proposal is not sent twice because of a slow answer; events that must not
+//! be applied twice carry ids that the state machine rejects on a second application anyway.
+//!
+//! # Joins
+//! A new server calls `Join` with a token's id and secret and a certificate signing request, without
+//! a client certificate (it has none yet) but after checking the member's certificate against the CA
+//! pin in its token. The member forwards the call to the leader, which proposes `NodeJoined` (the state
+//! machine checks the token again when it applies it), signs the CSR with the cluster CA, adds the
+//! node as a Raft learner and answers with the certificate and the CA. The membership loop on the
+//! leader promotes a learner to voter once it has caught up. Every member holds the CA key, so any
+//! member that becomes leader can admit servers; a cluster is one owner's set of servers.
+//!
+//! # Left out
+//! Removing a member from Raft's membership when it leaves is done by the same loop, but there is no
+//! CLI command to make a node leave yet.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use coyote_state_machine::{Event, NodeInfo, Outcome, Proposal};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::network::{self, decode, encode, require_member, Network, RaftService, MESSAGE_MAX_BYTES};
+use crate::store::{LogStore, StateMachineStore, StoreHandle};
+use crate::tls::{self, ClusterCa, Identity, Trust};
+use crate::token::JoinToken;
+use crate::types::{NodeId, Raft};
+use crate::{pb, LogError};
+
+/// How long a proposal may wait for a leader and its commit.
+pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often the leader checks whether joined servers need adding or promoting.
+pub const MEMBERSHIP_INTERVAL: Duration = Duration::from_millis(300);
+/// A learner is promoted to voter when it is at most this many entries behind the leader.
+pub const PROMOTE_LAG_MAX: u64 = 64;
+/// Deadline of a reachability ping.
+pub const PING_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// Raft timing and log compaction, with defaults for servers on the same continent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RaftSettings {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// Build a snapshot after this many entries since the last one.
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind the last snapshot (for followers that lag a little).
+    pub keep_logs: u64,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        RaftSettings {
+            heartbeat_ms: 150,
+            election_min_ms: 800,
+            election_max_ms: 1600,
+            snapshot_every: 10_000,
+            keep_logs: 1_000,
+        }
+    }
+}
+
+impl RaftSettings {
+    fn to_config(&self, cluster_id: &str) -> Result<openraft::Config, LogError> {
+        let config = openraft::Config {
+            cluster_name: cluster_id.to_string(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_min_ms,
+            election_timeout_max: self.election_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: self.keep_logs,
+            install_snapshot_timeout: 10_000,
+            ..Default::default()
+        };
+        config.validate().map_err(|e| LogError::Config(e.to_string()))
+    }
+}
+
+/// A proposal that was committed, with what the state machine made of it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Proposed {
+    pub index: u64,
+    pub outcome: Outcome,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, thiserror::Error, PartialEq, Eq)]
+pub enum ProposeError {
+    /// The command does not hold against the current state.
+    #[error("{0}")]
+    Rejected(String),
+    #[error("no leader could be reached within {0} s; is a majority of members running?")]
+    NoLeader(u64),
+    /// Answered by a node that was asked to propose as leader but no longer is.
+    #[error("this node is not the leader")]
+    NotLeader,
+    #[error("the leader could not be reached: {0}")]
+    Forward(String),
+    #[error("the log failed: {0}")]
+    Fatal(String),
+}
+
+/// What `coyote status` shows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub cluster_id: String,
+    pub node_id: NodeId,
+    pub leader: Option<NodeId>,
+    pub state: String,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub purged_index: Option<u64>,
+    pub members: Vec<MemberStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub id: NodeId,
+    pub addr: String,
+    /// `leader`, `voter` or `learner`.
+    pub role: String,
+    pub reachable: bool,
+}
+
+pub struct LogNodeConfig {
+    pub node_id: NodeId,
+    pub cluster_id: String,
+    /// Address members dial this node at.
+    pub addr: String,
+    pub raft: RaftSettings,
+}
+
+/// One running member of the log. Cheap to clone.
+#[derive(Clone)]
+pub struct LogNode(Arc<Inner>);
+
+struct Inner {
+    id: NodeId,
+    cluster_id: String,
+    addr: String,
+    raft: Raft,
+    store: StoreHandle,
+    ca: Option<ClusterCa>,
+    client_tls: Arc<rustls::ClientConfig>,
+    server_tls: Arc<rustls::ServerConfig>,
+    /// One channel per peer address, reused by forwards and pings.
+    channels: Mutex<BTreeMap<String, Channel>>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl LogNode {
+    pub async fn start(
+        config: LogNodeConfig,
+        log: LogStore,
+        state_machine: StateMachineStore,
+        store: StoreHandle,
+        identity: &Identity,
+        ca: Option<ClusterCa>,
+    ) -> Result<Self, LogError> {
+        let raft_config = Arc::new(config.raft.to_config(&config.cluster_id)?);
+        let client_tls = tls::client_config(Some(identity), &Trust::Ca(identity.ca_cert_pem.clone()))?;
+        let server_tls = tls::server_config(identity)?;
+        let network = Network::new(client_tls.clone());
+        let raft = Raft::new(config.node_id, raft_config, network, log, state_machine)
+            .await
+            .map_err(|e| LogError::Raft(e.to_string()))?;
+        Ok(LogNode(Arc::new(Inner {
+            id: config.node_id,
+            cluster_id: config.cluster_id,
+            addr: config.addr,
+            raft,
+            store,
+            ca,
+            client_tls,
+            server_tls,
+            channels: Mutex::new(BTreeMap::new()),
+        })))
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.0.id
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.0.raft
+    }
+
+    pub fn store(&self) -> &StoreHandle {
+        &self.0.store
+    }
+
+    pub fn server_tls(&self) -> Arc<rustls::ServerConfig> {
+        self.0.server_tls.clone()
+    }
+
+    /// Makes this node the only member of a new cluster and commits `ClusterCreated`.
+    pub async fn initialize(&self, ca_pin: String) -> Result<Proposed, LogError> {
+        let mut members = BTreeMap::new();
+        members.insert(self.0.id, BasicNode::new(&self.0.addr));
+        self.0.raft.initialize(members).await.map_err(|e| LogError::Raft(e.to_string()))?;
+        let event = Event::ClusterCreated {
+            cluster_id: self.0.cluster_id.clone(),
+            node: NodeInfo { id: self.0.id, addr: self.0.addr.clone() },
+            ca_pin,
+        };
+        let proposed = self.propose(event, format!("node:{}", self.0.id)).await?;
+        Ok(proposed)
+    }
+
+    /// Serves Raft and the cluster API on `incoming` until `shutdown` resolves.
+    pub async fn serve<S, IO>(&self, incoming: S, shutdown: impl Future<Output = ()>) -> Result<(), LogError>
+    where
+        S: futures::Stream<Item = std::io::Result<tls::TlsConn<IO>>> + Send + 'static,
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let raft = pb::raft_server::RaftServer::new(RaftService::new(self.0.raft.clone()))
+            .max_decoding_message_size(MESSAGE_MAX_BYTES)
+            .max_encoding_message_size(MESSAGE_MAX_BYTES);
+        let cluster = pb::cluster_server::ClusterServer::new(ClusterService { node: self.clone() });
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(network::KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(network::KEEPALIVE_TIMEOUT))
+            .add_service(raft)
+            .add_service(cluster)
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+            .map_err(|e| LogError::Transport(e.to_string()))
+    }
+
+    async fn channel(&self, addr: &str) -> Result<Channel, ProposeError> {
+        let mut channels = self.0.channels.lock().await;
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = network::channel(addr, self.0.client_tls.clone())
+            .map_err(|e| ProposeError::Forward(format!("bad address {addr}: {e}")))?;
+        channels.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Validates and commits an event, forwarding to the leader when needed.
+    pub async fn propose(&self, event: Event, actor: String) -> Result<Proposed, ProposeError> {
+        let proposal = Proposal { at_ms: now_ms(), actor, event };
+        self.0.store.with_state(|s| s.validate(&proposal)).map_err(|r| ProposeError::Rejected(r.reason))?;
+        self.submit(proposal, true).await
+    }
+
+    async fn submit(&self, proposal: Proposal, may_forward: bool) -> Result<Proposed, ProposeError> {
+        let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
+        loop {
+            let leader = match self.0.raft.client_write(proposal.clone()).await {
+                Ok(response) => {
+                    return Ok(Proposed { index: response.log_id.index, outcome: response.data });
+                }
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => forward.leader_node,
+                Err(RaftError::APIError(e)) => return Err(ProposeError::Fatal(e.to_string())),
+                Err(RaftError::Fatal(e)) => return Err(ProposeError::Fatal(e.to_string())),
+            };
+            if !may_forward {
+                return Err(ProposeError::NotLeader);
+            }
+            if let Some(leader) = leader {
+                match self.forward(&leader.addr, &proposal).await {
+                    Ok(done) => return Ok(done),
+                    Err(ProposeError::NotLeader) | Err(ProposeError::Forward(_))
+                        if tokio::time::Instant::now() < deadline => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ProposeError::NoLeader(PROPOSE_TIMEOUT.as_secs()));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn forward(&self, leader_addr: &str, proposal: &Proposal) -> Result<Proposed, ProposeError> {
+        let channel = self.channel(leader_addr).await?;
+        let mut client = pb::cluster_client::ClusterClient::new(channel);
+        let reply =
+            client.propose(pb::Blob { data: encode(proposal) }).await.map_err(|s| match s.code() {
+                tonic::Code::Unavailable => ProposeError::Forward(s.message().to_string()),
+                _ => ProposeError::Fatal(format!("forwarding to the leader failed: {}", s.message())),
+            })?;
+        let result: Result<Proposed, ProposeError> =
+            coyote_state_machine::decode(&reply.into_inner().data)
+                .map_err(|e| ProposeError::Fatal(format!("malformed reply from the leader: {e}")))?;
+        result
+    }
+
+    /// The leader's side of a join: admit the server named in `request` if its token holds.
+    async fn admit(&self, request: pb::JoinRequest) -> Result<pb::JoinResponse, Status> {
+        let ca =
+            self.0.ca.as_ref().ok_or_else(|| Status::failed_precondition("this member holds no CA key"))?;
+        let node_id = self.0.store.with_state(|s| s.next_node_id());
+        let secret_sha256 = coyote_state_machine::sha256_hex(request.secret.as_bytes());
+        let event = Event::NodeJoined {
+            node: NodeInfo { id: node_id, addr: request.addr.clone() },
+            token_id: request.token_id.clone(),
+            secret_sha256,
+        };
+        let proposal = Proposal { at_ms: now_ms(), actor: format!("join@node:{}", self.0.id), event };
+        self.0
+            .store
+            .with_state(|s| s.validate(&proposal))
+            .map_err(|r| Status::permission_denied(r.reason))?;
+        // Sign first: a malformed CSR must not consume the token.
+        let cert =
+            ca.sign_node(&request.csr_pem, node_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let proposed = self.submit(proposal, false).await.map_err(propose_status)?;
+        if let Outcome::Rejected { reason } = proposed.outcome {
+            return Err(Status::permission_denied(reason));
+        }
+        if let Err(e) = self.0.raft.add_learner(node_id, BasicNode::new(&request.addr), false).await {
+            // The membership loop adds it later; the join itself is committed.
+            tracing::warn!(node_id, error = %e, "adding the new node as a learner failed; will retry");
+        }
+        tracing::info!(node_id, addr = %request.addr, "admitted a new node");
+        Ok(pb::JoinResponse {
+            node_id,
+            cluster_id: self.0.cluster_id.clone(),
+            node_cert_pem: cert,
+            ca_cert_pem: ca.cert_pem().to_string(),
+            ca_key_pem: ca.key_pem().to_string(),
+        })
+    }
+
+    /// On the leader: add joined servers as learners, promote learners that caught up, drop members
+    /// that left. Runs until `shutdown` resolves.
+    pub async fn run_membership(&self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(MEMBERSHIP_INTERVAL) => {}
+            }
+            if let Err(e) = self.membership_step().await {
+                tracing::warn!(error = %e, "membership change failed; will retry");
+            }
+        }
+    }
+
+    async fn membership_step(&self) -> Result<(), LogError> {
+        let metrics = self.0.raft.metrics().borrow().clone();
+        if metrics.state != ServerState::Leader {
+            return Ok(());
+        }
+        let membership = metrics.membership_config.membership().clone();
+        if membership.get_joint_config().len() > 1 {
+            return Ok(()); // a change is under way
+        }
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let known: BTreeMap<NodeId, BasicNode> = membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        let members = self.0.store.with_state(|s| s.members.clone());
+        let raft_err =
+            |e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>| LogError::Raft(e.to_string());
+
+        for (id, member) in &members {
+            if !known.contains_key(id) {
+                tracing::info!(node_id = id, "adding joined node as a learner");
+                self.0.raft.add_learner(*id, BasicNode::new(&member.addr), false).await.map_err(raft_err)?;
+                return Ok(());
+            }
+        }
+        let last = metrics.last_log_index.unwrap_or(0);
+        let replication = metrics.replication.unwrap_or_default();
+        for id in known.keys().filter(|id| !voters.contains(id) && members.contains_key(id)) {
+            let matched = replication.get(id).cloned().flatten().map(|l| l.index).unwrap_or(0);
+            if matched + PROMOTE_LAG_MAX >= last {
+                tracing::info!(node_id = id, matched, last, "promoting caught-up learner to voter");
+                let change = ChangeMembers::AddVoterIds(BTreeSet::from([*id]));
+                self.0.raft.change_membership(change, false).await.map_err(raft_err)?;
+                return Ok(());
+            }
+        }
+        let gone: BTreeSet<NodeId> = known.keys().filter(|id| !members.contains_key(id)).copied().collect();
+        if !gone.is_empty() && !members.is_empty() {
+            let gone_voters: BTreeSet<NodeId> = gone.intersection(&voters).copied().collect();
+            tracing::info!(?gone, "removing nodes that left from the membership");
+            if !gone_voters.is_empty() {
+                self.0
+                    .raft
+                    .change_membership(ChangeMembers::RemoveVoters(gone_voters), false)
+                    .await
+                    .map_err(raft_err)?;
+            } else {
+                self.0
+                    .raft
+                    .change_membership(ChangeMembers::RemoveNodes(gone), false)
+                    .await
+                    .map_err(raft_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Raft's view of this node and the membership, with a live reachability check of every member.
+    pub async fn status(&self) -> ClusterStatus {
+        let m = self.0.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let nodes: Vec<(NodeId, String)> = membership.nodes().map(|(id, n)| (*id, n.addr.clone())).collect();
+        let pings = nodes.iter().map(|(id, addr)| async move {
+            if *id == self.0.id {
+                true
+            } else {
+                self.ping(addr).await
+            }
+        });
+        let reachable = futures::future::join_all(pings).await;
+        let members = nodes
+            .into_iter()
+            .zip(reachable)
+            .map(|((id, addr), reachable)| MemberStatus {
+                role: if m.current_leader == Some(id) {
+                    "leader"
+                } else if voters.contains(&id) {
+                    "voter"
+                } else {
+                    "learner"
+                }
+                .to_string(),
+                id,
+                addr,
+                reachable,
+            })
+            .collect();
+        ClusterStatus {
+            cluster_id: self.0.cluster_id.clone(),
+            node_id: self.0.id,
+            leader: m.current_leader,
+            state: format!("{:?}", m.state).to_lowercase(),
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            applied_index: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+            members,
+        }
+    }
+
+    async fn ping(&self, addr: &str) -> bool {
+        let Ok(channel) = self.channel(addr).await else { return false };
+        let mut client = pb::cluster_client::ClusterClient::new(channel);
+        let mut request = Request::new(pb::Blob { data: Vec::new() });
+        request.set_timeout(PING_TIMEOUT);
+        matches!(tokio::time::timeout(PING_TIMEOUT, client.ping(request)).await, Ok(Ok(_)))
+    }
+
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.0.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not shut down cleanly");
+        }
+    }
+}
+
+fn propose_status(e: ProposeError) -> Status {
+    match e {
+        ProposeError::Rejected(r) => Status::permission_denied(r),
+        ProposeError::NotLeader | ProposeError::NoLeader(_) | ProposeError::Forward(_) => {
+            Status::unavailable(e.to_string())
+        }
+        ProposeError::Fatal(_) => Status::internal(e.to_string()),
+    }
+}
+
+struct ClusterService {
+    node: LogNode,
+}
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for ClusterService {
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        let request = request.into_inner();
+        let m = self.node.0.raft.metrics().borrow().clone();
+        if m.state == ServerState::Leader {
+            return self.node.admit(request).await.map(Response::new);
+        }
+        let leader = m
+            .current_leader
+            .and_then(|id| m.membership_config.membership().get_node(&id).cloned())
+            .ok_or_else(|| Status::unavailable("no leader is known right now; try again in a few seconds"))?;
+        let channel = self.node.channel(&leader.addr).await.map_err(propose_status)?;
+        pb::cluster_client::ClusterClient::new(channel).join(request).await
+    }
+
+    async fn propose(&self, request: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
+        require_member(&request)?;
+        let proposal: Proposal = decode(&request.into_inner().data)?;
+        let result = self.node.submit(proposal, false).await;
+        Ok(Response::new(pb::Blob { data: encode(&result) }))
+    }
+
+    async fn ping(&self, request: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
+        require_member(&request)?;
+        Ok(Response::new(pb::Blob { data: encode(&self.node.0.id) }))
+    }
+}
+
+/// The new server's side of a join: trust the member by the token's CA pin, present the CSR, get a
+/// certificate back.
+pub async fn request_join(
+    token: &JoinToken,
+    addr: &str,
+    csr_pem: &str,
+) -> Result<pb::JoinResponse, LogError> {
+    let tls = tls::client_config(None, &Trust::Pin(token.ca_pin.clone()))?;
+    let channel = network::channel(&token.addr, tls)
+        .map_err(|e| LogError::Join(format!("bad address in token: {e}")))?;
+    let mut client = pb::cluster_client::ClusterClient::new(channel);
+    let request = pb::JoinRequest {
+        token_id: token.id.clone(),
+        secret: token.secret.clone(),
+        addr: addr.to_string(),
+        csr_pem: csr_pem.to_string(),
+    };
+    let reply = client.join(request).await.map_err(|s| {
+        let detail = if s.message().is_empty() { format!("{:?}", s.code()) } else { s.message().to_string() };
+        match s.code() {
+            tonic::Code::PermissionDenied => {
+                LogError::Join(format!("the cluster refused the token: {detail}"))
+            }
+            tonic::Code::Unavailable | tonic::Code::Unknown => {
+                LogError::Join(format!("cannot reach the cluster at {}: {detail}", token.addr))
+            }
+            _ => LogError::Join(detail),
+        }
+    })?;
+    Ok(reply.into_inner())
+}

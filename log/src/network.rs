@@ -1,0 +1,199 @@
+//! Raft's RPCs over tonic gRPC: the client side openraft calls (`RaftNetwork`) and the server side that
+//! hands incoming RPCs to the local `Raft`.
+//!
+//! Payloads are openraft's own messages, bincode-encoded inside a protobuf `Blob`: the protobuf schema
+//! stays tiny and openraft's types stay the single definition of the protocol. Every channel has HTTP/2
+//! keep-alive and every call a deadline, so a peer that vanished (or a partition that silently drops
+//! packets) turns into an error instead of a hung call.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::pb;
+use crate::tls;
+use crate::types::{Node, NodeId, Raft, TypeConfig};
+
+/// How long connecting plus the TLS handshake to a peer may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// HTTP/2 keep-alive: ping this often, and drop the connection if a ping is not answered in time.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Upper bound on any single RPC that has no deadline of its own.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest gRPC message accepted (snapshot chunks, batches of entries).
+pub const MESSAGE_MAX_BYTES: usize = 64 * 1024 * 1024;
+
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    coyote_state_machine::encode(value)
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Status> {
+    coyote_state_machine::decode(bytes)
+        .map_err(|e| Status::invalid_argument(format!("malformed message: {e}")))
+}
+
+/// A lazily connected channel to `addr` over the cluster's TLS.
+pub fn channel(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Channel, tonic::transport::Error> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(RPC_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+    Ok(endpoint.connect_with_connector_lazy(tls::connector(tls::TcpDial, tls)))
+}
+
+/// Makes openraft's per-peer clients; channels are shared by all clients of the same address.
+#[derive(Clone)]
+pub struct Network {
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl Network {
+    pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
+        Network { tls }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerClient {
+        PeerClient { target, channel: channel(&node.addr, self.tls.clone()).map_err(|e| e.to_string()) }
+    }
+}
+
+pub struct PeerClient {
+    target: NodeId,
+    /// An address that does not parse as a URI gives an error on every call instead of a panic here.
+    channel: Result<Channel, String>,
+}
+
+type RpcResult<T, E = RaftError<NodeId>> = Result<T, RPCError<NodeId, Node, E>>;
+
+impl PeerClient {
+    async fn call<Req, Resp, E>(
+        &self,
+        method: Method,
+        rpc: &Req,
+        option: &RPCOption,
+    ) -> RpcResult<Resp, RaftError<NodeId, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let channel = self.channel.clone().map_err(|e| RPCError::Unreachable(Unreachable::new(&Text(e))))?;
+        let mut client = pb::raft_client::RaftClient::new(channel)
+            .max_decoding_message_size(MESSAGE_MAX_BYTES)
+            .max_encoding_message_size(MESSAGE_MAX_BYTES);
+        let mut request = Request::new(pb::Blob { data: encode(rpc) });
+        request.set_timeout(option.hard_ttl());
+        let reply = match method {
+            Method::Append => client.append_entries(request).await,
+            Method::Vote => client.vote(request).await,
+            Method::Snapshot => client.install_snapshot(request).await,
+        };
+        let reply = reply.map_err(|status| match status.code() {
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
+                RPCError::Unreachable(Unreachable::new(&status))
+            }
+            _ => RPCError::Network(NetworkError::new(&status)),
+        })?;
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            coyote_state_machine::decode(&reply.into_inner().data)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Method {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+#[derive(Debug)]
+struct Text(String);
+impl std::fmt::Display for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Text {}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        self.call(Method::Append, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
+        self.call(Method::Snapshot, &rpc, &option).await
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> RpcResult<VoteResponse<NodeId>> {
+        self.call(Method::Vote, &rpc, &option).await
+    }
+}
+
+/// The server side of Raft's RPCs. Only members (a client certificate from the cluster CA) may call.
+pub struct RaftService {
+    raft: Raft,
+}
+
+impl RaftService {
+    pub fn new(raft: Raft) -> Self {
+        RaftService { raft }
+    }
+}
+
+pub(crate) fn require_member<T>(request: &Request<T>) -> Result<NodeId, Status> {
+    tls::peer_node(request).ok_or_else(|| {
+        Status::unauthenticated("a certificate from this cluster's CA is required for this call")
+    })
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for RaftService {
+    async fn append_entries(&self, request: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
+        require_member(&request)?;
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(&request.into_inner().data)?;
+        let result = self.raft.append_entries(rpc).await;
+        Ok(Response::new(pb::Blob { data: encode(&result) }))
+    }
+
+    async fn vote(&self, request: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
+        require_member(&request)?;
+        let rpc: VoteRequest<NodeId> = decode(&request.into_inner().data)?;
+        let result = self.raft.vote(rpc).await;
+        Ok(Response::new(pb::Blob { data: encode(&result) }))
+    }
+
+    async fn install_snapshot(&self, request: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
+        require_member(&request)?;
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode(&request.into_inner().data)?;
+        let result = self.raft.install_snapshot(rpc).await;
+        Ok(Response::new(pb::Blob { data: encode(&result) }))
+    }
+}

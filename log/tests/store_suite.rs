@@ -1,0 +1,376 @@
+//! The sled store: openraft's conformance suite, durability across reopening, snapshot transfer, and
+//! refusal of damaged or foreign directories.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use coyote_log::store::{self, EventRecord, LogStore, StateMachineStore, StoreError, StoreHandle};
+use coyote_log::types::{Entry, LogId, StorageError, TypeConfig};
+use coyote_state_machine::{Event, NodeInfo, Outcome, Proposal};
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{
+    BasicNode, CommittedLeaderId, EntryPayload, Membership, RaftLogReader, RaftSnapshotBuilder, Vote,
+};
+use tempfile::TempDir;
+
+// ---- helpers ----
+
+fn log_id(term: u64, index: u64) -> LogId {
+    LogId::new(CommittedLeaderId::new(term, 1), index)
+}
+
+fn entry(term: u64, index: u64, payload: EntryPayload<TypeConfig>) -> Entry {
+    Entry { log_id: log_id(term, index), payload }
+}
+
+fn proposal(event: Event) -> EntryPayload<TypeConfig> {
+    EntryPayload::Normal(Proposal { at_ms: 1_000, actor: "test".into(), event })
+}
+
+fn membership(term: u64, index: u64) -> Entry {
+    let nodes = BTreeMap::from([(1, BasicNode::new("127.0.0.1:7001"))]);
+    let config = vec![BTreeSet::from([1])];
+    entry(term, index, EntryPayload::Membership(Membership::new(config, nodes)))
+}
+
+/// A short history: membership, a blank, the cluster's creation, a token, and a rejected revocation.
+fn history() -> Vec<Entry> {
+    vec![
+        membership(1, 1),
+        entry(1, 2, EntryPayload::Blank),
+        entry(
+            1,
+            3,
+            proposal(Event::ClusterCreated {
+                cluster_id: "c-test".into(),
+                node: NodeInfo { id: 1, addr: "127.0.0.1:7001".into() },
+                ca_pin: "ab".repeat(32),
+            }),
+        ),
+        entry(
+            2,
+            4,
+            proposal(Event::TokenIssued {
+                token_id: "t1".into(),
+                secret_sha256: "cd".repeat(32),
+                expires_at_ms: 10_000,
+                uses: 1,
+            }),
+        ),
+        entry(2, 5, proposal(Event::TokenRevoked { token_id: "no-such-token".into() })),
+    ]
+}
+
+fn open(path: &Path) -> (LogStore, StateMachineStore, StoreHandle) {
+    store::open(path).unwrap_or_else(|e| panic!("open failed: {e}"))
+}
+
+fn all_events(handle: &StoreHandle) -> Vec<EventRecord> {
+    handle.events(0, usize::MAX).expect("read events")
+}
+
+// ---- openraft's conformance suite ----
+
+struct FreshStore;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for FreshStore {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError> {
+        let dir = TempDir::new().expect("create a temporary directory");
+        let (log, sm, _handle) = open(dir.path());
+        Ok((dir, log, sm))
+    }
+}
+
+/// `Suite::test_all` makes its own tokio runtime per case, so this is a plain test.
+#[test]
+fn openraft_storage_suite() {
+    Suite::test_all(FreshStore).expect("openraft's storage suite");
+}
+
+// ---- our own ----
+
+#[tokio::test]
+async fn log_vote_and_commit_survive_reopening() {
+    let dir = TempDir::new().unwrap();
+    let entries = history();
+    {
+        let (mut log, _sm, _handle) = open(dir.path());
+        // Two calls: one batch of three, then two more.
+        log.blocking_append(entries[..3].to_vec()).await.unwrap();
+        log.blocking_append(entries[3..].to_vec()).await.unwrap();
+        log.save_vote(&Vote::new(2, 1)).await.unwrap();
+        log.save_committed(Some(log_id(2, 4))).await.unwrap();
+    }
+    let (mut log, _sm, _handle) = open(dir.path());
+    assert_eq!(log.try_get_log_entries(..).await.unwrap(), entries);
+    assert_eq!(log.try_get_log_entries(2..4).await.unwrap(), entries[1..3].to_vec());
+    assert_eq!(log.try_get_log_entries(4..=u64::MAX).await.unwrap(), entries[3..].to_vec());
+    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(2, 1)));
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(2, 4)));
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_log_id, Some(log_id(2, 5)));
+    assert_eq!(state.last_purged_log_id, None);
+
+    // Truncation and purging survive too.
+    log.truncate(log_id(2, 5)).await.unwrap();
+    log.purge(log_id(1, 2)).await.unwrap();
+    drop(log);
+    drop((_sm, _handle));
+    let (mut log, _sm, _handle) = open(dir.path());
+    assert_eq!(log.try_get_log_entries(..).await.unwrap(), entries[2..4].to_vec());
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 2)));
+    assert_eq!(state.last_log_id, Some(log_id(2, 4)));
+}
+
+#[tokio::test]
+async fn apply_archives_events_and_publishes_progress() {
+    let dir = TempDir::new().unwrap();
+    let (_log, mut sm, handle) = open(dir.path());
+    let mut progress = handle.subscribe();
+    let outcomes = sm.apply(history()).await.unwrap();
+    assert_eq!(outcomes.len(), 5);
+    assert_eq!(outcomes[..4], [Outcome::Applied, Outcome::Applied, Outcome::Applied, Outcome::Applied]);
+    assert!(matches!(&outcomes[4], Outcome::Rejected { reason } if reason.contains("does not exist")));
+
+    assert!(progress.has_changed().unwrap());
+    assert_eq!(*progress.borrow_and_update(), 5);
+    assert_eq!(handle.last_applied(), 5);
+
+    let events = all_events(&handle);
+    let indexes: Vec<u64> = events.iter().map(|r| r.envelope.index).collect();
+    assert_eq!(indexes, [3, 4, 5], "blank and membership entries are not archived");
+    assert_eq!(events[1].envelope.term, 2);
+    assert_eq!(events[2].outcome, outcomes[4]);
+    assert_eq!(handle.events(4, 1).unwrap(), events[1..2].to_vec());
+    assert_eq!(handle.events(6, 10).unwrap(), []);
+
+    handle.with_state(|state| {
+        assert_eq!(state.cluster.as_ref().map(|c| c.id.as_str()), Some("c-test"));
+        assert!(state.tokens.contains_key("t1"));
+        assert_eq!((state.applied_count, state.rejected_count), (2, 1));
+    });
+    let (applied, members) = sm.applied_state().await.unwrap();
+    assert_eq!(applied, Some(log_id(2, 5)));
+    assert_eq!(members.log_id(), &Some(log_id(1, 1)));
+}
+
+#[tokio::test]
+async fn a_snapshot_installed_elsewhere_gives_the_same_state_and_archive() {
+    let (dir_a, dir_b) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+    let (_log_a, mut sm_a, handle_a) = open(dir_a.path());
+    sm_a.apply(history()).await.unwrap();
+    let snapshot = sm_a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    assert_eq!(snapshot.meta.last_log_id, Some(log_id(2, 5)));
+
+    let (_log_b, mut sm_b, handle_b) = open(dir_b.path());
+    let mut received = sm_b.begin_receiving_snapshot().await.unwrap();
+    received.get_mut().extend_from_slice(snapshot.snapshot.get_ref());
+    sm_b.install_snapshot(&snapshot.meta, received).await.unwrap();
+
+    let state_a = handle_a.with_state(|s| s.clone());
+    assert_eq!(handle_b.with_state(|s| s.clone()), state_a);
+    assert_eq!(all_events(&handle_b), all_events(&handle_a));
+    assert_eq!(handle_b.last_applied(), 5);
+    assert_eq!(sm_b.applied_state().await.unwrap(), sm_a.applied_state().await.unwrap());
+    let current = sm_b.get_current_snapshot().await.unwrap().expect("installed snapshot is current");
+    assert_eq!(current.meta, snapshot.meta);
+
+    // The installed snapshot is what a restart of B starts from.
+    drop((_log_b, sm_b, handle_b));
+    let (_log_b, mut sm_b, handle_b) = open(dir_b.path());
+    assert_eq!(handle_b.with_state(|s| s.clone()), state_a);
+    assert_eq!(all_events(&handle_b), all_events(&handle_a));
+    assert_eq!(sm_b.applied_state().await.unwrap().0, Some(log_id(2, 5)));
+    assert_eq!(handle_b.last_applied(), 5);
+}
+
+#[tokio::test]
+async fn reopening_starts_from_the_snapshot_and_replays_the_rest() {
+    let dir = TempDir::new().unwrap();
+    let entries = history();
+    let snapshot_state;
+    {
+        let (mut log, mut sm, handle) = open(dir.path());
+        log.blocking_append(entries.clone()).await.unwrap();
+        sm.apply(entries[..4].to_vec()).await.unwrap();
+        sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        snapshot_state = handle.with_state(|s| s.clone());
+        sm.apply(entries[4..].to_vec()).await.unwrap();
+        assert_eq!(all_events(&handle).len(), 3);
+    }
+    let (mut log, mut sm, handle) = open(dir.path());
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(2, 4)));
+    assert_eq!(handle.with_state(|s| s.clone()), snapshot_state);
+    // The event at 5 is on disk but not applied yet: readers do not see it.
+    assert_eq!(all_events(&handle).len(), 2);
+
+    // What openraft does next: re-apply the entries after the snapshot.
+    let rest = log.try_get_log_entries(5..).await.unwrap();
+    sm.apply(rest).await.unwrap();
+    assert_eq!(all_events(&handle).len(), 3);
+    assert_eq!(handle.last_applied(), 5);
+}
+
+#[tokio::test]
+async fn open_rebuilds_an_archive_a_crash_left_behind_the_snapshot() {
+    let dir = TempDir::new().unwrap();
+    let expected;
+    {
+        let (_log, mut sm, handle) = open(dir.path());
+        sm.apply(history()).await.unwrap();
+        sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        expected = all_events(&handle);
+    }
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let events = db.open_tree("events").unwrap();
+        events.remove(4u64.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let (_log, _sm, handle) = open(dir.path());
+    assert_eq!(all_events(&handle), expected);
+}
+
+#[tokio::test]
+#[should_panic(expected = "broke the cluster state")]
+async fn a_broken_invariant_stops_the_node() {
+    let dir = TempDir::new().unwrap();
+    let (_log, mut sm, _handle) = open(dir.path());
+    let entries = history();
+    sm.apply(entries.clone()).await.unwrap();
+    // The same envelope again: the state refuses to go backwards, which is a bug, hence a panic.
+    sm.apply(vec![entries[2].clone()]).await.unwrap();
+}
+
+#[test]
+fn node_metadata_is_durable() {
+    let dir = TempDir::new().unwrap();
+    {
+        let (_log, _sm, handle) = open(dir.path());
+        assert_eq!(handle.meta_get(b"cluster-id").unwrap(), None);
+        handle.meta_put(b"cluster-id", b"c-test").unwrap();
+        // Our keys cannot reach Raft's.
+        handle.meta_put(b"raft/vote", b"garbage").unwrap();
+    }
+    let (_log, _sm, handle) = open(dir.path());
+    assert_eq!(handle.meta_get(b"cluster-id").unwrap().as_deref(), Some(&b"c-test"[..]));
+}
+
+/// Pseudo-random bytes, reproducible.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) as u8
+        })
+        .collect()
+}
+
+/// Opens `dir` expecting a clean `StoreError::Open` naming the directory, not a panic.
+fn expect_refused(dir: &Path, case: &str) -> String {
+    let result = std::panic::catch_unwind(|| store::open(dir).map(drop));
+    let result = result.unwrap_or_else(|_| panic!("{case}: opening panicked"));
+    let error = result.expect_err(case);
+    assert!(matches!(error, StoreError::Open { .. }), "{case}: {error}");
+    let message = error.to_string();
+    assert!(message.starts_with("cannot open the store at "), "{case}: {message}");
+    assert!(message.contains(&dir.display().to_string()), "{case}: {message}");
+    message
+}
+
+#[test]
+fn garbage_in_the_directory_is_an_error_not_a_panic() {
+    let cases: [&[(&str, usize)]; 6] = [
+        &[("db", 4096)],
+        &[("db", 17)],
+        &[("conf", 512)],
+        &[("conf", 3)],
+        &[("conf", 300), ("db", 70_000)],
+        &[("notes.txt", 10)],
+    ];
+    for files in cases {
+        let dir = TempDir::new().unwrap();
+        for &(file, len) in files {
+            std::fs::write(dir.path().join(file), noise(len, len as u64)).unwrap();
+        }
+        expect_refused(dir.path(), &format!("garbage {files:?}"));
+        // sled must not have "recovered" the garbage into an empty database over it.
+        for &(file, len) in files {
+            let now = std::fs::metadata(dir.path().join(file)).unwrap().len() as usize;
+            assert_eq!(now, len, "{files:?}: {file} was rewritten");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_store_whose_database_file_was_damaged_is_refused() {
+    for damage in ["overwritten", "emptied"] {
+        let dir = TempDir::new().unwrap();
+        {
+            let (mut log, _sm, _handle) = open(dir.path());
+            log.blocking_append(history()).await.unwrap();
+            log.save_vote(&Vote::new(2, 1)).await.unwrap();
+        }
+        let db_file = dir.path().join("db");
+        let len = std::fs::metadata(&db_file).unwrap().len() as usize;
+        let garbage = if damage == "overwritten" { noise(len, 7) } else { Vec::new() };
+        std::fs::write(&db_file, garbage).unwrap();
+        // Either sled reports the damage, or it starts an empty database, which lacks our marker.
+        expect_refused(dir.path(), damage);
+    }
+}
+
+#[test]
+fn a_new_store_is_created_in_an_absent_or_empty_directory() {
+    let parent = TempDir::new().unwrap();
+    let nested = parent.path().join("a").join("store");
+    drop(open(&nested));
+    drop(open(&nested));
+    let empty = TempDir::new().unwrap();
+    drop(open(empty.path()));
+    drop(open(empty.path()));
+    // No staging directory is left behind.
+    let names: Vec<_> =
+        std::fs::read_dir(parent.path().join("a")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["store"]);
+}
+
+#[test]
+fn a_sled_database_of_another_program_is_refused() {
+    let dir = TempDir::new().unwrap();
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.insert(b"something", b"else").unwrap();
+        db.flush().unwrap();
+    }
+    let error = store::open(dir.path()).map(drop).expect_err("foreign database");
+    assert!(error.to_string().contains("without a coyote format marker"), "{error}");
+}
+
+#[test]
+fn a_corrupt_log_entry_is_reported_by_index() {
+    let dir = TempDir::new().unwrap();
+    drop(open(dir.path()));
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.open_tree("log").unwrap().insert(17u64.to_be_bytes(), &b"\xff\xff\xff not an entry"[..]).unwrap();
+        db.flush().unwrap();
+    }
+    let error = store::open(dir.path()).map(drop).expect_err("corrupt entry");
+    assert!(error.to_string().contains("log entry 17 cannot be decoded"), "{error}");
+}
+
+#[test]
+fn a_corrupt_vote_is_reported() {
+    let dir = TempDir::new().unwrap();
+    drop(open(dir.path()));
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.open_tree("meta").unwrap().insert(b"raft/vote", &b"\xff"[..]).unwrap();
+        db.flush().unwrap();
+    }
+    let error = store::open(dir.path()).map(drop).expect_err("corrupt vote");
+    assert!(error.to_string().contains("the saved vote cannot be decoded"), "{error}");
+}

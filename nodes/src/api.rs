@@ -1,0 +1,262 @@
+//! The node's local API: JSON over HTTP on a unix socket in the data directory (like docker.sock).
+//!
+//! The CLI, and later the proxy and the CRM, reach the node through it. Access is governed by the
+//! socket file's permissions (the data directory is 0700), so it needs no password and no network.
+//! Reads come from the local replica; writes are proposals, forwarded to the leader when needed.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use coyote_log::store::EventRecord;
+use coyote_log::{JoinToken, LogNode, ProposeError, Proposed};
+use coyote_state_machine::{Event, Outcome, ServiceSpec};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::view;
+
+/// Events returned by one non-following request, at most.
+pub const EVENTS_PAGE_MAX: usize = 10_000;
+/// Largest token lifetime: a week.
+pub const TOKEN_TTL_MAX_MS: u64 = 7 * 24 * 3600 * 1000;
+
+#[derive(Clone)]
+pub struct Api {
+    pub node: LogNode,
+    /// This node's address, which the tokens it issues point at.
+    pub advertise: String,
+}
+
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/events", get(events))
+        .route("/v1/tokens", get(tokens).post(token_create))
+        .route("/v1/tokens/{id}", axum::routing::delete(token_revoke))
+        .route("/v1/services", get(services).post(service_create))
+        .route("/v1/services/{name}", get(service_show).delete(service_remove))
+        .route("/v1/alarms", get(alarms))
+        .route("/v1/alarms/{id}/clear", post(alarm_clear))
+        .with_state(api)
+}
+
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<ProposeError> for ApiError {
+    fn from(e: ProposeError) -> Self {
+        let code = match e {
+            ProposeError::Rejected(_) => StatusCode::CONFLICT,
+            ProposeError::NoLeader(_) | ProposeError::Forward(_) | ProposeError::NotLeader => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProposeError::Fatal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+type ApiResult<T = Json<Value>> = Result<T, ApiError>;
+
+fn actor(api: &Api) -> String {
+    format!("cli@node:{}", api.node.id())
+}
+
+/// Proposes and turns a committed rejection into an error, so callers see one kind of failure.
+async fn propose(api: &Api, event: Event) -> Result<Proposed, ApiError> {
+    let proposed = api.node.propose(event, actor(api)).await?;
+    match &proposed.outcome {
+        Outcome::Applied => Ok(proposed),
+        Outcome::Rejected { reason } => Err(ApiError(StatusCode::CONFLICT, reason.clone())),
+    }
+}
+
+async fn status(State(api): State<Api>) -> ApiResult {
+    let status = api.node.status().await;
+    Ok(Json(serde_json::to_value(status).expect("status serializes")))
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    from: Option<u64>,
+    kind: Option<String>,
+    #[serde(default)]
+    follow: bool,
+}
+
+async fn events(State(api): State<Api>, Query(q): Query<EventsQuery>) -> Result<Response, ApiError> {
+    if let Some(kind) = &q.kind {
+        if !Event::KINDS.contains(&kind.as_str()) {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("unknown event kind {kind:?}; kinds: {}", Event::KINDS.join(", ")),
+            ));
+        }
+    }
+    let from = q.from.unwrap_or(0);
+    if !q.follow {
+        let records = read_events(&api, from, EVENTS_PAGE_MAX, q.kind.as_deref())?;
+        let lines: Vec<Value> = records.iter().map(view::event_json).collect();
+        return Ok(Json(Value::Array(lines)).into_response());
+    }
+    // Following: one JSON object per line, for as long as the client keeps the connection.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
+    tokio::spawn(async move {
+        let mut next = from;
+        let mut applied = api.node.store().subscribe();
+        loop {
+            let records = match read_events(&api, next, 1000, None) {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.send(Ok(Bytes::from(format!("{}\n", json!({"error": e.1}))))).await;
+                    return;
+                }
+            };
+            let caught_up = records.len() < 1000;
+            for r in records {
+                next = r.envelope.index + 1;
+                if q.kind.as_deref().is_some_and(|k| k != r.envelope.event.kind()) {
+                    continue;
+                }
+                let line = format!("{}\n", view::event_json(&r));
+                if tx.send(Ok(Bytes::from(line))).await.is_err() {
+                    return; // the client went away
+                }
+            }
+            if caught_up {
+                tokio::select! {
+                    changed = applied.changed() => if changed.is_err() { return },
+                    _ = tx.closed() => return,
+                    // A heartbeat newline lets the client notice a dead node.
+                    _ = tokio::time::sleep(Duration::from_secs(15)) => {
+                        if tx.send(Ok(Bytes::from_static(b"\n"))).await.is_err() { return }
+                    }
+                }
+            }
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok(Response::builder().header("content-type", "application/x-ndjson").body(body).expect("valid response"))
+}
+
+fn read_events(api: &Api, from: u64, limit: usize, kind: Option<&str>) -> Result<Vec<EventRecord>, ApiError> {
+    let records = api.node.store().events(from, limit).map_err(|e| {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the event archive: {e}"))
+    })?;
+    Ok(records.into_iter().filter(|r| kind.is_none_or(|k| k == r.envelope.event.kind())).collect())
+}
+
+#[derive(Deserialize)]
+struct TokenCreate {
+    ttl_ms: u64,
+    uses: u32,
+}
+
+#[derive(Serialize)]
+struct TokenCreated {
+    token: String,
+    id: String,
+    expires_at_ms: u64,
+    uses: u32,
+    index: u64,
+}
+
+async fn token_create(State(api): State<Api>, Json(req): Json<TokenCreate>) -> ApiResult<Json<TokenCreated>> {
+    if req.ttl_ms == 0 || req.ttl_ms > TOKEN_TTL_MAX_MS {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "a token lives between 1 ms and 7 days".into()));
+    }
+    let pin = api.node.store().with_state(|s| s.cluster.as_ref().map(|c| c.ca_pin.clone()));
+    let pin = pin
+        .ok_or_else(|| ApiError(StatusCode::SERVICE_UNAVAILABLE, "the cluster is not created yet".into()))?;
+    let token = JoinToken::generate(api.advertise.clone(), pin);
+    let expires_at_ms = coyote_log::cluster::now_ms() + req.ttl_ms;
+    let event = Event::TokenIssued {
+        token_id: token.id.clone(),
+        secret_sha256: token.secret_sha256(),
+        expires_at_ms,
+        uses: req.uses,
+    };
+    let proposed = propose(&api, event).await?;
+    Ok(Json(TokenCreated {
+        token: token.encode(),
+        id: token.id,
+        expires_at_ms,
+        uses: req.uses,
+        index: proposed.index,
+    }))
+}
+
+async fn tokens(State(api): State<Api>) -> ApiResult {
+    let now = coyote_log::cluster::now_ms();
+    let list: Vec<Value> =
+        api.node.store().with_state(|s| s.tokens.values().map(|t| view::token_json(t, now)).collect());
+    Ok(Json(Value::Array(list)))
+}
+
+async fn token_revoke(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
+    let proposed = propose(&api, Event::TokenRevoked { token_id: id.clone() }).await?;
+    Ok(Json(json!({ "id": id, "index": proposed.index })))
+}
+
+async fn service_create(State(api): State<Api>, Json(spec): Json<ServiceSpec>) -> ApiResult {
+    let name = spec.name.clone();
+    let created = propose(&api, Event::ServiceCreated { spec }).await?;
+    let placement = api.node.store().with_state(|s| s.place());
+    let Some(placement) = placement else {
+        return Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the cluster has no members to place on".into(),
+        ));
+    };
+    let placed =
+        propose(&api, Event::PlacementSet { service: name.clone(), placement: placement.clone() }).await?;
+    Ok(Json(json!({
+        "name": name,
+        "index": created.index,
+        "placement_index": placed.index,
+        "placement": placement,
+    })))
+}
+
+async fn services(State(api): State<Api>) -> ApiResult {
+    let list: Vec<Value> =
+        api.node.store().with_state(|s| s.services.values().map(view::service_json).collect());
+    Ok(Json(Value::Array(list)))
+}
+
+async fn service_show(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
+    api.node
+        .store()
+        .with_state(|s| s.services.get(&name).map(view::service_json))
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("service {name} does not exist")))
+}
+
+async fn service_remove(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
+    let proposed = propose(&api, Event::ServiceRemoved { name: name.clone() }).await?;
+    Ok(Json(json!({ "name": name, "index": proposed.index })))
+}
+
+async fn alarms(State(api): State<Api>) -> ApiResult {
+    let list: Vec<Value> = api.node.store().with_state(|s| {
+        s.open_alarms().map(|a| serde_json::to_value(a).expect("alarm serializes")).collect()
+    });
+    Ok(Json(Value::Array(list)))
+}
+
+async fn alarm_clear(State(api): State<Api>, Path(id): Path<u64>) -> ApiResult {
+    let event = Event::AlarmCleared { alarm_id: id, reason: "cleared by an admin".into() };
+    let proposed = propose(&api, event).await?;
+    Ok(Json(json!({ "id": id, "index": proposed.index })))
+}

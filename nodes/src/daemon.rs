@@ -1,0 +1,216 @@
+//! Creating, joining and running a node.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use coyote_log::store;
+use coyote_log::tls::{self, ClusterCa};
+use coyote_log::{JoinToken, LogNode, LogNodeConfig, RaftSettings};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+
+use crate::api::{self, Api};
+use crate::datadir::{check_store_cluster, DataDir, NodeFile, LAYOUT_VERSION};
+
+/// Where a node listens and what it tells others.
+pub struct Addresses {
+    pub listen: String,
+    pub advertise: Option<String>,
+}
+
+impl Addresses {
+    fn resolve(&self) -> Result<(String, String)> {
+        let listen: SocketAddr = self.listen.parse().map_err(|_| {
+            anyhow!(
+                "--listen {:?} is not HOST:PORT with an IP address (example: 127.0.0.1:7100)",
+                self.listen
+            )
+        })?;
+        let advertise = match &self.advertise {
+            Some(a) => a.clone(),
+            None if listen.ip().is_unspecified() => {
+                bail!("--listen {listen} binds every address: say which one members should dial with --advertise HOST:PORT")
+            }
+            None => listen.to_string(),
+        };
+        if !advertise.contains(':') {
+            bail!("--advertise {advertise:?} is not HOST:PORT");
+        }
+        Ok((listen.to_string(), advertise))
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    use rand::RngCore;
+    let mut b = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// Creates a single-node cluster in an empty `dir`. Leaves nothing behind if it fails.
+pub async fn init(dir: &DataDir, addrs: &Addresses, settings: &RaftSettings) -> Result<()> {
+    let (listen, advertise) = addrs.resolve()?;
+    dir.create()?;
+    let result = init_inner(dir, listen, advertise, settings).await;
+    if result.is_err() {
+        dir.remove_partial();
+    }
+    result
+}
+
+async fn init_inner(dir: &DataDir, listen: String, advertise: String, settings: &RaftSettings) -> Result<()> {
+    let cluster_id = random_hex(8);
+    let node_id = 1;
+    let ca = ClusterCa::generate(&cluster_id).context("creating the cluster CA")?;
+    let (key_pem, csr_pem) = tls::generate_node_key().context("creating the node key")?;
+    let cert_pem = ca.sign_node(&csr_pem, node_id).context("signing the node certificate")?;
+    dir.write_identity(&ca, &cert_pem, &key_pem)?;
+    let node_file =
+        NodeFile { layout: LAYOUT_VERSION, cluster_id: cluster_id.clone(), node_id, listen, advertise };
+    // If anything below fails, `init` removes the whole directory content again.
+    let _lock = dir.lock()?;
+    let (log, sm, handle) = store::open(&dir.store()).context("creating the store")?;
+    check_store_cluster(&handle, dir, &cluster_id)?;
+    let config = LogNodeConfig {
+        node_id,
+        cluster_id: cluster_id.clone(),
+        addr: node_file.advertise.clone(),
+        raft: settings.clone(),
+    };
+    dir.write_node_file(&node_file)?;
+    let (identity, _) = dir.read_identity()?;
+    let node = LogNode::start(config, log, sm, handle, &identity, Some(ca.clone())).await?;
+    let proposed = node.initialize(ca.pin()).await.context("creating the cluster")?;
+    node.shutdown().await;
+    tracing::info!(cluster_id, index = proposed.index, "cluster created");
+    eprintln!("created cluster {cluster_id} in {}: this is node 1", dir.path.display());
+    Ok(())
+}
+
+/// Joins the cluster a token points at, from an empty `dir`. Leaves nothing behind if it fails.
+pub async fn join(dir: &DataDir, token_text: &str, addrs: &Addresses) -> Result<()> {
+    let token = JoinToken::parse(token_text)?;
+    let (listen, advertise) = addrs.resolve()?;
+    dir.create()?;
+    let result = async {
+        let (key_pem, csr_pem) = tls::generate_node_key().context("creating the node key")?;
+        eprintln!("joining the cluster through {} ...", token.addr);
+        let reply = coyote_log::cluster::request_join(&token, &advertise, &csr_pem).await?;
+        let ca = ClusterCa::from_pem(&reply.ca_cert_pem, &reply.ca_key_pem)
+            .context("the cluster sent an unusable CA")?;
+        if ca.pin() != token.ca_pin {
+            bail!("the cluster's CA does not match the pin in the token");
+        }
+        dir.write_identity(&ca, &reply.node_cert_pem, &key_pem)?;
+        dir.write_node_file(&NodeFile {
+            layout: LAYOUT_VERSION,
+            cluster_id: reply.cluster_id.clone(),
+            node_id: reply.node_id,
+            listen,
+            advertise,
+        })?;
+        eprintln!("joined cluster {} as node {}", reply.cluster_id, reply.node_id);
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        dir.remove_partial();
+    }
+    result
+}
+
+/// Runs the node in `dir` in the foreground until SIGINT or SIGTERM.
+pub async fn run(dir: &DataDir, settings: &RaftSettings) -> Result<()> {
+    let node_file = dir.read_node_file()?;
+    let (identity, ca) = dir.read_identity()?;
+    let id_in_cert = identity.node_id().context("reading the node certificate")?;
+    if id_in_cert != node_file.node_id {
+        bail!(
+            "{} names node {}, but the certificate is for node {id_in_cert}: the data directory is inconsistent",
+            dir.node_file().display(),
+            node_file.node_id
+        );
+    }
+    let _lock = dir.lock()?;
+    let (log, sm, handle) = store::open(&dir.store())
+        .with_context(|| format!("the store in {} cannot be opened", dir.store().display()))?;
+    check_store_cluster(&handle, dir, &node_file.cluster_id)?;
+
+    let listener = TcpListener::bind(&node_file.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", node_file.listen))?;
+    let socket_path = dir.socket();
+    let _ = std::fs::remove_file(&socket_path); // a stale socket from a killed node
+    let api_listener = UnixListener::bind(&socket_path)
+        .with_context(|| format!("cannot create the API socket {}", socket_path.display()))?;
+
+    let config = LogNodeConfig {
+        node_id: node_file.node_id,
+        cluster_id: node_file.cluster_id.clone(),
+        addr: node_file.advertise.clone(),
+        raft: settings.clone(),
+    };
+    let node = LogNode::start(config, log, sm, handle, &identity, ca).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let grpc = {
+        let node = node.clone();
+        let incoming = tls::tcp_incoming(listener, node.server_tls());
+        let shutdown = stopped(stop_rx.clone());
+        tokio::spawn(async move { node.serve(incoming, shutdown).await })
+    };
+    let membership = {
+        let node = node.clone();
+        tokio::spawn(node_membership(node, stopped(stop_rx.clone())))
+    };
+    let api = {
+        let router = api::router(Api { node: node.clone(), advertise: node_file.advertise.clone() });
+        let shutdown = stopped(stop_rx.clone());
+        tokio::spawn(async move { axum::serve(api_listener, router).with_graceful_shutdown(shutdown).await })
+    };
+    tracing::info!(
+        cluster_id = %node_file.cluster_id,
+        node_id = node_file.node_id,
+        listen = %node_file.listen,
+        api = %socket_path.display(),
+        "node running"
+    );
+    eprintln!(
+        "node {} of cluster {} listening on {}, API on {}",
+        node_file.node_id,
+        node_file.cluster_id,
+        node_file.listen,
+        socket_path.display()
+    );
+
+    wait_for_signal().await?;
+    eprintln!("stopping node {}", node_file.node_id);
+    let _ = stop_tx.send(true);
+    node.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = grpc.await;
+        let _ = membership.await;
+        let _ = api.await;
+    })
+    .await;
+    let _ = std::fs::remove_file(&socket_path);
+    Ok(())
+}
+
+async fn node_membership(node: LogNode, shutdown: impl std::future::Future<Output = ()>) {
+    node.run_membership(shutdown).await
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need on a fresh Debian machine, then runs every check
+# and test of the workspace. CI (.ci/run) calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Nothing to install from apt yet: the tests need only the Rust toolchain (cargo, rustfmt, clippy).
+# They build their own test data; they start real coyote processes on 127.0.0.1.
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "==> building the coyote binary"
+cargo build --locked -p coyote-nodes --bin coyote
+export COYOTE_BIN="$PWD/target/debug/coyote"
+
+echo "==> tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
