@@ -45,6 +45,8 @@ use crate::{pb, LogError};
 
 /// How long a proposal may wait for a leader and its commit.
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a proposer waits for its own replica to apply what it committed.
+pub const READ_YOUR_WRITES_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the leader checks whether joined servers need adding or promoting.
 pub const MEMBERSHIP_INTERVAL: Duration = Duration::from_millis(300);
 /// A learner is promoted to voter when it is at most this many entries behind the leader.
@@ -262,7 +264,19 @@ impl LogNode {
     pub async fn propose(&self, event: Event, actor: String) -> Result<Proposed, ProposeError> {
         let proposal = Proposal { at_ms: now_ms(), actor, event };
         self.0.store.with_state(|s| s.validate(&proposal)).map_err(|r| ProposeError::Rejected(r.reason))?;
-        self.submit(proposal, true).await
+        let proposed = self.submit(proposal, true).await?;
+        self.wait_applied(proposed.index).await;
+        Ok(proposed)
+    }
+
+    /// Waits (boundedly) until the local replica has applied `index`, so that a caller who proposed
+    /// through this node reads its own write here, even when the leader is another node.
+    pub async fn wait_applied(&self, index: u64) {
+        let mut applied = self.0.store.subscribe();
+        let wait = applied.wait_for(|a| *a >= index);
+        if tokio::time::timeout(READ_YOUR_WRITES_TIMEOUT, wait).await.is_err() {
+            tracing::warn!(index, "the local replica has not applied a committed proposal yet");
+        }
     }
 
     async fn submit(&self, proposal: Proposal, may_forward: bool) -> Result<Proposed, ProposeError> {

@@ -224,7 +224,7 @@ async fn open_rebuilds_an_archive_a_crash_left_behind_the_snapshot() {
         expected = all_events(&handle);
     }
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = raw_sled(dir.path());
         let events = db.open_tree("events").unwrap();
         events.remove(4u64.to_be_bytes()).unwrap();
         db.flush().unwrap();
@@ -341,7 +341,7 @@ fn a_new_store_is_created_in_an_absent_or_empty_directory() {
 fn a_sled_database_of_another_program_is_refused() {
     let dir = TempDir::new().unwrap();
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = raw_sled(dir.path());
         db.insert(b"something", b"else").unwrap();
         db.flush().unwrap();
     }
@@ -354,7 +354,7 @@ fn a_corrupt_log_entry_is_reported_by_index() {
     let dir = TempDir::new().unwrap();
     drop(open(dir.path()));
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = raw_sled(dir.path());
         db.open_tree("log").unwrap().insert(17u64.to_be_bytes(), &b"\xff\xff\xff not an entry"[..]).unwrap();
         db.flush().unwrap();
     }
@@ -367,10 +367,28 @@ fn a_corrupt_vote_is_reported() {
     let dir = TempDir::new().unwrap();
     drop(open(dir.path()));
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = raw_sled(dir.path());
         db.open_tree("meta").unwrap().insert(b"raft/vote", &b"\xff"[..]).unwrap();
         db.flush().unwrap();
     }
     let error = store::open(dir.path()).map(drop).expect_err("corrupt vote");
     assert!(error.to_string().contains("the saved vote cannot be decoded"), "{error}");
+}
+
+/// Opens the store's sled database directly. sled releases its file lock a moment after the last
+/// handle is dropped (its flusher thread exits asynchronously), so retry briefly on that error.
+fn raw_sled(path: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(e)
+                if std::time::Instant::now() < deadline
+                    && e.to_string().contains("could not acquire lock") =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("opening {}: {e}", path.display()),
+        }
+    }
 }

@@ -141,11 +141,11 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 }
 
 pub fn format_bytes(n: u64) -> String {
-    if n % (1 << 30) == 0 {
+    if n.is_multiple_of(1 << 30) {
         format!("{}G", n >> 30)
-    } else if n % (1 << 20) == 0 {
+    } else if n.is_multiple_of(1 << 20) {
         format!("{}M", n >> 20)
-    } else if n % (1 << 10) == 0 {
+    } else if n.is_multiple_of(1 << 10) {
         format!("{}K", n >> 10)
     } else {
         n.to_string()
