@@ -41,7 +41,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/tokens/{id}", axum::routing::delete(token_revoke))
         .route("/v1/services", get(services).post(service_create))
         .route("/v1/services/{name}", get(service_show).delete(service_remove))
-        .route("/v1/alarms", get(alarms))
+        .route("/v1/alarms", get(alarms).post(alarm_raise))
         .route("/v1/alarms/{id}/clear", post(alarm_clear))
         .with_state(api)
 }
@@ -253,6 +253,21 @@ async fn alarms(State(api): State<Api>) -> ApiResult {
         s.open_alarms().map(|a| serde_json::to_value(a).expect("alarm serializes")).collect()
     });
     Ok(Json(Value::Array(list)))
+}
+
+#[derive(Deserialize)]
+struct AlarmRaise {
+    key: String,
+    message: String,
+    node: Option<u64>,
+    service: Option<String>,
+}
+
+async fn alarm_raise(State(api): State<Api>, Json(req): Json<AlarmRaise>) -> ApiResult {
+    let event = Event::AlarmRaised { key: req.key, node: req.node, service: req.service, message: req.message };
+    let proposed = propose(&api, event).await?;
+    // The alarm's id is the index of the event that raised it.
+    Ok(Json(json!({ "id": proposed.index, "index": proposed.index })))
 }
 
 async fn alarm_clear(State(api): State<Api>, Path(id): Path<u64>) -> ApiResult {
