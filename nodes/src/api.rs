@@ -264,7 +264,8 @@ struct AlarmRaise {
 }
 
 async fn alarm_raise(State(api): State<Api>, Json(req): Json<AlarmRaise>) -> ApiResult {
-    let event = Event::AlarmRaised { key: req.key, node: req.node, service: req.service, message: req.message };
+    let event =
+        Event::AlarmRaised { key: req.key, node: req.node, service: req.service, message: req.message };
     let proposed = propose(&api, event).await?;
     // The alarm's id is the index of the event that raised it.
     Ok(Json(json!({ "id": proposed.index, "index": proposed.index })))

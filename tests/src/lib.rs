@@ -66,6 +66,8 @@ pub struct Node {
     child: Option<Child>,
     log: PathBuf,
     starts: u32,
+    /// Extra flags for every start of the node (Raft settings).
+    pub flags: Vec<String>,
 }
 
 impl Node {
@@ -76,6 +78,7 @@ impl Node {
             child: None,
             log: root.join(format!("{name}.log")),
             starts: 0,
+            flags: Vec::new(),
         }
     }
 
@@ -85,6 +88,7 @@ impl Node {
         let child = Command::new(coyote_bin())
             .args(args)
             .args(FAST_RAFT)
+            .args(&self.flags)
             .env("RUST_LOG", "info,openraft=warn")
             .stdout(Stdio::null())
             .stderr(log)
