@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use crate::view;
 
-/// Events returned by one non-following request, at most.
+/// Events scanned by one non-following request (one page), at most.
 pub const EVENTS_PAGE_MAX: usize = 10_000;
 /// Largest token lifetime: a week.
 pub const TOKEN_TTL_MAX_MS: u64 = 7 * 24 * 3600 * 1000;
@@ -106,9 +106,15 @@ async fn events(State(api): State<Api>, Query(q): Query<EventsQuery>) -> Result<
     }
     let from = q.from.unwrap_or(0);
     if !q.follow {
-        let records = read_events(&api, from, EVENTS_PAGE_MAX, q.kind.as_deref())?;
-        let lines: Vec<Value> = records.iter().map(view::event_json).collect();
-        return Ok(Json(Value::Array(lines)).into_response());
+        // One page: `next` is where the following page starts, absent after the last one.
+        let records = read_events(&api, from, EVENTS_PAGE_MAX)?;
+        let next = (records.len() == EVENTS_PAGE_MAX).then(|| records.last().map(|r| r.envelope.index + 1));
+        let lines: Vec<Value> = records
+            .iter()
+            .filter(|r| q.kind.as_deref().is_none_or(|k| k == r.envelope.event.kind()))
+            .map(view::event_json)
+            .collect();
+        return Ok(Json(json!({ "events": lines, "next": next.flatten() })).into_response());
     }
     // Following: one JSON object per line, for as long as the client keeps the connection.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
@@ -116,7 +122,7 @@ async fn events(State(api): State<Api>, Query(q): Query<EventsQuery>) -> Result<
         let mut next = from;
         let mut applied = api.node.store().subscribe();
         loop {
-            let records = match read_events(&api, next, 1000, None) {
+            let records = match read_events(&api, next, 1000) {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = tx.send(Ok(Bytes::from(format!("{}\n", json!({"error": e.1}))))).await;
@@ -150,11 +156,11 @@ async fn events(State(api): State<Api>, Query(q): Query<EventsQuery>) -> Result<
     Ok(Response::builder().header("content-type", "application/x-ndjson").body(body).expect("valid response"))
 }
 
-fn read_events(api: &Api, from: u64, limit: usize, kind: Option<&str>) -> Result<Vec<EventRecord>, ApiError> {
-    let records = api.node.store().events(from, limit).map_err(|e| {
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the event archive: {e}"))
-    })?;
-    Ok(records.into_iter().filter(|r| kind.is_none_or(|k| k == r.envelope.event.kind())).collect())
+fn read_events(api: &Api, from: u64, limit: usize) -> Result<Vec<EventRecord>, ApiError> {
+    api.node
+        .store()
+        .events(from, limit)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the event archive: {e}")))
 }
 
 #[derive(Deserialize)]

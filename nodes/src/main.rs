@@ -253,25 +253,27 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Token(cmd) => token(cmd, &client, json).await,
         Command::Events(EventsCmd::Tail { follow, from, kind }) => {
-            let mut query = vec![];
-            if let Some(f) = from {
-                query.push(format!("from={f}"));
-            }
-            if let Some(k) = &kind {
-                query.push(format!("kind={k}"));
-            }
+            let kind_query = kind.map(|k| format!("&kind={k}")).unwrap_or_default();
             if follow {
-                query.push("follow=true".into());
+                let path = format!("/v1/events?follow=true&from={}{kind_query}", from.unwrap_or(0));
+                return client.stream(&path, |e| print_event(&e, json)).await;
             }
-            let path = format!("/v1/events?{}", query.join("&"));
-            if follow {
-                client.stream(&path, |e| print_event(&e, json)).await
-            } else {
-                let events = client.call(Method::GET, &path, None).await?;
-                for e in events.as_array().into_iter().flatten() {
+            // The API answers in pages; ask for the next one until a page comes back empty.
+            let mut next = from.unwrap_or(0);
+            loop {
+                let path = format!("/v1/events?from={next}{kind_query}");
+                let page = client.call(Method::GET, &path, None).await?;
+                let page_next = page["next"].as_u64();
+                let Some(page) = page.get("events").and_then(|e| e.as_array()).cloned() else {
+                    bail!("the node answered with something that is not a page of events");
+                };
+                for e in &page {
                     print_event(e, json)?;
                 }
-                Ok(())
+                match page_next {
+                    Some(n) => next = n,
+                    None => return Ok(()),
+                }
             }
         }
         Command::Service(cmd) => service(cmd, &client, json).await,
