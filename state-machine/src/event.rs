@@ -76,6 +76,7 @@ pub enum Event {
         to: NodeId,
         reason: String,
         serve_from_ms: u64,
+        cause: SwitchCause,
     },
     /// An alarm; its id is the log index of this event. At most one alarm per `key` is open.
     AlarmRaised {
@@ -88,6 +89,37 @@ pub enum Event {
         alarm_id: u64,
         reason: String,
     },
+    /// What `observer` can reach changed. Monitors propose this at transitions only, never per probe.
+    ReachabilityChanged {
+        observer: NodeId,
+        subject: Subject,
+        reachable: bool,
+    },
+}
+
+/// What a monitor probes: a peer, or a service (at its master, together with its DNS zone).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Subject {
+    Node(NodeId),
+    Service(String),
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subject::Node(n) => write!(f, "node {n}"),
+            Subject::Service(s) => write!(f, "service {s}"),
+        }
+    }
+}
+
+/// Why authority moves.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwitchCause {
+    /// The failover takes over by itself; accepted only under the failover rule (see `State`).
+    Failover,
+    /// An admin or an authorised peer instructed it (a backup only ever moves this way).
+    Instruction,
 }
 
 impl Event {
@@ -106,6 +138,7 @@ impl Event {
             Event::AuthoritySwitched { .. } => "authority_switched",
             Event::AlarmRaised { .. } => "alarm_raised",
             Event::AlarmCleared { .. } => "alarm_cleared",
+            Event::ReachabilityChanged { .. } => "reachability_changed",
         }
     }
 
@@ -123,6 +156,7 @@ impl Event {
         "authority_switched",
         "alarm_raised",
         "alarm_cleared",
+        "reachability_changed",
     ];
 
     /// One human line describing the event.
@@ -150,11 +184,19 @@ impl Event {
             Event::PlacementSet { service, placement } => {
                 format!("service {service} placed: {}", placement.describe())
             }
-            Event::AuthoritySwitched { service, to, reason, serve_from_ms } => {
-                format!("service {service} authority to node {to} from {serve_from_ms}: {reason}")
+            Event::AuthoritySwitched { service, to, reason, serve_from_ms, cause } => {
+                let how = match cause {
+                    SwitchCause::Failover => "failover",
+                    SwitchCause::Instruction => "instructed",
+                };
+                format!("service {service} authority to node {to} ({how}), serving from {serve_from_ms}: {reason}")
             }
             Event::AlarmRaised { key, message, .. } => format!("alarm {key}: {message}"),
             Event::AlarmCleared { alarm_id, reason } => format!("alarm {alarm_id} cleared: {reason}"),
+            Event::ReachabilityChanged { observer, subject, reachable } => {
+                let now = if *reachable { "reachable again" } else { "unreachable" };
+                format!("node {observer} sees {subject} {now}")
+            }
         }
     }
 }

@@ -23,11 +23,28 @@
 //! An `Err` from `apply` is not a rejection: it means an invariant ([`State::check_invariants`]) broke,
 //! which is a bug. The caller must stop the node rather than let replicas diverge.
 //!
+//! # Authority
+//!
+//! Who masters a service is log state: the placement, moved by `AuthoritySwitched`. A switch names the
+//! moment its new master may serve from (`serve_from_ms`), which must be at least [`LEASE_MS`] plus
+//! [`DRIFT_MARGIN_MS`] after the proposer's clock reading: the old master stops serving when it has not
+//! confirmed its place in the quorum for a lease period, so it has fenced itself by then.
+//!
+//! A switch *instructed* by an admin may name any member that holds a role for the service. A switch the
+//! failover proposes *by itself* is accepted only when, in log state at that point:
+//! - it names the service's failover (a backup never takes authority by itself);
+//! - the failover has reported the service (and its zone) unreachable for at least
+//!   [`FAILOVER_AFTER_MS`];
+//! - a majority of all members report the master unreachable, so one broken link (a one-way partition
+//!   between master and failover) never steals a healthy service.
+//!
+//! Reports are `ReachabilityChanged` events, proposed by monitors at transitions only. The rule is
+//! checked on every replica against the same reports, so every replica accepts or rejects the same.
+//!
 //! # Left out, on purpose
 //!
-//! - The failover and fencing rules of authority switches (majority agreement, lease periods): a switch
-//!   is accepted here when its target holds a role for the service and is a member. Those conditions
-//!   belong to the failover work that builds on this crate.
+//! - Cluster-wide timing is fixed ([`LEASE_MS`], [`DRIFT_MARGIN_MS`], [`FAILOVER_AFTER_MS`]); making it
+//!   a setting in the log is later work.
 //! - Token secrets: the log only ever holds their SHA-256.
 
 mod event;
@@ -35,12 +52,13 @@ pub mod spec;
 mod state;
 
 pub use event::{
-    decode, encode, Envelope, Event, NodeInfo, Placement, Proposal, VersionedProposal, FORMAT_VERSION,
+    decode, encode, Envelope, Event, NodeInfo, Placement, Proposal, Subject, SwitchCause, VersionedProposal,
+    FORMAT_VERSION,
 };
 pub use spec::{PortMap, ServiceSpec};
 pub use state::{
-    sha256_hex, Alarm, ClusterInfo, ContainerGoal, DesiredContainer, Member, Outcome, Role, Service, State,
-    Token, TokenStatus, PLACEMENT_BACKUPS_MAX,
+    sha256_hex, Alarm, ClusterInfo, ContainerGoal, DesiredContainer, Member, Observation, Outcome, Role,
+    Service, State, Token, TokenStatus, DRIFT_MARGIN_MS, FAILOVER_AFTER_MS, LEASE_MS, PLACEMENT_BACKUPS_MAX,
 };
 
 /// Ids of nodes: sized, never reused within a cluster.

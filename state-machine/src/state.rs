@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::event::{Envelope, Event, NodeInfo, Placement, Proposal};
+use crate::event::{Envelope, Event, NodeInfo, Placement, Proposal, Subject, SwitchCause};
 use crate::spec::ServiceSpec;
 use crate::{Error, LogIndex, NodeId, Rejection};
 
@@ -16,6 +16,12 @@ pub const TOKENS_MAX: usize = 1024;
 pub const SERVICES_MAX: usize = 4096;
 pub const ALARMS_OPEN_MAX: usize = 4096;
 pub const TOKEN_USES_MAX: u32 = 1000;
+/// A master that has not confirmed its place in the quorum for this long stops serving.
+pub const LEASE_MS: u64 = 1_000;
+/// Allowance for clocks that drift apart between servers, added to the lease before a new master serves.
+pub const DRIFT_MARGIN_MS: u64 = 250;
+/// How long the failover must have seen a service unreachable before it may take over.
+pub const FAILOVER_AFTER_MS: u64 = 1_000;
 /// Tokens are forgotten this long after they expire (their use stays in the event history).
 pub const TOKEN_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 
@@ -76,6 +82,13 @@ pub struct Service {
     pub created_at_ms: u64,
     /// The current master may serve from this moment (set by an authority switch).
     pub serve_from_ms: u64,
+}
+
+/// The latest report of one observer about one subject.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Observation {
+    pub reachable: bool,
+    pub since_ms: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -148,6 +161,8 @@ pub struct State {
     pub tokens: BTreeMap<String, Token>,
     pub services: BTreeMap<String, Service>,
     pub alarms: BTreeMap<u64, Alarm>,
+    /// Latest reachability reports, by (observer, subject). No report means reachable.
+    pub reachability: BTreeMap<(NodeId, Subject), Observation>,
     pub last_applied: LogIndex,
     pub applied_count: u64,
     pub rejected_count: u64,
@@ -283,7 +298,7 @@ impl State {
                 }
                 self.check_placement(placement)?;
             }
-            Event::AuthoritySwitched { service, to, .. } => {
+            Event::AuthoritySwitched { service, to, serve_from_ms, cause, .. } => {
                 let Some(svc) = self.services.get(service) else {
                     return reject(format!("service {service} does not exist"));
                 };
@@ -298,6 +313,15 @@ impl State {
                 }
                 if !self.members.contains_key(to) {
                     return reject(format!("node {to} is not a member"));
+                }
+                let earliest = at_ms.saturating_add(LEASE_MS + DRIFT_MARGIN_MS);
+                if *serve_from_ms < earliest {
+                    return reject(format!(
+                        "the new master may serve from {earliest} at the earliest (lease {LEASE_MS} ms plus drift margin {DRIFT_MARGIN_MS} ms), not {serve_from_ms}"
+                    ));
+                }
+                if *cause == SwitchCause::Failover {
+                    self.check_failover_rule(service, placement, *to, at_ms)?;
                 }
             }
             Event::AlarmRaised { key, node, service, .. } => {
@@ -326,8 +350,69 @@ impl State {
                     return reject(format!("alarm {alarm_id} is not open"));
                 }
             }
+            Event::ReachabilityChanged { observer, subject, reachable } => {
+                if !self.members.contains_key(observer) {
+                    return reject(format!("node {observer} is not a member"));
+                }
+                match subject {
+                    Subject::Node(n) if !self.members.contains_key(n) || n == observer => {
+                        return reject(format!("node {observer} cannot report on node {n}"));
+                    }
+                    Subject::Service(s) if !self.services.contains_key(s) => {
+                        return reject(format!("service {s} does not exist"));
+                    }
+                    _ => {}
+                }
+                if self.reachable(*observer, subject) == *reachable {
+                    return reject(format!("node {observer} already reported {subject} that way"));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// The rule under which a failover may take authority by itself (see the crate docs).
+    fn check_failover_rule(
+        &self,
+        service: &str,
+        p: &Placement,
+        to: NodeId,
+        at_ms: u64,
+    ) -> Result<(), Rejection> {
+        if p.failover != Some(to) {
+            return Err(Rejection::new(format!(
+                "node {to} is not the failover of {service}: only the failover takes over by itself, a backup waits for an instruction"
+            )));
+        }
+        let subject = Subject::Service(service.to_string());
+        match self.reachability.get(&(to, subject)) {
+            Some(o) if !o.reachable && o.since_ms.saturating_add(FAILOVER_AFTER_MS) <= at_ms => {}
+            Some(o) if !o.reachable => return Err(Rejection::new(format!(
+                "node {to} has seen {service} unreachable only since {}, less than {FAILOVER_AFTER_MS} ms",
+                o.since_ms
+            ))),
+            _ => return Err(Rejection::new(format!("node {to} has not reported {service} unreachable"))),
+        }
+        let (votes, needed) = self.master_down_votes(p.master);
+        if votes < needed {
+            return Err(Rejection::new(format!(
+                "only {votes} of the {needed} members needed report master {} unreachable",
+                p.master
+            )));
+        }
+        Ok(())
+    }
+
+    /// The latest report of `observer` about `subject`; no report means reachable.
+    pub fn reachable(&self, observer: NodeId, subject: &Subject) -> bool {
+        self.reachability.get(&(observer, subject.clone())).is_none_or(|o| o.reachable)
+    }
+
+    /// How many members report `master` unreachable, and how many make a majority of all members.
+    pub fn master_down_votes(&self, master: NodeId) -> (usize, usize) {
+        let subject = Subject::Node(master);
+        let votes = self.members.keys().filter(|m| **m != master && !self.reachable(**m, &subject)).count();
+        (votes, self.members.len() / 2 + 1)
     }
 
     fn check_ports_free(&self, spec: &ServiceSpec) -> Result<(), Rejection> {
@@ -379,6 +464,7 @@ impl State {
             Event::NodeLeft { node_id, .. } => {
                 self.members.remove(node_id);
                 self.departed.insert(*node_id);
+                self.reachability.retain(|(o, s), _| o != node_id && *s != Subject::Node(*node_id));
                 for svc in self.services.values_mut() {
                     if let Some(p) = &mut svc.placement {
                         if p.failover == Some(*node_id) {
@@ -424,6 +510,7 @@ impl State {
             Event::ServiceRemoved { name } => {
                 self.services.remove(name);
                 self.alarms.retain(|_, a| a.service.as_deref() != Some(name));
+                self.reachability.retain(|(_, s), _| *s != Subject::Service(name.clone()));
             }
             Event::PlacementSet { service, placement } => {
                 self.services.get_mut(service).expect("checked: service exists").placement =
@@ -440,6 +527,8 @@ impl State {
                 p.backups.insert(0, old);
                 p.master = *to;
                 svc.serve_from_ms = *serve_from_ms;
+                // Reports about the service were about its old master: monitors start afresh.
+                self.reachability.retain(|(_, s), _| *s != Subject::Service(service.clone()));
             }
             Event::AlarmRaised { key, node, service, message } => {
                 self.alarms.insert(
@@ -456,6 +545,15 @@ impl State {
             }
             Event::AlarmCleared { alarm_id, .. } => {
                 self.alarms.remove(alarm_id);
+            }
+            Event::ReachabilityChanged { observer, subject, reachable } => {
+                let observation = Observation { reachable: *reachable, since_ms: env.at_ms };
+                if *reachable {
+                    // Reachable is the default: keep only what is unreachable, so the map stays small.
+                    self.reachability.remove(&(*observer, subject.clone()));
+                } else {
+                    self.reachability.insert((*observer, subject.clone()), observation);
+                }
             }
         }
     }
@@ -560,6 +658,36 @@ impl State {
         let max_member = self.members.keys().next_back().copied().unwrap_or(0);
         let max_departed = self.departed.iter().next_back().copied().unwrap_or(0);
         max_member.max(max_departed) + 1
+    }
+
+    /// Whether `node` may serve `service` at `now_ms`: it is the master and its switch's moment has come.
+    pub fn may_serve(&self, node: NodeId, service: &str, now_ms: u64) -> bool {
+        self.role(service, node) == Some(Role::Master)
+            && self.services.get(service).is_some_and(|s| now_ms >= s.serve_from_ms)
+    }
+
+    /// For a service whose failover slot is empty: the placement with the slot refilled, from the
+    /// backups first (in order, skipping those a majority reports unreachable), else from the least
+    /// loaded member without a role. `None` if the slot is taken or nobody can fill it.
+    pub fn refill_failover(&self, service: &str) -> Option<Placement> {
+        let p = self.services.get(service)?.placement.as_ref()?;
+        if p.failover.is_some() {
+            return None;
+        }
+        let healthy = |n: &NodeId| {
+            let (votes, needed) = self.master_down_votes(*n);
+            self.members.contains_key(n) && votes < needed
+        };
+        let mut next = p.clone();
+        if let Some(pos) = p.backups.iter().position(healthy) {
+            next.failover = Some(next.backups.remove(pos));
+            return Some(next);
+        }
+        let placed: BTreeSet<NodeId> = p.nodes().collect();
+        let candidate =
+            self.place().and_then(|order| order.nodes().find(|n| !placed.contains(n) && healthy(n)))?;
+        next.failover = Some(candidate);
+        Some(next)
     }
 
     /// A placement for a new service: the least loaded member is master, the next failover, then up to

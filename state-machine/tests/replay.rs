@@ -3,6 +3,7 @@
 
 use coyote_state_machine::{
     decode, encode, sha256_hex, Envelope, Event, NodeInfo, Placement, PortMap, Proposal, ServiceSpec, State,
+    Subject, SwitchCause,
 };
 use proptest::prelude::*;
 
@@ -43,12 +44,25 @@ fn event() -> impl Strategy<Value = Event> {
                 service,
                 placement: Placement { master, failover, backups }
             }),
-        2 => (name.clone(), node.clone()).prop_map(|(service, to)| Event::AuthoritySwitched {
-            service,
-            to,
-            reason: "r".into(),
-            serve_from_ms: 0
+        2 => (name.clone(), node.clone(), 0u64..3000, any::<bool>()).prop_map(|(service, to, from, failover)| {
+            Event::AuthoritySwitched {
+                service,
+                to,
+                reason: "r".into(),
+                serve_from_ms: from,
+                cause: if failover { SwitchCause::Failover } else { SwitchCause::Instruction },
+            }
         }),
+        3 => (node.clone(), node.clone(), prop::option::of(name.clone()), any::<bool>()).prop_map(
+            |(observer, target, service, reachable)| Event::ReachabilityChanged {
+                observer,
+                subject: match service {
+                    Some(s) => Subject::Service(s),
+                    None => Subject::Node(target),
+                },
+                reachable,
+            }
+        ),
         1 => (prop::sample::select(vec!["k1", "k2"]), prop::option::of(node)).prop_map(|(key, node)| {
             Event::AlarmRaised { key: key.into(), node, service: None, message: "m".into() }
         }),

@@ -8,7 +8,8 @@ use std::path::Path;
 
 use coyote_state_machine::spec::{parse_bytes, parse_port};
 use coyote_state_machine::{
-    sha256_hex, Envelope, Event, NodeInfo, Outcome, Placement, Proposal, ServiceSpec, State,
+    sha256_hex, Envelope, Event, NodeInfo, Outcome, Placement, Proposal, ServiceSpec, State, Subject,
+    SwitchCause, DRIFT_MARGIN_MS, LEASE_MS,
 };
 
 struct Runner {
@@ -115,12 +116,38 @@ impl Runner {
                     backups: node_list(&get("backups")),
                 },
             }),
-            "switch" => self.propose(Event::AuthoritySwitched {
-                service: pos[1].clone(),
-                to: num("to"),
-                reason: "scenario".into(),
-                serve_from_ms: self.clock_ms,
-            }),
+            "switch" | "failover" => {
+                let serve_from_ms = match kv.get("from") {
+                    Some(d) => self.clock_ms + d.trim_start_matches('+').parse::<u64>().expect("from=+MS"),
+                    None => self.clock_ms + LEASE_MS + DRIFT_MARGIN_MS,
+                };
+                let cause =
+                    if pos[0] == "failover" { SwitchCause::Failover } else { SwitchCause::Instruction };
+                self.propose(Event::AuthoritySwitched {
+                    service: pos[1].clone(),
+                    to: num("to"),
+                    reason: "scenario".into(),
+                    serve_from_ms,
+                    cause,
+                })
+            }
+            "observe" => {
+                let subject = match (kv.get("node"), kv.get("service")) {
+                    (Some(n), None) => Subject::Node(n.parse().expect("node id")),
+                    (None, Some(s)) => Subject::Service(s.clone()),
+                    _ => panic!("observe needs node= or service= in {line:?}"),
+                };
+                let reachable = match pos.get(1).map(String::as_str) {
+                    Some("up") => true,
+                    Some("down") => false,
+                    _ => panic!("observe needs up or down in {line:?}"),
+                };
+                self.propose(Event::ReachabilityChanged { observer: num("by"), subject, reachable })
+            }
+            "refill" => match self.state.refill_failover(&pos[1]) {
+                Some(placement) => self.propose(Event::PlacementSet { service: pos[1].clone(), placement }),
+                None => writeln!(self.out, "  nothing to refill").unwrap(),
+            },
             "alarm-raise" => self.propose(Event::AlarmRaised {
                 key: get("key"),
                 node: kv.get("node").map(|n| n.parse().expect("node id")),
@@ -170,6 +197,17 @@ impl Runner {
                 let node: u64 = arg.expect("node id").parse().expect("node id");
                 for d in s.desired_containers(node) {
                     writeln!(out, "  node {node}: {} {:?}", d.service, d.goal).unwrap();
+                }
+            }
+            "serving" => {
+                for name in s.services.keys() {
+                    let who: Vec<String> = s
+                        .members
+                        .keys()
+                        .filter(|n| s.may_serve(**n, name, self.clock_ms))
+                        .map(|n| n.to_string())
+                        .collect();
+                    writeln!(out, "  {name}: served by [{}] at {}", who.join(","), self.clock_ms).unwrap();
                 }
             }
             "alarms" => {
