@@ -474,6 +474,61 @@ impl LogNode {
         }
     }
 
+    /// Confirms that this node is part of a working quorum right now: the leader confirms its
+    /// leadership with a quorum and answers its read index; this node then waits (boundedly) until it
+    /// has applied that index, so that its view of the state is at least as new as the confirmation.
+    /// Returns the read index.
+    pub async fn confirm_quorum(&self, timeout: Duration) -> Result<u64, ProposeError> {
+        let work = async {
+            let index = match self.read_index().await {
+                Ok(index) => index,
+                Err(ProposeError::NotLeader) => {
+                    let leader = self.leader_addr().ok_or(ProposeError::NoLeader(0))?;
+                    let channel = self.channel(&leader).await?;
+                    let reply = pb::cluster_client::ClusterClient::new(channel)
+                        .confirm(pb::Blob { data: Vec::new() })
+                        .await
+                        .map_err(|s| ProposeError::Forward(s.message().to_string()))?;
+                    let result: Result<u64, ProposeError> =
+                        coyote_state_machine::decode(&reply.into_inner().data).map_err(|e| {
+                            ProposeError::Fatal(format!("malformed reply from the leader: {e}"))
+                        })?;
+                    result?
+                }
+                Err(e) => return Err(e),
+            };
+            let mut applied = self.0.store.subscribe();
+            applied
+                .wait_for(|a| *a >= index)
+                .await
+                .map_err(|_| ProposeError::Fatal("store closed".into()))?;
+            Ok(index)
+        };
+        tokio::time::timeout(timeout, work).await.map_err(|_| ProposeError::NoLeader(timeout.as_secs()))?
+    }
+
+    /// On the leader: confirm leadership with a quorum and answer the read index.
+    async fn read_index(&self) -> Result<u64, ProposeError> {
+        match self.0.raft.ensure_linearizable().await {
+            Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(_))) => {
+                Err(ProposeError::NotLeader)
+            }
+            Err(e) => Err(ProposeError::Forward(e.to_string())),
+        }
+    }
+
+    fn leader_addr(&self) -> Option<String> {
+        let m = self.0.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())
+    }
+
+    /// Whether the member at `addr` answers a ping in time.
+    pub async fn ping_peer(&self, addr: &str) -> bool {
+        self.ping(addr).await
+    }
+
     async fn ping(&self, addr: &str) -> bool {
         let Ok(channel) = self.channel(addr).await else { return false };
         let mut client = pb::cluster_client::ClusterClient::new(channel);
@@ -511,11 +566,11 @@ impl pb::cluster_server::Cluster for ClusterService {
         if m.state == ServerState::Leader {
             return self.node.admit(request).await.map(Response::new);
         }
-        let leader = m
-            .current_leader
-            .and_then(|id| m.membership_config.membership().get_node(&id).cloned())
+        let leader = self
+            .node
+            .leader_addr()
             .ok_or_else(|| Status::unavailable("no leader is known right now; try again in a few seconds"))?;
-        let channel = self.node.channel(&leader.addr).await.map_err(propose_status)?;
+        let channel = self.node.channel(&leader).await.map_err(propose_status)?;
         pb::cluster_client::ClusterClient::new(channel).join(request).await
     }
 
@@ -529,6 +584,12 @@ impl pb::cluster_server::Cluster for ClusterService {
     async fn ping(&self, request: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
         require_member(&request)?;
         Ok(Response::new(pb::Blob { data: encode(&self.node.0.id) }))
+    }
+
+    async fn confirm(&self, request: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
+        require_member(&request)?;
+        let result = self.node.read_index().await;
+        Ok(Response::new(pb::Blob { data: encode(&result) }))
     }
 }
 
