@@ -4,8 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Nothing to install from apt yet: the tests need only the Rust toolchain (cargo, rustfmt, clippy).
-# They build their own test data; they start real coyote processes on 127.0.0.1.
+# The tests need the Rust toolchain (cargo, rustfmt, clippy) and a running Docker Engine. They build
+# their own test data; they start real coyote processes on 127.0.0.1. The reconciler tests run tiny
+# images built FROM scratch with a static busybox (installed from apt if missing): no registry needed.
+echo "==> test images"
+./scripts/test-images.sh
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

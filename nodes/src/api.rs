@@ -5,6 +5,7 @@
 //! Reads come from the local replica; writes are proposals, forwarded to the leader when needed.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -15,7 +16,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use coyote_log::store::EventRecord;
 use coyote_log::{JoinToken, LogNode, ProposeError, Proposed};
-use coyote_state_machine::{Event, Outcome, ServiceSpec};
+use coyote_nodes::monitor::Fence;
+use coyote_nodes::reconciler::Reconciler;
+use coyote_state_machine::{Event, Outcome, ServiceSpec, SwitchCause, DRIFT_MARGIN_MS, LEASE_MS};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -31,6 +34,10 @@ pub struct Api {
     pub node: LogNode,
     /// This node's address, which the tokens it issues point at.
     pub advertise: String,
+    /// `None` when this node does not manage containers.
+    pub reconciler: Option<Arc<Reconciler>>,
+    /// This server's lease: which services it may serve right now.
+    pub fence: Fence,
 }
 
 pub fn router(api: Api) -> Router {
@@ -40,7 +47,10 @@ pub fn router(api: Api) -> Router {
         .route("/v1/tokens", get(tokens).post(token_create))
         .route("/v1/tokens/{id}", axum::routing::delete(token_revoke))
         .route("/v1/services", get(services).post(service_create))
-        .route("/v1/services/{name}", get(service_show).delete(service_remove))
+        .route("/v1/services/{name}", get(service_show).put(service_update).delete(service_remove))
+        .route("/v1/services/{name}/switch", post(service_switch))
+        .route("/v1/serving", get(serving))
+        .route("/v1/plan", get(plan))
         .route("/v1/alarms", get(alarms).post(alarm_raise))
         .route("/v1/alarms/{id}/clear", post(alarm_clear))
         .with_state(api)
@@ -235,6 +245,33 @@ async fn service_create(State(api): State<Api>, Json(spec): Json<ServiceSpec>) -
     })))
 }
 
+#[derive(Deserialize)]
+struct SwitchRequest {
+    to: u64,
+}
+
+/// An instructed switch: the way a backup (or any member with a role) becomes master.
+async fn service_switch(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    Json(req): Json<SwitchRequest>,
+) -> ApiResult {
+    let serve_from_ms = coyote_log::cluster::now_ms() + LEASE_MS + DRIFT_MARGIN_MS;
+    let event = Event::AuthoritySwitched {
+        service: name.clone(),
+        to: req.to,
+        reason: format!("instructed through node {}", api.node.id()),
+        serve_from_ms,
+        cause: SwitchCause::Instruction,
+    };
+    let proposed = propose(&api, event).await?;
+    Ok(Json(json!({ "name": name, "to": req.to, "serve_from": serve_from_ms, "index": proposed.index })))
+}
+
+async fn serving(State(api): State<Api>) -> ApiResult {
+    Ok(Json(json!({ "node_id": api.node.id(), "serving": api.fence.serving_services() })))
+}
+
 async fn services(State(api): State<Api>) -> ApiResult {
     let list: Vec<Value> =
         api.node.store().with_state(|s| s.services.values().map(view::service_json).collect());
@@ -247,6 +284,35 @@ async fn service_show(State(api): State<Api>, Path(name): Path<String>) -> ApiRe
         .with_state(|s| s.services.get(&name).map(view::service_json))
         .map(Json)
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("service {name} does not exist")))
+}
+
+async fn service_update(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    Json(spec): Json<ServiceSpec>,
+) -> ApiResult {
+    if spec.name != name {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("the spec names service {:?}, not {name:?}", spec.name),
+        ));
+    }
+    let hash = spec.hash();
+    let proposed = propose(&api, Event::ServiceSpecChanged { spec }).await?;
+    Ok(Json(json!({ "name": name, "index": proposed.index, "spec_hash": hash })))
+}
+
+/// What this node's reconciler would do now, without doing it.
+async fn plan(State(api): State<Api>) -> ApiResult {
+    let Some(reconciler) = &api.reconciler else {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "this node does not manage containers (it runs with --no-reconcile)".into(),
+        ));
+    };
+    let view =
+        reconciler.plan_now().await.map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(Json(serde_json::to_value(view).expect("a plan serializes")))
 }
 
 async fn service_remove(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {

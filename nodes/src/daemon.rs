@@ -1,6 +1,7 @@
 //! Creating, joining and running a node.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -9,6 +10,10 @@ use coyote_log::tls::{self, ClusterCa};
 use coyote_log::{JoinToken, LogNode, LogNodeConfig, RaftSettings};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
+
+use coyote_nodes::monitor::{Fence, Monitor, MonitorConfig};
+use coyote_nodes::reconciler::{self, Reconciler};
+use coyote_nodes::runtime::{DockerRuntime, Scope};
 
 use crate::api::{self, Api};
 use crate::datadir::{check_store_cluster, DataDir, NodeFile, LAYOUT_VERSION};
@@ -120,8 +125,17 @@ pub async fn join(dir: &DataDir, token_text: &str, addrs: &Addresses) -> Result<
     result
 }
 
+/// How the node manages containers.
+pub struct ContainerOptions {
+    /// Manage containers at all (off: a node that only holds the log).
+    pub reconcile: bool,
+    pub docker_socket: std::path::PathBuf,
+    /// Pull missing images.
+    pub pull: bool,
+}
+
 /// Runs the node in `dir` in the foreground until SIGINT or SIGTERM.
-pub async fn run(dir: &DataDir, settings: &RaftSettings) -> Result<()> {
+pub async fn run(dir: &DataDir, settings: &RaftSettings, containers: &ContainerOptions) -> Result<()> {
     let node_file = dir.read_node_file()?;
     let (identity, ca) = dir.read_identity()?;
     let id_in_cert = identity.node_id().context("reading the node certificate")?;
@@ -167,8 +181,30 @@ pub async fn run(dir: &DataDir, settings: &RaftSettings) -> Result<()> {
         let node = node.clone();
         tokio::spawn(node_membership(node, stopped(stop_rx.clone())))
     };
+    let fence = Fence::new(node.clone());
+    let fence_task = tokio::spawn(fence.clone().run(stopped(stop_rx.clone())));
+    let monitor_task =
+        tokio::spawn(Monitor::new(node.clone(), MonitorConfig::default()).run(stopped(stop_rx.clone())));
+    let reconciler = if containers.reconcile {
+        let scope = Scope { cluster_id: node_file.cluster_id.clone(), node_id: node_file.node_id };
+        let runtime = DockerRuntime::new(containers.docker_socket.clone(), scope.clone());
+        let volumes = std::path::absolute(&dir.path)
+            .with_context(|| format!("cannot resolve {}", dir.path.display()))?
+            .join("volumes");
+        let settings = reconciler::Settings { volumes, pull: containers.pull };
+        Some(Arc::new(Reconciler::new(node.clone(), Arc::new(runtime), scope, settings)))
+    } else {
+        tracing::info!("container management is off (--no-reconcile)");
+        None
+    };
+    let reconcile_task = reconciler.clone().map(|r| tokio::spawn(r.run(stopped(stop_rx.clone()))));
     let api = {
-        let router = api::router(Api { node: node.clone(), advertise: node_file.advertise.clone() });
+        let router = api::router(Api {
+            node: node.clone(),
+            advertise: node_file.advertise.clone(),
+            reconciler: reconciler.clone(),
+            fence: fence.clone(),
+        });
         let shutdown = stopped(stop_rx.clone());
         tokio::spawn(async move { axum::serve(api_listener, router).with_graceful_shutdown(shutdown).await })
     };
@@ -195,6 +231,11 @@ pub async fn run(dir: &DataDir, settings: &RaftSettings) -> Result<()> {
         let _ = grpc.await;
         let _ = membership.await;
         let _ = api.await;
+        let _ = fence_task.await;
+        let _ = monitor_task.await;
+        if let Some(task) = reconcile_task {
+            let _ = task.await;
+        }
     })
     .await;
     let _ = std::fs::remove_file(&socket_path);

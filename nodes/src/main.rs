@@ -18,7 +18,7 @@ use hyper::Method;
 use serde_json::{json, Value};
 
 use crate::client::Client;
-use crate::daemon::Addresses;
+use crate::daemon::{Addresses, ContainerOptions};
 use crate::datadir::DataDir;
 
 #[derive(Parser)]
@@ -43,6 +43,8 @@ enum Command {
         addrs: AddrArgs,
         #[command(flatten)]
         raft: RaftArgs,
+        #[command(flatten)]
+        containers: ContainerArgs,
     },
     /// Create a single-node cluster in an empty data directory (then run it with `coyote node`)
     Init {
@@ -55,6 +57,8 @@ enum Command {
     Node {
         #[command(flatten)]
         raft: RaftArgs,
+        #[command(flatten)]
+        containers: ContainerArgs,
     },
     /// Join a cluster with a token from `coyote token create`, then run the node in the foreground
     Join {
@@ -63,6 +67,8 @@ enum Command {
         addrs: AddrArgs,
         #[command(flatten)]
         raft: RaftArgs,
+        #[command(flatten)]
+        containers: ContainerArgs,
     },
     /// Show the cluster as this node sees it
     Status,
@@ -78,6 +84,27 @@ enum Command {
     /// Open alarms
     #[command(subcommand)]
     Alarm(AlarmCmd),
+    /// Show what this node would do to its containers now, without doing it
+    Plan,
+}
+
+#[derive(Args)]
+struct ContainerArgs {
+    /// The Docker Engine's API socket
+    #[arg(long, default_value = "/var/run/docker.sock", value_name = "PATH")]
+    docker_socket: PathBuf,
+    /// Do not manage containers on this server (it only holds the log)
+    #[arg(long)]
+    no_reconcile: bool,
+    /// Do not pull missing images (raise an alarm instead)
+    #[arg(long)]
+    no_pull: bool,
+}
+
+impl From<ContainerArgs> for ContainerOptions {
+    fn from(c: ContainerArgs) -> Self {
+        ContainerOptions { reconcile: !c.no_reconcile, docker_socket: c.docker_socket, pull: !c.no_pull }
+    }
 }
 
 #[derive(Args)]
@@ -175,8 +202,38 @@ enum ServiceCmd {
     },
     /// List services
     List,
+    /// Instruct a switch of authority: NODE becomes master (the only way a backup takes over)
+    Switch {
+        name: String,
+        /// Node id of the new master
+        #[arg(long)]
+        to: u64,
+    },
+    /// Services this node may serve right now (it is master and holds its lease)
+    Serving,
     /// Show one service
     Show { name: String },
+    /// Change a service's spec: only the options given change; its containers are replaced
+    Update {
+        name: String,
+        #[arg(long)]
+        image: Option<String>,
+        /// Replaces the service's domains (repeat for several)
+        #[arg(long = "domain", value_name = "DOMAIN")]
+        domains: Vec<String>,
+        /// Replaces the service's published ports (repeat for several)
+        #[arg(long = "port", value_name = "HOST:CONTAINER")]
+        ports: Vec<String>,
+        /// Publish no ports
+        #[arg(long, conflicts_with = "ports")]
+        no_ports: bool,
+        /// Memory limit (256M, 1G), or `none`
+        #[arg(long)]
+        memory: Option<String>,
+        /// Keep the container stopped until a connection arrives (true or false)
+        #[arg(long, value_name = "BOOL")]
+        on_demand: Option<bool>,
+    },
     /// Remove a service
     Rm { name: String },
 }
@@ -233,18 +290,23 @@ async fn run(cli: Cli) -> Result<()> {
     let client = Client::new(&data);
     let json = cli.json;
     match cli.command {
-        Command::Up { addrs, raft } => {
+        Command::Up { addrs, raft, containers } => {
             let settings = raft.settings();
             if !dir.is_initialized() {
                 daemon::init(&dir, &addrs.into(), &settings).await?;
             }
-            daemon::run(&dir, &settings).await
+            daemon::run(&dir, &settings, &containers.into()).await
         }
         Command::Init { addrs, raft } => daemon::init(&dir, &addrs.into(), &raft.settings()).await,
-        Command::Node { raft } => daemon::run(&dir, &raft.settings()).await,
-        Command::Join { token, addrs, raft } => {
+        Command::Node { raft, containers } => daemon::run(&dir, &raft.settings(), &containers.into()).await,
+        Command::Join { token, addrs, raft, containers } => {
             daemon::join(&dir, &token, &addrs.into()).await?;
-            daemon::run(&dir, &raft.settings()).await
+            daemon::run(&dir, &raft.settings(), &containers.into()).await
+        }
+        Command::Plan => {
+            let plan = client.call(Method::GET, "/v1/plan", None).await?;
+            print_plan(&plan, json);
+            Ok(())
         }
         Command::Status => {
             let status = client.call(Method::GET, "/v1/status", None).await?;
@@ -428,12 +490,90 @@ async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             }
         }
+        ServiceCmd::Update { name, image, domains, ports, no_ports, memory, on_demand } => {
+            let current = client.call(Method::GET, &format!("/v1/services/{name}"), None).await?;
+            let mut spec: ServiceSpec = serde_json::from_value(current["spec"].clone())
+                .map_err(|e| anyhow::anyhow!("the node sent a spec this CLI cannot read: {e}"))?;
+            if let Some(image) = image {
+                spec.image = image;
+            }
+            if !domains.is_empty() {
+                spec.domains = domains;
+            }
+            if no_ports {
+                spec.ports.clear();
+            } else if !ports.is_empty() {
+                spec.ports = ports
+                    .iter()
+                    .map(|p| parse_port(p))
+                    .collect::<Result<_, _>>()
+                    .map_err(anyhow::Error::msg)?;
+            }
+            match memory.as_deref() {
+                None => {}
+                Some("none") => spec.memory_bytes = None,
+                Some(m) => spec.memory_bytes = Some(parse_bytes(m).map_err(anyhow::Error::msg)?),
+            }
+            if let Some(on_demand) = on_demand {
+                spec.on_demand = on_demand;
+            }
+            if let Err(r) = spec.validate() {
+                bail!("{r}");
+            }
+            let r = client
+                .call(Method::PUT, &format!("/v1/services/{name}"), Some(serde_json::to_value(&spec)?))
+                .await?;
+            print_done(&r, json, &format!("service {name} updated ({})", spec.describe()));
+        }
         ServiceCmd::Rm { name } => {
             let r = client.call(Method::DELETE, &format!("/v1/services/{name}"), None).await?;
             print_done(&r, json, &format!("service {name} removed"));
         }
+        ServiceCmd::Switch { name, to } => {
+            let body = json!({ "to": to });
+            let r = client.call(Method::POST, &format!("/v1/services/{name}/switch"), Some(body)).await?;
+            let when = view::format_ms(r["serve_from"].as_u64().unwrap_or(0));
+            print_done(&r, json, &format!("service {name}: node {to} becomes master, serving from {when}"));
+        }
+        ServiceCmd::Serving => {
+            let r = client.call(Method::GET, "/v1/serving", None).await?;
+            if json {
+                println!("{r}");
+            } else {
+                for s in r["serving"].as_array().into_iter().flatten() {
+                    println!("{}", s.as_str().unwrap_or(""));
+                }
+            }
+        }
     }
     Ok(())
+}
+
+fn print_plan(plan: &Value, json: bool) {
+    if json {
+        println!("{plan}");
+        return;
+    }
+    let actions = plan["actions"].as_array().cloned().unwrap_or_default();
+    let observed = plan["observed"].as_array().map_or(0, |o| o.len());
+    let desired = plan["desired"].as_array().map_or(0, |d| d.len());
+    if actions.is_empty() {
+        println!(
+            "nothing to do: node {} should have {desired} container(s) and has {observed} matching",
+            plan["node"]
+        );
+        return;
+    }
+    for a in &actions {
+        let id: String = a["id"].as_str().unwrap_or("").chars().take(12).collect();
+        let service = a["service"].as_str().unwrap_or("");
+        let line = match a["action"].as_str().unwrap_or("") {
+            "create" if a["start"] == true => format!("create and start {service}"),
+            "create" => format!("create {service} (stopped)"),
+            other => format!("{other} {service} (container {id})"),
+        };
+        println!("{line}");
+    }
 }
 
 fn print_service_line(s: &Value) {

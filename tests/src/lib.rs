@@ -39,7 +39,12 @@ pub fn coyote_bin() -> &'static Path {
 }
 
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    free_port_on("127.0.0.1")
+}
+
+/// A port that is free on `ip` right now (another process may take it before it is used).
+pub fn free_port_on(ip: &str) -> u16 {
+    let l = TcpListener::bind((ip, 0)).expect("bind an ephemeral port");
     l.local_addr().unwrap().port()
 }
 
@@ -68,17 +73,27 @@ pub struct Node {
     starts: u32,
     /// Extra flags for every start of the node (Raft settings).
     pub flags: Vec<String>,
+    /// Let the node manage Docker containers. Off by default (`--no-reconcile`), so that tests about
+    /// the log never touch the machine's Docker Engine; see [`DockerGuard`] for tests that do.
+    pub containers: bool,
 }
 
 impl Node {
     pub fn new(root: &Path, name: &str) -> Self {
+        Self::on_ip(root, name, "127.0.0.1")
+    }
+
+    /// A node listening on another loopback address (127.0.0.2, ...), so that each node can have a
+    /// host of its own for the services it masters.
+    pub fn on_ip(root: &Path, name: &str, ip: &str) -> Self {
         Node {
             dir: root.join(name),
-            addr: format!("127.0.0.1:{}", free_port()),
+            addr: format!("{ip}:{}", free_port_on(ip)),
             child: None,
             log: root.join(format!("{name}.log")),
             starts: 0,
             flags: Vec::new(),
+            containers: false,
         }
     }
 
@@ -89,6 +104,7 @@ impl Node {
             .args(args)
             .args(FAST_RAFT)
             .args(&self.flags)
+            .args(if self.containers { &[][..] } else { &["--no-reconcile"][..] })
             .env("RUST_LOG", "info,openraft=warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -232,6 +248,21 @@ impl Node {
         v["token"].as_str().map(String::from).ok_or_else(|| anyhow!("no token in {v}"))
     }
 
+    /// The cluster id in the node's `node.json`.
+    pub fn cluster_id(&self) -> Result<String> {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(self.dir.join("node.json"))?)?;
+        v["cluster_id"].as_str().map(String::from).ok_or_else(|| anyhow!("no cluster id in node.json"))
+    }
+
+    /// Runs a CLI command that must fail; returns its stderr.
+    pub fn cli_err(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args);
+        if out.status.success() {
+            bail!("coyote {args:?} succeeded: it was expected to fail");
+        }
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
     /// One request to the node's API socket without the CLI (for tight write loops).
     pub fn api(&self, method: &str, path: &str, body: &str) -> Result<(u16, Value)> {
         api_call(&self.dir.join("coyote.sock"), method, path, body)
@@ -337,4 +368,65 @@ pub fn event_keys(events: &[Value]) -> Vec<(u64, String, String, String)> {
             )
         })
         .collect()
+}
+
+/// Runs the `docker` CLI; its stdout, or an error with its stderr.
+pub fn docker(args: &[&str]) -> Result<String> {
+    let out = Command::new("docker").args(args).output().context("running the docker CLI")?;
+    if !out.status.success() {
+        bail!("docker {args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Builds the reconciler tests' images once per test process (`scripts/test-images.sh`: idempotent,
+/// quick when they are already built).
+pub fn test_images() -> Result<()> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/test-images.sh");
+            let out = Command::new("bash").arg(&script).output().map_err(|e| e.to_string())?;
+            if !out.status.success() {
+                return Err(format!("{} failed: {}", script.display(), String::from_utf8_lossy(&out.stderr)));
+            }
+            Ok(())
+        })
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+/// Removes, when dropped (even after a failed assertion), every container labelled with one
+/// cluster's id, and the image tags a test added. Each test cluster has a random id, so parallel tests
+/// and the developer's own containers are never touched. Kill the cluster's nodes first (declare the
+/// guard before the nodes, or call [`DockerGuard::clean`]) or their reconcilers recreate what it removes.
+#[derive(Default)]
+pub struct DockerGuard {
+    pub cluster_ids: Vec<String>,
+    pub image_tags: Vec<String>,
+}
+
+impl DockerGuard {
+    pub fn clean(&mut self) {
+        for id in &self.cluster_ids {
+            let filter = format!("label=coyote.cluster={id}");
+            if let Ok(ids) = docker(&["ps", "-aq", "--filter", &filter]) {
+                let ids: Vec<&str> = ids.split_whitespace().collect();
+                if !ids.is_empty() {
+                    let mut args = vec!["rm", "-f"];
+                    args.extend(ids);
+                    let _ = docker(&args);
+                }
+            }
+        }
+        for tag in self.image_tags.drain(..) {
+            let _ = docker(&["rmi", &tag]);
+        }
+    }
+}
+
+impl Drop for DockerGuard {
+    fn drop(&mut self) {
+        self.clean();
+    }
 }

@@ -1,0 +1,9 @@
+//! The library half of the `coyote` binary: the parts other crates (the simulator, the tests) reuse.
+//!
+//! - [`runtime`]: the [`runtime::ContainerRuntime`] trait and its Docker implementation.
+//! - [`reconciler`]: brings this server's containers to what the log asks, or raises alarms.
+//! - [`monitor`]: probes peers and services, reports transitions, fails over; the fence (leases).
+
+pub mod monitor;
+pub mod reconciler;
+pub mod runtime;

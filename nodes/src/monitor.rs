@@ -1,0 +1,362 @@
+//! The monitor, the fence, and failover.
+//!
+//! # Monitor
+//! Every [`MonitorConfig::probe_interval`] each node probes its peers (a ping over the cluster's
+//! mutual TLS) and, for each service where it is failover or backup, the service at its master (a TCP
+//! connection to the service's first published port at the master's address). A subject changes state
+//! only after [`MonitorConfig::fail_after`] failed probes in a row, or [`MonitorConfig::recover_after`]
+//! good ones; the node then proposes `ReachabilityChanged`. So the log sees transitions, never probes.
+//!
+//! The failover of a service proposes `AuthoritySwitched { cause: Failover }` as soon as its own view
+//! of the log says the failover rule holds (see the state machine's crate docs: it has seen the service
+//! unreachable long enough, and a majority of members report the master unreachable). The state
+//! machine checks the same rule again when it applies the switch, on every replica. A backup never
+//! proposes a switch: when its master is lost it raises one alarm and waits for an instruction. The
+//! leader refills an empty failover slot from the backups.
+//!
+//! # Fence: at most one server serves a service at any instant
+//! A master serves only while its lease holds: every [`Fence::renew_every`] it asks the leader to
+//! confirm leadership with a quorum (a read index) and applies the log up to that index. The lease
+//! runs for `LEASE_MS` from the moment the confirmation was *asked for*, measured on this server's
+//! monotonic clock, and only if the state at that index still names this server master. A server that
+//! becomes master (by a switch, at start-up, or after a restart) serves only `LEASE_MS +
+//! DRIFT_MARGIN_MS` after it first saw itself master in its applied state, and not before the switch's
+//! `serve_from_ms` by its wall clock.
+//!
+//! Why this gives at most one server serving: let the switch from A to B commit at time `tc`.
+//! - Any confirmation A asks for after `tc` returns a read index at or after the switch, so A's state
+//!   no longer names A master: the lease is not renewed.
+//! - Any confirmation A asked for before `tc` expires at most `LEASE_MS` after `tc` (by A's clock).
+//! - B sees the switch at some time `tb >= tc` and serves from `tb + LEASE_MS + DRIFT_MARGIN_MS` (by
+//!   B's clock) at the earliest. So A has stopped before B starts, as long as the two clocks' *rates*
+//!   differ by less than `DRIFT_MARGIN_MS` over a lease period. Offsets between wall clocks do not
+//!   matter: both durations are measured on each server's own monotonic clock.
+//!
+//! Assumptions: monotonic clocks whose rates differ by less than the margin over `LEASE_MS`; a server
+//! stops serving promptly when its lease lapses (the proxy answers 503, containers are stopped); Raft's
+//! own safety (one leader per term, committed entries are never lost). A partitioned old master that
+//! cannot reach the quorum cannot renew, so it fences itself even though nobody can tell it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use coyote_log::cluster::now_ms;
+use coyote_log::{LogNode, ProposeError};
+use coyote_state_machine::{Event, Proposal, Role, State, Subject, SwitchCause, DRIFT_MARGIN_MS, LEASE_MS};
+use tokio::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct MonitorConfig {
+    pub probe_interval: Duration,
+    pub probe_timeout: Duration,
+    /// Failed probes in a row before a subject is reported unreachable.
+    pub fail_after: u32,
+    /// Good probes in a row before it is reported reachable again.
+    pub recover_after: u32,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            probe_interval: Duration::from_millis(250),
+            probe_timeout: Duration::from_millis(400),
+            fail_after: 3,
+            recover_after: 2,
+        }
+    }
+}
+
+/// Consecutive probe results of one subject.
+#[derive(Clone, Copy, Debug, Default)]
+struct Streak {
+    fails: u32,
+    oks: u32,
+}
+
+impl Streak {
+    /// Records a probe; returns the reachability to report if the streak says it changed.
+    fn record(&mut self, ok: bool, reported_reachable: bool, config: &MonitorConfig) -> Option<bool> {
+        if ok {
+            self.oks += 1;
+            self.fails = 0;
+        } else {
+            self.fails += 1;
+            self.oks = 0;
+        }
+        match reported_reachable {
+            true if self.fails >= config.fail_after => Some(false),
+            false if self.oks >= config.recover_after => Some(true),
+            _ => None,
+        }
+    }
+}
+
+pub struct Monitor {
+    node: LogNode,
+    config: MonitorConfig,
+    streaks: HashMap<Subject, Streak>,
+}
+
+/// The address a service is probed at on `master`: the master's host and the service's first port.
+pub fn probe_target(state: &State, service: &str, master: u64) -> Option<String> {
+    let svc = state.services.get(service)?;
+    let port = svc.spec.ports.first()?.host;
+    let addr = &state.members.get(&master)?.addr;
+    let host = addr.rsplit_once(':').map(|(h, _)| h)?;
+    Some(format!("{host}:{port}"))
+}
+
+async fn tcp_probe(target: String, timeout: Duration) -> bool {
+    matches!(tokio::time::timeout(timeout, tokio::net::TcpStream::connect(target)).await, Ok(Ok(_)))
+}
+
+impl Monitor {
+    pub fn new(node: LogNode, config: MonitorConfig) -> Self {
+        Monitor { node, config, streaks: HashMap::new() }
+    }
+
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(self.config.probe_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => return,
+                _ = tick.tick() => {}
+            }
+            self.step().await;
+        }
+    }
+
+    fn actor(&self) -> String {
+        format!("monitor@node:{}", self.node.id())
+    }
+
+    async fn propose(&self, event: Event) {
+        let summary = event.summary();
+        match self.node.propose(event, self.actor()).await {
+            Ok(p) if p.outcome.is_applied() => tracing::info!(index = p.index, "{summary}"),
+            Ok(p) => tracing::debug!(index = p.index, ?p.outcome, "not applied: {summary}"),
+            // Someone else got there first, or the state moved: the next step looks again.
+            Err(ProposeError::Rejected(reason)) => tracing::debug!(%reason, "not proposed: {summary}"),
+            Err(e) => tracing::warn!(error = %e, "could not propose: {summary}"),
+        }
+    }
+
+    /// One round: probe, report transitions, act on roles.
+    pub async fn step(&mut self) {
+        let me = self.node.id();
+        let (peers, services) = self.node.store().with_state(|s| {
+            let peers: Vec<(u64, String)> =
+                s.members.values().filter(|m| m.id != me).map(|m| (m.id, m.addr.clone())).collect();
+            let services: Vec<(String, Option<String>)> = s
+                .services
+                .keys()
+                .filter(|name| matches!(s.role(name, me), Some(Role::Failover) | Some(Role::Backup)))
+                .map(|name| {
+                    let master = s.services[name].placement.as_ref().map(|p| p.master).unwrap_or(0);
+                    (name.clone(), probe_target(s, name, master))
+                })
+                .collect();
+            (peers, services)
+        });
+
+        let timeout = self.config.probe_timeout;
+        let peer_probes = peers.iter().map(|(_, addr)| {
+            let node = self.node.clone();
+            let addr = addr.clone();
+            async move { tokio::time::timeout(timeout, node.ping_peer(&addr)).await.unwrap_or(false) }
+        });
+        let service_probes = services.iter().map(|(_, target)| {
+            let target = target.clone();
+            async move {
+                match target {
+                    Some(t) => tcp_probe(t, timeout).await,
+                    // A service with no port cannot be probed: its master's reachability decides.
+                    None => true,
+                }
+            }
+        });
+        let (peer_ok, service_ok) =
+            tokio::join!(futures::future::join_all(peer_probes), futures::future::join_all(service_probes));
+
+        let mut results: Vec<(Subject, bool)> = Vec::new();
+        results.extend(peers.iter().map(|(id, _)| Subject::Node(*id)).zip(peer_ok));
+        results.extend(services.iter().map(|(name, _)| Subject::Service(name.clone())).zip(service_ok));
+        for (subject, ok) in results {
+            let reported = self.node.store().with_state(|s| s.reachable(me, &subject));
+            let streak = self.streaks.entry(subject.clone()).or_default();
+            if let Some(reachable) = streak.record(ok, reported, &self.config) {
+                self.propose(Event::ReachabilityChanged { observer: me, subject, reachable }).await;
+            }
+        }
+        // Forget streaks of subjects that are gone.
+        let live: BTreeSet<Subject> = peers
+            .iter()
+            .map(|(id, _)| Subject::Node(*id))
+            .chain(services.iter().map(|(n, _)| Subject::Service(n.clone())))
+            .collect();
+        self.streaks.retain(|s, _| live.contains(s));
+
+        self.act_on_roles().await;
+    }
+
+    async fn act_on_roles(&self) {
+        let me = self.node.id();
+        let now = now_ms();
+        let (takeovers, waiting, refills) = self.node.store().with_state(|s| {
+            let mut takeovers = Vec::new();
+            let mut waiting = Vec::new();
+            let mut refills = Vec::new();
+            for name in s.services.keys() {
+                match s.role(name, me) {
+                    Some(Role::Failover) => {
+                        let event = takeover(name, me, now, "master and service unreachable".into());
+                        let proposal = Proposal { at_ms: now, actor: String::new(), event: event.clone() };
+                        if s.validate(&proposal).is_ok() {
+                            takeovers.push(event);
+                        }
+                    }
+                    Some(Role::Backup) => {
+                        let master = s.services[name].placement.as_ref().map(|p| p.master).unwrap_or(0);
+                        let (votes, needed) = s.master_down_votes(master);
+                        let key = format!("master-lost/{name}/{me}");
+                        let service_down = !s.reachable(me, &Subject::Service(name.clone()));
+                        if service_down && votes >= needed && !s.open_alarms().any(|a| a.key == key) {
+                            waiting.push(Event::AlarmRaised {
+                                key,
+                                node: Some(me),
+                                service: Some(name.clone()),
+                                message: format!(
+                                    "the master (node {master}) of {name} is unreachable; node {me} is a backup and waits for an instruction (coyote service switch {name} --to {me})"
+                                ),
+                            });
+                        }
+                    }
+                    _ => {}
+                }
+                if self.node.raft().metrics().borrow().current_leader == Some(me) {
+                    if let Some(placement) = s.refill_failover(name) {
+                        refills.push(Event::PlacementSet { service: name.clone(), placement });
+                    }
+                }
+            }
+            (takeovers, waiting, refills)
+        });
+        for event in takeovers.into_iter().chain(waiting).chain(refills) {
+            self.propose(event).await;
+        }
+    }
+}
+
+/// The switch a failover proposes: serving starts a lease plus the drift margin from now.
+pub fn takeover(service: &str, to: u64, now: u64, reason: String) -> Event {
+    Event::AuthoritySwitched {
+        service: service.to_string(),
+        to,
+        reason,
+        serve_from_ms: now + LEASE_MS + DRIFT_MARGIN_MS,
+        cause: SwitchCause::Failover,
+    }
+}
+
+/// This server's lease and the moments it became master of each service.
+#[derive(Clone)]
+pub struct Fence {
+    node: LogNode,
+    inner: Arc<Mutex<FenceState>>,
+}
+
+#[derive(Default)]
+struct FenceState {
+    /// When the last successful confirmation was asked for.
+    confirmed_at: Option<Instant>,
+    /// When this server first saw itself master of each service, in its applied state.
+    master_since: BTreeMap<String, Instant>,
+}
+
+impl Fence {
+    pub fn renew_every() -> Duration {
+        Duration::from_millis(LEASE_MS / 4)
+    }
+
+    pub fn new(node: LogNode) -> Self {
+        Fence { node, inner: Arc::default() }
+    }
+
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(Self::renew_every());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => return,
+                _ = tick.tick() => {}
+            }
+            self.renew().await;
+        }
+    }
+
+    /// Asks for a confirmation; on success the lease runs from the moment it was asked for.
+    pub async fn renew(&self) {
+        let asked = Instant::now();
+        let confirmed = self.node.confirm_quorum(Duration::from_millis(LEASE_MS / 2)).await.is_ok();
+        let me = self.node.id();
+        let masters: BTreeSet<String> =
+            self.node.store().with_state(|s| s.services_where(me, Role::Master).map(String::from).collect());
+        let mut inner = self.inner.lock().expect("fence lock");
+        if confirmed {
+            inner.confirmed_at = Some(asked);
+        }
+        inner.master_since.retain(|name, _| masters.contains(name));
+        let now = Instant::now();
+        for name in masters {
+            inner.master_since.entry(name).or_insert(now);
+        }
+    }
+
+    /// Whether this server may serve `service` now.
+    pub fn serving(&self, service: &str) -> bool {
+        let lease = Duration::from_millis(LEASE_MS);
+        let wait = Duration::from_millis(LEASE_MS + DRIFT_MARGIN_MS);
+        let now = Instant::now();
+        let inner = self.inner.lock().expect("fence lock");
+        let leased = inner.confirmed_at.is_some_and(|at| now < at + lease);
+        let settled = inner.master_since.get(service).is_some_and(|since| now >= *since + wait);
+        leased && settled && self.node.store().with_state(|s| s.may_serve(self.node.id(), service, now_ms()))
+    }
+
+    /// Every service this server may serve now.
+    pub fn serving_services(&self) -> Vec<String> {
+        let names: Vec<String> =
+            self.inner.lock().expect("fence lock").master_since.keys().cloned().collect();
+        names.into_iter().filter(|n| self.serving(n)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streaks_report_transitions_only() {
+        let config = MonitorConfig { fail_after: 3, recover_after: 2, ..Default::default() };
+        let mut s = Streak::default();
+        assert_eq!(s.record(false, true, &config), None);
+        assert_eq!(s.record(false, true, &config), None);
+        assert_eq!(s.record(false, true, &config), Some(false));
+        // Reported now; further failures say nothing new.
+        assert_eq!(s.record(false, false, &config), None);
+        assert_eq!(s.record(true, false, &config), None);
+        assert_eq!(s.record(true, false, &config), Some(true));
+        // A single good probe in a failing run resets the count.
+        let mut s = Streak::default();
+        s.record(false, true, &config);
+        s.record(false, true, &config);
+        s.record(true, true, &config);
+        assert_eq!(s.record(false, true, &config), None);
+    }
+}

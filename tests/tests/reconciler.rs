@@ -1,0 +1,279 @@
+//! The reconciler against the real Docker Engine of this machine: services created with the CLI
+//! become labelled containers, drift is repaired, spec changes replace containers, and what cannot be
+//! done (a missing image, a wrong socket, a crash loop, a taken port) becomes one alarm that clears
+//! when it heals.
+//!
+//! No registry is reachable here, so the images are built from a static busybox first
+//! (`scripts/test-images.sh`). Every test cluster has a random id, carried by its containers'
+//! `coyote.cluster` label; a [`DockerGuard`] removes them at the end, even when a test fails.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use coyote_tests::{docker, free_port, test_images, wait_until, DockerGuard, Node};
+use serde_json::Value;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A name unique to this test run, so parallel runs never share a service or an image tag.
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{prefix}-{}-{nanos:x}", std::process::id())
+}
+
+/// A single-node cluster that manages containers, with a guard that removes them at the end.
+fn node_with_docker(root: &std::path::Path, guard: &mut DockerGuard, flags: &[&str]) -> Result<Node> {
+    test_images()?;
+    let mut node = Node::new(root, "n1");
+    node.containers = true;
+    node.flags.extend(flags.iter().map(|f| f.to_string()));
+    node.up()?;
+    guard.cluster_ids.push(node.cluster_id()?);
+    Ok(node)
+}
+
+/// `docker inspect` of every container of `cluster` for `service`.
+fn containers(cluster: &str, service: &str) -> Result<Vec<Value>> {
+    let ids = docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label=coyote.cluster={cluster}"),
+        "--filter",
+        &format!("label=coyote.service={service}"),
+    ])?;
+    let ids: Vec<&str> = ids.split_whitespace().collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut args = vec!["inspect"];
+    args.extend(ids);
+    let v: Value = serde_json::from_str(&docker(&args)?)?;
+    Ok(v.as_array().cloned().unwrap_or_default())
+}
+
+/// The one running container of `service` whose spec label is `spec_hash`, once there is exactly one
+/// container and it runs.
+fn wait_running(cluster: &str, service: &str, spec_hash: &str) -> Result<Value> {
+    wait_until(&format!("{service} to run with spec {spec_hash}"), TIMEOUT, || {
+        let list = containers(cluster, service)?;
+        Ok(match &list[..] {
+            [c] if c["State"]["Running"] == true && c["Config"]["Labels"]["coyote.spec"] == spec_hash => {
+                Some(c.clone())
+            }
+            _ => None,
+        })
+    })
+}
+
+fn http_get(port: u16) -> Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+fn spec_hash(node: &Node, service: &str) -> Result<String> {
+    let s = node.cli_json(&["service", "show", service])?;
+    s["spec_hash"].as_str().map(String::from).ok_or_else(|| anyhow!("no spec_hash in {s}"))
+}
+
+fn open_alarm(node: &Node, key: &str) -> Result<Option<Value>> {
+    Ok(node.cli_json_lines(&["alarm", "list"])?.into_iter().find(|a| a["key"] == key))
+}
+
+/// How many times an alarm with `key` was raised, in the whole history.
+fn raised(node: &Node, key: &str) -> Result<usize> {
+    let events = node.cli_json_lines(&["events", "tail", "--kind", "alarm_raised"])?;
+    Ok(events.iter().filter(|e| e["outcome"] == "applied" && e["event"]["AlarmRaised"]["key"] == key).count())
+}
+
+#[test]
+fn containers_follow_the_log_and_drift_is_repaired() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut guard = DockerGuard::default();
+    let node = node_with_docker(root.path(), &mut guard, &[])?;
+    let cluster = node.cluster_id()?;
+    let service = unique("web");
+    let port = free_port();
+
+    // Created with the CLI: a running container with our labels, limits, port, volume and network.
+    node.cli_json(&[
+        "service",
+        "create",
+        &service,
+        "--image",
+        "coyote-test/httpd:1",
+        "--port",
+        &format!("{port}:80"),
+        "--memory",
+        "64M",
+    ])?;
+    let hash1 = spec_hash(&node, &service)?;
+    let c = wait_running(&cluster, &service, &hash1)?;
+    let labels = &c["Config"]["Labels"];
+    assert_eq!(labels["coyote.service"], service.as_str());
+    assert_eq!(labels["coyote.cluster"], cluster.as_str());
+    assert_eq!(labels["coyote.node"], "1");
+    assert_eq!(c["HostConfig"]["Memory"], 64 << 20);
+    assert_eq!(c["HostConfig"]["PortBindings"]["80/tcp"][0]["HostPort"], port.to_string());
+    assert_eq!(c["HostConfig"]["NetworkMode"], "coyote");
+    let volume = std::path::absolute(&node.dir)?.join("volumes").join(&service);
+    assert_eq!(c["HostConfig"]["Binds"][0], format!("{}:/data", volume.display()));
+    assert!(volume.is_dir(), "the volume directory was not created");
+    let body = wait_until("the service to answer", TIMEOUT, || Ok(http_get(port).ok()))?;
+    assert!(body.contains("coyote test 1"), "{body}");
+
+    // Converged: the plan is empty.
+    let plan = node.cli_json(&["plan"])?;
+    assert_eq!(plan["actions"], Value::Array(vec![]), "{plan}");
+    assert_eq!(plan["observed"].as_array().map(|o| o.len()), Some(1), "{plan}");
+
+    // Removed by hand: it comes back.
+    let first_id = c["Id"].as_str().unwrap().to_string();
+    docker(&["rm", "-f", &first_id])?;
+    let c = wait_running(&cluster, &service, &hash1)?;
+    assert_ne!(c["Id"].as_str(), Some(first_id.as_str()));
+
+    // Stopped by hand: started again.
+    let id = c["Id"].as_str().unwrap().to_string();
+    docker(&["stop", "-t", "1", &id])?;
+    let c = wait_running(&cluster, &service, &hash1)?;
+    assert_eq!(c["Id"].as_str(), Some(id.as_str()), "a stopped container is started, not replaced");
+
+    // A spec change replaces it.
+    node.cli_json(&["service", "update", &service, "--image", "coyote-test/httpd:2"])?;
+    let hash2 = spec_hash(&node, &service)?;
+    assert_ne!(hash1, hash2);
+    let c = wait_running(&cluster, &service, &hash2)?;
+    assert_eq!(c["Config"]["Image"], "coyote-test/httpd:2");
+    let body = wait_until("the new version to answer", TIMEOUT, || {
+        Ok(http_get(port).ok().filter(|b| b.contains("coyote test 2")))
+    })?;
+    assert!(body.contains("coyote test 2"));
+
+    // Removed from the log: the container goes.
+    node.cli_json(&["service", "rm", &service])?;
+    wait_until("the container to be removed", TIMEOUT, || {
+        Ok(containers(&cluster, &service)?.is_empty().then_some(()))
+    })?;
+    // None of this raised an alarm.
+    assert!(node.cli_json_lines(&["alarm", "list"])?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_missing_image_raises_one_alarm_that_clears_when_the_image_is_built() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut guard = DockerGuard::default();
+    let node = node_with_docker(root.path(), &mut guard, &[])?;
+    let cluster = node.cluster_id()?;
+    let service = unique("late");
+    let image = format!("coyote-test/{}:1", unique("missing"));
+
+    node.cli_json(&["service", "create", &service, "--image", &image])?;
+    let key = format!("image-missing/1/{service}");
+    let alarm = wait_until("the image-missing alarm", TIMEOUT, || open_alarm(&node, &key))?;
+    let message = alarm["message"].as_str().unwrap_or("");
+    assert!(message.contains(&image), "{message}");
+    assert_eq!(alarm["service"], service.as_str());
+    // The plan says what it would do; nothing was created.
+    let plan = node.cli_json(&["plan"])?;
+    assert_eq!(plan["actions"][0]["action"], "create", "{plan}");
+    assert!(containers(&cluster, &service)?.is_empty());
+
+    // Several passes later the problem is still one alarm, not one per pass.
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(raised(&node, &key)?, 1);
+
+    // The image appears (built or loaded): the container comes up and the alarm is cleared.
+    docker(&["tag", "coyote-test/httpd:1", &image])?;
+    guard.image_tags.push(image.clone());
+    wait_running(&cluster, &service, &spec_hash(&node, &service)?)?;
+    wait_until("the alarm to clear", TIMEOUT, || Ok(open_alarm(&node, &key)?.is_none().then_some(())))?;
+    let cleared = node.cli_json_lines(&["events", "tail", "--kind", "alarm_cleared"])?;
+    assert!(cleared.iter().any(|e| e["event"]["AlarmCleared"]["alarm_id"] == alarm["id"]), "{cleared:?}");
+    Ok(())
+}
+
+#[test]
+fn a_wrong_docker_socket_is_an_alarm_not_a_crash() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut guard = DockerGuard::default();
+    let missing = root.path().join("no-such-docker.sock");
+    let mut node =
+        node_with_docker(root.path(), &mut guard, &["--docker-socket", missing.to_str().unwrap()])?;
+    let service = unique("blind");
+    node.cli_json(&["service", "create", &service, "--image", "coyote-test/httpd:1"])?;
+
+    let alarm = wait_until("the docker alarm", TIMEOUT, || open_alarm(&node, "docker/1"))?;
+    let message = alarm["message"].as_str().unwrap_or("");
+    assert!(message.contains("no-such-docker.sock"), "{message}");
+    // The node keeps running and answering; `plan` explains itself in one line.
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(node.is_running(), "the node exited:\n{}", node.log_text());
+    node.status()?;
+    let err = node.cli_err(&["plan"])?;
+    assert!(err.contains("Docker is not reachable") && err.lines().count() == 1, "{err}");
+    assert_eq!(raised(&node, "docker/1")?, 1, "one alarm, not one per pass");
+
+    // Restarted with the right socket: the container comes up and the alarm clears.
+    node.kill9();
+    node.flags.clear();
+    node.restart()?;
+    let cluster = node.cluster_id()?;
+    wait_running(&cluster, &service, &spec_hash(&node, &service)?)?;
+    wait_until("the docker alarm to clear", TIMEOUT, || {
+        Ok(open_alarm(&node, "docker/1")?.is_none().then_some(()))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_crash_loop_and_a_taken_port_raise_alarms() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut guard = DockerGuard::default();
+    let node = node_with_docker(root.path(), &mut guard, &[])?;
+    let cluster = node.cluster_id()?;
+
+    // A container that exits a second after each start.
+    let crash = unique("crash");
+    node.cli_json(&["service", "create", &crash, "--image", "coyote-test/crash:1"])?;
+
+    // A host port that something else holds.
+    let holder = std::net::TcpListener::bind("0.0.0.0:0")?;
+    let port = holder.local_addr()?.port();
+    let web = unique("web");
+    node.cli_json(&[
+        "service",
+        "create",
+        &web,
+        "--image",
+        "coyote-test/httpd:1",
+        "--port",
+        &format!("{port}:80"),
+    ])?;
+    let key = format!("port-taken/1/{web}");
+    let alarm = wait_until("the port-taken alarm", TIMEOUT, || open_alarm(&node, &key))?;
+    assert!(alarm["message"].as_str().unwrap_or("").contains(&port.to_string()), "{alarm}");
+
+    // The port is freed: the next retry starts the container and the alarm clears.
+    drop(holder);
+    wait_running(&cluster, &web, &spec_hash(&node, &web)?)?;
+    wait_until("the port alarm to clear", Duration::from_secs(90), || {
+        Ok(open_alarm(&node, &key)?.is_none().then_some(()))
+    })?;
+
+    let key = format!("crash-loop/1/{crash}");
+    let alarm = wait_until("the crash-loop alarm", Duration::from_secs(90), || open_alarm(&node, &key))?;
+    assert!(alarm["message"].as_str().unwrap_or("").contains("Exited (3)"), "{alarm}");
+    assert!(node.cli_json_lines(&["alarm", "list"])?.iter().all(|a| a["key"] != "docker/1"));
+    if raised(&node, &key)? != 1 {
+        bail!("the crash loop was raised more than once");
+    }
+    Ok(())
+}
