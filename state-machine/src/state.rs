@@ -387,10 +387,12 @@ impl State {
         let subject = Subject::Service(service.to_string());
         match self.reachability.get(&(to, subject)) {
             Some(o) if !o.reachable && o.since_ms.saturating_add(FAILOVER_AFTER_MS) <= at_ms => {}
-            Some(o) if !o.reachable => return Err(Rejection::new(format!(
+            Some(o) if !o.reachable => {
+                return Err(Rejection::new(format!(
                 "node {to} has seen {service} unreachable only since {}, less than {FAILOVER_AFTER_MS} ms",
                 o.since_ms
-            ))),
+            )))
+            }
             _ => return Err(Rejection::new(format!("node {to} has not reported {service} unreachable"))),
         }
         let (votes, needed) = self.master_down_votes(p.master);
