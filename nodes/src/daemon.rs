@@ -192,7 +192,9 @@ pub async fn run(dir: &DataDir, settings: &RaftSettings, containers: &ContainerO
             .with_context(|| format!("cannot resolve {}", dir.path.display()))?
             .join("volumes");
         let settings = reconciler::Settings { volumes, pull: containers.pull };
-        Some(Arc::new(Reconciler::new(node.clone(), Arc::new(runtime), scope, settings)))
+        Some(Arc::new(
+            Reconciler::new(node.clone(), Arc::new(runtime), scope, settings).with_fence(fence.clone()),
+        ))
     } else {
         tracing::info!("container management is off (--no-reconcile)");
         None

@@ -44,6 +44,7 @@ use std::time::Duration;
 use coyote_log::cluster::now_ms;
 use coyote_log::{LogNode, ProposeError};
 use coyote_state_machine::{Event, Proposal, Role, State, Subject, SwitchCause, DRIFT_MARGIN_MS, LEASE_MS};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -267,6 +268,8 @@ pub fn takeover(service: &str, to: u64, now: u64, reason: String) -> Event {
 pub struct Fence {
     node: LogNode,
     inner: Arc<Mutex<FenceState>>,
+    /// The services served, republished after every renewal when it changed.
+    serving_tx: Arc<watch::Sender<BTreeSet<String>>>,
 }
 
 #[derive(Default)]
@@ -283,7 +286,12 @@ impl Fence {
     }
 
     pub fn new(node: LogNode) -> Self {
-        Fence { node, inner: Arc::default() }
+        Fence { node, inner: Arc::default(), serving_tx: Arc::new(watch::channel(BTreeSet::new()).0) }
+    }
+
+    /// The set of services served, updated within a renewal period of every change.
+    pub fn subscribe(&self) -> watch::Receiver<BTreeSet<String>> {
+        self.serving_tx.subscribe()
     }
 
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
@@ -316,6 +324,16 @@ impl Fence {
         for name in masters {
             inner.master_since.entry(name).or_insert(now);
         }
+        drop(inner);
+        let serving: BTreeSet<String> = self.serving_services().into_iter().collect();
+        self.serving_tx.send_if_modified(|current| {
+            let changed = *current != serving;
+            if changed {
+                tracing::info!(?serving, "services served by this node changed");
+                *current = serving;
+            }
+            changed
+        });
     }
 
     /// Whether this server may serve `service` now.

@@ -68,6 +68,8 @@ use std::time::Duration;
 
 use coyote_log::LogNode;
 use coyote_state_machine::{ContainerGoal, Event, NodeId, ServiceSpec, State};
+
+use crate::monitor::Fence;
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -394,11 +396,33 @@ pub struct Settings {
 pub struct Reconciler {
     node: LogNode,
     executor: Executor,
+    /// When set, a master's container runs only while this server holds its lease (see
+    /// [`crate::monitor`]); otherwise it is kept created and stopped, like a failover's.
+    fence: Option<Fence>,
 }
 
 impl Reconciler {
     pub fn new(node: LogNode, runtime: Arc<dyn ContainerRuntime>, scope: Scope, settings: Settings) -> Self {
-        Reconciler { node, executor: Executor::new(runtime, scope, settings) }
+        Reconciler { node, executor: Executor::new(runtime, scope, settings), fence: None }
+    }
+
+    pub fn with_fence(mut self, fence: Fence) -> Self {
+        self.fence = Some(fence);
+        self
+    }
+
+    /// What this node should run now: the log's view, with masters fenced by the lease.
+    fn desired_now(&self) -> Vec<Desired> {
+        let node = self.executor.scope.node_id;
+        let mut wanted = self.node.store().with_state(|s| desired(s, node));
+        if let Some(fence) = &self.fence {
+            for d in &mut wanted {
+                if d.goal == ContainerGoal::Running && !fence.serving(&d.service) {
+                    d.goal = ContainerGoal::Standby;
+                }
+            }
+        }
+        wanted
     }
 
     fn actor(&self) -> String {
@@ -408,7 +432,7 @@ impl Reconciler {
     /// What this node would do now, without doing it.
     pub async fn plan_now(&self) -> Result<PlanView, RuntimeError> {
         let node = self.executor.scope.node_id;
-        let desired = self.node.store().with_state(|s| desired(s, node));
+        let desired = self.desired_now();
         let observed = self.executor.runtime.list().await?;
         let actions = plan(&desired, &observed);
         let desired = desired
@@ -436,6 +460,10 @@ impl Reconciler {
             _ = self.catch_up() => {}
         }
         let mut applied = self.node.store().subscribe();
+        let mut serving = match &self.fence {
+            Some(f) => f.subscribe(),
+            None => tokio::sync::watch::channel(Default::default()).1,
+        };
         let mut tick = tokio::time::interval(RESYNC_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -443,6 +471,8 @@ impl Reconciler {
                 biased;
                 _ = &mut shutdown => return,
                 changed = applied.changed() => if changed.is_err() { return },
+                // A lease gained or lost: start or stop at once, not at the next resync.
+                Ok(()) = serving.changed() => {}
                 _ = tick.tick() => {}
                 _ = self.executor.wake.notified() => {}
             }
@@ -480,7 +510,7 @@ impl Reconciler {
     /// One pass: derive, plan, act, and propose the alarm events that follow.
     pub async fn pass(&self) {
         let node = self.executor.scope.node_id;
-        let desired = self.node.store().with_state(|s| desired(s, node));
+        let desired = self.desired_now();
         let report = self.executor.converge(&desired).await;
         let events = self.node.store().with_state(|s| alarm_events(s, node, &report));
         for event in events {

@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -270,9 +271,9 @@ struct WriterStats {
 }
 
 async fn run_writer(
-    target: std::sync::Arc<Target>,
+    target: Arc<Target>,
     id: usize,
-    value: std::sync::Arc<String>,
+    value: Arc<String>,
     measure_from: Instant,
     end: Instant,
 ) -> WriterStats {
@@ -339,6 +340,9 @@ struct Phase {
     client_cpu_us_per_write: f64,
     /// The servers' CPU use during the measured window, in cores.
     server_cores: f64,
+    /// CPU used by everything else on the machine during the measured window, in cores: other load
+    /// that skews the figures.
+    other_cores: f64,
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -357,8 +361,8 @@ fn run_phase(
     cfg: &Config,
     servers: &Path,
 ) -> Phase {
-    let target = std::sync::Arc::new(target);
-    let value = std::sync::Arc::new(payload(cfg.value_bytes));
+    let target = Arc::new(target);
+    let value = Arc::new(payload(cfg.value_bytes));
     let (stats, cpu) = rt.block_on(async {
         let measure_from = Instant::now() + cfg.warmup;
         let end = measure_from + cfg.measure;
@@ -369,9 +373,10 @@ fn run_phase(
         let servers = servers.to_path_buf();
         let cpu = tokio::spawn(async move {
             tokio::time::sleep_until(measure_from.into()).await;
-            let (s0, c0) = (cpu_seconds_of(&servers), cpu_seconds_self());
+            let (s0, c0, m0) = (cpu_seconds_of(&servers), cpu_seconds_self(), cpu_seconds_machine());
             tokio::time::sleep_until(end.into()).await;
-            (cpu_seconds_of(&servers) - s0, cpu_seconds_self() - c0)
+            let (s, c) = (cpu_seconds_of(&servers) - s0, cpu_seconds_self() - c0);
+            (s, c, cpu_seconds_machine() - m0 - s - c)
         });
         let mut all = Vec::new();
         for t in tasks {
@@ -386,6 +391,7 @@ fn run_phase(
         server_cpu_us_per_write: per_write(cpu.0),
         client_cpu_us_per_write: per_write(cpu.1),
         server_cores: cpu.0 / cfg.measure.as_secs_f64(),
+        other_cores: (cpu.2 / cfg.measure.as_secs_f64()).max(0.0),
         writes_per_sec: latencies.len() as f64 / cfg.measure.as_secs_f64(),
         p50_ms: percentile(&latencies, 50.0),
         p99_ms: percentile(&latencies, 99.0),
@@ -406,6 +412,19 @@ fn cpu_seconds(stat: &Path) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     ticks as f64 / per_sec
+}
+
+/// Busy CPU time of the whole machine (all cores, everything but idle and I/O wait), in seconds.
+fn cpu_seconds_machine() -> f64 {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else { return 0.0 };
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user and nice).
+    let busy: u64 =
+        ticks.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
+    // SAFETY: sysconf has no preconditions.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    busy as f64 / per_sec
 }
 
 fn cpu_seconds_self() -> f64 {
@@ -597,6 +616,9 @@ fn run_system(
         System::Coyote => (Some(CoyoteCluster::start(&dir)?), None),
         System::Etcd => (None, Some(EtcdCluster::start(&dir)?)),
     };
+    if let Some(e) = etcd.as_mut() {
+        e.leader(rt)?;
+    }
     eprintln!("{}: cluster of 3 ready after {:.1} s", system.name(), started.elapsed().as_secs_f64());
     for &writers in &cfg.writers {
         let target = match (&coyote, &mut etcd) {
@@ -617,14 +639,23 @@ fn run_system(
             phase.first_error.as_deref().map(|e| format!("; first: {e}")).unwrap_or_default()
         );
         eprintln!(
-            "{:>6} {:>3} writers: servers used {:.2} cores, {:.0} us CPU per write; this client {:.0} us per write",
+            "{:>6} {:>3} writers: servers used {:.2} cores, {:.0} us CPU per write; this client {:.0} us per \
+             write; other processes {:.2} cores",
             system.name(),
             writers,
             phase.server_cores,
             phase.server_cpu_us_per_write,
-            phase.client_cpu_us_per_write
+            phase.client_cpu_us_per_write,
+            phase.other_cores
         );
         phases.insert(writers, phase);
+    }
+    if let Some(c) = &coyote {
+        // Snapshots (every 10 000 entries by default) carry the whole event archive: say how many
+        // the run went through, since building them is part of what was measured.
+        let leader = &c.nodes[leader_index(&c.nodes)?];
+        let s = leader.status()?;
+        eprintln!("coyote: last log index {}, last snapshot at {}", s["last_log_index"], s["snapshot_index"]);
     }
     Ok(phases)
 }
@@ -646,12 +677,6 @@ fn main() -> Result<()> {
     if cfg.systems.contains(&System::Etcd) {
         eprintln!("{}", etcd_version());
     }
-    // Other load on the machine skews everything: say how busy it was.
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    eprintln!(
-        "load average before the run: {}",
-        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
-    );
 
     let mut results: BTreeMap<System, BTreeMap<usize, Phase>> = BTreeMap::new();
     for &system in &cfg.systems {
@@ -696,8 +721,9 @@ fn report(cfg: &Config, results: &BTreeMap<System, BTreeMap<usize, Phase>>) -> S
         let writes: usize = phases.values().map(|p| p.writes).sum();
         let _ = writeln!(
             out,
-            "sanity {:<8} {errors} errors, {writes} writes measured{}",
+            "sanity {:<8} {errors} errors, {writes} writes measured, other processes used up to {:.2} cores{}",
             system.name(),
+            phases.values().map(|p| p.other_cores).fold(0.0, f64::max),
             phases
                 .values()
                 .find_map(|p| p.first_error.as_deref())
