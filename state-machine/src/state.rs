@@ -21,7 +21,7 @@ pub const LEASE_MS: u64 = 1_000;
 /// Allowance for clocks that drift apart between servers, added to the lease before a new master serves.
 pub const DRIFT_MARGIN_MS: u64 = 250;
 /// How long the failover must have seen a service unreachable before it may take over.
-pub const FAILOVER_AFTER_MS: u64 = 1_000;
+pub const FAILOVER_AFTER_MS: u64 = 500;
 /// Tokens are forgotten this long after they expire (their use stays in the event history).
 pub const TOKEN_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 
