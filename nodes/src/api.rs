@@ -16,6 +16,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use coyote_log::store::EventRecord;
 use coyote_log::{JoinToken, LogNode, ProposeError, Proposed};
+use coyote_nodes::activator::Activator;
 use coyote_nodes::monitor::Fence;
 use coyote_nodes::reconciler::Reconciler;
 use coyote_state_machine::{Event, Outcome, ServiceSpec, SwitchCause, DRIFT_MARGIN_MS, LEASE_MS};
@@ -38,6 +39,8 @@ pub struct Api {
     pub reconciler: Option<Arc<Reconciler>>,
     /// This server's lease: which services it may serve right now.
     pub fence: Fence,
+    /// `None` when this node does not manage containers.
+    pub activator: Option<Arc<Activator>>,
 }
 
 pub fn router(api: Api) -> Router {
@@ -50,6 +53,8 @@ pub fn router(api: Api) -> Router {
         .route("/v1/services/{name}", get(service_show).put(service_update).delete(service_remove))
         .route("/v1/services/{name}/switch", post(service_switch))
         .route("/v1/serving", get(serving))
+        .route("/v1/stats", get(stats))
+        .route("/metrics", get(metrics))
         .route("/v1/plan", get(plan))
         .route("/v1/alarms", get(alarms).post(alarm_raise))
         .route("/v1/alarms/{id}/clear", post(alarm_clear))
@@ -266,6 +271,23 @@ async fn service_switch(
     };
     let proposed = propose(&api, event).await?;
     Ok(Json(json!({ "name": name, "to": req.to, "serve_from": serve_from_ms, "index": proposed.index })))
+}
+
+async fn stats(State(api): State<Api>) -> ApiResult {
+    let stats = match &api.activator {
+        Some(a) => a.stats().await,
+        None => Vec::new(),
+    };
+    Ok(Json(serde_json::to_value(stats).expect("stats serialize")))
+}
+
+async fn metrics(State(api): State<Api>) -> Response {
+    let stats = match &api.activator {
+        Some(a) => a.stats().await,
+        None => Vec::new(),
+    };
+    ([("content-type", "text/plain; version=0.0.4")], coyote_nodes::activator::prometheus(&stats))
+        .into_response()
 }
 
 async fn serving(State(api): State<Api>) -> ApiResult {

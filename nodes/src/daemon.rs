@@ -11,6 +11,7 @@ use coyote_log::{JoinToken, LogNode, LogNodeConfig, RaftSettings};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
+use coyote_nodes::activator::{Activator, ActivatorConfig};
 use coyote_nodes::monitor::{Fence, Monitor, MonitorConfig};
 use coyote_nodes::reconciler::{self, Reconciler};
 use coyote_nodes::runtime::{DockerRuntime, Scope};
@@ -132,6 +133,8 @@ pub struct ContainerOptions {
     pub docker_socket: std::path::PathBuf,
     /// Pull missing images.
     pub pull: bool,
+    /// Stop an idle on-demand container after this long.
+    pub idle_stop: Duration,
 }
 
 /// Runs the node in `dir` in the foreground until SIGINT or SIGTERM.
@@ -185,20 +188,24 @@ pub async fn run(dir: &DataDir, settings: &RaftSettings, containers: &ContainerO
     let fence_task = tokio::spawn(fence.clone().run(stopped(stop_rx.clone())));
     let monitor_task =
         tokio::spawn(Monitor::new(node.clone(), MonitorConfig::default()).run(stopped(stop_rx.clone())));
-    let reconciler = if containers.reconcile {
+    let (reconciler, activator) = if containers.reconcile {
         let scope = Scope { cluster_id: node_file.cluster_id.clone(), node_id: node_file.node_id };
-        let runtime = DockerRuntime::new(containers.docker_socket.clone(), scope.clone());
+        let runtime: Arc<dyn coyote_nodes::runtime::ContainerRuntime> =
+            Arc::new(DockerRuntime::new(containers.docker_socket.clone(), scope.clone()));
         let volumes = std::path::absolute(&dir.path)
             .with_context(|| format!("cannot resolve {}", dir.path.display()))?
             .join("volumes");
         let settings = reconciler::Settings { volumes, pull: containers.pull };
-        Some(Arc::new(
-            Reconciler::new(node.clone(), Arc::new(runtime), scope, settings).with_fence(fence.clone()),
-        ))
+        let reconciler =
+            Reconciler::new(node.clone(), runtime.clone(), scope, settings).with_fence(fence.clone());
+        let activator_config = ActivatorConfig { idle_stop: containers.idle_stop, ..Default::default() };
+        let activator = Activator::new(node.clone(), runtime, fence.clone(), activator_config);
+        (Some(Arc::new(reconciler)), Some(Arc::new(activator)))
     } else {
         tracing::info!("container management is off (--no-reconcile)");
-        None
+        (None, None)
     };
+    let activator_task = activator.clone().map(|a| tokio::spawn(a.run(stopped(stop_rx.clone()))));
     let reconcile_task = reconciler.clone().map(|r| tokio::spawn(r.run(stopped(stop_rx.clone()))));
     let api = {
         let router = api::router(Api {
@@ -206,6 +213,7 @@ pub async fn run(dir: &DataDir, settings: &RaftSettings, containers: &ContainerO
             advertise: node_file.advertise.clone(),
             reconciler: reconciler.clone(),
             fence: fence.clone(),
+            activator: activator.clone(),
         });
         let shutdown = stopped(stop_rx.clone());
         tokio::spawn(async move { axum::serve(api_listener, router).with_graceful_shutdown(shutdown).await })
@@ -235,6 +243,9 @@ pub async fn run(dir: &DataDir, settings: &RaftSettings, containers: &ContainerO
         let _ = api.await;
         let _ = fence_task.await;
         let _ = monitor_task.await;
+        if let Some(task) = activator_task {
+            let _ = task.await;
+        }
         if let Some(task) = reconcile_task {
             let _ = task.await;
         }

@@ -2,8 +2,10 @@
 //!
 //! - [`runtime`]: the [`runtime::ContainerRuntime`] trait and its Docker implementation.
 //! - [`reconciler`]: brings this server's containers to what the log asks, or raises alarms.
+//! - [`activator`]: starts on-demand containers when a connection arrives, stops them when idle.
 //! - [`monitor`]: probes peers and services, reports transitions, fails over; the fence (leases).
 
+pub mod activator;
 pub mod monitor;
 pub mod reconciler;
 pub mod runtime;

@@ -86,6 +86,8 @@ enum Command {
     Alarm(AlarmCmd),
     /// Show what this node would do to its containers now, without doing it
     Plan,
+    /// Traffic of the on-demand services this node serves (kept locally, not in the log)
+    Stats,
 }
 
 #[derive(Args)]
@@ -99,11 +101,23 @@ struct ContainerArgs {
     /// Do not pull missing images (raise an alarm instead)
     #[arg(long)]
     no_pull: bool,
+    /// Stop an on-demand service's container after this long without connections (s, m, h, d)
+    #[arg(long, default_value = "5m", value_parser = parse_duration_arg)]
+    idle_stop: std::time::Duration,
+}
+
+fn parse_duration_arg(text: &str) -> Result<std::time::Duration, String> {
+    parse_duration_ms(text).map(std::time::Duration::from_millis).map_err(|e| e.to_string())
 }
 
 impl From<ContainerArgs> for ContainerOptions {
     fn from(c: ContainerArgs) -> Self {
-        ContainerOptions { reconcile: !c.no_reconcile, docker_socket: c.docker_socket, pull: !c.no_pull }
+        ContainerOptions {
+            reconcile: !c.no_reconcile,
+            docker_socket: c.docker_socket,
+            pull: !c.no_pull,
+            idle_stop: c.idle_stop,
+        }
     }
 }
 
@@ -339,6 +353,29 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Service(cmd) => service(cmd, &client, json).await,
+        Command::Stats => {
+            let list = client.call(Method::GET, "/v1/stats", None).await?;
+            if json {
+                print_json_lines(&list);
+            } else {
+                for s in list.as_array().into_iter().flatten() {
+                    let ms = |v: &Value| v.as_u64().map(|m| format!("{m} ms")).unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:<24} {} connections, {} B in, {} B out, {} cold starts (p50 {}, p99 {}), running {} s{}",
+                        s["service"].as_str().unwrap_or(""),
+                        s["connections"],
+                        s["bytes_in"],
+                        s["bytes_out"],
+                        s["cold_starts"],
+                        ms(&s["cold_start_ms_p50"]),
+                        ms(&s["cold_start_ms_p99"]),
+                        s["running_ms"].as_u64().unwrap_or(0) / 1000,
+                        if s["running"].as_bool() == Some(true) { " (up)" } else { "" }
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Alarm(AlarmCmd::List) => {
             let alarms = client.call(Method::GET, "/v1/alarms", None).await?;
             if json {

@@ -754,7 +754,9 @@ impl Executor {
             name: self.scope.container_name(&want.service),
             image: want.spec.image.clone(),
             labels,
-            ports: want.spec.ports.clone(),
+            // An on-demand service's host ports belong to the activator, which forwards to the
+            // container's address on the coyote network.
+            ports: if want.spec.on_demand { Vec::new() } else { want.spec.ports.clone() },
             memory_bytes: want.spec.memory_bytes,
             volume,
             network: NETWORK.to_string(),
@@ -1131,6 +1133,9 @@ mod tests {
                 }
             }
             Ok(state.containers.values().map(|c| c.0.clone()).collect())
+        }
+        async fn address(&self, _id: &str) -> Result<Option<std::net::IpAddr>, RuntimeError> {
+            Ok(Some(std::net::IpAddr::from([127, 0, 0, 1])))
         }
         async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
             Ok(self.up()?.images.contains(image))

@@ -150,6 +150,8 @@ pub trait ContainerRuntime: Send + Sync {
     async fn start(&self, id: &str) -> Result<()>;
     async fn stop(&self, id: &str) -> Result<()>;
     async fn remove(&self, id: &str) -> Result<()>;
+    /// The container's address on the coyote network, if it is running and has one.
+    async fn address(&self, id: &str) -> Result<Option<std::net::IpAddr>>;
 }
 
 /// The Docker Engine over its unix socket.
@@ -426,5 +428,20 @@ impl ContainerRuntime for DockerRuntime {
                 other => Err(other),
             },
         }
+    }
+
+    async fn address(&self, id: &str) -> Result<Option<std::net::IpAddr>> {
+        let docker = self.client().await?;
+        let inspected = docker
+            .inspect_container(id, None::<bollard::query_parameters::InspectContainerOptions>)
+            .await
+            .map_err(|e| self.error("inspecting the container", e))?;
+        let ip = inspected
+            .network_settings
+            .and_then(|n| n.networks)
+            .and_then(|mut nets| nets.remove(NETWORK))
+            .and_then(|n| n.ip_address)
+            .filter(|ip| !ip.is_empty());
+        Ok(ip.and_then(|ip| ip.parse().ok()))
     }
 }
