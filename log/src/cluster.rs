@@ -141,6 +141,48 @@ pub struct MemberStatus {
     pub reachable: bool,
 }
 
+/// Where a node gets the time of day for its proposals' `at_ms`: the system clock in production, the
+/// simulated clock in the simulator.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl Clock {
+    /// Milliseconds since the Unix epoch from [`now_ms`].
+    pub fn system() -> Self {
+        Clock(Arc::new(now_ms))
+    }
+
+    /// A clock that reads `now_ms` (milliseconds since the Unix epoch).
+    pub fn new(now_ms: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+        Clock(Arc::new(now_ms))
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        (self.0)()
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::system()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
+}
+
+/// What a node takes from the world outside it, besides its listener: how it dials peers and what
+/// time it is. [`Default`] is production: real TCP and the system clock. (Raft's randomness is set per
+/// thread, see [`crate::runtime`].)
+#[derive(Clone, Debug, Default)]
+pub struct Environment {
+    pub dial: tls::DynDial,
+    pub clock: Clock,
+}
+
 pub struct LogNodeConfig {
     pub node_id: NodeId,
     pub cluster_id: String,
@@ -162,15 +204,18 @@ struct Inner {
     ca: Option<ClusterCa>,
     client_tls: Arc<rustls::ClientConfig>,
     server_tls: Arc<rustls::ServerConfig>,
+    env: Environment,
     /// One channel per peer address, reused by forwards and pings.
     channels: Mutex<BTreeMap<String, Channel>>,
 }
 
+/// The system clock, in milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl LogNode {
+    /// Starts a node in the production [`Environment`]: real TCP and the system clock.
     pub async fn start(
         config: LogNodeConfig,
         log: LogStore,
@@ -179,10 +224,23 @@ impl LogNode {
         identity: &Identity,
         ca: Option<ClusterCa>,
     ) -> Result<Self, LogError> {
+        Self::start_in(config, log, state_machine, store, identity, ca, Environment::default()).await
+    }
+
+    /// Starts a node that dials and reads the time through `env` (the simulator's network and clock).
+    pub async fn start_in(
+        config: LogNodeConfig,
+        log: LogStore,
+        state_machine: StateMachineStore,
+        store: StoreHandle,
+        identity: &Identity,
+        ca: Option<ClusterCa>,
+        env: Environment,
+    ) -> Result<Self, LogError> {
         let raft_config = Arc::new(config.raft.to_config(&config.cluster_id)?);
         let client_tls = tls::client_config(Some(identity), &Trust::Ca(identity.ca_cert_pem.clone()))?;
         let server_tls = tls::server_config(identity)?;
-        let network = Network::new(client_tls.clone());
+        let network = Network::new(client_tls.clone(), env.dial.clone());
         let raft = Raft::new(config.node_id, raft_config, network, log, state_machine)
             .await
             .map_err(|e| LogError::Raft(e.to_string()))?;
@@ -195,6 +253,7 @@ impl LogNode {
             ca,
             client_tls,
             server_tls,
+            env,
             channels: Mutex::new(BTreeMap::new()),
         })))
     }
@@ -213,6 +272,11 @@ impl LogNode {
 
     pub fn server_tls(&self) -> Arc<rustls::ServerConfig> {
         self.0.server_tls.clone()
+    }
+
+    /// The time of day by this node's [`Clock`], in milliseconds since the Unix epoch.
+    pub fn now_ms(&self) -> u64 {
+        self.0.env.clock.now_ms()
     }
 
     /// Makes this node the only member of a new cluster and commits `ClusterCreated`.
@@ -254,7 +318,7 @@ impl LogNode {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let c = network::channel(addr, self.0.client_tls.clone())
+        let c = network::channel(addr, self.0.client_tls.clone(), &self.0.env.dial)
             .map_err(|e| ProposeError::Forward(format!("bad address {addr}: {e}")))?;
         channels.insert(addr.to_string(), c.clone());
         Ok(c)
@@ -262,7 +326,7 @@ impl LogNode {
 
     /// Validates and commits an event, forwarding to the leader when needed.
     pub async fn propose(&self, event: Event, actor: String) -> Result<Proposed, ProposeError> {
-        let proposal = Proposal { at_ms: now_ms(), actor, event };
+        let proposal = Proposal { at_ms: self.now_ms(), actor, event };
         self.0.store.with_state(|s| s.validate(&proposal)).map_err(|r| ProposeError::Rejected(r.reason))?;
         let proposed = self.submit(proposal, true).await?;
         self.wait_applied(proposed.index).await;
@@ -333,7 +397,7 @@ impl LogNode {
             token_id: request.token_id.clone(),
             secret_sha256,
         };
-        let proposal = Proposal { at_ms: now_ms(), actor: format!("join@node:{}", self.0.id), event };
+        let proposal = Proposal { at_ms: self.now_ms(), actor: format!("join@node:{}", self.0.id), event };
         self.0
             .store
             .with_state(|s| s.validate(&proposal))
@@ -600,8 +664,18 @@ pub async fn request_join(
     addr: &str,
     csr_pem: &str,
 ) -> Result<pb::JoinResponse, LogError> {
+    request_join_with(token, addr, csr_pem, &tls::DynDial::tcp()).await
+}
+
+/// [`request_join`], dialing the member with `dial`.
+pub async fn request_join_with(
+    token: &JoinToken,
+    addr: &str,
+    csr_pem: &str,
+    dial: &tls::DynDial,
+) -> Result<pb::JoinResponse, LogError> {
     let tls = tls::client_config(None, &Trust::Pin(token.ca_pin.clone()))?;
-    let channel = network::channel(&token.addr, tls)
+    let channel = network::channel(&token.addr, tls, dial)
         .map_err(|e| LogError::Join(format!("bad address in token: {e}")))?;
     let mut client = pb::cluster_client::ClusterClient::new(channel);
     let request = pb::JoinRequest {

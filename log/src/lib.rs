@@ -8,12 +8,14 @@
 //! - [`network`]: Raft's RPCs over gRPC.
 //! - [`cluster`]: a running member: proposals (forwarded to the leader), joins, membership changes.
 //! - [`token`]: join tokens.
+//! - [`runtime`]: openraft's async runtime, with a random source the simulator can seed.
 //!
 //! Servers take their listener and shutdown signal from the caller and clients take a dialer, so the
 //! simulator can run this code over its own network.
 
 pub mod cluster;
 pub mod network;
+pub mod runtime;
 pub mod store;
 pub mod tls;
 pub mod token;
@@ -26,7 +28,8 @@ pub mod pb {
 }
 
 pub use cluster::{
-    ClusterStatus, LogNode, LogNodeConfig, MemberStatus, ProposeError, Proposed, RaftSettings,
+    Clock, ClusterStatus, Environment, LogNode, LogNodeConfig, MemberStatus, ProposeError, Proposed,
+    RaftSettings,
 };
 pub use token::{JoinToken, TokenError};
 

@@ -43,8 +43,12 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Status> {
         .map_err(|e| Status::invalid_argument(format!("malformed message: {e}")))
 }
 
-/// A lazily connected channel to `addr` over the cluster's TLS.
-pub fn channel(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Channel, tonic::transport::Error> {
+/// A lazily connected channel to `addr` over the cluster's TLS, dialed with `dial`.
+pub fn channel(
+    addr: &str,
+    tls: Arc<rustls::ClientConfig>,
+    dial: &tls::DynDial,
+) -> Result<Channel, tonic::transport::Error> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(RPC_TIMEOUT)
@@ -52,18 +56,19 @@ pub fn channel(addr: &str, tls: Arc<rustls::ClientConfig>) -> Result<Channel, to
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
-    Ok(endpoint.connect_with_connector_lazy(tls::connector(tls::TcpDial, tls)))
+    Ok(endpoint.connect_with_connector_lazy(tls::connector(dial.clone(), tls)))
 }
 
 /// Makes openraft's per-peer clients; channels are shared by all clients of the same address.
 #[derive(Clone)]
 pub struct Network {
     tls: Arc<rustls::ClientConfig>,
+    dial: tls::DynDial,
 }
 
 impl Network {
-    pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
-        Network { tls }
+    pub fn new(tls: Arc<rustls::ClientConfig>, dial: tls::DynDial) -> Self {
+        Network { tls, dial }
     }
 }
 
@@ -71,7 +76,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerClient {
-        PeerClient { target, channel: channel(&node.addr, self.tls.clone()).map_err(|e| e.to_string()) }
+        let channel = channel(&node.addr, self.tls.clone(), &self.dial).map_err(|e| e.to_string());
+        PeerClient { target, channel }
     }
 }
 

@@ -62,6 +62,15 @@
 //! We do not use `flush_async`: it completes on sled's own threads, which is a source of
 //! nondeterminism in the simulation tests and adds nothing here, since we wait for the result anyway.
 //!
+//! # In memory, for the simulator
+//!
+//! [`open_memory`] opens a store on a [`MemoryDisk`], an in-memory sled database, with
+//! [`Options::durable`] off: no flush, and nothing on the blocking pool (building and installing
+//! snapshots run inline). sled's flush and tokio's blocking pool run on other threads, outside the
+//! simulator's control; without them a run is deterministic. The code paths are otherwise the same.
+//! What this leaves untested is durability itself (which writes survive a crash): the kill -9 tests
+//! with real processes and real directories cover that.
+//!
 //! # State machine and archive
 //!
 //! [`StateMachineStore`] keeps the cluster [`State`] in memory. Applying an entry does not write the
@@ -234,12 +243,62 @@ fn key_index(key: &[u8], tree: &str) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(bytes))
 }
 
-/// Runs blocking store work on tokio's blocking pool and waits for it.
+/// Runs blocking store work on tokio's blocking pool and waits for it; for a store that is not
+/// [`Options::durable`] (in memory, for the simulator), runs it right here instead.
 async fn blocking<T: Send + 'static>(
+    durable: bool,
     action: &'static str,
     work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
+    if !durable {
+        return work();
+    }
     tokio::task::spawn_blocking(work).await.map_err(|e| StoreError::Task { action, reason: e.to_string() })?
+}
+
+/// How a store is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Flush (`fsync`) where the module documentation says so, on tokio's blocking pool. Always on in
+    /// production. Off only for the simulator's in-memory stores ([`open_memory`]): then nothing is
+    /// flushed and nothing runs on another thread, which keeps a simulation deterministic.
+    pub durable: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { durable: true }
+    }
+}
+
+/// An in-memory sled database that outlives the stores opened on it: the simulator's disk. A node
+/// "crashed" in the simulation drops its store; a restarted node opens this again with [`open_memory`]
+/// and recovers from what was written, as a real node recovers from its directory. Every write counts
+/// as durable the moment it is made, so this models a disk that never loses a flushed or unflushed
+/// write: losing unflushed writes in a crash is covered by the kill -9 tests with real processes, not
+/// by the simulator.
+#[derive(Clone)]
+pub struct MemoryDisk(sled::Db);
+
+impl MemoryDisk {
+    /// A new, empty store in memory, with the format marker written.
+    pub fn new() -> Result<Self, StoreError> {
+        let failed = |reason: String| StoreError::Open { path: PathBuf::from("<memory>"), reason };
+        // No periodic flush thread: nothing here is meant to reach a disk.
+        let db = sled::Config::new()
+            .temporary(true)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| failed(e.to_string()))?;
+        db.insert(FORMAT_KEY, FORMAT).map_err(io("write the format marker"))?;
+        Ok(MemoryDisk(db))
+    }
+}
+
+impl Debug for MemoryDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MemoryDisk")
+    }
 }
 
 /// Everything in a snapshot, as encoded in its data. Versioned like the proposals in the log, so that a
@@ -314,6 +373,8 @@ struct Shared {
     applied_tx: watch::Sender<u64>,
     /// Serialises building and installing snapshots.
     snapshot_lock: tokio::sync::Mutex<()>,
+    /// See [`Options::durable`].
+    durable: bool,
 }
 
 impl Shared {
@@ -334,10 +395,21 @@ impl Shared {
         self.applied_tx.send_if_modified(|published| std::mem::replace(published, last_index) != last_index);
     }
 
-    /// Flushes every tree to disk, on the blocking pool.
+    /// Flushes every tree to disk, on the blocking pool (a no-op when not durable).
     async fn flush(&self, action: &'static str) -> Result<(), StoreError> {
+        if !self.durable {
+            return Ok(());
+        }
         let db = self.db.clone();
-        blocking(action, move || db.flush().map(drop).map_err(io(action))).await
+        blocking(true, action, move || db.flush().map(drop).map_err(io(action))).await
+    }
+
+    /// Flushes every tree to disk, blocking this thread (a no-op when not durable).
+    fn flush_now(&self, action: &'static str) -> Result<(), StoreError> {
+        if self.durable {
+            self.db.flush().map_err(io(action))?;
+        }
+        Ok(())
     }
 
     fn get_meta<T: DeserializeOwned>(&self, key: &[u8], what: &str) -> Result<Option<T>, StoreError> {
@@ -473,7 +545,7 @@ impl Shared {
             batch.insert(&index_key(record.envelope.index), encode(record));
         }
         self.events.apply_batch(batch).map_err(io("repair the event archive"))?;
-        self.db.flush().map_err(io("flush the repaired event archive"))?;
+        self.flush_now("flush the repaired event archive")?;
         Ok(true)
     }
 
@@ -502,7 +574,7 @@ impl Shared {
         body.check(&meta, "the snapshot being built")?;
         let data = encode(&SnapshotFile::V1(body));
         self.write_snapshot(&meta, &data)?;
-        self.db.flush().map_err(io("flush the snapshot"))?;
+        self.flush_now("flush the snapshot")?;
         Ok((meta, data))
     }
 
@@ -522,7 +594,7 @@ impl Shared {
             machine.membership = body.last_membership;
             machine.last_applied.map(|l| l.index).unwrap_or(0)
         };
-        self.db.flush().map_err(io("flush the installed snapshot"))?;
+        self.flush_now("flush the installed snapshot")?;
         Ok(last_index)
     }
 }
@@ -654,17 +726,30 @@ fn check_format(db: &sled::Db) -> Result<(), String> {
 pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore, StoreHandle), StoreError> {
     let failed = |reason: String| StoreError::Open { path: path.to_path_buf(), reason };
     let db = open_db(path).map_err(failed)?;
-    let shared = load(db).map_err(|e| failed(e.to_string()))?;
+    let shared = load(db, Options::default()).map_err(|e| failed(e.to_string()))?;
+    Ok(handles(shared))
+}
+
+/// Opens the store kept on `disk`, not durable (see [`Options::durable`]): for the simulator. Opening
+/// it again after the previous store on it was dropped recovers like [`open`] does after a restart.
+pub fn open_memory(disk: &MemoryDisk) -> Result<(LogStore, StateMachineStore, StoreHandle), StoreError> {
+    let failed = |reason: String| StoreError::Open { path: PathBuf::from("<memory>"), reason };
+    check_format(&disk.0).map_err(failed)?;
+    let shared = load(disk.0.clone(), Options { durable: false }).map_err(|e| failed(e.to_string()))?;
+    Ok(handles(shared))
+}
+
+fn handles(shared: Shared) -> (LogStore, StateMachineStore, StoreHandle) {
     let shared = Arc::new(shared);
-    Ok((
+    (
         LogStore { shared: shared.clone() },
         StateMachineStore { shared: shared.clone() },
         StoreHandle { shared },
-    ))
+    )
 }
 
 /// Checks the database, loads the snapshot and builds the shared store.
-fn load(db: sled::Db) -> Result<Shared, StoreError> {
+fn load(db: sled::Db, options: Options) -> Result<Shared, StoreError> {
     let tree = |name: &str| db.open_tree(name).map_err(io("open the store's trees"));
     let (log, meta, events, snapshot) =
         (tree(LOG_TREE)?, tree(META_TREE)?, tree(EVENTS_TREE)?, tree(SNAPSHOT_TREE)?);
@@ -678,6 +763,7 @@ fn load(db: sled::Db) -> Result<Shared, StoreError> {
         machine: RwLock::new(Machine::default()),
         applied_tx,
         snapshot_lock: tokio::sync::Mutex::new(()),
+        durable: options.durable,
     };
 
     // Everything openraft reads at start-up must decode.
@@ -773,6 +859,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = sled::Batch::default();
         for entry in entries {
+            #[cfg(feature = "planted-bugs")]
+            if planted::keeps_conflicting_entries()
+                && self.shared.log.contains_key(index_key(entry.log_id.index)).unwrap_or(false)
+            {
+                continue;
+            }
             batch.insert(&index_key(entry.log_id.index), encode(&entry));
         }
         // Readable from here on, as openraft requires when `append` returns...
@@ -784,6 +876,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        #[cfg(feature = "planted-bugs")]
+        if planted::keeps_conflicting_entries() {
+            return Ok(());
+        }
         let mut batch = sled::Batch::default();
         for key in self.shared.log.range(index_key(log_id.index)..).keys() {
             batch.remove(key.map_err(|e| write_logs(io("read log entries to truncate")(e)))?);
@@ -819,7 +915,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let _building = self.shared.snapshot_lock.lock().await;
         let shared = self.shared.clone();
         // Reading and encoding the whole archive, then flushing, is long blocking work.
-        let (meta, data) = blocking("build a snapshot", move || shared.build_snapshot())
+        let (meta, data) = blocking(self.shared.durable, "build a snapshot", move || shared.build_snapshot())
             .await
             .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
@@ -900,9 +996,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let shared = self.shared.clone();
         let owned_meta = meta.clone();
         let data = snapshot.into_inner();
-        let last_index = blocking("install a snapshot", move || shared.install_snapshot(&owned_meta, &data))
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        let last_index = blocking(self.shared.durable, "install a snapshot", move || {
+            shared.install_snapshot(&owned_meta, &data)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         self.shared.publish(last_index);
         Ok(())
     }
@@ -956,11 +1054,30 @@ impl StoreHandle {
     /// Stores a small value durably: it is on disk when this returns. Blocking (one flush).
     pub fn meta_put(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.shared.meta.insert(user_key(key), value).map_err(io("write node metadata"))?;
-        self.shared.db.flush().map_err(io("flush node metadata"))?;
+        self.shared.flush_now("flush node metadata")?;
         Ok(())
     }
 }
 
 fn user_key(key: &[u8]) -> Vec<u8> {
     [USER_PREFIX, key].concat()
+}
+
+/// Deliberate bugs, for the simulator to show that its checkers catch them. Compiled only with the
+/// `planted-bugs` feature, and off until switched on.
+#[cfg(feature = "planted-bugs")]
+pub mod planted {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static KEEP_CONFLICTING_ENTRIES: AtomicBool = AtomicBool::new(false);
+
+    /// The classic Raft bug: a follower neither truncates its log nor overwrites entries that conflict
+    /// with the leader's, so an entry of a deposed leader survives where the new leader wrote another.
+    pub fn keep_conflicting_entries(on: bool) {
+        KEEP_CONFLICTING_ENTRIES.store(on, Ordering::SeqCst);
+    }
+
+    pub(crate) fn keeps_conflicting_entries() -> bool {
+        KEEP_CONFLICTING_ENTRIES.load(Ordering::SeqCst)
+    }
 }

@@ -965,6 +965,52 @@ impl Dial for TcpDial {
     }
 }
 
+/// A byte stream a [`DynDial`] returns: any `AsyncRead + AsyncWrite`, boxed.
+pub trait DialedIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> DialedIo for T {}
+
+type DialFn = dyn Fn(String) -> BoxFuture<'static, io::Result<Box<dyn DialedIo>>> + Send + Sync;
+
+/// Any [`Dial`] behind one type, so that a node can take its dialer from the caller without being
+/// generic over it: [`TcpDial`] in production, a simulated network in the simulator. The only cost is
+/// one allocation per connection and dynamic dispatch per read and write.
+#[derive(Clone)]
+pub struct DynDial(Arc<DialFn>);
+
+impl DynDial {
+    pub fn new<D: Dial>(dial: D) -> Self {
+        DynDial(Arc::new(move |addr| {
+            let dialing = dial.dial(addr);
+            Box::pin(async move { dialing.await.map(|io| Box::new(io) as Box<dyn DialedIo>) })
+        }))
+    }
+
+    /// Real TCP ([`TcpDial`]).
+    pub fn tcp() -> Self {
+        DynDial::new(TcpDial)
+    }
+}
+
+impl Default for DynDial {
+    fn default() -> Self {
+        DynDial::tcp()
+    }
+}
+
+impl fmt::Debug for DynDial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DynDial")
+    }
+}
+
+impl Dial for DynDial {
+    type Io = Box<dyn DialedIo>;
+
+    fn dial(&self, addr: String) -> BoxFuture<'static, io::Result<Self::Io>> {
+        (self.0)(addr)
+    }
+}
+
 /// A `tower::Service<Uri>` for `tonic::transport::Endpoint::connect_with_connector`: dials the URI's
 /// `host:port` with `D`, then does the TLS handshake with server name [`SERVER_NAME`], all within
 /// [`CONNECT_TIMEOUT`]. Use an `http://` URI: the TLS is ours, not tonic's. Errors are `io::Error`s

@@ -13,6 +13,7 @@ openraft::declare_raft_types!(
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = crate::runtime::CoyoteRuntime,
 );
 
 pub type NodeId = u64;

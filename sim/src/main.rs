@@ -1,0 +1,266 @@
+//! `coyote-sim --seeds A..B [--nodes 5]`: runs seeds A (inclusive) to B (exclusive), prints a summary,
+//! exits non-zero if any seed found a violation. A failing seed's trace goes to a file and its replay
+//! command is printed.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use coyote_sim::{run_seed, Params, SeedReport};
+
+#[derive(Parser, Debug)]
+#[command(about = "Deterministic simulation of a coyote cluster's log")]
+struct Args {
+    /// Seeds to run: `A..B` (A inclusive, B exclusive) or one seed `A`.
+    #[arg(long, default_value = "0..8")]
+    seeds: String,
+    /// Nodes in the cluster.
+    #[arg(long, default_value_t = 5)]
+    nodes: usize,
+    /// Simulated seconds of faults.
+    #[arg(long, default_value_t = 20)]
+    fault_secs: u64,
+    /// Simulated seconds the cluster has to converge after the faults.
+    #[arg(long, default_value_t = 30)]
+    liveness_secs: u64,
+    /// Leave crashes (and restarts) out of the fault schedule.
+    #[arg(long)]
+    no_crashes: bool,
+    /// Switch on a deliberate bug to see the checkers catch it: `keep-conflicting-entries` (needs
+    /// `--features planted-bugs`).
+    #[arg(long)]
+    plant: Option<String>,
+    /// Seeds run in parallel, in that many worker processes; default: the number of CPUs.
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Internal: run as worker K of J (`K/J`) and print a JSON line per seed.
+    #[arg(long, hide = true)]
+    worker: Option<String>,
+    /// Where the traces of failing seeds are written.
+    #[arg(long, default_value = "sim-traces")]
+    trace_dir: PathBuf,
+    /// Print a line per seed, with its trace hash.
+    #[arg(long)]
+    verbose: bool,
+    /// Write the trace of every seed to the trace directory, not only of failing ones.
+    #[arg(long)]
+    keep_traces: bool,
+}
+
+fn parse_seeds(text: &str) -> Result<std::ops::Range<u64>> {
+    let range = match text.split_once("..") {
+        Some((a, b)) => {
+            let a: u64 = a.trim().parse().with_context(|| format!("seed range start {a:?}"))?;
+            let b: u64 = b.trim().parse().with_context(|| format!("seed range end {b:?}"))?;
+            a..b
+        }
+        None => {
+            let a: u64 = text.trim().parse().with_context(|| format!("seed {text:?}"))?;
+            a..a + 1
+        }
+    };
+    if range.is_empty() {
+        bail!("the seed range {text:?} is empty (A..B runs A up to B-1)");
+    }
+    Ok(range)
+}
+
+fn trace_path(dir: &std::path::Path, seed: u64) -> PathBuf {
+    dir.join(format!("seed-{seed}.trace"))
+}
+
+fn write_trace(dir: &std::path::Path, report: &SeedReport) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = trace_path(dir, report.seed);
+    let mut text = report.trace.join("\n");
+    text.push('\n');
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+#[cfg(feature = "planted-bugs")]
+fn plant(bug: Option<&str>) -> Result<()> {
+    match bug {
+        None => Ok(()),
+        Some("keep-conflicting-entries") => {
+            coyote_log::store::planted::keep_conflicting_entries(true);
+            eprintln!("planted bug: followers keep log entries that conflict with the leader's");
+            Ok(())
+        }
+        Some(other) => bail!("no planted bug {other:?}; there is keep-conflicting-entries"),
+    }
+}
+
+#[cfg(not(feature = "planted-bugs"))]
+fn plant(bug: Option<&str>) -> Result<()> {
+    match bug {
+        None => Ok(()),
+        Some(_) => bail!("planted bugs need a build with them: cargo run --release -p coyote-sim --features planted-bugs -- ..."),
+    }
+}
+
+/// What the summary needs of one seed; workers send it to the parent as a JSON line.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Summary {
+    seed: u64,
+    violations: Vec<String>,
+    trace_hash: String,
+    simulated_ms: u64,
+    wall_ms: u64,
+    acks: usize,
+    faults: usize,
+}
+
+/// Runs the seeds `start + offset, start + offset + stride, ...` of `seeds` one after the other in this
+/// process, writing traces as asked.
+fn run_here(
+    args: &Args,
+    seeds: std::ops::Range<u64>,
+    offset: u64,
+    stride: u64,
+    params: &Params,
+) -> Result<Vec<Summary>> {
+    let mut summaries = Vec::new();
+    for seed in seeds.clone().skip(offset as usize).step_by(stride as usize) {
+        let report = run_seed(seed, params);
+        if args.keep_traces || !report.violations.is_empty() {
+            write_trace(&args.trace_dir, &report)?;
+        }
+        summaries.push(Summary {
+            seed,
+            violations: report.violations,
+            trace_hash: report.trace_hash,
+            simulated_ms: report.simulated.as_millis() as u64,
+            wall_ms: report.wall.as_millis() as u64,
+            acks: report.acks,
+            faults: report.faults,
+        });
+    }
+    Ok(summaries)
+}
+
+/// A worker process: runs its share of the seeds and prints a JSON line per seed.
+fn run_worker(args: &Args, worker: &str, seeds: std::ops::Range<u64>, params: &Params) -> Result<()> {
+    let (offset, stride) = worker
+        .split_once('/')
+        .and_then(|(k, j)| Some((k.parse::<u64>().ok()?, j.parse::<u64>().ok()?)))
+        .filter(|(k, j)| k < j)
+        .with_context(|| format!("--worker {worker:?} is not K/J with K < J"))?;
+    for summary in run_here(args, seeds, offset, stride, params)? {
+        println!("{}", serde_json::to_string(&summary)?);
+    }
+    Ok(())
+}
+
+/// Runs the seeds in `jobs` worker processes (this program again, with `--worker K/J`). Processes,
+/// not threads: tokio numbers tasks from one process-wide counter, and seeds running side by side in
+/// one process would see each other's numbering (see README.md on determinism).
+fn run_workers(jobs: usize) -> Result<Vec<Summary>> {
+    let exe = std::env::current_exe().context("cannot find this program to start workers")?;
+    let forwarded: Vec<String> = std::env::args().skip(1).collect();
+    let children: Vec<std::process::Child> = (0..jobs)
+        .map(|k| {
+            std::process::Command::new(&exe)
+                .args(&forwarded)
+                .args(["--worker", &format!("{k}/{jobs}")])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .context("cannot start a worker process")
+        })
+        .collect::<Result<_>>()?;
+    let mut summaries = Vec::new();
+    for child in children {
+        let output = child.wait_with_output().context("a worker process failed")?;
+        if !output.status.success() {
+            bail!("a worker process exited with {}", output.status);
+        }
+        for line in String::from_utf8_lossy(&output.stdout).lines().filter(|l| !l.trim().is_empty()) {
+            summaries.push(serde_json::from_str(line).with_context(|| format!("worker output {line:?}"))?);
+        }
+    }
+    Ok(summaries)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let seeds = parse_seeds(&args.seeds)?;
+    plant(args.plant.as_deref())?;
+    let params = Params {
+        nodes: args.nodes,
+        faults: Duration::from_secs(args.fault_secs),
+        liveness: Duration::from_secs(args.liveness_secs),
+        crashes: !args.no_crashes,
+        ..Params::default()
+    };
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        .clamp(1, (seeds.end - seeds.start).min(64) as usize);
+    let wall = Instant::now();
+    let mut reports = match args.worker.as_deref() {
+        Some(worker) => return run_worker(&args, worker, seeds, &params),
+        None if jobs <= 1 => run_here(&args, seeds.clone(), 0, 1, &params)?,
+        None => run_workers(jobs)?,
+    };
+    reports.sort_by_key(|r| r.seed);
+    for report in &reports {
+        if args.verbose || !report.violations.is_empty() {
+            let status = if report.violations.is_empty() { "ok" } else { "VIOLATION" };
+            println!(
+                "seed {}: {status}, {} acks, {} faults, {:.1} s simulated in {:.2} s, trace {}",
+                report.seed,
+                report.acks,
+                report.faults,
+                report.simulated_ms as f64 / 1000.0,
+                report.wall_ms as f64 / 1000.0,
+                &report.trace_hash[..16]
+            );
+        }
+    }
+    let wall = wall.elapsed();
+    let simulated = Duration::from_millis(reports.iter().map(|r| r.simulated_ms).sum());
+    let failing: Vec<&Summary> = reports.iter().filter(|r| !r.violations.is_empty()).collect();
+    for report in &failing {
+        let path = trace_path(&args.trace_dir, report.seed);
+        println!("seed {} failed:", report.seed);
+        for v in &report.violations {
+            println!("  {v}");
+        }
+        println!("  trace: {}", path.display());
+        let planted = match &args.plant {
+            Some(bug) => format!(" --features planted-bugs -- --plant {bug}"),
+            None => " --".to_string(),
+        };
+        println!(
+            "  replay: cargo run --release -p coyote-sim{planted} --seeds {} {}",
+            report.seed,
+            params.flags()
+        );
+    }
+    let violations: usize = reports.iter().map(|r| r.violations.len()).sum();
+    println!(
+        "seeds: {}..{} ({} run, {} nodes, {jobs} processes)",
+        seeds.start,
+        seeds.end,
+        reports.len(),
+        params.nodes
+    );
+    println!("acknowledged proposals: {}", reports.iter().map(|r| r.acks).sum::<usize>());
+    println!("faults injected: {}", reports.iter().map(|r| r.faults).sum::<usize>());
+    println!(
+        "simulated time: {:.1} s, wall time: {:.1} s ({:.1}x)",
+        simulated.as_secs_f64(),
+        wall.as_secs_f64(),
+        simulated.as_secs_f64() / wall.as_secs_f64().max(1e-9)
+    );
+    if !failing.is_empty() {
+        let seeds: Vec<String> = failing.iter().map(|r| r.seed.to_string()).collect();
+        println!("failing seeds: {} of {}: {}", failing.len(), reports.len(), seeds.join(" "));
+    }
+    println!("violations: {violations}");
+    if violations > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
