@@ -26,3 +26,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+
+echo "==> deterministic simulation: 256 seeds of a 5-node cluster with faults"
+cargo run --locked --release -p coyote-sim -- --seeds 0..256
