@@ -430,3 +430,13 @@ impl Drop for DockerGuard {
         self.clean();
     }
 }
+
+/// `GET /` over HTTP/1.0 on 127.0.0.1:`port`; the whole answer (status line, headers, body).
+pub fn http_get(port: u16) -> Result<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}

@@ -2,12 +2,10 @@
 //! a connection arrives on its port; the first request is held while the container starts, and gets
 //! its answer; concurrent first requests share one start; after the idle time the container stops.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use anyhow::Result;
-use coyote_tests::{docker, free_port, test_images, wait_until, DockerGuard, Node};
+use coyote_tests::{docker, free_port, http_get, test_images, wait_until, DockerGuard, Node};
 use serde_json::Value;
 
 fn state_of(cluster: &str, service: &str) -> Result<Option<String>> {
@@ -22,15 +20,6 @@ fn state_of(cluster: &str, service: &str) -> Result<Option<String>> {
         "{{.State}}",
     ])?;
     Ok(out.lines().next().map(|s| s.trim().to_string()))
-}
-
-fn http_get(port: u16) -> Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
 }
 
 #[test]

@@ -7,12 +7,10 @@
 //! (`scripts/test-images.sh`). Every test cluster has a random id, carried by its containers'
 //! `coyote.cluster` label; a [`DockerGuard`] removes them at the end, even when a test fails.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
-use coyote_tests::{docker, free_port, test_images, wait_until, DockerGuard, Node};
+use coyote_tests::{docker, free_port, http_get, test_images, wait_until, DockerGuard, Node};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -66,15 +64,6 @@ fn wait_running(cluster: &str, service: &str, spec_hash: &str) -> Result<Value> 
             _ => None,
         })
     })
-}
-
-fn http_get(port: u16) -> Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
 }
 
 fn spec_hash(node: &Node, service: &str) -> Result<String> {
