@@ -113,6 +113,9 @@ pub enum ProposeError {
     NotLeader,
     #[error("the leader could not be reached: {0}")]
     Forward(String),
+    /// The connection to the leader broke after the proposal was sent: it may or may not be committed.
+    #[error("the connection to the leader broke before it answered ({0}); the event may or may not have been committed: check `coyote events tail`")]
+    Uncertain(String),
     #[error("the log failed: {0}")]
     Fatal(String),
 }
@@ -378,6 +381,9 @@ impl LogNode {
         let reply =
             client.propose(pb::Blob { data: encode(proposal) }).await.map_err(|s| match s.code() {
                 tonic::Code::Unavailable => ProposeError::Forward(s.message().to_string()),
+                tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {
+                    ProposeError::Uncertain(s.message().to_string())
+                }
                 _ => ProposeError::Fatal(format!("forwarding to the leader failed: {}", s.message())),
             })?;
         let result: Result<Proposed, ProposeError> =
@@ -611,9 +617,10 @@ impl LogNode {
 fn propose_status(e: ProposeError) -> Status {
     match e {
         ProposeError::Rejected(r) => Status::permission_denied(r),
-        ProposeError::NotLeader | ProposeError::NoLeader(_) | ProposeError::Forward(_) => {
-            Status::unavailable(e.to_string())
-        }
+        ProposeError::NotLeader
+        | ProposeError::NoLeader(_)
+        | ProposeError::Forward(_)
+        | ProposeError::Uncertain(_) => Status::unavailable(e.to_string()),
         ProposeError::Fatal(_) => Status::internal(e.to_string()),
     }
 }

@@ -73,9 +73,10 @@ impl From<ProposeError> for ApiError {
     fn from(e: ProposeError) -> Self {
         let code = match e {
             ProposeError::Rejected(_) => StatusCode::CONFLICT,
-            ProposeError::NoLeader(_) | ProposeError::Forward(_) | ProposeError::NotLeader => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProposeError::NoLeader(_)
+            | ProposeError::Forward(_)
+            | ProposeError::NotLeader
+            | ProposeError::Uncertain(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProposeError::Fatal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.to_string())

@@ -341,6 +341,7 @@ fn error_kind(e: &coyote_log::ProposeError) -> &'static str {
         NoLeader(_) => "no leader",
         NotLeader => "not leader",
         Forward(_) => "forward failed",
+        Uncertain(_) => "outcome unknown",
         Fatal(_) => "fatal",
     }
 }
