@@ -41,7 +41,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use coyote_log::cluster::now_ms;
 use coyote_log::{LogNode, ProposeError};
 use coyote_state_machine::{Event, Proposal, Role, State, Subject, SwitchCause, DRIFT_MARGIN_MS, LEASE_MS};
 use tokio::sync::watch;
@@ -206,7 +205,8 @@ impl Monitor {
 
     async fn act_on_roles(&self) {
         let me = self.node.id();
-        let now = now_ms();
+        let now = self.node.now_ms();
+        let leader = self.node.raft().metrics().borrow().current_leader == Some(me);
         let (takeovers, waiting, refills) = self.node.store().with_state(|s| {
             let mut takeovers = Vec::new();
             let mut waiting = Vec::new();
@@ -238,7 +238,7 @@ impl Monitor {
                     }
                     _ => {}
                 }
-                if self.node.raft().metrics().borrow().current_leader == Some(me) {
+                if leader {
                     if let Some(placement) = s.refill_failover(name) {
                         refills.push(Event::PlacementSet { service: name.clone(), placement });
                     }
@@ -344,7 +344,9 @@ impl Fence {
         let inner = self.inner.lock().expect("fence lock");
         let leased = inner.confirmed_at.is_some_and(|at| now < at + lease);
         let settled = inner.master_since.get(service).is_some_and(|since| now >= *since + wait);
-        leased && settled && self.node.store().with_state(|s| s.may_serve(self.node.id(), service, now_ms()))
+        leased
+            && settled
+            && self.node.store().with_state(|s| s.may_serve(self.node.id(), service, self.node.now_ms()))
     }
 
     /// Every service this server may serve now.
