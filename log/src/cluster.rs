@@ -10,6 +10,19 @@
 //! longer the leader, so a proposal is not sent twice because of a slow answer; events that must not
 //! be applied twice carry ids that the state machine rejects on a second application anyway.
 //!
+//! # Group commit
+//! On the leader, proposals do not go to Raft one by one. They queue for one batcher task, which
+//! writes everything queued so far as one Raft entry (a [`Batch`], at most [`BATCH_MAX`] proposals)
+//! and keeps at most [`BATCHES_IN_FLIGHT`] entries in Raft at once. A proposal that arrives while
+//! the limit is reached waits in the queue and joins the next entry. So under load one append, one
+//! `fsync`, one replication round trip and one apply call serve many proposals, and a lone proposal
+//! is written at once without waiting for company. Openraft 0.9 appends each `client_write` on its
+//! own and flushes it before the next, so without this the leader writes strictly one proposal per
+//! flush. Each proposal of a batch is applied on its own, in order, and gets its own event index and
+//! outcome; one that no longer holds is rejected without affecting the others. If the entry cannot
+//! be written (this node lost the leadership), every proposal in it gets the same answer and each
+//! proposer handles it as before: forward to the new leader, or give up.
+//!
 //! # Joins
 //! A new server calls `Join` with a token's id and secret and a certificate signing request, without
 //! a client certificate (it has none yet) but after checking the member's certificate against the CA
@@ -29,10 +42,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use coyote_state_machine::{Event, NodeInfo, Outcome, Proposal};
+use futures::stream::{FuturesUnordered, StreamExt};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, oneshot, Mutex};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -40,7 +54,7 @@ use crate::network::{self, decode, encode, require_member, Network, RaftService,
 use crate::store::{LogStore, StateMachineStore, StoreHandle};
 use crate::tls::{self, ClusterCa, Identity, Trust};
 use crate::token::JoinToken;
-use crate::types::{NodeId, Raft};
+use crate::types::{Batch, NodeId, Raft};
 use crate::{pb, LogError};
 
 /// How long a proposal may wait for a leader and its commit.
@@ -53,6 +67,10 @@ pub const MEMBERSHIP_INTERVAL: Duration = Duration::from_millis(300);
 pub const PROMOTE_LAG_MAX: u64 = 64;
 /// Deadline of a reachability ping.
 pub const PING_TIMEOUT: Duration = Duration::from_millis(800);
+/// Most proposals in one Raft entry.
+pub const BATCH_MAX: usize = 256;
+/// Most batches written through Raft at once, per leader; more proposals queue for the next batch.
+pub const BATCHES_IN_FLIGHT: usize = 2;
 
 /// Raft timing and log compaction, with defaults for servers on the same continent.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -97,7 +115,10 @@ impl RaftSettings {
 /// A proposal that was committed, with what the state machine made of it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Proposed {
+    /// The event's index in the cluster's history (`coyote events tail`, alarm ids).
     pub index: u64,
+    /// The index of the Raft log entry that carried it.
+    pub log_index: u64,
     pub outcome: Outcome,
 }
 
@@ -130,6 +151,8 @@ pub struct ClusterStatus {
     pub term: u64,
     pub last_log_index: Option<u64>,
     pub applied_index: Option<u64>,
+    /// The index of the last event this node applied (events are numbered apart from log entries).
+    pub last_event: u64,
     pub snapshot_index: Option<u64>,
     pub purged_index: Option<u64>,
     pub members: Vec<MemberStatus>,
@@ -210,6 +233,87 @@ struct Inner {
     env: Environment,
     /// One channel per peer address, reused by forwards and pings.
     channels: Mutex<BTreeMap<String, Channel>>,
+    /// The queue of the group-commit batcher (see the module docs).
+    batcher: mpsc::UnboundedSender<Queued>,
+}
+
+/// A proposal waiting for the batcher, with where its answer goes.
+struct Queued {
+    proposal: Proposal,
+    reply: oneshot::Sender<Result<Proposed, WriteError>>,
+}
+
+/// Why this node could not write a batch through Raft.
+#[derive(Clone, Debug)]
+enum WriteError {
+    /// This node is not the leader; the leader, if one is known.
+    ForwardToLeader(Option<BasicNode>),
+    Fatal(String),
+}
+
+/// The batcher task: writes what is queued as Raft entries, at most [`BATCHES_IN_FLIGHT`] at once.
+/// Ends when every sender is gone and the queue and the writes in flight are done.
+async fn run_batcher(raft: Raft, mut queue: mpsc::UnboundedReceiver<Queued>) {
+    let mut waiting: Vec<Queued> = Vec::new();
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        while in_flight.len() < BATCHES_IN_FLIGHT && !waiting.is_empty() {
+            let rest = waiting.split_off(waiting.len().min(BATCH_MAX));
+            let batch = std::mem::replace(&mut waiting, rest);
+            in_flight.push(write_batch(raft.clone(), batch));
+        }
+        if !open && waiting.is_empty() && in_flight.is_empty() {
+            return;
+        }
+        tokio::select! {
+            biased;
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            received = queue.recv(), if open => match received {
+                Some(queued) => {
+                    waiting.push(queued);
+                    while let Ok(queued) = queue.try_recv() {
+                        waiting.push(queued);
+                    }
+                }
+                None => open = false,
+            },
+        }
+    }
+}
+
+/// Writes one batch as one Raft entry and answers each proposer.
+async fn write_batch(raft: Raft, batch: Vec<Queued>) {
+    let (proposals, replies): (Vec<Proposal>, Vec<_>) =
+        batch.into_iter().map(|q| (q.proposal, q.reply)).unzip();
+    let count = proposals.len();
+    let result = match raft.client_write(Batch(proposals)).await {
+        Ok(response) if response.data.len() == count => Ok(response),
+        Ok(response) => Err(WriteError::Fatal(format!(
+            "the state machine answered {} outcomes for a batch of {count}",
+            response.data.len()
+        ))),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+            Err(WriteError::ForwardToLeader(forward.leader_node))
+        }
+        Err(RaftError::APIError(e)) => Err(WriteError::Fatal(e.to_string())),
+        Err(RaftError::Fatal(e)) => Err(WriteError::Fatal(e.to_string())),
+    };
+    match result {
+        Ok(response) => {
+            let log_index = response.log_id.index;
+            for (reply, committed) in replies.into_iter().zip(response.data) {
+                let proposed = Proposed { index: committed.index, log_index, outcome: committed.outcome };
+                // A proposer that stopped waiting does not need its answer.
+                let _ = reply.send(Ok(proposed));
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
 }
 
 /// The system clock, in milliseconds since the Unix epoch.
@@ -247,6 +351,8 @@ impl LogNode {
         let raft = Raft::new(config.node_id, raft_config, network, log, state_machine)
             .await
             .map_err(|e| LogError::Raft(e.to_string()))?;
+        let (batcher, queue) = mpsc::unbounded_channel();
+        tokio::spawn(run_batcher(raft.clone(), queue));
         Ok(LogNode(Arc::new(Inner {
             id: config.node_id,
             cluster_id: config.cluster_id,
@@ -258,6 +364,7 @@ impl LogNode {
             server_tls,
             env,
             channels: Mutex::new(BTreeMap::new()),
+            batcher,
         })))
     }
 
@@ -332,12 +439,13 @@ impl LogNode {
         let proposal = Proposal { at_ms: self.now_ms(), actor, event };
         self.0.store.with_state(|s| s.validate(&proposal)).map_err(|r| ProposeError::Rejected(r.reason))?;
         let proposed = self.submit(proposal, true).await?;
-        self.wait_applied(proposed.index).await;
+        self.wait_applied(proposed.log_index).await;
         Ok(proposed)
     }
 
-    /// Waits (boundedly) until the local replica has applied `index`, so that a caller who proposed
-    /// through this node reads its own write here, even when the leader is another node.
+    /// Waits (boundedly) until the local replica has applied the log entry at `index`, so that a
+    /// caller who proposed through this node reads its own write here, even when the leader is another
+    /// node.
     pub async fn wait_applied(&self, index: u64) {
         let mut applied = self.0.store.subscribe();
         let wait = applied.wait_for(|a| *a >= index);
@@ -349,13 +457,10 @@ impl LogNode {
     async fn submit(&self, proposal: Proposal, may_forward: bool) -> Result<Proposed, ProposeError> {
         let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
         loop {
-            let leader = match self.0.raft.client_write(proposal.clone()).await {
-                Ok(response) => {
-                    return Ok(Proposed { index: response.log_id.index, outcome: response.data });
-                }
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => forward.leader_node,
-                Err(RaftError::APIError(e)) => return Err(ProposeError::Fatal(e.to_string())),
-                Err(RaftError::Fatal(e)) => return Err(ProposeError::Fatal(e.to_string())),
+            let leader = match self.write(proposal.clone()).await {
+                Ok(proposed) => return Ok(proposed),
+                Err(WriteError::ForwardToLeader(leader)) => leader,
+                Err(WriteError::Fatal(e)) => return Err(ProposeError::Fatal(e)),
             };
             if !may_forward {
                 return Err(ProposeError::NotLeader);
@@ -373,6 +478,14 @@ impl LogNode {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Writes `proposal` through this node's Raft, batched with whatever else is queued.
+    async fn write(&self, proposal: Proposal) -> Result<Proposed, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || WriteError::Fatal("the log is shutting down".to_string());
+        self.0.batcher.send(Queued { proposal, reply }).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     async fn forward(&self, leader_addr: &str, proposal: &Proposal) -> Result<Proposed, ProposeError> {
@@ -538,6 +651,7 @@ impl LogNode {
             term: m.current_term,
             last_log_index: m.last_log_index,
             applied_index: m.last_applied.map(|l| l.index),
+            last_event: self.0.store.last_event(),
             snapshot_index: m.snapshot.map(|l| l.index),
             purged_index: m.purged.map(|l| l.index),
             members,

@@ -10,8 +10,10 @@
 //! - `meta`: small records: the vote, the last committed log id, the last purged log id, and the
 //!   node's own bytes stored through [`StoreHandle::meta_put`] (under a separate `user/` prefix, so they
 //!   can never collide with Raft's keys).
-//! - `events`: the archive. Key: the log index, big-endian. Value: an encoded [`EventRecord`], the
-//!   envelope that was applied and what came of it (applied, or rejected with a reason).
+//! - `events`: the archive. Key: the event index, big-endian. Value: an encoded [`EventRecord`], the
+//!   envelope that was applied and what came of it (applied, or rejected with a reason). Event indexes
+//!   are dense (1, 2, 3, ...) and are not log indexes: one log entry carries a [`Batch`] of proposals,
+//!   and blank and membership entries carry none.
 //! - `snapshot`: the current snapshot, its metadata and its data, written together in one batch.
 //!
 //! The default tree holds a format marker. sled itself, given a directory whose `db` or `conf` it
@@ -79,10 +81,11 @@
 //! entries after it (it asks [`RaftStateMachine::applied_state`] where to start). Since applying is
 //! pure and deterministic, the replay rebuilds exactly the same state. (Openraft replays at once up to
 //! the saved commit index, the rest when the leader confirms it; meanwhile the node's view lags, as
-//! any follower's may.) A normal entry becomes an
-//! `Envelope` (log index, term, proposal), `State::apply` gives its outcome, and an [`EventRecord`] is
-//! written to `events`, without a flush: like the state, the record is rebuilt, byte for byte, when its
-//! log entry is re-applied. Blank and membership entries are not events and are not archived.
+//! any follower's may.) Each proposal of a normal entry's [`Batch`] becomes an `Envelope` (the next
+//! event index, which the state counts, the entry's term, the proposal), `State::apply` gives its
+//! outcome, and an [`EventRecord`] is written to `events`, without a flush: like the state, the record
+//! is rebuilt, byte for byte, when its log entry is re-applied. Blank and membership entries are not
+//! events and are not archived.
 //!
 //! An `Err` from `State::apply` means an invariant broke, which is a bug. Continuing would let this
 //! replica diverge from the others, so the store panics with the entry and the reason, as toydb does.
@@ -133,7 +136,7 @@
 //!   format marker and the versioned snapshot encoding leave room for a migration when it is needed.
 //! - No encryption at rest; the directory's permissions are the protection.
 //! - [`StoreHandle::last_applied`] is 0 both before anything is applied and after the entry at index 0
-//!   (openraft's initial membership entry); events only ever have indexes from 1.
+//!   (openraft's initial membership entry). Event indexes start at 1.
 
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -151,7 +154,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::types::{Entry, LogId, Node, NodeId, StorageError, TypeConfig};
+use crate::types::{Batch, Committed, Entry, LogId, Node, NodeId, StorageError, TypeConfig};
 
 /// Snapshot metadata, as openraft defines it for our types.
 type Meta = SnapshotMeta<NodeId, Node>;
@@ -164,7 +167,7 @@ const SNAPSHOT_TREE: &str = "snapshot";
 /// Key of the format marker, in sled's default tree.
 const FORMAT_KEY: &[u8] = b"coyote/store-format";
 /// The format this code reads and writes.
-const FORMAT: &[u8] = b"coyote-store/1";
+const FORMAT: &[u8] = b"coyote-store/2";
 
 const VOTE_KEY: &[u8] = b"raft/vote";
 const COMMITTED_KEY: &[u8] = b"raft/committed";
@@ -339,17 +342,21 @@ impl SnapshotBody {
         if self.archive.len() as u64 != expected {
             return bad(format!("it archives {} events, its state counts {expected}", self.archive.len()));
         }
-        let last_index = self.last_applied.map(|l| l.index).unwrap_or(0);
-        let mut previous = 0;
-        for record in &self.archive {
-            let index = record.envelope.index;
-            if index <= previous || index > last_index {
-                return bad(format!("its archive holds event {index} out of order"));
+        for (position, record) in self.archive.iter().enumerate() {
+            if record.envelope.index != position as u64 + 1 {
+                return bad(format!(
+                    "its archive holds event {} where event {} belongs",
+                    record.envelope.index,
+                    position + 1
+                ));
             }
-            previous = index;
         }
-        if self.state.last_applied > last_index {
-            return bad("its state is ahead of its last applied log id".into());
+        if self.state.last_applied != self.archive.len() as u64 {
+            return bad(format!(
+                "its state has applied {} events, its archive holds {}",
+                self.state.last_applied,
+                self.archive.len()
+            ));
         }
         Ok(())
     }
@@ -536,7 +543,7 @@ impl Shared {
     /// Makes the archive up to the snapshot equal to the snapshot's, if a crash left it otherwise.
     /// Returns whether it had to.
     fn repair_archive(&self, body: &SnapshotBody) -> Result<bool, StoreError> {
-        let upto = body.last_applied.map(|l| l.index).unwrap_or(0);
+        let upto = body.state.last_applied;
         let mut stored = self.events.range(..=index_key(upto));
         let mut same = true;
         for record in &body.archive {
@@ -571,13 +578,10 @@ impl Shared {
             let machine = self.read_machine();
             (machine.state.clone(), machine.last_applied, machine.membership.clone())
         };
-        // Records up to `last_applied` never change once written (only installing a snapshot rewrites
+        // Records up to the state's last event never change once written (only installing a snapshot rewrites
         // them, with the same committed contents, and that waits for the snapshot lock we hold), so
         // reading them after releasing the state lock still gives the archive of this state.
-        let archive = match last_applied {
-            Some(last) => self.read_events(0, last.index, usize::MAX)?,
-            None => Vec::new(),
-        };
+        let archive = self.read_events(1, state.last_applied, usize::MAX)?;
         // A snapshot id only has to be unique; sled's id generator survives restarts.
         let seq = self.db.generate_id().map_err(io("generate a snapshot id"))?;
         let snapshot_id = match last_applied {
@@ -952,36 +956,47 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok((machine.last_applied, machine.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<Committed>>, StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let entries = entries.into_iter();
-        let mut outcomes = Vec::with_capacity(entries.size_hint().0);
+        let mut responses = Vec::with_capacity(entries.size_hint().0);
         let last_index = {
             let mut machine = self.shared.write_machine();
             let mut archive = sled::Batch::default();
             for entry in entries {
                 let log_id = entry.log_id;
+                if let Some(last) = machine.last_applied.filter(|last| last.index >= log_id.index) {
+                    panic!(
+                        "applying log entry {log_id} after {last} broke the cluster state (the log went \
+                         backwards); stopping so that this replica does not diverge"
+                    );
+                }
                 match entry.payload {
-                    EntryPayload::Blank => outcomes.push(Outcome::Applied),
-                    EntryPayload::Normal(proposal) => {
-                        let envelope = Envelope::new(log_id.index, log_id.leader_id.term, proposal);
-                        let outcome = match machine.state.apply(&envelope) {
-                            Ok(outcome) => outcome,
-                            Err(e) => panic!(
-                                "applying log entry {log_id} broke the cluster state ({e}); stopping so \
-                                 that this replica does not diverge: {envelope:?}"
-                            ),
-                        };
-                        let record = EventRecord { envelope, outcome: outcome.clone() };
-                        archive.insert(&index_key(log_id.index), encode(&record));
-                        outcomes.push(outcome);
+                    EntryPayload::Blank => responses.push(Vec::new()),
+                    EntryPayload::Normal(Batch(proposals)) => {
+                        let mut committed = Vec::with_capacity(proposals.len());
+                        for proposal in proposals {
+                            let index = machine.state.last_applied + 1;
+                            let envelope = Envelope::new(index, log_id.leader_id.term, proposal);
+                            let outcome = match machine.state.apply(&envelope) {
+                                Ok(outcome) => outcome,
+                                Err(e) => panic!(
+                                    "applying event {index} of log entry {log_id} broke the cluster state \
+                                     ({e}); stopping so that this replica does not diverge: {envelope:?}"
+                                ),
+                            };
+                            let record = EventRecord { envelope, outcome: outcome.clone() };
+                            archive.insert(&index_key(index), encode(&record));
+                            committed.push(Committed { index, outcome });
+                        }
+                        responses.push(committed);
                     }
                     EntryPayload::Membership(membership) => {
                         machine.membership = StoredMembership::new(Some(log_id), membership);
-                        outcomes.push(Outcome::Applied);
+                        responses.push(Vec::new());
                     }
                 }
                 machine.last_applied = Some(log_id);
@@ -996,7 +1011,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             machine.last_applied.map(|l| l.index).unwrap_or(0)
         };
         self.shared.publish(last_index);
-        Ok(outcomes)
+        Ok(responses)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -1045,14 +1060,16 @@ impl StoreHandle {
         f(&self.shared.read_machine().state)
     }
 
-    /// Up to `limit` archived events, in index order, from `from_index` (inclusive) to the last applied
-    /// index. Events the state has not caught up with yet (after a restart) are not returned.
+    /// Up to `limit` archived events, in event index order, from `from_index` (inclusive) to the last
+    /// applied event. Events the state has not caught up with yet (after a restart) are not returned.
     pub fn events(&self, from_index: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
         let machine = self.shared.read_machine();
-        match machine.last_applied {
-            None => Ok(Vec::new()),
-            Some(last) => self.shared.read_events(from_index, last.index, limit),
-        }
+        self.shared.read_events(from_index.max(1), machine.state.last_applied, limit)
+    }
+
+    /// The index of the last applied event (0 before the first). Not a log index: see [`Batch`].
+    pub fn last_event(&self) -> u64 {
+        self.shared.read_machine().state.last_applied
     }
 
     /// The last applied log index, updated after each applied batch and each installed snapshot.

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use coyote_log::store::{self, EventRecord, LogStore, StateMachineStore, StoreError, StoreHandle};
+use coyote_log::types::{Batch, Committed};
 use coyote_log::types::{Entry, LogId, StorageError, TypeConfig};
 use coyote_state_machine::{Event, NodeInfo, Outcome, Proposal};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
@@ -25,7 +26,14 @@ fn entry(term: u64, index: u64, payload: EntryPayload<TypeConfig>) -> Entry {
 }
 
 fn proposal(event: Event) -> EntryPayload<TypeConfig> {
-    EntryPayload::Normal(Proposal { at_ms: 1_000, actor: "test".into(), event })
+    batch(vec![event])
+}
+
+/// One entry carrying several proposals (group commit).
+fn batch(events: Vec<Event>) -> EntryPayload<TypeConfig> {
+    EntryPayload::Normal(Batch(
+        events.into_iter().map(|event| Proposal { at_ms: 1_000, actor: "test".into(), event }).collect(),
+    ))
 }
 
 fn membership(term: u64, index: u64) -> Entry {
@@ -34,7 +42,8 @@ fn membership(term: u64, index: u64) -> Entry {
     entry(term, index, EntryPayload::Membership(Membership::new(config, nodes)))
 }
 
-/// A short history: membership, a blank, the cluster's creation, a token, and a rejected revocation.
+/// A short history: membership, a blank, the cluster's creation, a token, then one entry holding a
+/// rejected revocation and a second token. Four events in five entries.
 fn history() -> Vec<Entry> {
     vec![
         membership(1, 1),
@@ -58,7 +67,19 @@ fn history() -> Vec<Entry> {
                 uses: 1,
             }),
         ),
-        entry(2, 5, proposal(Event::TokenRevoked { token_id: "no-such-token".into() })),
+        entry(
+            2,
+            5,
+            batch(vec![
+                Event::TokenRevoked { token_id: "no-such-token".into() },
+                Event::TokenIssued {
+                    token_id: "t2".into(),
+                    secret_sha256: "ef".repeat(32),
+                    expires_at_ms: 10_000,
+                    uses: 1,
+                },
+            ]),
+        ),
     ]
 }
 
@@ -129,10 +150,16 @@ async fn apply_archives_events_and_publishes_progress() {
     let dir = TempDir::new().unwrap();
     let (_log, mut sm, handle) = open(dir.path());
     let mut progress = handle.subscribe();
-    let outcomes = sm.apply(history()).await.unwrap();
-    assert_eq!(outcomes.len(), 5);
-    assert_eq!(outcomes[..4], [Outcome::Applied, Outcome::Applied, Outcome::Applied, Outcome::Applied]);
-    assert!(matches!(&outcomes[4], Outcome::Rejected { reason } if reason.contains("does not exist")));
+    let responses = sm.apply(history()).await.unwrap();
+    assert_eq!(responses.len(), 5, "one response per entry");
+    assert_eq!(responses[0], [], "a membership entry is not an event");
+    assert_eq!(responses[1], [], "a blank entry is not an event");
+    assert_eq!(responses[2], [Committed { index: 1, outcome: Outcome::Applied }]);
+    assert_eq!(responses[3], [Committed { index: 2, outcome: Outcome::Applied }]);
+    let [rejected, issued] = responses[4].as_slice() else { panic!("two outcomes: {:?}", responses[4]) };
+    assert_eq!(rejected.index, 3);
+    assert!(matches!(&rejected.outcome, Outcome::Rejected { reason } if reason.contains("does not exist")));
+    assert_eq!(*issued, Committed { index: 4, outcome: Outcome::Applied }, "a rejection spares the rest");
 
     assert!(progress.has_changed().unwrap());
     assert_eq!(*progress.borrow_and_update(), 5);
@@ -140,16 +167,17 @@ async fn apply_archives_events_and_publishes_progress() {
 
     let events = all_events(&handle);
     let indexes: Vec<u64> = events.iter().map(|r| r.envelope.index).collect();
-    assert_eq!(indexes, [3, 4, 5], "blank and membership entries are not archived");
+    assert_eq!(indexes, [1, 2, 3, 4], "event indexes are dense, not log indexes");
     assert_eq!(events[1].envelope.term, 2);
-    assert_eq!(events[2].outcome, outcomes[4]);
-    assert_eq!(handle.events(4, 1).unwrap(), events[1..2].to_vec());
-    assert_eq!(handle.events(6, 10).unwrap(), []);
+    assert_eq!(events[2].outcome, rejected.outcome);
+    assert_eq!(handle.events(2, 1).unwrap(), events[1..2].to_vec());
+    assert_eq!(handle.events(5, 10).unwrap(), []);
+    assert_eq!(handle.last_event(), 4);
 
     handle.with_state(|state| {
         assert_eq!(state.cluster.as_ref().map(|c| c.id.as_str()), Some("c-test"));
-        assert!(state.tokens.contains_key("t1"));
-        assert_eq!((state.applied_count, state.rejected_count), (2, 1));
+        assert!(state.tokens.contains_key("t1") && state.tokens.contains_key("t2"));
+        assert_eq!((state.applied_count, state.rejected_count), (3, 1));
     });
     let (applied, members) = sm.applied_state().await.unwrap();
     assert_eq!(applied, Some(log_id(2, 5)));
@@ -198,18 +226,18 @@ async fn reopening_starts_from_the_snapshot_and_replays_the_rest() {
         sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
         snapshot_state = handle.with_state(|s| s.clone());
         sm.apply(entries[4..].to_vec()).await.unwrap();
-        assert_eq!(all_events(&handle).len(), 3);
+        assert_eq!(all_events(&handle).len(), 4);
     }
     let (mut log, mut sm, handle) = open(dir.path());
     assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(2, 4)));
     assert_eq!(handle.with_state(|s| s.clone()), snapshot_state);
-    // The event at 5 is on disk but not applied yet: readers do not see it.
+    // The events of entry 5 are on disk but not applied yet: readers do not see them.
     assert_eq!(all_events(&handle).len(), 2);
 
     // What openraft does next: re-apply the entries after the snapshot.
     let rest = log.try_get_log_entries(5..).await.unwrap();
     sm.apply(rest).await.unwrap();
-    assert_eq!(all_events(&handle).len(), 3);
+    assert_eq!(all_events(&handle).len(), 4);
     assert_eq!(handle.last_applied(), 5);
 }
 
@@ -240,7 +268,7 @@ async fn a_broken_invariant_stops_the_node() {
     let (_log, mut sm, _handle) = open(dir.path());
     let entries = history();
     sm.apply(entries.clone()).await.unwrap();
-    // The same envelope again: the state refuses to go backwards, which is a bug, hence a panic.
+    // The same entry again: the log went backwards, which is a bug, hence a panic.
     sm.apply(vec![entries[2].clone()]).await.unwrap();
 }
 

@@ -661,6 +661,7 @@ fn print_status(s: &Value, json: bool) {
     println!("node      {} ({})", s["node_id"], s["state"].as_str().unwrap_or(""));
     println!("leader    {}", opt(&s["leader"]));
     println!("term      {}", s["term"]);
+    println!("events    {}", s["last_event"]);
     println!(
         "log       last {}, applied {}, snapshot {}, purged {}",
         opt(&s["last_log_index"]),

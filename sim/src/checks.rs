@@ -18,8 +18,11 @@ pub struct NodeSnapshot {
     pub term: u64,
     /// Who it believes is leader.
     pub leader: Option<u64>,
-    /// The last log index its state machine applied.
+    /// The index of the last event its state machine applied (events are numbered densely; one log
+    /// entry can carry several).
     pub applied: u64,
+    /// The last log index its state machine applied.
+    pub log_applied: u64,
     /// Every archived event up to `applied`, in index order.
     pub archive: Vec<EventRecord>,
     /// Voters in the membership it knows.
@@ -118,8 +121,12 @@ pub fn converged(nodes: &[NodeSnapshot], expected: usize) -> Result<(), String> 
     if leader.voters.len() != expected {
         return Err(format!("the membership has {} voters, not {expected}", leader.voters.len()));
     }
-    if let Some(n) = nodes.iter().find(|n| n.applied != leader.applied) {
-        return Err(format!("{} applied {}, the leader {}", n.host, n.applied, leader.applied));
+    if let Some(n) = nodes.iter().find(|n| n.log_applied != leader.log_applied || n.applied != leader.applied)
+    {
+        return Err(format!(
+            "{} applied log entry {} (event {}), the leader {} (event {})",
+            n.host, n.log_applied, n.applied, leader.log_applied, leader.applied
+        ));
     }
     Ok(())
 }
@@ -143,6 +150,7 @@ mod tests {
             term: 1,
             leader: None,
             applied,
+            log_applied: applied,
             archive,
             voters: vec![1],
         }

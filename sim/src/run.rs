@@ -405,7 +405,8 @@ impl Driver<'_> {
             .map(|(host, node)| {
                 let m = node.raft().metrics().borrow().clone();
                 let store = node.store();
-                let applied = store.last_applied();
+                let log_applied = store.last_applied();
+                let applied = store.last_event();
                 let archive = store.events(0, usize::MAX).expect("the archive reads");
                 NodeSnapshot {
                     host: host.clone(),
@@ -414,6 +415,7 @@ impl Driver<'_> {
                     term: m.current_term,
                     leader: m.current_leader,
                     applied,
+                    log_applied,
                     archive,
                     voters: m.membership_config.membership().voter_ids().collect(),
                 }

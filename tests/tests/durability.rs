@@ -70,8 +70,9 @@ fn acknowledged_events_survive_kill_9() -> Result<()> {
         let applied = wait_until("the restarted node to apply its log", Duration::from_secs(30), || {
             let s = node.status()?;
             let applied = s["applied_index"].as_u64().unwrap_or(0);
-            Ok((applied >= last_acknowledged && Some(applied) >= s["last_log_index"].as_u64())
-                .then_some(applied))
+            let last_event = s["last_event"].as_u64().unwrap_or(0);
+            Ok((last_event >= last_acknowledged && Some(applied) >= s["last_log_index"].as_u64())
+                .then_some(last_event))
         });
         if let Err(e) = applied {
             bail!("round {round}: acknowledged writes up to {last_acknowledged} never applied: {e}");
