@@ -67,12 +67,14 @@ pub const MEMBERSHIP_INTERVAL: Duration = Duration::from_millis(300);
 pub const PROMOTE_LAG_MAX: u64 = 64;
 /// Deadline of a reachability ping.
 pub const PING_TIMEOUT: Duration = Duration::from_millis(800);
+/// Free space below which a node refuses new proposals, by default: 64 MiB.
+pub const DISK_RESERVE_DEFAULT: u64 = 64 << 20;
 /// Most proposals in one Raft entry.
 pub const BATCH_MAX: usize = 256;
 /// Most batches written through Raft at once, per leader; more proposals queue for the next batch.
 pub const BATCHES_IN_FLIGHT: usize = 2;
 
-/// Raft timing and log compaction, with defaults for servers on the same continent.
+/// Raft timing, log compaction and the disk reserve, with defaults for servers on the same continent.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RaftSettings {
     pub heartbeat_ms: u64,
@@ -82,6 +84,9 @@ pub struct RaftSettings {
     pub snapshot_every: u64,
     /// Entries kept in the log behind the last snapshot (for followers that lag a little).
     pub keep_logs: u64,
+    /// Refuse new proposals while less than this many bytes are free on the store's file system
+    /// (0: never refuse). See [`ProposeError::DiskFull`].
+    pub disk_reserve_bytes: u64,
 }
 
 impl Default for RaftSettings {
@@ -92,6 +97,7 @@ impl Default for RaftSettings {
             election_max_ms: 1600,
             snapshot_every: 10_000,
             keep_logs: 1_000,
+            disk_reserve_bytes: DISK_RESERVE_DEFAULT,
         }
     }
 }
@@ -137,6 +143,9 @@ pub enum ProposeError {
     /// The connection to the leader broke after the proposal was sent: it may or may not be committed.
     #[error("the connection to the leader broke before it answered ({0}); the event may or may not have been committed: check `coyote events tail`")]
     Uncertain(String),
+    /// The disk under this node's store (or the leader's) is below the reserve: nothing was proposed.
+    #[error("{0}")]
+    DiskFull(String),
     #[error("the log failed: {0}")]
     Fatal(String),
 }
@@ -235,6 +244,8 @@ struct Inner {
     channels: Mutex<BTreeMap<String, Channel>>,
     /// The queue of the group-commit batcher (see the module docs).
     batcher: mpsc::UnboundedSender<Queued>,
+    /// See [`RaftSettings::disk_reserve_bytes`].
+    disk_reserve: u64,
 }
 
 /// A proposal waiting for the batcher, with where its answer goes.
@@ -248,6 +259,7 @@ struct Queued {
 enum WriteError {
     /// This node is not the leader; the leader, if one is known.
     ForwardToLeader(Option<BasicNode>),
+    DiskFull(String),
     Fatal(String),
 }
 
@@ -365,6 +377,7 @@ impl LogNode {
             env,
             channels: Mutex::new(BTreeMap::new()),
             batcher,
+            disk_reserve: config.raft.disk_reserve_bytes,
         })))
     }
 
@@ -434,10 +447,34 @@ impl LogNode {
         Ok(c)
     }
 
+    /// Refuses with [`ProposeError::DiskFull`] while the store's file system has less free space than
+    /// the reserve. A node that ran out of space mid-write would stop (openraft treats a failed write
+    /// as fatal); refusing early keeps it running, readable, and able to answer why.
+    fn check_disk(&self) -> Result<(), ProposeError> {
+        if self.0.disk_reserve == 0 {
+            return Ok(());
+        }
+        match self.0.store.free_space() {
+            Some(Ok(free)) if free < self.0.disk_reserve => Err(ProposeError::DiskFull(format!(
+                "node {} has only {} MiB free on the disk that holds its store (the reserve is {} MiB); \
+                 nothing was written: free some space and try again",
+                self.0.id,
+                free >> 20,
+                self.0.disk_reserve >> 20
+            ))),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the free space of the store's file system");
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Validates and commits an event, forwarding to the leader when needed.
     pub async fn propose(&self, event: Event, actor: String) -> Result<Proposed, ProposeError> {
         let proposal = Proposal { at_ms: self.now_ms(), actor, event };
         self.0.store.with_state(|s| s.validate(&proposal)).map_err(|r| ProposeError::Rejected(r.reason))?;
+        self.check_disk()?;
         let proposed = self.submit(proposal, true).await?;
         self.wait_applied(proposed.log_index).await;
         Ok(proposed)
@@ -460,6 +497,7 @@ impl LogNode {
             let leader = match self.write(proposal.clone()).await {
                 Ok(proposed) => return Ok(proposed),
                 Err(WriteError::ForwardToLeader(leader)) => leader,
+                Err(WriteError::DiskFull(e)) => return Err(ProposeError::DiskFull(e)),
                 Err(WriteError::Fatal(e)) => return Err(ProposeError::Fatal(e)),
             };
             if !may_forward {
@@ -482,6 +520,7 @@ impl LogNode {
 
     /// Writes `proposal` through this node's Raft, batched with whatever else is queued.
     async fn write(&self, proposal: Proposal) -> Result<Proposed, WriteError> {
+        self.check_disk().map_err(|e| WriteError::DiskFull(e.to_string()))?;
         let (reply, answer) = oneshot::channel();
         let stopped = || WriteError::Fatal("the log is shutting down".to_string());
         self.0.batcher.send(Queued { proposal, reply }).map_err(|_| stopped())?;
@@ -721,6 +760,18 @@ impl LogNode {
         matches!(tokio::time::timeout(PING_TIMEOUT, client.ping(request)).await, Ok(Ok(_)))
     }
 
+    /// Resolves when Raft on this node has stopped by itself, with the reason: openraft stops a node
+    /// whose store failed (a full disk, an I/O error), and a node without Raft can only exit.
+    pub async fn stopped(&self) -> String {
+        let mut metrics = self.0.raft.metrics();
+        while metrics.changed().await.is_ok() {}
+        match self.0.raft.ensure_linearizable().await {
+            Err(RaftError::Fatal(fatal)) => fatal.to_string(),
+            Err(e) => e.to_string(),
+            Ok(_) => "raft stopped".to_string(),
+        }
+    }
+
     pub async fn shutdown(&self) {
         if let Err(e) = self.0.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not shut down cleanly");
@@ -735,6 +786,7 @@ fn propose_status(e: ProposeError) -> Status {
         | ProposeError::NoLeader(_)
         | ProposeError::Forward(_)
         | ProposeError::Uncertain(_) => Status::unavailable(e.to_string()),
+        ProposeError::DiskFull(_) => Status::resource_exhausted(e.to_string()),
         ProposeError::Fatal(_) => Status::internal(e.to_string()),
     }
 }

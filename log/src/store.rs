@@ -1082,6 +1082,17 @@ impl StoreHandle {
         *self.shared.applied_tx.borrow()
     }
 
+    /// Bytes free for unprivileged writers on the file system that holds the store; `None` for a
+    /// store in memory.
+    pub fn free_space(&self) -> Option<Result<u64, std::io::Error>> {
+        let file = self.shared.segments.as_deref()?;
+        Some(
+            rustix::fs::fstatvfs(file)
+                .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+                .map_err(std::io::Error::from),
+        )
+    }
+
     /// A value stored with [`Self::meta_put`].
     pub fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let value = self.shared.meta.get(user_key(key)).map_err(io("read node metadata"))?;

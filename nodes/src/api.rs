@@ -77,6 +77,7 @@ impl From<ProposeError> for ApiError {
             | ProposeError::Forward(_)
             | ProposeError::NotLeader
             | ProposeError::Uncertain(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProposeError::DiskFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             ProposeError::Fatal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.to_string())

@@ -233,8 +233,24 @@ pub async fn run(dir: &DataDir, settings: &RaftSettings, containers: &ContainerO
         socket_path.display()
     );
 
-    wait_for_signal().await?;
-    eprintln!("stopping node {}", node_file.node_id);
+    let failure = tokio::select! {
+        signal = wait_for_signal() => {
+            signal?;
+            None
+        }
+        reason = node.stopped() => Some(reason),
+    };
+    if let Some(reason) = &failure {
+        tracing::error!(%reason, "the log stopped");
+        eprintln!(
+            "node {}: the log stopped: {reason}\nEvery acknowledged event is on disk. If the disk is full, free \
+             space under {} and start the node again.",
+            node_file.node_id,
+            dir.path.display()
+        );
+    } else {
+        eprintln!("stopping node {}", node_file.node_id);
+    }
     let _ = stop_tx.send(true);
     node.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -252,7 +268,10 @@ pub async fn run(dir: &DataDir, settings: &RaftSettings, containers: &ContainerO
     })
     .await;
     let _ = std::fs::remove_file(&socket_path);
-    Ok(())
+    match failure {
+        Some(reason) => bail!("node {} stopped: the log failed: {reason}", node_file.node_id),
+        None => Ok(()),
+    }
 }
 
 async fn node_membership(node: LogNode, shutdown: impl std::future::Future<Output = ()>) {

@@ -148,6 +148,9 @@ struct RaftArgs {
     /// Entries kept behind a snapshot for lagging followers
     #[arg(long, default_value_t = RaftSettings::default().keep_logs, value_name = "N")]
     keep_logs: u64,
+    /// Refuse new events while less than this is free on the disk holding DIR (0: off)
+    #[arg(long, default_value = "64M", value_parser = parse_bytes_arg, value_name = "SIZE")]
+    disk_reserve: u64,
 }
 
 impl RaftArgs {
@@ -158,8 +161,13 @@ impl RaftArgs {
             election_max_ms: self.election_max_ms,
             snapshot_every: self.snapshot_every,
             keep_logs: self.keep_logs,
+            disk_reserve_bytes: self.disk_reserve,
         }
     }
+}
+
+fn parse_bytes_arg(text: &str) -> Result<u64, String> {
+    parse_bytes(text)
 }
 
 #[derive(Subcommand)]

@@ -342,6 +342,7 @@ fn error_kind(e: &coyote_log::ProposeError) -> &'static str {
         NotLeader => "not leader",
         Forward(_) => "forward failed",
         Uncertain(_) => "outcome unknown",
+        DiskFull(_) => "disk full",
         Fatal(_) => "fatal",
     }
 }
