@@ -824,6 +824,7 @@ mod tests {
             ports: vec![],
             memory_bytes: None,
             on_demand: false,
+            dump: None,
         }
     }
 
