@@ -104,6 +104,20 @@ struct ContainerArgs {
     /// Stop an on-demand service's container after this long without connections (s, m, h, d)
     #[arg(long, default_value = "5m", value_parser = parse_duration_arg)]
     idle_stop: std::time::Duration,
+    /// Deadline of a service's dump command, run before its container is stopped (s, m, h, d)
+    #[arg(long, default_value = "2m", value_parser = parse_duration_arg)]
+    dump_timeout: std::time::Duration,
+    /// Stop idle on-demand containers, least recently used first, while the host's available memory
+    /// (MemAvailable) is below this (512M, 2G) [default: off]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    memory_min_available: Option<u64>,
+}
+
+fn parse_size_arg(text: &str) -> Result<u64, String> {
+    match parse_bytes(text)? {
+        0 => Err(format!("{text:?}: a threshold of 0 bytes never triggers; leave the option out instead")),
+        n => Ok(n),
+    }
 }
 
 fn parse_duration_arg(text: &str) -> Result<std::time::Duration, String> {
@@ -117,6 +131,8 @@ impl From<ContainerArgs> for ContainerOptions {
             docker_socket: c.docker_socket,
             pull: !c.no_pull,
             idle_stop: c.idle_stop,
+            dump_timeout: c.dump_timeout,
+            memory_min_available: c.memory_min_available,
         }
     }
 }
