@@ -65,6 +65,8 @@ use crate::runtime::{ContainerRuntime, RunState};
 pub const CONNECTIONS_MAX: usize = 1024;
 /// Cold-start latencies kept for percentiles, per service (the most recent ones).
 pub const LATENCY_SAMPLES_MAX: usize = 1024;
+/// How often a starting container's port is probed.
+pub const READY_POLL: Duration = Duration::from_millis(2);
 /// How often idle containers and memory are checked.
 pub const CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// A failed dump is tried again after this, doubling up to [`DUMP_RETRY_MAX`].
@@ -456,8 +458,14 @@ impl Activator {
         }
         let deadline = begun + self.config.ready_timeout;
         let port = gate.ports.first().map(|p| p.container).unwrap_or(80);
+        // The address is asked for until the engine has one (it does not change while the container
+        // runs); then only the port is probed, every READY_POLL, so readiness is seen within a few ms.
+        let mut address = None;
         let ip = loop {
-            if let Ok(Some(ip)) = self.runtime.address(&container.id).await {
+            if address.is_none() {
+                address = self.runtime.address(&container.id).await.ok().flatten();
+            }
+            if let Some(ip) = address {
                 let ready = tokio::time::timeout(
                     Duration::from_millis(200),
                     TcpStream::connect(SocketAddr::new(ip, port)),
@@ -473,7 +481,7 @@ impl Activator {
                     gate.service, self.config.ready_timeout
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(READY_POLL).await;
         };
         let took = begun.elapsed();
         run.running = Some((container.id.clone(), ip));
