@@ -1,4 +1,5 @@
-//! The activator: on-demand services start when a connection arrives, and stop when idle.
+//! The activator: on-demand services start when a connection arrives, and stop when idle or when the
+//! host runs short of memory, after their dump command.
 //!
 //! # How it works
 //! For every on-demand service this server masters and may serve (it holds the lease, see
@@ -10,23 +11,48 @@
 //! so this works for any TCP protocol (HTTP, SMTP, XMPP). Concurrent first connections all wait for
 //! the one start: starting happens under the service's lock.
 //!
-//! After [`ActivatorConfig::idle_stop`] without connections, the container is stopped again. Traffic
-//! counts (connections, bytes each way, cold starts and their latency, time running) are kept here,
-//! locally, never in the log: `coyote stats` and the Prometheus text at `/metrics` of the local API.
+//! # Stopping: idle, memory pressure, and the dump before
+//! A running container is stopped in two cases, checked every [`CHECK_INTERVAL`]:
+//! - **idle**: no connection open and none ended for [`ActivatorConfig::idle_stop`];
+//! - **memory pressure**: with [`ActivatorConfig::memory_min_available`] set, when the host's
+//!   available memory ([`MemorySource`]: `MemAvailable` of `/proc/meminfo`) is below it, containers
+//!   with no connection open are stopped one at a time, least recently used first (by the end of
+//!   their last connection), reading the memory again after each stop, until it is back above the
+//!   threshold or no candidate is left. Only on-demand containers are ever stopped for this: an
+//!   always-on service's container is not the activator's.
+//!
+//! Before either stop, the spec's dump command (`ServiceSpec::dump`) runs inside the container
+//! (Docker exec, bounded by [`ActivatorConfig::dump_timeout`]). If it fails (an exit code other than
+//! 0, a timeout, an engine error), the container keeps running and the alarm
+//! `dump-failed/NODE/SERVICE` is raised in the log, naming the exit code and the end of the command's
+//! stderr; the dump is tried again at an idle check after a backoff ([`DUMP_RETRY_MIN`], doubling up
+//! to [`DUMP_RETRY_MAX`]), and the alarm is cleared when a dump succeeds. The dump runs outside the
+//! service's lock, so connections keep flowing meanwhile; a connection that arrives during the dump
+//! cancels the stop. Stops run in tasks of their own, so a slow dump never delays the activator's loop
+//! (which also closes the gates of services this server lost the lease for).
+//!
+//! Traffic counts (connections, bytes each way, cold starts and their latency, time running, stops
+//! and failed dumps) are kept here, locally, never in the log: `coyote stats` and the Prometheus text
+//! at `/metrics` of the local API.
 //!
 //! # Left out, for now
-//! - The spec's dump command before an idle stop, and the alarm when it fails.
-//! - Stopping idle on-demand containers, least recently used first, under memory pressure.
+//! - A container stopped because this server no longer serves the service (its lease lapsed, it is
+//!   no longer master, its ports changed) is stopped at once, without its dump: fencing must not wait
+//!   for a command in the container. Dumps before a graceful handover belong to the switch, later.
+//! - After a restart of the node, a container the previous run started is not known to be running
+//!   (it is stopped only when a connection has gone through it again).
 //! - The proxy waking a service through this code path (the proxy does not exist yet).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use coyote_log::LogNode;
-use coyote_state_machine::{PortMap, Role};
+use coyote_state_machine::spec::format_argv;
+use coyote_state_machine::{Event, PortMap, Role};
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -39,6 +65,19 @@ use crate::runtime::{ContainerRuntime, RunState};
 pub const CONNECTIONS_MAX: usize = 1024;
 /// Cold-start latencies kept for percentiles, per service (the most recent ones).
 pub const LATENCY_SAMPLES_MAX: usize = 1024;
+/// How often a starting container's port is probed.
+pub const READY_POLL: Duration = Duration::from_millis(2);
+/// How often idle containers and memory are checked.
+pub const CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// A failed dump is tried again after this, doubling up to [`DUMP_RETRY_MAX`].
+pub const DUMP_RETRY_MIN: Duration = Duration::from_secs(5);
+pub const DUMP_RETRY_MAX: Duration = Duration::from_secs(300);
+/// Deadline of one alarm proposal.
+pub const PROPOSE_ALARM_TIMEOUT: Duration = Duration::from_secs(20);
+/// Characters of a failed dump's stderr quoted in its alarm (the end of it).
+pub const ALARM_STDERR_CHARS: usize = 400;
+/// "Memory is short but nothing can be stopped" is logged at most this often.
+const PRESSURE_WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug)]
 pub struct ActivatorConfig {
@@ -48,6 +87,10 @@ pub struct ActivatorConfig {
     pub ready_timeout: Duration,
     /// Address the host ports are bound on.
     pub bind_ip: std::net::IpAddr,
+    /// Deadline of a service's dump command.
+    pub dump_timeout: Duration,
+    /// Stop idle on-demand containers while the host's available memory is below this (bytes).
+    pub memory_min_available: Option<u64>,
 }
 
 impl Default for ActivatorConfig {
@@ -56,7 +99,50 @@ impl Default for ActivatorConfig {
             idle_stop: Duration::from_secs(300),
             ready_timeout: Duration::from_secs(30),
             bind_ip: std::net::IpAddr::from([0, 0, 0, 0]),
+            dump_timeout: Duration::from_secs(120),
+            memory_min_available: None,
         }
+    }
+}
+
+/// Where the activator reads how much memory the host has available.
+pub trait MemorySource: Send + Sync {
+    /// Bytes available for new work without swapping (Linux: `MemAvailable`).
+    fn available(&self) -> std::io::Result<u64>;
+}
+
+/// `MemAvailable` from a `/proc/meminfo`-formatted file.
+pub struct ProcMeminfo {
+    pub path: PathBuf,
+}
+
+impl Default for ProcMeminfo {
+    fn default() -> Self {
+        ProcMeminfo { path: PathBuf::from("/proc/meminfo") }
+    }
+}
+
+impl MemorySource for ProcMeminfo {
+    fn available(&self) -> std::io::Result<u64> {
+        let text = std::fs::read_to_string(&self.path)?;
+        parse_mem_available(&text).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} has no readable MemAvailable line", self.path.display()),
+            )
+        })
+    }
+}
+
+/// The `MemAvailable:  123456 kB` line of `/proc/meminfo`, in bytes.
+pub fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
+    let mut words = line.split_whitespace();
+    let n: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") => n.checked_mul(1024),
+        None => Some(n),
+        Some(_) => None,
     }
 }
 
@@ -72,6 +158,11 @@ pub struct ServiceStats {
     pub cold_start_ms_p99: Option<u64>,
     pub running_ms: u64,
     pub running: bool,
+    /// Stops after the idle time, and under memory pressure.
+    pub idle_stops: u64,
+    pub memory_stops: u64,
+    /// Dump commands that failed (each kept the container running).
+    pub dumps_failed: u64,
 }
 
 #[derive(Default)]
@@ -79,6 +170,9 @@ struct Counters {
     connections: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    idle_stops: AtomicU64,
+    memory_stops: AtomicU64,
+    dumps_failed: AtomicU64,
 }
 
 /// One on-demand service's gate: its listeners, its container's state, its counters.
@@ -92,6 +186,8 @@ struct Gate {
     /// Connections open now, and when the last one ended (std mutex: never held across an await).
     activity: Mutex<(usize, Instant)>,
     cold_start_ms: Mutex<Vec<u64>>,
+    /// Dumps and stops of this gate (std mutex: never held across an await).
+    upkeep: Mutex<Upkeep>,
 }
 
 #[derive(Default)]
@@ -101,6 +197,58 @@ struct RunInfo {
     since: Option<Instant>,
     total: Duration,
     cold_starts: u64,
+}
+
+#[derive(Default)]
+struct Upkeep {
+    /// A dump and stop is under way (in a task of its own).
+    busy: bool,
+    /// Dumps failed in a row, and when the next may be tried.
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+/// Why a container is stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StopReason {
+    Idle,
+    Memory,
+}
+
+impl StopReason {
+    fn describe(self) -> &'static str {
+        match self {
+            StopReason::Idle => "idle",
+            StopReason::Memory => "memory pressure",
+        }
+    }
+}
+
+/// A running on-demand container that could be stopped: its service, whether it is idle, and when
+/// its last connection ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub service: String,
+    pub open_connections: usize,
+    pub last_end: Instant,
+}
+
+/// The containers to stop under memory pressure, in order: those with no open connection, least
+/// recently used (earliest last connection end) first.
+pub fn pressure_order(mut candidates: Vec<Candidate>) -> Vec<String> {
+    candidates.retain(|c| c.open_connections == 0);
+    candidates.sort_by(|a, b| (a.last_end, &a.service).cmp(&(b.last_end, &b.service)));
+    candidates.into_iter().map(|c| c.service).collect()
+}
+
+fn retry_delay(failures: u32) -> Duration {
+    let factor = 1u32 << failures.saturating_sub(1).min(16);
+    DUMP_RETRY_MIN.saturating_mul(factor).min(DUMP_RETRY_MAX)
+}
+
+/// The alarm key of a failed dump.
+pub fn dump_key(node: coyote_state_machine::NodeId, service: &str) -> String {
+    format!("dump-failed/{node}/{service}")
 }
 
 /// An on-demand service to listen for, with its ports.
@@ -113,7 +261,12 @@ pub struct Activator {
     runtime: Arc<dyn ContainerRuntime>,
     fence: Fence,
     config: ActivatorConfig,
+    memory: Arc<dyn MemorySource>,
     gates: Mutex<BTreeMap<String, Arc<Gate>>>,
+    /// A memory-pressure round is under way.
+    relieving: AtomicBool,
+    /// When "memory is short, nothing to stop" was last logged.
+    pressure_warned: Mutex<Option<Instant>>,
 }
 
 impl Activator {
@@ -123,7 +276,22 @@ impl Activator {
         fence: Fence,
         config: ActivatorConfig,
     ) -> Self {
-        Activator { node, runtime, fence, config, gates: Mutex::new(BTreeMap::new()) }
+        Activator {
+            node,
+            runtime,
+            fence,
+            config,
+            memory: Arc::new(ProcMeminfo::default()),
+            gates: Mutex::new(BTreeMap::new()),
+            relieving: AtomicBool::new(false),
+            pressure_warned: Mutex::new(None),
+        }
+    }
+
+    /// Reads the host's available memory from `source` instead of `/proc/meminfo`.
+    pub fn with_memory_source(mut self, source: Arc<dyn MemorySource>) -> Self {
+        self.memory = source;
+        self
     }
 
     /// Keeps the gates in line with the log and the lease, and stops idle containers, until `shutdown`.
@@ -131,8 +299,20 @@ impl Activator {
         tokio::pin!(shutdown);
         let mut applied = self.node.store().subscribe();
         let mut serving = self.fence.subscribe();
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut tick = tokio::time::interval(CHECK_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        if let Some(min) = self.config.memory_min_available {
+            match self.memory.available() {
+                Ok(now) => tracing::info!(
+                    min_available = min,
+                    available = now,
+                    "idle on-demand containers are stopped while available memory is below the threshold"
+                ),
+                Err(e) => {
+                    tracing::warn!("cannot read the available memory (memory pressure stops are off): {e}")
+                }
+            }
+        }
         loop {
             tokio::select! {
                 biased;
@@ -142,7 +322,8 @@ impl Activator {
                 _ = tick.tick() => {}
             }
             self.sync_gates().await;
-            self.stop_idle().await;
+            self.stop_idle();
+            self.relieve_pressure();
         }
         let gates: Vec<Arc<Gate>> =
             std::mem::take(&mut *self.gates.lock().expect("gates lock")).into_values().collect();
@@ -178,9 +359,11 @@ impl Activator {
             (gone, missing)
         };
         for gate in gone {
-            // No longer ours to serve (or its ports changed): close the ports, stop the container.
+            // No longer ours to serve (or its ports changed): close the ports, stop the container at
+            // once (fencing does not wait for a dump).
             gate.listeners.iter().for_each(JoinHandle::abort);
-            self.stop(&gate, "no longer served here").await;
+            self.stop_now(&gate, "no longer served here").await;
+            self.clear_dump_alarm(&gate.service, "the container was stopped: no longer served here").await;
         }
         for (service, ports) in missing {
             match self.open_gate(&service, ports).await {
@@ -205,6 +388,7 @@ impl Activator {
             run: tokio::sync::Mutex::new(RunInfo::default()),
             activity: Mutex::new((0, Instant::now())),
             cold_start_ms: Mutex::new(Vec::new()),
+            upkeep: Mutex::new(Upkeep::default()),
         };
         let gate_cell: Arc<std::sync::OnceLock<Arc<Gate>>> = Arc::default();
         for (listener, container_port) in bound {
@@ -237,6 +421,7 @@ impl Activator {
             activity.0 += 1;
         }
         gate.counters.connections.fetch_add(1, Ordering::Relaxed);
+        let _ = client.set_nodelay(true);
         let result = async {
             let ip = self.ensure_started(&gate).await?;
             let mut upstream = TcpStream::connect(SocketAddr::new(ip, container_port)).await?;
@@ -273,8 +458,14 @@ impl Activator {
         }
         let deadline = begun + self.config.ready_timeout;
         let port = gate.ports.first().map(|p| p.container).unwrap_or(80);
+        // The address is asked for until the engine has one (it does not change while the container
+        // runs); then only the port is probed, every READY_POLL, so readiness is seen within a few ms.
+        let mut address = None;
         let ip = loop {
-            if let Ok(Some(ip)) = self.runtime.address(&container.id).await {
+            if address.is_none() {
+                address = self.runtime.address(&container.id).await.ok().flatten();
+            }
+            if let Some(ip) = address {
                 let ready = tokio::time::timeout(
                     Duration::from_millis(200),
                     TcpStream::connect(SocketAddr::new(ip, port)),
@@ -290,7 +481,7 @@ impl Activator {
                     gate.service, self.config.ready_timeout
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(READY_POLL).await;
         };
         let took = begun.elapsed();
         run.running = Some((container.id.clone(), ip));
@@ -305,54 +496,289 @@ impl Activator {
         Ok(ip)
     }
 
-    async fn stop_idle(&self) {
-        let gates: Vec<Arc<Gate>> = self.gates.lock().expect("gates lock").values().cloned().collect();
-        for gate in gates {
+    /// A snapshot of the gates.
+    fn gate_list(&self) -> Vec<Arc<Gate>> {
+        self.gates.lock().expect("gates lock").values().cloned().collect()
+    }
+
+    /// Whether the gate's container runs, as far as the activator knows; `None` while it is being
+    /// started or stopped (its lock is held).
+    fn is_running(gate: &Gate) -> Option<bool> {
+        gate.run.try_lock().ok().map(|run| run.running.is_some())
+    }
+
+    /// Whether a dump and stop of this gate may begin now: none under way, no failed dump waiting
+    /// for its retry.
+    fn may_upkeep(gate: &Gate) -> bool {
+        let upkeep = gate.upkeep.lock().expect("upkeep lock");
+        !upkeep.busy && upkeep.retry_at.is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// Marks a dump and stop of this gate as begun, if one may begin now (see [`Self::may_upkeep`]).
+    fn begin_upkeep(gate: &Gate) -> bool {
+        let mut upkeep = gate.upkeep.lock().expect("upkeep lock");
+        let may = !upkeep.busy && upkeep.retry_at.is_none_or(|t| Instant::now() >= t);
+        if may {
+            upkeep.busy = true;
+        }
+        may
+    }
+
+    /// Starts a task that dumps and stops each container idle for the idle time.
+    fn stop_idle(self: &Arc<Self>) {
+        for gate in self.gate_list() {
             let idle = {
                 let activity = gate.activity.lock().expect("activity lock");
                 activity.0 == 0 && activity.1.elapsed() >= self.config.idle_stop
             };
-            if idle {
-                self.stop(&gate, "idle").await;
+            if !idle || Self::is_running(&gate) != Some(true) || !Self::begin_upkeep(&gate) {
+                continue;
             }
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.dump_and_stop(&gate, StopReason::Idle).await;
+                gate.upkeep.lock().expect("upkeep lock").busy = false;
+            });
         }
     }
 
-    async fn stop(&self, gate: &Gate, why: &str) {
+    /// When memory is short, starts one task that stops containers with no open connection, least
+    /// recently used first, one at a time, until memory is back above the threshold.
+    fn relieve_pressure(self: &Arc<Self>) {
+        let Some(min) = self.config.memory_min_available else { return };
+        if self.relieving.load(Ordering::Acquire) {
+            return;
+        }
+        match self.memory.available() {
+            Ok(available) if available < min => {}
+            Ok(_) => return,
+            Err(e) => {
+                self.warn_pressure(&format!("cannot read the available memory: {e}"));
+                return;
+            }
+        }
+        self.relieving.store(true, Ordering::Release);
+        let me = self.clone();
+        tokio::spawn(async move {
+            me.relieve(min).await;
+            me.relieving.store(false, Ordering::Release);
+        });
+    }
+
+    async fn relieve(&self, min: u64) {
+        // Each container is tried at most once per round, so a round always ends.
+        let mut tried = BTreeSet::new();
+        loop {
+            let available = match self.memory.available() {
+                Ok(a) if a < min => a,
+                _ => return,
+            };
+            let gates = self.gate_list();
+            let candidates: Vec<Candidate> = gates
+                .iter()
+                .filter(|g| !tried.contains(&g.service))
+                .filter(|g| Self::is_running(g) == Some(true) && Self::may_upkeep(g))
+                .map(|g| {
+                    let activity = g.activity.lock().expect("activity lock");
+                    Candidate {
+                        service: g.service.clone(),
+                        open_connections: activity.0,
+                        last_end: activity.1,
+                    }
+                })
+                .collect();
+            let Some(next) = pressure_order(candidates).into_iter().next() else {
+                self.warn_pressure(&format!(
+                    "available memory {available} B is below {min} B, and no idle on-demand container is left to stop"
+                ));
+                return;
+            };
+            tried.insert(next.clone());
+            let Some(gate) = gates.into_iter().find(|g| g.service == next) else { continue };
+            if !Self::begin_upkeep(&gate) {
+                continue;
+            }
+            tracing::info!(
+                service = gate.service,
+                available,
+                min,
+                "memory is short: stopping the least recently used idle container"
+            );
+            self.dump_and_stop(&gate, StopReason::Memory).await;
+            gate.upkeep.lock().expect("upkeep lock").busy = false;
+        }
+    }
+
+    fn warn_pressure(&self, message: &str) {
+        let mut last = self.pressure_warned.lock().expect("warn lock");
+        if last.is_none_or(|t| t.elapsed() >= PRESSURE_WARN_INTERVAL) {
+            *last = Some(Instant::now());
+            tracing::warn!("{message}");
+        }
+    }
+
+    /// Runs the service's dump command, then stops its container if the dump succeeded and no
+    /// connection came in meanwhile. Returns whether it stopped.
+    async fn dump_and_stop(&self, gate: &Gate, reason: StopReason) -> bool {
+        let began = Instant::now();
+        let Some(id) = gate.run.lock().await.running.as_ref().map(|(id, _)| id.clone()) else { return false };
+        let dump =
+            self.node.store().with_state(|s| s.services.get(&gate.service).and_then(|s| s.spec.dump.clone()));
+        if let Some(argv) = dump {
+            if let Err(problem) = self.dump(gate, &id, &argv).await {
+                gate.counters.dumps_failed.fetch_add(1, Ordering::Relaxed);
+                let failures = {
+                    let mut upkeep = gate.upkeep.lock().expect("upkeep lock");
+                    upkeep.failures += 1;
+                    let delay = retry_delay(upkeep.failures);
+                    upkeep.retry_at = Some(Instant::now() + delay);
+                    (upkeep.failures, delay)
+                };
+                let message = format!(
+                    "the dump command `{}` of {} failed before a stop ({}): {problem}; the container keeps running, next try in {} s",
+                    format_argv(&argv),
+                    gate.service,
+                    reason.describe(),
+                    failures.1.as_secs()
+                );
+                tracing::warn!(service = gate.service, failures = failures.0, "{message}");
+                self.raise_dump_alarm(&gate.service, message).await;
+                return false;
+            }
+            {
+                let mut upkeep = gate.upkeep.lock().expect("upkeep lock");
+                upkeep.failures = 0;
+                upkeep.retry_at = None;
+            }
+            tracing::info!(
+                service = gate.service,
+                ms = began.elapsed().as_millis() as u64,
+                "dump command succeeded"
+            );
+            self.clear_dump_alarm(&gate.service, "the dump command succeeded").await;
+        }
         let mut run = gate.run.lock().await;
-        let Some((id, _)) = run.running.take() else { return };
+        if run.running.as_ref().map(|(i, _)| i) != Some(&id) {
+            return false; // stopped (or restarted) meanwhile
+        }
+        {
+            let activity = gate.activity.lock().expect("activity lock");
+            if activity.0 > 0 || activity.1 > began {
+                tracing::info!(service = gate.service, "not stopped: a connection came in during the dump");
+                return false;
+            }
+        }
+        if !self.stop_locked(gate, &mut run, reason.describe()).await {
+            return false;
+        }
+        let counter = match reason {
+            StopReason::Idle => &gate.counters.idle_stops,
+            StopReason::Memory => &gate.counters.memory_stops,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Runs the dump; `Err` says how it failed (exit code and the end of stderr).
+    async fn dump(&self, gate: &Gate, id: &str, argv: &[String]) -> Result<(), String> {
+        tracing::info!(service = gate.service, command = format_argv(argv), "running the dump command");
+        match self.runtime.exec(id, argv, self.config.dump_timeout).await {
+            Ok(outcome) if outcome.succeeded() => Ok(()),
+            Ok(outcome) => {
+                let code = outcome
+                    .exit_code
+                    .map(|c| format!("exit code {c}"))
+                    .unwrap_or_else(|| "no exit code".into());
+                let stderr = outcome.stderr_tail.trim();
+                let tail: String = {
+                    let chars: Vec<char> = stderr.chars().collect();
+                    let from = chars.len().saturating_sub(ALARM_STDERR_CHARS);
+                    chars[from..].iter().collect()
+                };
+                if tail.is_empty() {
+                    Err(format!("{code}, nothing on stderr"))
+                } else {
+                    Err(format!("{code}, stderr ends with: {tail}"))
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn raise_dump_alarm(&self, service: &str, message: String) {
+        let me = self.node.id();
+        let key = dump_key(me, service);
+        let open = self.node.store().with_state(|s| s.open_alarms().any(|a| a.key == key));
+        if open {
+            return;
+        }
+        let event = Event::AlarmRaised { key, node: Some(me), service: Some(service.to_string()), message };
+        self.propose(event).await;
+    }
+
+    async fn clear_dump_alarm(&self, service: &str, reason: &str) {
+        let key = dump_key(self.node.id(), service);
+        let open = self.node.store().with_state(|s| s.open_alarms().find(|a| a.key == key).map(|a| a.id));
+        if let Some(alarm_id) = open {
+            self.propose(Event::AlarmCleared { alarm_id, reason: reason.to_string() }).await;
+        }
+    }
+
+    async fn propose(&self, event: Event) {
+        let summary = event.summary();
+        let actor = format!("activator@node:{}", self.node.id());
+        match tokio::time::timeout(PROPOSE_ALARM_TIMEOUT, self.node.propose(event, actor)).await {
+            Ok(Ok(_)) => tracing::info!("{summary}"),
+            Ok(Err(e)) => tracing::warn!("could not record \"{summary}\": {e}"),
+            Err(_) => tracing::warn!("could not record \"{summary}\": the log did not answer in time"),
+        }
+    }
+
+    /// Stops the gate's container now, without a dump.
+    async fn stop_now(&self, gate: &Gate, why: &str) {
+        let mut run = gate.run.lock().await;
+        self.stop_locked(gate, &mut run, why).await;
+    }
+
+    async fn stop_locked(&self, gate: &Gate, run: &mut RunInfo, why: &str) -> bool {
+        let Some((id, ip)) = run.running.take() else { return false };
         if let Err(e) = self.runtime.stop(&id).await {
             tracing::warn!(service = gate.service, error = %e, "could not stop the on-demand container");
-            return;
+            run.running = Some((id, ip));
+            return false;
         }
         if let Some(since) = run.since.take() {
             run.total += since.elapsed();
         }
         tracing::info!(service = gate.service, why, "stopped the on-demand container");
+        true
     }
 
     /// Traffic of every on-demand service this server has gates for.
     pub async fn stats(&self) -> Vec<ServiceStats> {
-        let gates: Vec<Arc<Gate>> = self.gates.lock().expect("gates lock").values().cloned().collect();
         let mut out = Vec::new();
-        for gate in gates {
+        for gate in self.gate_list() {
             let run = gate.run.lock().await;
             let mut samples = gate.cold_start_ms.lock().expect("samples lock").clone();
             samples.sort_unstable();
             let pct = |p: f64| {
                 (!samples.is_empty()).then(|| samples[((samples.len() - 1) as f64 * p).round() as usize])
             };
+            let c = &gate.counters;
             out.push(ServiceStats {
                 service: gate.service.clone(),
-                connections: gate.counters.connections.load(Ordering::Relaxed),
-                bytes_in: gate.counters.bytes_in.load(Ordering::Relaxed),
-                bytes_out: gate.counters.bytes_out.load(Ordering::Relaxed),
+                connections: c.connections.load(Ordering::Relaxed),
+                bytes_in: c.bytes_in.load(Ordering::Relaxed),
+                bytes_out: c.bytes_out.load(Ordering::Relaxed),
                 cold_starts: run.cold_starts,
                 cold_start_ms_p50: pct(0.5),
                 cold_start_ms_p99: pct(0.99),
                 running_ms: (run.total + run.since.map(|s| s.elapsed()).unwrap_or_default()).as_millis()
                     as u64,
                 running: run.running.is_some(),
+                idle_stops: c.idle_stops.load(Ordering::Relaxed),
+                memory_stops: c.memory_stops.load(Ordering::Relaxed),
+                dumps_failed: c.dumps_failed.load(Ordering::Relaxed),
             });
         }
         out
@@ -362,13 +788,16 @@ impl Activator {
 /// The stats in Prometheus' text exposition format.
 pub fn prometheus(stats: &[ServiceStats]) -> String {
     let mut out = String::new();
-    let metrics: [Metric; 6] = [
+    let metrics: [Metric; 9] = [
         ("coyote_service_connections_total", "counter", |s| s.connections),
         ("coyote_service_bytes_in_total", "counter", |s| s.bytes_in),
         ("coyote_service_bytes_out_total", "counter", |s| s.bytes_out),
         ("coyote_service_cold_starts_total", "counter", |s| s.cold_starts),
         ("coyote_service_running_seconds_total", "counter", |s| s.running_ms / 1000),
         ("coyote_service_running", "gauge", |s| u64::from(s.running)),
+        ("coyote_service_idle_stops_total", "counter", |s| s.idle_stops),
+        ("coyote_service_memory_stops_total", "counter", |s| s.memory_stops),
+        ("coyote_service_dumps_failed_total", "counter", |s| s.dumps_failed),
     ];
     for (name, kind, get) in metrics {
         out.push_str(&format!("# TYPE {name} {kind}\n"));
@@ -401,6 +830,44 @@ mod tests {
         assert!(text.contains("coyote_service_cold_starts_total{service=\"b\"} 2\n"));
         assert!(text.contains("coyote_service_running_seconds_total{service=\"b\"} 4\n"));
         assert!(text.contains("coyote_service_running{service=\"a\"} 1\n"));
-        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 12);
+        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 18);
+    }
+
+    #[test]
+    fn mem_available_is_read_in_bytes() {
+        let meminfo =
+            "MemTotal:       24563472 kB\nMemFree:        20000000 kB\nMemAvailable:   22000000 kB\n";
+        assert_eq!(parse_mem_available(meminfo), Some(22_000_000 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 1 kB\n"), None);
+        assert_eq!(parse_mem_available("MemAvailable: lots kB\n"), None);
+        assert_eq!(parse_mem_available("MemAvailable: 5 MB\n"), None);
+    }
+
+    #[test]
+    fn the_real_meminfo_is_readable() {
+        let available = ProcMeminfo::default().available().expect("MemAvailable in /proc/meminfo");
+        assert!(available > 0);
+        let missing = ProcMeminfo { path: "/nonexistent/meminfo".into() };
+        assert!(missing.available().is_err());
+    }
+
+    #[test]
+    fn memory_pressure_stops_idle_containers_least_recently_used_first() {
+        let t0 = Instant::now();
+        let c = |service: &str, open: usize, ago_ms: u64| Candidate {
+            service: service.into(),
+            open_connections: open,
+            last_end: t0 - Duration::from_millis(ago_ms),
+        };
+        let order = pressure_order(vec![c("b", 0, 100), c("busy", 2, 5000), c("a", 0, 300), c("c", 0, 0)]);
+        assert_eq!(order, vec!["a", "b", "c"], "oldest last use first; never one with open connections");
+        assert!(pressure_order(vec![c("busy", 1, 9000)]).is_empty());
+    }
+
+    #[test]
+    fn failed_dumps_back_off() {
+        assert_eq!(retry_delay(1), DUMP_RETRY_MIN);
+        assert_eq!(retry_delay(2), DUMP_RETRY_MIN * 2);
+        assert_eq!(retry_delay(30), DUMP_RETRY_MAX);
     }
 }

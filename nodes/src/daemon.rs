@@ -135,6 +135,10 @@ pub struct ContainerOptions {
     pub pull: bool,
     /// Stop an idle on-demand container after this long.
     pub idle_stop: Duration,
+    /// Deadline of a dump command.
+    pub dump_timeout: Duration,
+    /// Stop idle on-demand containers while available memory is below this many bytes.
+    pub memory_min_available: Option<u64>,
 }
 
 /// Runs the node in `dir` in the foreground until SIGINT or SIGTERM.
@@ -198,7 +202,12 @@ pub async fn run(dir: &DataDir, settings: &RaftSettings, containers: &ContainerO
         let settings = reconciler::Settings { volumes, pull: containers.pull };
         let reconciler =
             Reconciler::new(node.clone(), runtime.clone(), scope, settings).with_fence(fence.clone());
-        let activator_config = ActivatorConfig { idle_stop: containers.idle_stop, ..Default::default() };
+        let activator_config = ActivatorConfig {
+            idle_stop: containers.idle_stop,
+            dump_timeout: containers.dump_timeout,
+            memory_min_available: containers.memory_min_available,
+            ..Default::default()
+        };
         let activator = Activator::new(node.clone(), runtime, fence.clone(), activator_config);
         (Some(Arc::new(reconciler)), Some(Arc::new(activator)))
     } else {

@@ -104,6 +104,20 @@ struct ContainerArgs {
     /// Stop an on-demand service's container after this long without connections (s, m, h, d)
     #[arg(long, default_value = "5m", value_parser = parse_duration_arg)]
     idle_stop: std::time::Duration,
+    /// Deadline of a service's dump command, run before its container is stopped (s, m, h, d)
+    #[arg(long, default_value = "2m", value_parser = parse_duration_arg)]
+    dump_timeout: std::time::Duration,
+    /// Stop idle on-demand containers, least recently used first, while the host's available memory
+    /// (MemAvailable) is below this (512M, 2G) [default: off]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    memory_min_available: Option<u64>,
+}
+
+fn parse_size_arg(text: &str) -> Result<u64, String> {
+    match parse_bytes(text)? {
+        0 => Err(format!("{text:?}: a threshold of 0 bytes never triggers; leave the option out instead")),
+        n => Ok(n),
+    }
 }
 
 fn parse_duration_arg(text: &str) -> Result<std::time::Duration, String> {
@@ -117,6 +131,8 @@ impl From<ContainerArgs> for ContainerOptions {
             docker_socket: c.docker_socket,
             pull: !c.no_pull,
             idle_stop: c.idle_stop,
+            dump_timeout: c.dump_timeout,
+            memory_min_available: c.memory_min_available,
         }
     }
 }
@@ -221,6 +237,10 @@ enum ServiceCmd {
         /// Keep the container stopped until a connection arrives
         #[arg(long)]
         on_demand: bool,
+        /// Command run inside the container before coyote stops it (idle, memory pressure); split
+        /// like a shell line, without a shell: --dump 'sh -c "pg_dumpall > /data/dump.sql"'
+        #[arg(long, value_name = "COMMAND")]
+        dump: Option<String>,
     },
     /// List services
     List,
@@ -255,6 +275,12 @@ enum ServiceCmd {
         /// Keep the container stopped until a connection arrives (true or false)
         #[arg(long, value_name = "BOOL")]
         on_demand: Option<bool>,
+        /// Command run inside the container before coyote stops it, split like a shell line
+        #[arg(long, value_name = "COMMAND")]
+        dump: Option<String>,
+        /// Remove the dump command
+        #[arg(long, conflicts_with = "dump")]
+        no_dump: bool,
     },
     /// Remove a service
     Rm { name: String },
@@ -429,6 +455,16 @@ fn print_done(reply: &Value, json: bool, text: &str) {
     }
 }
 
+/// A command line split into its argv like a POSIX shell would (quotes and backslashes), without
+/// running a shell: no variables, no globs, no redirections.
+fn parse_command(text: &str) -> Result<Vec<String>> {
+    let Some(argv) = shlex::split(text) else {
+        bail!("the command {text:?} has an unclosed quote or a trailing backslash");
+    };
+    coyote_state_machine::spec::validate_dump(&argv).map_err(|r| anyhow::anyhow!("{r}"))?;
+    Ok(argv)
+}
+
 /// `1h`, `30m`, `90s`, `2d`, or plain seconds, into milliseconds.
 fn parse_duration_ms(text: &str) -> Result<u64> {
     let t = text.trim();
@@ -498,11 +534,13 @@ async fn token(cmd: TokenCmd, client: &Client, json: bool) -> Result<()> {
 
 async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
     match cmd {
-        ServiceCmd::Create { name, image, domains, ports, memory, on_demand } => {
+        ServiceCmd::Create { name, image, domains, ports, memory, on_demand, dump } => {
             let ports: Vec<PortMap> =
                 ports.iter().map(|p| parse_port(p)).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?;
             let memory_bytes = memory.as_deref().map(parse_bytes).transpose().map_err(anyhow::Error::msg)?;
-            let spec = ServiceSpec { name: name.clone(), image, domains, ports, memory_bytes, on_demand };
+            let dump = dump.as_deref().map(parse_command).transpose()?;
+            let spec =
+                ServiceSpec { name: name.clone(), image, domains, ports, memory_bytes, on_demand, dump };
             if let Err(r) = spec.validate() {
                 bail!("{r}");
             }
@@ -535,7 +573,7 @@ async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             }
         }
-        ServiceCmd::Update { name, image, domains, ports, no_ports, memory, on_demand } => {
+        ServiceCmd::Update { name, image, domains, ports, no_ports, memory, on_demand, dump, no_dump } => {
             let current = client.call(Method::GET, &format!("/v1/services/{name}"), None).await?;
             let mut spec: ServiceSpec = serde_json::from_value(current["spec"].clone())
                 .map_err(|e| anyhow::anyhow!("the node sent a spec this CLI cannot read: {e}"))?;
@@ -561,6 +599,11 @@ async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
             }
             if let Some(on_demand) = on_demand {
                 spec.on_demand = on_demand;
+            }
+            if no_dump {
+                spec.dump = None;
+            } else if let Some(dump) = dump {
+                spec.dump = Some(parse_command(&dump)?);
             }
             if let Err(r) = spec.validate() {
                 bail!("{r}");
@@ -691,7 +734,19 @@ fn print_status(s: &Value, json: bool) {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration_ms;
+    use super::{parse_command, parse_duration_ms};
+
+    #[test]
+    fn commands_split_like_a_shell_line() {
+        assert_eq!(
+            parse_command(r#"sh -c "pg_dumpall > /data/dump.sql""#).unwrap(),
+            vec!["sh", "-c", "pg_dumpall > /data/dump.sql"]
+        );
+        assert_eq!(parse_command("a 'b c' d\\ e").unwrap(), vec!["a", "b c", "d e"]);
+        for bad in ["", "   ", "sh -c 'unclosed", "''"] {
+            assert!(parse_command(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     #[test]
     fn durations_parse() {

@@ -50,9 +50,8 @@
 //!
 //! # Left out
 //!
-//! - Fencing (stop serving without a quorum lease) and the activator (starting on-demand containers on
-//!   traffic, stopping them when idle): later work; the reconciler leaves an on-demand container's run
-//!   state alone.
+//! - An on-demand container's run state: the reconciler creates it and leaves it alone; the
+//!   [`crate::activator`] starts it on traffic and stops it when idle or short of memory.
 //! - Containers in the engine's transitional states (paused, restarting, dead) are left alone.
 //! - Stopping the node leaves its containers as they are (a restart of coyote is not an outage).
 //! - Published ports bind every host address; the volume directory is created root-owned, so an image
@@ -824,6 +823,7 @@ mod tests {
             ports: vec![],
             memory_bytes: None,
             on_demand: false,
+            dump: None,
         }
     }
 

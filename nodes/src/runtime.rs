@@ -4,7 +4,9 @@
 //!
 //! [`ContainerRuntime`] is everything the reconciler needs from a container engine: list the
 //! containers this node manages, check and pull images, make sure the `coyote` network exists, and
-//! create, start, stop and remove containers. Its types ([`ObservedContainer`], [`ContainerConfig`],
+//! create, start, stop and remove containers; and, for the activator, run a command inside a running
+//! container (a dump before a stop: Docker's exec API, with a deadline, keeping its exit code and the
+//! end of its output). Its types ([`ObservedContainer`], [`ContainerConfig`],
 //! [`RuntimeError`]) are ours, not bollard's, so the planner never sees Docker and the simulator can
 //! put a model of containers (with start and stop delays) behind the same trait.
 //!
@@ -51,6 +53,8 @@ pub const VOLUME_TARGET: &str = "/data";
 pub const DOCKER_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Grace period between SIGTERM and SIGKILL when a container is stopped.
 pub const STOP_GRACE_S: i32 = 10;
+/// Bytes kept of each output stream of a command run in a container (the end of it).
+pub const EXEC_OUTPUT_TAIL: usize = 2048;
 /// Deadline of one image pull.
 pub const PULL_TIMEOUT: Duration = Duration::from_secs(600);
 /// Pull progress is logged at most this often.
@@ -115,6 +119,40 @@ pub struct ContainerConfig {
     pub network: String,
 }
 
+/// What a command run inside a container did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExecOutcome {
+    /// `None` if the engine did not report one.
+    pub exit_code: Option<i64>,
+    /// The last [`EXEC_OUTPUT_TAIL`] bytes of each stream (lossy UTF-8).
+    pub stdout_tail: String,
+    pub stderr_tail: String,
+}
+
+impl ExecOutcome {
+    pub fn succeeded(&self) -> bool {
+        self.exit_code == Some(0)
+    }
+}
+
+/// The end of a stream: at most [`EXEC_OUTPUT_TAIL`] bytes.
+#[derive(Default)]
+struct Tail(Vec<u8>);
+
+impl Tail {
+    fn push(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+        if self.0.len() > EXEC_OUTPUT_TAIL {
+            let cut = self.0.len() - EXEC_OUTPUT_TAIL;
+            self.0.drain(..cut);
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0).into_owned()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RuntimeError {
     /// The engine cannot be reached: socket missing, daemon down, timeout.
@@ -152,6 +190,13 @@ pub trait ContainerRuntime: Send + Sync {
     async fn remove(&self, id: &str) -> Result<()>;
     /// The container's address on the coyote network, if it is running and has one.
     async fn address(&self, id: &str) -> Result<Option<std::net::IpAddr>>;
+    /// Runs `argv` inside the running container and waits for it, at most `timeout` (then it is an
+    /// error; the command may still be running in the container). A command that ran and failed is
+    /// an `Ok` with its exit code.
+    async fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<ExecOutcome> {
+        let _ = (id, timeout);
+        Err(RuntimeError::Failed(format!("this runtime cannot run {argv:?} in a container")))
+    }
 }
 
 /// The Docker Engine over its unix socket.
@@ -427,6 +472,62 @@ impl ContainerRuntime for DockerRuntime {
                 RuntimeError::NotFound(_) => Ok(()),
                 other => Err(other),
             },
+        }
+    }
+
+    async fn exec(&self, id: &str, argv: &[String], timeout: Duration) -> Result<ExecOutcome> {
+        use bollard::container::LogOutput;
+        use bollard::exec::{CreateExecOptions, StartExecResults};
+        use futures::StreamExt;
+        let docker = self.client().await?;
+        let run = async {
+            let options = CreateExecOptions {
+                cmd: Some(argv.to_vec()),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                ..Default::default()
+            };
+            let created = docker
+                .create_exec(id, options)
+                .await
+                .map_err(|e| self.error("creating a command in the container", e))?;
+            let started = docker
+                .start_exec(&created.id, None)
+                .await
+                .map_err(|e| self.error("starting a command in the container", e))?;
+            let (mut stdout, mut stderr) = (Tail::default(), Tail::default());
+            if let StartExecResults::Attached { mut output, .. } = started {
+                while let Some(item) = output.next().await {
+                    match item.map_err(|e| self.error("reading the command's output", e))? {
+                        LogOutput::StdErr { message } => stderr.push(&message),
+                        LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                            stdout.push(&message)
+                        }
+                        LogOutput::StdIn { .. } => {}
+                    }
+                }
+            }
+            // The output ends when the command does; the engine may record its exit a moment later.
+            let mut exit_code = None;
+            for _ in 0..100 {
+                let inspected = docker
+                    .inspect_exec(&created.id)
+                    .await
+                    .map_err(|e| self.error("inspecting a command in the container", e))?;
+                if inspected.running != Some(true) {
+                    exit_code = inspected.exit_code;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(ExecOutcome { exit_code, stdout_tail: stdout.text(), stderr_tail: stderr.text() })
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(result) => result,
+            Err(_) => Err(RuntimeError::Failed(format!(
+                "the command did not finish within {} s (it may still run in the container)",
+                timeout.as_secs_f64()
+            ))),
         }
     }
 

@@ -1,6 +1,21 @@
 //! What a hosted service is: its image, names, ports and limits.
+//!
+//! # Encoding
+//!
+//! A spec is part of events in the log, of archived events and of snapshots, all encoded with bincode,
+//! which does not describe its fields: adding one would make every spec already written unreadable.
+//! So [`ServiceSpec`] extends its binary form by hand, in a way that keeps old bytes valid: the
+//! `on_demand` flag, a bool written as one byte (0 or 1), is read as a byte of flags, and the
+//! [`FLAG_DUMP`] bit says that a dump command follows. A spec without a dump command is encoded byte
+//! for byte as before (so its [`ServiceSpec::hash`], the label on its container, does not change),
+//! and every spec written before dump commands existed decodes as a spec without one. A spec with a
+//! dump command cannot be read by a coyote that predates them (it fails to decode, loudly: an unknown
+//! flag is an error, never ignored). Human-readable formats (the JSON of the API and the CLI) use the
+//! field names, with `dump` optional.
 
-use serde::{Deserialize, Serialize};
+use serde::de::{self, SeqAccess, Visitor};
+use serde::ser::SerializeTuple;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
 use crate::Rejection;
@@ -10,6 +25,14 @@ pub const MEMORY_MIN_BYTES: u64 = 6 * 1024 * 1024;
 /// Bounds on the lists a spec carries.
 pub const DOMAINS_MAX: usize = 32;
 pub const PORTS_MAX: usize = 32;
+/// Bounds on a dump command: arguments, and bytes of all arguments together.
+pub const DUMP_ARGS_MAX: usize = 64;
+pub const DUMP_BYTES_MAX: usize = 4096;
+
+/// In the binary encoding, the byte that was `on_demand`: bit 0 is `on_demand`, this bit says a dump
+/// command follows (see the module docs).
+pub const FLAG_DUMP: u8 = 0b10;
+const FLAG_ON_DEMAND: u8 = 0b01;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PortMap {
@@ -17,7 +40,7 @@ pub struct PortMap {
     pub container: u16,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub name: String,
     pub image: String,
@@ -26,6 +49,88 @@ pub struct ServiceSpec {
     pub memory_bytes: Option<u64>,
     /// Stopped until a connection arrives on one of its ports.
     pub on_demand: bool,
+    /// Run inside the container (an argv, no shell: `["sh", "-c", "..."]` for one) before coyote
+    /// stops it when idle or short of memory; if it fails, the container keeps running and an alarm
+    /// is raised.
+    pub dump: Option<Vec<String>>,
+}
+
+/// The JSON form of a spec: named fields, `dump` optional.
+#[derive(Serialize, Deserialize)]
+#[serde(rename = "ServiceSpec")]
+struct SpecFields {
+    name: String,
+    image: String,
+    domains: Vec<String>,
+    ports: Vec<PortMap>,
+    memory_bytes: Option<u64>,
+    on_demand: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dump: Option<Vec<String>>,
+}
+
+impl Serialize for ServiceSpec {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            let ServiceSpec { name, image, domains, ports, memory_bytes, on_demand, dump } = self.clone();
+            return SpecFields { name, image, domains, ports, memory_bytes, on_demand, dump }
+                .serialize(serializer);
+        }
+        let mut flags = if self.on_demand { FLAG_ON_DEMAND } else { 0 };
+        if self.dump.is_some() {
+            flags |= FLAG_DUMP;
+        }
+        let mut t = serializer.serialize_tuple(6 + usize::from(self.dump.is_some()))?;
+        t.serialize_element(&self.name)?;
+        t.serialize_element(&self.image)?;
+        t.serialize_element(&self.domains)?;
+        t.serialize_element(&self.ports)?;
+        t.serialize_element(&self.memory_bytes)?;
+        t.serialize_element(&flags)?;
+        if let Some(dump) = &self.dump {
+            t.serialize_element(dump)?;
+        }
+        t.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            let SpecFields { name, image, domains, ports, memory_bytes, on_demand, dump } =
+                SpecFields::deserialize(deserializer)?;
+            return Ok(ServiceSpec { name, image, domains, ports, memory_bytes, on_demand, dump });
+        }
+        struct Binary;
+        impl<'de> Visitor<'de> for Binary {
+            type Value = ServiceSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a service spec")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ServiceSpec, A::Error> {
+                let missing = |what: &str| de::Error::custom(format!("service spec without {what}"));
+                let name = seq.next_element()?.ok_or_else(|| missing("name"))?;
+                let image = seq.next_element()?.ok_or_else(|| missing("image"))?;
+                let domains = seq.next_element()?.ok_or_else(|| missing("domains"))?;
+                let ports = seq.next_element()?.ok_or_else(|| missing("ports"))?;
+                let memory_bytes = seq.next_element()?.ok_or_else(|| missing("memory"))?;
+                let flags: u8 = seq.next_element()?.ok_or_else(|| missing("flags"))?;
+                if flags & !(FLAG_ON_DEMAND | FLAG_DUMP) != 0 {
+                    return Err(de::Error::custom(format!(
+                        "service spec with unknown flags {flags:#04x} (written by a newer coyote?)"
+                    )));
+                }
+                let dump = if flags & FLAG_DUMP != 0 {
+                    Some(seq.next_element()?.ok_or_else(|| missing("its dump command"))?)
+                } else {
+                    None
+                };
+                let on_demand = flags & FLAG_ON_DEMAND != 0;
+                Ok(ServiceSpec { name, image, domains, ports, memory_bytes, on_demand, dump })
+            }
+        }
+        deserializer.deserialize_tuple(7, Binary)
+    }
 }
 
 impl ServiceSpec {
@@ -61,12 +166,17 @@ impl ServiceSpec {
                 return Err(Rejection::new(format!("memory limit {m} bytes is below the minimum of 6M")));
             }
         }
+        if let Some(dump) = &self.dump {
+            validate_dump(dump)?;
+        }
         Ok(())
     }
 
-    /// Hex SHA-256 of the encoded spec: containers are labelled with it to detect drift.
+    /// Hex SHA-256 of the encoded spec: containers are labelled with it to detect drift. The dump
+    /// command is left out: it is not part of the container, so changing it does not replace one.
     pub fn hash(&self) -> String {
-        hex::encode(Sha256::digest(crate::encode(self)))
+        let container = ServiceSpec { dump: None, ..self.clone() };
+        hex::encode(Sha256::digest(crate::encode(&container)))
     }
 
     pub fn describe(&self) -> String {
@@ -85,8 +195,51 @@ impl ServiceSpec {
         if self.on_demand {
             parts.push("on demand".into());
         }
+        if let Some(dump) = &self.dump {
+            parts.push(format!("dump {}", format_argv(dump)));
+        }
         parts.join(", ")
     }
+}
+
+/// A dump command is an argv: at least the program, no NUL bytes (they cannot pass through exec),
+/// bounded in size.
+pub fn validate_dump(argv: &[String]) -> Result<(), Rejection> {
+    match argv.first() {
+        None => return Err(Rejection::new("the dump command is empty: give at least a program to run")),
+        Some(program) if program.trim().is_empty() => {
+            return Err(Rejection::new("the dump command's program (its first word) is empty"))
+        }
+        Some(_) => {}
+    }
+    if argv.len() > DUMP_ARGS_MAX {
+        return Err(Rejection::new(format!(
+            "the dump command has {} arguments; at most {DUMP_ARGS_MAX}",
+            argv.len()
+        )));
+    }
+    let bytes: usize = argv.iter().map(|a| a.len()).sum();
+    if bytes > DUMP_BYTES_MAX {
+        return Err(Rejection::new(format!(
+            "the dump command is {bytes} bytes long; at most {DUMP_BYTES_MAX}"
+        )));
+    }
+    if argv.iter().any(|a| a.contains('\0')) {
+        return Err(Rejection::new("the dump command contains a NUL byte"));
+    }
+    Ok(())
+}
+
+/// An argv as one line: arguments with spaces or quotes are single-quoted.
+pub fn format_argv(argv: &[String]) -> String {
+    let word = |a: &String| {
+        if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+            a.clone()
+        } else {
+            format!("'{}'", a.replace('\'', r"'\''"))
+        }
+    };
+    argv.iter().map(word).collect::<Vec<_>>().join(" ")
 }
 
 /// Service names become container and volume names: lowercase letters, digits and dashes, starting
@@ -135,7 +288,8 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         "k" => 1 << 10,
         "m" => 1 << 20,
         "g" => 1 << 30,
-        _ => return Err(format!("{text:?} has an unknown unit (use K, M or G)")),
+        "t" => 1 << 40,
+        _ => return Err(format!("{text:?} has an unknown unit (use K, M, G or T)")),
     };
     n.checked_mul(mult).ok_or_else(|| format!("{text:?} is too large"))
 }
@@ -187,6 +341,102 @@ mod tests {
         assert_eq!(parse_port("25").unwrap(), PortMap { host: 25, container: 25 });
         assert!(parse_port("x:1").is_err());
         assert!(parse_port("70000:1").is_err());
+    }
+
+    fn spec(dump: Option<Vec<String>>) -> ServiceSpec {
+        ServiceSpec {
+            name: "blog".into(),
+            image: "img:1".into(),
+            domains: vec!["blog.example.org".into()],
+            ports: vec![PortMap { host: 8080, container: 80 }],
+            memory_bytes: Some(256 << 20),
+            on_demand: true,
+            dump,
+        }
+    }
+
+    /// The spec as it was before dump commands, with its derived encoding.
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct SpecV1 {
+        name: String,
+        image: String,
+        domains: Vec<String>,
+        ports: Vec<PortMap>,
+        memory_bytes: Option<u64>,
+        on_demand: bool,
+    }
+
+    fn v1(s: &ServiceSpec) -> SpecV1 {
+        SpecV1 {
+            name: s.name.clone(),
+            image: s.image.clone(),
+            domains: s.domains.clone(),
+            ports: s.ports.clone(),
+            memory_bytes: s.memory_bytes,
+            on_demand: s.on_demand,
+        }
+    }
+
+    #[test]
+    fn specs_without_a_dump_encode_as_before() {
+        for on_demand in [false, true] {
+            let new = ServiceSpec { on_demand, ..spec(None) };
+            let old_bytes = crate::encode(&v1(&new));
+            assert_eq!(crate::encode(&new), old_bytes, "same bytes as before");
+            assert_eq!(crate::decode::<ServiceSpec>(&old_bytes).unwrap(), new, "old bytes still decode");
+            assert_eq!(new.hash(), hex::encode(Sha256::digest(&old_bytes)), "same container label");
+        }
+    }
+
+    #[test]
+    fn a_dump_round_trips_and_does_not_change_the_hash() {
+        let argv = vec!["sh".to_string(), "-c".into(), "pg_dumpall > /data/dump.sql".into()];
+        let with = spec(Some(argv));
+        let bytes = crate::encode(&with);
+        assert_eq!(crate::decode::<ServiceSpec>(&bytes).unwrap(), with);
+        assert_eq!(with.hash(), spec(None).hash());
+        // Inside an event, followed by more fields: the decoder reads exactly the spec.
+        let pair = (with.clone(), 7u64);
+        assert_eq!(crate::decode::<(ServiceSpec, u64)>(&crate::encode(&pair)).unwrap(), pair);
+        // An old reader refuses it (it reads the flags as a bool), rather than misreading it.
+        assert!(crate::decode::<SpecV1>(&bytes).is_err());
+        // Unknown flags are an error.
+        let mut bad = crate::encode(&spec(None));
+        *bad.last_mut().unwrap() = 0b100;
+        assert!(crate::decode::<ServiceSpec>(&bad).is_err());
+    }
+
+    #[test]
+    fn json_names_the_dump_and_may_leave_it_out() {
+        let with = spec(Some(vec!["true".into()]));
+        let json = serde_json::to_value(&with).unwrap();
+        assert_eq!(json["dump"], serde_json::json!(["true"]));
+        assert_eq!(serde_json::from_value::<ServiceSpec>(json).unwrap(), with);
+        let without = serde_json::to_value(spec(None)).unwrap();
+        assert!(without.get("dump").is_none());
+        // JSON from a client that knows nothing of dumps.
+        let old = serde_json::to_value(v1(&spec(None))).unwrap();
+        assert_eq!(serde_json::from_value::<ServiceSpec>(old).unwrap(), spec(None));
+    }
+
+    #[test]
+    fn dump_commands_are_checked() {
+        assert!(spec(Some(vec!["sh".into(), "-c".into(), "x".into()])).validate().is_ok());
+        let bad: Vec<(Vec<String>, &str)> = vec![
+            (vec![], "empty"),
+            (vec![" ".into()], "program"),
+            (vec!["a".into(); DUMP_ARGS_MAX + 1], "arguments"),
+            (vec!["a".repeat(DUMP_BYTES_MAX + 1)], "bytes"),
+            (vec!["a\0b".into()], "NUL"),
+        ];
+        for (argv, why) in bad {
+            let err = spec(Some(argv.clone())).validate().unwrap_err();
+            assert!(err.reason.contains(why), "{argv:?}: {err}");
+        }
+        assert_eq!(
+            format_argv(&["sh".into(), "-c".into(), "echo 'hi' > /data/x".into()]),
+            r"sh -c 'echo '\''hi'\'' > /data/x'"
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ fn event() -> impl Strategy<Value = Event> {
             Event::TokenIssued { token_id, secret_sha256, expires_at_ms: exp, uses }
         }),
         1 => token.prop_map(|token_id| Event::TokenRevoked { token_id }),
-        2 => (name.clone(), 1u16..4, any::<bool>()).prop_map(|(name, port, on_demand)| Event::ServiceCreated {
+        2 => (name.clone(), 1u16..4, any::<bool>(), any::<bool>()).prop_map(|(name, port, on_demand, dump)| Event::ServiceCreated {
             spec: ServiceSpec {
                 name,
                 image: "img".into(),
@@ -36,6 +36,7 @@ fn event() -> impl Strategy<Value = Event> {
                 ports: vec![PortMap { host: port, container: 80 }],
                 memory_bytes: None,
                 on_demand,
+                dump: dump.then(|| vec!["sh".into(), "-c".into(), "echo dump".into()]),
             }
         }),
         1 => name.clone().prop_map(|name| Event::ServiceRemoved { name }),

@@ -66,6 +66,7 @@ impl Runner {
                 .unwrap_or_default(),
             memory_bytes: kv.get("memory").map(|m| parse_bytes(m).expect("memory")),
             on_demand: pos.iter().any(|p| p == "on-demand"),
+            dump: kv.get("dump").map(|d| d.split(',').map(String::from).collect()),
         }
     }
 
