@@ -359,7 +359,8 @@ impl LogNode {
         let raft_config = Arc::new(config.raft.to_config(&config.cluster_id)?);
         let client_tls = tls::client_config(Some(identity), &Trust::Ca(identity.ca_cert_pem.clone()))?;
         let server_tls = tls::server_config(identity)?;
-        let network = Network::new(client_tls.clone(), env.dial.clone());
+        let network = Network::new(client_tls.clone(), env.dial.clone(), store.durable());
+        log.set_node_id(config.node_id);
         let raft = Raft::new(config.node_id, raft_config, network, log, state_machine)
             .await
             .map_err(|e| LogError::Raft(e.to_string()))?;

@@ -21,6 +21,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::pb;
+use crate::store::Durable;
 use crate::tls;
 use crate::types::{Node, NodeId, Raft, TypeConfig};
 
@@ -64,11 +65,18 @@ pub fn channel(
 pub struct Network {
     tls: Arc<rustls::ClientConfig>,
     dial: tls::DynDial,
+    durable: tokio::sync::watch::Receiver<Durable>,
 }
 
 impl Network {
-    pub fn new(tls: Arc<rustls::ClientConfig>, dial: tls::DynDial) -> Self {
-        Network { tls, dial }
+    /// `durable` is how far the local log is on disk: an AppendEntries that would tell a follower a
+    /// commit index beyond it waits until it is (see "The leader's flush" in [`crate::store`]).
+    pub fn new(
+        tls: Arc<rustls::ClientConfig>,
+        dial: tls::DynDial,
+        durable: tokio::sync::watch::Receiver<Durable>,
+    ) -> Self {
+        Network { tls, dial, durable }
     }
 }
 
@@ -77,12 +85,13 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerClient {
         let channel = channel(&node.addr, self.tls.clone(), &self.dial).map_err(|e| e.to_string());
-        PeerClient { target, channel }
+        PeerClient { target, channel, durable: self.durable.clone() }
     }
 }
 
 pub struct PeerClient {
     target: NodeId,
+    durable: tokio::sync::watch::Receiver<Durable>,
     /// An address that does not parse as a URI gives an error on every call instead of a panic here.
     channel: Result<Channel, String>,
 }
@@ -147,6 +156,17 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        if let Some(commit) = rpc.leader_commit {
+            // A follower applies what it learns is committed: not before it is durable here too.
+            let wait = self.durable.wait_for(|d| d.index >= commit.index || d.failed);
+            match tokio::time::timeout(option.hard_ttl(), wait).await {
+                Ok(Ok(d)) if !d.failed => {}
+                _ => {
+                    let why = Text(format!("the local log is not durable up to the commit index {commit}"));
+                    return Err(RPCError::Unreachable(Unreachable::new(&why)));
+                }
+            }
+        }
         self.call(Method::Append, &rpc, &option).await
     }
 

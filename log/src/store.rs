@@ -35,11 +35,35 @@
 //!
 //! [`LogStore`] implements openraft's `RaftLogStorage` (storage v2). `append` writes all the entries
 //! of one call in one sled batch (atomic: all or none), then flushes, and only then tells openraft the
-//! entries are durable through the callback. Openraft hands over everything that accumulated since the
+//! entries are durable through the callback (on a follower; for the leader see below). Openraft hands over everything that accumulated since the
 //! previous call, so one flush (one `fsync`) covers a whole batch of proposals under load. `save_vote`
 //! flushes before it returns, as Raft requires: a node that forgot its vote could vote twice in a term.
 //! `truncate` flushes too, so that conflicting entries a follower removed cannot come back after a
 //! crash and make its log look longer than it is.
+//!
+//! # The leader's flush
+//!
+//! Openraft 0.9 waits for the leader's own `append` callback before it starts replicating the entries,
+//! so a leader that flushed first would put its `fsync` and a follower's in series on every write.
+//! Instead, entries that this node appends as the leader of the current term (it knows its id from
+//! [`LogStore::set_node_id`] and its committed vote from `save_vote`) are acknowledged as soon as they
+//! are written, and flushed on the blocking pool while they are replicated. Openraft may then count the
+//! leader in the quorum of an entry that is not yet on the leader's disk, so that "commit" must stay
+//! invisible until the entry is durable here:
+//!
+//! - `apply` waits until every entry it applies is durable on this node ([`Durable`]), so nothing is
+//!   applied, and no client is answered (answers come after applying), on a quorum that only counts
+//!   the leader's intention to write;
+//! - the network ([`crate::network`]) holds back an AppendEntries whose commit index is beyond what is
+//!   durable here until it is, so no follower applies such an entry either.
+//!
+//! So an entry becomes visible anywhere only once it is on the disks of a real majority: the leader's,
+//! and those of the followers that acknowledged it (a follower flushes before it acknowledges, as
+//! before). If the leader crashes before its flush, the entry was applied nowhere and answered to
+//! nobody; it survives if the next leader has it and is dropped otherwise, like any uncommitted entry.
+//! A failed background flush marks the store failed: `apply` returns an error and openraft stops the
+//! node. This is the leader writing its log in parallel with replication, as the Raft dissertation
+//! (section 10.2.1) allows; the cost is one blocked AppendEntries per follower while a flush finishes.
 //!
 //! Two writes are deliberately not flushed:
 //!
@@ -142,7 +166,8 @@ use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use coyote_state_machine::{decode, encode, Envelope, Outcome, State};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -362,6 +387,26 @@ impl SnapshotBody {
     }
 }
 
+/// How far the Raft log is on disk, published to the appliers and to the network (see "The leader's
+/// flush" in the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Durable {
+    /// Every log entry up to this index is durable.
+    pub index: u64,
+    /// A deferred flush failed: nothing more will become durable, the node must stop.
+    pub failed: bool,
+}
+
+/// What the deferred flush needs to know about the log's tail.
+#[derive(Default)]
+struct Tail {
+    /// The last index written (readable, maybe not durable).
+    appended: u64,
+    /// Bumped by every truncation, so that a flush that started before one does not vouch for
+    /// entries written at the same indexes after it.
+    generation: u64,
+}
+
 /// The applied state, in memory.
 #[derive(Default)]
 struct Machine {
@@ -385,6 +430,15 @@ struct Shared {
     durable: bool,
     /// sled's segment file (`DIR/db`), `fdatasync`ed after every flush; `None` in memory.
     segments: Option<Arc<std::fs::File>>,
+    /// This node's id once [`LogStore::set_node_id`] was called (0 before): appends of the leader
+    /// it is are flushed in the background.
+    node_id: AtomicU64,
+    /// The last saved vote, to tell the leader's own appends from a follower's.
+    vote: Mutex<Option<Vote<NodeId>>>,
+    tail: Mutex<Tail>,
+    durable_tx: watch::Sender<Durable>,
+    /// One deferred flush at a time.
+    flush_lock: Mutex<()>,
 }
 
 /// sled 0.34's `flush` writes its buffers and calls `sync_file_range`, which survives a killed process
@@ -411,6 +465,73 @@ impl Shared {
         self.machine
             .write()
             .expect("the state lock is poisoned: applying an entry panicked, this node must stop")
+    }
+
+    fn lock_tail(&self) -> std::sync::MutexGuard<'_, Tail> {
+        self.tail.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether entries of `term` appended now are this node's own, as the leader of `term`.
+    fn leads(&self, term: u64) -> bool {
+        let me = self.node_id.load(Ordering::Relaxed);
+        let vote = self.vote.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        me != 0
+            && matches!(&*vote, Some(v) if v.is_committed()
+                && v.leader_id().voted_for() == Some(me)
+                && v.leader_id().term == term)
+    }
+
+    /// Records that the log now ends at `last`; returns the truncation generation.
+    fn note_appended(&self, last: u64) -> u64 {
+        let mut tail = self.lock_tail();
+        tail.appended = last;
+        tail.generation
+    }
+
+    /// Records that a flush which began when the log ended at `target`, in `generation`, completed.
+    fn note_flushed(&self, target: u64, generation: u64) {
+        let tail = self.lock_tail();
+        if tail.generation == generation {
+            self.durable_tx.send_if_modified(|d| {
+                let moved = d.index < target;
+                d.index = d.index.max(target);
+                moved
+            });
+        }
+    }
+
+    /// The leader's flush, on the blocking pool: makes everything appended so far durable.
+    fn flush_deferred(&self) {
+        let _one = self.flush_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (target, generation) = {
+            let tail = self.lock_tail();
+            (tail.appended, tail.generation)
+        };
+        if self.durable_tx.borrow().index >= target {
+            return; // an earlier flush covered it
+        }
+        match sync(&self.db, self.segments.as_deref(), "flush appended log entries") {
+            Ok(()) => self.note_flushed(target, generation),
+            Err(e) => {
+                tracing::error!(error = %e, "flushing the leader's log entries failed; this node must stop");
+                self.durable_tx.send_modify(|d| d.failed = true);
+            }
+        }
+    }
+
+    /// Waits until the log is durable up to `index` (or up to its end, if it ends before: entries
+    /// that did not come through `append` here, as in the store's own tests, have nothing to wait for).
+    async fn wait_durable(&self, index: u64) -> Result<(), StoreError> {
+        let index = index.min(self.lock_tail().appended);
+        let mut durable = self.durable_tx.subscribe();
+        let reached = durable.wait_for(|d| d.index >= index || d.failed).await.map(|d| d.failed);
+        match reached {
+            Ok(false) => Ok(()),
+            _ => Err(StoreError::Task {
+                action: "flush appended log entries",
+                reason: "an earlier flush failed".into(),
+            }),
+        }
     }
 
     /// Tells subscribers the last applied index, if it moved.
@@ -777,6 +898,7 @@ fn load(db: sled::Db, options: Options) -> Result<Shared, StoreError> {
     let (log, meta, events, snapshot) =
         (tree(LOG_TREE)?, tree(META_TREE)?, tree(EVENTS_TREE)?, tree(SNAPSHOT_TREE)?);
     let (applied_tx, _) = watch::channel(0);
+    let (durable_tx, _) = watch::channel(Durable::default());
     let mut shared = Shared {
         db,
         log,
@@ -788,16 +910,25 @@ fn load(db: sled::Db, options: Options) -> Result<Shared, StoreError> {
         snapshot_lock: tokio::sync::Mutex::new(()),
         durable: options.durable,
         segments: None,
+        node_id: AtomicU64::new(0),
+        vote: Mutex::new(None),
+        tail: Mutex::new(Tail::default()),
+        durable_tx,
+        flush_lock: Mutex::new(()),
     };
 
     // Everything openraft reads at start-up must decode.
-    shared.get_meta::<Vote<NodeId>>(VOTE_KEY, "the saved vote")?;
+    let vote = shared.get_meta::<Vote<NodeId>>(VOTE_KEY, "the saved vote")?;
+    *shared.vote.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()) = vote;
     shared.get_meta::<Option<LogId>>(COMMITTED_KEY, "the saved commit index")?;
     shared.get_meta::<LogId>(PURGED_KEY, "the last purged log id")?;
     if let Some((key, value)) = shared.log.first().map_err(io("read the first log entry"))? {
         Shared::decode_entry(&key, &value)?;
     }
-    shared.last_entry()?;
+    // What is on disk at start-up counts as durable.
+    let last = shared.last_entry()?.map(|e| e.log_id.index).unwrap_or(0);
+    shared.tail.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()).appended = last;
+    shared.durable_tx.send_modify(|d| d.index = last);
 
     if let Some((meta, data)) = shared.read_snapshot()? {
         let body = SnapshotBody::decode(&data, "the saved snapshot")?;
@@ -837,6 +968,15 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 }
 
+impl LogStore {
+    /// Tells the store which node it belongs to, so that it recognises the entries this node appends
+    /// as leader and flushes them while they are replicated. Without it, every append is flushed
+    /// before it is acknowledged.
+    pub fn set_node_id(&self, id: NodeId) {
+        self.shared.node_id.store(id, Ordering::Relaxed);
+    }
+}
+
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
@@ -854,7 +994,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
         let write_vote = |e: StoreError| StorageError::from(StorageIOError::write_vote(&e));
         self.shared.meta.insert(VOTE_KEY, encode(vote)).map_err(|e| write_vote(io("save the vote")(e)))?;
-        self.shared.flush("flush the vote").await.map_err(write_vote)
+        self.shared.flush("flush the vote").await.map_err(write_vote)?;
+        *self.shared.vote.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(*vote);
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
@@ -882,7 +1024,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = sled::Batch::default();
+        let mut last = None;
+        let mut own = true;
         for entry in entries {
+            last = Some(entry.log_id.index);
+            own &= self.shared.leads(entry.log_id.leader_id.term);
             #[cfg(feature = "planted-bugs")]
             if planted::keeps_conflicting_entries()
                 && self.shared.log.contains_key(index_key(entry.log_id.index)).unwrap_or(false)
@@ -891,10 +1037,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
             batch.insert(&index_key(entry.log_id.index), encode(&entry));
         }
+        let Some(last) = last else {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        };
         // Readable from here on, as openraft requires when `append` returns...
         self.shared.log.apply_batch(batch).map_err(|e| write_logs(io("append log entries")(e)))?;
-        // ...and durable before we say so.
-        self.shared.flush("flush appended log entries").await.map_err(write_logs)?;
+        let generation = self.shared.note_appended(last);
+        if !self.shared.durable {
+            self.shared.note_flushed(last, generation);
+        } else if own {
+            // ...the leader's own entries are flushed while they are replicated; nothing is applied
+            // or announced as committed before they are durable here (module docs)...
+            let shared = self.shared.clone();
+            tokio::task::spawn_blocking(move || shared.flush_deferred());
+        } else {
+            // ...a follower's are durable before it says so.
+            self.shared.flush("flush appended log entries").await.map_err(write_logs)?;
+            self.shared.note_flushed(last, generation);
+        }
         callback.log_io_completed(Ok(()));
         Ok(())
     }
@@ -909,7 +1070,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.remove(key.map_err(|e| write_logs(io("read log entries to truncate")(e)))?);
         }
         self.shared.log.apply_batch(batch).map_err(|e| write_logs(io("truncate the log")(e)))?;
-        self.shared.flush("flush the truncated log").await.map_err(write_logs)
+        {
+            let mut tail = self.shared.lock_tail();
+            tail.generation += 1;
+            tail.appended = log_id.index.saturating_sub(1);
+        }
+        self.shared.flush("flush the truncated log").await.map_err(write_logs)?;
+        // Everything left is flushed now.
+        let left = log_id.index.saturating_sub(1);
+        self.shared.durable_tx.send_modify(|d| d.index = left);
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -961,8 +1131,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let entries = entries.into_iter();
-        let mut responses = Vec::with_capacity(entries.size_hint().0);
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        if let Some(last) = entries.last() {
+            // The leader's own entries may still be on their way to its disk.
+            self.shared
+                .wait_durable(last.log_id.index)
+                .await
+                .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        }
+        let mut responses = Vec::with_capacity(entries.len());
         let last_index = {
             let mut machine = self.shared.write_machine();
             let mut archive = sled::Batch::default();
@@ -1070,6 +1247,11 @@ impl StoreHandle {
     /// The index of the last applied event (0 before the first). Not a log index: see [`Batch`].
     pub fn last_event(&self) -> u64 {
         self.shared.read_machine().state.last_applied
+    }
+
+    /// How far the Raft log is durable on this node.
+    pub fn durable(&self) -> watch::Receiver<Durable> {
+        self.shared.durable_tx.subscribe()
     }
 
     /// The last applied log index, updated after each applied batch and each installed snapshot.

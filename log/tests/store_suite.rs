@@ -146,6 +146,36 @@ async fn log_vote_and_commit_survive_reopening() {
 }
 
 #[tokio::test]
+async fn the_leaders_own_entries_become_durable_after_the_callback_and_survive() {
+    let dir = TempDir::new().unwrap();
+    let entries = history();
+    {
+        let (mut log, mut sm, handle) = open(dir.path());
+        log.set_node_id(1);
+        // A follower (the vote is for node 2): durable before the callback.
+        log.save_vote(&Vote::new_committed(1, 2)).await.unwrap();
+        log.blocking_append(entries[..3].to_vec()).await.unwrap();
+        assert_eq!(handle.durable().borrow().index, 3);
+        // The leader of term 2: flushed in the background, durable soon after the callback.
+        log.save_vote(&Vote::new_committed(2, 1)).await.unwrap();
+        log.blocking_append(entries[3..].to_vec()).await.unwrap();
+        let mut durable = handle.durable();
+        let reached =
+            tokio::time::timeout(std::time::Duration::from_secs(10), durable.wait_for(|d| d.index >= 5));
+        assert!(!reached.await.expect("the background flush finishes").expect("store open").failed);
+        // Applying waits for durability, then goes through.
+        sm.apply(entries.clone()).await.unwrap();
+        assert_eq!(handle.last_event(), 4);
+        // A truncation resets what counts as durable to what is left.
+        log.truncate(log_id(2, 5)).await.unwrap();
+        assert_eq!(handle.durable().borrow().index, 4);
+    }
+    let (mut log, _sm, handle) = open(dir.path());
+    assert_eq!(log.try_get_log_entries(..).await.unwrap(), entries[..4].to_vec());
+    assert_eq!(handle.durable().borrow().index, 4);
+}
+
+#[tokio::test]
 async fn apply_archives_events_and_publishes_progress() {
     let dir = TempDir::new().unwrap();
     let (_log, mut sm, handle) = open(dir.path());
