@@ -12,7 +12,10 @@
 //! - `BENCH_SECS` (10): length of each `wrk` run; `BENCH_WARMUP_SECS` (2): one run through the
 //!   activator before the measured ones;
 //! - `BENCH_ROUNDS` (2): `wrk` runs on each side, alternating direct and activator;
-//! - `BENCH_CONNECTIONS` (8; busybox httpd listens with a backlog of 9), `BENCH_THREADS` (2): `wrk -c` and `-t`.
+//! - `BENCH_CONNECTIONS` (8; busybox httpd listens with a backlog of 9), `BENCH_THREADS` (2): `wrk -c` and `-t`;
+//! - `BENCH_IMAGE` (`coyote-test/httpd:1`, busybox httpd, which closes every connection after one
+//!   answer): the service's image, serving HTTP on port 80. `run-activator.sh` also runs it with
+//!   `coyote-bench/caddy:1` (Debian's caddy, which keeps connections open, as most web servers do).
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -37,6 +40,7 @@ struct Config {
     rounds: usize,
     connections: usize,
     threads: usize,
+    image: String,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
@@ -55,6 +59,7 @@ impl Config {
             rounds: env_or("BENCH_ROUNDS", 2)?,
             connections: env_or("BENCH_CONNECTIONS", 8)?,
             threads: env_or("BENCH_THREADS", 2)?,
+            image: std::env::var("BENCH_IMAGE").unwrap_or_else(|_| IMAGE.to_string()),
         };
         if cfg.cold_runs == 0 || cfg.secs == 0 || cfg.rounds == 0 || cfg.connections == 0 || cfg.threads == 0
         {
@@ -443,7 +448,8 @@ fn main() -> Result<()> {
     let tmp = tempfile::Builder::new().prefix("coyote-bench-activator-").tempdir()?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     eprintln!(
-        "activator_vs_direct: {cores} cores, {} cold starts a side, wrk -t{} -c{} {} s x {} rounds a side; data in {}",
+        "activator_vs_direct: {cores} cores, image {}, {} cold starts a side, wrk -t{} -c{} {} s x {} rounds a side; data in {}",
+        cfg.image,
         cfg.cold_runs,
         cfg.threads,
         cfg.connections,
@@ -466,7 +472,7 @@ fn main() -> Result<()> {
         "create",
         SERVICE,
         "--image",
-        IMAGE,
+        &cfg.image,
         "--port",
         &format!("{port}:80"),
         "--on-demand",
