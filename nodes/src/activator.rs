@@ -39,8 +39,6 @@
 //! - A container stopped because this server no longer serves the service (its lease lapsed, it is
 //!   no longer master, its ports changed) is stopped at once, without its dump: fencing must not wait
 //!   for a command in the container. Dumps before a graceful handover belong to the switch, later.
-//! - After a restart of the node, a container the previous run started is not known to be running
-//!   (it is stopped only when a connection has gone through it again).
 //! - The proxy waking a service through this code path (the proxy does not exist yet).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -368,11 +366,33 @@ impl Activator {
         for (service, ports) in missing {
             match self.open_gate(&service, ports).await {
                 Ok(gate) => {
-                    self.gates.lock().expect("gates lock").insert(service, gate);
+                    self.gates.lock().expect("gates lock").insert(service, gate.clone());
+                    self.adopt(&gate).await;
                 }
                 Err(e) => tracing::warn!(service, error = %e, "cannot listen for the on-demand service"),
             }
         }
+    }
+
+    /// Takes over a container of the gate's service that already runs (started by this node's previous
+    /// run, or by hand): it counts as running from now, so it is stopped when idle (after its dump)
+    /// or under memory pressure like one started here.
+    async fn adopt(&self, gate: &Gate) {
+        let mut run = gate.run.lock().await;
+        if run.running.is_some() {
+            return;
+        }
+        let Ok(containers) = self.runtime.list().await else { return };
+        let Some(container) =
+            containers.iter().find(|c| c.service == gate.service && c.state == RunState::Running)
+        else {
+            return;
+        };
+        let Ok(Some(ip)) = self.runtime.address(&container.id).await else { return };
+        run.running = Some((container.id.clone(), ip));
+        run.since = Some(Instant::now());
+        gate.activity.lock().expect("activity lock").1 = Instant::now();
+        tracing::info!(service = gate.service, "its container already runs: taken over, stopped when idle");
     }
 
     async fn open_gate(self: &Arc<Self>, service: &str, ports: Vec<PortMap>) -> std::io::Result<Arc<Gate>> {

@@ -151,6 +151,34 @@ fn an_on_demand_service_starts_on_the_first_connection_and_stops_when_idle() -> 
 }
 
 #[test]
+fn a_container_left_running_by_a_previous_run_is_stopped_when_idle() -> Result<()> {
+    test_images()?;
+    let root = tempfile::tempdir()?;
+    let mut guard = DockerGuard::default();
+    let (mut node, cluster) = node_with(root.path(), &mut guard, &["--idle-stop", "1h"])?;
+    let service = format!("adopt{}", std::process::id());
+    let port = free_port();
+    on_demand(&node, &cluster, &service, port, &[])?;
+    assert!(http_get(port)?.contains(" 200 "));
+    assert_eq!(state_of(&cluster, &service)?.as_deref(), Some("running"));
+
+    // The node dies; its container keeps running. The next run, with a short idle time, takes it over.
+    node.kill9();
+    node.flags = vec!["--idle-stop".into(), "3s".into()];
+    node.restart()?;
+    wait_until("the activator to listen again", Duration::from_secs(30), || stats_of(&node, &service))?;
+    assert_eq!(state_of(&cluster, &service)?.as_deref(), Some("running"), "not stopped at once");
+    let s = stats_of(&node, &service)?.expect("stats");
+    assert_eq!(s["running"], true, "the running container is known: {s}");
+    wait_state(&cluster, &service, false, Duration::from_secs(30))?;
+    let s = stats_of(&node, &service)?.expect("stats");
+    assert_eq!((s["idle_stops"].as_u64(), s["cold_starts"].as_u64()), (Some(1), Some(0)), "{s}");
+    // And it starts again on the next connection.
+    assert!(http_get(port)?.contains(" 200 "));
+    Ok(())
+}
+
+#[test]
 fn the_dump_command_runs_before_an_idle_stop() -> Result<()> {
     test_images()?;
     let root = tempfile::tempdir()?;
