@@ -6,9 +6,19 @@ cd "$(dirname "$0")/.."
 
 # The tests need the Rust toolchain (cargo, rustfmt, clippy) and a running Docker Engine. They build
 # their own test data; they start real coyote processes on 127.0.0.1. The reconciler tests run tiny
-# images built FROM scratch with a static busybox (installed from apt if missing): no registry needed.
+# images built FROM scratch with a static busybox (installed from apt if missing); the pull test pushes
+# one into a registry of its own, Debian's docker-registry (installed from apt if missing).
 echo "==> test images"
 ./scripts/test-images.sh
+if ! command -v docker-registry >/dev/null 2>&1; then
+  echo "==> installing docker-registry (for the image pull test)"
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  install() { $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-registry >/dev/null; }
+  install || { $sudo apt-get update -q >/dev/null && install; }
+  # The package starts a system registry on port 5000; the test starts its own.
+  $sudo systemctl disable --now docker-registry >/dev/null 2>&1 || true
+fi
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
