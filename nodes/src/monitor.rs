@@ -251,8 +251,9 @@ impl Monitor {
                         let key = format!("master-lost/{name}/{me}");
                         let service_down = !s.reachable(me, &Subject::Service(name.clone()));
                         #[cfg(feature = "planted-bugs")]
-                        if planted::backup_takes_over() && service_down {
-                            // The planted bug: the backup instructs itself, without waiting for anyone.
+                        if planted::backup_takes_over() && service_down && votes >= needed {
+                            // The planted bug: when its master is lost, the backup instructs itself
+                            // instead of raising the alarm and waiting.
                             let mut event = takeover(name, me, now, "planted bug: the backup takes over".into());
                             if let Event::AuthoritySwitched { cause, .. } = &mut event {
                                 *cause = SwitchCause::Instruction;
@@ -402,8 +403,9 @@ pub mod planted {
 
     static BACKUP_TAKES_OVER: AtomicBool = AtomicBool::new(false);
 
-    /// A backup that sees its service unreachable switches authority to itself (as an instruction,
-    /// which the state machine accepts from an admin), instead of raising an alarm and waiting.
+    /// A backup whose master is lost (its service unreachable from it, a majority reporting the master
+    /// unreachable) switches authority to itself (as an instruction, which the state machine accepts
+    /// from an admin), instead of raising an alarm and waiting.
     pub fn backup_takes_over_by_itself(on: bool) {
         BACKUP_TAKES_OVER.store(on, Ordering::SeqCst);
     }
