@@ -23,8 +23,11 @@
 //! container runtime model), one-way partitions, and the checkers that need them.
 
 pub mod checks;
+pub mod model;
 pub mod net;
 pub mod panics;
 pub mod run;
+pub mod scenario;
 
 pub use run::{run_seed, Params, SeedReport};
+pub use scenario::Scenario;
