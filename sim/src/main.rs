@@ -19,7 +19,7 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     nodes: usize,
     /// Simulated seconds of faults.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 15)]
     fault_secs: u64,
     /// Simulated seconds the cluster has to converge after the faults.
     #[arg(long, default_value_t = 30)]

@@ -80,7 +80,7 @@ impl Default for Params {
         Params {
             nodes: 5,
             formation: Duration::from_secs(30),
-            faults: Duration::from_secs(20),
+            faults: Duration::from_secs(15),
             liveness: Duration::from_secs(30),
             tick: Duration::from_millis(1),
             check_every: Duration::from_millis(500),
