@@ -342,7 +342,7 @@ pub fn no_switch_while_master_reachable(
             .collect();
         if 1 + reaching.len() > s.members / 2 {
             violations.push(format!(
-                "switch: {} failed over from {master} to node {} at index {} ({at} ms) while {master} and {} could reach each other for {window_ms} ms",
+                "switch: {} failed over from {master} to node {} at index {} ({at} ms) while {master} and {} could reach each other all along from {from} ms",
                 s.service,
                 s.to,
                 s.index,

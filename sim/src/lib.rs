@@ -19,9 +19,9 @@
 //! final archives) is hashed; running a seed twice gives the same hash (`tests/determinism.rs`). The
 //! sources of nondeterminism closed for that are listed in `sim/README.md`.
 //!
-//! With the `planted-bugs` feature, `--plant keep-conflicting-entries` (a Raft bug in the store) and
-//! `--plant backup-takes-over` (a backup that promotes itself) switch on deliberate bugs, which the
-//! checkers catch.
+//! With the `planted-bugs` feature, `--plant keep-conflicting-entries` (a Raft bug in the store),
+//! `--plant backup-takes-over` (a backup that promotes itself) and `--plant failover-ignores-votes`
+//! (a failover rule without its majority) switch on deliberate bugs, which the checkers catch.
 
 pub mod checks;
 pub mod model;

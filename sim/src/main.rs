@@ -38,8 +38,8 @@ struct Args {
     /// manual-switch, backup-master-gone.
     #[arg(long)]
     scenario: Option<String>,
-    /// Switch on a deliberate bug to see the checkers catch it: `keep-conflicting-entries` or
-    /// `backup-takes-over` (needs `--features planted-bugs`).
+    /// Switch on a deliberate bug to see the checkers catch it: `keep-conflicting-entries`,
+    /// `backup-takes-over` or `failover-ignores-votes` (needs `--features planted-bugs`).
     #[arg(long)]
     plant: Option<String>,
     /// Seeds run in parallel, in that many worker processes; default: the number of CPUs.
@@ -107,9 +107,14 @@ fn plant(bug: Option<&str>) -> Result<()> {
             eprintln!("planted bug: a backup whose master is lost takes authority by itself");
             Ok(())
         }
-        Some(other) => {
-            bail!("no planted bug {other:?}; there are keep-conflicting-entries and backup-takes-over")
+        Some("failover-ignores-votes") => {
+            coyote_state_machine::planted::failover_ignores_votes_on(true);
+            eprintln!("planted bug: the failover rule does not ask for a majority");
+            Ok(())
         }
+        Some(other) => bail!(
+            "no planted bug {other:?}; there are keep-conflicting-entries, backup-takes-over and failover-ignores-votes"
+        ),
     }
 }
 
