@@ -39,3 +39,6 @@ fi
 
 echo "==> deterministic simulation: 256 seeds of a 5-node cluster with faults"
 cargo run --locked --release -p coyote-sim -- --seeds 0..256
+
+echo "==> deterministic simulation: the hand-written scenarios, 4 seeds each"
+cargo run --locked --release -p coyote-sim -- --scenario all --seeds 0..4

@@ -3,7 +3,8 @@
 //! # Monitor
 //! Every [`MonitorConfig::probe_interval`] each node probes its peers (a ping over the cluster's
 //! mutual TLS) and, for each service where it is failover or backup, the service at its master (a TCP
-//! connection to the service's first published port at the master's address). A subject changes state
+//! connection to the service's first published port at the master's address, through a
+//! [`ServiceProbe`]: [`TcpProbe`] in production, the simulator's network in `sim/`). A subject changes state
 //! only after [`MonitorConfig::fail_after`] failed probes in a row, or [`MonitorConfig::recover_after`]
 //! good ones; the node then proposes `ReachabilityChanged`. So the log sees transitions, never probes.
 //!
@@ -43,6 +44,7 @@ use std::time::Duration;
 
 use coyote_log::{LogNode, ProposeError};
 use coyote_state_machine::{Event, Proposal, Role, State, Subject, SwitchCause, DRIFT_MARGIN_MS, LEASE_MS};
+use futures::future::BoxFuture;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -96,6 +98,23 @@ pub struct Monitor {
     node: LogNode,
     config: MonitorConfig,
     streaks: HashMap<Subject, Streak>,
+    probe: Arc<dyn ServiceProbe>,
+}
+
+/// How the monitor tells whether a service answers at its master: `target` is the master's host and
+/// the service's first published port ([`probe_target`]). True if it answered within `timeout`.
+pub trait ServiceProbe: Send + Sync {
+    fn probe(&self, target: String, timeout: Duration) -> BoxFuture<'static, bool>;
+}
+
+/// A TCP connection to the target over the kernel's network: the production probe.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TcpProbe;
+
+impl ServiceProbe for TcpProbe {
+    fn probe(&self, target: String, timeout: Duration) -> BoxFuture<'static, bool> {
+        Box::pin(tcp_probe(target, timeout))
+    }
 }
 
 /// The address a service is probed at on `master`: the master's host and the service's first port.
@@ -113,7 +132,13 @@ async fn tcp_probe(target: String, timeout: Duration) -> bool {
 
 impl Monitor {
     pub fn new(node: LogNode, config: MonitorConfig) -> Self {
-        Monitor { node, config, streaks: HashMap::new() }
+        Monitor { node, config, streaks: HashMap::new(), probe: Arc::new(TcpProbe) }
+    }
+
+    /// Probes services with `probe` instead of [`TcpProbe`] (the simulator's network).
+    pub fn with_probe(mut self, probe: Arc<dyn ServiceProbe>) -> Self {
+        self.probe = probe;
+        self
     }
 
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
@@ -170,10 +195,10 @@ impl Monitor {
             async move { tokio::time::timeout(timeout, node.ping_peer(&addr)).await.unwrap_or(false) }
         });
         let service_probes = services.iter().map(|(_, target)| {
-            let target = target.clone();
+            let probe = target.clone().map(|t| self.probe.probe(t, timeout));
             async move {
-                match target {
-                    Some(t) => tcp_probe(t, timeout).await,
+                match probe {
+                    Some(probe) => probe.await,
                     // A service with no port cannot be probed: its master's reachability decides.
                     None => true,
                 }
@@ -225,6 +250,19 @@ impl Monitor {
                         let (votes, needed) = s.master_down_votes(master);
                         let key = format!("master-lost/{name}/{me}");
                         let service_down = !s.reachable(me, &Subject::Service(name.clone()));
+                        #[cfg(feature = "planted-bugs")]
+                        if planted::backup_takes_over() && service_down && votes >= needed {
+                            // The planted bug: when its master is lost, the backup instructs itself
+                            // instead of raising the alarm and waiting.
+                            let mut event = takeover(name, me, now, "planted bug: the backup takes over".into());
+                            if let Event::AuthoritySwitched { cause, .. } = &mut event {
+                                *cause = SwitchCause::Instruction;
+                            }
+                            let proposal = Proposal { at_ms: now, actor: String::new(), event: event.clone() };
+                            if s.validate(&proposal).is_ok() {
+                                takeovers.push(event);
+                            }
+                        }
                         if service_down && votes >= needed && !s.open_alarms().any(|a| a.key == key) {
                             waiting.push(Event::AlarmRaised {
                                 key,
@@ -354,6 +392,26 @@ impl Fence {
         let names: Vec<String> =
             self.inner.lock().expect("fence lock").master_since.keys().cloned().collect();
         names.into_iter().filter(|n| self.serving(n)).collect()
+    }
+}
+
+/// Deliberate bugs, for the simulator to show that its checkers catch them. Compiled only with the
+/// `planted-bugs` feature, and off until switched on.
+#[cfg(feature = "planted-bugs")]
+pub mod planted {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static BACKUP_TAKES_OVER: AtomicBool = AtomicBool::new(false);
+
+    /// A backup whose master is lost (its service unreachable from it, a majority reporting the master
+    /// unreachable) switches authority to itself (as an instruction, which the state machine accepts
+    /// from an admin), instead of raising an alarm and waiting.
+    pub fn backup_takes_over_by_itself(on: bool) {
+        BACKUP_TAKES_OVER.store(on, Ordering::SeqCst);
+    }
+
+    pub(crate) fn backup_takes_over() -> bool {
+        BACKUP_TAKES_OVER.load(Ordering::SeqCst)
     }
 }
 

@@ -2,10 +2,10 @@
 //! the violations it finds as readable sentences. The simulator calls them after every check interval
 //! and once more at the end; nothing here touches the simulation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use coyote_log::store::EventRecord;
-use coyote_state_machine::Event;
+use coyote_state_machine::{Event, Placement, State, SwitchCause};
 
 /// What one node looked like at one instant.
 #[derive(Clone, Debug)]
@@ -27,6 +27,14 @@ pub struct NodeSnapshot {
     pub archive: Vec<EventRecord>,
     /// Voters in the membership it knows.
     pub voters: Vec<u64>,
+    /// Members in its applied state.
+    pub members: Vec<u64>,
+    /// Every service in its applied state, with its placement.
+    pub placements: BTreeMap<String, Option<Placement>>,
+    /// The services its fence lets it serve now.
+    pub serving: Vec<String>,
+    /// The services whose (model) container runs on its host now.
+    pub containers: Vec<String>,
 }
 
 /// A proposal the cluster acknowledged: `propose` returned `Ok` with this index.
@@ -131,6 +139,250 @@ pub fn converged(nodes: &[NodeSnapshot], expected: usize) -> Result<(), String> 
     Ok(())
 }
 
+/// At most one node serves a service at any instant: `serving` maps each host to the services its
+/// fence lets it serve at this instant.
+pub fn at_most_one_serving(serving: &BTreeMap<String, Vec<String>>) -> Vec<String> {
+    let mut by_service: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (host, services) in serving {
+        for s in services {
+            by_service.entry(s).or_default().push(host);
+        }
+    }
+    by_service
+        .into_iter()
+        .filter(|(_, hosts)| hosts.len() > 1)
+        .map(|(s, hosts)| format!("serving: {} all serve {s} at once", hosts.join(", ")))
+        .collect()
+}
+
+/// Roles are well formed on every node: each placement names distinct members, and a node serves a
+/// service only if its own state names it master.
+pub fn roles_well_formed(nodes: &[NodeSnapshot]) -> Vec<String> {
+    let mut violations = Vec::new();
+    for node in nodes {
+        let members: BTreeSet<u64> = node.members.iter().copied().collect();
+        for (service, placement) in &node.placements {
+            let Some(p) = placement else { continue };
+            let named: Vec<u64> = p.nodes().collect();
+            let distinct: BTreeSet<u64> = named.iter().copied().collect();
+            if distinct.len() != named.len() {
+                violations.push(format!(
+                    "roles: {} places {service} on {named:?}: a node holds two roles",
+                    node.host
+                ));
+            }
+            if let Some(n) = named.iter().find(|n| !members.contains(n)) {
+                violations
+                    .push(format!("roles: {} gives node {n}, not a member, a role for {service}", node.host));
+            }
+        }
+        for service in &node.serving {
+            let master = node.placements.get(service).and_then(|p| p.as_ref()).map(|p| p.master);
+            if master != Some(node.node_id) {
+                violations.push(format!(
+                    "roles: {} serves {service}, whose master in its own state is {master:?}",
+                    node.host
+                ));
+            }
+        }
+    }
+    violations
+}
+
+/// An applied authority switch, with the placement it replaced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Switch {
+    pub index: u64,
+    pub at_ms: u64,
+    pub actor: String,
+    pub service: String,
+    pub cause: SwitchCause,
+    pub to: u64,
+    /// The placement just before the switch.
+    pub before: Placement,
+    /// Members of the cluster just before the switch.
+    pub members: usize,
+}
+
+/// Every applied authority switch in an archive (which must start at the first event), found by
+/// replaying it through the state machine.
+pub fn switches(archive: &[EventRecord]) -> Result<Vec<Switch>, String> {
+    if archive.first().is_some_and(|r| r.envelope.index != 1) {
+        return Err(format!("the archive starts at {}", archive[0].envelope.index));
+    }
+    let mut state = State::default();
+    let mut found = Vec::new();
+    for record in archive {
+        let env = &record.envelope;
+        let before = match &env.event {
+            Event::AuthoritySwitched { service, .. } => state
+                .services
+                .get(service)
+                .and_then(|s| s.placement.clone())
+                .map(|p| (p, state.members.len())),
+            _ => None,
+        };
+        let outcome = state.apply(env).map_err(|e| format!("replaying index {}: {e}", env.index))?;
+        if let (Event::AuthoritySwitched { service, to, cause, .. }, Some((before, members))) =
+            (&env.event, before)
+        {
+            if outcome.is_applied() {
+                found.push(Switch {
+                    index: env.index,
+                    at_ms: env.at_ms,
+                    actor: env.actor.clone(),
+                    service: service.clone(),
+                    cause: *cause,
+                    to: *to,
+                    before,
+                    members,
+                });
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// No backup took authority without an instruction: a switch by failover names the failover and
+/// comes from that node's monitor; an instructed switch comes from an admin (`admin_actor`).
+pub fn switches_authorised(switches: &[Switch], admin_actor: &str) -> Vec<String> {
+    let mut violations = Vec::new();
+    for s in switches {
+        let ok = match s.cause {
+            SwitchCause::Failover => {
+                s.before.failover == Some(s.to) && s.actor == format!("monitor@node:{}", s.to)
+            }
+            SwitchCause::Instruction => s.actor == admin_actor,
+        };
+        if !ok {
+            let role = if s.before.backups.contains(&s.to) {
+                "a backup"
+            } else if s.before.failover == Some(s.to) {
+                "the failover"
+            } else {
+                "a node"
+            };
+            violations.push(format!(
+                "authority: node {} ({role} of {}) took authority ({:?}) at index {} by {:?} without an instruction",
+                s.to, s.service, s.cause, s.index, s.actor
+            ));
+        }
+    }
+    violations
+}
+
+/// The simulator's ground truth about the network at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Links {
+    /// Directed links that lose every message (from, to), by host name.
+    pub cut: BTreeSet<(String, String)>,
+    /// Hosts whose software is down.
+    pub down: BTreeSet<String>,
+    /// Message latency is raised beyond what probes tolerate.
+    pub slow: bool,
+}
+
+impl Links {
+    /// Whether `a` and `b` can exchange messages both ways in time.
+    pub fn reach(&self, a: &str, b: &str) -> bool {
+        !self.slow
+            && !self.down.contains(a)
+            && !self.down.contains(b)
+            && !self.cut.contains(&(a.to_string(), b.to_string()))
+            && !self.cut.contains(&(b.to_string(), a.to_string()))
+    }
+}
+
+/// The ground truth over time: each entry holds from its time (simulated ms) to the next entry's.
+#[derive(Clone, Debug, Default)]
+pub struct Timeline(pub Vec<(u64, Links)>);
+
+impl Timeline {
+    pub fn record(&mut self, at_ms: u64, links: Links) {
+        if self.0.last().is_some_and(|(_, l)| *l == links) {
+            return;
+        }
+        if self.0.last().is_some_and(|(t, _)| *t == at_ms) {
+            self.0.pop();
+        }
+        self.0.push((at_ms, links));
+    }
+
+    /// Whether `a` and `b` could reach each other during all of `[from, to]`.
+    pub fn reach_throughout(&self, a: &str, b: &str, from: u64, to: u64) -> bool {
+        let entries = &self.0;
+        entries.iter().enumerate().all(|(i, (start, links))| {
+            let end = entries.get(i + 1).map(|(t, _)| *t).unwrap_or(u64::MAX);
+            let overlaps = *start <= to && end > from;
+            !overlaps || links.reach(a, b)
+        })
+    }
+}
+
+/// No switch by failover happened while a majority of the cluster (the master among them) could
+/// reach the master: for each such switch, count the hosts that could exchange messages with the
+/// master during the whole `window_ms` before it was proposed. `hosts` names each node's host;
+/// `epoch_ms` is the simulated clock's reading at simulated time zero.
+pub fn no_switch_while_master_reachable(
+    switches: &[Switch],
+    timeline: &Timeline,
+    hosts: &BTreeMap<u64, String>,
+    window_ms: u64,
+    epoch_ms: u64,
+) -> Vec<String> {
+    let mut violations = Vec::new();
+    for s in switches.iter().filter(|s| s.cause == SwitchCause::Failover) {
+        let Some(master) = hosts.get(&s.before.master) else { continue };
+        let at = s.at_ms.saturating_sub(epoch_ms);
+        let from = at.saturating_sub(window_ms);
+        let reaching: Vec<&str> = hosts
+            .values()
+            .filter(|h| *h != master && timeline.reach_throughout(h, master, from, at))
+            .map(|h| h.as_str())
+            .collect();
+        if 1 + reaching.len() > s.members / 2 {
+            violations.push(format!(
+                "switch: {} failed over from {master} to node {} at index {} ({at} ms) while {master} and {} could reach each other all along from {from} ms",
+                s.service,
+                s.to,
+                s.index,
+                reaching.join(", ")
+            ));
+        }
+    }
+    violations
+}
+
+/// Liveness of the services: every service is placed, its master (by the leader's state) serves it
+/// and runs its container, and no other node serves it or runs its container.
+pub fn services_converged(nodes: &[NodeSnapshot], services: usize) -> Result<(), String> {
+    let leader = nodes.iter().find(|n| n.is_leader).ok_or("no leader")?;
+    if leader.placements.len() != services {
+        return Err(format!("the leader knows {} services, not {services}", leader.placements.len()));
+    }
+    for (service, placement) in &leader.placements {
+        let Some(p) = placement else { return Err(format!("{service} is not placed")) };
+        for n in nodes {
+            let master = n.node_id == p.master;
+            let serves = n.serving.contains(service);
+            let runs = n.containers.contains(service);
+            if master && !serves {
+                return Err(format!("{service}: its master {} does not serve it", n.host));
+            }
+            if master && !runs {
+                return Err(format!("{service}: its master {} does not run its container", n.host));
+            }
+            if !master && (serves || runs) {
+                return Err(format!("{service}: {} serves it or runs its container, not its master", n.host));
+            }
+        }
+        if !nodes.iter().any(|n| n.node_id == p.master) {
+            return Err(format!("{service}: its master node {} is not running", p.master));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +405,10 @@ mod tests {
             log_applied: applied,
             archive,
             voters: vec![1],
+            members: vec![1],
+            placements: BTreeMap::new(),
+            serving: Vec::new(),
+            containers: Vec::new(),
         }
     }
 
@@ -184,5 +440,63 @@ mod tests {
         assert_eq!(one_leader_per_term(&[a.clone(), b.clone()]).len(), 1);
         b.term = 2;
         assert!(one_leader_per_term(&[a, b]).is_empty());
+    }
+
+    #[test]
+    fn two_nodes_serving_one_service_is_a_violation() {
+        let mut serving = BTreeMap::new();
+        serving.insert("n1".to_string(), vec!["a".to_string()]);
+        serving.insert("n2".to_string(), vec!["b".to_string()]);
+        assert!(at_most_one_serving(&serving).is_empty());
+        serving.insert("n3".to_string(), vec!["a".to_string()]);
+        assert_eq!(at_most_one_serving(&serving).len(), 1);
+    }
+
+    fn switch(cause: SwitchCause, to: u64, actor: &str) -> Switch {
+        Switch {
+            index: 9,
+            at_ms: 10_000,
+            actor: actor.into(),
+            service: "a".into(),
+            cause,
+            to,
+            before: Placement { master: 1, failover: Some(2), backups: vec![3, 4, 5] },
+            members: 5,
+        }
+    }
+
+    #[test]
+    fn only_the_failover_fails_over_and_only_an_admin_instructs() {
+        let good = [
+            switch(SwitchCause::Failover, 2, "monitor@node:2"),
+            switch(SwitchCause::Instruction, 3, "admin"),
+        ];
+        assert!(switches_authorised(&good, "admin").is_empty());
+        let bad = [
+            switch(SwitchCause::Failover, 3, "monitor@node:3"),
+            switch(SwitchCause::Instruction, 3, "monitor@node:3"),
+        ];
+        assert_eq!(switches_authorised(&bad, "admin").len(), 2);
+    }
+
+    #[test]
+    fn a_failover_while_a_majority_reaches_the_master_is_a_violation() {
+        let hosts: BTreeMap<u64, String> = (1..=5).map(|i| (i, format!("n{i}"))).collect();
+        let s = [switch(SwitchCause::Failover, 2, "monitor@node:2")];
+        // n1 cut off from everyone from 5 s: a switch at 10 s is fine.
+        let mut isolated = Links::default();
+        for h in 2..=5 {
+            isolated.cut.insert(("n1".into(), format!("n{h}")));
+        }
+        let mut timeline = Timeline::default();
+        timeline.record(0, Links::default());
+        timeline.record(5_000, isolated);
+        assert!(no_switch_while_master_reachable(&s, &timeline, &hosts, 2_000, 0).is_empty());
+        // Only the link between n1 and n2 cut (a one-way cut is enough): the others reach n1.
+        let mut one_link = Links::default();
+        one_link.cut.insert(("n2".into(), "n1".into()));
+        let mut timeline = Timeline::default();
+        timeline.record(0, one_link);
+        assert_eq!(no_switch_while_master_reachable(&s, &timeline, &hosts, 2_000, 0).len(), 1);
     }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use coyote_sim::{run_seed, Params, SeedReport};
+use coyote_sim::{run_seed, Params, Scenario, SeedReport};
 
 #[derive(Parser, Debug)]
 #[command(about = "Deterministic simulation of a coyote cluster's log")]
@@ -19,7 +19,7 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     nodes: usize,
     /// Simulated seconds of faults.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 15)]
     fault_secs: u64,
     /// Simulated seconds the cluster has to converge after the faults.
     #[arg(long, default_value_t = 30)]
@@ -27,8 +27,19 @@ struct Args {
     /// Leave crashes (and restarts) out of the fault schedule.
     #[arg(long)]
     no_crashes: bool,
-    /// Switch on a deliberate bug to see the checkers catch it: `keep-conflicting-entries` (needs
-    /// `--features planted-bugs`).
+    /// Simulated milliseconds per turmoil step.
+    #[arg(long, default_value_t = 1)]
+    tick_ms: u64,
+    /// Services created after formation.
+    #[arg(long, default_value_t = 3)]
+    services: usize,
+    /// Run a hand-written scenario (or `all` of them) for each seed instead of the random schedule:
+    /// master-cut-off, failover-cut-from-master, leader-crash-mid-switch, old-master-returns,
+    /// manual-switch, backup-master-gone.
+    #[arg(long)]
+    scenario: Option<String>,
+    /// Switch on a deliberate bug to see the checkers catch it: `keep-conflicting-entries`,
+    /// `backup-takes-over` or `failover-ignores-votes` (needs `--features planted-bugs`).
     #[arg(long)]
     plant: Option<String>,
     /// Seeds run in parallel, in that many worker processes; default: the number of CPUs.
@@ -66,13 +77,16 @@ fn parse_seeds(text: &str) -> Result<std::ops::Range<u64>> {
     Ok(range)
 }
 
-fn trace_path(dir: &std::path::Path, seed: u64) -> PathBuf {
-    dir.join(format!("seed-{seed}.trace"))
+fn trace_path(dir: &std::path::Path, scenario: Option<&str>, seed: u64) -> PathBuf {
+    match scenario {
+        Some(name) => dir.join(format!("{name}-seed-{seed}.trace")),
+        None => dir.join(format!("seed-{seed}.trace")),
+    }
 }
 
-fn write_trace(dir: &std::path::Path, report: &SeedReport) -> Result<PathBuf> {
+fn write_trace(dir: &std::path::Path, scenario: Option<Scenario>, report: &SeedReport) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let path = trace_path(dir, report.seed);
+    let path = trace_path(dir, scenario.map(|s| s.name()), report.seed);
     let mut text = report.trace.join("\n");
     text.push('\n');
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
@@ -88,7 +102,19 @@ fn plant(bug: Option<&str>) -> Result<()> {
             eprintln!("planted bug: followers keep log entries that conflict with the leader's");
             Ok(())
         }
-        Some(other) => bail!("no planted bug {other:?}; there is keep-conflicting-entries"),
+        Some("backup-takes-over") => {
+            coyote_nodes::monitor::planted::backup_takes_over_by_itself(true);
+            eprintln!("planted bug: a backup whose master is lost takes authority by itself");
+            Ok(())
+        }
+        Some("failover-ignores-votes") => {
+            coyote_state_machine::planted::failover_ignores_votes_on(true);
+            eprintln!("planted bug: the failover rule does not ask for a majority");
+            Ok(())
+        }
+        Some(other) => bail!(
+            "no planted bug {other:?}; there are keep-conflicting-entries, backup-takes-over and failover-ignores-votes"
+        ),
     }
 }
 
@@ -104,6 +130,9 @@ fn plant(bug: Option<&str>) -> Result<()> {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Summary {
     seed: u64,
+    scenario: Option<String>,
+    failover_ms: Vec<u64>,
+    switches: (usize, usize),
     violations: Vec<String>,
     trace_hash: String,
     simulated_ms: u64,
@@ -112,23 +141,33 @@ struct Summary {
     faults: usize,
 }
 
-/// Runs the seeds `start + offset, start + offset + stride, ...` of `seeds` one after the other in this
-/// process, writing traces as asked.
+/// The runs asked for: each seed, with each scenario asked for (or the random schedule).
+fn cases(seeds: &std::ops::Range<u64>, scenarios: &[Option<Scenario>]) -> Vec<(Option<Scenario>, u64)> {
+    scenarios.iter().flat_map(|sc| seeds.clone().map(move |seed| (*sc, seed))).collect()
+}
+
+/// Runs the cases `offset, offset + stride, ...` one after the other in this process, writing traces
+/// as asked.
 fn run_here(
     args: &Args,
-    seeds: std::ops::Range<u64>,
+    cases: &[(Option<Scenario>, u64)],
     offset: u64,
     stride: u64,
     params: &Params,
 ) -> Result<Vec<Summary>> {
     let mut summaries = Vec::new();
-    for seed in seeds.clone().skip(offset as usize).step_by(stride as usize) {
-        let report = run_seed(seed, params);
+    for (scenario, seed) in cases.iter().skip(offset as usize).step_by(stride as usize) {
+        let (scenario, seed) = (*scenario, *seed);
+        let params = Params { scenario, ..params.clone() };
+        let report = run_seed(seed, &params);
         if args.keep_traces || !report.violations.is_empty() {
-            write_trace(&args.trace_dir, &report)?;
+            write_trace(&args.trace_dir, scenario, &report)?;
         }
         summaries.push(Summary {
             seed,
+            scenario: scenario.map(|s| s.name().to_string()),
+            failover_ms: report.failover_ms,
+            switches: report.switches,
             violations: report.violations,
             trace_hash: report.trace_hash,
             simulated_ms: report.simulated.as_millis() as u64,
@@ -141,13 +180,13 @@ fn run_here(
 }
 
 /// A worker process: runs its share of the seeds and prints a JSON line per seed.
-fn run_worker(args: &Args, worker: &str, seeds: std::ops::Range<u64>, params: &Params) -> Result<()> {
+fn run_worker(args: &Args, worker: &str, cases: &[(Option<Scenario>, u64)], params: &Params) -> Result<()> {
     let (offset, stride) = worker
         .split_once('/')
         .and_then(|(k, j)| Some((k.parse::<u64>().ok()?, j.parse::<u64>().ok()?)))
         .filter(|(k, j)| k < j)
         .with_context(|| format!("--worker {worker:?} is not K/J with K < J"))?;
-    for summary in run_here(args, seeds, offset, stride, params)? {
+    for summary in run_here(args, cases, offset, stride, params)? {
         println!("{}", serde_json::to_string(&summary)?);
     }
     Ok(())
@@ -182,36 +221,71 @@ fn run_workers(jobs: usize) -> Result<Vec<Summary>> {
     Ok(summaries)
 }
 
+/// The `p`th percentile of sorted samples (nearest rank).
+fn percentile(sorted: &[u64], p: usize) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (p * sorted.len()).div_ceil(100).max(1);
+    Some(sorted[rank - 1])
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    // Logs of the nodes' software, for debugging one seed: `RUST_LOG=coyote_nodes=debug`.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let seeds = parse_seeds(&args.seeds)?;
     plant(args.plant.as_deref())?;
+    let scenarios: Vec<Option<Scenario>> = match args.scenario.as_deref() {
+        None => vec![None],
+        Some("all") => Scenario::ALL.into_iter().map(Some).collect(),
+        Some(name) => {
+            let names: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
+            let scenario = Scenario::parse(name)
+                .with_context(|| format!("no scenario {name:?}; there are: all, {}", names.join(", ")))?;
+            vec![Some(scenario)]
+        }
+    };
     let params = Params {
         nodes: args.nodes,
         faults: Duration::from_secs(args.fault_secs),
         liveness: Duration::from_secs(args.liveness_secs),
         crashes: !args.no_crashes,
+        services: args.services,
+        tick: Duration::from_millis(args.tick_ms),
         ..Params::default()
     };
+    let cases = cases(&seeds, &scenarios);
     let jobs = args
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
-        .clamp(1, (seeds.end - seeds.start).min(64) as usize);
+        .clamp(1, cases.len().min(64));
     let wall = Instant::now();
     let mut reports = match args.worker.as_deref() {
-        Some(worker) => return run_worker(&args, worker, seeds, &params),
-        None if jobs <= 1 => run_here(&args, seeds.clone(), 0, 1, &params)?,
+        Some(worker) => return run_worker(&args, worker, &cases, &params),
+        None if jobs <= 1 => run_here(&args, &cases, 0, 1, &params)?,
         None => run_workers(jobs)?,
     };
-    reports.sort_by_key(|r| r.seed);
+    reports.sort_by_key(|r| (r.scenario.clone(), r.seed));
+    let label = |r: &Summary| match &r.scenario {
+        Some(name) => format!("{name} seed {}", r.seed),
+        None => format!("seed {}", r.seed),
+    };
     for report in &reports {
         if args.verbose || !report.violations.is_empty() {
             let status = if report.violations.is_empty() { "ok" } else { "VIOLATION" };
             println!(
-                "seed {}: {status}, {} acks, {} faults, {:.1} s simulated in {:.2} s, trace {}",
-                report.seed,
+                "{}: {status}, {} acks, {} faults, {} failovers, {} instructed switches, {:.1} s simulated in {:.2} s, trace {}",
+                label(report),
                 report.acks,
                 report.faults,
+                report.switches.0,
+                report.switches.1,
                 report.simulated_ms as f64 / 1000.0,
                 report.wall_ms as f64 / 1000.0,
                 &report.trace_hash[..16]
@@ -222,8 +296,8 @@ fn main() -> Result<()> {
     let simulated = Duration::from_millis(reports.iter().map(|r| r.simulated_ms).sum());
     let failing: Vec<&Summary> = reports.iter().filter(|r| !r.violations.is_empty()).collect();
     for report in &failing {
-        let path = trace_path(&args.trace_dir, report.seed);
-        println!("seed {} failed:", report.seed);
+        let path = trace_path(&args.trace_dir, report.scenario.as_deref(), report.seed);
+        println!("{} failed:", label(report));
         for v in &report.violations {
             println!("  {v}");
         }
@@ -232,6 +306,8 @@ fn main() -> Result<()> {
             Some(bug) => format!(" --features planted-bugs -- --plant {bug}"),
             None => " --".to_string(),
         };
+        let params =
+            Params { scenario: report.scenario.as_deref().and_then(Scenario::parse), ..params.clone() };
         println!(
             "  replay: cargo run --release -p coyote-sim{planted} --seeds {} {}",
             report.seed,
@@ -239,15 +315,36 @@ fn main() -> Result<()> {
         );
     }
     let violations: usize = reports.iter().map(|r| r.violations.len()).sum();
+    let scenario = match &args.scenario {
+        Some(name) => format!(", scenario {name}"),
+        None => String::new(),
+    };
     println!(
-        "seeds: {}..{} ({} run, {} nodes, {jobs} processes)",
+        "seeds: {}..{} ({} runs, {} nodes, {} services, {jobs} processes{scenario})",
         seeds.start,
         seeds.end,
         reports.len(),
-        params.nodes
+        params.nodes,
+        params.services
     );
     println!("acknowledged proposals: {}", reports.iter().map(|r| r.acks).sum::<usize>());
     println!("faults injected: {}", reports.iter().map(|r| r.faults).sum::<usize>());
+    println!(
+        "authority switches: {} by failover, {} instructed",
+        reports.iter().map(|r| r.switches.0).sum::<usize>(),
+        reports.iter().map(|r| r.switches.1).sum::<usize>()
+    );
+    let mut failover: Vec<u64> = reports.iter().flat_map(|r| r.failover_ms.iter().copied()).collect();
+    failover.sort_unstable();
+    match (percentile(&failover, 50), percentile(&failover, 99)) {
+        (Some(p50), Some(p99)) => println!(
+            "failover time (master lost -> new master serving): p50 {:.2} s, p99 {:.2} s simulated ({} failovers)",
+            p50 as f64 / 1000.0,
+            p99 as f64 / 1000.0,
+            failover.len()
+        ),
+        _ => println!("failover time (master lost -> new master serving): no failover seen"),
+    }
     println!(
         "simulated time: {:.1} s, wall time: {:.1} s ({:.1}x)",
         simulated.as_secs_f64(),
@@ -255,8 +352,8 @@ fn main() -> Result<()> {
         simulated.as_secs_f64() / wall.as_secs_f64().max(1e-9)
     );
     if !failing.is_empty() {
-        let seeds: Vec<String> = failing.iter().map(|r| r.seed.to_string()).collect();
-        println!("failing seeds: {} of {}: {}", failing.len(), reports.len(), seeds.join(" "));
+        let seeds: Vec<String> = failing.iter().map(|r| label(r)).collect();
+        println!("failing runs: {} of {}: {}", failing.len(), reports.len(), seeds.join(", "));
     }
     println!("violations: {violations}");
     if violations > 0 {

@@ -1,7 +1,8 @@
 //! One seed of the simulation: a turmoil `Sim` with one host per node, the cluster formed through the
-//! real join path, a workload and its oracle, a seeded fault schedule, then a liveness phase.
+//! real join path, services created and placed, a workload and its oracle, a seeded fault schedule
+//! (or a hand-written scenario), then a liveness phase.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -9,13 +10,20 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use coyote_log::store::{self, MemoryDisk};
 use coyote_log::tls::{self, ClusterCa, Identity};
 use coyote_log::{cluster, Clock, Environment, JoinToken, LogNode, LogNodeConfig, RaftSettings};
-use coyote_state_machine::{Event, Outcome};
+use coyote_nodes::monitor::{Fence, Monitor, MonitorConfig};
+use coyote_nodes::reconciler::{self, Reconciler};
+use coyote_nodes::runtime::Scope;
+use coyote_state_machine::{
+    Event, Outcome, Placement, PortMap, ServiceSpec, SwitchCause, DRIFT_MARGIN_MS, LEASE_MS,
+};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
-use crate::checks::{self, Ack, NodeSnapshot};
+use crate::checks::{self, Ack, Links, NodeSnapshot, Timeline};
+use crate::model::{Containers, ModelRuntime, TurmoilProbe};
+use crate::scenario::Scenario;
 use crate::{net, panics};
 
 /// The port every simulated node serves Raft and the cluster API on.
@@ -30,6 +38,18 @@ pub const EPOCH_UNIX_S: u64 = 1_780_272_000;
 const JOIN_RETRY: Duration = Duration::from_millis(500);
 /// The secret of the join token the simulated cluster issues.
 const TOKEN_SECRET: &str = "simulated-join-secret";
+/// The actor of every instructed switch: the simulated admin.
+pub const ADMIN_ACTOR: &str = "admin@sim";
+/// Services are named `svc1`, `svc2`, ... and listen on ports from here.
+const SERVICE_PORT_BASE: u16 = 8000;
+/// The checker of switches by failover looks this far back: a host that could reach the master
+/// during all of it should have told the log so. Reachability in the log lags the network: a gRPC
+/// connection that lost data in a partition hangs until HTTP/2 keep-alive gives up on it (2 s + 3 s)
+/// after the partition heals, then 2 good probes (250 ms apart) and a commit (which needs a leader)
+/// are needed to report the master reachable again.
+pub const REACH_WINDOW_MS: u64 = 8_000;
+/// Latency above this makes a link too slow for probes (400 ms timeouts, round trips, handshakes).
+const SLOW_LATENCY_MS: u64 = 100;
 
 /// What a run does; the defaults are what CI runs.
 #[derive(Clone, Debug)]
@@ -49,6 +69,10 @@ pub struct Params {
     pub latency_max: Duration,
     /// Whether the fault schedule crashes and restarts nodes (see `sim/README.md` on determinism).
     pub crashes: bool,
+    /// Services created (and placed) after formation.
+    pub services: usize,
+    /// A hand-written scenario instead of the random fault schedule.
+    pub scenario: Option<Scenario>,
 }
 
 impl Default for Params {
@@ -56,12 +80,14 @@ impl Default for Params {
         Params {
             nodes: 5,
             formation: Duration::from_secs(30),
-            faults: Duration::from_secs(20),
+            faults: Duration::from_secs(15),
             liveness: Duration::from_secs(30),
             tick: Duration::from_millis(1),
             check_every: Duration::from_millis(500),
             latency_max: Duration::from_millis(20),
             crashes: true,
+            services: 3,
+            scenario: None,
         }
     }
 }
@@ -70,9 +96,14 @@ impl Params {
     /// The flags that reproduce these parameters on the command line.
     pub fn flags(&self) -> String {
         let crashes = if self.crashes { "" } else { " --no-crashes" };
+        let scenario = match self.scenario {
+            Some(s) => format!(" --scenario {}", s.name()),
+            None => String::new(),
+        };
         format!(
-            "--nodes {} --fault-secs {} --liveness-secs {}{crashes}",
+            "--nodes {} --services {} --fault-secs {} --liveness-secs {}{crashes}{scenario}",
             self.nodes,
+            self.services,
             self.faults.as_secs(),
             self.liveness.as_secs()
         )
@@ -97,6 +128,10 @@ pub struct SeedReport {
     pub wall: Duration,
     pub acks: usize,
     pub faults: usize,
+    /// Master lost (the fault began) to another node serving, for each failover seen, in simulated ms.
+    pub failover_ms: Vec<u64>,
+    /// Applied authority switches: by failover, by instruction.
+    pub switches: (usize, usize),
 }
 
 /// Certificates and keys. They are fixed (`sim/fixtures/material.json`), not generated, because the
@@ -175,9 +210,40 @@ struct World {
     trace: Mutex<Vec<String>>,
     acks: Mutex<Vec<Ack>>,
     /// The running nodes, by host name.
-    running: Mutex<BTreeMap<String, LogNode>>,
+    running: Mutex<BTreeMap<String, SimNode>>,
     workload: AtomicBool,
     token: JoinToken,
+    /// Commands for the simulated admin, by the host whose node proposes them.
+    admin: Mutex<BTreeMap<String, VecDeque<Admin>>>,
+    /// Extra delay of container starts while a slow-start fault is in force, in ms.
+    slow_start_ms: Arc<AtomicU64>,
+    /// Simulated time since the epoch after the last step, in ms (the clock outside hosts).
+    clock_ms: Arc<AtomicU64>,
+}
+
+/// One running node: its log, its fence, its runtime (to read the fence's clock from outside) and
+/// its host's containers.
+#[derive(Clone)]
+struct SimNode {
+    node: LogNode,
+    fence: Fence,
+    rt: tokio::runtime::Handle,
+    containers: Arc<Containers>,
+}
+
+impl SimNode {
+    /// The services this node's fence lets it serve now, read on its own runtime's clock.
+    fn serving(&self) -> Vec<String> {
+        let _inside = self.rt.enter();
+        self.fence.serving_services()
+    }
+}
+
+/// What the simulated admin does (`coyote service create`, `coyote service switch`).
+#[derive(Clone, Debug)]
+pub enum Admin {
+    CreateService(ServiceSpec),
+    Switch { service: String, to: u64 },
 }
 
 impl World {
@@ -196,10 +262,16 @@ struct HostState {
     identity: Mutex<Option<(u64, String, String)>>,
     initialized: AtomicBool,
     starts: AtomicU64,
+    containers: Arc<Containers>,
 }
 
-fn sim_clock() -> Clock {
-    Clock::new(|| turmoil::since_epoch().map(|d| d.as_millis() as u64).unwrap_or(0))
+/// The wall clock of a simulated node: turmoil's simulated time since the epoch. Outside a host (the
+/// driver reading a fence between steps) turmoil has no current host; then the time the driver
+/// recorded after its last step.
+fn sim_clock(outside: Arc<AtomicU64>) -> Clock {
+    Clock::new(move || {
+        turmoil::since_epoch().map(|d| d.as_millis() as u64).unwrap_or_else(|| outside.load(Ordering::SeqCst))
+    })
 }
 
 type HostResult = turmoil::Result;
@@ -232,7 +304,7 @@ async fn host_software(world: Arc<World>, host: Arc<HostState>) -> SendResult {
     let (log, sm, handle) = store::open_memory(&host.disk)?;
     let config =
         LogNodeConfig { node_id, cluster_id: CLUSTER_ID.into(), addr: addr.clone(), raft: raft_settings() };
-    let env = Environment { dial: net::dial(), clock: sim_clock() };
+    let env = Environment { dial: net::dial(), clock: sim_clock(world.clock_ms.clone()) };
     let node =
         LogNode::start_in(config, log, sm, handle, &identity, Some(material.ca().clone()), env).await?;
     {
@@ -249,10 +321,101 @@ async fn host_software(world: Arc<World>, host: Arc<HostState>) -> SendResult {
         issue_token(&world, &node).await;
         host.initialized.store(true, Ordering::SeqCst);
     }
-    world.running.lock().expect("running lock").insert(host.name.clone(), node.clone());
+    // The rest of `coyote node`, as `nodes/src/daemon.rs` wires it: fence, monitor, reconciler.
+    let fence = Fence::new(node.clone());
+    tokio::spawn(fence.clone().run(std::future::pending()));
+    let monitor = Monitor::new(node.clone(), MonitorConfig::default()).with_probe(Arc::new(TurmoilProbe));
+    tokio::spawn(monitor.run(std::future::pending()));
+    host.containers.reboot();
+    let scope = Scope { cluster_id: CLUSTER_ID.into(), node_id };
+    let settings = reconciler::Settings { volumes: volumes_dir(&host.name), pull: false };
+    let runtime = Arc::new(ModelRuntime(host.containers.clone()));
+    let reconciler =
+        Arc::new(Reconciler::new(node.clone(), runtime, scope, settings).with_fence(fence.clone()));
+    tokio::spawn(reconciler.run(std::future::pending()));
+    {
+        let (world, host, node) = (world.clone(), host.clone(), node.clone());
+        tokio::spawn(async move { admin(&world, &host, &node).await });
+    }
+    let sim_node = SimNode {
+        node: node.clone(),
+        fence,
+        rt: tokio::runtime::Handle::current(),
+        containers: host.containers.clone(),
+    };
+    world.running.lock().expect("running lock").insert(host.name.clone(), sim_node);
     world.trace(format!("{} runs node {node_id}", host.name));
     workload(&world, &host, &node, incarnation).await;
     Ok(())
+}
+
+/// The reconciler creates each service's volume directory here (the only real file system the
+/// simulation touches; nothing reads it).
+fn volumes_dir(host: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join("coyote-sim-volumes").join(host)
+}
+
+/// The spec of the `i`th simulated service (from 1).
+pub fn service_spec(i: usize) -> ServiceSpec {
+    ServiceSpec {
+        name: format!("svc{i}"),
+        image: "sim/app:1".into(),
+        domains: Vec::new(),
+        ports: vec![PortMap { host: SERVICE_PORT_BASE + i as u16, container: 80 }],
+        memory_bytes: None,
+        on_demand: false,
+    }
+}
+
+/// Runs the admin's commands queued for this host, one at a time, through this node's `propose`
+/// (as the CLI does through the node's API).
+async fn admin(world: &World, host: &HostState, node: &LogNode) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let next = world.admin.lock().expect("admin lock").get_mut(&host.name).and_then(|q| q.pop_front());
+        match next {
+            Some(Admin::CreateService(spec)) => create_service(world, node, spec).await,
+            Some(Admin::Switch { service, to }) => {
+                let event = Event::AuthoritySwitched {
+                    service: service.clone(),
+                    to,
+                    reason: format!("instructed through {}", host.name),
+                    serve_from_ms: node.now_ms() + LEASE_MS + DRIFT_MARGIN_MS,
+                    cause: SwitchCause::Instruction,
+                };
+                match node.propose(event, ADMIN_ACTOR.into()).await {
+                    Ok(p) => world.trace(format!(
+                        "admin: switch {service} to node {to}: {:?} at {}",
+                        p.outcome, p.index
+                    )),
+                    Err(e) => world
+                        .trace(format!("admin: switch {service} to node {to} failed: {}", error_kind(&e))),
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+/// `coyote service create`: the service, then its placement, retried until the log has both.
+async fn create_service(world: &World, node: &LogNode, spec: ServiceSpec) {
+    let name = spec.name.clone();
+    loop {
+        let placed = node.store().with_state(|s| s.services.get(&name).map(|svc| svc.placement.is_some()));
+        let event = match placed {
+            Some(true) => break,
+            Some(false) => match node.store().with_state(|s| s.place()) {
+                Some(placement) => Event::PlacementSet { service: name.clone(), placement },
+                None => break,
+            },
+            None => Event::ServiceCreated { spec: spec.clone() },
+        };
+        if let Err(e) = node.propose(event, ADMIN_ACTOR.into()).await {
+            world.trace(format!("admin: creating {name}: {}", error_kind(&e)));
+            tokio::time::sleep(JOIN_RETRY).await;
+        }
+    }
+    world.trace(format!("admin: {name} created and placed"));
 }
 
 /// Node 1 issues the token the others join with.
@@ -349,40 +512,79 @@ fn error_kind(e: &coyote_log::ProposeError) -> &'static str {
 
 /// A fault in force, and how to undo it.
 #[derive(Debug)]
-enum Fault {
-    Partition { side: Vec<String>, rest: Vec<String> },
-    Hold { side: Vec<String>, rest: Vec<String> },
-    Crash { host: String },
+pub(crate) enum Fault {
+    Partition {
+        side: Vec<String>,
+        rest: Vec<String>,
+    },
+    /// Messages from `from` to `to` are lost; the other way works.
+    OneWay {
+        from: Vec<String>,
+        to: Vec<String>,
+    },
+    Hold {
+        side: Vec<String>,
+        rest: Vec<String>,
+    },
+    Crash {
+        host: String,
+    },
     Latency,
+    SlowStarts,
+    /// Not a fault: the admin instructed a switch (nothing to undo).
+    Instructed,
+}
+
+/// A master lost by a fault, waiting for another node to serve its service.
+struct Loss {
+    at: Duration,
+    master: String,
+    healed: bool,
 }
 
 /// Drives one seed.
-struct Driver<'a> {
-    sim: turmoil::Sim<'a>,
+pub(crate) struct Driver<'a> {
+    pub(crate) sim: turmoil::Sim<'a>,
     world: Arc<World>,
-    names: Vec<String>,
-    params: Params,
-    rng: StdRng,
+    pub(crate) names: Vec<String>,
+    pub(crate) params: Params,
+    pub(crate) rng: StdRng,
     violations: Vec<String>,
     leaders: Vec<(String, u64)>,
     next_check: Duration,
-    faults: usize,
+    pub(crate) faults: usize,
     /// A host failed or panicked: the run stops.
     broken: bool,
+    /// The ground truth of the network now, and over time.
+    links: Links,
+    timeline: Timeline,
+    /// The host of each node id seen.
+    hosts: BTreeMap<u64, String>,
+    /// Who serves each service, as last traced.
+    serving: BTreeMap<String, Vec<String>>,
+    /// Masters lost by a fault, by service.
+    losses: BTreeMap<String, Loss>,
+    failover_ms: Vec<u64>,
+    /// Authority switches traced so far (the highest index), and their counts by cause.
+    switches_seen: u64,
+    pub(crate) switches: Vec<checks::Switch>,
+    /// The service a scenario acts on.
+    pub(crate) focus: String,
 }
 
 impl Driver<'_> {
-    fn trace(&self, line: String) {
+    pub(crate) fn trace(&self, line: String) {
         let ms = self.sim.elapsed().as_millis();
         self.world.trace.lock().expect("trace lock").push(format!("{ms:>7} {line}"));
     }
 
-    fn violation(&mut self, v: String) {
+    pub(crate) fn violation(&mut self, v: String) {
         self.trace(format!("VIOLATION {v}"));
         self.violations.push(v);
     }
 
-    /// One turmoil step, then the checkers if one is due. False once the run cannot go on.
+    /// One turmoil step, the serving checker, then the other checkers if they are due. False once the
+    /// run cannot go on.
     fn step(&mut self) -> bool {
         if let Err(e) = self.sim.step() {
             self.violation(format!("a host failed: {e}"));
@@ -392,6 +594,8 @@ impl Driver<'_> {
             self.violation(format!("panic: {panic}"));
             self.broken = true;
         }
+        self.world.clock_ms.store(self.sim.since_epoch().as_millis() as u64, Ordering::SeqCst);
+        self.check_serving();
         if self.sim.elapsed() >= self.next_check {
             self.next_check = self.sim.elapsed() + self.params.check_every;
             self.check();
@@ -399,16 +603,85 @@ impl Driver<'_> {
         !self.broken
     }
 
-    fn snapshots(&self) -> Vec<NodeSnapshot> {
+    /// After every step: at most one node serves each service; failover times.
+    fn check_serving(&mut self) {
+        let nodes: Vec<(String, SimNode)> = {
+            let running = self.world.running.lock().expect("running lock");
+            running.iter().map(|(h, n)| (h.clone(), n.clone())).collect()
+        };
+        let by_host: BTreeMap<String, Vec<String>> =
+            nodes.iter().map(|(h, n)| (h.clone(), n.serving())).collect();
+        let found = checks::at_most_one_serving(&by_host);
+        if !found.is_empty() {
+            self.broken = true;
+        }
+        for v in found {
+            self.violation(v);
+        }
+        let mut by_service: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (host, services) in &by_host {
+            for s in services {
+                by_service.entry(s.clone()).or_default().push(host.clone());
+            }
+        }
+        if by_service != self.serving {
+            let now = self.sim.elapsed();
+            let mut lines = Vec::new();
+            for (service, loss) in &self.losses {
+                let hosts = by_service.get(service).cloned().unwrap_or_default();
+                if hosts.iter().any(|h| *h != loss.master) {
+                    let ms = (now - loss.at).as_millis() as u64;
+                    // The new master serves at least a lease after its switch was applied, so the
+                    // archive checked every 500 ms already holds the switch: count only failovers.
+                    let cause = self.switches.iter().rev().find(|s| s.service == *service).map(|s| s.cause);
+                    if cause == Some(SwitchCause::Failover) {
+                        self.failover_ms.push(ms);
+                        lines.push(format!("failover of {service} from {}: {ms} ms", loss.master));
+                    } else {
+                        lines.push(format!("{service} served again after {ms} ms, not by a failover"));
+                    }
+                }
+            }
+            self.losses.retain(|service, loss| {
+                let hosts = by_service.get(service).cloned().unwrap_or_default();
+                let failed_over = hosts.iter().any(|h| *h != loss.master);
+                let back = loss.healed && hosts.contains(&loss.master);
+                !failed_over && !back
+            });
+            let all = self.world_services();
+            let served: Vec<String> = all
+                .iter()
+                .map(|s| format!("{s}={}", by_service.get(s).map(|h| h.join("+")).unwrap_or("-".into())))
+                .collect();
+            self.trace(format!("serving {}", served.join(" ")));
+            for line in lines {
+                self.trace(line);
+            }
+            self.serving = by_service;
+        }
+    }
+
+    fn world_services(&self) -> Vec<String> {
+        (1..=self.params.services).map(|i| service_spec(i).name).collect()
+    }
+
+    pub(crate) fn snapshots(&self) -> Vec<NodeSnapshot> {
         let running = self.world.running.lock().expect("running lock");
         running
             .iter()
-            .map(|(host, node)| {
+            .map(|(host, sim_node)| {
+                let node = &sim_node.node;
                 let m = node.raft().metrics().borrow().clone();
                 let store = node.store();
                 let log_applied = store.last_applied();
                 let applied = store.last_event();
                 let archive = store.events(0, usize::MAX).expect("the archive reads");
+                let (members, placements) = store.with_state(|s| {
+                    let members = s.members.keys().copied().collect();
+                    let placements =
+                        s.services.iter().map(|(n, svc)| (n.clone(), svc.placement.clone())).collect();
+                    (members, placements)
+                });
                 NodeSnapshot {
                     host: host.clone(),
                     node_id: node.id(),
@@ -419,6 +692,10 @@ impl Driver<'_> {
                     log_applied,
                     archive,
                     voters: m.membership_config.membership().voter_ids().collect(),
+                    members,
+                    placements,
+                    serving: sim_node.serving(),
+                    containers: sim_node.containers.running(),
                 }
             })
             .collect()
@@ -426,10 +703,40 @@ impl Driver<'_> {
 
     fn check(&mut self) {
         let nodes = self.snapshots();
+        for n in &nodes {
+            self.hosts.insert(n.node_id, n.host.clone());
+        }
         let acks = self.world.acks.lock().expect("acks lock").clone();
         let mut found = checks::prefixes_agree(&nodes);
         found.extend(checks::no_ack_lost(&nodes, &acks));
         found.extend(checks::one_leader_per_term(&nodes));
+        found.extend(checks::roles_well_formed(&nodes));
+        if let Some(longest) = nodes.iter().max_by_key(|n| n.applied) {
+            match checks::switches(&longest.archive) {
+                Ok(switches) => {
+                    found.extend(checks::switches_authorised(&switches, ADMIN_ACTOR));
+                    let window = REACH_WINDOW_MS;
+                    let epoch_ms = EPOCH_UNIX_S * 1000;
+                    found.extend(checks::no_switch_while_master_reachable(
+                        &switches,
+                        &self.timeline,
+                        &self.hosts,
+                        window,
+                        epoch_ms,
+                    ));
+                    for s in switches.iter().filter(|s| s.index > self.switches_seen) {
+                        self.trace(format!(
+                            "switch at {}: {} from node {} to node {} ({:?}, by {})",
+                            s.index, s.service, s.before.master, s.to, s.cause, s.actor
+                        ));
+                    }
+                    self.switches_seen =
+                        switches.iter().map(|s| s.index).max().unwrap_or(0).max(self.switches_seen);
+                    self.switches = switches;
+                }
+                Err(e) => found.push(format!("archive: {} cannot be replayed: {e}", longest.host)),
+            }
+        }
         // The first violations end the run: later checks would only repeat them.
         if !found.is_empty() {
             self.broken = true;
@@ -457,6 +764,24 @@ impl Driver<'_> {
         false
     }
 
+    /// Runs for `d` of simulated time; false once the run cannot go on.
+    pub(crate) fn run_for(&mut self, d: Duration) -> bool {
+        let end = self.sim.elapsed() + d;
+        while self.sim.elapsed() < end {
+            if !self.step() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Whether the log converged and every service is served by its master alone.
+    fn all_converged(&self) -> Result<(), String> {
+        let nodes = self.snapshots();
+        checks::converged(&nodes, self.params.nodes)?;
+        checks::services_converged(&nodes, self.params.services)
+    }
+
     fn formation(&mut self) -> bool {
         let end = self.sim.elapsed() + self.params.formation;
         let expected = self.params.nodes;
@@ -468,16 +793,41 @@ impl Driver<'_> {
             probe = d.sim.elapsed() + Duration::from_millis(100);
             checks::converged(&d.snapshots(), expected).is_ok()
         });
-        if formed {
-            self.trace("formed".into());
-        } else if !self.broken {
-            let why = checks::converged(&self.snapshots(), expected).err().unwrap_or_default();
-            self.violation(format!(
-                "formation: the cluster did not form within {:?}: {why}",
-                self.params.formation
-            ));
+        if !formed {
+            if !self.broken {
+                let why = checks::converged(&self.snapshots(), expected).err().unwrap_or_default();
+                self.violation(format!(
+                    "formation: the cluster did not form within {:?}: {why}",
+                    self.params.formation
+                ));
+            }
+            return false;
         }
-        formed
+        self.trace("formed".into());
+        // The admin creates the services through node 1 (`coyote service create`).
+        for i in 1..=self.params.services {
+            self.admin(&self.names[0].clone(), Admin::CreateService(service_spec(i)));
+        }
+        let mut probe = Duration::ZERO;
+        let served = self.run_until(end + self.params.formation, |d| {
+            if d.sim.elapsed() < probe {
+                return false;
+            }
+            probe = d.sim.elapsed() + Duration::from_millis(100);
+            d.all_converged().is_ok()
+        });
+        if served {
+            self.trace("services served".into());
+        } else if !self.broken {
+            let why = self.all_converged().err().unwrap_or_default();
+            self.violation(format!("formation: the services were not served in time: {why}"));
+        }
+        served
+    }
+
+    pub(crate) fn admin(&mut self, host: &str, command: Admin) {
+        self.trace(format!("admin via {host}: {command:?}"));
+        self.world.admin.lock().expect("admin lock").entry(host.to_string()).or_default().push_back(command);
     }
 
     fn pick_side(&mut self) -> (Vec<String>, Vec<String>) {
@@ -488,57 +838,173 @@ impl Driver<'_> {
         (names, rest)
     }
 
-    fn leader_host(&self) -> Option<String> {
+    pub(crate) fn leader_id(&self) -> Option<u64> {
+        self.snapshots().into_iter().find(|n| n.is_leader).map(|n| n.node_id)
+    }
+
+    pub(crate) fn leader_host(&self) -> Option<String> {
         self.snapshots().into_iter().find(|n| n.is_leader).map(|n| n.host)
     }
 
-    fn start_fault(&mut self) -> Fault {
+    /// The placement of `service` in the leader's state (else the most advanced node's).
+    pub(crate) fn placement(&self, service: &str) -> Option<Placement> {
+        let nodes = self.snapshots();
+        let node = nodes.iter().find(|n| n.is_leader).or_else(|| nodes.iter().max_by_key(|n| n.applied))?;
+        node.placements.get(service).cloned().flatten()
+    }
+
+    /// The host of node `id`.
+    pub(crate) fn host_of(&self, id: u64) -> Option<String> {
+        let running = self.world.running.lock().expect("running lock");
+        running
+            .iter()
+            .find(|(_, n)| n.node.id() == id)
+            .map(|(h, _)| h.clone())
+            .or_else(|| self.hosts.get(&id).cloned())
+    }
+
+    pub(crate) fn running_hosts(&self) -> Vec<String> {
+        self.world.running.lock().expect("running lock").keys().cloned().collect()
+    }
+
+    fn record_links(&mut self) {
+        let ms = self.sim.elapsed().as_millis() as u64;
+        self.timeline.record(ms, self.links.clone());
+    }
+
+    /// Masters that `fault` cuts off from the majority: their services start a failover clock.
+    fn note_losses(&mut self, lost_hosts: &[String]) {
+        let now = self.sim.elapsed();
+        for service in self.world_services() {
+            let Some(p) = self.placement(&service) else { continue };
+            let Some(master) = self.host_of(p.master) else { continue };
+            if lost_hosts.contains(&master) && !self.losses.contains_key(&service) {
+                self.losses.insert(service, Loss { at: now, master, healed: false });
+            }
+        }
+    }
+
+    pub(crate) fn start(&mut self, fault: Fault) -> Fault {
         self.faults += 1;
-        let fault = match self.rng.gen_range(0..5) {
+        match &fault {
+            Fault::Partition { side, rest } => {
+                self.partition(side, rest, true);
+                let lost = side.clone();
+                self.note_losses(&lost);
+            }
+            Fault::OneWay { from, to } => {
+                for a in from {
+                    for b in to {
+                        self.sim.partition_oneway(a.as_str(), b.as_str());
+                        self.links.cut.insert((a.clone(), b.clone()));
+                    }
+                }
+                // A host none of whose messages get out is lost as surely as an isolated one.
+                if from.len() == 1 && to.len() + 1 == self.names.len() {
+                    let lost = from.clone();
+                    self.note_losses(&lost);
+                }
+            }
+            Fault::Hold { side, rest } => {
+                for a in side {
+                    for b in rest {
+                        self.sim.hold(a.as_str(), b.as_str());
+                        self.links.cut.insert((a.clone(), b.clone()));
+                        self.links.cut.insert((b.clone(), a.clone()));
+                    }
+                }
+                let lost = side.clone();
+                self.note_losses(&lost);
+            }
+            Fault::Crash { host } => {
+                self.note_losses(std::slice::from_ref(host));
+                // Dropped after the crash, when its runtime is gone: dropping it earlier, from outside
+                // that runtime, would wake its tasks from here.
+                let node = self.world.running.lock().expect("running lock").remove(host);
+                self.sim.crash(host.as_str());
+                drop(node);
+                self.links.down.insert(host.clone());
+            }
+            Fault::Latency => {
+                let ms = self.rng.gen_range(50..1000);
+                self.sim.set_max_message_latency(Duration::from_millis(ms));
+                self.links.slow = ms > SLOW_LATENCY_MS;
+                self.trace(format!("fault: latency up to {ms} ms"));
+            }
+            Fault::SlowStarts => {
+                let ms = self.rng.gen_range(1000..3000);
+                self.world.slow_start_ms.store(ms, Ordering::SeqCst);
+                self.trace(format!("fault: container starts take {ms} ms more"));
+            }
+            Fault::Instructed => {}
+        }
+        self.record_links();
+        if !matches!(fault, Fault::Latency | Fault::SlowStarts) {
+            self.trace(format!("fault: {fault:?}"));
+        }
+        fault
+    }
+
+    fn random_fault(&mut self) -> Fault {
+        match self.rng.gen_range(0..10) {
             0 => {
                 let (side, rest) = self.pick_side();
-                self.partition(&side, &rest, true);
                 Fault::Partition { side, rest }
             }
             1 => {
-                let leader = self.leader_host();
-                let (side, rest) = match leader {
-                    Some(leader) => {
-                        let rest = self.names.iter().filter(|n| **n != leader).cloned().collect();
-                        (vec![leader], rest)
-                    }
+                let (side, rest) = match self.leader_host() {
+                    Some(leader) => self.isolate(&leader),
                     None => self.pick_side(),
                 };
-                self.partition(&side, &rest, true);
                 Fault::Partition { side, rest }
             }
             2 if self.params.crashes => {
                 let host = self.names.choose(&mut self.rng).expect("nodes").clone();
-                // Dropped after the crash, when its runtime is gone: dropping it earlier, from outside
-                // that runtime, would wake its tasks from here.
-                let node = self.world.running.lock().expect("running lock").remove(&host);
-                self.sim.crash(host.as_str());
-                drop(node);
                 Fault::Crash { host }
             }
             2 | 3 => {
                 let (side, rest) = self.pick_side();
-                for a in &side {
-                    for b in &rest {
-                        self.sim.hold(a.as_str(), b.as_str());
-                    }
-                }
                 Fault::Hold { side, rest }
             }
-            _ => {
-                let ms = self.rng.gen_range(50..1000);
-                self.sim.set_max_message_latency(Duration::from_millis(ms));
-                self.trace(format!("fault: latency up to {ms} ms"));
-                return Fault::Latency;
+            4 => Fault::Latency,
+            5 => {
+                let (from, to) = self.pick_side();
+                Fault::OneWay { from, to }
             }
-        };
-        self.trace(format!("fault: {fault:?}"));
-        fault
+            6 | 7 => {
+                // Isolate the master of a service (in one of two ways).
+                let service = format!("svc{}", self.rng.gen_range(1..=self.params.services.max(1)));
+                let master = self.placement(&service).and_then(|p| self.host_of(p.master));
+                let (side, rest) = match master {
+                    Some(master) => self.isolate(&master),
+                    None => self.pick_side(),
+                };
+                if self.rng.gen_bool(0.5) {
+                    Fault::Partition { side, rest }
+                } else {
+                    // Only the master's outgoing messages are lost.
+                    Fault::OneWay { from: side, to: rest }
+                }
+            }
+            8 => Fault::SlowStarts,
+            _ => {
+                // The admin switches a service to one of its backups or its failover.
+                let service = format!("svc{}", self.rng.gen_range(1..=self.params.services.max(1)));
+                let candidates: Vec<u64> =
+                    self.placement(&service).map(|p| p.nodes().skip(1).collect()).unwrap_or_default();
+                let via = self.running_hosts();
+                if let (Some(to), Some(via)) = (candidates.choose(&mut self.rng), via.choose(&mut self.rng)) {
+                    let (to, via) = (*to, via.clone());
+                    self.admin(&via, Admin::Switch { service, to });
+                }
+                Fault::Instructed
+            }
+        }
+    }
+
+    pub(crate) fn isolate(&self, host: &str) -> (Vec<String>, Vec<String>) {
+        let rest = self.names.iter().filter(|n| *n != host).cloned().collect();
+        (vec![host.to_string()], rest)
     }
 
     fn partition(&mut self, side: &[String], rest: &[String], cut: bool) {
@@ -546,27 +1012,53 @@ impl Driver<'_> {
             for b in rest {
                 if cut {
                     self.sim.partition(a.as_str(), b.as_str());
+                    self.links.cut.insert((a.clone(), b.clone()));
+                    self.links.cut.insert((b.clone(), a.clone()));
                 } else {
                     self.sim.repair(a.as_str(), b.as_str());
+                    self.links.cut.remove(&(a.clone(), b.clone()));
+                    self.links.cut.remove(&(b.clone(), a.clone()));
                 }
             }
         }
     }
 
-    fn end_fault(&mut self, fault: Fault) {
+    pub(crate) fn end(&mut self, fault: Fault) {
         self.trace(format!("heal: {fault:?}"));
         match fault {
             Fault::Partition { side, rest } => self.partition(&side, &rest, false),
+            Fault::OneWay { from, to } => {
+                for a in &from {
+                    for b in &to {
+                        self.sim.repair_oneway(a.as_str(), b.as_str());
+                        self.links.cut.remove(&(a.clone(), b.clone()));
+                    }
+                }
+            }
             Fault::Hold { side, rest } => {
                 for a in &side {
                     for b in &rest {
                         self.sim.release(a.as_str(), b.as_str());
+                        self.links.cut.remove(&(a.clone(), b.clone()));
+                        self.links.cut.remove(&(b.clone(), a.clone()));
                     }
                 }
             }
-            Fault::Crash { host } => self.sim.bounce(host.as_str()),
-            Fault::Latency => self.sim.set_max_message_latency(self.params.latency_max),
+            Fault::Crash { host } => {
+                self.sim.bounce(host.as_str());
+                self.links.down.remove(&host);
+            }
+            Fault::Latency => {
+                self.sim.set_max_message_latency(self.params.latency_max);
+                self.links.slow = false;
+            }
+            Fault::SlowStarts => self.world.slow_start_ms.store(0, Ordering::SeqCst),
+            Fault::Instructed => {}
         }
+        for loss in self.losses.values_mut() {
+            loss.healed = true;
+        }
+        self.record_links();
     }
 
     fn faults(&mut self) -> bool {
@@ -577,12 +1069,13 @@ impl Driver<'_> {
             let now = self.sim.elapsed();
             match active.take() {
                 Some((fault, until)) if now >= until => {
-                    self.end_fault(fault);
+                    self.end(fault);
                     next_fault = now + Duration::from_millis(self.rng.gen_range(200..3000));
                 }
                 Some(still) => active = Some(still),
                 None if now >= next_fault => {
-                    let fault = self.start_fault();
+                    let fault = self.random_fault();
+                    let fault = self.start(fault);
                     let until = now + Duration::from_millis(self.rng.gen_range(500..6000));
                     active = Some((fault, until));
                 }
@@ -593,30 +1086,51 @@ impl Driver<'_> {
             }
         }
         if let Some((fault, _)) = active {
-            self.end_fault(fault);
+            self.end(fault);
         }
         true
+    }
+
+    /// Formation, faults (or a scenario), liveness.
+    fn play(&mut self) {
+        if !self.formation() {
+            return;
+        }
+        let ok = match self.params.scenario {
+            Some(scenario) => scenario.run(self),
+            None => self.faults(),
+        };
+        if !ok {
+            return;
+        }
+        self.liveness();
+        if let Some(scenario) = self.params.scenario {
+            if !self.broken {
+                self.check();
+                for v in scenario.expect(self) {
+                    self.violation(v);
+                }
+            }
+        }
     }
 
     fn liveness(&mut self) {
         self.world.workload.store(false, Ordering::SeqCst);
         self.trace("faults over; workload stopped".into());
         let end = self.sim.elapsed() + self.params.liveness;
-        let expected = self.params.nodes;
         let mut probe = Duration::ZERO;
         let converged = self.run_until(end, |d| {
             if d.sim.elapsed() < probe {
                 return false;
             }
             probe = d.sim.elapsed() + Duration::from_millis(100);
-            checks::converged(&d.snapshots(), expected).is_ok()
+            d.all_converged().is_ok()
         });
         if self.broken {
             return;
         }
-        let nodes = self.snapshots();
         if !converged {
-            let why = checks::converged(&nodes, expected).err().unwrap_or_default();
+            let why = self.all_converged().err().unwrap_or_default();
             self.violation(format!(
                 "liveness: no convergence within {:?} after healing: {why}",
                 self.params.liveness
@@ -625,6 +1139,7 @@ impl Driver<'_> {
         }
         self.trace("converged".into());
         self.check();
+        let nodes = self.snapshots();
         let acked_max = self.world.acks.lock().expect("acks lock").iter().map(|a| a.index).max();
         let applied = nodes.iter().map(|n| n.applied).min().unwrap_or(0);
         if let Some(acked) = acked_max.filter(|a| *a > applied) {
@@ -665,6 +1180,7 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
         id: "simtoken".into(),
         secret: TOKEN_SECRET.into(),
     };
+    let slow_start_ms = Arc::new(AtomicU64::new(0));
     let world = Arc::new(World {
         seed,
         nodes_expected: params.nodes,
@@ -673,6 +1189,9 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
         running: Mutex::new(BTreeMap::new()),
         workload: AtomicBool::new(true),
         token,
+        admin: Mutex::new(BTreeMap::new()),
+        slow_start_ms: slow_start_ms.clone(),
+        clock_ms: Arc::new(AtomicU64::new(EPOCH_UNIX_S * 1000)),
     });
     let sim = turmoil::Builder::new()
         .simulation_duration(Duration::from_secs(24 * 3600))
@@ -680,6 +1199,10 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
         .epoch(UNIX_EPOCH + Duration::from_secs(EPOCH_UNIX_S))
         .max_message_latency(params.latency_max)
         .rng_seed(seed)
+        // Held links release everything at once: dozens of reconnection attempts (pings, probes,
+        // Raft) can reach one listener in a step, beyond turmoil's default backlog of 64, on which
+        // turmoil panics.
+        .tcp_capacity(1024)
         .build();
     let names: Vec<String> = (1..=params.nodes).map(|i| format!("n{i}")).collect();
     let mut driver = Driver {
@@ -693,8 +1216,19 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
         next_check: Duration::ZERO,
         faults: 0,
         broken: false,
+        links: Links::default(),
+        timeline: Timeline::default(),
+        hosts: BTreeMap::new(),
+        serving: BTreeMap::new(),
+        losses: BTreeMap::new(),
+        failover_ms: Vec::new(),
+        switches_seen: 0,
+        switches: Vec::new(),
+        focus: String::new(),
     };
+    driver.record_links();
     for (index, name) in names.iter().enumerate() {
+        let container_seed = seed ^ ((index as u64 + 1) << 48) ^ 0xC0_0C;
         let host = Arc::new(HostState {
             name: name.clone(),
             index,
@@ -702,16 +1236,24 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
             identity: Mutex::new(None),
             initialized: AtomicBool::new(false),
             starts: AtomicU64::new(0),
+            containers: Arc::new(Containers::new(container_seed, slow_start_ms.clone())),
         });
         let world = world.clone();
         driver.sim.host(name.as_str(), move || host_main(world.clone(), host.clone()));
     }
-    if driver.formation() && driver.faults() {
-        driver.liveness();
+    let played = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| driver.play()));
+    if played.is_err() {
+        let panics = panics::take();
+        driver.violation(format!("panic in the driver or a checker: {}", panics.join("; ")));
     }
     let simulated = driver.sim.elapsed();
     let faults = driver.faults;
     let violations = std::mem::take(&mut driver.violations);
+    let failover_ms = std::mem::take(&mut driver.failover_ms);
+    let switches = (
+        driver.switches.iter().filter(|s| s.cause == SwitchCause::Failover).count(),
+        driver.switches.iter().filter(|s| s.cause == SwitchCause::Instruction).count(),
+    );
     world.running.lock().expect("running lock").clear();
     drop(driver);
     drop(guard);
@@ -724,5 +1266,16 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
         hash.update(b"\n");
     }
     let trace_hash = hex::encode(hash.finalize());
-    SeedReport { seed, violations, trace, trace_hash, simulated, wall: wall.elapsed(), acks, faults }
+    SeedReport {
+        seed,
+        violations,
+        trace,
+        trace_hash,
+        simulated,
+        wall: wall.elapsed(),
+        acks,
+        faults,
+        failover_ms,
+        switches,
+    }
 }

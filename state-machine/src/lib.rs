@@ -61,6 +61,26 @@ pub use state::{
     Service, State, Token, TokenStatus, DRIFT_MARGIN_MS, FAILOVER_AFTER_MS, LEASE_MS, PLACEMENT_BACKUPS_MAX,
 };
 
+/// Deliberate bugs, for the simulator to show that its checkers catch them. Compiled only with the
+/// `planted-bugs` feature, and off until switched on (a process-wide switch: the only state outside
+/// [`State`], and only in that build).
+#[cfg(feature = "planted-bugs")]
+pub mod planted {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static FAILOVER_IGNORES_VOTES: AtomicBool = AtomicBool::new(false);
+
+    /// The failover rule forgets its majority: a failover that has seen its service unreachable long
+    /// enough takes over even while the other members still reach the master.
+    pub fn failover_ignores_votes_on(on: bool) {
+        FAILOVER_IGNORES_VOTES.store(on, Ordering::SeqCst);
+    }
+
+    pub(crate) fn failover_ignores_votes() -> bool {
+        FAILOVER_IGNORES_VOTES.load(Ordering::SeqCst)
+    }
+}
+
 /// Ids of nodes: sized, never reused within a cluster.
 pub type NodeId = u64;
 /// Position in the Raft log.

@@ -396,6 +396,8 @@ impl State {
             _ => return Err(Rejection::new(format!("node {to} has not reported {service} unreachable"))),
         }
         let (votes, needed) = self.master_down_votes(p.master);
+        #[cfg(feature = "planted-bugs")]
+        let votes = if crate::planted::failover_ignores_votes() { needed } else { votes };
         if votes < needed {
             return Err(Rejection::new(format!(
                 "only {votes} of the {needed} members needed report master {} unreachable",

@@ -1,0 +1,221 @@
+//! The world outside a node, simulated: a container engine behind the reconciler's
+//! [`ContainerRuntime`] trait, and the probe the monitor checks services with.
+//!
+//! A running model container listens on its service's host ports in turmoil's network, so the
+//! monitor's probe (a turmoil TCP connection to the master's host and the service's port) finds it
+//! only if the container runs on the master *and* the network path is not cut. Starting and stopping
+//! take a seeded random delay; a fault can make starts slow. Containers belong to their host and
+//! survive a crash of the node software as entries, but a crash is a reboot: every container is
+//! found exited afterwards (no restart policy, as in production).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use coyote_nodes::monitor::ServiceProbe;
+use coyote_nodes::runtime::{
+    ContainerConfig, ContainerRuntime, ObservedContainer, RunState, RuntimeError, LABEL_SERVICE, LABEL_SPEC,
+};
+use futures::future::BoxFuture;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Delay of a container start outside slow-start faults, in ms.
+const START_MS: std::ops::Range<u64> = 20..300;
+/// Delay of a container stop, in ms.
+const STOP_MS: std::ops::Range<u64> = 10..100;
+
+/// The containers of one simulated host (they outlive the node software's incarnations).
+pub struct Containers {
+    inner: Mutex<Inner>,
+    /// Extra start delay while a slow-start fault is in force, in ms (shared by all hosts).
+    slow_start_ms: Arc<AtomicU64>,
+}
+
+struct Inner {
+    containers: BTreeMap<String, Model>,
+    rng: StdRng,
+    next_id: u64,
+}
+
+struct Model {
+    observed: ObservedContainer,
+    ports: Vec<u16>,
+    /// The task that listens on the container's ports while it runs.
+    listening: Option<tokio::task::AbortHandle>,
+}
+
+impl Containers {
+    pub fn new(seed: u64, slow_start_ms: Arc<AtomicU64>) -> Self {
+        Containers {
+            inner: Mutex::new(Inner {
+                containers: BTreeMap::new(),
+                rng: StdRng::seed_from_u64(seed),
+                next_id: 0,
+            }),
+            slow_start_ms,
+        }
+    }
+
+    /// The host rebooted: its containers are all exited (their listeners died with the old runtime).
+    pub fn reboot(&self) {
+        let mut inner = self.inner.lock().expect("containers lock");
+        for c in inner.containers.values_mut() {
+            c.listening = None;
+            if c.observed.state == RunState::Running {
+                c.observed.state = RunState::Exited;
+                c.observed.status = "Exited (137) host rebooted".into();
+            }
+        }
+    }
+
+    /// Services whose container runs here now.
+    pub fn running(&self) -> Vec<String> {
+        let inner = self.inner.lock().expect("containers lock");
+        inner
+            .containers
+            .values()
+            .filter(|c| c.observed.state == RunState::Running)
+            .map(|c| c.observed.service.clone())
+            .collect()
+    }
+
+    fn delay(&self, range: std::ops::Range<u64>, slow: bool) -> Duration {
+        let mut inner = self.inner.lock().expect("containers lock");
+        let extra = if slow { self.slow_start_ms.load(Ordering::SeqCst) } else { 0 };
+        Duration::from_millis(inner.rng.gen_range(range) + extra)
+    }
+}
+
+/// Listens on `port` in turmoil until aborted, accepting and dropping connections (a probe only
+/// needs the handshake). Retries the bind while an earlier incarnation still holds the port.
+async fn listen(ports: Vec<u16>) {
+    let mut tasks = Vec::new();
+    for port in ports {
+        tasks.push(async move {
+            let listener = loop {
+                match turmoil::net::TcpListener::bind(("0.0.0.0", port)).await {
+                    Ok(l) => break l,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            };
+            loop {
+                if let Ok((stream, _)) = listener.accept().await {
+                    drop(stream);
+                }
+            }
+        });
+    }
+    futures::future::join_all(tasks).await;
+}
+
+/// The [`ContainerRuntime`] the simulated reconciler drives.
+pub struct ModelRuntime(pub Arc<Containers>);
+
+impl ModelRuntime {
+    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        f(&mut self.0.inner.lock().expect("containers lock"))
+    }
+}
+
+#[async_trait]
+impl ContainerRuntime for ModelRuntime {
+    async fn list(&self) -> Result<Vec<ObservedContainer>, RuntimeError> {
+        Ok(self.with(|i| i.containers.values().map(|c| c.observed.clone()).collect()))
+    }
+
+    async fn image_present(&self, _image: &str) -> Result<bool, RuntimeError> {
+        Ok(true)
+    }
+
+    async fn pull(&self, _image: &str) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
+    async fn ensure_network(&self, _name: &str) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
+    async fn create(&self, config: &ContainerConfig) -> Result<String, RuntimeError> {
+        self.with(|i| {
+            if i.containers.values().any(|c| c.observed.name == config.name) {
+                return Err(RuntimeError::Failed(format!("name {} in use", config.name)));
+            }
+            i.next_id += 1;
+            let id = format!("c{}", i.next_id);
+            let observed = ObservedContainer {
+                id: id.clone(),
+                name: config.name.clone(),
+                service: config.labels.get(LABEL_SERVICE).cloned().unwrap_or_default(),
+                spec_hash: config.labels.get(LABEL_SPEC).cloned().unwrap_or_default(),
+                image: config.image.clone(),
+                state: RunState::Created,
+                status: "Created".into(),
+            };
+            let ports = config.ports.iter().map(|p| p.host).collect();
+            i.containers.insert(id.clone(), Model { observed, ports, listening: None });
+            Ok(id)
+        })
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        tokio::time::sleep(self.0.delay(START_MS, true)).await;
+        self.with(|i| {
+            let Some(c) = i.containers.get_mut(id) else {
+                return Err(RuntimeError::NotFound(format!("no container {id}")));
+            };
+            if c.observed.state != RunState::Running {
+                c.observed.state = RunState::Running;
+                c.observed.status = "Up".into();
+                c.listening = Some(tokio::spawn(listen(c.ports.clone())).abort_handle());
+            }
+            Ok(())
+        })
+    }
+
+    async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
+        tokio::time::sleep(self.0.delay(STOP_MS, false)).await;
+        self.with(|i| {
+            if let Some(c) = i.containers.get_mut(id) {
+                if let Some(task) = c.listening.take() {
+                    task.abort();
+                }
+                if c.observed.state == RunState::Running {
+                    c.observed.state = RunState::Exited;
+                    c.observed.status = "Exited (0)".into();
+                }
+            }
+            Ok(())
+        })
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        self.with(|i| {
+            if let Some(mut c) = i.containers.remove(id) {
+                if let Some(task) = c.listening.take() {
+                    task.abort();
+                }
+            }
+            Ok(())
+        })
+    }
+
+    async fn address(&self, _id: &str) -> Result<Option<std::net::IpAddr>, RuntimeError> {
+        Ok(None)
+    }
+}
+
+/// The monitor's service probe: a TCP connection over turmoil's network to the master's host and
+/// the service's port, which a running model container accepts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TurmoilProbe;
+
+impl ServiceProbe for TurmoilProbe {
+    fn probe(&self, target: String, timeout: Duration) -> BoxFuture<'static, bool> {
+        Box::pin(async move {
+            matches!(tokio::time::timeout(timeout, turmoil::net::TcpStream::connect(target)).await, Ok(Ok(_)))
+        })
+    }
+}

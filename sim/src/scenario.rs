@@ -1,0 +1,261 @@
+//! Hand-written scenarios, beside the random fault schedule. Each acts on one service after
+//! formation (the first whose master and failover do not hold the Raft leadership, so that the
+//! scenario exercises the monitor and the fence rather than an election), then the run goes on as
+//! usual (liveness phase, every checker), and the scenario checks what it expects of the archive at
+//! the end. The seed still fixes the network's randomness, the workload and the moments the scenario
+//! draws.
+
+use std::time::Duration;
+
+use coyote_state_machine::{Event, SwitchCause};
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+use crate::checks::Switch;
+use crate::run::{Admin, Driver, Fault};
+
+/// How long the backups have to raise their alarm when master and failover are gone.
+const ALARM_WAIT: Duration = Duration::from_secs(30);
+
+/// Whether a backup raised the alarm that the master of the scenario's service is lost.
+fn alarmed(d: &Driver) -> bool {
+    let prefix = format!("master-lost/{}/", d.focus);
+    d.snapshots().into_iter().max_by_key(|n| n.applied).is_some_and(|n| {
+        n.archive
+            .iter()
+            .any(|r| matches!(&r.envelope.event, Event::AlarmRaised { key, .. } if key.starts_with(&prefix)))
+    })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// The master of a service is cut off from everyone for 10 s: its failover takes over.
+    MasterCutOff,
+    /// Only the link between master and failover is cut: the others still reach the master, so no
+    /// switch happens.
+    FailoverCutFromMaster,
+    /// The admin instructs a switch through the leader, and the leader crashes a moment later.
+    LeaderCrashMidSwitch,
+    /// The master crashes, its failover takes over, and the old master restarts from its disk.
+    OldMasterReturns,
+    /// The admin switches the service to one of its backups.
+    ManualSwitch,
+    /// Master and failover crash: the backups raise an alarm and wait; the admin instructs one.
+    BackupMasterGone,
+    /// The Raft leader and one more node crash: the other three must elect a leader. Not in
+    /// [`Scenario::ALL`]: it reproduces a known election live-lock (see `sim/README.md`).
+    LeaderAndOneCrash,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 6] = [
+        Scenario::MasterCutOff,
+        Scenario::FailoverCutFromMaster,
+        Scenario::LeaderCrashMidSwitch,
+        Scenario::OldMasterReturns,
+        Scenario::ManualSwitch,
+        Scenario::BackupMasterGone,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::MasterCutOff => "master-cut-off",
+            Scenario::FailoverCutFromMaster => "failover-cut-from-master",
+            Scenario::LeaderCrashMidSwitch => "leader-crash-mid-switch",
+            Scenario::OldMasterReturns => "old-master-returns",
+            Scenario::ManualSwitch => "manual-switch",
+            Scenario::BackupMasterGone => "backup-master-gone",
+            Scenario::LeaderAndOneCrash => "leader-and-one-crash",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Scenario> {
+        Scenario::ALL.into_iter().chain([Scenario::LeaderAndOneCrash]).find(|s| s.name() == name)
+    }
+
+    /// Plays the scenario; false once the run cannot go on.
+    pub(crate) fn run(self, d: &mut Driver) -> bool {
+        let leader = d.leader_id();
+        let services: Vec<String> = (1..=d.params.services).map(|i| format!("svc{i}")).collect();
+        let focus = services
+            .iter()
+            .find(|s| d.placement(s).is_some_and(|p| Some(p.master) != leader && p.failover != leader))
+            .or(services.first())
+            .cloned()
+            .unwrap_or_default();
+        d.focus = focus.clone();
+        let service = focus.as_str();
+        let Some(p) = d.placement(service) else {
+            d.violation(format!("scenario {}: {service} is not placed", self.name()));
+            return false;
+        };
+        let (Some(master), Some(failover)) = (d.host_of(p.master), p.failover.and_then(|f| d.host_of(f)))
+        else {
+            d.violation(format!("scenario {}: {service} has no master or failover host", self.name()));
+            return false;
+        };
+        d.trace(format!("scenario {}: {service} master {master}, failover {failover}", self.name()));
+        let secs = Duration::from_secs;
+        match self {
+            Scenario::MasterCutOff => {
+                let (side, rest) = d.isolate(&master);
+                let fault = d.start(Fault::Partition { side, rest });
+                if !d.run_for(secs(10)) {
+                    return false;
+                }
+                d.end(fault);
+            }
+            Scenario::FailoverCutFromMaster => {
+                let fault = d.start(Fault::Partition { side: vec![failover], rest: vec![master] });
+                if !d.run_for(secs(10)) {
+                    return false;
+                }
+                d.end(fault);
+            }
+            Scenario::LeaderCrashMidSwitch => {
+                let Some(leader) = d.leader_host() else {
+                    d.violation("scenario: no leader".into());
+                    return false;
+                };
+                let to = p.backups.first().copied().or(p.failover).unwrap_or(p.master);
+                d.admin(&leader, Admin::Switch { service: service.into(), to });
+                let wait = Duration::from_millis(d.rng.gen_range(10..400));
+                if !d.run_for(wait) {
+                    return false;
+                }
+                let fault = d.start(Fault::Crash { host: leader });
+                if !d.run_for(secs(4)) {
+                    return false;
+                }
+                d.end(fault);
+            }
+            Scenario::OldMasterReturns => {
+                let fault = d.start(Fault::Crash { host: master });
+                if !d.run_for(secs(8)) {
+                    return false;
+                }
+                d.end(fault);
+                if !d.run_for(secs(5)) {
+                    return false;
+                }
+            }
+            Scenario::ManualSwitch => {
+                let Some(to) = p.backups.choose(&mut d.rng).copied() else {
+                    d.violation("scenario: no backup".into());
+                    return false;
+                };
+                let hosts = d.running_hosts();
+                let via = hosts.choose(&mut d.rng).cloned().unwrap_or(master);
+                d.admin(&via, Admin::Switch { service: service.into(), to });
+                if !d.run_for(secs(5)) {
+                    return false;
+                }
+            }
+            Scenario::LeaderAndOneCrash => {
+                let Some(leader) = d.leader_host() else {
+                    d.violation("scenario: no leader".into());
+                    return false;
+                };
+                let other = if leader == master { failover } else { master };
+                let first = d.start(Fault::Crash { host: leader });
+                let second = d.start(Fault::Crash { host: other });
+                let since = d.sim.elapsed();
+                while d.leader_host().is_none() {
+                    if d.sim.elapsed() >= since + secs(10) {
+                        d.violation(format!(
+                            "scenario {}: three of five nodes run, and none was elected leader within 10 s",
+                            self.name()
+                        ));
+                        return false;
+                    }
+                    if !d.run_for(Duration::from_millis(100)) {
+                        return false;
+                    }
+                }
+                d.trace(format!("a leader was elected after {:?}", d.sim.elapsed() - since));
+                d.end(first);
+                d.end(second);
+            }
+            Scenario::BackupMasterGone => {
+                let crash_master = d.start(Fault::Crash { host: master });
+                let crash_failover = d.start(Fault::Crash { host: failover });
+                // The backups raise their alarm and wait (up to ALARM_WAIT for it).
+                let since = d.sim.elapsed();
+                while !alarmed(d) {
+                    if d.sim.elapsed() >= since + ALARM_WAIT {
+                        d.violation(format!(
+                            "scenario {}: no backup raised the master-lost alarm within {ALARM_WAIT:?}",
+                            self.name()
+                        ));
+                        return false;
+                    }
+                    if !d.run_for(Duration::from_millis(100)) {
+                        return false;
+                    }
+                }
+                d.trace(format!("a backup raised the master-lost alarm after {:?}", d.sim.elapsed() - since));
+                if !d.run_for(secs(3)) {
+                    return false;
+                }
+                let Some(to) = p.backups.first().copied() else {
+                    d.violation("scenario: no backup".into());
+                    return false;
+                };
+                let via = d.host_of(to).unwrap_or_default();
+                d.admin(&via, Admin::Switch { service: service.into(), to });
+                if !d.run_for(secs(5)) {
+                    return false;
+                }
+                d.end(crash_master);
+                d.end(crash_failover);
+            }
+        }
+        true
+    }
+
+    /// What the scenario expects of the run, beyond the checkers, as violations.
+    pub(crate) fn expect(self, d: &Driver) -> Vec<String> {
+        let service = d.focus.as_str();
+        let switches: Vec<&Switch> = d.switches.iter().filter(|s| s.service == service).collect();
+        let failovers = switches.iter().filter(|s| s.cause == SwitchCause::Failover).count();
+        let instructed: Vec<&&Switch> =
+            switches.iter().filter(|s| s.cause == SwitchCause::Instruction).collect();
+        let mut problems = Vec::new();
+        let mut expect = |ok: bool, what: &str| {
+            if !ok {
+                problems.push(format!(
+                    "scenario {}: expected {what}; switches of {service}: {switches:?}",
+                    self.name()
+                ));
+            }
+        };
+        match self {
+            Scenario::MasterCutOff | Scenario::OldMasterReturns => {
+                expect(failovers >= 1, "a switch by failover");
+                expect(
+                    switches.first().is_some_and(|s| s.before.failover == Some(s.to)),
+                    "the first switch to go to the failover",
+                );
+            }
+            Scenario::FailoverCutFromMaster => expect(switches.is_empty(), "no switch"),
+            Scenario::LeaderAndOneCrash => {}
+            Scenario::LeaderCrashMidSwitch => {
+                expect(failovers == 0, "no switch by failover");
+                expect(instructed.len() <= 1, "at most the one instructed switch");
+            }
+            Scenario::ManualSwitch => {
+                expect(failovers == 0, "no switch by failover");
+                expect(
+                    instructed.len() == 1 && instructed[0].before.backups.contains(&instructed[0].to),
+                    "one instructed switch, to a backup",
+                );
+            }
+            Scenario::BackupMasterGone => {
+                expect(failovers == 0, "no switch by failover (the failover is down too)");
+                expect(instructed.len() == 1, "the instructed switch to the backup");
+                expect(alarmed(d), "a backup to raise the master-lost alarm");
+            }
+        }
+        problems
+    }
+}

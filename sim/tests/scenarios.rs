@@ -1,0 +1,31 @@
+//! Two hand-written scenarios, end to end: the failover takes over from a master cut off from
+//! everyone, within the failover time the design aims at; and a cut between master and failover
+//! alone moves nothing.
+
+use std::time::Duration;
+
+use coyote_sim::{run_seed, Params, Scenario};
+
+fn params(scenario: Scenario) -> Params {
+    Params { scenario: Some(scenario), liveness: Duration::from_secs(30), ..Params::default() }
+}
+
+#[test]
+fn the_failover_takes_over_from_a_master_cut_off_from_everyone() {
+    let report = run_seed(0, &params(Scenario::MasterCutOff));
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert_eq!(report.switches, (1, 0), "one switch by failover, none instructed");
+    let [ms] = report.failover_ms.as_slice() else {
+        panic!("one failover time, not {:?}", report.failover_ms);
+    };
+    // Detection (3 probes), FAILOVER_AFTER_MS, then a lease plus the drift margin: about 3 s.
+    assert!((2_000..=4_000).contains(ms), "master lost to new master serving took {ms} ms");
+}
+
+#[test]
+fn a_cut_between_master_and_failover_alone_moves_nothing() {
+    let report = run_seed(0, &params(Scenario::FailoverCutFromMaster));
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert_eq!(report.switches, (0, 0), "no switch at all");
+    assert!(report.failover_ms.is_empty());
+}
