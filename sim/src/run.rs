@@ -364,6 +364,7 @@ pub fn service_spec(i: usize) -> ServiceSpec {
         ports: vec![PortMap { host: SERVICE_PORT_BASE + i as u16, container: 80 }],
         memory_bytes: None,
         on_demand: false,
+        dump: None,
     }
 }
 
