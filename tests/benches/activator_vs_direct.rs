@@ -26,6 +26,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use coyote_tests::cpu::{of_cmdline as cpu_of_cmdline, of_machine as cpu_machine, of_process as cpu_of_stat};
 use coyote_tests::{api_call, docker, free_port, test_images, wait_until, DockerGuard, Node};
 use serde_json::Value;
 
@@ -205,46 +206,6 @@ fn wait_activator_stopped(node: &Node, id: &str) -> Result<()> {
 // ---------------------------------------------------------------------------------------------------
 // CPU accounting, to report the load that is not ours.
 
-fn clk_tck() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
-}
-
-/// Busy CPU time of the whole machine, in seconds.
-fn cpu_machine() -> f64 {
-    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else { return 0.0 };
-    let ticks: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
-    let busy: u64 =
-        ticks.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
-    busy as f64 / clk_tck()
-}
-
-fn cpu_of_stat(stat: &Path) -> f64 {
-    let Ok(text) = std::fs::read_to_string(stat) else { return 0.0 };
-    let Some((_, rest)) = text.rsplit_once(')') else { return 0.0 };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<u64>().ok()).sum();
-    ticks as f64 / clk_tck()
-}
-
-/// CPU seconds of every process whose command line contains `needle` (the node's data directory).
-fn cpu_of_cmdline(needle: &Path) -> f64 {
-    let needle = needle.as_os_str().as_encoded_bytes();
-    let Ok(procs) = std::fs::read_dir("/proc") else { return 0.0 };
-    procs
-        .flatten()
-        .filter(|p| p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
-        .filter(|p| {
-            std::fs::read(p.path().join("cmdline"))
-                .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
-        })
-        .map(|p| cpu_of_stat(&p.path().join("stat")))
-        .sum()
-}
-
-/// CPU seconds of the container engine's own processes (dockerd, containerd and its shims, runc,
-/// docker-proxy, fuse-overlayfs): part of a cold start's work, not other load.
 fn cpu_of_engine() -> f64 {
     const ENGINE: [&str; 6] =
         ["dockerd", "containerd", "containerd-shim", "runc", "docker-proxy", "fuse-overlayfs"];

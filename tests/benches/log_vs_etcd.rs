@@ -27,6 +27,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
+use coyote_tests::cpu::{
+    of_cmdline as cpu_seconds_of, of_machine as cpu_seconds_machine, of_process as cpu_seconds,
+};
 use coyote_tests::{cluster, free_port, leader_index, wait_until, Node};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -401,50 +404,8 @@ fn run_phase(
     }
 }
 
-/// CPU time (user and system) of the process whose `/proc/PID/stat` is at `stat`, in seconds.
-fn cpu_seconds(stat: &Path) -> f64 {
-    let Ok(text) = std::fs::read_to_string(stat) else { return 0.0 };
-    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
-    let Some((_, rest)) = text.rsplit_once(')') else { return 0.0 };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15, that is 11 and 12 after the state (field 3).
-    let ticks: u64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<u64>().ok()).sum();
-    // SAFETY: sysconf has no preconditions.
-    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 / per_sec
-}
-
-/// Busy CPU time of the whole machine (all cores, everything but idle and I/O wait), in seconds.
-fn cpu_seconds_machine() -> f64 {
-    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else { return 0.0 };
-    let ticks: Vec<u64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
-    // user nice system idle iowait irq softirq steal (guest time is already in user and nice).
-    let busy: u64 =
-        ticks.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
-    // SAFETY: sysconf has no preconditions.
-    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    busy as f64 / per_sec
-}
-
 fn cpu_seconds_self() -> f64 {
     cpu_seconds(Path::new("/proc/self/stat"))
-}
-
-/// CPU seconds used so far by every running process with `dir` in its command line: the members of
-/// the cluster whose data is under `dir`.
-fn cpu_seconds_of(dir: &Path) -> f64 {
-    let needle = dir.as_os_str().as_encoded_bytes();
-    let Ok(procs) = std::fs::read_dir("/proc") else { return 0.0 };
-    procs
-        .flatten()
-        .filter(|p| p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
-        .filter(|p| {
-            std::fs::read(p.path().join("cmdline"))
-                .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
-        })
-        .map(|p| cpu_seconds(&p.path().join("stat")))
-        .sum()
 }
 
 /// `n` printable ASCII bytes: valid JSON string content as it is, and the same bytes on both sides.
