@@ -20,6 +20,14 @@ if ! command -v docker-registry >/dev/null 2>&1; then
   $sudo systemctl disable --now docker-registry >/dev/null 2>&1 || true
 fi
 
+if ! command -v dnsmasq >/dev/null 2>&1 && [ ! -x /usr/sbin/dnsmasq ]; then
+  echo "==> installing dnsmasq-base (a real nameserver for the monitor's zone checks)"
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  install() { $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dnsmasq-base >/dev/null; }
+  install || { $sudo apt-get update -q >/dev/null && install; }
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -92,9 +92,9 @@ pub struct RaftSettings {
 impl Default for RaftSettings {
     fn default() -> Self {
         RaftSettings {
-            heartbeat_ms: 150,
-            election_min_ms: 800,
-            election_max_ms: 1600,
+            heartbeat_ms: 100,
+            election_min_ms: 500,
+            election_max_ms: 1000,
             snapshot_every: 10_000,
             keep_logs: 1_000,
             disk_reserve_bytes: DISK_RESERVE_DEFAULT,
@@ -473,7 +473,18 @@ impl LogNode {
 
     /// Validates and commits an event, forwarding to the leader when needed.
     pub async fn propose(&self, event: Event, actor: String) -> Result<Proposed, ProposeError> {
-        let proposal = Proposal { at_ms: self.now_ms(), actor, event };
+        self.propose_at(event, actor, self.now_ms()).await
+    }
+
+    /// [`LogNode::propose`] with the proposer's clock reading given: for a retried proposal that
+    /// reports what was observed at `at_ms` (the monitor's reachability reports).
+    pub async fn propose_at(
+        &self,
+        event: Event,
+        actor: String,
+        at_ms: u64,
+    ) -> Result<Proposed, ProposeError> {
+        let proposal = Proposal { at_ms, actor, event };
         self.0.store.with_state(|s| s.validate(&proposal)).map_err(|r| ProposeError::Rejected(r.reason))?;
         self.check_disk()?;
         let proposed = self.submit(proposal, true).await?;

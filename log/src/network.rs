@@ -28,8 +28,8 @@ use crate::types::{Node, NodeId, Raft, TypeConfig};
 /// How long connecting plus the TLS handshake to a peer may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// HTTP/2 keep-alive: ping this often, and drop the connection if a ping is not answered in time.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Upper bound on any single RPC that has no deadline of its own.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest gRPC message accepted (snapshot chunks, batches of entries).

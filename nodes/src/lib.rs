@@ -4,8 +4,10 @@
 //! - [`reconciler`]: brings this server's containers to what the log asks, or raises alarms.
 //! - [`activator`]: starts on-demand containers when a connection arrives, stops them when idle.
 //! - [`monitor`]: probes peers and services, reports transitions, fails over; the fence (leases).
+//! - [`probe`]: the service checks the monitor runs (TCP, HTTP, DNS SOA).
 
 pub mod activator;
 pub mod monitor;
+pub mod probe;
 pub mod reconciler;
 pub mod runtime;

@@ -13,7 +13,7 @@ use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use coyote_log::RaftSettings;
 use coyote_state_machine::spec::{parse_bytes, parse_port};
-use coyote_state_machine::{PortMap, ServiceSpec};
+use coyote_state_machine::{PortMap, ServiceSpec, ZoneCheck};
 use hyper::Method;
 use serde_json::{json, Value};
 
@@ -241,6 +241,17 @@ enum ServiceCmd {
         /// like a shell line, without a shell: --dump 'sh -c "pg_dumpall > /data/dump.sql"'
         #[arg(long, value_name = "COMMAND")]
         dump: Option<String>,
+        /// Check the service with an HTTP GET of PATH on its first port (healthy below status 500)
+        /// instead of a TCP connection
+        #[arg(long, value_name = "PATH")]
+        http_check: Option<String>,
+        /// The service's DNS zone: the failover takes over only while the zone's nameservers do not
+        /// answer an SOA query either (give them with --nameserver)
+        #[arg(long, value_name = "ZONE", requires = "nameservers")]
+        zone: Option<String>,
+        /// A nameserver of the zone, HOST or HOST:PORT (repeat for several)
+        #[arg(long = "nameserver", value_name = "HOST[:PORT]", requires = "zone")]
+        nameservers: Vec<String>,
     },
     /// List services
     List,
@@ -281,6 +292,21 @@ enum ServiceCmd {
         /// Remove the dump command
         #[arg(long, conflicts_with = "dump")]
         no_dump: bool,
+        /// Check the service with an HTTP GET of PATH on its first port
+        #[arg(long, value_name = "PATH")]
+        http_check: Option<String>,
+        /// Check the service with a TCP connection again (no HTTP check)
+        #[arg(long, conflicts_with = "http_check")]
+        tcp_check: bool,
+        /// Sets the service's DNS zone check (with --nameserver)
+        #[arg(long, value_name = "ZONE", requires = "nameservers")]
+        zone: Option<String>,
+        /// A nameserver of the zone, HOST or HOST:PORT (repeat for several)
+        #[arg(long = "nameserver", value_name = "HOST[:PORT]", requires = "zone")]
+        nameservers: Vec<String>,
+        /// Remove the zone check
+        #[arg(long, conflicts_with = "zone")]
+        no_zone: bool,
     },
     /// Remove a service
     Rm { name: String },
@@ -534,13 +560,34 @@ async fn token(cmd: TokenCmd, client: &Client, json: bool) -> Result<()> {
 
 async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
     match cmd {
-        ServiceCmd::Create { name, image, domains, ports, memory, on_demand, dump } => {
+        ServiceCmd::Create {
+            name,
+            image,
+            domains,
+            ports,
+            memory,
+            on_demand,
+            dump,
+            http_check,
+            zone,
+            nameservers,
+        } => {
             let ports: Vec<PortMap> =
                 ports.iter().map(|p| parse_port(p)).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?;
             let memory_bytes = memory.as_deref().map(parse_bytes).transpose().map_err(anyhow::Error::msg)?;
             let dump = dump.as_deref().map(parse_command).transpose()?;
-            let spec =
-                ServiceSpec { name: name.clone(), image, domains, ports, memory_bytes, on_demand, dump };
+            let zone = zone.map(|zone| ZoneCheck { zone, nameservers });
+            let spec = ServiceSpec {
+                name: name.clone(),
+                image,
+                domains,
+                ports,
+                memory_bytes,
+                on_demand,
+                dump,
+                http_check,
+                zone,
+            };
             if let Err(r) = spec.validate() {
                 bail!("{r}");
             }
@@ -573,7 +620,22 @@ async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             }
         }
-        ServiceCmd::Update { name, image, domains, ports, no_ports, memory, on_demand, dump, no_dump } => {
+        ServiceCmd::Update {
+            name,
+            image,
+            domains,
+            ports,
+            no_ports,
+            memory,
+            on_demand,
+            dump,
+            no_dump,
+            http_check,
+            tcp_check,
+            zone,
+            nameservers,
+            no_zone,
+        } => {
             let current = client.call(Method::GET, &format!("/v1/services/{name}"), None).await?;
             let mut spec: ServiceSpec = serde_json::from_value(current["spec"].clone())
                 .map_err(|e| anyhow::anyhow!("the node sent a spec this CLI cannot read: {e}"))?;
@@ -604,6 +666,16 @@ async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
                 spec.dump = None;
             } else if let Some(dump) = dump {
                 spec.dump = Some(parse_command(&dump)?);
+            }
+            if tcp_check {
+                spec.http_check = None;
+            } else if let Some(path) = http_check {
+                spec.http_check = Some(path);
+            }
+            if no_zone {
+                spec.zone = None;
+            } else if let Some(zone) = zone {
+                spec.zone = Some(ZoneCheck { zone, nameservers });
             }
             if let Err(r) = spec.validate() {
                 bail!("{r}");

@@ -3,8 +3,11 @@
 //! # Monitor
 //! Every [`MonitorConfig::probe_interval`] each node probes its peers (a ping over the cluster's
 //! mutual TLS) and, for each service where it is failover or backup, the service at its master (a TCP
-//! connection to the service's first published port at the master's address, through a
-//! [`ServiceProbe`]: [`TcpProbe`] in production, the simulator's network in `sim/`). A subject changes state
+//! connection to the service's first published port at the master's address, or an HTTP request
+//! there if the spec names an HTTP check path) and its DNS zone (an SOA query to the nameservers the
+//! spec names, if any), through a [`ServiceProbe`]: [`NetProbe`] in production, the simulator's
+//! network in `sim/`. A service counts as unreachable only while its check fails AND, if it has a
+//! zone, none of the zone's nameservers answers: a zone still served means its master still lives. A subject changes state
 //! only after [`MonitorConfig::fail_after`] failed probes in a row, or [`MonitorConfig::recover_after`]
 //! good ones; the node then proposes `ReachabilityChanged`. So the log sees transitions, never probes.
 //!
@@ -43,8 +46,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use coyote_log::{LogNode, ProposeError};
-use coyote_state_machine::{Event, Proposal, Role, State, Subject, SwitchCause, DRIFT_MARGIN_MS, LEASE_MS};
-use futures::future::BoxFuture;
+use coyote_state_machine::{
+    Event, Proposal, Role, State, Subject, SwitchCause, ZoneCheck, DRIFT_MARGIN_MS, LEASE_MS,
+};
+
+pub use crate::probe::{Check, NetProbe, ServiceProbe};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -61,8 +67,8 @@ pub struct MonitorConfig {
 impl Default for MonitorConfig {
     fn default() -> Self {
         MonitorConfig {
-            probe_interval: Duration::from_millis(250),
-            probe_timeout: Duration::from_millis(400),
+            probe_interval: Duration::from_millis(200),
+            probe_timeout: Duration::from_millis(250),
             fail_after: 3,
             recover_after: 2,
         }
@@ -99,43 +105,55 @@ pub struct Monitor {
     config: MonitorConfig,
     streaks: HashMap<Subject, Streak>,
     probe: Arc<dyn ServiceProbe>,
+    /// Proposals under way, by event, with when they were sent (see [`Monitor::propose`]).
+    inflight: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Transitions seen but not yet in the log: the reachability and the clock reading when it was
+    /// first seen, which every retry of the report carries.
+    pending: HashMap<Subject, (bool, u64)>,
 }
 
-/// How the monitor tells whether a service answers at its master: `target` is the master's host and
-/// the service's first published port ([`probe_target`]). True if it answered within `timeout`.
-pub trait ServiceProbe: Send + Sync {
-    fn probe(&self, target: String, timeout: Duration) -> BoxFuture<'static, bool>;
-}
+/// A proposal of the monitor's that has not been answered after this long no longer keeps the same
+/// proposal from being sent again: a forward to a leader that just died can hang for seconds.
+const PROPOSE_AGAIN_AFTER: Duration = Duration::from_millis(400);
 
-/// A TCP connection to the target over the kernel's network: the production probe.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TcpProbe;
+/// The service check and the zone check of one service (either may be absent).
+pub type Checks = (Option<Check>, Option<ZoneCheck>);
 
-impl ServiceProbe for TcpProbe {
-    fn probe(&self, target: String, timeout: Duration) -> BoxFuture<'static, bool> {
-        Box::pin(tcp_probe(target, timeout))
-    }
-}
-
-/// The address a service is probed at on `master`: the master's host and the service's first port.
-pub fn probe_target(state: &State, service: &str, master: u64) -> Option<String> {
-    let svc = state.services.get(service)?;
-    let port = svc.spec.ports.first()?.host;
-    let addr = &state.members.get(&master)?.addr;
-    let host = addr.rsplit_once(':').map(|(h, _)| h)?;
-    Some(format!("{host}:{port}"))
-}
-
-async fn tcp_probe(target: String, timeout: Duration) -> bool {
-    matches!(tokio::time::timeout(timeout, tokio::net::TcpStream::connect(target)).await, Ok(Ok(_)))
+/// What the monitor checks of `service` at `master`: the service's first published port at the
+/// master's host, over TCP or HTTP as its spec says, and its zone if the spec names one.
+pub fn service_checks(state: &State, service: &str, master: u64) -> Checks {
+    let Some(svc) = state.services.get(service) else { return (None, None) };
+    let zone = svc.spec.zone.clone();
+    let check = (|| {
+        let port = svc.spec.ports.first()?.host;
+        let addr = &state.members.get(&master)?.addr;
+        let host = addr.rsplit_once(':').map(|(h, _)| h)?;
+        let addr = format!("{host}:{port}");
+        Some(match &svc.spec.http_check {
+            None => Check::Tcp { addr },
+            Some(path) => {
+                // The service's own name, as its clients would ask for it; else the master's host.
+                let host = svc.spec.domains.first().cloned().unwrap_or_else(|| host.to_string());
+                Check::Http { addr, host, path: path.clone() }
+            }
+        })
+    })();
+    (check, zone)
 }
 
 impl Monitor {
     pub fn new(node: LogNode, config: MonitorConfig) -> Self {
-        Monitor { node, config, streaks: HashMap::new(), probe: Arc::new(TcpProbe) }
+        Monitor {
+            node,
+            config,
+            streaks: HashMap::new(),
+            probe: Arc::new(NetProbe),
+            inflight: Arc::default(),
+            pending: HashMap::new(),
+        }
     }
 
-    /// Probes services with `probe` instead of [`TcpProbe`] (the simulator's network).
+    /// Probes services with `probe` instead of [`NetProbe`] (the simulator's network).
     pub fn with_probe(mut self, probe: Arc<dyn ServiceProbe>) -> Self {
         self.probe = probe;
         self
@@ -159,15 +177,42 @@ impl Monitor {
         format!("monitor@node:{}", self.node.id())
     }
 
-    async fn propose(&self, event: Event) {
-        let summary = event.summary();
-        match self.node.propose(event, self.actor()).await {
-            Ok(p) if p.outcome.is_applied() => tracing::info!(index = p.index, "{summary}"),
-            Ok(p) => tracing::debug!(index = p.index, ?p.outcome, "not applied: {summary}"),
-            // Someone else got there first, or the state moved: the next step looks again.
-            Err(ProposeError::Rejected(reason)) => tracing::debug!(%reason, "not proposed: {summary}"),
-            Err(e) => tracing::warn!(error = %e, "could not propose: {summary}"),
+    /// Proposes `event` in the background: probing goes on while it commits, also when the leader
+    /// just died and the proposal waits for a new one. The same event is not sent again while an
+    /// earlier copy is under way (for up to [`PROPOSE_AGAIN_AFTER`]); a copy that commits twice is
+    /// harmless, the state machine rejects the second (a report that changes nothing, a switch to a
+    /// node already master).
+    fn propose(&self, event: Event) {
+        let now = self.node.now_ms();
+        self.propose_at(event, now);
+    }
+
+    fn propose_at(&self, event: Event, at_ms: u64) {
+        let key = format!("{event:?}");
+        let now = Instant::now();
+        {
+            let mut inflight = self.inflight.lock().expect("inflight lock");
+            inflight.retain(|_, sent| now < *sent + PROPOSE_AGAIN_AFTER);
+            if inflight.contains_key(&key) {
+                return;
+            }
+            inflight.insert(key.clone(), now);
         }
+        let (node, actor, inflight) = (self.node.clone(), self.actor(), self.inflight.clone());
+        tokio::spawn(async move {
+            let summary = event.summary();
+            match node.propose_at(event, actor, at_ms).await {
+                Ok(p) if p.outcome.is_applied() => tracing::info!(index = p.index, "{summary}"),
+                Ok(p) => tracing::debug!(index = p.index, ?p.outcome, "not applied: {summary}"),
+                // Someone else got there first, or the state moved: the next step looks again.
+                Err(ProposeError::Rejected(reason)) => tracing::debug!(%reason, "not proposed: {summary}"),
+                Err(e) => tracing::warn!(error = %e, "could not propose: {summary}"),
+            }
+            let mut inflight = inflight.lock().expect("inflight lock");
+            if inflight.get(&key).is_some_and(|sent| *sent == now) {
+                inflight.remove(&key);
+            }
+        });
     }
 
     /// One round: probe, report transitions, act on roles.
@@ -176,13 +221,13 @@ impl Monitor {
         let (peers, services) = self.node.store().with_state(|s| {
             let peers: Vec<(u64, String)> =
                 s.members.values().filter(|m| m.id != me).map(|m| (m.id, m.addr.clone())).collect();
-            let services: Vec<(String, Option<String>)> = s
+            let services: Vec<(String, Checks)> = s
                 .services
                 .keys()
                 .filter(|name| matches!(s.role(name, me), Some(Role::Failover) | Some(Role::Backup)))
                 .map(|name| {
                     let master = s.services[name].placement.as_ref().map(|p| p.master).unwrap_or(0);
-                    (name.clone(), probe_target(s, name, master))
+                    (name.clone(), service_checks(s, name, master))
                 })
                 .collect();
             (peers, services)
@@ -194,14 +239,27 @@ impl Monitor {
             let addr = addr.clone();
             async move { tokio::time::timeout(timeout, node.ping_peer(&addr)).await.unwrap_or(false) }
         });
-        let service_probes = services.iter().map(|(_, target)| {
-            let probe = target.clone().map(|t| self.probe.probe(t, timeout));
+        let service_probes = services.iter().map(|(_, (check, zone))| {
+            let probe = check.clone().map(|c| self.probe.probe(c, timeout));
+            let zone = zone.clone().map(|z| self.probe.zone(z, timeout));
             async move {
-                match probe {
-                    Some(probe) => probe.await,
-                    // A service with no port cannot be probed: its master's reachability decides.
-                    None => true,
-                }
+                // The service counts as unreachable only while its zone is too (when it has one).
+                let (service_ok, zone_ok) = tokio::join!(
+                    async {
+                        match probe {
+                            Some(probe) => probe.await,
+                            // A service with no port cannot be probed: its master's reachability decides.
+                            None => true,
+                        }
+                    },
+                    async {
+                        match zone {
+                            Some(zone) => zone.await,
+                            None => false,
+                        }
+                    }
+                );
+                service_ok || zone_ok
             }
         });
         let (peer_ok, service_ok) =
@@ -210,11 +268,27 @@ impl Monitor {
         let mut results: Vec<(Subject, bool)> = Vec::new();
         results.extend(peers.iter().map(|(id, _)| Subject::Node(*id)).zip(peer_ok));
         results.extend(services.iter().map(|(name, _)| Subject::Service(name.clone())).zip(service_ok));
+        let now = self.node.now_ms();
         for (subject, ok) in results {
             let reported = self.node.store().with_state(|s| s.reachable(me, &subject));
             let streak = self.streaks.entry(subject.clone()).or_default();
-            if let Some(reachable) = streak.record(ok, reported, &self.config) {
-                self.propose(Event::ReachabilityChanged { observer: me, subject, reachable }).await;
+            match streak.record(ok, reported, &self.config) {
+                Some(reachable) => {
+                    // A report retried (its leader died under it) still says since when.
+                    let (_, since) = *self
+                        .pending
+                        .entry(subject.clone())
+                        .and_modify(|p| {
+                            if p.0 != reachable {
+                                *p = (reachable, now)
+                            }
+                        })
+                        .or_insert((reachable, now));
+                    self.propose_at(Event::ReachabilityChanged { observer: me, subject, reachable }, since);
+                }
+                None => {
+                    self.pending.remove(&subject);
+                }
             }
         }
         // Forget streaks of subjects that are gone.
@@ -224,11 +298,12 @@ impl Monitor {
             .chain(services.iter().map(|(n, _)| Subject::Service(n.clone())))
             .collect();
         self.streaks.retain(|s, _| live.contains(s));
+        self.pending.retain(|s, _| live.contains(s));
 
-        self.act_on_roles().await;
+        self.act_on_roles();
     }
 
-    async fn act_on_roles(&self) {
+    fn act_on_roles(&self) {
         let me = self.node.id();
         let now = self.node.now_ms();
         let leader = self.node.raft().metrics().borrow().current_leader == Some(me);
@@ -285,7 +360,7 @@ impl Monitor {
             (takeovers, waiting, refills)
         });
         for event in takeovers.into_iter().chain(waiting).chain(refills) {
-            self.propose(event).await;
+            self.propose(event);
         }
     }
 }

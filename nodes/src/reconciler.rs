@@ -824,6 +824,8 @@ mod tests {
             memory_bytes: None,
             on_demand: false,
             dump: None,
+            http_check: None,
+            zone: None,
         }
     }
 

@@ -14,10 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use coyote_nodes::monitor::ServiceProbe;
+use coyote_nodes::probe::{self, Check, ServiceProbe};
 use coyote_nodes::runtime::{
     ContainerConfig, ContainerRuntime, ObservedContainer, RunState, RuntimeError, LABEL_SERVICE, LABEL_SPEC,
 };
+use coyote_state_machine::ZoneCheck;
 use futures::future::BoxFuture;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -89,12 +90,14 @@ impl Containers {
     }
 }
 
-/// Listens on `port` in turmoil until aborted, accepting and dropping connections (a probe only
-/// needs the handshake). Retries the bind while an earlier incarnation still holds the port.
+/// Listens on `port` in turmoil until aborted: TCP connections get an HTTP `200` to whatever they
+/// send (a TCP probe only needs the handshake, an HTTP check reads the status line), and SOA queries
+/// on the same port number over UDP get an authoritative answer (the service's zone, served by its
+/// master). Retries the binds while an earlier incarnation still holds the port.
 async fn listen(ports: Vec<u16>) {
     let mut tasks = Vec::new();
     for port in ports {
-        tasks.push(async move {
+        tasks.push(Box::pin(async move {
             let listener = loop {
                 match turmoil::net::TcpListener::bind(("0.0.0.0", port)).await {
                     Ok(l) => break l,
@@ -102,13 +105,65 @@ async fn listen(ports: Vec<u16>) {
                 }
             };
             loop {
-                if let Ok((stream, _)) = listener.accept().await {
-                    drop(stream);
+                if let Ok((mut stream, _)) = listener.accept().await {
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = [0u8; 512];
+                        if matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+                            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+                        }
+                    });
                 }
             }
-        });
+        }) as futures::future::BoxFuture<'static, ()>);
+        tasks.push(Box::pin(async move {
+            let socket = loop {
+                match turmoil::net::UdpSocket::bind(("0.0.0.0", port)).await {
+                    Ok(s) => break s,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            };
+            let mut buf = [0u8; 512];
+            loop {
+                if let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                    if let Some(answer) = soa_answer(&buf[..n]) {
+                        let _ = socket.send_to(&answer, from).await;
+                    }
+                }
+            }
+        }));
     }
     futures::future::join_all(tasks).await;
+}
+
+/// An authoritative answer to a one-question SOA query, for whatever zone it asks about.
+fn soa_answer(query: &[u8]) -> Option<Vec<u8>> {
+    if query.len() < 17 || query[2] & 0x80 != 0 || query[4..6] != [0, 1] {
+        return None;
+    }
+    let mut end = 12;
+    loop {
+        let len = *query.get(end)? as usize;
+        end += 1 + len;
+        if len == 0 {
+            break;
+        }
+        if len > 63 {
+            return None;
+        }
+    }
+    if query.get(end..end + 4)? != [0, 6, 0, 1] {
+        return None;
+    }
+    let mut m = query[..end + 4].to_vec();
+    m[2] = 0x84; // an authoritative answer to a standard query
+    m[3] = 0;
+    m[6..12].copy_from_slice(&[0, 1, 0, 0, 0, 0]);
+    // The zone's name (a pointer to the question), SOA, IN, TTL 60, then MNAME and RNAME (the root)
+    // and the five counters.
+    m.extend_from_slice(&[0xc0, 12, 0, 6, 0, 1, 0, 0, 0, 60, 0, 22, 0, 0]);
+    m.extend_from_slice(&[0, 0, 0, 1, 0, 0, 14, 16, 0, 0, 7, 8, 0, 9, 58, 128, 0, 0, 0, 60]);
+    Some(m)
 }
 
 /// The [`ContainerRuntime`] the simulated reconciler drives.
@@ -207,15 +262,48 @@ impl ContainerRuntime for ModelRuntime {
     }
 }
 
-/// The monitor's service probe: a TCP connection over turmoil's network to the master's host and
-/// the service's port, which a running model container accepts.
+/// The monitor's service probe over turmoil's network: a TCP connection (and an HTTP request, for
+/// an HTTP check) to the master's host and the service's port, which a running model container
+/// accepts; SOA queries over UDP to the zone's nameservers. The check code is the production code
+/// (`coyote_nodes::probe`); only the sockets are turmoil's.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TurmoilProbe;
 
 impl ServiceProbe for TurmoilProbe {
-    fn probe(&self, target: String, timeout: Duration) -> BoxFuture<'static, bool> {
+    fn probe(&self, check: Check, timeout: Duration) -> BoxFuture<'static, bool> {
         Box::pin(async move {
-            matches!(tokio::time::timeout(timeout, turmoil::net::TcpStream::connect(target)).await, Ok(Ok(_)))
+            let run = async {
+                let stream = turmoil::net::TcpStream::connect(check.addr()).await.ok()?;
+                match &check {
+                    Check::Tcp { .. } => Some(true),
+                    Check::Http { host, path, .. } => Some(probe::http_check(stream, host, path).await),
+                }
+            };
+            matches!(tokio::time::timeout(timeout, run).await, Ok(Some(true)))
+        })
+    }
+
+    fn zone(&self, zone: ZoneCheck, timeout: Duration) -> BoxFuture<'static, bool> {
+        Box::pin(async move {
+            let asks = zone.nameservers.iter().enumerate().map(|(i, ns)| {
+                let (name, ns) = (zone.zone.clone(), ns.clone());
+                async move {
+                    let id = 0x5a00 + i as u16;
+                    let run = async {
+                        let socket = turmoil::net::UdpSocket::bind(("0.0.0.0", 0)).await.ok()?;
+                        socket.send_to(&probe::soa_query(id, &name)?, ns.as_str()).await.ok()?;
+                        let mut buf = [0u8; 512];
+                        loop {
+                            let (n, _) = socket.recv_from(&mut buf).await.ok()?;
+                            if probe::soa_answered(id, &name, &buf[..n]) {
+                                return Some(true);
+                            }
+                        }
+                    };
+                    matches!(tokio::time::timeout(timeout, run).await, Ok(Some(true)))
+                }
+            });
+            futures::future::join_all(asks).await.into_iter().any(|ok| ok)
         })
     }
 }

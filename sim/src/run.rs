@@ -14,7 +14,8 @@ use coyote_nodes::monitor::{Fence, Monitor, MonitorConfig};
 use coyote_nodes::reconciler::{self, Reconciler};
 use coyote_nodes::runtime::Scope;
 use coyote_state_machine::{
-    Event, Outcome, Placement, PortMap, ServiceSpec, SwitchCause, DRIFT_MARGIN_MS, LEASE_MS,
+    spec::NAMESERVERS_MAX, Event, Outcome, Placement, PortMap, ServiceSpec, SwitchCause, ZoneCheck,
+    DRIFT_MARGIN_MS, LEASE_MS,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -356,15 +357,25 @@ fn volumes_dir(host: &str) -> std::path::PathBuf {
 }
 
 /// The spec of the `i`th simulated service (from 1).
-pub fn service_spec(i: usize) -> ServiceSpec {
+/// Services are checked each in another way: `svc1` (and 4, 7, ...) over TCP, `svc2` by an HTTP
+/// check, `svc3` by TCP and its DNS zone, whose nameservers are every host that may become its
+/// master (only a running container of the service answers).
+pub fn service_spec(i: usize, nodes: usize) -> ServiceSpec {
+    let port = SERVICE_PORT_BASE + i as u16;
+    let zone = i.is_multiple_of(3).then(|| ZoneCheck {
+        zone: format!("svc{i}.sim.test"),
+        nameservers: (1..=nodes).map(|n| format!("n{n}:{port}")).take(NAMESERVERS_MAX).collect(),
+    });
     ServiceSpec {
         name: format!("svc{i}"),
         image: "sim/app:1".into(),
         domains: Vec::new(),
-        ports: vec![PortMap { host: SERVICE_PORT_BASE + i as u16, container: 80 }],
+        ports: vec![PortMap { host: port, container: 80 }],
         memory_bytes: None,
         on_demand: false,
         dump: None,
+        http_check: (i % 3 == 2).then(|| "/health".to_string()),
+        zone,
     }
 }
 
@@ -663,7 +674,7 @@ impl Driver<'_> {
     }
 
     fn world_services(&self) -> Vec<String> {
-        (1..=self.params.services).map(|i| service_spec(i).name).collect()
+        (1..=self.params.services).map(|i| format!("svc{i}")).collect()
     }
 
     pub(crate) fn snapshots(&self) -> Vec<NodeSnapshot> {
@@ -807,7 +818,7 @@ impl Driver<'_> {
         self.trace("formed".into());
         // The admin creates the services through node 1 (`coyote service create`).
         for i in 1..=self.params.services {
-            self.admin(&self.names[0].clone(), Admin::CreateService(service_spec(i)));
+            self.admin(&self.names[0].clone(), Admin::CreateService(service_spec(i, self.params.nodes)));
         }
         let mut probe = Duration::ZERO;
         let served = self.run_until(end + self.params.formation, |d| {

@@ -18,8 +18,9 @@ fn the_failover_takes_over_from_a_master_cut_off_from_everyone() {
     let [ms] = report.failover_ms.as_slice() else {
         panic!("one failover time, not {:?}", report.failover_ms);
     };
-    // Detection (3 probes), FAILOVER_AFTER_MS, then a lease plus the drift margin: about 3 s.
-    assert!((2_000..=4_000).contains(ms), "master lost to new master serving took {ms} ms");
+    // Detection (3 probes of 250 ms), FAILOVER_AFTER_MS (250 ms), then a lease plus the drift margin
+    // (750 ms): about 2 s, within the 3 s the design aims at.
+    assert!((1_500..=3_000).contains(ms), "master lost to new master serving took {ms} ms");
 }
 
 #[test]

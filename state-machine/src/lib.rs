@@ -55,7 +55,7 @@ pub use event::{
     decode, encode, Envelope, Event, NodeInfo, Placement, Proposal, Subject, SwitchCause, VersionedProposal,
     FORMAT_VERSION,
 };
-pub use spec::{PortMap, ServiceSpec};
+pub use spec::{PortMap, ServiceSpec, ZoneCheck};
 pub use state::{
     sha256_hex, Alarm, ClusterInfo, ContainerGoal, DesiredContainer, Member, Observation, Outcome, Role,
     Service, State, Token, TokenStatus, DRIFT_MARGIN_MS, FAILOVER_AFTER_MS, LEASE_MS, PLACEMENT_BACKUPS_MAX,

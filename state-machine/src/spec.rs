@@ -32,7 +32,24 @@ pub const DUMP_BYTES_MAX: usize = 4096;
 /// In the binary encoding, the byte that was `on_demand`: bit 0 is `on_demand`, this bit says a dump
 /// command follows (see the module docs).
 pub const FLAG_DUMP: u8 = 0b10;
+/// An HTTP check path follows (after the dump command).
+pub const FLAG_HTTP_CHECK: u8 = 0b100;
+/// A DNS zone check follows (last).
+pub const FLAG_ZONE: u8 = 0b1000;
 const FLAG_ON_DEMAND: u8 = 0b01;
+const FLAGS_KNOWN: u8 = FLAG_ON_DEMAND | FLAG_DUMP | FLAG_HTTP_CHECK | FLAG_ZONE;
+/// Bounds on the health checks: the HTTP path's length, and the nameservers of a zone check.
+pub const HTTP_CHECK_PATH_MAX: usize = 1024;
+pub const NAMESERVERS_MAX: usize = 8;
+
+/// The DNS zone of a service, and the nameservers that serve it from its master: while any of them
+/// answers an SOA query for the zone, the failover does not take over (see the monitor).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ZoneCheck {
+    pub zone: String,
+    /// `HOST:PORT` or `HOST` (port 53); HOST is an IP address or a name.
+    pub nameservers: Vec<String>,
+}
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PortMap {
@@ -53,6 +70,13 @@ pub struct ServiceSpec {
     /// stops it when idle or short of memory; if it fails, the container keeps running and an alarm
     /// is raised.
     pub dump: Option<Vec<String>>,
+    /// How the monitor checks the service at its master: `None`, a TCP connection to its first
+    /// port; `Some(path)`, an HTTP `GET path` on that port, healthy when answered with a status below
+    /// 500.
+    pub http_check: Option<String>,
+    /// The service's DNS zone: the failover takes over only while the service AND its zone are
+    /// unreachable from where it stands. `None`: the service check alone counts.
+    pub zone: Option<ZoneCheck>,
 }
 
 /// The JSON form of a spec: named fields, `dump` optional.
@@ -67,20 +91,44 @@ struct SpecFields {
     on_demand: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     dump: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    http_check: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    zone: Option<ZoneCheck>,
 }
 
 impl Serialize for ServiceSpec {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         if serializer.is_human_readable() {
-            let ServiceSpec { name, image, domains, ports, memory_bytes, on_demand, dump } = self.clone();
-            return SpecFields { name, image, domains, ports, memory_bytes, on_demand, dump }
-                .serialize(serializer);
+            let ServiceSpec { name, image, domains, ports, memory_bytes, on_demand, dump, http_check, zone } =
+                self.clone();
+            return SpecFields {
+                name,
+                image,
+                domains,
+                ports,
+                memory_bytes,
+                on_demand,
+                dump,
+                http_check,
+                zone,
+            }
+            .serialize(serializer);
         }
         let mut flags = if self.on_demand { FLAG_ON_DEMAND } else { 0 };
         if self.dump.is_some() {
             flags |= FLAG_DUMP;
         }
-        let mut t = serializer.serialize_tuple(6 + usize::from(self.dump.is_some()))?;
+        if self.http_check.is_some() {
+            flags |= FLAG_HTTP_CHECK;
+        }
+        if self.zone.is_some() {
+            flags |= FLAG_ZONE;
+        }
+        let extra = usize::from(self.dump.is_some())
+            + usize::from(self.http_check.is_some())
+            + usize::from(self.zone.is_some());
+        let mut t = serializer.serialize_tuple(6 + extra)?;
         t.serialize_element(&self.name)?;
         t.serialize_element(&self.image)?;
         t.serialize_element(&self.domains)?;
@@ -90,6 +138,12 @@ impl Serialize for ServiceSpec {
         if let Some(dump) = &self.dump {
             t.serialize_element(dump)?;
         }
+        if let Some(path) = &self.http_check {
+            t.serialize_element(path)?;
+        }
+        if let Some(zone) = &self.zone {
+            t.serialize_element(zone)?;
+        }
         t.end()
     }
 }
@@ -97,9 +151,19 @@ impl Serialize for ServiceSpec {
 impl<'de> Deserialize<'de> for ServiceSpec {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         if deserializer.is_human_readable() {
-            let SpecFields { name, image, domains, ports, memory_bytes, on_demand, dump } =
+            let SpecFields { name, image, domains, ports, memory_bytes, on_demand, dump, http_check, zone } =
                 SpecFields::deserialize(deserializer)?;
-            return Ok(ServiceSpec { name, image, domains, ports, memory_bytes, on_demand, dump });
+            return Ok(ServiceSpec {
+                name,
+                image,
+                domains,
+                ports,
+                memory_bytes,
+                on_demand,
+                dump,
+                http_check,
+                zone,
+            });
         }
         struct Binary;
         impl<'de> Visitor<'de> for Binary {
@@ -115,7 +179,7 @@ impl<'de> Deserialize<'de> for ServiceSpec {
                 let ports = seq.next_element()?.ok_or_else(|| missing("ports"))?;
                 let memory_bytes = seq.next_element()?.ok_or_else(|| missing("memory"))?;
                 let flags: u8 = seq.next_element()?.ok_or_else(|| missing("flags"))?;
-                if flags & !(FLAG_ON_DEMAND | FLAG_DUMP) != 0 {
+                if flags & !FLAGS_KNOWN != 0 {
                     return Err(de::Error::custom(format!(
                         "service spec with unknown flags {flags:#04x} (written by a newer coyote?)"
                     )));
@@ -125,11 +189,31 @@ impl<'de> Deserialize<'de> for ServiceSpec {
                 } else {
                     None
                 };
+                let http_check = if flags & FLAG_HTTP_CHECK != 0 {
+                    Some(seq.next_element()?.ok_or_else(|| missing("its HTTP check path"))?)
+                } else {
+                    None
+                };
+                let zone = if flags & FLAG_ZONE != 0 {
+                    Some(seq.next_element()?.ok_or_else(|| missing("its zone check"))?)
+                } else {
+                    None
+                };
                 let on_demand = flags & FLAG_ON_DEMAND != 0;
-                Ok(ServiceSpec { name, image, domains, ports, memory_bytes, on_demand, dump })
+                Ok(ServiceSpec {
+                    name,
+                    image,
+                    domains,
+                    ports,
+                    memory_bytes,
+                    on_demand,
+                    dump,
+                    http_check,
+                    zone,
+                })
             }
         }
-        deserializer.deserialize_tuple(7, Binary)
+        deserializer.deserialize_tuple(9, Binary)
     }
 }
 
@@ -169,13 +253,20 @@ impl ServiceSpec {
         if let Some(dump) = &self.dump {
             validate_dump(dump)?;
         }
+        if let Some(path) = &self.http_check {
+            validate_http_path(path)?;
+        }
+        if let Some(zone) = &self.zone {
+            validate_zone(zone)?;
+        }
         Ok(())
     }
 
     /// Hex SHA-256 of the encoded spec: containers are labelled with it to detect drift. The dump
-    /// command is left out: it is not part of the container, so changing it does not replace one.
+    /// command and the health checks are left out: they are not part of the container, so changing
+    /// them does not replace one.
     pub fn hash(&self) -> String {
-        let container = ServiceSpec { dump: None, ..self.clone() };
+        let container = ServiceSpec { dump: None, http_check: None, zone: None, ..self.clone() };
         hex::encode(Sha256::digest(crate::encode(&container)))
     }
 
@@ -197,6 +288,12 @@ impl ServiceSpec {
         }
         if let Some(dump) = &self.dump {
             parts.push(format!("dump {}", format_argv(dump)));
+        }
+        if let Some(path) = &self.http_check {
+            parts.push(format!("http check {path}"));
+        }
+        if let Some(zone) = &self.zone {
+            parts.push(format!("zone {} at {}", zone.zone, zone.nameservers.join(",")));
         }
         parts.join(", ")
     }
@@ -228,6 +325,80 @@ pub fn validate_dump(argv: &[String]) -> Result<(), Rejection> {
         return Err(Rejection::new("the dump command contains a NUL byte"));
     }
     Ok(())
+}
+
+/// An HTTP check path: absolute, printable ASCII without spaces, bounded.
+pub fn validate_http_path(path: &str) -> Result<(), Rejection> {
+    if !path.starts_with('/') {
+        return Err(Rejection::new(format!("the HTTP check path {path:?} must start with /")));
+    }
+    if path.len() > HTTP_CHECK_PATH_MAX {
+        return Err(Rejection::new(format!(
+            "the HTTP check path is longer than {HTTP_CHECK_PATH_MAX} bytes"
+        )));
+    }
+    if !path.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(Rejection::new(format!(
+            "the HTTP check path {path:?} may hold only printable ASCII characters, no spaces"
+        )));
+    }
+    Ok(())
+}
+
+/// A zone check: a valid zone name and 1 to [`NAMESERVERS_MAX`] nameservers, `HOST` or `HOST:PORT`.
+pub fn validate_zone(check: &ZoneCheck) -> Result<(), Rejection> {
+    validate_domain(check.zone.trim_end_matches('.'))
+        .map_err(|_| Rejection::new(format!("zone {:?} is not a valid DNS name", check.zone)))?;
+    if check.nameservers.is_empty() {
+        return Err(Rejection::new(format!("the zone check of {} names no nameserver", check.zone)));
+    }
+    if check.nameservers.len() > NAMESERVERS_MAX {
+        return Err(Rejection::new(format!("at most {NAMESERVERS_MAX} nameservers per zone check")));
+    }
+    for ns in &check.nameservers {
+        nameserver_addr(ns)?;
+    }
+    Ok(())
+}
+
+/// A nameserver as `(host, port)`: `HOST`, `HOST:PORT`, `[V6]:PORT` or a bare IPv6 address.
+pub fn nameserver_addr(ns: &str) -> Result<(String, u16), Rejection> {
+    let bad = || Rejection::new(format!("nameserver {ns:?} is not HOST or HOST:PORT"));
+    if ns.is_empty() || ns.len() > 255 || ns.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad());
+    }
+    if ns.parse::<std::net::IpAddr>().is_ok() {
+        return Ok((ns.to_string(), 53));
+    }
+    if let Ok(addr) = ns.parse::<std::net::SocketAddr>() {
+        if addr.port() == 0 {
+            return Err(bad());
+        }
+        return Ok((addr.ip().to_string(), addr.port()));
+    }
+    let (host, port) = match ns.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad())?),
+        None => (ns, 53),
+    };
+    if port == 0 || (host.parse::<std::net::IpAddr>().is_err() && validate_host(host).is_err()) {
+        return Err(bad());
+    }
+    Ok((host.to_string(), port))
+}
+
+fn validate_host(host: &str) -> Result<(), Rejection> {
+    if host.contains('.') {
+        validate_domain(host)
+    } else if !host.is_empty()
+        && host.len() <= 63
+        && !host.starts_with('-')
+        && !host.ends_with('-')
+        && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        Ok(())
+    } else {
+        Err(Rejection::new(format!("{host:?} is not a host name")))
+    }
 }
 
 /// An argv as one line: arguments with spaces or quotes are single-quoted.
@@ -352,7 +523,67 @@ mod tests {
             memory_bytes: Some(256 << 20),
             on_demand: true,
             dump,
+            http_check: None,
+            zone: None,
         }
+    }
+
+    fn zone() -> ZoneCheck {
+        ZoneCheck {
+            zone: "example.org".into(),
+            nameservers: vec!["192.0.2.1".into(), "ns1.example.org:5353".into()],
+        }
+    }
+
+    #[test]
+    fn health_checks_round_trip_without_changing_the_hash() {
+        let dump = Some(vec!["true".to_string()]);
+        for (dump, http_check, zone) in [
+            (None, Some("/health".to_string()), None),
+            (None, None, Some(zone())),
+            (dump.clone(), Some("/".to_string()), Some(zone())),
+            (dump, None, Some(zone())),
+        ] {
+            let with = ServiceSpec { http_check, zone, ..spec(dump.clone()) };
+            assert!(with.validate().is_ok());
+            let bytes = crate::encode(&with);
+            assert_eq!(crate::decode::<ServiceSpec>(&bytes).unwrap(), with);
+            let pair = (with.clone(), 7u64);
+            assert_eq!(crate::decode::<(ServiceSpec, u64)>(&crate::encode(&pair)).unwrap(), pair);
+            assert_eq!(with.hash(), spec(None).hash(), "checks are not part of the container");
+            let json = serde_json::to_value(&with).unwrap();
+            assert_eq!(serde_json::from_value::<ServiceSpec>(json).unwrap(), with);
+            assert!(crate::decode::<SpecV1>(&bytes).is_err(), "an old reader refuses it");
+        }
+        let without = serde_json::to_value(spec(None)).unwrap();
+        assert!(without.get("http_check").is_none() && without.get("zone").is_none());
+    }
+
+    #[test]
+    fn health_checks_are_checked() {
+        let http = |p: &str| ServiceSpec { http_check: Some(p.into()), ..spec(None) }.validate();
+        assert!(http("/healthz?full=1").is_ok());
+        for (bad, why) in [("health", "start with /"), ("/a b", "printable"), ("/\u{e9}", "printable")] {
+            let err = http(bad).unwrap_err();
+            assert!(err.reason.contains(why), "{bad:?}: {err}");
+        }
+        assert!(http(&format!("/{}", "a".repeat(HTTP_CHECK_PATH_MAX))).is_err());
+        let zoned = |zone: &str, ns: &[&str]| {
+            let zone =
+                ZoneCheck { zone: zone.into(), nameservers: ns.iter().map(|s| s.to_string()).collect() };
+            ServiceSpec { zone: Some(zone), ..spec(None) }.validate()
+        };
+        assert!(
+            zoned("example.org.", &["127.0.0.1:5353", "::1", "[::1]:53", "ns1.example.org", "ns"]).is_ok()
+        );
+        assert!(zoned("not a zone", &["127.0.0.1"]).unwrap_err().reason.contains("valid DNS name"));
+        assert!(zoned("example.org", &[]).unwrap_err().reason.contains("no nameserver"));
+        for bad in ["", "a b", "127.0.0.1:0", "127.0.0.1:99999", "host:port", "-bad-"] {
+            assert!(zoned("example.org", &[bad]).is_err(), "{bad:?} accepted");
+        }
+        assert!(zoned("example.org", &["127.0.0.1"; NAMESERVERS_MAX + 1]).is_err());
+        assert_eq!(nameserver_addr("ns1.example.org").unwrap(), ("ns1.example.org".into(), 53));
+        assert_eq!(nameserver_addr("[::1]:5353").unwrap(), ("::1".into(), 5353));
     }
 
     /// The spec as it was before dump commands, with its derived encoding.
@@ -402,7 +633,7 @@ mod tests {
         assert!(crate::decode::<SpecV1>(&bytes).is_err());
         // Unknown flags are an error.
         let mut bad = crate::encode(&spec(None));
-        *bad.last_mut().unwrap() = 0b100;
+        *bad.last_mut().unwrap() = 0b1_0000;
         assert!(crate::decode::<ServiceSpec>(&bad).is_err());
     }
 

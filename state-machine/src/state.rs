@@ -17,11 +17,11 @@ pub const SERVICES_MAX: usize = 4096;
 pub const ALARMS_OPEN_MAX: usize = 4096;
 pub const TOKEN_USES_MAX: u32 = 1000;
 /// A master that has not confirmed its place in the quorum for this long stops serving.
-pub const LEASE_MS: u64 = 1_000;
+pub const LEASE_MS: u64 = 600;
 /// Allowance for clocks that drift apart between servers, added to the lease before a new master serves.
-pub const DRIFT_MARGIN_MS: u64 = 250;
+pub const DRIFT_MARGIN_MS: u64 = 150;
 /// How long the failover must have seen a service unreachable before it may take over.
-pub const FAILOVER_AFTER_MS: u64 = 500;
+pub const FAILOVER_AFTER_MS: u64 = 250;
 /// Tokens are forgotten this long after they expire (their use stays in the event history).
 pub const TOKEN_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 

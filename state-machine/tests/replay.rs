@@ -37,6 +37,8 @@ fn event() -> impl Strategy<Value = Event> {
                 memory_bytes: None,
                 on_demand,
                 dump: dump.then(|| vec!["sh".into(), "-c".into(), "echo dump".into()]),
+                http_check: None,
+                zone: None,
             }
         }),
         1 => name.clone().prop_map(|name| Event::ServiceRemoved { name }),

@@ -67,6 +67,8 @@ impl Runner {
             memory_bytes: kv.get("memory").map(|m| parse_bytes(m).expect("memory")),
             on_demand: pos.iter().any(|p| p == "on-demand"),
             dump: kv.get("dump").map(|d| d.split(',').map(String::from).collect()),
+            http_check: None,
+            zone: None,
         }
     }
 
