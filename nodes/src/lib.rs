@@ -3,9 +3,11 @@
 //! - [`runtime`]: the [`runtime::ContainerRuntime`] trait and its Docker implementation.
 //! - [`reconciler`]: brings this server's containers to what the log asks, or raises alarms.
 //! - [`activator`]: starts on-demand containers when a connection arrives, stops them when idle.
+//! - [`forward`]: kernel forwarding (nftables DNAT) of warm connections to on-demand containers.
 //! - [`monitor`]: probes peers and services, reports transitions, fails over; the fence (leases).
 
 pub mod activator;
+pub mod forward;
 pub mod monitor;
 pub mod reconciler;
 pub mod runtime;
