@@ -35,6 +35,19 @@
 //! and failed dumps) are kept here, locally, never in the log: `coyote stats` and the Prometheus text
 //! at `/metrics` of the local API.
 //!
+//! # Warm connections: kernel or userspace
+//! In kernel mode (`--forward kernel`, the default as root with `nft`), once a container runs and
+//! its port accepts, new connections are forwarded by nftables DNAT straight to it
+//! ([`crate::forward`]); only connections that arrive while it is stopped or starting reach the
+//! listener and are spliced here. Every stop removes the forwarding first. Activity then comes from
+//! the kernel, read every [`CHECK_INTERVAL`]: a service is active while conntrack holds an open
+//! connection of it, and whenever its nft counters moved since the last look; an open connection
+//! (spliced or forwarded) keeps a container from being stopped, as before. The stats add the kernel's
+//! counts (connections, and bytes each way, counted at the IP layer) to the splice's;
+//! `spliced_connections` says how many went through userspace. In userspace mode every connection is
+//! spliced, as the only path. In both modes `ensure_started` (start the container, wait for its
+//! port, install the forwarding) stays the one code path that starts a container on traffic.
+//!
 //! # Left out, for now
 //! - A container stopped because this server no longer serves the service (its lease lapsed, it is
 //!   no longer master, its ports changed) is stopped at once, without its dump: fencing must not wait
@@ -657,23 +670,46 @@ impl Activator {
                 return false;
             }
         };
-        let open = open_connections().unwrap_or_else(|e| {
-            tracing::warn!("cannot read the open connections: {e:#}");
-            BTreeMap::new()
-        });
+        // Conntrack (`/proc/net/nf_conntrack`) lists every connection of the host, so it costs in
+        // proportion to all of them, TIME_WAIT included: it is read only for gates whose counters did
+        // not move and that could be stopped now (idle for the idle time, memory short, or a stop
+        // under way). A gate whose counters moved is active anyway.
+        let short = self
+            .config
+            .memory_min_available
+            .is_some_and(|min| self.memory.available().is_ok_and(|a| a < min));
+        let mut quiet = Vec::new();
         let mut any = false;
         for gate in gates {
             let Some(mark) = gate.mark() else { continue };
             let now = counters.get(&mark).copied().unwrap_or_default();
-            let open = open.get(&mark).copied().unwrap_or(0);
-            let active = {
+            let moved = {
                 let mut k = gate.kernel.lock().expect("kernel lock");
-                let active = now != k.last || open > 0;
+                let moved = now != k.last;
                 k.last = now;
-                k.open = open;
-                active
+                moved
             };
-            if active {
+            if moved {
+                gate.activity.lock().expect("activity lock").1 = Instant::now();
+                any = true;
+            } else if only.is_some()
+                || short
+                || gate.activity.lock().expect("activity lock").1.elapsed() >= self.config.idle_stop
+            {
+                quiet.push((gate, mark));
+            }
+        }
+        if quiet.is_empty() {
+            return any;
+        }
+        let open = open_connections().unwrap_or_else(|e| {
+            tracing::warn!("cannot read the open connections: {e:#}");
+            BTreeMap::new()
+        });
+        for (gate, mark) in quiet {
+            let open = open.get(&mark).copied().unwrap_or(0);
+            gate.kernel.lock().expect("kernel lock").open = open;
+            if open > 0 {
                 gate.activity.lock().expect("activity lock").1 = Instant::now();
                 any = true;
             }

@@ -66,10 +66,14 @@
 //! - **open connections**: conntrack entries with the service's mark (`/proc/net/nf_conntrack`) in
 //!   any TCP state but `TIME_WAIT` and `CLOSE`.
 //!
-//! A service counts as active while it has an open connection, and whenever its counters moved since
-//! the last look (every check interval of the activator): so a stream of short connections that are
-//! all over between two looks keeps it running too. Counters stay in place while the activator
-//! listens for the service, also across stops, so the totals never go back.
+//! A service counts as active whenever its counters moved since the last look (every check interval
+//! of the activator; one `nft -j list counters`), so a stream of short connections that are all over
+//! between two looks keeps it running, and while it has an open connection, even a silent one.
+//! `/proc/net/nf_conntrack` lists every connection of the host (TIME_WAIT included: after a burst of
+//! short connections, over a hundred thousand lines), so it is read only when it matters: for a
+//! service whose counters did not move and that could be stopped now (quiet for the idle time,
+//! memory short, or a stop about to happen). Under steady traffic it is never read. Counters stay in
+//! place while the activator listens for the service, also across stops, so the totals never go back.
 //!
 //! # Start-up, shutdown, crashes
 //! At start-up a node deletes every `coyote_PID` table whose process is gone (not running, or not a
@@ -285,7 +289,12 @@ impl Forwarder {
         }
         match self.coyote_tables().await {
             Ok(left) if left.is_empty() => {
-                let _ = docker_user(&["-D"]).await;
+                // Two nodes starting at once may both have added it.
+                for _ in 0..4 {
+                    if docker_user(&["-D"]).await.is_err() {
+                        break;
+                    }
+                }
             }
             _ => {}
         }
@@ -311,7 +320,10 @@ impl Forwarder {
             let alive = pid.is_some_and(|p| p != std::process::id() && is_coyote_process(p));
             if !alive {
                 tracing::info!(table, "removing the nftables table of a coyote process that is gone");
-                self.apply(&format!("delete table ip {table}\n")).await?;
+                // Another node starting at the same moment may have removed it already.
+                if let Err(e) = self.apply(&format!("delete table ip {table}\n")).await {
+                    tracing::debug!(table, "not removed: {e:#}");
+                }
             }
         }
         Ok(())
