@@ -35,6 +35,19 @@
 //! and failed dumps) are kept here, locally, never in the log: `coyote stats` and the Prometheus text
 //! at `/metrics` of the local API.
 //!
+//! # Warm connections: kernel or userspace
+//! In kernel mode (`--forward kernel`, the default as root with `nft`), once a container runs and
+//! its port accepts, new connections are forwarded by nftables DNAT straight to it
+//! ([`crate::forward`]); only connections that arrive while it is stopped or starting reach the
+//! listener and are spliced here. Every stop removes the forwarding first. Activity then comes from
+//! the kernel, read every [`CHECK_INTERVAL`]: a service is active while conntrack holds an open
+//! connection of it, and whenever its nft counters moved since the last look; an open connection
+//! (spliced or forwarded) keeps a container from being stopped, as before. The stats add the kernel's
+//! counts (connections, and bytes each way, counted at the IP layer) to the splice's;
+//! `spliced_connections` says how many went through userspace. In userspace mode every connection is
+//! spliced, as the only path. In both modes `ensure_started` (start the container, wait for its
+//! port, install the forwarding) stays the one code path that starts a container on traffic.
+//!
 //! # Left out, for now
 //! - A container stopped because this server no longer serves the service (its lease lapsed, it is
 //!   no longer master, its ports changed) is stopped at once, without its dump: fencing must not wait
@@ -56,6 +69,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::forward::{mark_of, open_connections, Forwarder, KernelCounters};
 use crate::monitor::Fence;
 use crate::runtime::{ContainerRuntime, RunState};
 
@@ -65,7 +79,7 @@ pub const CONNECTIONS_MAX: usize = 1024;
 pub const LATENCY_SAMPLES_MAX: usize = 1024;
 /// How often a starting container's port is probed.
 pub const READY_POLL: Duration = Duration::from_millis(2);
-/// How often idle containers and memory are checked.
+/// How often idle containers and memory are checked (and the kernel's counters read, in kernel mode).
 pub const CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// A failed dump is tried again after this, doubling up to [`DUMP_RETRY_MAX`].
 pub const DUMP_RETRY_MIN: Duration = Duration::from_secs(5);
@@ -156,6 +170,11 @@ pub struct ServiceStats {
     pub cold_start_ms_p99: Option<u64>,
     pub running_ms: u64,
     pub running: bool,
+    /// Connections that went through the activator's userspace splice (all of them in userspace
+    /// mode; in kernel mode, those that arrived while the container was stopped or starting).
+    pub spliced_connections: u64,
+    /// The kernel forwards the service's new connections to its container right now.
+    pub kernel_forwarding: bool,
     /// Stops after the idle time, and under memory pressure.
     pub idle_stops: u64,
     pub memory_stops: u64,
@@ -165,6 +184,7 @@ pub struct ServiceStats {
 
 #[derive(Default)]
 struct Counters {
+    /// Connections through the userspace splice.
     connections: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
@@ -186,6 +206,27 @@ struct Gate {
     cold_start_ms: Mutex<Vec<u64>>,
     /// Dumps and stops of this gate (std mutex: never held across an await).
     upkeep: Mutex<Upkeep>,
+    /// What the kernel forwards and counts for this gate (std mutex: never held across an await).
+    kernel: Mutex<KernelView>,
+}
+
+impl Gate {
+    /// The conntrack mark of the gate's forwarded connections, if it has a port.
+    fn mark(&self) -> Option<u32> {
+        self.ports.first().map(|p| mark_of(p.host))
+    }
+}
+
+/// The kernel's side of a gate, in kernel mode.
+#[derive(Default)]
+struct KernelView {
+    /// The gate's counters and chains exist in coyote's table.
+    prepared: bool,
+    /// The forwarding rule is installed (the container runs).
+    forwarding: bool,
+    /// Open forwarded connections, and the counters, at the last look.
+    open: usize,
+    last: KernelCounters,
 }
 
 #[derive(Default)]
@@ -265,6 +306,10 @@ pub struct Activator {
     relieving: AtomicBool,
     /// When "memory is short, nothing to stop" was last logged.
     pressure_warned: Mutex<Option<Instant>>,
+    /// Kernel forwarding (nftables), when on.
+    forwarder: Option<Arc<Forwarder>>,
+    /// When the kernel's counters were last read.
+    observed: Mutex<Option<Instant>>,
 }
 
 impl Activator {
@@ -283,7 +328,15 @@ impl Activator {
             gates: Mutex::new(BTreeMap::new()),
             relieving: AtomicBool::new(false),
             pressure_warned: Mutex::new(None),
+            forwarder: None,
+            observed: Mutex::new(None),
         }
+    }
+
+    /// Forwards warm connections in the kernel (see [`crate::forward`]) instead of splicing them.
+    pub fn with_forwarder(mut self, forwarder: Option<Arc<Forwarder>>) -> Self {
+        self.forwarder = forwarder;
+        self
     }
 
     /// Reads the host's available memory from `source` instead of `/proc/meminfo`.
@@ -320,6 +373,7 @@ impl Activator {
                 _ = tick.tick() => {}
             }
             self.sync_gates().await;
+            self.observe_kernel().await;
             self.stop_idle();
             self.relieve_pressure();
         }
@@ -327,6 +381,9 @@ impl Activator {
             std::mem::take(&mut *self.gates.lock().expect("gates lock")).into_values().collect();
         for gate in gates {
             gate.listeners.iter().for_each(JoinHandle::abort);
+        }
+        if let Some(forwarder) = &self.forwarder {
+            forwarder.shutdown().await;
         }
     }
 
@@ -361,6 +418,7 @@ impl Activator {
             // once (fencing does not wait for a dump).
             gate.listeners.iter().for_each(JoinHandle::abort);
             self.stop_now(&gate, "no longer served here").await;
+            self.close_kernel(&gate).await;
             self.clear_dump_alarm(&gate.service, "the container was stopped: no longer served here").await;
         }
         for (service, ports) in missing {
@@ -393,6 +451,7 @@ impl Activator {
         run.since = Some(Instant::now());
         gate.activity.lock().expect("activity lock").1 = Instant::now();
         tracing::info!(service = gate.service, "its container already runs: taken over, stopped when idle");
+        self.forward(gate, ip).await;
     }
 
     async fn open_gate(self: &Arc<Self>, service: &str, ports: Vec<PortMap>) -> std::io::Result<Arc<Gate>> {
@@ -409,7 +468,17 @@ impl Activator {
             activity: Mutex::new((0, Instant::now())),
             cold_start_ms: Mutex::new(Vec::new()),
             upkeep: Mutex::new(Upkeep::default()),
+            kernel: Mutex::new(KernelView::default()),
         };
+        if let Some(forwarder) = &self.forwarder {
+            match forwarder.open(&gate.ports).await {
+                Ok(()) => gate.kernel.lock().expect("kernel lock").prepared = true,
+                Err(e) => tracing::warn!(
+                    service,
+                    "kernel forwarding is off for this service, its connections go through the activator: {e:#}"
+                ),
+            }
+        }
         let gate_cell: Arc<std::sync::OnceLock<Arc<Gate>>> = Arc::default();
         for (listener, container_port) in bound {
             let (me, cell) = (self.clone(), gate_cell.clone());
@@ -507,13 +576,150 @@ impl Activator {
         run.running = Some((container.id.clone(), ip));
         run.since = Some(Instant::now());
         run.cold_starts += 1;
-        let mut samples = gate.cold_start_ms.lock().expect("samples lock");
-        if samples.len() >= LATENCY_SAMPLES_MAX {
-            samples.remove(0);
+        {
+            let mut samples = gate.cold_start_ms.lock().expect("samples lock");
+            if samples.len() >= LATENCY_SAMPLES_MAX {
+                samples.remove(0);
+            }
+            samples.push(took.as_millis() as u64);
         }
-        samples.push(took.as_millis() as u64);
         tracing::info!(service = gate.service, ms = took.as_millis() as u64, "cold start");
+        self.forward(gate, ip).await;
         Ok(ip)
+    }
+
+    /// Kernel mode: forwards the gate's new connections to its running container at `ip`. On failure
+    /// they keep going through the activator.
+    async fn forward(&self, gate: &Gate, ip: std::net::IpAddr) {
+        let Some(forwarder) = &self.forwarder else { return };
+        if !gate.kernel.lock().expect("kernel lock").prepared {
+            return;
+        }
+        match forwarder.install(&gate.ports, ip).await {
+            Ok(()) => {
+                gate.kernel.lock().expect("kernel lock").forwarding = true;
+                tracing::info!(service = gate.service, %ip, "the kernel forwards its warm connections");
+            }
+            Err(e) => tracing::warn!(
+                service = gate.service,
+                "cannot forward in the kernel, connections go through the activator: {e:#}"
+            ),
+        }
+    }
+
+    /// Kernel mode: new connections go to the activator's listener again. Returns whether the rule
+    /// is gone (or was not there).
+    async fn unforward(&self, gate: &Gate) -> bool {
+        let Some(forwarder) = &self.forwarder else { return true };
+        if !gate.kernel.lock().expect("kernel lock").forwarding {
+            return true;
+        }
+        match forwarder.remove(&gate.ports).await {
+            Ok(()) => {
+                gate.kernel.lock().expect("kernel lock").forwarding = false;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(service = gate.service, "cannot remove the kernel forwarding: {e:#}");
+                false
+            }
+        }
+    }
+
+    /// Kernel mode: removes the gate's counters and chains (its ports are closed).
+    async fn close_kernel(&self, gate: &Gate) {
+        let Some(forwarder) = &self.forwarder else { return };
+        if !std::mem::take(&mut gate.kernel.lock().expect("kernel lock").prepared) {
+            return;
+        }
+        if let Err(e) = forwarder.close(&gate.ports).await {
+            tracing::warn!(service = gate.service, "{e:#}");
+        }
+    }
+
+    /// Kernel mode: reads the kernel's counters and open connections of every gate; a gate whose
+    /// counters moved, or with an open connection, was active just now. At most once per
+    /// [`CHECK_INTERVAL`] (`force` reads anyway).
+    async fn observe_kernel(&self) {
+        self.observe_kernel_gates(None).await;
+    }
+
+    /// Like [`Self::observe_kernel`], now, for one gate (or all); returns whether any was active.
+    async fn observe_kernel_gates(&self, only: Option<&Gate>) -> bool {
+        let Some(forwarder) = &self.forwarder else { return false };
+        if only.is_none() {
+            let mut observed = self.observed.lock().expect("observed lock");
+            if observed.is_some_and(|t| t.elapsed() < CHECK_INTERVAL / 2) {
+                return false;
+            }
+            *observed = Some(Instant::now());
+        }
+        let gates: Vec<Arc<Gate>> = self
+            .gate_list()
+            .into_iter()
+            .filter(|g| only.is_none_or(|o| std::ptr::eq(o, g.as_ref())))
+            .filter(|g| g.kernel.lock().expect("kernel lock").prepared)
+            .collect();
+        if gates.is_empty() {
+            return false;
+        }
+        let counters = match forwarder.counters().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("cannot read the kernel's counters: {e:#}");
+                return false;
+            }
+        };
+        // Conntrack (`/proc/net/nf_conntrack`) lists every connection of the host, so it costs in
+        // proportion to all of them, TIME_WAIT included: it is read only for gates whose counters did
+        // not move and that could be stopped now (idle for the idle time, memory short, or a stop
+        // under way). A gate whose counters moved is active anyway.
+        let short = self
+            .config
+            .memory_min_available
+            .is_some_and(|min| self.memory.available().is_ok_and(|a| a < min));
+        let mut quiet = Vec::new();
+        let mut any = false;
+        for gate in gates {
+            let Some(mark) = gate.mark() else { continue };
+            let now = counters.get(&mark).copied().unwrap_or_default();
+            let moved = {
+                let mut k = gate.kernel.lock().expect("kernel lock");
+                let moved = now != k.last;
+                k.last = now;
+                moved
+            };
+            if moved {
+                gate.activity.lock().expect("activity lock").1 = Instant::now();
+                any = true;
+            } else if only.is_some()
+                || short
+                || gate.activity.lock().expect("activity lock").1.elapsed() >= self.config.idle_stop
+            {
+                quiet.push((gate, mark));
+            }
+        }
+        if quiet.is_empty() {
+            return any;
+        }
+        let open = open_connections().unwrap_or_else(|e| {
+            tracing::warn!("cannot read the open connections: {e:#}");
+            BTreeMap::new()
+        });
+        for (gate, mark) in quiet {
+            let open = open.get(&mark).copied().unwrap_or(0);
+            gate.kernel.lock().expect("kernel lock").open = open;
+            if open > 0 {
+                gate.activity.lock().expect("activity lock").1 = Instant::now();
+                any = true;
+            }
+        }
+        any
+    }
+
+    /// Open connections of the gate: spliced ones, and those the kernel forwards.
+    fn open_connections(gate: &Gate) -> usize {
+        gate.activity.lock().expect("activity lock").0 + gate.kernel.lock().expect("kernel lock").open
     }
 
     /// A snapshot of the gates.
@@ -547,10 +753,8 @@ impl Activator {
     /// Starts a task that dumps and stops each container idle for the idle time.
     fn stop_idle(self: &Arc<Self>) {
         for gate in self.gate_list() {
-            let idle = {
-                let activity = gate.activity.lock().expect("activity lock");
-                activity.0 == 0 && activity.1.elapsed() >= self.config.idle_stop
-            };
+            let idle = Self::open_connections(&gate) == 0
+                && gate.activity.lock().expect("activity lock").1.elapsed() >= self.config.idle_stop;
             if !idle || Self::is_running(&gate) != Some(true) || !Self::begin_upkeep(&gate) {
                 continue;
             }
@@ -598,13 +802,10 @@ impl Activator {
                 .iter()
                 .filter(|g| !tried.contains(&g.service))
                 .filter(|g| Self::is_running(g) == Some(true) && Self::may_upkeep(g))
-                .map(|g| {
-                    let activity = g.activity.lock().expect("activity lock");
-                    Candidate {
-                        service: g.service.clone(),
-                        open_connections: activity.0,
-                        last_end: activity.1,
-                    }
+                .map(|g| Candidate {
+                    service: g.service.clone(),
+                    open_connections: Self::open_connections(g),
+                    last_end: g.activity.lock().expect("activity lock").1,
                 })
                 .collect();
             let Some(next) = pressure_order(candidates).into_iter().next() else {
@@ -682,9 +883,26 @@ impl Activator {
             return false; // stopped (or restarted) meanwhile
         }
         {
-            let activity = gate.activity.lock().expect("activity lock");
-            if activity.0 > 0 || activity.1 > began {
+            let last = gate.activity.lock().expect("activity lock").1;
+            if Self::open_connections(gate) > 0 || last > began {
                 tracing::info!(service = gate.service, "not stopped: a connection came in during the dump");
+                return false;
+            }
+        }
+        // Kernel mode: new connections go to the listener from now on (they wait for the run lock);
+        // then the kernel is asked once more whether a connection came in meanwhile.
+        if gate.kernel.lock().expect("kernel lock").forwarding {
+            if !self.unforward(gate).await {
+                return false;
+            }
+            if self.observe_kernel_gates(Some(gate)).await {
+                if let Some((_, ip)) = run.running.clone() {
+                    self.forward(gate, ip).await;
+                }
+                tracing::info!(
+                    service = gate.service,
+                    "not stopped: the kernel forwarded a connection meanwhile"
+                );
                 return false;
             }
         }
@@ -760,11 +978,20 @@ impl Activator {
         self.stop_locked(gate, &mut run, why).await;
     }
 
+    /// Stops the gate's container; in kernel mode, its forwarding goes first, so that new
+    /// connections reach the listener (and wait for a new start) instead of a stopped container.
     async fn stop_locked(&self, gate: &Gate, run: &mut RunInfo, why: &str) -> bool {
+        if run.running.is_none() {
+            return false;
+        }
+        if !self.unforward(gate).await {
+            return false;
+        }
         let Some((id, ip)) = run.running.take() else { return false };
         if let Err(e) = self.runtime.stop(&id).await {
             tracing::warn!(service = gate.service, error = %e, "could not stop the on-demand container");
             run.running = Some((id, ip));
+            self.forward(gate, ip).await;
             return false;
         }
         if let Some(since) = run.since.take() {
@@ -777,7 +1004,16 @@ impl Activator {
     /// Traffic of every on-demand service this server has gates for.
     pub async fn stats(&self) -> Vec<ServiceStats> {
         let mut out = Vec::new();
+        let kernel = match &self.forwarder {
+            Some(f) => f.counters().await.unwrap_or_else(|e| {
+                tracing::warn!("cannot read the kernel's counters: {e:#}");
+                BTreeMap::new()
+            }),
+            None => BTreeMap::new(),
+        };
         for gate in self.gate_list() {
+            let k = gate.mark().and_then(|m| kernel.get(&m).copied()).unwrap_or_default();
+            let kernel_forwarding = gate.kernel.lock().expect("kernel lock").forwarding;
             let run = gate.run.lock().await;
             let mut samples = gate.cold_start_ms.lock().expect("samples lock").clone();
             samples.sort_unstable();
@@ -785,11 +1021,12 @@ impl Activator {
                 (!samples.is_empty()).then(|| samples[((samples.len() - 1) as f64 * p).round() as usize])
             };
             let c = &gate.counters;
+            let spliced = c.connections.load(Ordering::Relaxed);
             out.push(ServiceStats {
                 service: gate.service.clone(),
-                connections: c.connections.load(Ordering::Relaxed),
-                bytes_in: c.bytes_in.load(Ordering::Relaxed),
-                bytes_out: c.bytes_out.load(Ordering::Relaxed),
+                connections: spliced + k.connections,
+                bytes_in: c.bytes_in.load(Ordering::Relaxed) + k.bytes_in,
+                bytes_out: c.bytes_out.load(Ordering::Relaxed) + k.bytes_out,
                 cold_starts: run.cold_starts,
                 cold_start_ms_p50: pct(0.5),
                 cold_start_ms_p99: pct(0.99),
@@ -799,6 +1036,8 @@ impl Activator {
                 idle_stops: c.idle_stops.load(Ordering::Relaxed),
                 memory_stops: c.memory_stops.load(Ordering::Relaxed),
                 dumps_failed: c.dumps_failed.load(Ordering::Relaxed),
+                spliced_connections: spliced,
+                kernel_forwarding,
             });
         }
         out
@@ -808,7 +1047,7 @@ impl Activator {
 /// The stats in Prometheus' text exposition format.
 pub fn prometheus(stats: &[ServiceStats]) -> String {
     let mut out = String::new();
-    let metrics: [Metric; 9] = [
+    let metrics: [Metric; 11] = [
         ("coyote_service_connections_total", "counter", |s| s.connections),
         ("coyote_service_bytes_in_total", "counter", |s| s.bytes_in),
         ("coyote_service_bytes_out_total", "counter", |s| s.bytes_out),
@@ -818,6 +1057,8 @@ pub fn prometheus(stats: &[ServiceStats]) -> String {
         ("coyote_service_idle_stops_total", "counter", |s| s.idle_stops),
         ("coyote_service_memory_stops_total", "counter", |s| s.memory_stops),
         ("coyote_service_dumps_failed_total", "counter", |s| s.dumps_failed),
+        ("coyote_service_spliced_connections_total", "counter", |s| s.spliced_connections),
+        ("coyote_service_kernel_forwarding", "gauge", |s| u64::from(s.kernel_forwarding)),
     ];
     for (name, kind, get) in metrics {
         out.push_str(&format!("# TYPE {name} {kind}\n"));
@@ -850,7 +1091,7 @@ mod tests {
         assert!(text.contains("coyote_service_cold_starts_total{service=\"b\"} 2\n"));
         assert!(text.contains("coyote_service_running_seconds_total{service=\"b\"} 4\n"));
         assert!(text.contains("coyote_service_running{service=\"a\"} 1\n"));
-        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 18);
+        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 22);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
 use coyote_nodes::activator::{Activator, ActivatorConfig};
+use coyote_nodes::forward::{ForwardMode, Forwarder};
 use coyote_nodes::monitor::{Fence, Monitor, MonitorConfig};
 use coyote_nodes::reconciler::{self, Reconciler};
 use coyote_nodes::runtime::{DockerRuntime, Scope};
@@ -139,6 +140,8 @@ pub struct ContainerOptions {
     pub dump_timeout: Duration,
     /// Stop idle on-demand containers while available memory is below this many bytes.
     pub memory_min_available: Option<u64>,
+    /// How warm on-demand connections reach their containers (`None`: kernel if it can work here).
+    pub forward: Option<ForwardMode>,
 }
 
 /// Runs the node in `dir` in the foreground until SIGINT or SIGTERM.
@@ -208,7 +211,28 @@ pub async fn run(dir: &DataDir, settings: &RaftSettings, containers: &ContainerO
             memory_min_available: containers.memory_min_available,
             ..Default::default()
         };
-        let activator = Activator::new(node.clone(), runtime, fence.clone(), activator_config);
+        let forwarder = match containers.forward {
+            Some(ForwardMode::Userspace) => {
+                tracing::info!("on-demand connections go through the activator (--forward userspace)");
+                None
+            }
+            Some(ForwardMode::Kernel) => Some(Arc::new(
+                Forwarder::setup(activator_config.bind_ip)
+                    .await
+                    .context("kernel forwarding (--forward kernel) cannot work here")?,
+            )),
+            None => match Forwarder::setup(activator_config.bind_ip).await {
+                Ok(f) => Some(Arc::new(f)),
+                Err(e) => {
+                    tracing::warn!(
+                        "kernel forwarding is off, on-demand connections go through the activator: {e:#}"
+                    );
+                    None
+                }
+            },
+        };
+        let activator =
+            Activator::new(node.clone(), runtime, fence.clone(), activator_config).with_forwarder(forwarder);
         (Some(Arc::new(reconciler)), Some(Arc::new(activator)))
     } else {
         tracing::info!("container management is off (--no-reconcile)");

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use coyote_log::RaftSettings;
+use coyote_nodes::forward::ForwardMode;
 use coyote_state_machine::spec::{parse_bytes, parse_port};
 use coyote_state_machine::{PortMap, ServiceSpec, ZoneCheck};
 use hyper::Method;
@@ -111,6 +112,11 @@ struct ContainerArgs {
     /// (MemAvailable) is below this (512M, 2G) [default: off]
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
     memory_min_available: Option<u64>,
+    /// How warm connections of on-demand services reach their containers: `kernel` (nftables DNAT
+    /// while the container runs) or `userspace` (spliced by the activator) [default: kernel when
+    /// nft is usable and this is root, else userspace]
+    #[arg(long, value_name = "MODE")]
+    forward: Option<ForwardMode>,
 }
 
 fn parse_size_arg(text: &str) -> Result<u64, String> {
@@ -133,6 +139,7 @@ impl From<ContainerArgs> for ContainerOptions {
             idle_stop: c.idle_stop,
             dump_timeout: c.dump_timeout,
             memory_min_available: c.memory_min_available,
+            forward: c.forward,
         }
     }
 }

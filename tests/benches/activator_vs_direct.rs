@@ -15,7 +15,11 @@
 //! - `BENCH_CONNECTIONS` (8; busybox httpd listens with a backlog of 9), `BENCH_THREADS` (2): `wrk -c` and `-t`;
 //! - `BENCH_IMAGE` (`coyote-test/httpd:1`, busybox httpd, which closes every connection after one
 //!   answer): the service's image, serving HTTP on port 80. `run-activator.sh` also runs it with
-//!   `coyote-bench/caddy:1` (Debian's caddy, which keeps connections open, as most web servers do).
+//!   `coyote-bench/caddy:1` (Debian's caddy, which keeps connections open, as most web servers do);
+//! - `BENCH_FORWARD` (`kernel`): the node's `--forward` mode. In kernel mode the "activator" side
+//!   connects to the same published port, `127.0.0.1:PORT`, which nftables forwards to the container
+//!   (the `output` hook); the bench checks that it did: the node's stats must show kernel forwarding
+//!   on, and the activator's splice counter must not move during the warm runs.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -42,6 +46,7 @@ struct Config {
     connections: usize,
     threads: usize,
     image: String,
+    forward: String,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
@@ -61,7 +66,11 @@ impl Config {
             connections: env_or("BENCH_CONNECTIONS", 8)?,
             threads: env_or("BENCH_THREADS", 2)?,
             image: std::env::var("BENCH_IMAGE").unwrap_or_else(|_| IMAGE.to_string()),
+            forward: std::env::var("BENCH_FORWARD").unwrap_or_else(|_| "kernel".to_string()),
         };
+        if !["kernel", "userspace"].contains(&cfg.forward.as_str()) {
+            bail!("BENCH_FORWARD={:?}: kernel or userspace", cfg.forward);
+        }
         if cfg.cold_runs == 0 || cfg.secs == 0 || cfg.rounds == 0 || cfg.connections == 0 || cfg.threads == 0
         {
             bail!(
@@ -185,6 +194,19 @@ fn activator_cold_start(port: u16) -> Result<Duration> {
     let conn = TcpStream::connect(("127.0.0.1", port))?;
     get_on(conn)?;
     Ok(t0.elapsed())
+}
+
+/// The service's entry in the node's stats.
+fn own_stats(node: &Node) -> Result<Value> {
+    let (code, stats) = api_call(&node.dir.join("coyote.sock"), "GET", "/v1/stats", "")?;
+    if code != 200 {
+        bail!("stats: HTTP {code}: {stats}");
+    }
+    stats
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["service"] == SERVICE))
+        .cloned()
+        .ok_or_else(|| anyhow!("no stats for {SERVICE}"))
 }
 
 fn activator_running(node: &Node) -> Result<bool> {
@@ -409,8 +431,9 @@ fn main() -> Result<()> {
     let tmp = tempfile::Builder::new().prefix("coyote-bench-activator-").tempdir()?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     eprintln!(
-        "activator_vs_direct: {cores} cores, image {}, {} cold starts a side, wrk -t{} -c{} {} s x {} rounds a side; data in {}",
+        "activator_vs_direct: {cores} cores, image {}, --forward {}, {} cold starts a side, wrk -t{} -c{} {} s x {} rounds a side; data in {}",
         cfg.image,
+        cfg.forward,
         cfg.cold_runs,
         cfg.threads,
         cfg.connections,
@@ -423,7 +446,7 @@ fn main() -> Result<()> {
     // Warm phase first, with an idle time that never fires during it.
     let mut node = Node::new(tmp.path(), "n1");
     node.containers = true;
-    node.flags = vec!["--idle-stop".into(), "1h".into()];
+    node.flags = vec!["--idle-stop".into(), "1h".into(), "--forward".into(), cfg.forward.clone()];
     node.up()?;
     let cluster = node.cluster_id()?;
     guard.cluster_ids.push(cluster.clone());
@@ -454,9 +477,15 @@ fn main() -> Result<()> {
     activator_cold_start(port)?;
     let ip = docker_address(&id)?.ok_or_else(|| anyhow!("the running container has no address"))?;
     let direct = format!("http://{ip}:80/");
+    if cfg.forward == "kernel" {
+        wait_until("kernel forwarding", Duration::from_secs(10), || {
+            Ok((own_stats(&node)?["kernel_forwarding"] == true).then_some(()))
+        })?;
+    }
     if cfg.warmup_secs > 0 {
         wrk(&cfg, &via, cfg.warmup_secs, &node.dir, &id)?;
     }
+    let before = own_stats(&node)?;
     let (mut warm_direct, mut warm_activator) = (Vec::new(), Vec::new());
     for round in 0..cfg.rounds {
         for (side, url, runs) in
@@ -481,10 +510,25 @@ fn main() -> Result<()> {
         }
     }
 
+    // Which path the "activator" side took: the splice, or the kernel.
+    let after = own_stats(&node)?;
+    let count = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+    let spliced = count(&after, "spliced_connections") - count(&before, "spliced_connections");
+    let total = count(&after, "connections") - count(&before, "connections");
+    let path = format!(
+        "warm path: --forward {}; during the measured runs {total} connections to the published port, {spliced} of them \
+         spliced by the activator (kernel forwarding on: {})",
+        cfg.forward, after["kernel_forwarding"]
+    );
+    eprintln!("{path}");
+    if cfg.forward == "kernel" && (spliced > 0 || after["kernel_forwarding"] != true) {
+        bail!("kernel mode, but the warm runs did not all go through the kernel's forwarding: {path}");
+    }
+
     // Cold starts: the same node with a 1 s idle time, so that the activator itself stops the
     // container between its cold starts.
     node.kill9();
-    node.flags = vec!["--idle-stop".into(), "1s".into()];
+    node.flags = vec!["--idle-stop".into(), "1s".into(), "--forward".into(), cfg.forward.clone()];
     node.restart()?;
     wait_until("the activator to listen again", Duration::from_secs(30), || {
         Ok(TcpStream::connect(("127.0.0.1", port)).ok().map(drop))
@@ -524,7 +568,8 @@ fn main() -> Result<()> {
     } else {
         Value::Null
     };
-    node.kill9();
+    // A graceful stop: the node removes its nftables table.
+    node.terminate(Duration::from_secs(10));
     guard.clean();
     let other_after = idle_load(Duration::from_secs(3));
 
@@ -602,6 +647,7 @@ fn main() -> Result<()> {
         out,
         "sanity: {errors} wrk errors; other processes used up to {other:.2} cores during the wrk runs"
     );
+    let _ = writeln!(out, "{path}");
     let per_req = |runs: &[WrkRun], f: fn(&WrkRun) -> f64| {
         runs.iter().map(|r| f(r) / r.requests_per_sec * 1e6).sum::<f64>() / runs.len() as f64
     };

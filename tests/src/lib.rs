@@ -170,6 +170,26 @@ impl Node {
         }
     }
 
+    /// The process id of the running node.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGTERM, then SIGKILL if the node has not exited within `grace`.
+    pub fn terminate(&mut self, grace: Duration) {
+        let Some(mut c) = self.child.take() else { return };
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if matches!(c.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
@@ -289,7 +309,13 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        self.kill9();
+        if self.containers {
+            // A node that manages containers removes its kernel forwarding (nftables) when it
+            // stops: let it, so that no rule of a finished test outlives it.
+            self.terminate(Duration::from_secs(10));
+        } else {
+            self.kill9();
+        }
     }
 }
 

@@ -3,8 +3,14 @@
 //! its answer; concurrent first requests share one start; after the idle time the container stops,
 //! after its dump command; a failing dump keeps it running and raises an alarm, cleared when a later
 //! dump succeeds; under memory pressure idle containers stop, least recently used first.
+//!
+//! The node runs in its default forwarding mode, kernel (as root, with nftables), unless a test says
+//! otherwise: warm connections are then forwarded by nftables, not spliced by the activator, and the
+//! tests read coyote's table with `nft` to see it.
 
+use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -60,6 +66,59 @@ fn node_with(root: &std::path::Path, guard: &mut DockerGuard, flags: &[&str]) ->
     let cluster = node.cluster_id()?;
     guard.cluster_ids.push(cluster.clone());
     Ok((node, cluster))
+}
+
+/// `nft ARGS`, its output.
+fn nft(args: &[&str]) -> Result<String> {
+    let out = Command::new("nft").args(args).output().context("running nft")?;
+    if !out.status.success() {
+        bail!("nft {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The names of the coyote tables on this host.
+fn coyote_tables() -> Result<Vec<String>> {
+    let v: Value = serde_json::from_str(&nft(&["-j", "list", "tables", "ip"])?)?;
+    Ok(v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["table"]["name"].as_str())
+        .filter(|n| n.starts_with("coyote_"))
+        .map(String::from)
+        .collect())
+}
+
+/// The kernel's counters of the service whose first host port is `port`: (connections, bytes in,
+/// bytes out).
+fn kernel_counters(port: u16) -> Result<(u64, u64, u64)> {
+    let v: Value = serde_json::from_str(&nft(&["-j", "list", "counters"])?)?;
+    let get = |name: String, field: &str| -> Result<u64> {
+        v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|o| o.get("counter"))
+            .find(|c| c["name"] == name.as_str())
+            .and_then(|c| c[field].as_u64())
+            .ok_or_else(|| anyhow!("no nft counter {name}"))
+    };
+    Ok((
+        get(format!("conns_{port}"), "packets")?,
+        get(format!("in_{port}"), "bytes")?,
+        get(format!("out_{port}"), "bytes")?,
+    ))
+}
+
+/// Whether a DNAT rule for the service whose first host port is `port` is installed in a coyote
+/// table.
+fn kernel_rule(port: u16) -> Result<bool> {
+    let text = nft(&["list", "ruleset"])?;
+    let Some(start) = text.find(&format!("chain svc_{port} {{")) else { return Ok(false) };
+    let body = &text[start..];
+    let body = &body[..body.find('}').unwrap_or(body.len())];
+    Ok(body.contains("dnat to"))
 }
 
 fn stats_of(node: &Node, service: &str) -> Result<Option<Value>> {
@@ -137,6 +196,12 @@ fn an_on_demand_service_starts_on_the_first_connection_and_stops_when_idle() -> 
     assert!(s["connections"].as_u64().unwrap() >= 4, "{s}");
     assert!(s["bytes_out"].as_u64().unwrap() > 0, "{s}");
     assert_eq!(s["cold_starts"], 1, "four concurrent first connections must share one start: {s}");
+    // The default mode here (root, nftables): once it runs, the kernel forwards its connections.
+    wait_until("kernel forwarding", Duration::from_secs(10), || {
+        Ok(stats_of(&node)?.filter(|s| s["kernel_forwarding"] == true))
+    })?;
+    assert!(kernel_rule(port)?);
+    assert!(http_get(port)?.contains(" 200 "));
 
     // Idle: stopped again after the idle time, and a new request starts it again.
     wait_until("the idle stop", Duration::from_secs(30), || {
@@ -161,15 +226,23 @@ fn a_container_left_running_by_a_previous_run_is_stopped_when_idle() -> Result<(
     on_demand(&node, &cluster, &service, port, &[])?;
     assert!(http_get(port)?.contains(" 200 "));
     assert_eq!(state_of(&cluster, &service)?.as_deref(), Some("running"));
+    wait_until("kernel forwarding", Duration::from_secs(10), || {
+        Ok(stats_of(&node, &service)?.filter(|s| s["kernel_forwarding"] == true))
+    })?;
+    let old_table = format!("coyote_{}", node.pid().expect("pid"));
 
-    // The node dies; its container keeps running. The next run, with a short idle time, takes it over.
+    // The node dies; its container keeps running, and so does its table (a crash cleans nothing).
+    // The next run removes the stale table, and, with a short idle time, takes the container over.
     node.kill9();
+    assert!(coyote_tables()?.contains(&old_table), "kill -9 leaves the table behind");
     node.flags = vec!["--idle-stop".into(), "3s".into()];
     node.restart()?;
     wait_until("the activator to listen again", Duration::from_secs(30), || stats_of(&node, &service))?;
+    assert!(!coyote_tables()?.contains(&old_table), "the stale table is removed at start-up");
     assert_eq!(state_of(&cluster, &service)?.as_deref(), Some("running"), "not stopped at once");
     let s = stats_of(&node, &service)?.expect("stats");
     assert_eq!(s["running"], true, "the running container is known: {s}");
+    assert_eq!(s["kernel_forwarding"], true, "the adopted container is forwarded to: {s}");
     wait_state(&cluster, &service, false, Duration::from_secs(30))?;
     let s = stats_of(&node, &service)?.expect("stats");
     assert_eq!((s["idle_stops"].as_u64(), s["cold_starts"].as_u64()), (Some(1), Some(0)), "{s}");
@@ -183,7 +256,9 @@ fn the_dump_command_runs_before_an_idle_stop() -> Result<()> {
     test_images()?;
     let root = tempfile::tempdir()?;
     let mut guard = DockerGuard::default();
-    let (node, cluster) = node_with(root.path(), &mut guard, &["--idle-stop", "2s"])?;
+    // Userspace mode: every connection is spliced by the activator, the kernel forwards nothing.
+    let (node, cluster) =
+        node_with(root.path(), &mut guard, &["--idle-stop", "2s", "--forward", "userspace"])?;
     let service = format!("dump{}", std::process::id());
     let port = free_port();
     // The image has no /bin/sh: busybox is the shell.
@@ -198,7 +273,12 @@ fn the_dump_command_runs_before_an_idle_stop() -> Result<()> {
     let dumped = node.dir.join("volumes").join(&service).join("dump.txt");
 
     assert!(http_get(port)?.contains(" 200 "));
+    assert!(http_get(port)?.contains(" 200 "));
     assert_eq!(state_of(&cluster, &service)?.as_deref(), Some("running"));
+    let s = stats_of(&node, &service)?.expect("stats");
+    assert_eq!((s["connections"].as_u64(), s["spliced_connections"].as_u64()), (Some(2), Some(2)), "{s}");
+    assert_eq!(s["kernel_forwarding"], false, "{s}");
+    assert!(!coyote_tables()?.contains(&format!("coyote_{}", node.pid().expect("pid"))));
     assert!(!dumped.exists(), "no dump before the idle stop");
     wait_state(&cluster, &service, false, Duration::from_secs(20))?;
     // `docker exec` runs only in a running container: the file proves the dump ran before the stop.
@@ -318,5 +398,221 @@ fn under_memory_pressure_idle_on_demand_containers_stop_least_recently_used_firs
     wait_state(&cluster, &a, false, Duration::from_secs(20))?;
     assert_eq!(state_of(&cluster, &always)?.as_deref(), Some("running"));
     assert!(node.log_text().contains("memory is short"), "the node says why it stops containers");
+    Ok(())
+}
+
+/// The raw request and answer sizes of one `http_get`.
+const REQUEST_BYTES: u64 = "GET / HTTP/1.0\r\nHost: localhost\r\n\r\n".len() as u64;
+
+fn wait_forwarding(node: &Node, service: &str, on: bool) -> Result<Value> {
+    wait_until("kernel forwarding to change", Duration::from_secs(20), || {
+        Ok(stats_of(node, service)?.filter(|s| s["kernel_forwarding"] == on))
+    })
+}
+
+#[test]
+fn warm_connections_are_forwarded_by_the_kernel_and_never_reach_the_activator() -> Result<()> {
+    test_images()?;
+    let root = tempfile::tempdir()?;
+    let mut guard = DockerGuard::default();
+    let (mut node, cluster) =
+        node_with(root.path(), &mut guard, &["--idle-stop", "1h", "--forward", "kernel"])?;
+    let table = format!("coyote_{}", node.pid().expect("pid"));
+    assert!(coyote_tables()?.contains(&table), "the node's own table");
+    let service = format!("kfwd{}", std::process::id());
+    let port = free_port();
+    on_demand(&node, &cluster, &service, port, &[])?;
+    assert!(!kernel_rule(port)?, "no forwarding while the container is stopped");
+
+    // The first connection: held by the activator while the container starts, spliced through.
+    assert!(http_get(port)?.contains(" 200 "));
+    let s = wait_forwarding(&node, &service, true)?;
+    assert_eq!((s["cold_starts"].as_u64(), s["spliced_connections"].as_u64()), (Some(1), Some(1)), "{s}");
+    assert!(kernel_rule(port)?);
+    let (conns0, in0, out0) = kernel_counters(port)?;
+
+    // Warm: twenty requests, all answered, none through the activator.
+    let mut answered = 0u64;
+    for _ in 0..20 {
+        let page = http_get(port)?;
+        assert!(page.contains(" 200 "), "{page}");
+        answered += page.len() as u64;
+    }
+    let (conns1, in1, out1) = kernel_counters(port)?;
+    assert_eq!(conns1 - conns0, 20, "the kernel forwarded each warm connection");
+    assert!(in1 - in0 >= 20 * REQUEST_BYTES, "bytes in: {in0} -> {in1}");
+    assert!(out1 - out0 >= answered, "bytes out: {out0} -> {out1}, {answered} bytes of answers");
+    let after = stats_of(&node, &service)?.expect("stats");
+    assert_eq!(after["spliced_connections"], 1, "the activator's splice was not used: {after}");
+    assert_eq!(after["connections"].as_u64(), Some(21), "{after}");
+    // Stats count the kernel's bytes: at least the payload both ways.
+    assert!(
+        after["bytes_in"].as_u64().unwrap() >= s["bytes_in"].as_u64().unwrap() + 20 * REQUEST_BYTES,
+        "{after}"
+    );
+    assert!(after["bytes_out"].as_u64().unwrap() >= s["bytes_out"].as_u64().unwrap() + answered, "{after}");
+    assert_eq!(after["cold_starts"], 1, "{after}");
+    // The Prometheus text says the same.
+    let metrics = api_text(&node, "/metrics")?;
+    assert!(
+        metrics.contains(&format!("coyote_service_connections_total{{service=\"{service}\"}} 21\n")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("coyote_service_spliced_connections_total{{service=\"{service}\"}} 1\n"))
+    );
+    assert!(metrics.contains(&format!("coyote_service_kernel_forwarding{{service=\"{service}\"}} 1\n")));
+
+    // A node that stops removes its table; the container is left running, as always.
+    node.terminate(Duration::from_secs(10));
+    assert!(!coyote_tables()?.contains(&table), "the table goes with the node");
+    assert!(!kernel_rule(port)?);
+    Ok(())
+}
+
+/// GET `path` on the node's API socket; the body as text.
+fn api_text(node: &Node, path: &str) -> Result<String> {
+    let mut s = std::os::unix::net::UnixStream::connect(node.dir.join("coyote.sock"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: coyote\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+#[test]
+fn an_idle_stop_removes_the_forwarding_and_the_next_connection_starts_the_container_again() -> Result<()> {
+    test_images()?;
+    let root = tempfile::tempdir()?;
+    let mut guard = DockerGuard::default();
+    let (node, cluster) = node_with(root.path(), &mut guard, &["--idle-stop", "2s", "--forward", "kernel"])?;
+    let service = format!("kidle{}", std::process::id());
+    let port = free_port();
+    on_demand(&node, &cluster, &service, port, &[])?;
+    assert!(http_get(port)?.contains(" 200 "));
+    wait_forwarding(&node, &service, true)?;
+    for _ in 0..3 {
+        assert!(http_get(port)?.contains(" 200 "));
+    }
+    // Idle: the rule goes first, then the container.
+    wait_state(&cluster, &service, false, Duration::from_secs(30))?;
+    assert!(!kernel_rule(port)?, "no rule points at a stopped container");
+    let s = stats_of(&node, &service)?.expect("stats");
+    assert_eq!((s["idle_stops"].as_u64(), s["kernel_forwarding"].as_bool()), (Some(1), Some(false)), "{s}");
+    assert_eq!(s["connections"], 4, "{s}");
+
+    // The next connection reaches the activator again, which starts the container and answers.
+    let page = http_get(port)?;
+    assert!(page.contains(" 200 "), "{page}");
+    let s = wait_forwarding(&node, &service, true)?;
+    assert_eq!((s["cold_starts"].as_u64(), s["spliced_connections"].as_u64()), (Some(2), Some(2)), "{s}");
+    assert_eq!(s["connections"], 5, "{s}");
+    Ok(())
+}
+
+#[test]
+fn an_open_forwarded_connection_keeps_the_container_from_its_idle_stop() -> Result<()> {
+    test_images()?;
+    let root = tempfile::tempdir()?;
+    let mut guard = DockerGuard::default();
+    let (node, cluster) = node_with(root.path(), &mut guard, &["--idle-stop", "2s", "--forward", "kernel"])?;
+    let service = format!("kopen{}", std::process::id());
+    let port = free_port();
+    on_demand(&node, &cluster, &service, port, &[])?;
+    assert!(http_get(port)?.contains(" 200 "));
+    wait_forwarding(&node, &service, true)?;
+
+    // A connection through the kernel, open and silent well past the idle time.
+    let mut held = TcpStream::connect(("127.0.0.1", port))?;
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(state_of(&cluster, &service)?.as_deref(), Some("running"), "an open connection is activity");
+    let s = stats_of(&node, &service)?.expect("stats");
+    assert_eq!((s["spliced_connections"].as_u64(), s["idle_stops"].as_u64()), (Some(1), Some(0)), "{s}");
+    // It still works: a request on it is answered by the container.
+    held.set_read_timeout(Some(Duration::from_secs(10)))?;
+    held.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut page = String::new();
+    held.read_to_string(&mut page)?;
+    assert!(page.contains(" 200 "), "{page}");
+    drop(held);
+    // Closed: the container stops after the idle time.
+    wait_state(&cluster, &service, false, Duration::from_secs(30))?;
+    assert!(!kernel_rule(port)?);
+    Ok(())
+}
+
+/// A network namespace joined to the host by a veth pair: a remote client on this machine.
+struct RemoteClient {
+    ns: String,
+    host_if: String,
+    host_ip: String,
+}
+
+impl RemoteClient {
+    fn new() -> Result<Self> {
+        let pid = std::process::id();
+        let (ns, host_if, peer) = (format!("cyfwd{pid}"), format!("cyf{pid}h"), format!("cyf{pid}c"));
+        let net = format!("10.252.{}.{}", (pid / 64) % 256, (pid % 64) * 4);
+        let base: Vec<u8> = net.split('.').map(|p| p.parse().unwrap()).collect();
+        let host_ip = format!("10.252.{}.{}", base[2], base[3] + 1);
+        let client_ip = format!("10.252.{}.{}", base[2], base[3] + 2);
+        let me = RemoteClient { ns: ns.clone(), host_if: host_if.clone(), host_ip: host_ip.clone() };
+        let ip = |args: &[&str]| -> Result<()> {
+            let out = Command::new("ip").args(args).output()?;
+            if !out.status.success() {
+                bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        };
+        ip(&["netns", "add", &ns])?;
+        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &peer])?;
+        ip(&["link", "set", &peer, "netns", &ns])?;
+        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if])?;
+        ip(&["link", "set", &host_if, "up"])?;
+        ip(&["netns", "exec", &ns, "ip", "addr", "add", &format!("{client_ip}/30"), "dev", &peer])?;
+        ip(&["netns", "exec", &ns, "ip", "link", "set", &peer, "up"])?;
+        Ok(me)
+    }
+
+    /// `GET /` from the namespace to the host's address on `port`: the answer.
+    fn get(&self, port: u16) -> Result<String> {
+        let url = format!("http://{}:{port}/", self.host_ip);
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "curl", "-s", "-i", "-m", "20", &url])
+            .output()?;
+        if !out.status.success() {
+            bail!("curl {url} from {}: {}", self.ns, out.status);
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for RemoteClient {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.host_if]).output();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+#[test]
+fn a_remote_client_is_forwarded_by_the_kernel_too() -> Result<()> {
+    test_images()?;
+    let client = RemoteClient::new()?;
+    let root = tempfile::tempdir()?;
+    let mut guard = DockerGuard::default();
+    let (node, cluster) = node_with(root.path(), &mut guard, &["--idle-stop", "1h", "--forward", "kernel"])?;
+    let service = format!("kremote{}", std::process::id());
+    let port = free_port();
+    on_demand(&node, &cluster, &service, port, &[])?;
+    let first = client.get(port)?;
+    assert!(first.contains(" 200 "), "{first}");
+    wait_forwarding(&node, &service, true)?;
+    for _ in 0..5 {
+        let page = client.get(port)?;
+        assert!(page.contains(" 200 "), "{page}");
+    }
+    let s = stats_of(&node, &service)?.expect("stats");
+    assert_eq!((s["connections"].as_u64(), s["spliced_connections"].as_u64()), (Some(6), Some(1)), "{s}");
+    assert_eq!(kernel_counters(port)?.0, 5, "five forwarded by the kernel, through prerouting");
     Ok(())
 }
