@@ -105,10 +105,13 @@ enum RecordRef<'a> {
 
 /// Segments in memory, for the simulator: they outlive the stores opened on them, like a directory.
 #[derive(Clone, Default)]
-pub struct MemorySegments(Arc<Mutex<BTreeMap<u64, Arc<Mutex<Vec<u8>>>>>>);
+pub struct MemorySegments(Arc<Mutex<SegmentMap>>);
+
+/// One byte vector per segment, by sequence number.
+type SegmentMap = BTreeMap<u64, Arc<Mutex<Vec<u8>>>>;
 
 impl MemorySegments {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Mutex<Vec<u8>>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SegmentMap> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
