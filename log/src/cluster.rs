@@ -299,6 +299,7 @@ async fn write_batch(raft: Raft, batch: Vec<Queued>) {
     let (proposals, replies): (Vec<Proposal>, Vec<_>) =
         batch.into_iter().map(|q| (q.proposal, q.reply)).unzip();
     let count = proposals.len();
+    tracing::debug!(target: "coyote_path", count, "client_write");
     let result = match raft.client_write(Batch(proposals)).await {
         Ok(response) if response.data.len() == count => Ok(response),
         Ok(response) => Err(WriteError::Fatal(format!(
@@ -314,6 +315,7 @@ async fn write_batch(raft: Raft, batch: Vec<Queued>) {
     match result {
         Ok(response) => {
             let log_index = response.log_id.index;
+            tracing::debug!(target: "coyote_path", log_index, "client_write done");
             for (reply, committed) in replies.into_iter().zip(response.data) {
                 let proposed = Proposed { index: committed.index, log_index, outcome: committed.outcome };
                 // A proposer that stopped waiting does not need its answer.
@@ -484,11 +486,13 @@ impl LogNode {
         actor: String,
         at_ms: u64,
     ) -> Result<Proposed, ProposeError> {
+        tracing::debug!(target: "coyote_path", "propose");
         let proposal = Proposal { at_ms, actor, event };
         self.0.store.with_state(|s| s.validate(&proposal)).map_err(|r| ProposeError::Rejected(r.reason))?;
         self.check_disk()?;
         let proposed = self.submit(proposal, true).await?;
         self.wait_applied(proposed.log_index).await;
+        tracing::debug!(target: "coyote_path", "propose done");
         Ok(proposed)
     }
 

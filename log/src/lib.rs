@@ -14,6 +14,7 @@
 //! simulator can run this code over its own network.
 
 pub mod cluster;
+pub mod filelog;
 pub mod network;
 pub mod runtime;
 pub mod store;

@@ -156,6 +156,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        tracing::debug!(target: "coyote_path", to = self.target, entries = rpc.entries.len(), "ae send");
         if let Some(commit) = rpc.leader_commit {
             // A follower applies what it learns is committed: not before it is durable here too.
             let wait = self.durable.wait_for(|d| d.index >= commit.index || d.failed);
@@ -167,7 +168,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 }
             }
         }
-        self.call(Method::Append, &rpc, &option).await
+        let reply = self.call(Method::Append, &rpc, &option).await;
+        tracing::debug!(target: "coyote_path", to = self.target, "ae reply");
+        reply
     }
 
     async fn install_snapshot(
@@ -205,7 +208,9 @@ impl pb::raft_server::Raft for RaftService {
     async fn append_entries(&self, request: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
         require_member(&request)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(&request.into_inner().data)?;
+        tracing::debug!(target: "coyote_path", entries = rpc.entries.len(), "ae recv");
         let result = self.raft.append_entries(rpc).await;
+        tracing::debug!(target: "coyote_path", "ae answer");
         Ok(Response::new(pb::Blob { data: encode(&result) }))
     }
 

@@ -1,55 +1,62 @@
-//! Durable storage for one node: the Raft log, the Raft metadata, the applied state and the archive of
-//! every applied event, all in one sled database.
+//! Durable storage for one node: the Raft log and vote in append-only files of our own
+//! ([`crate::filelog`]), and the applied state, the archive of every applied event, the snapshot and
+//! the node's own metadata in one sled database.
 //!
 //! # Layout
 //!
-//! [`open`] opens a single `sled::Db` at the node's data directory and works with four trees in it:
+//! [`open`] opens a `sled::Db` at the store's directory (`DIR/store`) and the Raft log in its
+//! subdirectory `raft-log` ([`RAFT_LOG_DIR`]). The log's segment files hold the entries, the vote, the
+//! commit index and the last purged log id (see [`crate::filelog`] for their format and recovery).
+//! sled holds three trees:
 //!
-//! - `log`: the Raft log. Key: the entry's index as a big-endian `u64`, so that sled's byte order is
-//!   index order and a range scan is a log range. Value: the bincode-encoded [`Entry`].
-//! - `meta`: small records: the vote, the last committed log id, the last purged log id, and the
-//!   node's own bytes stored through [`StoreHandle::meta_put`] (under a separate `user/` prefix, so they
-//!   can never collide with Raft's keys).
+//! - `meta`: the node's own bytes stored through [`StoreHandle::meta_put`] (under a `user/` prefix).
 //! - `events`: the archive. Key: the event index, big-endian. Value: an encoded [`EventRecord`], the
 //!   envelope that was applied and what came of it (applied, or rejected with a reason). Event indexes
 //!   are dense (1, 2, 3, ...) and are not log indexes: one log entry carries a [`Batch`] of proposals,
 //!   and blank and membership entries carry none.
 //! - `snapshot`: the current snapshot, its metadata and its data, written together in one batch.
 //!
-//! The default tree holds a format marker. sled itself, given a directory whose `db` or `conf` it
-//! cannot read, quietly starts an empty database over it; for us that would be a node that forgot its
-//! vote and its log and rejoined as if new. So [`open`] only lets sled at a directory that is absent or
-//! empty (a new store) or that holds sled's files and our marker. A new store is created in a sibling
-//! directory (`.NAME.creating`), marker written and flushed, then renamed into place, so that no crash
-//! can leave a directory of ours without the marker. Anything else (stray files, another program's sled database,
-//! a store sled can no longer read) is refused with a [`StoreError`]. Every record openraft reads at
-//! start-up (vote, committed, last purged, the first and last log entries, the snapshot) is decoded and
-//! checked before [`open`] returns, so damage is reported at start-up, with the record named, rather
-//! than as a failure deep inside Raft later. sled's own `open` runs under `catch_unwind`: whatever is
-//! in the directory, opening it returns an error and does not take the process down. sled releases
-//! its file lock a moment after the last handle is dropped, so a store reopened within one process (a
-//! node restarted in the simulation) may find it still held: that error alone is retried for two
-//! seconds.
+//! The default tree holds a format marker, `coyote-store/3`. A store of the format before
+//! (`coyote-store/2`, whose Raft log and vote were in sled) is migrated by [`open`]: the new log is
+//! built beside the store, renamed into place, and only then is the marker changed, so a crash during
+//! the migration leaves the old store, and the next start migrates again. sled itself, given a
+//! directory whose `db` or `conf` it cannot read, quietly starts an empty database over it; for us that
+//! would be a node that forgot its vote and its log and rejoined as if new. So [`open`] only lets sled
+//! at a directory that is absent or empty (a new store) or that holds sled's files, our log directory
+//! and our marker. A new store is created in a sibling directory (`.NAME.creating`), marker written
+//! and flushed and the first log segment written, then renamed into place, so that no crash can leave
+//! a directory of ours without the marker or without its log. Anything else (stray files, another
+//! program's sled database, a store sled can no longer read, a missing or damaged log) is refused with
+//! a [`StoreError`]. Every record of the log is checked (CRC) and decoded before [`open`] returns, and
+//! so is the snapshot, so damage is reported at start-up, with the place named, rather than as a
+//! failure deep inside Raft later. sled's own `open` runs under `catch_unwind`: whatever is in the
+//! directory, opening it returns an error and does not take the process down. sled releases its file
+//! lock a moment after the last handle is dropped, so a store reopened within one process (a node
+//! restarted in the simulation) may find it still held: that error alone is retried for two seconds.
 //!
 //! # Log and vote
 //!
-//! [`LogStore`] implements openraft's `RaftLogStorage` (storage v2). `append` writes all the entries
-//! of one call in one sled batch (atomic: all or none), then flushes, and only then tells openraft the
-//! entries are durable through the callback (on a follower; for the leader see below). Openraft hands over everything that accumulated since the
-//! previous call, so one flush (one `fsync`) covers a whole batch of proposals under load. `save_vote`
-//! flushes before it returns, as Raft requires: a node that forgot its vote could vote twice in a term.
-//! `truncate` flushes too, so that conflicting entries a follower removed cannot come back after a
-//! crash and make its log look longer than it is.
+//! [`LogStore`] implements openraft's `RaftLogStorage` (storage v2) on the file log. `append` writes
+//! all the entries of one call with one `write` at the end of the current segment; on a follower it
+//! then `fdatasync`s the segment, right there on the calling thread (openraft waits for it anyway),
+//! and only then tells openraft the entries are durable through the callback (for the leader see
+//! below). Openraft hands over everything that accumulated since the previous call, so one
+//! `fdatasync` covers a whole batch of proposals under load. No other thread takes part: sled and its
+//! thread pool are not on the path of a log write. `save_vote` syncs before it returns, as Raft
+//! requires: a node that forgot its vote could vote twice in a term. `truncate` syncs too, so that
+//! conflicting entries a follower removed cannot come back after a crash and make its log look longer
+//! than it is.
 //!
 //! # The leader's flush
 //!
 //! Openraft 0.9 waits for the leader's own `append` callback before it starts replicating the entries,
-//! so a leader that flushed first would put its `fsync` and a follower's in series on every write.
+//! so a leader that synced first would put its `fsync` and a follower's in series on every write.
 //! Instead, entries that this node appends as the leader of the current term (it knows its id from
 //! [`LogStore::set_node_id`] and its committed vote from `save_vote`) are acknowledged as soon as they
-//! are written, and flushed on the blocking pool while they are replicated. Openraft may then count the
-//! leader in the quorum of an entry that is not yet on the leader's disk, so that "commit" must stay
-//! invisible until the entry is durable here:
+//! are written, and synced by one dedicated flusher thread (`coyote-log-flush`, woken through a
+//! channel) while they are replicated. Openraft may then count the leader in the quorum of an entry
+//! that is not yet on the leader's disk, so that "commit" must stay invisible until the entry is
+//! durable here:
 //!
 //! - `apply` waits until every entry it applies is durable on this node ([`Durable`]), so nothing is
 //!   applied, and no client is answered (answers come after applying), on a quorum that only counts
@@ -58,45 +65,53 @@
 //!   durable here until it is, so no follower applies such an entry either.
 //!
 //! So an entry becomes visible anywhere only once it is on the disks of a real majority: the leader's,
-//! and those of the followers that acknowledged it (a follower flushes before it acknowledges, as
-//! before). If the leader crashes before its flush, the entry was applied nowhere and answered to
-//! nobody; it survives if the next leader has it and is dropped otherwise, like any uncommitted entry.
-//! A failed background flush marks the store failed: `apply` returns an error and openraft stops the
-//! node. This is the leader writing its log in parallel with replication, as the Raft dissertation
-//! (section 10.2.1) allows; the cost is one blocked AppendEntries per follower while a flush finishes.
+//! and those of the followers that acknowledged it (a follower syncs before it acknowledges). If the
+//! leader crashes before its sync, the entry was applied nowhere and answered to nobody; it survives if
+//! the next leader has it and is dropped otherwise, like any uncommitted entry. A failed sync marks the
+//! store failed: `apply` returns an error and openraft stops the node. This is the leader writing its
+//! log in parallel with replication, as the Raft dissertation (section 10.2.1) allows; the cost is one
+//! blocked AppendEntries per follower while a sync finishes.
 //!
-//! Two writes are deliberately not flushed:
+//! The flusher reads how far the log was written (and the truncation generation) before it syncs, and
+//! `fdatasync` makes durable every write that came before it: so the index it then publishes is
+//! durable. Only the last segment can hold unsynced writes (a new segment begins after syncing the
+//! old one), so syncing the segment current at that moment suffices. A truncation bumps the
+//! generation, so a sync that began before it never vouches for entries written after it at the same
+//! indexes; the truncation itself syncs and publishes what is left.
 //!
-//! - `save_committed`: openraft only uses it to re-apply committed entries sooner after a restart. If
-//!   it is lost, the node re-learns the commit index from the leader.
-//! - `purge`: it first writes the new last purged log id, then removes the entries in a second batch.
-//!   If both are lost, old entries reappear, which only costs space (they are covered by the snapshot,
-//!   which `build_snapshot` flushed before openraft asked to purge).
+//! Two writes are deliberately not synced:
 //!
-//! The durability argument for these, and for the archive below, relies on one property of sled: every
-//! tree of a database is written into one shared log, and recovery restores a prefix of it. So if a
-//! later write survived a crash, every earlier write did too: a surviving commit index implies the
-//! entries it covers, a surviving purge implies the last purged id, a surviving archive record implies
-//! the log entry it was applied from. Our crash tests (kill -9 during writes, then restart) are what
-//! check that sled 0.34 keeps this promise (its tracker has open reports of corruption after an abrupt
-//! stop). Everything sled-specific stays in this file, behind openraft's traits and [`StoreHandle`].
+//! - `save_committed`: openraft only uses it to re-apply committed entries sooner after a restart. It
+//!   is kept in memory and written in front of the next record, so it costs no write of its own. If it
+//!   is lost, the node re-learns the commit index from the leader.
+//! - `purge`: a lost purge record only brings old entries back, which costs space (they are covered by
+//!   the snapshot, which `build_snapshot` flushed before openraft asked to purge). Deleting a segment
+//!   file is different: the log is synced first, so the purge record is on disk before entries vanish.
 //!
-//! # The flush
+//! The durability argument for these relies on one property of the file log: recovery restores a
+//! prefix of what was written (a torn tail is cut; a damaged record followed by data is an error, not
+//! skipped). So if a later record survived a crash, every earlier one did too: a surviving commit
+//! index implies the entries it covers, and they were written before it. The archive in sled and the
+//! log in files are separate, and no such order holds between them; it is not needed: an event is
+//! archived only when its entry is applied, and `apply` waits until the entry is durable in the log.
 //!
-//! sled's `flush` is blocking: it writes and calls `sync_file_range`, and we then `fdatasync` sled's
-//! segment file (see [`sync`]: `sync_file_range` alone does not survive a power loss). It runs on tokio's blocking pool
-//! (`spawn_blocking`) and the async method awaits it, so no runtime worker thread stalls on the disk.
-//! We do not use `flush_async`: it completes on sled's own threads, which is a source of
-//! nondeterminism in the simulation tests and adds nothing here, since we wait for the result anyway.
+//! # sled's flush
+//!
+//! What still goes to sled (snapshots, node metadata, a repaired archive) is flushed with sled's
+//! `flush`, which writes and calls `sync_file_range`, and then an `fdatasync` of sled's segment file
+//! (see [`sync`]: `sync_file_range` alone does not survive a power loss). None of it is on the path of
+//! a write. We do not use `flush_async`: it completes on sled's own threads, which is a source of
+//! nondeterminism in the simulation tests.
 //!
 //! # In memory, for the simulator
 //!
-//! [`open_memory`] opens a store on a [`MemoryDisk`], an in-memory sled database, with
-//! [`Options::durable`] off: no flush, and nothing on the blocking pool (building and installing
-//! snapshots run inline). sled's flush and tokio's blocking pool run on other threads, outside the
-//! simulator's control; without them a run is deterministic. The code paths are otherwise the same.
-//! What this leaves untested is durability itself (which writes survive a crash): the kill -9 tests
-//! with real processes and real directories cover that.
+//! [`open_memory`] opens a store on a [`MemoryDisk`], an in-memory sled database and in-memory log
+//! segments ([`crate::filelog::MemorySegments`]), with [`Options::durable`] off: no sync, no flusher
+//! thread, and nothing on the blocking pool (building and installing snapshots run inline). Those run
+//! on other threads, outside the simulator's control; without them a run is deterministic. The code
+//! paths are otherwise the same, the file log's framing and recovery included. What this leaves
+//! untested is durability itself (which writes survive a crash): the kill -9 tests with real
+//! processes and real directories, and the file log's own tests of torn tails, cover that.
 //!
 //! # State machine and archive
 //!
@@ -154,10 +169,11 @@
 //! - One snapshot is kept; an older one is replaced, not retained.
 //! - [`open`] is blocking (sled recovery reads the whole log); call it at start-up or in
 //!   `spawn_blocking`. [`StoreHandle::meta_put`] blocks for one flush.
-//! - No checksum of our own: sled checksums each record it writes; we check that every record decodes
-//!   and that keys and contents agree (an entry stored under index 17 must say index 17).
+//! - sled's own data has no checksum of ours: sled checksums each record it writes; we check that every
+//!   record decodes and that keys and contents agree. The Raft log has a CRC32 per record.
 //! - No migration between sled versions: sled 0.34's on-disk format is what this store reads. The
-//!   format marker and the versioned snapshot encoding leave room for a migration when it is needed.
+//!   format marker and the versioned snapshot encoding leave room for a migration when it is needed;
+//!   the one migration so far moved the Raft log out of sled (`coyote-store/2` to `/3`).
 //! - No encryption at rest; the directory's permissions are the protection.
 //! - [`StoreHandle::last_applied`] is 0 both before anything is applied and after the entry at index 0
 //!   (openraft's initial membership entry). Event indexes start at 1.
@@ -167,7 +183,7 @@ use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use coyote_state_machine::{decode, encode, Envelope, Outcome, State};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -179,24 +195,34 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::filelog::{FileLog, Medium, MemorySegments};
 use crate::types::{Batch, Committed, Entry, LogId, Node, NodeId, StorageError, TypeConfig};
 
 /// Snapshot metadata, as openraft defines it for our types.
 type Meta = SnapshotMeta<NodeId, Node>;
 
-const LOG_TREE: &str = "log";
 const META_TREE: &str = "meta";
 const EVENTS_TREE: &str = "events";
 const SNAPSHOT_TREE: &str = "snapshot";
 
 /// Key of the format marker, in sled's default tree.
 const FORMAT_KEY: &[u8] = b"coyote/store-format";
-/// The format this code reads and writes.
-const FORMAT: &[u8] = b"coyote-store/2";
+/// The format this code reads and writes: sled for the state machine's side, the Raft log and vote
+/// in [`crate::filelog`] segments in the [`RAFT_LOG_DIR`] subdirectory.
+const FORMAT: &[u8] = b"coyote-store/3";
+/// The format before: the Raft log in sled's `log` tree, the vote, commit index and purge point in
+/// `meta`. [`open`] migrates it.
+const FORMAT_V2: &[u8] = b"coyote-store/2";
+/// The subdirectory of the store that holds the Raft log's segments.
+pub const RAFT_LOG_DIR: &str = "raft-log";
+/// Where a migration from [`FORMAT_V2`] builds the Raft log before renaming it into place.
+const MIGRATING_DIR: &str = "raft-log.migrating";
 
-const VOTE_KEY: &[u8] = b"raft/vote";
-const COMMITTED_KEY: &[u8] = b"raft/committed";
-const PURGED_KEY: &[u8] = b"raft/last-purged";
+// Keys of the format before (read only by the migration).
+const V2_LOG_TREE: &str = "log";
+const V2_VOTE_KEY: &[u8] = b"raft/vote";
+const V2_COMMITTED_KEY: &[u8] = b"raft/committed";
+const V2_PURGED_KEY: &[u8] = b"raft/last-purged";
 /// Prefix of the keys written through [`StoreHandle::meta_put`].
 const USER_PREFIX: &[u8] = b"user/";
 
@@ -307,7 +333,7 @@ impl Default for Options {
 /// write: losing unflushed writes in a crash is covered by the kill -9 tests with real processes, not
 /// by the simulator.
 #[derive(Clone)]
-pub struct MemoryDisk(sled::Db);
+pub struct MemoryDisk(sled::Db, MemorySegments);
 
 impl MemoryDisk {
     /// A new, empty store in memory, with the format marker written.
@@ -320,7 +346,9 @@ impl MemoryDisk {
             .open()
             .map_err(|e| failed(e.to_string()))?;
         db.insert(FORMAT_KEY, FORMAT).map_err(io("write the format marker"))?;
-        Ok(MemoryDisk(db))
+        let segments = MemorySegments::default();
+        FileLog::create(&Medium::Memory(segments.clone()), false)?;
+        Ok(MemoryDisk(db, segments))
     }
 }
 
@@ -418,7 +446,8 @@ struct Machine {
 /// What the three handles share.
 struct Shared {
     db: sled::Db,
-    log: sled::Tree,
+    /// The Raft log and vote.
+    wal: Mutex<FileLog>,
     meta: sled::Tree,
     events: sled::Tree,
     snapshot: sled::Tree,
@@ -437,8 +466,8 @@ struct Shared {
     vote: Mutex<Option<Vote<NodeId>>>,
     tail: Mutex<Tail>,
     durable_tx: watch::Sender<Durable>,
-    /// One deferred flush at a time.
-    flush_lock: Mutex<()>,
+    /// Wakes the flusher thread, which syncs the leader's own appends (durable stores only).
+    flusher: OnceLock<std::sync::mpsc::Sender<()>>,
 }
 
 /// sled 0.34's `flush` writes its buffers and calls `sync_file_range`, which survives a killed process
@@ -471,6 +500,19 @@ impl Shared {
         self.tail.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    fn lock_wal(&self) -> std::sync::MutexGuard<'_, FileLog> {
+        self.wal.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// `fdatasync`s the Raft log: everything written to it so far is durable when this returns.
+    fn sync_wal(&self, action: &'static str) -> Result<(), StoreError> {
+        if !self.durable {
+            return Ok(());
+        }
+        let segment = self.lock_wal().sync_handle();
+        segment.sync().map_err(|e| io(action)(sled::Error::Io(e)))
+    }
+
     /// Whether entries of `term` appended now are this node's own, as the leader of `term`.
     fn leads(&self, term: u64) -> bool {
         let me = self.node_id.load(Ordering::Relaxed);
@@ -500,9 +542,8 @@ impl Shared {
         }
     }
 
-    /// The leader's flush, on the blocking pool: makes everything appended so far durable.
+    /// The leader's flush, on the flusher thread: makes everything appended so far durable.
     fn flush_deferred(&self) {
-        let _one = self.flush_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let (target, generation) = {
             let tail = self.lock_tail();
             (tail.appended, tail.generation)
@@ -510,8 +551,12 @@ impl Shared {
         if self.durable_tx.borrow().index >= target {
             return; // an earlier flush covered it
         }
-        match sync(&self.db, self.segments.as_deref(), "flush appended log entries") {
-            Ok(()) => self.note_flushed(target, generation),
+        tracing::debug!(target: "coyote_path", upto = target, "leader flush");
+        match self.sync_wal("flush appended log entries") {
+            Ok(()) => {
+                self.note_flushed(target, generation);
+                tracing::debug!(target: "coyote_path", upto = target, "leader flush done");
+            }
             Err(e) => {
                 tracing::error!(error = %e, "flushing the leader's log entries failed; this node must stop");
                 self.durable_tx.send_modify(|d| d.failed = true);
@@ -539,15 +584,6 @@ impl Shared {
         self.applied_tx.send_if_modified(|published| std::mem::replace(published, last_index) != last_index);
     }
 
-    /// Flushes every tree to disk, on the blocking pool (a no-op when not durable).
-    async fn flush(&self, action: &'static str) -> Result<(), StoreError> {
-        if !self.durable {
-            return Ok(());
-        }
-        let (db, segments) = (self.db.clone(), self.segments.clone());
-        blocking(true, action, move || sync(&db, segments.as_deref(), action)).await
-    }
-
     /// Flushes every tree to disk, blocking this thread (a no-op when not durable).
     fn flush_now(&self, action: &'static str) -> Result<(), StoreError> {
         if self.durable {
@@ -556,25 +592,7 @@ impl Shared {
         Ok(())
     }
 
-    fn get_meta<T: DeserializeOwned>(&self, key: &[u8], what: &str) -> Result<Option<T>, StoreError> {
-        match self.meta.get(key).map_err(io("read the store metadata"))? {
-            None => Ok(None),
-            Some(bytes) => decode_from_disk(&bytes, || what.to_string()).map(Some),
-        }
-    }
-
-    fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry, StoreError> {
-        let index = key_index(key, LOG_TREE)?;
-        let entry: Entry = decode_from_disk(value, || format!("log entry {index}"))?;
-        if entry.log_id.index != index {
-            return Err(inconsistent(
-                format!("log entry {index}"),
-                format!("it is stored at {index} but carries index {}", entry.log_id.index),
-            ));
-        }
-        Ok(entry)
-    }
-
+    /// The log entries in `range`.
     fn read_entries(&self, range: impl RangeBounds<u64>) -> Result<Vec<Entry>, StoreError> {
         let start = match range.start_bound() {
             Bound::Included(&i) => i,
@@ -587,23 +605,11 @@ impl Shared {
         let end = match range.end_bound() {
             Bound::Included(&i) if i < start => return Ok(Vec::new()),
             Bound::Excluded(&i) if i <= start => return Ok(Vec::new()),
-            Bound::Included(&i) => Bound::Included(index_key(i)),
-            Bound::Excluded(&i) => Bound::Excluded(index_key(i)),
+            Bound::Included(&i) => Bound::Included(i),
+            Bound::Excluded(&i) => Bound::Excluded(i),
             Bound::Unbounded => Bound::Unbounded,
         };
-        let mut entries = Vec::new();
-        for item in self.log.range((Bound::Included(index_key(start)), end)) {
-            let (key, value) = item.map_err(io("read log entries"))?;
-            entries.push(Self::decode_entry(&key, &value)?);
-        }
-        Ok(entries)
-    }
-
-    fn last_entry(&self) -> Result<Option<Entry>, StoreError> {
-        match self.log.last().map_err(io("read the last log entry"))? {
-            None => Ok(None),
-            Some((key, value)) => Self::decode_entry(&key, &value).map(Some),
-        }
+        self.lock_wal().read((Bound::Included(start), end))
     }
 
     /// Archived events with indexes in `[from, upto]`, at most `limit` of them.
@@ -740,9 +746,9 @@ impl Shared {
     }
 }
 
-/// Files and directories sled 0.34 keeps in a database directory.
+/// Files and directories sled 0.34 keeps in a database directory, and our Raft log's directory.
 fn is_sled_file(name: &str) -> bool {
-    matches!(name, "conf" | "db" | "blobs") || name.starts_with("snap.")
+    matches!(name, "conf" | "db" | "blobs" | RAFT_LOG_DIR | MIGRATING_DIR) || name.starts_with("snap.")
 }
 
 /// Opens the store's sled database, or creates it. Errors and panics of sled become a reason.
@@ -836,6 +842,8 @@ fn create_db(path: &Path) -> Result<(), String> {
         db.insert(FORMAT_KEY, FORMAT).map_err(|e| format!("cannot write the format marker: {e}"))?;
         db.flush().map_err(|e| format!("cannot flush the new store: {e}"))?;
     }
+    FileLog::create(&Medium::Dir(staging.join(RAFT_LOG_DIR)), true)
+        .map_err(|e| format!("cannot create the Raft log: {e}"))?;
     if path.exists() {
         std::fs::remove_dir(path).map_err(|e| format!("cannot replace the empty directory: {e}"))?;
     }
@@ -847,14 +855,16 @@ fn create_db(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks the format marker.
-fn check_format(db: &sled::Db) -> Result<(), String> {
+/// Checks the format marker: the current format, or (`Ok(false)`) the one before, to migrate.
+fn check_format(db: &sled::Db) -> Result<bool, String> {
     match db.get(FORMAT_KEY).map_err(|e| format!("cannot read the format marker: {e}"))? {
-        Some(found) if *found == *FORMAT => Ok(()),
+        Some(found) if *found == *FORMAT => Ok(true),
+        Some(found) if *found == *FORMAT_V2 => Ok(false),
         Some(found) => Err(format!(
-            "it holds store format {:?}, this coyote reads {:?}",
+            "it holds store format {:?}, this coyote reads {:?} (and migrates {:?})",
             String::from_utf8_lossy(&found),
-            String::from_utf8_lossy(FORMAT)
+            String::from_utf8_lossy(FORMAT),
+            String::from_utf8_lossy(FORMAT_V2)
         )),
         None => {
             Err("it is a sled database without a coyote format marker: another program's, or damaged".into())
@@ -862,46 +872,155 @@ fn check_format(db: &sled::Db) -> Result<(), String> {
     }
 }
 
+/// Moves the Raft log, vote, commit index and purge point of a [`FORMAT_V2`] store out of sled into a
+/// new file log, then marks the store as the current format. The new log is built beside the store's
+/// files and renamed into place, and the marker changes only after that, so a crash at any point
+/// leaves either the old store (and the migration runs again) or the new one.
+fn migrate_v2(path: &Path, db: &sled::Db) -> Result<(), StoreError> {
+    let what = |e: StoreError| StoreError::Open {
+        path: path.to_path_buf(),
+        reason: format!("migrating the store from {}: {e}", String::from_utf8_lossy(FORMAT_V2)),
+    };
+    let meta = db.open_tree(META_TREE).map_err(io("open the store's trees")).map_err(what)?;
+    let get = |key: &[u8]| -> Result<Option<Vec<u8>>, StoreError> {
+        let value = meta.get(key).map_err(io("read the store metadata"))?;
+        Ok(value.map(|v| v.to_vec()))
+    };
+    let vote: Option<Vote<NodeId>> = get(V2_VOTE_KEY)
+        .and_then(|v| v.map(|b| decode_from_disk(&b, || "the saved vote".into())).transpose())
+        .map_err(what)?;
+    let committed: Option<Option<LogId>> = get(V2_COMMITTED_KEY)
+        .and_then(|v| v.map(|b| decode_from_disk(&b, || "the saved commit index".into())).transpose())
+        .map_err(what)?;
+    let purged: Option<LogId> = get(V2_PURGED_KEY)
+        .and_then(|v| v.map(|b| decode_from_disk(&b, || "the last purged log id".into())).transpose())
+        .map_err(what)?;
+    let log = db.open_tree(V2_LOG_TREE).map_err(io("open the store's trees")).map_err(what)?;
+    let staging = path.join(MIGRATING_DIR);
+    let target = path.join(RAFT_LOG_DIR);
+    let build = || -> Result<(), StoreError> {
+        for dir in [&staging, &target] {
+            if dir.exists() {
+                // Left by an interrupted migration: the old store is still the authority.
+                std::fs::remove_dir_all(dir)
+                    .map_err(|e| io("remove an unfinished migration")(sled::Error::Io(e)))?;
+            }
+        }
+        let medium = Medium::Dir(staging.clone());
+        FileLog::create(&medium, true)?;
+        let mut wal = FileLog::open(medium, true)?;
+        if let Some(purged) = purged {
+            wal.purge(purged)?;
+        }
+        let mut entries = Vec::new();
+        for item in log.iter() {
+            let (key, value) = item.map_err(io("read log entries"))?;
+            let index = key_index(&key, V2_LOG_TREE)?;
+            let entry: Entry = decode_from_disk(&value, || format!("log entry {index}"))?;
+            if entry.log_id.index != index {
+                return Err(inconsistent(
+                    format!("log entry {index}"),
+                    format!("it is stored at {index} but carries index {}", entry.log_id.index),
+                ));
+            }
+            if purged.is_none_or(|p| index > p.index) {
+                entries.push(entry);
+            }
+        }
+        wal.append(&entries)?;
+        wal.save_committed(committed.flatten());
+        match vote {
+            Some(vote) => wal.save_vote(&vote)?,
+            None => wal.flush_committed()?,
+        }
+        wal.sync_handle().sync().map_err(|e| io("sync the Raft log")(sled::Error::Io(e)))?;
+        drop(wal);
+        std::fs::rename(&staging, &target)
+            .map_err(|e| io("move the Raft log into place")(sled::Error::Io(e)))?;
+        std::fs::File::open(path)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("sync the store directory")(sled::Error::Io(e)))?;
+        db.insert(FORMAT_KEY, FORMAT).map_err(io("write the format marker"))?;
+        sync(db, None, "flush the format marker")?;
+        // The old records are dead from here on.
+        db.drop_tree(V2_LOG_TREE).map_err(io("drop the old log tree"))?;
+        for key in [V2_VOTE_KEY, V2_COMMITTED_KEY, V2_PURGED_KEY] {
+            meta.remove(key).map_err(io("remove old metadata"))?;
+        }
+        sync(db, None, "flush the migrated store")?;
+        tracing::info!(store = %path.display(), entries = entries.len(), "moved the Raft log out of sled into its own files");
+        Ok(())
+    };
+    build().map_err(what)
+}
+
 /// Opens (or creates) the store in directory `path`: the Raft log store and state machine to hand to
 /// openraft, and a handle for everyone else. Blocking: call it at start-up or in `spawn_blocking`.
+/// A store of the format before is migrated first ([`migrate_v2`]).
 pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore, StoreHandle), StoreError> {
     let failed = |reason: String| StoreError::Open { path: path.to_path_buf(), reason };
     let db = open_db(path).map_err(failed)?;
-    let mut shared = load(db, Options::default()).map_err(|e| failed(e.to_string()))?;
+    if !check_format(&db).map_err(failed)? {
+        migrate_v2(path, &db)?;
+    }
+    let wal = FileLog::open(Medium::Dir(path.join(RAFT_LOG_DIR)), true).map_err(|e| failed(e.to_string()))?;
+    let mut shared = load(db, wal, Options::default()).map_err(|e| failed(e.to_string()))?;
     let segments = std::fs::File::open(path.join("db"))
         .map_err(|e| failed(format!("cannot open the segment file for syncing: {e}")))?;
     shared.segments = Some(Arc::new(segments));
-    Ok(handles(shared))
+    handles(shared).map_err(|e| failed(e.to_string()))
 }
 
 /// Opens the store kept on `disk`, not durable (see [`Options::durable`]): for the simulator. Opening
 /// it again after the previous store on it was dropped recovers like [`open`] does after a restart.
 pub fn open_memory(disk: &MemoryDisk) -> Result<(LogStore, StateMachineStore, StoreHandle), StoreError> {
     let failed = |reason: String| StoreError::Open { path: PathBuf::from("<memory>"), reason };
-    check_format(&disk.0).map_err(failed)?;
-    let shared = load(disk.0.clone(), Options { durable: false }).map_err(|e| failed(e.to_string()))?;
-    Ok(handles(shared))
+    if !check_format(&disk.0).map_err(failed)? {
+        return Err(failed("an in-memory store of the format before".into()));
+    }
+    let wal = FileLog::open(Medium::Memory(disk.1.clone()), false).map_err(|e| failed(e.to_string()))?;
+    let shared = load(disk.0.clone(), wal, Options { durable: false }).map_err(|e| failed(e.to_string()))?;
+    handles(shared).map_err(|e| failed(e.to_string()))
 }
 
-fn handles(shared: Shared) -> (LogStore, StateMachineStore, StoreHandle) {
+fn handles(shared: Shared) -> Result<(LogStore, StateMachineStore, StoreHandle), StoreError> {
     let shared = Arc::new(shared);
-    (
+    if shared.durable {
+        // The flusher thread holds only a weak reference: it ends when the store is dropped (its
+        // channel closes), and does not keep the store (and sled's lock) alive.
+        let (wake, woken) = std::sync::mpsc::channel::<()>();
+        let store = Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("coyote-log-flush".into())
+            .spawn(move || {
+                while woken.recv().is_ok() {
+                    while woken.try_recv().is_ok() {}
+                    let Some(shared) = store.upgrade() else { return };
+                    shared.flush_deferred();
+                }
+            })
+            .map_err(|e| StoreError::Task { action: "start the flusher thread", reason: e.to_string() })?;
+        let _ = shared.flusher.set(wake);
+    }
+    Ok((
         LogStore { shared: shared.clone() },
         StateMachineStore { shared: shared.clone() },
         StoreHandle { shared },
-    )
+    ))
 }
 
 /// Checks the database, loads the snapshot and builds the shared store.
-fn load(db: sled::Db, options: Options) -> Result<Shared, StoreError> {
+fn load(db: sled::Db, wal: FileLog, options: Options) -> Result<Shared, StoreError> {
     let tree = |name: &str| db.open_tree(name).map_err(io("open the store's trees"));
-    let (log, meta, events, snapshot) =
-        (tree(LOG_TREE)?, tree(META_TREE)?, tree(EVENTS_TREE)?, tree(SNAPSHOT_TREE)?);
+    let (meta, events, snapshot) = (tree(META_TREE)?, tree(EVENTS_TREE)?, tree(SNAPSHOT_TREE)?);
     let (applied_tx, _) = watch::channel(0);
     let (durable_tx, _) = watch::channel(Durable::default());
-    let mut shared = Shared {
+    // What is on disk at start-up counts as durable.
+    let last = wal.last_index();
+    let vote = wal.vote();
+    let shared = Shared {
         db,
-        log,
+        wal: Mutex::new(wal),
         meta,
         events,
         snapshot,
@@ -911,24 +1030,13 @@ fn load(db: sled::Db, options: Options) -> Result<Shared, StoreError> {
         durable: options.durable,
         segments: None,
         node_id: AtomicU64::new(0),
-        vote: Mutex::new(None),
-        tail: Mutex::new(Tail::default()),
+        vote: Mutex::new(vote),
+        tail: Mutex::new(Tail { appended: last, generation: 0 }),
         durable_tx,
-        flush_lock: Mutex::new(()),
+        flusher: OnceLock::new(),
     };
-
-    // Everything openraft reads at start-up must decode.
-    let vote = shared.get_meta::<Vote<NodeId>>(VOTE_KEY, "the saved vote")?;
-    *shared.vote.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()) = vote;
-    shared.get_meta::<Option<LogId>>(COMMITTED_KEY, "the saved commit index")?;
-    shared.get_meta::<LogId>(PURGED_KEY, "the last purged log id")?;
-    if let Some((key, value)) = shared.log.first().map_err(io("read the first log entry"))? {
-        Shared::decode_entry(&key, &value)?;
-    }
-    // What is on disk at start-up counts as durable.
-    let last = shared.last_entry()?.map(|e| e.log_id.index).unwrap_or(0);
-    shared.tail.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()).appended = last;
     shared.durable_tx.send_modify(|d| d.index = last);
+    let mut shared = shared;
 
     if let Some((meta, data)) = shared.read_snapshot()? {
         let body = SnapshotBody::decode(&data, "the saved snapshot")?;
@@ -981,10 +1089,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged_log_id =
-            self.shared.get_meta::<LogId>(PURGED_KEY, "the last purged log id").map_err(read_logs)?;
-        let last = self.shared.last_entry().map_err(read_logs)?.map(|entry| entry.log_id);
-        Ok(LogState { last_purged_log_id, last_log_id: last.or(last_purged_log_id) })
+        let wal = self.shared.lock_wal();
+        Ok(LogState { last_purged_log_id: wal.purged(), last_log_id: wal.last_log_id() })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -993,29 +1099,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
         let write_vote = |e: StoreError| StorageError::from(StorageIOError::write_vote(&e));
-        self.shared.meta.insert(VOTE_KEY, encode(vote)).map_err(|e| write_vote(io("save the vote")(e)))?;
-        self.shared.flush("flush the vote").await.map_err(write_vote)?;
+        self.shared.lock_wal().save_vote(vote).map_err(write_vote)?;
+        self.shared.sync_wal("flush the vote").map_err(write_vote)?;
         *self.shared.vote.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(*vote);
         Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
-        self.shared.get_meta(VOTE_KEY, "the saved vote").map_err(|e| StorageIOError::read_vote(&e).into())
+        Ok(self.shared.lock_wal().vote())
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // Not flushed: see the module documentation.
-        self.shared
-            .meta
-            .insert(COMMITTED_KEY, encode(&committed))
-            .map(drop)
-            .map_err(|e| write_logs(io("save the commit index")(e)))
+        // Written with the next record, not flushed: see the module documentation.
+        self.shared.lock_wal().save_committed(committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        let committed: Option<Option<LogId>> =
-            self.shared.get_meta(COMMITTED_KEY, "the saved commit index").map_err(read_logs)?;
-        Ok(committed.flatten())
+        Ok(self.shared.lock_wal().committed())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
@@ -1023,38 +1124,41 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
-        let mut last = None;
-        let mut own = true;
-        for entry in entries {
-            last = Some(entry.log_id.index);
-            own &= self.shared.leads(entry.log_id.leader_id.term);
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let own = entries.iter().all(|entry| self.shared.leads(entry.log_id.leader_id.term));
+        let appended = {
+            let mut wal = self.shared.lock_wal();
             #[cfg(feature = "planted-bugs")]
-            if planted::keeps_conflicting_entries()
-                && self.shared.log.contains_key(index_key(entry.log_id.index)).unwrap_or(false)
-            {
-                continue;
-            }
-            batch.insert(&index_key(entry.log_id.index), encode(&entry));
-        }
-        let Some(last) = last else {
+            let entries: Vec<Entry> = if planted::keeps_conflicting_entries() {
+                let last = wal.last_index();
+                entries.into_iter().filter(|e| e.log_id.index > last).collect()
+            } else {
+                entries
+            };
+            wal.append(&entries).map_err(write_logs)?
+        };
+        let Some(appended) = appended else {
             callback.log_io_completed(Ok(()));
             return Ok(());
         };
+        let last = appended.last;
+        tracing::debug!(target: "coyote_path", last, own, "append written");
         // Readable from here on, as openraft requires when `append` returns...
-        self.shared.log.apply_batch(batch).map_err(|e| write_logs(io("append log entries")(e)))?;
         let generation = self.shared.note_appended(last);
         if !self.shared.durable {
             self.shared.note_flushed(last, generation);
         } else if own {
-            // ...the leader's own entries are flushed while they are replicated; nothing is applied
-            // or announced as committed before they are durable here (module docs)...
-            let shared = self.shared.clone();
-            tokio::task::spawn_blocking(move || shared.flush_deferred());
+            // ...the leader's own entries are synced by the flusher thread while they are replicated;
+            // nothing is applied or announced as committed before they are durable here (module docs)...
+            if let Some(flusher) = self.shared.flusher.get() {
+                let _ = flusher.send(());
+            }
         } else {
-            // ...a follower's are durable before it says so.
-            self.shared.flush("flush appended log entries").await.map_err(write_logs)?;
+            // ...a follower's are durable before it says so: synced right here, on this thread, which
+            // is waiting for them anyway.
+            self.shared.sync_wal("flush appended log entries").map_err(write_logs)?;
             self.shared.note_flushed(last, generation);
+            tracing::debug!(target: "coyote_path", last, "append flushed");
         }
         callback.log_io_completed(Ok(()));
         Ok(())
@@ -1065,17 +1169,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if planted::keeps_conflicting_entries() {
             return Ok(());
         }
-        let mut batch = sled::Batch::default();
-        for key in self.shared.log.range(index_key(log_id.index)..).keys() {
-            batch.remove(key.map_err(|e| write_logs(io("read log entries to truncate")(e)))?);
-        }
-        self.shared.log.apply_batch(batch).map_err(|e| write_logs(io("truncate the log")(e)))?;
+        self.shared.lock_wal().truncate(log_id.index).map_err(write_logs)?;
         {
             let mut tail = self.shared.lock_tail();
             tail.generation += 1;
             tail.appended = log_id.index.saturating_sub(1);
         }
-        self.shared.flush("flush the truncated log").await.map_err(write_logs)?;
+        self.shared.sync_wal("flush the truncated log").map_err(write_logs)?;
         // Everything left is flushed now.
         let left = log_id.index.saturating_sub(1);
         self.shared.durable_tx.send_modify(|d| d.index = left);
@@ -1083,17 +1183,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        // The last purged id goes first: from then on openraft ignores the entries up to it, so a crash
-        // before they are removed only leaves dead entries behind. Not flushed: see the module docs.
-        self.shared
-            .meta
-            .insert(PURGED_KEY, encode(&log_id))
-            .map_err(|e| write_logs(io("save the purge point")(e)))?;
-        let mut batch = sled::Batch::default();
-        for key in self.shared.log.range(..=index_key(log_id.index)).keys() {
-            batch.remove(key.map_err(|e| write_logs(io("read log entries to purge")(e)))?);
-        }
-        self.shared.log.apply_batch(batch).map_err(|e| write_logs(io("purge the log")(e)))
+        // Not flushed (see the module docs); segments that hold only purged entries are deleted.
+        self.shared.lock_wal().purge(log_id).map_err(write_logs)
     }
 }
 
@@ -1133,6 +1224,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         if let Some(last) = entries.last() {
+            tracing::debug!(target: "coyote_path", last = last.log_id.index, "apply");
             // The leader's own entries may still be on their way to its disk.
             self.shared
                 .wait_durable(last.log_id.index)
@@ -1188,6 +1280,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             machine.last_applied.map(|l| l.index).unwrap_or(0)
         };
         self.shared.publish(last_index);
+        tracing::debug!(target: "coyote_path", last_index, "applied");
         Ok(responses)
     }
 

@@ -1,4 +1,4 @@
-//! The sled store: openraft's conformance suite, durability across reopening, snapshot transfer, and
+//! The store (the Raft log in files, the rest in sled): openraft's conformance suite, durability across reopening, snapshot transfer, and
 //! refusal of damaged or foreign directories.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -407,30 +407,85 @@ fn a_sled_database_of_another_program_is_refused() {
     assert!(error.to_string().contains("without a coyote format marker"), "{error}");
 }
 
-#[test]
-fn a_corrupt_log_entry_is_reported_by_index() {
+#[tokio::test]
+async fn a_damaged_raft_log_is_refused_with_the_place_named() {
     let dir = TempDir::new().unwrap();
-    drop(open(dir.path()));
     {
-        let db = raw_sled(dir.path());
-        db.open_tree("log").unwrap().insert(17u64.to_be_bytes(), &b"\xff\xff\xff not an entry"[..]).unwrap();
-        db.flush().unwrap();
+        let (mut log, _sm, _handle) = open(dir.path());
+        log.blocking_append(history()).await.unwrap();
+        log.save_vote(&Vote::new(2, 1)).await.unwrap();
     }
-    let error = store::open(dir.path()).map(drop).expect_err("corrupt entry");
-    assert!(error.to_string().contains("log entry 17 cannot be decoded"), "{error}");
+    let segment = dir.path().join("raft-log").join("0000000000000001.seg");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    // A byte in the middle of the log (the header is 32 bytes, the first record follows).
+    bytes[40] ^= 0x40;
+    std::fs::write(&segment, &bytes).unwrap();
+    let message = expect_refused(dir.path(), "damaged log");
+    assert!(message.contains("0000000000000001.seg at offset 32"), "{message}");
+    assert!(message.contains("checksum does not match"), "{message}");
 }
 
 #[test]
-fn a_corrupt_vote_is_reported() {
+fn a_store_without_its_raft_log_is_refused() {
     let dir = TempDir::new().unwrap();
     drop(open(dir.path()));
+    std::fs::remove_dir_all(dir.path().join("raft-log")).unwrap();
+    let message = expect_refused(dir.path(), "no log");
+    assert!(message.contains("raft-log"), "{message}");
+}
+
+#[tokio::test]
+async fn a_store_of_the_format_before_is_migrated() {
+    let dir = TempDir::new().unwrap();
+    let entries = history();
     {
+        // What coyote-store/2 wrote: the log and the vote in sled.
         let db = raw_sled(dir.path());
-        db.open_tree("meta").unwrap().insert(b"raft/vote", &b"\xff"[..]).unwrap();
+        db.insert(b"coyote/store-format", &b"coyote-store/2"[..]).unwrap();
+        let log = db.open_tree("log").unwrap();
+        for entry in &entries[1..] {
+            log.insert(entry.log_id.index.to_be_bytes(), coyote_state_machine::encode(entry)).unwrap();
+        }
+        let meta = db.open_tree("meta").unwrap();
+        meta.insert(b"raft/vote", coyote_state_machine::encode(&Vote::<u64>::new_committed(2, 1))).unwrap();
+        meta.insert(b"raft/committed", coyote_state_machine::encode(&Some(log_id(2, 4)))).unwrap();
+        meta.insert(b"raft/last-purged", coyote_state_machine::encode(&log_id(1, 1))).unwrap();
+        meta.insert(b"user/kept", &b"mine"[..]).unwrap();
         db.flush().unwrap();
     }
-    let error = store::open(dir.path()).map(drop).expect_err("corrupt vote");
-    assert!(error.to_string().contains("the saved vote cannot be decoded"), "{error}");
+    {
+        let (mut log, _sm, handle) = open(dir.path());
+        check_migrated(&mut log, &handle, &entries).await;
+    }
+    // Migrated once: the second open reads the new format.
+    let (mut log, _sm, handle) = open(dir.path());
+    check_migrated(&mut log, &handle, &entries).await;
+    drop((log, _sm, handle));
+    let db = raw_sled(dir.path());
+    assert_eq!(db.get(b"coyote/store-format").unwrap().as_deref(), Some(&b"coyote-store/3"[..]));
+    assert!(!db.tree_names().iter().any(|n| &n[..] == b"log"));
+}
+
+async fn check_migrated(log: &mut LogStore, handle: &StoreHandle, entries: &[Entry]) {
+    assert_eq!(log.try_get_log_entries(..).await.unwrap(), entries[1..].to_vec());
+    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new_committed(2, 1)));
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(2, 4)));
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 1)));
+    assert_eq!(state.last_log_id, Some(log_id(2, 5)));
+    assert_eq!(handle.meta_get(b"kept").unwrap().as_deref(), Some(&b"mine"[..]));
+}
+
+#[test]
+fn a_store_of_an_unknown_format_is_refused() {
+    let dir = TempDir::new().unwrap();
+    {
+        let db = raw_sled(dir.path());
+        db.insert(b"coyote/store-format", &b"coyote-store/9"[..]).unwrap();
+        db.flush().unwrap();
+    }
+    let message = expect_refused(dir.path(), "format 9");
+    assert!(message.contains("coyote-store/9"), "{message}");
 }
 
 /// Opens the store's sled database directly. sled releases its file lock a moment after the last

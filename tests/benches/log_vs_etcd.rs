@@ -8,7 +8,10 @@
 //! - `BENCH_WARMUP_SECS` (2) and `BENCH_SECS` (10): warm-up and measured time of each phase;
 //! - `BENCH_WRITERS` (`1,64`): the phases, as numbers of concurrent writers;
 //! - `BENCH_VALUE_BYTES` (256): the payload of each write;
-//! - `BENCH_SYSTEMS` (`coyote,etcd`): which sides to run, in that order.
+//! - `BENCH_SYSTEMS` (`coyote,etcd`): which sides to run, in that order;
+//! - `BENCH_KEEP` (unset): if set, the data directory (with the nodes' logs) is kept, not removed;
+//! - `COYOTE_NODE_LOG` (`info,openraft=warn`): the nodes' `RUST_LOG`; `...,coyote_path=debug` logs
+//!   the timestamps of each write's steps (see the README).
 //!
 //! Each writer has one keep-alive HTTP/1.1 connection to the leader and sends one request at a time.
 //! coyote: `POST /v1/alarms` on the leader's API socket, then `POST /v1/alarms/ID/clear`, and so on
@@ -646,6 +649,9 @@ fn main() -> Result<()> {
     let table = report(&cfg, &results);
     println!("{table}");
 
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        eprintln!("BENCH_KEEP: keeping {}", tmp.keep().display());
+    }
     let errors: u64 = results.values().flat_map(|p| p.values()).map(|p| p.errors).sum();
     if errors > 0 {
         bail!("{errors} writes failed: the figures above are not valid");

@@ -107,7 +107,7 @@ impl Node {
             .args(FAST_RAFT)
             .args(&self.flags)
             .args(if self.containers { &[][..] } else { &["--no-reconcile"][..] })
-            .env("RUST_LOG", "info,openraft=warn")
+            .env("RUST_LOG", node_log_filter())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -483,4 +483,10 @@ pub fn http_get(port: u16) -> Result<String> {
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
+}
+
+/// The `RUST_LOG` filter of the nodes the tests start: `COYOTE_NODE_LOG` if set (e.g.
+/// `info,openraft=warn,coyote_path=debug` for the write path's timestamps), else `info,openraft=warn`.
+pub fn node_log_filter() -> String {
+    std::env::var("COYOTE_NODE_LOG").unwrap_or_else(|_| "info,openraft=warn".to_string())
 }
