@@ -488,6 +488,11 @@ impl LogNode {
     ) -> Result<Proposed, ProposeError> {
         tracing::debug!(target: "coyote_path", "propose");
         let proposal = Proposal { at_ms, actor, event };
+        if self.0.store.with_state(|s| s.validate(&proposal)).is_err() {
+            // This node may only lag behind (it just joined, or restarted): catch up with what the
+            // quorum has committed, then judge again, so a rejection reflects the cluster's state.
+            let _ = self.confirm_quorum(READ_YOUR_WRITES_TIMEOUT).await;
+        }
         self.0.store.with_state(|s| s.validate(&proposal)).map_err(|r| ProposeError::Rejected(r.reason))?;
         self.check_disk()?;
         let proposed = self.submit(proposal, true).await?;
