@@ -490,8 +490,20 @@ impl LogNode {
         let proposal = Proposal { at_ms, actor, event };
         if self.0.store.with_state(|s| s.validate(&proposal)).is_err() {
             // This node may only lag behind (it just joined, or restarted): catch up with what the
-            // quorum has committed, then judge again, so a rejection reflects the cluster's state.
-            let _ = self.confirm_quorum(READ_YOUR_WRITES_TIMEOUT).await;
+            // quorum has committed, then judge again, so a rejection reflects the cluster's state. A
+            // node that has applied nothing yet (not even the cluster's creation) may not know its
+            // leader either: it waits, boundedly, until it has caught up.
+            let deadline = tokio::time::Instant::now() + READ_YOUR_WRITES_TIMEOUT;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let caught_up = self.confirm_quorum(left).await.is_ok();
+                let (valid, created) =
+                    self.0.store.with_state(|s| (s.validate(&proposal).is_ok(), s.cluster.is_some()));
+                if valid || (caught_up && created) || tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         self.0.store.with_state(|s| s.validate(&proposal)).map_err(|r| ProposeError::Rejected(r.reason))?;
         self.check_disk()?;
