@@ -46,7 +46,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -237,11 +237,10 @@ struct Inner {
     raft: Raft,
     store: StoreHandle,
     ca: Option<ClusterCa>,
-    client_tls: Arc<rustls::ClientConfig>,
     server_tls: Arc<rustls::ServerConfig>,
     env: Environment,
-    /// One channel per peer address, reused by forwards and pings.
-    channels: Mutex<BTreeMap<String, Channel>>,
+    /// One channel per peer address, shared with Raft: forwards, pings and replication.
+    channels: network::Channels,
     /// The queue of the group-commit batcher (see the module docs).
     batcher: mpsc::UnboundedSender<Queued>,
     /// See [`RaftSettings::disk_reserve_bytes`].
@@ -361,7 +360,8 @@ impl LogNode {
         let raft_config = Arc::new(config.raft.to_config(&config.cluster_id)?);
         let client_tls = tls::client_config(Some(identity), &Trust::Ca(identity.ca_cert_pem.clone()))?;
         let server_tls = tls::server_config(identity)?;
-        let network = Network::new(client_tls.clone(), env.dial.clone(), store.durable());
+        let channels = network::Channels::new(client_tls.clone(), env.dial.clone());
+        let network = Network::new(channels.clone(), store.durable());
         log.set_node_id(config.node_id);
         let raft = Raft::new(config.node_id, raft_config, network, log, state_machine)
             .await
@@ -375,10 +375,9 @@ impl LogNode {
             raft,
             store,
             ca,
-            client_tls,
             server_tls,
             env,
-            channels: Mutex::new(BTreeMap::new()),
+            channels,
             batcher,
             disk_reserve: config.raft.disk_reserve_bytes,
         })))
@@ -440,14 +439,7 @@ impl LogNode {
     }
 
     async fn channel(&self, addr: &str) -> Result<Channel, ProposeError> {
-        let mut channels = self.0.channels.lock().await;
-        if let Some(c) = channels.get(addr) {
-            return Ok(c.clone());
-        }
-        let c = network::channel(addr, self.0.client_tls.clone(), &self.0.env.dial)
-            .map_err(|e| ProposeError::Forward(format!("bad address {addr}: {e}")))?;
-        channels.insert(addr.to_string(), c.clone());
-        Ok(c)
+        self.0.channels.get(addr).map_err(|e| ProposeError::Forward(format!("bad address {addr}: {e}")))
     }
 
     /// Refuses with [`ProposeError::DiskFull`] while the store's file system has less free space than

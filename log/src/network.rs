@@ -6,7 +6,8 @@
 //! keep-alive and every call a deadline, so a peer that vanished (or a partition that silently drops
 //! packets) turns into an error instead of a hung call.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
@@ -60,23 +61,65 @@ pub fn channel(
     Ok(endpoint.connect_with_connector_lazy(tls::connector(dial.clone(), tls)))
 }
 
-/// Makes openraft's per-peer clients; channels are shared by all clients of the same address.
+/// One channel (one HTTP/2 connection, re-dialed when it breaks) per peer address, shared by
+/// everything a node sends to that peer: replication, votes, the heartbeats that confirm leadership
+/// for a read index, forwarded proposals and pings.
+///
+/// openraft asks for a new client for every election, every leadership confirmation and every
+/// replication stream. With a channel per client, each of those was a new TCP connection and a full
+/// mutual-TLS handshake: the fence of every node confirms leadership several times a second, so a
+/// five-node cluster did over a hundred handshakes a second while idle.
 #[derive(Clone)]
-pub struct Network {
+pub struct Channels {
     tls: Arc<rustls::ClientConfig>,
     dial: tls::DynDial,
+    by_addr: Arc<Mutex<BTreeMap<String, Channel>>>,
+}
+
+impl Channels {
+    pub fn new(tls: Arc<rustls::ClientConfig>, dial: tls::DynDial) -> Self {
+        Channels { tls, dial, by_addr: Arc::default() }
+    }
+
+    /// The channel to `addr`, made (lazily connected) on first use.
+    pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut by_addr = self.by_addr.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(c) = by_addr.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = channel(addr, self.tls.clone(), &self.dial)?;
+        by_addr.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Drops the channels to addresses not in `keep` (members that left).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        let mut by_addr = self.by_addr.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        by_addr.retain(|addr, _| keep(addr));
+    }
+
+    /// How many peers have a channel.
+    pub fn len(&self) -> usize {
+        self.by_addr.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Makes openraft's per-peer clients; all clients of one address share its channel ([`Channels`]).
+#[derive(Clone)]
+pub struct Network {
+    channels: Channels,
     durable: tokio::sync::watch::Receiver<Durable>,
 }
 
 impl Network {
     /// `durable` is how far the local log is on disk: an AppendEntries that would tell a follower a
     /// commit index beyond it waits until it is (see "The leader's flush" in [`crate::store`]).
-    pub fn new(
-        tls: Arc<rustls::ClientConfig>,
-        dial: tls::DynDial,
-        durable: tokio::sync::watch::Receiver<Durable>,
-    ) -> Self {
-        Network { tls, dial, durable }
+    pub fn new(channels: Channels, durable: tokio::sync::watch::Receiver<Durable>) -> Self {
+        Network { channels, durable }
     }
 }
 
@@ -84,7 +127,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerClient {
-        let channel = channel(&node.addr, self.tls.clone(), &self.dial).map_err(|e| e.to_string());
+        let channel = self.channels.get(&node.addr).map_err(|e| e.to_string());
         PeerClient { target, channel, durable: self.durable.clone() }
     }
 }
