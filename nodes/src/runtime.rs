@@ -217,6 +217,31 @@ impl DockerRuntime {
         &self.socket
     }
 
+    /// Keeps one network named `name`, the one with the lowest id (every node picks the same), and
+    /// removes the others; one that is in use stays, with a warning.
+    async fn remove_duplicate_networks(&self, name: &str) -> Result<()> {
+        let docker = self.client().await?;
+        let filters = HashMap::from([("name".to_string(), vec![name.to_string()])]);
+        let options = bollard::query_parameters::ListNetworksOptions { filters: Some(filters) };
+        let listed = docker
+            .list_networks(Some(options))
+            .await
+            .map_err(|e| self.error(&format!("listing networks named {name}"), e))?;
+        // The filter matches substrings.
+        let mut ids: Vec<String> =
+            listed.into_iter().filter(|n| n.name.as_deref() == Some(name)).filter_map(|n| n.id).collect();
+        ids.sort();
+        for id in ids.iter().skip(1) {
+            match docker.remove_network(id).await {
+                Ok(()) => tracing::info!(network = name, id = %id, "removed a duplicate Docker network"),
+                Err(e) => {
+                    tracing::warn!(network = name, id = %id, error = %e, "cannot remove a duplicate Docker network")
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn client(&self) -> Result<bollard::Docker> {
         if let Some(c) = self.client.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Ok(c);
@@ -377,6 +402,13 @@ impl ContainerRuntime for DockerRuntime {
         let docker = self.client().await?;
         match docker.inspect_network(name, None).await {
             Ok(_) => return Ok(()),
+            // Docker lets two networks have one name (two nodes on one host that created it at the same
+            // moment); then it refuses to resolve the name.
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 400, message })
+                if message.contains("ambiguous") =>
+            {
+                return self.remove_duplicate_networks(name).await;
+            }
             Err(e) => match self.error(&format!("inspecting network {name}"), e) {
                 RuntimeError::NotFound(_) => {}
                 other => return Err(other),
@@ -390,7 +422,8 @@ impl ContainerRuntime for DockerRuntime {
         match docker.create_network(request).await {
             Ok(_) => {
                 tracing::info!(network = name, "created the Docker network");
-                Ok(())
+                // Another node may have created one of the same name at the same moment.
+                self.remove_duplicate_networks(name).await
             }
             // Another node on this host created it in the meantime.
             Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
