@@ -47,7 +47,6 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::network::{self, decode, encode, require_member, Network, RaftService, MESSAGE_MAX_BYTES};
@@ -438,7 +437,7 @@ impl LogNode {
             .map_err(|e| LogError::Transport(e.to_string()))
     }
 
-    async fn channel(&self, addr: &str) -> Result<Channel, ProposeError> {
+    async fn channel(&self, addr: &str) -> Result<network::PeerChannel, ProposeError> {
         self.0.channels.get(addr).map_err(|e| ProposeError::Forward(format!("bad address {addr}: {e}")))
     }
 
@@ -553,15 +552,17 @@ impl LogNode {
     }
 
     async fn forward(&self, leader_addr: &str, proposal: &Proposal) -> Result<Proposed, ProposeError> {
-        let channel = self.channel(leader_addr).await?;
-        let mut client = pb::cluster_client::ClusterClient::new(channel);
+        let peer = self.channel(leader_addr).await?;
+        let mut client = pb::cluster_client::ClusterClient::new(peer.channel.clone());
         let reply =
-            client.propose(pb::Blob { data: encode(proposal) }).await.map_err(|s| match s.code() {
-                tonic::Code::Unavailable => ProposeError::Forward(s.message().to_string()),
-                tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {
-                    ProposeError::Uncertain(s.message().to_string())
+            peer.watch(client.propose(pb::Blob { data: encode(proposal) })).await.map_err(|s| {
+                match s.code() {
+                    tonic::Code::Unavailable => ProposeError::Forward(s.message().to_string()),
+                    tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {
+                        ProposeError::Uncertain(s.message().to_string())
+                    }
+                    _ => ProposeError::Fatal(format!("forwarding to the leader failed: {}", s.message())),
                 }
-                _ => ProposeError::Fatal(format!("forwarding to the leader failed: {}", s.message())),
             })?;
         let result: Result<Proposed, ProposeError> =
             coyote_state_machine::decode(&reply.into_inner().data)
@@ -732,9 +733,12 @@ impl LogNode {
                 Ok(index) => index,
                 Err(ProposeError::NotLeader) => {
                     let leader = self.leader_addr().ok_or(ProposeError::NoLeader(0))?;
-                    let channel = self.channel(&leader).await?;
-                    let reply = pb::cluster_client::ClusterClient::new(channel)
-                        .confirm(pb::Blob { data: Vec::new() })
+                    let peer = self.channel(&leader).await?;
+                    let reply = peer
+                        .watch(
+                            pb::cluster_client::ClusterClient::new(peer.channel.clone())
+                                .confirm(pb::Blob { data: Vec::new() }),
+                        )
                         .await
                         .map_err(|s| ProposeError::Forward(s.message().to_string()))?;
                     let result: Result<u64, ProposeError> =
@@ -778,11 +782,11 @@ impl LogNode {
     }
 
     async fn ping(&self, addr: &str) -> bool {
-        let Ok(channel) = self.channel(addr).await else { return false };
-        let mut client = pb::cluster_client::ClusterClient::new(channel);
+        let Ok(peer) = self.channel(addr).await else { return false };
+        let mut client = pb::cluster_client::ClusterClient::new(peer.channel.clone());
         let mut request = Request::new(pb::Blob { data: Vec::new() });
         request.set_timeout(PING_TIMEOUT);
-        matches!(tokio::time::timeout(PING_TIMEOUT, client.ping(request)).await, Ok(Ok(_)))
+        matches!(tokio::time::timeout(PING_TIMEOUT, peer.watch(client.ping(request))).await, Ok(Ok(_)))
     }
 
     /// Resolves when Raft on this node has stopped by itself, with the reason: openraft stops a node
@@ -832,8 +836,8 @@ impl pb::cluster_server::Cluster for ClusterService {
             .node
             .leader_addr()
             .ok_or_else(|| Status::unavailable("no leader is known right now; try again in a few seconds"))?;
-        let channel = self.node.channel(&leader).await.map_err(propose_status)?;
-        pb::cluster_client::ClusterClient::new(channel).join(request).await
+        let peer = self.node.channel(&leader).await.map_err(propose_status)?;
+        peer.watch(pb::cluster_client::ClusterClient::new(peer.channel.clone()).join(request)).await
     }
 
     async fn propose(&self, request: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {

@@ -61,46 +61,155 @@ pub fn channel(
     Ok(endpoint.connect_with_connector_lazy(tls::connector(dial.clone(), tls)))
 }
 
-/// One channel (one HTTP/2 connection, re-dialed when it breaks) per peer address, shared by
-/// everything a node sends to that peer: replication, votes, the heartbeats that confirm leadership
-/// for a read index, forwarded proposals and pings.
+/// One channel (one HTTP/2 connection) per peer address, shared by everything a node sends to that
+/// peer: replication, votes, the heartbeats that confirm leadership for a read index, forwarded
+/// proposals and pings.
 ///
 /// openraft asks for a new client for every election, every leadership confirmation and every
 /// replication stream. With a channel per client, each of those was a new TCP connection and a full
 /// mutual-TLS handshake: the fence of every node confirms leadership several times a second, so a
 /// five-node cluster did over a hundred handshakes a second while idle.
+///
+/// A shared connection must not outlive a fault, though: one that lost packets in a partition hangs
+/// until HTTP/2 keep-alive gives up on it, and every call to that peer would wait with it. So a call
+/// that fails as a dead connection would (unavailable, deadline exceeded, no answer in time) evicts
+/// the channel it used ([`PeerChannel::broken`]) if nothing on that channel has succeeded for
+/// [`SUSPECT_AFTER`], and the next call dials anew. A slow but live peer keeps answering something
+/// (pings, replication) and keeps its connection; a dead peer is redialed at most that often; a fresh
+/// channel is not evicted by a late failure on the one it replaced (generations).
 #[derive(Clone)]
 pub struct Channels {
     tls: Arc<rustls::ClientConfig>,
     dial: tls::DynDial,
-    by_addr: Arc<Mutex<BTreeMap<String, Channel>>>,
+    inner: Arc<Mutex<ChannelMap>>,
+}
+
+/// A channel on which nothing succeeded for this long is dropped after its next failure.
+pub const SUSPECT_AFTER: Duration = Duration::from_millis(500);
+
+#[derive(Default)]
+struct ChannelMap {
+    generation: u64,
+    by_addr: BTreeMap<String, Entry>,
+}
+
+#[derive(Clone)]
+struct Entry {
+    generation: u64,
+    channel: Channel,
+    /// When a call on it last succeeded (or when it was made).
+    last_ok: Arc<Mutex<tokio::time::Instant>>,
+}
+
+/// A channel from [`Channels`], with what is needed to report it broken.
+#[derive(Clone)]
+pub struct PeerChannel {
+    pub channel: Channel,
+    addr: String,
+    generation: u64,
+    last_ok: Arc<Mutex<tokio::time::Instant>>,
+    channels: Channels,
+}
+
+impl PeerChannel {
+    /// A call on this channel failed as if its connection were dead: unless something succeeded on it
+    /// lately, the next call to this peer dials a new one.
+    pub fn broken(&self) {
+        let last_ok = *self.last_ok.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if last_ok.elapsed() < SUSPECT_AFTER {
+            return;
+        }
+        let mut inner = self.channels.lock();
+        if inner.by_addr.get(&self.addr).is_some_and(|e| e.generation == self.generation) {
+            inner.by_addr.remove(&self.addr);
+        }
+    }
+
+    fn succeeded(&self) {
+        *self.last_ok.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = tokio::time::Instant::now();
+    }
+
+    /// Reports the channel broken if `status` is what a dead connection gives.
+    pub fn check(&self, status: &Status) {
+        if dead_connection(status.code()) {
+            self.broken();
+        }
+    }
+
+    /// Runs `call` on this channel. If it fails as a dead connection would, or is dropped before it
+    /// ends (its caller gave up waiting), the channel is reported broken.
+    pub async fn watch<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        struct Pending<'a>(Option<&'a PeerChannel>);
+        impl Drop for Pending<'_> {
+            fn drop(&mut self) {
+                if let Some(peer) = self.0 {
+                    peer.broken();
+                }
+            }
+        }
+        let mut pending = Pending(Some(self));
+        let result = call.await;
+        pending.0 = None;
+        match &result {
+            Ok(_) => self.succeeded(),
+            Err(status) => self.check(status),
+        }
+        result
+    }
+}
+
+/// Whether a call that failed with `code` may have failed because its connection is dead.
+pub fn dead_connection(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+    )
 }
 
 impl Channels {
     pub fn new(tls: Arc<rustls::ClientConfig>, dial: tls::DynDial) -> Self {
-        Channels { tls, dial, by_addr: Arc::default() }
+        Channels { tls, dial, inner: Arc::default() }
     }
 
-    /// The channel to `addr`, made (lazily connected) on first use.
-    pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
-        let mut by_addr = self.by_addr.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(c) = by_addr.get(addr) {
-            return Ok(c.clone());
-        }
-        let c = channel(addr, self.tls.clone(), &self.dial)?;
-        by_addr.insert(addr.to_string(), c.clone());
-        Ok(c)
+    fn lock(&self) -> std::sync::MutexGuard<'_, ChannelMap> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Drops the channels to addresses not in `keep` (members that left).
-    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
-        let mut by_addr = self.by_addr.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        by_addr.retain(|addr, _| keep(addr));
+    /// The channel to `addr`, made (lazily connected) on first use and after it was reported broken.
+    pub fn get(&self, addr: &str) -> Result<PeerChannel, tonic::transport::Error> {
+        let mut inner = self.lock();
+        let entry = match inner.by_addr.get(addr) {
+            Some(entry) => entry.clone(),
+            None => {
+                let channel = channel(addr, self.tls.clone(), &self.dial)?;
+                inner.generation += 1;
+                let entry = Entry {
+                    generation: inner.generation,
+                    channel,
+                    last_ok: Arc::new(Mutex::new(tokio::time::Instant::now())),
+                };
+                inner.by_addr.insert(addr.to_string(), entry.clone());
+                entry
+            }
+        };
+        Ok(PeerChannel {
+            channel: entry.channel,
+            addr: addr.to_string(),
+            generation: entry.generation,
+            last_ok: entry.last_ok,
+            channels: self.clone(),
+        })
     }
 
-    /// How many peers have a channel.
+    /// How many peers have a channel now.
     pub fn len(&self) -> usize {
-        self.by_addr.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len()
+        self.lock().by_addr.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -127,16 +236,23 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerClient {
-        let channel = self.channels.get(&node.addr).map_err(|e| e.to_string());
-        PeerClient { target, channel, durable: self.durable.clone() }
+        PeerClient {
+            target,
+            addr: node.addr.clone(),
+            channels: self.channels.clone(),
+            durable: self.durable.clone(),
+        }
     }
 }
 
 pub struct PeerClient {
     target: NodeId,
     durable: tokio::sync::watch::Receiver<Durable>,
-    /// An address that does not parse as a URI gives an error on every call instead of a panic here.
-    channel: Result<Channel, String>,
+    /// The peer's address; its channel is looked up for every call, so that a call after one that
+    /// found the connection dead dials anew. An address that does not parse as a URI gives an error on
+    /// every call instead of a panic.
+    addr: String,
+    channels: Channels,
 }
 
 type RpcResult<T, E = RaftError<NodeId>> = Result<T, RPCError<NodeId, Node, E>>;
@@ -153,16 +269,19 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let channel = self.channel.clone().map_err(|e| RPCError::Unreachable(Unreachable::new(&Text(e))))?;
-        let mut client = pb::raft_client::RaftClient::new(channel)
+        let peer = self
+            .channels
+            .get(&self.addr)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&Text(e.to_string()))))?;
+        let mut client = pb::raft_client::RaftClient::new(peer.channel.clone())
             .max_decoding_message_size(MESSAGE_MAX_BYTES)
             .max_encoding_message_size(MESSAGE_MAX_BYTES);
         let mut request = Request::new(pb::Blob { data: encode(rpc) });
         request.set_timeout(option.hard_ttl());
         let reply = match method {
-            Method::Append => client.append_entries(request).await,
-            Method::Vote => client.vote(request).await,
-            Method::Snapshot => client.install_snapshot(request).await,
+            Method::Append => peer.watch(client.append_entries(request)).await,
+            Method::Vote => peer.watch(client.vote(request)).await,
+            Method::Snapshot => peer.watch(client.install_snapshot(request)).await,
         };
         let reply = reply.map_err(|status| match status.code() {
             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
