@@ -20,11 +20,13 @@
 //!
 //! # Fence: at most one server serves a service at any instant
 //! A master serves only while its lease holds: every [`Fence::renew_every`] it asks the leader to
-//! confirm leadership with a quorum (a read index) and applies the log up to that index. The lease
+//! confirm leadership with a quorum (a read index) and applies the log up to that index. (A server
+//! that is master of nothing does not ask: it has nothing to fence.) The lease
 //! runs for `LEASE_MS` from the moment the confirmation was *asked for*, measured on this server's
 //! monotonic clock, and only if the state at that index still names this server master. A server that
 //! becomes master (by a switch, at start-up, or after a restart) serves only `LEASE_MS +
-//! DRIFT_MARGIN_MS` after it first saw itself master in its applied state, and not before the switch's
+//! DRIFT_MARGIN_MS` after it first saw itself master in its applied state (the fence notes that as each
+//! entry is applied, and starts serving the moment the wait ends), and not before the switch's
 //! `serve_from_ms` by its wall clock.
 //!
 //! Why this gives at most one server serving: let the switch from A to B commit at time `tc`.
@@ -411,33 +413,73 @@ impl Fence {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(Self::renew_every());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut applied = Some(self.node.store().subscribe());
         loop {
+            let settles = self.next_settle();
             tokio::select! {
                 biased;
                 _ = &mut shutdown => return,
-                _ = tick.tick() => {}
+                _ = tick.tick() => self.renew().await,
+                // A switch that makes this server master counts from the moment it is applied, not
+                // from the next renewal.
+                changed = async { applied.as_mut().expect("guarded").changed().await }, if applied.is_some() => {
+                    if changed.is_err() {
+                        applied = None;
+                    }
+                    self.note_masters();
+                }
+                // Serving starts the moment the wait after becoming master ends, not at the next tick.
+                _ = tokio::time::sleep_until(settles.unwrap_or_else(Instant::now)), if settles.is_some() => {
+                    self.publish();
+                }
             }
-            self.renew().await;
         }
     }
 
-    /// Asks for a confirmation; on success the lease runs from the moment it was asked for.
+    /// Asks for a confirmation; on success the lease runs from the moment it was asked for. A server
+    /// that is master of nothing asks for none: it has nothing to fence, and a confirmation costs the
+    /// leader a round of heartbeats to every voter.
     pub async fn renew(&self) {
+        if self.masters().is_empty() {
+            self.note_masters();
+            return;
+        }
         let asked = Instant::now();
         let confirmed = self.node.confirm_quorum(Duration::from_millis(LEASE_MS / 2)).await.is_ok();
-        let me = self.node.id();
-        let masters: BTreeSet<String> =
-            self.node.store().with_state(|s| s.services_where(me, Role::Master).map(String::from).collect());
-        let mut inner = self.inner.lock().expect("fence lock");
         if confirmed {
-            inner.confirmed_at = Some(asked);
+            self.inner.lock().expect("fence lock").confirmed_at = Some(asked);
         }
+        self.note_masters();
+    }
+
+    fn masters(&self) -> BTreeSet<String> {
+        let me = self.node.id();
+        self.node.store().with_state(|s| s.services_where(me, Role::Master).map(String::from).collect())
+    }
+
+    /// Records when this server first saw itself master of each service (now, for new ones), forgets
+    /// the others, and publishes what it serves.
+    fn note_masters(&self) {
+        let masters = self.masters();
+        let mut inner = self.inner.lock().expect("fence lock");
         inner.master_since.retain(|name, _| masters.contains(name));
         let now = Instant::now();
         for name in masters {
             inner.master_since.entry(name).or_insert(now);
         }
         drop(inner);
+        self.publish();
+    }
+
+    /// The next moment a service this server is master of ends its wait, if one is still waiting.
+    fn next_settle(&self) -> Option<Instant> {
+        let wait = Duration::from_millis(LEASE_MS + DRIFT_MARGIN_MS);
+        let now = Instant::now();
+        let inner = self.inner.lock().expect("fence lock");
+        inner.master_since.values().map(|since| *since + wait).filter(|at| *at > now).min()
+    }
+
+    fn publish(&self) {
         let serving: BTreeSet<String> = self.serving_services().into_iter().collect();
         self.serving_tx.send_if_modified(|current| {
             let changed = *current != serving;
