@@ -373,6 +373,7 @@ impl Activator {
                 _ = tick.tick() => {}
             }
             self.sync_gates().await;
+            self.forget_vanished().await;
             self.observe_kernel().await;
             self.stop_idle();
             self.relieve_pressure();
@@ -980,6 +981,42 @@ impl Activator {
 
     /// Stops the gate's container; in kernel mode, its forwarding goes first, so that new
     /// connections reach the listener (and wait for a new start) instead of a stopped container.
+    /// A container the activator believes running that no longer runs (replaced by the reconciler
+    /// after a spec change, removed or stopped by hand, crashed) is forgotten: its kernel forwarding is
+    /// removed, so that the next connection reaches the activator and starts the service's current
+    /// container, instead of being sent to an address that is gone or belongs to another container.
+    async fn forget_vanished(&self) {
+        let believed: Vec<Arc<Gate>> = self
+            .gate_list()
+            .into_iter()
+            .filter(|g| g.run.try_lock().is_ok_and(|run| run.running.is_some()))
+            .collect();
+        if believed.is_empty() {
+            return;
+        }
+        let Ok(containers) = self.runtime.list().await else { return };
+        for gate in believed {
+            // A start or stop in progress holds the lock: it knows better; look again next time.
+            let Ok(mut run) = gate.run.try_lock() else { continue };
+            let Some((id, _)) = run.running.clone() else { continue };
+            if containers.iter().any(|c| c.id == id && c.state == RunState::Running) {
+                continue;
+            }
+            if !self.unforward(&gate).await {
+                continue;
+            }
+            run.running = None;
+            if let Some(since) = run.since.take() {
+                run.total += since.elapsed();
+            }
+            tracing::info!(
+                service = gate.service,
+                "its container no longer runs (replaced after a spec change, removed or stopped by hand): \
+                 the next connection starts the current one"
+            );
+        }
+    }
+
     async fn stop_locked(&self, gate: &Gate, run: &mut RunInfo, why: &str) -> bool {
         if run.running.is_none() {
             return false;

@@ -470,6 +470,35 @@ fn warm_connections_are_forwarded_by_the_kernel_and_never_reach_the_activator() 
     Ok(())
 }
 
+#[test]
+fn a_spec_change_of_a_running_on_demand_service_reaches_its_new_container() -> Result<()> {
+    test_images()?;
+    let root = tempfile::tempdir()?;
+    let mut guard = DockerGuard::default();
+    let (node, cluster) = node_with(root.path(), &mut guard, &["--idle-stop", "1h", "--forward", "kernel"])?;
+    let service = format!("kspec{}", std::process::id());
+    let port = free_port();
+    on_demand(&node, &cluster, &service, port, &[])?;
+    let page = http_get(port)?;
+    assert!(page.contains("coyote test 1"), "{page}");
+    wait_forwarding(&node, &service, true)?;
+    let old = container_id(&cluster, &service)?;
+
+    // The reconciler replaces the running container; the forwarding must not keep pointing at the
+    // old one: the next connections reach the new container (started on demand).
+    node.cli_json(&["service", "update", &service, "--image", "coyote-test/httpd:2"])?;
+    wait_until("the new container to answer on the service's port", Duration::from_secs(60), || {
+        Ok(http_get(port).ok().filter(|page| page.contains("coyote test 2")))
+    })?;
+    assert_ne!(container_id(&cluster, &service)?, old, "the container was replaced");
+    wait_forwarding(&node, &service, true)?;
+    for _ in 0..5 {
+        let page = http_get(port)?;
+        assert!(page.contains("coyote test 2"), "{page}");
+    }
+    Ok(())
+}
+
 /// GET `path` on the node's API socket; the body as text.
 fn api_text(node: &Node, path: &str) -> Result<String> {
     let mut s = std::os::unix::net::UnixStream::connect(node.dir.join("coyote.sock"))?;
