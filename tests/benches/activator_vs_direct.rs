@@ -247,11 +247,57 @@ fn cpu_of_engine() -> f64 {
 /// `/proc/PID/net/netstat` for a container's): SYNs dropped because a listen queue was full, each one
 /// a client retransmitting after a second.
 fn listen_overflows(netstat: &Path) -> Option<u64> {
+    tcp_ext(netstat, "ListenOverflows")
+}
+
+/// A `TcpExt` counter from a `netstat` file of `/proc`.
+fn tcp_ext(netstat: &Path, name: &str) -> Option<u64> {
     let text = std::fs::read_to_string(netstat).ok()?;
     let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
     let (names, values) = (lines.next()?, lines.next()?);
-    let i = names.split_whitespace().position(|n| n == "ListenOverflows")?;
+    let i = names.split_whitespace().position(|n| n == name)?;
     values.split_whitespace().nth(i)?.parse().ok()
+}
+
+/// Sockets in TIME_WAIT in the network namespace of `pid` (this process's own when `None`).
+fn time_wait(pid: Option<u32>) -> Option<usize> {
+    let base = match pid {
+        Some(p) => format!("/proc/{p}/net"),
+        None => "/proc/net".to_string(),
+    };
+    let mut n = 0;
+    for file in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("{base}/{file}")) else { continue };
+        // The fourth column is the state; 06 is TIME_WAIT.
+        n += text.lines().skip(1).filter(|l| l.split_whitespace().nth(3) == Some("06")).count();
+    }
+    Some(n)
+}
+
+/// The host's connection-tracking table: entries now, and the sums over all CPUs of the counters of
+/// failed inserts, drops and early drops (`/proc/net/stat/nf_conntrack`, hexadecimal columns).
+fn conntrack() -> (Option<u64>, Option<u64>) {
+    let count = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
+        .ok()
+        .and_then(|t| t.trim().parse().ok());
+    let failures = (|| {
+        let text = std::fs::read_to_string("/proc/net/stat/nf_conntrack").ok()?;
+        let mut lines = text.lines();
+        let names: Vec<&str> = lines.next()?.split_whitespace().collect();
+        let columns: Vec<usize> = ["insert_failed", "drop", "early_drop"]
+            .iter()
+            .filter_map(|c| names.iter().position(|n| n == c))
+            .collect();
+        let mut sum = 0;
+        for line in lines {
+            let values: Vec<&str> = line.split_whitespace().collect();
+            for &c in &columns {
+                sum += u64::from_str_radix(values.get(c)?, 16).ok()?;
+            }
+        }
+        Some(sum)
+    })();
+    (count, failures)
 }
 
 fn container_pid(id: &str) -> Option<u32> {
@@ -307,6 +353,15 @@ struct WrkRun {
     /// container (busybox httpd listens with a backlog of 9).
     overflows_host: Option<u64>,
     overflows_container: Option<u64>,
+    /// SYNs the host retransmitted during the run (a client SYN dropped somewhere on its way: each
+    /// costs the connection a second).
+    syn_retrans_host: Option<u64>,
+    /// Before the run: sockets in TIME_WAIT on the host (the client side) and in the container, and
+    /// the host's connection-tracking entries; during it: failed conntrack inserts and drops.
+    time_wait_host: Option<usize>,
+    time_wait_container: Option<usize>,
+    conntrack_entries: Option<u64>,
+    conntrack_failures: Option<u64>,
 }
 
 fn parse_ms(text: &str) -> Option<f64> {
@@ -354,6 +409,9 @@ fn wrk(cfg: &Config, url: &str, secs: u64, node_dir: &Path, container: &str) -> 
     let host_netstat = Path::new("/proc/net/netstat");
     let (o_host0, o_cont0) =
         (listen_overflows(host_netstat), pid_netstat.as_deref().and_then(listen_overflows));
+    let syn0 = tcp_ext(host_netstat, "TCPSynRetrans");
+    let (time_wait_host, time_wait_container) = (time_wait(None), time_wait(container_pid(container)));
+    let (conntrack_entries, ct_failures0) = conntrack();
     let (m0, n0, c0, w0, e0) = (
         cpu_machine(),
         cpu_of_cmdline(node_dir),
@@ -389,6 +447,11 @@ fn wrk(cfg: &Config, url: &str, secs: u64, node_dir: &Path, container: &str) -> 
     run.other_cores = ((m - n - w - e - container_secs.unwrap_or(0.0)) / s).max(0.0);
     run.overflows_host = overflows_host;
     run.overflows_container = overflows_container;
+    run.syn_retrans_host = tcp_ext(host_netstat, "TCPSynRetrans").zip(syn0).map(|(a, b)| a - b);
+    run.time_wait_host = time_wait_host;
+    run.time_wait_container = time_wait_container;
+    run.conntrack_entries = conntrack_entries;
+    run.conntrack_failures = conntrack().1.zip(ct_failures0).map(|(a, b)| a - b);
     Ok(run)
 }
 
@@ -505,6 +568,15 @@ fn main() -> Result<()> {
                 r.other_cores,
                 opt(r.overflows_host),
                 opt(r.overflows_container)
+            );
+            eprintln!(
+                "      {side:>9} round {}: SYN retransmits on the host {}; before the run TIME_WAIT host {}, container {}, conntrack entries {}; conntrack insert failures and drops {}",
+                round + 1,
+                opt(r.syn_retrans_host),
+                r.time_wait_host.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+                r.time_wait_container.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+                opt(r.conntrack_entries),
+                opt(r.conntrack_failures)
             );
             runs.push(r);
         }
