@@ -464,6 +464,12 @@ impl FileLog {
         self.entries.last_key_value().map(|(&i, _)| i).unwrap_or(0)
     }
 
+    /// The index of the last entry stored, if any (index 0 is a real entry: the first membership).
+    #[cfg(feature = "planted-bugs")]
+    pub fn last_stored(&self) -> Option<u64> {
+        self.entries.last_key_value().map(|(&i, _)| i)
+    }
+
     /// The segment that the last writes went to: sync it to make them durable.
     pub fn sync_handle(&self) -> Segment {
         self.current().segment.clone()

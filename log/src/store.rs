@@ -1130,8 +1130,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let mut wal = self.shared.lock_wal();
             #[cfg(feature = "planted-bugs")]
             let entries: Vec<Entry> = if planted::keeps_conflicting_entries() {
-                let last = wal.last_index();
-                entries.into_iter().filter(|e| e.log_id.index > last).collect()
+                // Only entries beyond the last one stored (all of them into an empty log).
+                let last = wal.last_stored();
+                entries.into_iter().filter(|e| !last.is_some_and(|l| e.log_id.index <= l)).collect()
             } else {
                 entries
             };
