@@ -1132,7 +1132,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let entries: Vec<Entry> = if planted::keeps_conflicting_entries() {
                 // Only entries beyond the last one stored (all of them into an empty log).
                 let last = wal.last_stored();
-                entries.into_iter().filter(|e| !last.is_some_and(|l| e.log_id.index <= l)).collect()
+                entries.into_iter().filter(|e| last.is_none_or(|l| e.log_id.index > l)).collect()
             } else {
                 entries
             };
