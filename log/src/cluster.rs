@@ -553,7 +553,7 @@ impl LogNode {
 
     async fn forward(&self, leader_addr: &str, proposal: &Proposal) -> Result<Proposed, ProposeError> {
         let peer = self.channel(leader_addr).await?;
-        let mut client = pb::cluster_client::ClusterClient::new(peer.channel.clone());
+        let mut client = pb::cluster_client::ClusterClient::new(peer.channel());
         let reply =
             peer.watch(client.propose(pb::Blob { data: encode(proposal) })).await.map_err(|s| {
                 match s.code() {
@@ -736,7 +736,7 @@ impl LogNode {
                     let peer = self.channel(&leader).await?;
                     let reply = peer
                         .watch(
-                            pb::cluster_client::ClusterClient::new(peer.channel.clone())
+                            pb::cluster_client::ClusterClient::new(peer.channel())
                                 .confirm(pb::Blob { data: Vec::new() }),
                         )
                         .await
@@ -783,7 +783,7 @@ impl LogNode {
 
     async fn ping(&self, addr: &str) -> bool {
         let Ok(peer) = self.channel(addr).await else { return false };
-        let mut client = pb::cluster_client::ClusterClient::new(peer.channel.clone());
+        let mut client = pb::cluster_client::ClusterClient::new(peer.channel());
         let mut request = Request::new(pb::Blob { data: Vec::new() });
         request.set_timeout(PING_TIMEOUT);
         matches!(tokio::time::timeout(PING_TIMEOUT, peer.watch(client.ping(request))).await, Ok(Ok(_)))
@@ -837,7 +837,7 @@ impl pb::cluster_server::Cluster for ClusterService {
             .leader_addr()
             .ok_or_else(|| Status::unavailable("no leader is known right now; try again in a few seconds"))?;
         let peer = self.node.channel(&leader).await.map_err(propose_status)?;
-        peer.watch(pb::cluster_client::ClusterClient::new(peer.channel.clone()).join(request)).await
+        peer.watch(pb::cluster_client::ClusterClient::new(peer.channel()).join(request)).await
     }
 
     async fn propose(&self, request: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {

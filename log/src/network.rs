@@ -104,36 +104,33 @@ struct Entry {
 /// A channel from [`Channels`], with what is needed to report it broken.
 #[derive(Clone)]
 pub struct PeerChannel {
-    pub channel: Channel,
     addr: String,
-    generation: u64,
-    last_ok: Arc<Mutex<tokio::time::Instant>>,
+    entry: Entry,
     channels: Channels,
 }
 
 impl PeerChannel {
+    /// The channel, for a gRPC client; run its calls through [`PeerChannel::watch`].
+    pub fn channel(&self) -> Channel {
+        self.entry.channel.clone()
+    }
+
     /// A call on this channel failed as if its connection were dead: unless something succeeded on it
     /// lately, the next call to this peer dials a new one.
-    pub fn broken(&self) {
-        let last_ok = *self.last_ok.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    fn broken(&self) {
+        let last_ok = *self.entry.last_ok.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if last_ok.elapsed() < SUSPECT_AFTER {
             return;
         }
         let mut inner = self.channels.lock();
-        if inner.by_addr.get(&self.addr).is_some_and(|e| e.generation == self.generation) {
+        if inner.by_addr.get(&self.addr).is_some_and(|e| e.generation == self.entry.generation) {
             inner.by_addr.remove(&self.addr);
         }
     }
 
     fn succeeded(&self) {
-        *self.last_ok.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = tokio::time::Instant::now();
-    }
-
-    /// Reports the channel broken if `status` is what a dead connection gives.
-    pub fn check(&self, status: &Status) {
-        if dead_connection(status.code()) {
-            self.broken();
-        }
+        *self.entry.last_ok.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) =
+            tokio::time::Instant::now();
     }
 
     /// Runs `call` on this channel. If it fails as a dead connection would, or is dropped before it
@@ -155,14 +152,15 @@ impl PeerChannel {
         pending.0 = None;
         match &result {
             Ok(_) => self.succeeded(),
-            Err(status) => self.check(status),
+            Err(status) if dead_connection(status.code()) => self.broken(),
+            Err(_) => {}
         }
         result
     }
 }
 
 /// Whether a call that failed with `code` may have failed because its connection is dead.
-pub fn dead_connection(code: tonic::Code) -> bool {
+fn dead_connection(code: tonic::Code) -> bool {
     matches!(
         code,
         tonic::Code::Unavailable
@@ -198,22 +196,7 @@ impl Channels {
                 entry
             }
         };
-        Ok(PeerChannel {
-            channel: entry.channel,
-            addr: addr.to_string(),
-            generation: entry.generation,
-            last_ok: entry.last_ok,
-            channels: self.clone(),
-        })
-    }
-
-    /// How many peers have a channel now.
-    pub fn len(&self) -> usize {
-        self.lock().by_addr.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        Ok(PeerChannel { addr: addr.to_string(), entry, channels: self.clone() })
     }
 }
 
@@ -273,7 +256,7 @@ impl PeerClient {
             .channels
             .get(&self.addr)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&Text(e.to_string()))))?;
-        let mut client = pb::raft_client::RaftClient::new(peer.channel.clone())
+        let mut client = pb::raft_client::RaftClient::new(peer.channel())
             .max_decoding_message_size(MESSAGE_MAX_BYTES)
             .max_encoding_message_size(MESSAGE_MAX_BYTES);
         let mut request = Request::new(pb::Blob { data: encode(rpc) });
