@@ -24,7 +24,7 @@
 //!   chain cnt_P { ct direction original counter name in_P; ct direction reply counter name out_P }
 //!   chain output      { type nat hook output priority -110;       fib daddr type local tcp dport vmap @ports }
 //!   chain prerouting  { type nat hook prerouting priority dstnat - 10; fib daddr type local tcp dport vmap @ports }
-//!   chain postrouting { type nat hook postrouting priority srcnat - 10; ct mark and 0xffff0000 == 0xc0e70000 masquerade }
+//!   chain postrouting { type nat hook postrouting priority srcnat - 10; ip saddr 127.0.0.0/8 ct mark and 0xffff0000 == 0xc0e70000 masquerade }
 //!   chain count_post  { type filter hook postrouting priority 100; ct mark vmap @counting }
 //!   chain count_in    { type filter hook input priority 100;       ct mark vmap @counting }
 //! }
@@ -42,9 +42,10 @@
 //!   bridge: without it the kernel refuses to route a packet with a loopback source out of a
 //!   non-loopback interface, and drops the container's answers to it as martians. The activator sets
 //!   it on the bridge that holds the container's address (found in `/proc/net/route`), never on
-//!   `all`. The connection is then masqueraded on the way out, so the container sees the bridge's
-//!   address, as it does with the userspace splice (Docker does the same when its userland proxy is
-//!   off).
+//!   `all`. A connection from a loopback address is then masqueraded on the way out (the container
+//!   could not answer 127.0.0.1), so the container sees the bridge's address, as it does with the
+//!   userspace splice. A local client that connects to one of the host's other addresses keeps that
+//!   address as its source: the container's answer is routed back to the host as it is.
 //! - **Remote clients** are seen by `prerouting`. Their connections are forwarded, and Docker's
 //!   `FORWARD` chain drops (policy drop) new connections to a container port Docker did not publish
 //!   itself; an accept in a table of our own cannot override a drop in Docker's table. So coyote
@@ -52,8 +53,14 @@
 //!   whose conntrack mark is in coyote's range (`iptables -I DOCKER-USER -m connmark --mark
 //!   0xc0e70000/0xffff0000 -j ACCEPT`). It matches nothing else. If that rule cannot be added (no
 //!   iptables, no DOCKER-USER chain), the `prerouting` hook is left out and remote clients keep going
-//!   through the activator's listener (the log says so). Remote connections are masqueraded too: the
-//!   container sees the bridge address for every client, as with the userspace splice.
+//!   through the activator's listener (the log says so). Remote connections are not masqueraded:
+//!   the container sees each client's own address (the userspace splice, on a cold start, shows it
+//!   the bridge's). Masquerading them would merge every client into one source address, and then
+//!   a new connection that reuses a port still in `TIME_WAIT` in the container is refused whenever
+//!   its TCP timestamp comes from another client's clock (RFC 7323's PAWS check on a reused
+//!   tuple): the container answers the SYN with an ACK of the old connection, and the client waits
+//!   a second to send it again. In the benchmark, short connections from two sources merged into
+//!   one address this way lost half of their rate (`tests/benches/README.md`).
 //! - IPv6 clients are not forwarded (the table is `ip`): they go through the listener.
 //!
 //! # Counting and activity
@@ -199,7 +206,7 @@ impl Forwarder {
                map counting {{ type mark : verdict; }}\n\
                chain output {{ type nat hook output priority -110; policy accept; {dest} tcp dport vmap @ports; }}\n\
                chain prerouting {{ type nat hook prerouting priority dstnat - 10; policy accept; {prerouting} }}\n\
-               chain postrouting {{ type nat hook postrouting priority srcnat - 10; policy accept; ct mark and {MARK_MASK:#x} == {MARK_BASE:#x} masquerade; }}\n\
+               chain postrouting {{ type nat hook postrouting priority srcnat - 10; policy accept; ip saddr 127.0.0.0/8 ct mark and {MARK_MASK:#x} == {MARK_BASE:#x} masquerade; }}\n\
                chain count_post {{ type filter hook postrouting priority 100; policy accept; ct mark vmap @counting; }}\n\
                chain count_in {{ type filter hook input priority 100; policy accept; ct mark vmap @counting; }}\n\
              }}\n"

@@ -16,6 +16,14 @@
 //! - `BENCH_IMAGE` (`coyote-test/httpd:1`, busybox httpd, which closes every connection after one
 //!   answer): the service's image, serving HTTP on port 80. `run-activator.sh` also runs it with
 //!   `coyote-bench/caddy:1` (Debian's caddy, which keeps connections open, as most web servers do);
+//! - `BENCH_DRAIN_SECS` (75): before each measured `wrk` run, wait up to this long for the
+//!   container's sockets in `TIME_WAIT` to expire (0: do not wait). The two sides reach the container
+//!   from the same address (the host's bridge address; the activator side is masqueraded from
+//!   127.0.0.1) but with TCP timestamps from two different clocks, so one side's new connection that
+//!   reuses a port the other side left in `TIME_WAIT` in the container is refused by the PAWS check
+//!   and waits a second for its SYN to be sent again. Without the wait, whichever side runs second
+//!   pays for the first one (both sides collapse from about 3,000 to 500-1,100 req/s with busybox);
+//!   with it, each side is measured as it runs alone;
 //! - `BENCH_FORWARD` (`kernel`): the node's `--forward` mode. In kernel mode the "activator" side
 //!   connects to the same published port, `127.0.0.1:PORT`, which nftables forwards to the container
 //!   (the `output` hook); the bench checks that it did: the node's stats must show kernel forwarding
@@ -43,6 +51,7 @@ struct Config {
     secs: u64,
     warmup_secs: u64,
     rounds: usize,
+    drain_secs: u64,
     connections: usize,
     threads: usize,
     image: String,
@@ -63,6 +72,7 @@ impl Config {
             secs: env_or("BENCH_SECS", 10)?,
             warmup_secs: env_or("BENCH_WARMUP_SECS", 2)?,
             rounds: env_or("BENCH_ROUNDS", 2)?,
+            drain_secs: env_or("BENCH_DRAIN_SECS", 75)?,
             connections: env_or("BENCH_CONNECTIONS", 8)?,
             threads: env_or("BENCH_THREADS", 2)?,
             image: std::env::var("BENCH_IMAGE").unwrap_or_else(|_| IMAGE.to_string()),
@@ -272,6 +282,30 @@ fn time_wait(pid: Option<u32>) -> Option<usize> {
         n += text.lines().skip(1).filter(|l| l.split_whitespace().nth(3) == Some("06")).count();
     }
     Some(n)
+}
+
+/// Waits (up to `BENCH_DRAIN_SECS`) until the container has no more than a few sockets in
+/// `TIME_WAIT` left, and says how long that took (see `BENCH_DRAIN_SECS` at the top).
+fn drain_time_wait(cfg: &Config, container: &str) {
+    if cfg.drain_secs == 0 {
+        return;
+    }
+    let start = Instant::now();
+    let pid = container_pid(container);
+    let first = time_wait(pid);
+    let mut left = first;
+    while left.is_some_and(|n| n > 16) && start.elapsed() < Duration::from_secs(cfg.drain_secs) {
+        std::thread::sleep(Duration::from_millis(500));
+        left = time_wait(pid);
+    }
+    if first.is_some_and(|n| n > 16) {
+        eprintln!(
+            "      waited {:.0} s for the container's TIME_WAIT sockets to expire: {} -> {}",
+            start.elapsed().as_secs_f64(),
+            opt(first.map(|n| n as u64)),
+            opt(left.map(|n| n as u64))
+        );
+    }
 }
 
 /// The host's connection-tracking table: entries now, and the sums over all CPUs of the counters of
@@ -554,6 +588,7 @@ fn main() -> Result<()> {
         for (side, url, runs) in
             [("direct", &direct, &mut warm_direct), ("activator", &via, &mut warm_activator)]
         {
+            drain_time_wait(&cfg, &id);
             let r = wrk(&cfg, url, cfg.secs, &node.dir, &id)?;
             eprintln!(
                 "warm {side:>9} round {}: {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  {} errors; cores: coyote {:.2}, container {}, wrk {:.2}, other {:.2}; listen overflows host {}, container {}",

@@ -440,6 +440,10 @@ fn warm_connections_are_forwarded_by_the_kernel_and_never_reach_the_activator() 
     }
     let (conns1, in1, out1) = kernel_counters(port)?;
     assert_eq!(conns1 - conns0, 20, "the kernel forwarded each warm connection");
+    // From 127.0.0.1, masqueraded: the container saw an address it can answer, not a loopback one.
+    let seen = container_saw(port)?;
+    assert!(seen.len() >= 20, "conntrack holds the forwarded connections: {seen:?}");
+    assert!(seen.iter().all(|a| !a.starts_with("127.")), "the container saw {seen:?}");
     assert!(in1 - in0 >= 20 * REQUEST_BYTES, "bytes in: {in0} -> {in1}");
     assert!(out1 - out0 >= answered, "bytes out: {out0} -> {out1}, {answered} bytes of answers");
     let after = stats_of(&node, &service)?.expect("stats");
@@ -575,6 +579,7 @@ struct RemoteClient {
     ns: String,
     host_if: String,
     host_ip: String,
+    client_ip: String,
 }
 
 impl RemoteClient {
@@ -585,7 +590,12 @@ impl RemoteClient {
         let base: Vec<u8> = net.split('.').map(|p| p.parse().unwrap()).collect();
         let host_ip = format!("10.252.{}.{}", base[2], base[3] + 1);
         let client_ip = format!("10.252.{}.{}", base[2], base[3] + 2);
-        let me = RemoteClient { ns: ns.clone(), host_if: host_if.clone(), host_ip: host_ip.clone() };
+        let me = RemoteClient {
+            ns: ns.clone(),
+            host_if: host_if.clone(),
+            host_ip: host_ip.clone(),
+            client_ip: client_ip.clone(),
+        };
         let ip = |args: &[&str]| -> Result<()> {
             let out = Command::new("ip").args(args).output()?;
             if !out.status.success() {
@@ -643,5 +653,27 @@ fn a_remote_client_is_forwarded_by_the_kernel_too() -> Result<()> {
     let s = stats_of(&node, &service)?.expect("stats");
     assert_eq!((s["connections"].as_u64(), s["spliced_connections"].as_u64()), (Some(6), Some(1)), "{s}");
     assert_eq!(kernel_counters(port)?.0, 5, "five forwarded by the kernel, through prerouting");
+    // Not masqueraded: the container saw the client's own address.
+    let seen = container_saw(port)?;
+    assert!(!seen.is_empty(), "no conntrack entry of the forwarded connections");
+    assert!(
+        seen.iter().all(|a| *a == client.client_ip),
+        "the container saw {seen:?}, not {}",
+        client.client_ip
+    );
     Ok(())
+}
+
+/// The client addresses the container saw in the forwarded connections of the service whose first
+/// host port is `port`: the destination of each connection's reply direction in conntrack.
+fn container_saw(port: u16) -> Result<Vec<String>> {
+    let mark = format!("mark={}", 0xc0e7_0000u32 | u32::from(port));
+    let table = std::fs::read_to_string("/proc/net/nf_conntrack")?;
+    Ok(table
+        .lines()
+        .filter(|l| l.split_whitespace().any(|w| w == mark))
+        .filter_map(|l| {
+            l.split_whitespace().filter_map(|w| w.strip_prefix("dst=")).nth(1).map(str::to_string)
+        })
+        .collect())
 }
