@@ -362,7 +362,17 @@ impl Debug for MemoryDisk {
 /// later coyote can still read the snapshots an earlier one wrote.
 #[derive(Serialize, Deserialize)]
 enum SnapshotFile {
-    V1(SnapshotBody),
+    /// Before graceful handovers: the state without them.
+    V1(SnapshotBodyV1),
+    V2(SnapshotBody),
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotBodyV1 {
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership<NodeId, Node>,
+    state: coyote_state_machine::StateV1,
+    archive: Vec<EventRecord>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -375,8 +385,15 @@ struct SnapshotBody {
 
 impl SnapshotBody {
     fn decode(data: &[u8], what: &str) -> Result<Self, StoreError> {
-        let SnapshotFile::V1(body) = decode_from_disk(data, || what.to_string())?;
-        Ok(body)
+        Ok(match decode_from_disk(data, || what.to_string())? {
+            SnapshotFile::V1(b) => SnapshotBody {
+                last_applied: b.last_applied,
+                last_membership: b.last_membership,
+                state: b.state.into(),
+                archive: b.archive,
+            },
+            SnapshotFile::V2(body) => body,
+        })
     }
 
     /// Checks the body against its metadata and against itself.
@@ -719,7 +736,7 @@ impl Shared {
             SnapshotMeta { last_log_id: last_applied, last_membership: last_membership.clone(), snapshot_id };
         let body = SnapshotBody { last_applied, last_membership, state, archive };
         body.check(&meta, "the snapshot being built")?;
-        let data = encode(&SnapshotFile::V1(body));
+        let data = encode(&SnapshotFile::V2(body));
         self.write_snapshot(&meta, &data)?;
         self.flush_now("flush the snapshot")?;
         Ok((meta, data))
@@ -1403,5 +1420,30 @@ pub mod planted {
 
     pub(crate) fn keeps_conflicting_entries() -> bool {
         KEEP_CONFLICTING_ENTRIES.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_of_format_1_is_read_with_no_handover_under_way() {
+        let mut v1 = coyote_state_machine::StateV1::default();
+        v1.departed.insert(7);
+        v1.last_applied = 0;
+        let data = encode(&SnapshotFile::V1(SnapshotBodyV1 {
+            last_applied: None,
+            last_membership: StoredMembership::default(),
+            state: v1,
+            archive: Vec::new(),
+        }));
+        let body = SnapshotBody::decode(&data, "a format 1 snapshot").expect("format 1 is read");
+        assert!(body.state.departed.contains(&7));
+        assert!(body.state.handovers.is_empty());
+        // And what is written now is format 2, read back as it was.
+        let again = encode(&SnapshotFile::V2(body));
+        let back = SnapshotBody::decode(&again, "a format 2 snapshot").expect("format 2 is read");
+        assert!(back.state.departed.contains(&7));
     }
 }

@@ -19,7 +19,9 @@ use coyote_log::{JoinToken, LogNode, ProposeError, Proposed};
 use coyote_nodes::activator::Activator;
 use coyote_nodes::monitor::Fence;
 use coyote_nodes::reconciler::Reconciler;
-use coyote_state_machine::{Event, Outcome, ServiceSpec, SwitchCause, DRIFT_MARGIN_MS, LEASE_MS};
+use coyote_state_machine::{
+    Event, Outcome, ServiceSpec, SwitchCause, DRIFT_MARGIN_MS, HANDOVER_WAIT_MS, LEASE_MS,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -255,24 +257,52 @@ async fn service_create(State(api): State<Api>, Json(spec): Json<ServiceSpec>) -
 #[derive(Deserialize)]
 struct SwitchRequest {
     to: u64,
+    /// Switch at once, without the master's dump and stop (for a master that is gone for good).
+    #[serde(default)]
+    now: bool,
 }
 
-/// An instructed switch: the way a backup (or any member with a role) becomes master.
+/// An instruction: the way a backup (or any member with a role) becomes master. By default a
+/// graceful handover (the master dumps, stops and then switches; see `State::handovers`); with
+/// `now`, the switch itself.
 async fn service_switch(
     State(api): State<Api>,
     Path(name): Path<String>,
     Json(req): Json<SwitchRequest>,
 ) -> ApiResult {
+    let reason = format!("instructed through node {}", api.node.id());
+    if !req.now {
+        let master = api
+            .node
+            .store()
+            .with_state(|s| s.services.get(&name).and_then(|svc| svc.placement.as_ref()).map(|p| p.master));
+        let event = Event::HandoverRequested { service: name.clone(), to: req.to, reason };
+        let proposed = propose(&api, event).await?;
+        return Ok(Json(json!({
+            "name": name,
+            "to": req.to,
+            "from": master,
+            "handover": true,
+            "wait_ms": HANDOVER_WAIT_MS,
+            "index": proposed.index,
+        })));
+    }
     let serve_from_ms = coyote_log::cluster::now_ms() + LEASE_MS + DRIFT_MARGIN_MS;
     let event = Event::AuthoritySwitched {
         service: name.clone(),
         to: req.to,
-        reason: format!("instructed through node {}", api.node.id()),
+        reason: format!("{reason}, at once"),
         serve_from_ms,
         cause: SwitchCause::Instruction,
     };
     let proposed = propose(&api, event).await?;
-    Ok(Json(json!({ "name": name, "to": req.to, "serve_from": serve_from_ms, "index": proposed.index })))
+    Ok(Json(json!({
+        "name": name,
+        "to": req.to,
+        "handover": false,
+        "serve_from": serve_from_ms,
+        "index": proposed.index,
+    })))
 }
 
 async fn stats(State(api): State<Api>) -> ApiResult {

@@ -202,7 +202,8 @@ pub async fn run(dir: &DataDir, settings: &RaftSettings, containers: &ContainerO
         let volumes = std::path::absolute(&dir.path)
             .with_context(|| format!("cannot resolve {}", dir.path.display()))?
             .join("volumes");
-        let settings = reconciler::Settings { volumes, pull: containers.pull };
+        let settings =
+            reconciler::Settings { volumes, pull: containers.pull, dump_timeout: containers.dump_timeout };
         let reconciler =
             Reconciler::new(node.clone(), runtime.clone(), scope, settings).with_fence(fence.clone());
         let activator_config = ActivatorConfig {

@@ -263,11 +263,19 @@ enum ServiceCmd {
     /// List services
     List,
     /// Instruct a switch of authority: NODE becomes master (the only way a backup takes over)
+    /// Hand a service over to another node that holds a role for it. By default gracefully: the
+    /// master runs the spec's dump command, stops the container, then switches; the new master
+    /// serves a lease later. If the master does not within 30 s, or a majority reports it
+    /// unreachable, the new master takes over by itself.
     Switch {
         name: String,
         /// Node id of the new master
         #[arg(long)]
         to: u64,
+        /// Switch at once, without waiting for the master's dump and stop (for a master that is
+        /// gone for good; it is fenced by its lease)
+        #[arg(long)]
+        now: bool,
     },
     /// Services this node may serve right now (it is master and holds its lease)
     Serving,
@@ -696,11 +704,21 @@ async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
             let r = client.call(Method::DELETE, &format!("/v1/services/{name}"), None).await?;
             print_done(&r, json, &format!("service {name} removed"));
         }
-        ServiceCmd::Switch { name, to } => {
-            let body = json!({ "to": to });
+        ServiceCmd::Switch { name, to, now } => {
+            let body = json!({ "to": to, "now": now });
             let r = client.call(Method::POST, &format!("/v1/services/{name}/switch"), Some(body)).await?;
-            let when = view::format_ms(r["serve_from"].as_u64().unwrap_or(0));
-            print_done(&r, json, &format!("service {name}: node {to} becomes master, serving from {when}"));
+            let text = if r["handover"] == true {
+                let from =
+                    r["from"].as_u64().map(|n| format!("node {n}")).unwrap_or_else(|| "the master".into());
+                format!(
+                    "service {name}: handover to node {to} asked for; {from} dumps and stops it, then node {to} serves (by itself after {} s if {from} does not); follow it with `coyote events tail --follow`",
+                    r["wait_ms"].as_u64().unwrap_or(0) / 1000
+                )
+            } else {
+                let when = view::format_ms(r["serve_from"].as_u64().unwrap_or(0));
+                format!("service {name}: node {to} becomes master, serving from {when}")
+            };
+            print_done(&r, json, &text);
         }
         ServiceCmd::Serving => {
             let r = client.call(Method::GET, "/v1/serving", None).await?;

@@ -15,8 +15,13 @@
 //! of the log says the failover rule holds (see the state machine's crate docs: it has seen the service
 //! unreachable long enough, and a majority of members report the master unreachable). The state
 //! machine checks the same rule again when it applies the switch, on every replica. A backup never
-//! proposes a switch: when its master is lost it raises one alarm and waits for an instruction. The
-//! leader refills an empty failover slot from the backups.
+//! proposes a switch by itself: when its master is lost it raises one alarm and waits for an
+//! instruction. The leader refills an empty failover slot from the backups.
+//!
+//! An instruction is a graceful handover (`HandoverRequested`): the old master's reconciler dumps
+//! and stops the service and then proposes the switch (see [`crate::reconciler`]). The target's
+//! monitor proposes it instead when the old master has not done so within `HANDOVER_WAIT_MS`, or at
+//! once when a majority reports the old master unreachable (it cannot hand anything over then).
 //!
 //! # Fence: at most one server serves a service at any instant
 //! A master serves only while its lease holds: every [`Fence::renew_every`] it asks the leader to
@@ -314,6 +319,14 @@ impl Monitor {
             let mut waiting = Vec::new();
             let mut refills = Vec::new();
             for name in s.services.keys() {
+                // The target of a handover the master did not carry out in time takes it over.
+                if let Some(reason) = s.handover(name).filter(|h| h.to == me).and_then(|_| s.handover_overdue(name, now)) {
+                    let event = instructed_switch(name, me, now, reason);
+                    let proposal = Proposal { at_ms: now, actor: String::new(), event: event.clone() };
+                    if s.validate(&proposal).is_ok() {
+                        takeovers.push(event);
+                    }
+                }
                 match s.role(name, me) {
                     Some(Role::Failover) => {
                         let event = takeover(name, me, now, "master and service unreachable".into());
@@ -378,6 +391,18 @@ pub fn takeover(service: &str, to: u64, now: u64, reason: String) -> Event {
     }
 }
 
+/// The switch that ends a handover (proposed by the old master once it has stopped, or by the
+/// target when the old master did not in time): serving starts a lease plus the drift margin from now.
+pub fn instructed_switch(service: &str, to: u64, now: u64, reason: String) -> Event {
+    Event::AuthoritySwitched {
+        service: service.to_string(),
+        to,
+        reason,
+        serve_from_ms: now + LEASE_MS + DRIFT_MARGIN_MS,
+        cause: SwitchCause::Instruction,
+    }
+}
+
 /// This server's lease and the moments it became master of each service.
 #[derive(Clone)]
 pub struct Fence {
@@ -393,6 +418,9 @@ struct FenceState {
     confirmed_at: Option<Instant>,
     /// When this server first saw itself master of each service, in its applied state.
     master_since: BTreeMap<String, Instant>,
+    /// Services this server has let go of for a handover under way (dumped, about to stop): not
+    /// served any more, although it is still their master until the switch.
+    released: BTreeSet<String>,
 }
 
 impl Fence {
@@ -461,8 +489,13 @@ impl Fence {
     /// the others, and publishes what it serves.
     fn note_masters(&self) {
         let masters = self.masters();
+        let handing_over: BTreeSet<String> = self
+            .node
+            .store()
+            .with_state(|s| s.handovers.keys().filter(|n| masters.contains(*n)).cloned().collect());
         let mut inner = self.inner.lock().expect("fence lock");
         inner.master_since.retain(|name, _| masters.contains(name));
+        inner.released.retain(|name| handing_over.contains(name));
         let now = Instant::now();
         for name in masters {
             inner.master_since.entry(name).or_insert(now);
@@ -491,6 +524,18 @@ impl Fence {
         });
     }
 
+    /// Stops serving `service` for the handover under way (the reconciler has run its dump): it
+    /// stays unserved here until the switch, or until the handover ends otherwise.
+    pub fn release(&self, service: &str) {
+        self.inner.lock().expect("fence lock").released.insert(service.to_string());
+        self.publish();
+    }
+
+    /// Whether `service` was released for a handover (see [`Fence::release`]).
+    pub fn released(&self, service: &str) -> bool {
+        self.inner.lock().expect("fence lock").released.contains(service)
+    }
+
     /// Whether this server may serve `service` now.
     pub fn serving(&self, service: &str) -> bool {
         let lease = Duration::from_millis(LEASE_MS);
@@ -499,7 +544,10 @@ impl Fence {
         let inner = self.inner.lock().expect("fence lock");
         let leased = inner.confirmed_at.is_some_and(|at| now < at + lease);
         let settled = inner.master_since.get(service).is_some_and(|since| now >= *since + wait);
-        leased
+        let released = inner.released.contains(service);
+        drop(inner);
+        !released
+            && leased
             && settled
             && self.node.store().with_state(|s| s.may_serve(self.node.id(), service, self.node.now_ms()))
     }

@@ -48,6 +48,18 @@
 //! [`CRASH_RESTARTS_MAX`] within [`CRASH_WINDOW`] raises `crash-loop` and backs off. It clears once the
 //! container has kept running for a whole window.
 //!
+//! # Handovers
+//!
+//! An admin's `coyote service switch` asks for a graceful handover (`HandoverRequested`). On the
+//! master, each pass first runs the spec's dump command in the service's running container, then
+//! releases the service in the [`Fence`] (it is no longer served here, although this node stays
+//! master until the switch), so the pass stops the container (the activator stops an on-demand one).
+//! Once no container of the service runs here, the pass proposes the switch to the target, which
+//! serves a lease plus the drift margin later. A dump that fails raises `dump-failed/NODE/SERVICE`
+//! and keeps the container serving; it is tried again after [`BACKOFF_MIN`], and the target takes
+//! over by itself when the handover is overdue (see [`crate::monitor`]). A restart in the middle
+//! starts the handover again: the dump runs once more.
+//!
 //! # Left out
 //!
 //! - An on-demand container's run state: the reconciler creates it and leaves it alone; the
@@ -388,6 +400,8 @@ pub struct Settings {
     pub volumes: PathBuf,
     /// Pull missing images (else only raise the alarm).
     pub pull: bool,
+    /// Deadline of a service's dump command before a handover.
+    pub dump_timeout: Duration,
 }
 
 /// The running reconciler of one node: the [`Executor`] glued to the log (reads the state, proposes
@@ -398,11 +412,18 @@ pub struct Reconciler {
     /// When set, a master's container runs only while this server holds its lease (see
     /// [`crate::monitor`]); otherwise it is kept created and stopped, like a failover's.
     fence: Option<Fence>,
+    /// Handovers whose dump failed here, by service: when the dump may be tried again.
+    dump_retry: Mutex<HashMap<String, Instant>>,
 }
 
 impl Reconciler {
     pub fn new(node: LogNode, runtime: Arc<dyn ContainerRuntime>, scope: Scope, settings: Settings) -> Self {
-        Reconciler { node, executor: Executor::new(runtime, scope, settings), fence: None }
+        Reconciler {
+            node,
+            executor: Executor::new(runtime, scope, settings),
+            fence: None,
+            dump_retry: Default::default(),
+        }
     }
 
     pub fn with_fence(mut self, fence: Fence) -> Self {
@@ -506,21 +527,167 @@ impl Reconciler {
         }
     }
 
-    /// One pass: derive, plan, act, and propose the alarm events that follow.
+    /// One pass: derive, plan, act, and propose the alarm events that follow. Handovers asked of
+    /// this node are begun before (dump, release) and finished after (the switch, once stopped).
     pub async fn pass(&self) {
         let node = self.executor.scope.node_id;
+        self.begin_handovers().await;
         let desired = self.desired_now();
         let report = self.executor.converge(&desired).await;
         let events = self.node.store().with_state(|s| alarm_events(s, node, &report));
         for event in events {
-            let summary = event.summary();
-            match tokio::time::timeout(PROPOSE_ALARM_TIMEOUT, self.node.propose(event, self.actor())).await {
-                Ok(Ok(_)) => tracing::info!("{summary}"),
-                Ok(Err(e)) => tracing::warn!("could not record \"{summary}\": {e}"),
-                Err(_) => tracing::warn!("could not record \"{summary}\": the log did not answer in time"),
-            }
+            self.propose(event).await;
+        }
+        self.finish_handovers().await;
+    }
+
+    async fn propose(&self, event: Event) {
+        let summary = event.summary();
+        match tokio::time::timeout(PROPOSE_ALARM_TIMEOUT, self.node.propose(event, self.actor())).await {
+            Ok(Ok(_)) => tracing::info!("{summary}"),
+            Ok(Err(e)) => tracing::warn!("could not record \"{summary}\": {e}"),
+            Err(_) => tracing::warn!("could not record \"{summary}\": the log did not answer in time"),
         }
     }
+
+    /// The handovers asked of this node, as master: service, target, dump command.
+    fn handovers_asked(&self) -> Vec<(String, NodeId, Option<Vec<String>>)> {
+        let me = self.executor.scope.node_id;
+        self.node.store().with_state(|s| {
+            s.handovers
+                .iter()
+                .filter(|(_, h)| h.from == me)
+                .map(|(name, h)| {
+                    (name.clone(), h.to, s.services.get(name).and_then(|svc| svc.spec.dump.clone()))
+                })
+                .collect()
+        })
+    }
+
+    /// For each handover asked of this node and not yet released: runs the spec's dump command in
+    /// the service's running container (if it has one and the container runs), then releases the
+    /// service in the fence, so that it is stopped (by this pass, or by the activator for an
+    /// on-demand service) and never started again here. A dump that fails raises
+    /// `dump-failed/NODE/SERVICE`, keeps the container serving, and is tried again after a backoff;
+    /// the target takes over by itself when the handover is overdue (`HANDOVER_WAIT_MS`).
+    async fn begin_handovers(&self) {
+        let Some(fence) = &self.fence else { return };
+        let me = self.executor.scope.node_id;
+        let asked: Vec<_> =
+            self.handovers_asked().into_iter().filter(|(name, ..)| !fence.released(name)).collect();
+        self.dump_retry
+            .lock()
+            .expect("dump retry lock")
+            .retain(|name, _| asked.iter().any(|(n, ..)| n == name));
+        if asked.is_empty() {
+            return;
+        }
+        let observed = match self.executor.runtime.list().await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!("handover: cannot list containers: {e}");
+                return;
+            }
+        };
+        for (name, to, dump) in asked {
+            let running = observed.iter().find(|c| c.service == name && c.state == RunState::Running);
+            if let (Some(argv), Some(c)) = (&dump, running) {
+                let retry_at = self.dump_retry.lock().expect("dump retry lock").get(&name).copied();
+                if retry_at.is_some_and(|at| Instant::now() < at) {
+                    continue;
+                }
+                tracing::info!(service = name, to, "handover: running the dump command");
+                let key = crate::activator::dump_key(me, &name);
+                match self.executor.runtime.exec(&c.id, argv, self.executor.settings.dump_timeout).await {
+                    Ok(outcome) if outcome.succeeded() => {
+                        let open = self
+                            .node
+                            .store()
+                            .with_state(|s| s.open_alarms().find(|a| a.key == key).map(|a| a.id));
+                        if let Some(alarm_id) = open {
+                            self.propose(Event::AlarmCleared {
+                                alarm_id,
+                                reason: "the dump command succeeded".into(),
+                            })
+                            .await;
+                        }
+                    }
+                    failed => {
+                        let problem = match failed {
+                            Ok(outcome) => format!(
+                                "exit code {}, stderr ends with: {}",
+                                outcome.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "?".into()),
+                                tail_chars(outcome.stderr_tail.trim(), 200)
+                            ),
+                            Err(e) => e.to_string(),
+                        };
+                        self.dump_retry
+                            .lock()
+                            .expect("dump retry lock")
+                            .insert(name.clone(), Instant::now() + BACKOFF_MIN);
+                        let message = format!(
+                            "the dump command of {name} failed before its handover to node {to}: {problem}; it keeps running here, next try in {} s",
+                            BACKOFF_MIN.as_secs()
+                        );
+                        tracing::warn!("{message}");
+                        if !self.node.store().with_state(|s| s.open_alarms().any(|a| a.key == key)) {
+                            self.propose(Event::AlarmRaised {
+                                key,
+                                node: Some(me),
+                                service: Some(name.clone()),
+                                message,
+                            })
+                            .await;
+                        }
+                        continue;
+                    }
+                }
+            }
+            tracing::info!(
+                service = name,
+                to,
+                "handover: released here; the container stops, then the switch follows"
+            );
+            fence.release(&name);
+        }
+    }
+
+    /// For each released handover whose container no longer runs here: proposes the switch to the
+    /// target, which serves a lease plus the drift margin later, as after any switch.
+    async fn finish_handovers(&self) {
+        let Some(fence) = &self.fence else { return };
+        let me = self.executor.scope.node_id;
+        let released: Vec<_> =
+            self.handovers_asked().into_iter().filter(|(name, ..)| fence.released(name)).collect();
+        if released.is_empty() {
+            return;
+        }
+        let Ok(observed) = self.executor.runtime.list().await else { return };
+        for (name, to, dump) in released {
+            // An on-demand container is the activator's to stop (it does so as the fence releases
+            // it); stopping it here as well is harmless and does not leave the switch to the next pass.
+            let mut stopped = true;
+            for c in observed.iter().filter(|c| c.service == name && c.state == RunState::Running) {
+                if let Err(e) = self.executor.runtime.stop(&c.id).await {
+                    tracing::warn!(service = name, "handover: cannot stop {}: {e}", c.id);
+                    stopped = false;
+                }
+            }
+            if !stopped {
+                continue;
+            }
+            let how = if dump.is_some() { "dumped and stopped" } else { "stopped" };
+            let reason = format!("handover: node {me} {how} {name}");
+            let event = crate::monitor::instructed_switch(&name, to, self.node.now_ms(), reason);
+            self.propose(event).await;
+        }
+    }
+}
+
+/// The last `n` characters of `text`.
+fn tail_chars(text: &str, n: usize) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    chars[chars.len().saturating_sub(n)..].iter().collect()
 }
 
 /// Acts on a container runtime: runs each service's planned actions, remembers failures (backoff,
@@ -1210,7 +1377,11 @@ mod tests {
             s.images.insert("img:1".into());
         });
         let scope = Scope { cluster_id: "c0".into(), node_id: 1 };
-        let settings = Settings { volumes: volumes.path().to_path_buf(), pull: false };
+        let settings = Settings {
+            volumes: volumes.path().to_path_buf(),
+            pull: false,
+            dump_timeout: Duration::from_secs(10),
+        };
         let executor = Executor::new(fake.clone(), scope, settings);
         Rig { fake, executor, _volumes: volumes }
     }

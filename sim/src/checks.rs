@@ -209,6 +209,9 @@ pub struct Switch {
     pub before: Placement,
     /// Members of the cluster just before the switch.
     pub members: usize,
+    /// The handover under way just before the switch, if any: its master, its target, and who
+    /// asked for it.
+    pub handover: Option<(u64, u64, String)>,
 }
 
 /// Every applied authority switch in an archive (which must start at the first event), found by
@@ -219,8 +222,21 @@ pub fn switches(archive: &[EventRecord]) -> Result<Vec<Switch>, String> {
     }
     let mut state = State::default();
     let mut found = Vec::new();
+    // Who asked for each handover, by service.
+    let mut asked_by: std::collections::BTreeMap<String, String> = Default::default();
     for record in archive {
         let env = &record.envelope;
+        if let Event::HandoverRequested { service, .. } = &env.event {
+            if record.outcome.is_applied() {
+                asked_by.insert(service.clone(), env.actor.clone());
+            }
+        }
+        let handover = match &env.event {
+            Event::AuthoritySwitched { service, .. } => state
+                .handover(service)
+                .map(|h| (h.from, h.to, asked_by.get(service).cloned().unwrap_or_default())),
+            _ => None,
+        };
         let before = match &env.event {
             Event::AuthoritySwitched { service, .. } => state
                 .services
@@ -243,6 +259,7 @@ pub fn switches(archive: &[EventRecord]) -> Result<Vec<Switch>, String> {
                     to: *to,
                     before,
                     members,
+                    handover,
                 });
             }
         }
@@ -251,7 +268,9 @@ pub fn switches(archive: &[EventRecord]) -> Result<Vec<Switch>, String> {
 }
 
 /// No backup took authority without an instruction: a switch by failover names the failover and
-/// comes from that node's monitor; an instructed switch comes from an admin (`admin_actor`).
+/// comes from that node's monitor; an instructed switch comes from an admin (`admin_actor`), or ends
+/// a handover an admin asked for, to that same node, and comes from the old master's reconciler or
+/// from the target's monitor (when the handover was overdue).
 pub fn switches_authorised(switches: &[Switch], admin_actor: &str) -> Vec<String> {
     let mut violations = Vec::new();
     for s in switches {
@@ -259,7 +278,15 @@ pub fn switches_authorised(switches: &[Switch], admin_actor: &str) -> Vec<String
             SwitchCause::Failover => {
                 s.before.failover == Some(s.to) && s.actor == format!("monitor@node:{}", s.to)
             }
-            SwitchCause::Instruction => s.actor == admin_actor,
+            SwitchCause::Instruction => {
+                s.actor == admin_actor
+                    || s.handover.as_ref().is_some_and(|(from, to, asker)| {
+                        *to == s.to
+                            && asker == admin_actor
+                            && (s.actor == format!("reconciler@node:{from}")
+                                || s.actor == format!("monitor@node:{to}"))
+                    })
+            }
         };
         if !ok {
             let role = if s.before.backups.contains(&s.to) {
@@ -471,6 +498,7 @@ mod tests {
             to,
             before: Placement { master: 1, failover: Some(2), backups: vec![3, 4, 5] },
             members: 5,
+            handover: None,
         }
     }
 
@@ -486,6 +514,25 @@ mod tests {
             switch(SwitchCause::Instruction, 3, "monitor@node:3"),
         ];
         assert_eq!(switches_authorised(&bad, "admin").len(), 2);
+    }
+
+    #[test]
+    fn a_handover_is_finished_by_the_old_master_or_the_target_only_as_asked() {
+        let handing = |to: u64, actor: &str, asker: &str| Switch {
+            handover: Some((1, 3, asker.into())),
+            ..switch(SwitchCause::Instruction, to, actor)
+        };
+        let good = [handing(3, "reconciler@node:1", "admin"), handing(3, "monitor@node:3", "admin")];
+        assert!(switches_authorised(&good, "admin").is_empty());
+        let bad = [
+            // to another node than the one asked for
+            handing(4, "reconciler@node:1", "admin"),
+            // by a third node
+            handing(3, "monitor@node:4", "admin"),
+            // a handover nobody authorised asked for
+            handing(3, "reconciler@node:1", "monitor@node:3"),
+        ];
+        assert_eq!(switches_authorised(&bad, "admin").len(), 3);
     }
 
     #[test]

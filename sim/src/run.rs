@@ -15,7 +15,6 @@ use coyote_nodes::reconciler::{self, Reconciler};
 use coyote_nodes::runtime::Scope;
 use coyote_state_machine::{
     spec::NAMESERVERS_MAX, Event, Outcome, Placement, PortMap, ServiceSpec, SwitchCause, ZoneCheck,
-    DRIFT_MARGIN_MS, LEASE_MS,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -329,7 +328,11 @@ async fn host_software(world: Arc<World>, host: Arc<HostState>) -> SendResult {
     tokio::spawn(monitor.run(std::future::pending()));
     host.containers.reboot();
     let scope = Scope { cluster_id: CLUSTER_ID.into(), node_id };
-    let settings = reconciler::Settings { volumes: volumes_dir(&host.name), pull: false };
+    let settings = reconciler::Settings {
+        volumes: volumes_dir(&host.name),
+        pull: false,
+        dump_timeout: Duration::from_secs(10),
+    };
     let runtime = Arc::new(ModelRuntime(host.containers.clone()));
     let reconciler =
         Arc::new(Reconciler::new(node.clone(), runtime, scope, settings).with_fence(fence.clone()));
@@ -388,12 +391,11 @@ async fn admin(world: &World, host: &HostState, node: &LogNode) {
         match next {
             Some(Admin::CreateService(spec)) => create_service(world, node, spec).await,
             Some(Admin::Switch { service, to }) => {
-                let event = Event::AuthoritySwitched {
+                // `coyote service switch` without `--now`: a graceful handover.
+                let event = Event::HandoverRequested {
                     service: service.clone(),
                     to,
                     reason: format!("instructed through {}", host.name),
-                    serve_from_ms: node.now_ms() + LEASE_MS + DRIFT_MARGIN_MS,
-                    cause: SwitchCause::Instruction,
                 };
                 match node.propose(event, ADMIN_ACTOR.into()).await {
                     Ok(p) => world.trace(format!(

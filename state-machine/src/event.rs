@@ -95,6 +95,14 @@ pub enum Event {
         subject: Subject,
         reachable: bool,
     },
+    /// An admin asks for a graceful handover of `service` to `to`: the master runs the spec's dump
+    /// command, stops its container and then proposes the switch itself (see `State::handovers`).
+    /// Appended last, so that logs written before it decode unchanged.
+    HandoverRequested {
+        service: String,
+        to: NodeId,
+        reason: String,
+    },
 }
 
 /// What a monitor probes: a peer, or a service (at its master, together with its DNS zone).
@@ -139,6 +147,7 @@ impl Event {
             Event::AlarmRaised { .. } => "alarm_raised",
             Event::AlarmCleared { .. } => "alarm_cleared",
             Event::ReachabilityChanged { .. } => "reachability_changed",
+            Event::HandoverRequested { .. } => "handover_requested",
         }
     }
 
@@ -157,6 +166,7 @@ impl Event {
         "alarm_raised",
         "alarm_cleared",
         "reachability_changed",
+        "handover_requested",
     ];
 
     /// One human line describing the event.
@@ -196,6 +206,9 @@ impl Event {
             Event::ReachabilityChanged { observer, subject, reachable } => {
                 let now = if *reachable { "reachable again" } else { "unreachable" };
                 format!("node {observer} sees {subject} {now}")
+            }
+            Event::HandoverRequested { service, to, reason } => {
+                format!("service {service}: handover to node {to} requested ({reason}); the master dumps and stops first")
             }
         }
     }

@@ -57,8 +57,9 @@ pub use event::{
 };
 pub use spec::{PortMap, ServiceSpec, ZoneCheck};
 pub use state::{
-    sha256_hex, Alarm, ClusterInfo, ContainerGoal, DesiredContainer, Member, Observation, Outcome, Role,
-    Service, State, Token, TokenStatus, DRIFT_MARGIN_MS, FAILOVER_AFTER_MS, LEASE_MS, PLACEMENT_BACKUPS_MAX,
+    sha256_hex, Alarm, ClusterInfo, ContainerGoal, DesiredContainer, Handover, Member, Observation, Outcome,
+    Role, Service, State, StateV1, Token, TokenStatus, DRIFT_MARGIN_MS, FAILOVER_AFTER_MS, HANDOVER_WAIT_MS,
+    LEASE_MS, PLACEMENT_BACKUPS_MAX,
 };
 
 /// Deliberate bugs, for the simulator to show that its checkers catch them. Compiled only with the

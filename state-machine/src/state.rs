@@ -22,6 +22,9 @@ pub const LEASE_MS: u64 = 600;
 pub const DRIFT_MARGIN_MS: u64 = 150;
 /// How long the failover must have seen a service unreachable before it may take over.
 pub const FAILOVER_AFTER_MS: u64 = 250;
+/// How long the target of a handover waits for the master to hand over (dump, stop, switch) before
+/// it proposes the switch itself. It proposes at once when a majority reports the master unreachable.
+pub const HANDOVER_WAIT_MS: u64 = 30_000;
 /// Tokens are forgotten this long after they expire (their use stays in the event history).
 pub const TOKEN_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 
@@ -82,6 +85,22 @@ pub struct Service {
     pub created_at_ms: u64,
     /// The current master may serve from this moment (set by an authority switch).
     pub serve_from_ms: u64,
+}
+
+/// A graceful handover under way: asked for by `HandoverRequested`, ended by the switch (or by the
+/// service, the target's role or the master changing otherwise).
+///
+/// The master (`from`) runs the spec's dump command in its running container, stops it, and then
+/// proposes `AuthoritySwitched { cause: Instruction }` to `to`; the new master serves a lease plus
+/// the drift margin after that, as after any switch. If the master does not do so within
+/// [`HANDOVER_WAIT_MS`], or a majority reports it unreachable, the target proposes the switch itself
+/// (the old master is then fenced by its lease, as in a failover).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Handover {
+    pub from: NodeId,
+    pub to: NodeId,
+    pub requested_at_ms: u64,
+    pub reason: String,
 }
 
 /// The latest report of one observer about one subject.
@@ -166,6 +185,41 @@ pub struct State {
     pub last_applied: LogIndex,
     pub applied_count: u64,
     pub rejected_count: u64,
+    /// Graceful handovers under way, by service.
+    pub handovers: BTreeMap<String, Handover>,
+}
+
+/// [`State`] as snapshots before graceful handovers held it (snapshot format 1), to read them.
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub struct StateV1 {
+    pub cluster: Option<ClusterInfo>,
+    pub members: BTreeMap<NodeId, Member>,
+    pub departed: BTreeSet<NodeId>,
+    pub tokens: BTreeMap<String, Token>,
+    pub services: BTreeMap<String, Service>,
+    pub alarms: BTreeMap<u64, Alarm>,
+    pub reachability: BTreeMap<(NodeId, Subject), Observation>,
+    pub last_applied: LogIndex,
+    pub applied_count: u64,
+    pub rejected_count: u64,
+}
+
+impl From<StateV1> for State {
+    fn from(v: StateV1) -> Self {
+        State {
+            cluster: v.cluster,
+            members: v.members,
+            departed: v.departed,
+            tokens: v.tokens,
+            services: v.services,
+            alarms: v.alarms,
+            reachability: v.reachability,
+            last_applied: v.last_applied,
+            applied_count: v.applied_count,
+            rejected_count: v.rejected_count,
+            handovers: BTreeMap::new(),
+        }
+    }
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
@@ -322,6 +376,29 @@ impl State {
                 }
                 if *cause == SwitchCause::Failover {
                     self.check_failover_rule(service, placement, *to, at_ms)?;
+                }
+            }
+            Event::HandoverRequested { service, to, .. } => {
+                let Some(svc) = self.services.get(service) else {
+                    return reject(format!("service {service} does not exist"));
+                };
+                let Some(placement) = &svc.placement else {
+                    return reject(format!("service {service} has no placement yet"));
+                };
+                if placement.master == *to {
+                    return reject(format!("node {to} is already master of {service}"));
+                }
+                if !placement.nodes().any(|n| n == *to) {
+                    return reject(format!("node {to} holds no role for {service}"));
+                }
+                if !self.members.contains_key(to) {
+                    return reject(format!("node {to} is not a member"));
+                }
+                if let Some(h) = self.handovers.get(service) {
+                    return reject(format!(
+                        "a handover of {service} to node {} is already under way (asked for at {})",
+                        h.to, h.requested_at_ms
+                    ));
                 }
             }
             Event::AlarmRaised { key, node, service, .. } => {
@@ -559,7 +636,24 @@ impl State {
                     self.reachability.insert((*observer, subject.clone()), observation);
                 }
             }
+            Event::HandoverRequested { service, to, reason } => {
+                let from =
+                    self.services[service].placement.as_ref().expect("checked: placement exists").master;
+                self.handovers.insert(
+                    service.clone(),
+                    Handover { from, to: *to, requested_at_ms: env.at_ms, reason: reason.clone() },
+                );
+            }
         }
+        // A handover ends with the switch, or when what it was about is gone: the service, the
+        // master it was asked of, or the target's role.
+        let services = &self.services;
+        self.handovers.retain(|name, h| {
+            services
+                .get(name)
+                .and_then(|s| s.placement.as_ref())
+                .is_some_and(|p| p.master == h.from && p.nodes().any(|n| n == h.to))
+        });
     }
 
     fn add_member(&mut self, node: &NodeInfo, env: &Envelope) {
@@ -571,6 +665,12 @@ impl State {
 
     /// Checks what must never be false. Kept in release builds: a broken state must stop the node.
     pub fn check_invariants(&self) -> Result<(), Error> {
+        for (name, h) in &self.handovers {
+            let master = self.services.get(name).and_then(|s| s.placement.as_ref()).map(|p| p.master);
+            if master != Some(h.from) || h.from == h.to {
+                return Err(Error::Invariant(format!("handover of {name} from node {} is stale", h.from)));
+            }
+        }
         for (name, svc) in &self.services {
             if svc.spec.name != *name {
                 return Err(Error::Invariant(format!("service {name} stored under another name")));
@@ -662,6 +762,29 @@ impl State {
         let max_member = self.members.keys().next_back().copied().unwrap_or(0);
         let max_departed = self.departed.iter().next_back().copied().unwrap_or(0);
         max_member.max(max_departed) + 1
+    }
+
+    /// The handover of `service` under way, if any.
+    pub fn handover(&self, service: &str) -> Option<&Handover> {
+        self.handovers.get(service)
+    }
+
+    /// Whether the target of the handover of `service` may propose the switch itself at `now_ms`,
+    /// and why: the master did not hand over within [`HANDOVER_WAIT_MS`], or a majority reports it
+    /// unreachable.
+    pub fn handover_overdue(&self, service: &str, now_ms: u64) -> Option<String> {
+        let h = self.handovers.get(service)?;
+        let (votes, needed) = self.master_down_votes(h.from);
+        if votes >= needed {
+            return Some(format!("handover: the master (node {}) is unreachable by a majority", h.from));
+        }
+        (now_ms >= h.requested_at_ms.saturating_add(HANDOVER_WAIT_MS)).then(|| {
+            format!(
+                "handover: the master (node {}) did not hand over within {} s",
+                h.from,
+                HANDOVER_WAIT_MS / 1000
+            )
+        })
     }
 
     /// Whether `node` may serve `service` at `now_ms`: it is the master and its switch's moment has come.

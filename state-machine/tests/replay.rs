@@ -66,6 +66,11 @@ fn event() -> impl Strategy<Value = Event> {
                 reachable,
             }
         ),
+        2 => (name.clone(), node.clone()).prop_map(|(service, to)| Event::HandoverRequested {
+            service,
+            to,
+            reason: "r".into(),
+        }),
         1 => (prop::sample::select(vec!["k1", "k2"]), prop::option::of(node)).prop_map(|(key, node)| {
             Event::AlarmRaised { key: key.into(), node, service: None, message: "m".into() }
         }),

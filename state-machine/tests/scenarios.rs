@@ -134,6 +134,11 @@ impl Runner {
                     cause,
                 })
             }
+            "handover" => self.propose(Event::HandoverRequested {
+                service: pos[1].clone(),
+                to: num("to"),
+                reason: "scenario".into(),
+            }),
             "observe" => {
                 let subject = match (kv.get("node"), kv.get("service")) {
                     (Some(n), None) => Subject::Node(n.parse().expect("node id")),
@@ -211,6 +216,21 @@ impl Runner {
                         .map(|n| n.to_string())
                         .collect();
                     writeln!(out, "  {name}: served by [{}] at {}", who.join(","), self.clock_ms).unwrap();
+                }
+            }
+            "handovers" => {
+                for (name, h) in &s.handovers {
+                    let overdue =
+                        s.handover_overdue(name, self.clock_ms).unwrap_or_else(|| "not overdue".into());
+                    writeln!(
+                        out,
+                        "  {name}: from node {} to node {}, asked at {}; at {}: {overdue}",
+                        h.from, h.to, h.requested_at_ms, self.clock_ms
+                    )
+                    .unwrap();
+                }
+                if s.handovers.is_empty() {
+                    writeln!(out, "  none").unwrap();
                 }
             }
             "alarms" => {

@@ -266,3 +266,105 @@ fn a_crash_loop_and_a_taken_port_raise_alarms() -> Result<()> {
     }
     Ok(())
 }
+
+/// The container of `service` that node `node` runs or keeps (its `coyote.node` label).
+fn container_on(cluster: &str, service: &str, node: u64) -> Result<Option<Value>> {
+    Ok(containers(cluster, service)?
+        .into_iter()
+        .find(|c| c["Config"]["Labels"]["coyote.node"].as_str() == Some(node.to_string().as_str())))
+}
+
+#[test]
+fn an_instructed_switch_dumps_and_stops_the_old_master_before_the_new_one_starts() -> Result<()> {
+    test_images()?;
+    let root = tempfile::tempdir()?;
+    let mut guard = DockerGuard::default();
+    let mut n1 = Node::new(root.path(), "n1");
+    n1.containers = true;
+    n1.up()?;
+    let cluster = n1.cluster_id()?;
+    guard.cluster_ids.push(cluster.clone());
+    let mut n2 = Node::new(root.path(), "n2");
+    n2.containers = true;
+    n2.join(&n1.token(&[])?)?;
+    let nodes = [n1, n2];
+    wait_until("two voters", TIMEOUT, || {
+        let s = nodes[0].status()?;
+        let voters = s["members"].as_array().map(|m| m.iter().filter(|m| m["role"] != "learner").count());
+        Ok((voters == Some(2)).then_some(()))
+    })?;
+
+    let service = unique("handover");
+    let port = free_port();
+    // The image has no /bin/sh: busybox is the shell. The dump leaves a file in the volume.
+    let dump = r#"/bin/busybox sh -c "echo dumped > /data/dump.txt""#;
+    nodes[0].cli_json(&[
+        "service",
+        "create",
+        &service,
+        "--image",
+        "coyote-test/httpd:1",
+        "--port",
+        &format!("{port}:80"),
+        "--dump",
+        dump,
+    ])?;
+    let shown = wait_until("a placement", TIMEOUT, || {
+        let s = nodes[0].cli_json(&["service", "show", &service])?;
+        Ok((!s["placement"].is_null()).then_some(s))
+    })?;
+    let master = shown["placement"]["master"].as_u64().ok_or_else(|| anyhow!("{shown}"))?;
+    let to = shown["placement"]["failover"].as_u64().ok_or_else(|| anyhow!("no failover: {shown}"))?;
+    let (old, new) = (&nodes[master as usize - 1], &nodes[to as usize - 1]);
+    wait_until("the master's container to run", TIMEOUT, || {
+        Ok(container_on(&cluster, &service, master)?.filter(|c| c["State"]["Running"] == true))
+    })?;
+    assert!(http_get(port)?.contains(" 200 "));
+    let standby = container_on(&cluster, &service, to)?.ok_or_else(|| anyhow!("no standby container"))?;
+    assert_eq!(standby["State"]["Running"], false, "the failover keeps it stopped");
+
+    // A target without a role is refused, and nothing is asked.
+    let err = nodes[0].cli_err(&["service", "switch", &service, "--to", "9"])?;
+    assert!(err.contains("node 9 holds no role"), "{err}");
+
+    let asked = new.cli_json(&["service", "switch", &service, "--to", &to.to_string()])?;
+    assert_eq!((asked["handover"].as_bool(), asked["from"].as_u64()), (Some(true), Some(master)), "{asked}");
+    let switched = wait_until("the switch", TIMEOUT, || {
+        let events = old.cli_json_lines(&["events", "tail", "--kind", "authority_switched"])?;
+        Ok(events.into_iter().find(|e| e["outcome"] == "applied"))
+    })?;
+    // The old master made it, after its dump and stop.
+    assert_eq!(switched["actor"], format!("reconciler@node:{master}"), "{switched}");
+    assert!(switched["summary"].as_str().unwrap_or("").contains("dumped and stopped"), "{switched}");
+    let requested = old.cli_json_lines(&["events", "tail", "--kind", "handover_requested"])?;
+    assert!(requested.iter().any(|e| e["index"].as_u64() < switched["index"].as_u64()), "{requested:?}");
+    let dumped = old.dir.join("volumes").join(&service).join("dump.txt");
+    assert_eq!(
+        std::fs::read_to_string(&dumped)?.trim(),
+        "dumped",
+        "the dump ran in the old master's container"
+    );
+
+    // The new master serves on the same port; the old one's container stays stopped.
+    let started = wait_until("the new master's container to run", TIMEOUT, || {
+        Ok(container_on(&cluster, &service, to)?.filter(|c| c["State"]["Running"] == true))
+    })?;
+    wait_until("the service to answer again", TIMEOUT, || {
+        Ok(http_get(port).ok().filter(|p| p.contains(" 200 ")))
+    })?;
+    let stopped = container_on(&cluster, &service, master)?.ok_or_else(|| anyhow!("old container gone"))?;
+    assert_eq!(stopped["State"]["Running"], false);
+    // Stopped before the new one started (RFC 3339 times of one clock, same length: compare as text
+    // after padding the fraction).
+    let time = |v: &Value| -> String {
+        let t = v.as_str().unwrap_or("").trim_end_matches('Z');
+        let (secs, frac) = t.split_once('.').unwrap_or((t, ""));
+        format!("{secs}.{frac:0<9}")
+    };
+    let (finished, began) = (time(&stopped["State"]["FinishedAt"]), time(&started["State"]["StartedAt"]));
+    assert!(finished < began, "the old master stopped at {finished}, the new one started at {began}");
+    let shown = new.cli_json(&["service", "show", &service])?;
+    assert_eq!(shown["placement"]["master"].as_u64(), Some(to), "{shown}");
+    drop(nodes);
+    Ok(())
+}
