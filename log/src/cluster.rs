@@ -92,8 +92,8 @@ impl Default for RaftSettings {
     fn default() -> Self {
         RaftSettings {
             heartbeat_ms: 100,
-            election_min_ms: 500,
-            election_max_ms: 1000,
+            election_min_ms: 300,
+            election_max_ms: 600,
             snapshot_every: 10_000,
             keep_logs: 1_000,
             disk_reserve_bytes: DISK_RESERVE_DEFAULT,

@@ -321,7 +321,7 @@ impl Monitor {
             for name in s.services.keys() {
                 // The target of a handover the master did not carry out in time takes it over.
                 if let Some(reason) = s.handover(name).filter(|h| h.to == me).and_then(|_| s.handover_overdue(name, now)) {
-                    let event = instructed_switch(name, me, now, reason);
+                    let event = handover_switch(name, me, now, reason, SwitchCause::HandoverOverdue);
                     let proposal = Proposal { at_ms: now, actor: String::new(), event: event.clone() };
                     if s.validate(&proposal).is_ok() {
                         takeovers.push(event);
@@ -391,15 +391,16 @@ pub fn takeover(service: &str, to: u64, now: u64, reason: String) -> Event {
     }
 }
 
-/// The switch that ends a handover (proposed by the old master once it has stopped, or by the
-/// target when the old master did not in time): serving starts a lease plus the drift margin from now.
-pub fn instructed_switch(service: &str, to: u64, now: u64, reason: String) -> Event {
+/// The switch that ends a handover: `Handover` from the old master once it has stopped,
+/// `HandoverOverdue` from the target when the old master did not in time. Serving starts a lease
+/// plus the drift margin from now.
+pub fn handover_switch(service: &str, to: u64, now: u64, reason: String, cause: SwitchCause) -> Event {
     Event::AuthoritySwitched {
         service: service.to_string(),
         to,
         reason,
         serve_from_ms: now + LEASE_MS + DRIFT_MARGIN_MS,
-        cause: SwitchCause::Instruction,
+        cause,
     }
 }
 

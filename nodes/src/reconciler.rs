@@ -78,7 +78,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use coyote_log::LogNode;
-use coyote_state_machine::{ContainerGoal, Event, NodeId, ServiceSpec, State};
+use coyote_state_machine::{ContainerGoal, Event, NodeId, ServiceSpec, State, SwitchCause};
 
 use crate::monitor::Fence;
 use serde::Serialize;
@@ -678,7 +678,8 @@ impl Reconciler {
             }
             let how = if dump.is_some() { "dumped and stopped" } else { "stopped" };
             let reason = format!("handover: node {me} {how} {name}");
-            let event = crate::monitor::instructed_switch(&name, to, self.node.now_ms(), reason);
+            let event =
+                crate::monitor::handover_switch(&name, to, self.node.now_ms(), reason, SwitchCause::Handover);
             self.propose(event).await;
         }
     }

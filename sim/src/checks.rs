@@ -268,9 +268,9 @@ pub fn switches(archive: &[EventRecord]) -> Result<Vec<Switch>, String> {
 }
 
 /// No backup took authority without an instruction: a switch by failover names the failover and
-/// comes from that node's monitor; an instructed switch comes from an admin (`admin_actor`), or ends
-/// a handover an admin asked for, to that same node, and comes from the old master's reconciler or
-/// from the target's monitor (when the handover was overdue).
+/// comes from that node's monitor; an instructed switch comes from an admin (`admin_actor`); a
+/// switch that ends a handover ends one an admin asked for, to that same node, and comes from the
+/// old master's reconciler (`Handover`) or from the target's monitor (`HandoverOverdue`).
 pub fn switches_authorised(switches: &[Switch], admin_actor: &str) -> Vec<String> {
     let mut violations = Vec::new();
     for s in switches {
@@ -278,14 +278,16 @@ pub fn switches_authorised(switches: &[Switch], admin_actor: &str) -> Vec<String
             SwitchCause::Failover => {
                 s.before.failover == Some(s.to) && s.actor == format!("monitor@node:{}", s.to)
             }
-            SwitchCause::Instruction => {
-                s.actor == admin_actor
-                    || s.handover.as_ref().is_some_and(|(from, to, asker)| {
-                        *to == s.to
-                            && asker == admin_actor
-                            && (s.actor == format!("reconciler@node:{from}")
-                                || s.actor == format!("monitor@node:{to}"))
-                    })
+            SwitchCause::Instruction => s.actor == admin_actor,
+            SwitchCause::Handover | SwitchCause::HandoverOverdue => {
+                let (by, old_master) = match s.cause {
+                    SwitchCause::Handover => ("reconciler", true),
+                    _ => ("monitor", false),
+                };
+                s.handover.as_ref().is_some_and(|(from, to, asker)| {
+                    let proposer = if old_master { from } else { to };
+                    *to == s.to && asker == admin_actor && s.actor == format!("{by}@node:{proposer}")
+                })
             }
         };
         if !ok {
@@ -518,21 +520,28 @@ mod tests {
 
     #[test]
     fn a_handover_is_finished_by_the_old_master_or_the_target_only_as_asked() {
-        let handing = |to: u64, actor: &str, asker: &str| Switch {
+        let handing = |cause: SwitchCause, to: u64, actor: &str, asker: &str| Switch {
             handover: Some((1, 3, asker.into())),
-            ..switch(SwitchCause::Instruction, to, actor)
+            ..switch(cause, to, actor)
         };
-        let good = [handing(3, "reconciler@node:1", "admin"), handing(3, "monitor@node:3", "admin")];
+        use SwitchCause::{Handover, HandoverOverdue};
+        let good = [
+            handing(Handover, 3, "reconciler@node:1", "admin"),
+            handing(HandoverOverdue, 3, "monitor@node:3", "admin"),
+        ];
         assert!(switches_authorised(&good, "admin").is_empty());
         let bad = [
             // to another node than the one asked for
-            handing(4, "reconciler@node:1", "admin"),
-            // by a third node
-            handing(3, "monitor@node:4", "admin"),
+            handing(Handover, 4, "reconciler@node:1", "admin"),
+            // by a third node, or by the other party
+            handing(HandoverOverdue, 3, "monitor@node:4", "admin"),
+            handing(Handover, 3, "reconciler@node:3", "admin"),
             // a handover nobody authorised asked for
-            handing(3, "reconciler@node:1", "monitor@node:3"),
+            handing(Handover, 3, "reconciler@node:1", "monitor@node:3"),
+            // no handover under way at all
+            Switch { handover: None, ..switch(Handover, 3, "reconciler@node:1") },
         ];
-        assert_eq!(switches_authorised(&bad, "admin").len(), 3);
+        assert_eq!(switches_authorised(&bad, "admin").len(), 5);
     }
 
     #[test]

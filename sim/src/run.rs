@@ -1280,7 +1280,7 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
     let failover_ms = std::mem::take(&mut driver.failover_ms);
     let switches = (
         driver.switches.iter().filter(|s| s.cause == SwitchCause::Failover).count(),
-        driver.switches.iter().filter(|s| s.cause == SwitchCause::Instruction).count(),
+        driver.switches.iter().filter(|s| s.cause.instructed()).count(),
     );
     world.running.lock().expect("running lock").clear();
     drop(driver);

@@ -219,8 +219,7 @@ impl Scenario {
         let service = d.focus.as_str();
         let switches: Vec<&Switch> = d.switches.iter().filter(|s| s.service == service).collect();
         let failovers = switches.iter().filter(|s| s.cause == SwitchCause::Failover).count();
-        let instructed: Vec<&&Switch> =
-            switches.iter().filter(|s| s.cause == SwitchCause::Instruction).collect();
+        let instructed: Vec<&&Switch> = switches.iter().filter(|s| s.cause.instructed()).collect();
         let mut problems = Vec::new();
         let mut expect = |ok: bool, what: &str| {
             if !ok {

@@ -128,6 +128,19 @@ pub enum SwitchCause {
     Failover,
     /// An admin or an authorised peer instructed it (a backup only ever moves this way).
     Instruction,
+    /// Ends the handover under way to `to`: proposed by the old master once it has dumped and
+    /// stopped; accepted only while that handover is under way. (Appended: old logs decode.)
+    Handover,
+    /// Ends the handover under way to `to`, which the old master did not carry out: proposed by the
+    /// target; accepted only while that handover is under way and overdue (see `State`).
+    HandoverOverdue,
+}
+
+impl SwitchCause {
+    /// Whether an admin's instruction is behind it (directly, or through a handover it asked for).
+    pub fn instructed(self) -> bool {
+        self != SwitchCause::Failover
+    }
 }
 
 impl Event {
@@ -198,6 +211,8 @@ impl Event {
                 let how = match cause {
                     SwitchCause::Failover => "failover",
                     SwitchCause::Instruction => "instructed",
+                    SwitchCause::Handover => "handover",
+                    SwitchCause::HandoverOverdue => "handover, overdue",
                 };
                 format!("service {service} authority to node {to} ({how}), serving from {serve_from_ms}: {reason}")
             }

@@ -374,8 +374,21 @@ impl State {
                         "the new master may serve from {earliest} at the earliest (lease {LEASE_MS} ms plus drift margin {DRIFT_MARGIN_MS} ms), not {serve_from_ms}"
                     ));
                 }
-                if *cause == SwitchCause::Failover {
-                    self.check_failover_rule(service, placement, *to, at_ms)?;
+                match cause {
+                    SwitchCause::Failover => self.check_failover_rule(service, placement, *to, at_ms)?,
+                    SwitchCause::Instruction => {}
+                    SwitchCause::Handover | SwitchCause::HandoverOverdue => {
+                        if self.handovers.get(service).is_none_or(|h| h.to != *to) {
+                            return reject(format!("no handover of {service} to node {to} is under way"));
+                        }
+                        if *cause == SwitchCause::HandoverOverdue
+                            && self.handover_overdue(service, at_ms).is_none()
+                        {
+                            return reject(format!(
+                                "the handover of {service} is not overdue: the master may still carry it out"
+                            ));
+                        }
+                    }
                 }
             }
             Event::HandoverRequested { service, to, .. } => {

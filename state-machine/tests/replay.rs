@@ -47,15 +47,24 @@ fn event() -> impl Strategy<Value = Event> {
                 service,
                 placement: Placement { master, failover, backups }
             }),
-        2 => (name.clone(), node.clone(), 0u64..3000, any::<bool>()).prop_map(|(service, to, from, failover)| {
-            Event::AuthoritySwitched {
+        2 => (
+            name.clone(),
+            node.clone(),
+            0u64..3000,
+            prop::sample::select(vec![
+                SwitchCause::Failover,
+                SwitchCause::Instruction,
+                SwitchCause::Handover,
+                SwitchCause::HandoverOverdue,
+            ])
+        )
+            .prop_map(|(service, to, from, cause)| Event::AuthoritySwitched {
                 service,
                 to,
                 reason: "r".into(),
                 serve_from_ms: from,
-                cause: if failover { SwitchCause::Failover } else { SwitchCause::Instruction },
-            }
-        }),
+                cause,
+            }),
         3 => (node.clone(), node.clone(), prop::option::of(name.clone()), any::<bool>()).prop_map(
             |(observer, target, service, reachable)| Event::ReachabilityChanged {
                 observer,

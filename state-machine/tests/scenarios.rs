@@ -119,13 +119,17 @@ impl Runner {
                     backups: node_list(&get("backups")),
                 },
             }),
-            "switch" | "failover" => {
+            "switch" | "failover" | "handover-done" | "handover-overdue" => {
                 let serve_from_ms = match kv.get("from") {
                     Some(d) => self.clock_ms + d.trim_start_matches('+').parse::<u64>().expect("from=+MS"),
                     None => self.clock_ms + LEASE_MS + DRIFT_MARGIN_MS,
                 };
-                let cause =
-                    if pos[0] == "failover" { SwitchCause::Failover } else { SwitchCause::Instruction };
+                let cause = match pos[0].as_str() {
+                    "failover" => SwitchCause::Failover,
+                    "handover-done" => SwitchCause::Handover,
+                    "handover-overdue" => SwitchCause::HandoverOverdue,
+                    _ => SwitchCause::Instruction,
+                };
                 self.propose(Event::AuthoritySwitched {
                     service: pos[1].clone(),
                     to: num("to"),

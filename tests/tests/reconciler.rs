@@ -335,6 +335,7 @@ fn an_instructed_switch_dumps_and_stops_the_old_master_before_the_new_one_starts
     })?;
     // The old master made it, after its dump and stop.
     assert_eq!(switched["actor"], format!("reconciler@node:{master}"), "{switched}");
+    assert_eq!(switched["event"]["AuthoritySwitched"]["cause"], "Handover", "{switched}");
     assert!(switched["summary"].as_str().unwrap_or("").contains("dumped and stopped"), "{switched}");
     let requested = old.cli_json_lines(&["events", "tail", "--kind", "handover_requested"])?;
     assert!(requested.iter().any(|e| e["index"].as_u64() < switched["index"].as_u64()), "{requested:?}");
