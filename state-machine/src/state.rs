@@ -353,21 +353,7 @@ impl State {
                 self.check_placement(placement)?;
             }
             Event::AuthoritySwitched { service, to, serve_from_ms, cause, .. } => {
-                let Some(svc) = self.services.get(service) else {
-                    return reject(format!("service {service} does not exist"));
-                };
-                let Some(placement) = &svc.placement else {
-                    return reject(format!("service {service} has no placement yet"));
-                };
-                if placement.master == *to {
-                    return reject(format!("node {to} is already master of {service}"));
-                }
-                if !placement.nodes().any(|n| n == *to) {
-                    return reject(format!("node {to} holds no role for {service}"));
-                }
-                if !self.members.contains_key(to) {
-                    return reject(format!("node {to} is not a member"));
-                }
+                let placement = self.check_new_master(service, *to)?;
                 let earliest = at_ms.saturating_add(LEASE_MS + DRIFT_MARGIN_MS);
                 if *serve_from_ms < earliest {
                     return reject(format!(
@@ -392,21 +378,7 @@ impl State {
                 }
             }
             Event::HandoverRequested { service, to, .. } => {
-                let Some(svc) = self.services.get(service) else {
-                    return reject(format!("service {service} does not exist"));
-                };
-                let Some(placement) = &svc.placement else {
-                    return reject(format!("service {service} has no placement yet"));
-                };
-                if placement.master == *to {
-                    return reject(format!("node {to} is already master of {service}"));
-                }
-                if !placement.nodes().any(|n| n == *to) {
-                    return reject(format!("node {to} holds no role for {service}"));
-                }
-                if !self.members.contains_key(to) {
-                    return reject(format!("node {to} is not a member"));
-                }
+                self.check_new_master(service, *to)?;
                 if let Some(h) = self.handovers.get(service) {
                     return reject(format!(
                         "a handover of {service} to node {} is already under way (asked for at {})",
@@ -674,6 +646,28 @@ impl State {
             node.id,
             Member { id: node.id, addr: node.addr.clone(), joined_at_ms: env.at_ms, joined_index: env.index },
         );
+    }
+
+    /// That `to` may become master of `service`: it exists and is placed, and `to` is a member
+    /// holding another role for it. Returns the placement.
+    fn check_new_master(&self, service: &str, to: NodeId) -> Result<&Placement, Rejection> {
+        let reject = |m: String| Err(Rejection::new(m));
+        let Some(svc) = self.services.get(service) else {
+            return reject(format!("service {service} does not exist"));
+        };
+        let Some(placement) = &svc.placement else {
+            return reject(format!("service {service} has no placement yet"));
+        };
+        if placement.master == to {
+            return reject(format!("node {to} is already master of {service}"));
+        }
+        if !placement.nodes().any(|n| n == to) {
+            return reject(format!("node {to} holds no role for {service}"));
+        }
+        if !self.members.contains_key(&to) {
+            return reject(format!("node {to} is not a member"));
+        }
+        Ok(placement)
     }
 
     /// Checks what must never be false. Kept in release builds: a broken state must stop the node.

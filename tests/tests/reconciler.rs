@@ -276,14 +276,10 @@ fn container_on(cluster: &str, service: &str, node: u64) -> Result<Option<Value>
 
 #[test]
 fn an_instructed_switch_dumps_and_stops_the_old_master_before_the_new_one_starts() -> Result<()> {
-    test_images()?;
     let root = tempfile::tempdir()?;
     let mut guard = DockerGuard::default();
-    let mut n1 = Node::new(root.path(), "n1");
-    n1.containers = true;
-    n1.up()?;
+    let n1 = node_with_docker(root.path(), &mut guard, &[])?;
     let cluster = n1.cluster_id()?;
-    guard.cluster_ids.push(cluster.clone());
     let mut n2 = Node::new(root.path(), "n2");
     n2.containers = true;
     n2.join(&n1.token(&[])?)?;
