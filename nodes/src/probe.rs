@@ -4,6 +4,7 @@
 //! The wire formats are written here as plain functions over bytes and streams, so that the
 //! simulator runs the same checks over its own network ([`ServiceProbe`] is the seam).
 
+use std::future::Future;
 use std::time::Duration;
 
 use coyote_state_machine::spec::nameserver_addr;
@@ -44,33 +45,55 @@ pub struct NetProbe;
 impl ServiceProbe for NetProbe {
     fn probe(&self, check: Check, timeout: Duration) -> BoxFuture<'static, bool> {
         Box::pin(async move {
-            let run = async {
-                let stream = tokio::net::TcpStream::connect(check.addr()).await.ok()?;
-                match &check {
-                    Check::Tcp { .. } => Some(true),
-                    Check::Http { host, path, .. } => {
-                        let _ = stream.set_nodelay(true);
-                        Some(http_check(stream, host, path).await)
-                    }
-                }
+            let addr = check.addr().to_string();
+            let connect = async move {
+                let stream = tokio::net::TcpStream::connect(addr).await?;
+                let _ = stream.set_nodelay(true);
+                Ok(stream)
             };
-            matches!(tokio::time::timeout(timeout, run).await, Ok(Some(true)))
+            check_over(&check, timeout, connect).await
         })
     }
 
     fn zone(&self, zone: ZoneCheck, timeout: Duration) -> BoxFuture<'static, bool> {
         Box::pin(async move {
-            let asks = zone.nameservers.iter().enumerate().map(|(i, ns)| {
-                let name = zone.zone.clone();
-                let ns = ns.clone();
-                async move {
-                    let run = soa_over_udp(&ns, &name, query_id(i));
-                    matches!(tokio::time::timeout(timeout, run).await, Ok(true))
-                }
-            });
-            futures::future::join_all(asks).await.into_iter().any(|ok| ok)
+            any_nameserver(&zone, timeout, |name, ns, i| async move {
+                soa_over_udp(&ns, &name, query_id(i)).await
+            })
+            .await
         })
     }
+}
+
+/// Runs `check` over the stream that `connect` opens, all within `timeout`: for TCP the connection
+/// is the answer, for HTTP [`http_check`] over it. Each [`ServiceProbe`] supplies only its sockets.
+pub async fn check_over<S, C>(check: &Check, timeout: Duration, connect: C) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    C: Future<Output = std::io::Result<S>>,
+{
+    let run = async {
+        let stream = connect.await.ok()?;
+        match check {
+            Check::Tcp { .. } => Some(true),
+            Check::Http { host, path, .. } => Some(http_check(stream, host, path).await),
+        }
+    };
+    matches!(tokio::time::timeout(timeout, run).await, Ok(Some(true)))
+}
+
+/// Asks every nameserver of `zone` in parallel, each within `timeout`: true if any answered.
+/// `ask(zone name, nameserver, position)` sends one SOA query and tells whether it was answered.
+pub async fn any_nameserver<A, F>(zone: &ZoneCheck, timeout: Duration, ask: A) -> bool
+where
+    A: Fn(String, String, usize) -> F,
+    F: Future<Output = bool>,
+{
+    let asks = zone.nameservers.iter().enumerate().map(|(i, ns)| {
+        let run = ask(zone.zone.clone(), ns.clone(), i);
+        async move { matches!(tokio::time::timeout(timeout, run).await, Ok(true)) }
+    });
+    futures::future::join_all(asks).await.into_iter().any(|ok| ok)
 }
 
 /// A query id that differs between queries (not a secret: the answer is also matched by question).

@@ -272,38 +272,29 @@ pub struct TurmoilProbe;
 impl ServiceProbe for TurmoilProbe {
     fn probe(&self, check: Check, timeout: Duration) -> BoxFuture<'static, bool> {
         Box::pin(async move {
-            let run = async {
-                let stream = turmoil::net::TcpStream::connect(check.addr()).await.ok()?;
-                match &check {
-                    Check::Tcp { .. } => Some(true),
-                    Check::Http { host, path, .. } => Some(probe::http_check(stream, host, path).await),
-                }
-            };
-            matches!(tokio::time::timeout(timeout, run).await, Ok(Some(true)))
+            let addr = check.addr().to_string();
+            probe::check_over(&check, timeout, turmoil::net::TcpStream::connect(addr)).await
         })
     }
 
     fn zone(&self, zone: ZoneCheck, timeout: Duration) -> BoxFuture<'static, bool> {
         Box::pin(async move {
-            let asks = zone.nameservers.iter().enumerate().map(|(i, ns)| {
-                let (name, ns) = (zone.zone.clone(), ns.clone());
-                async move {
-                    let id = 0x5a00 + i as u16;
-                    let run = async {
-                        let socket = turmoil::net::UdpSocket::bind(("0.0.0.0", 0)).await.ok()?;
-                        socket.send_to(&probe::soa_query(id, &name)?, ns.as_str()).await.ok()?;
-                        let mut buf = [0u8; 512];
-                        loop {
-                            let (n, _) = socket.recv_from(&mut buf).await.ok()?;
-                            if probe::soa_answered(id, &name, &buf[..n]) {
-                                return Some(true);
-                            }
+            probe::any_nameserver(&zone, timeout, |name, ns, i| async move {
+                let id = 0x5a00 + i as u16;
+                let answered = async {
+                    let socket = turmoil::net::UdpSocket::bind(("0.0.0.0", 0)).await.ok()?;
+                    socket.send_to(&probe::soa_query(id, &name)?, ns.as_str()).await.ok()?;
+                    let mut buf = [0u8; 512];
+                    loop {
+                        let (n, _) = socket.recv_from(&mut buf).await.ok()?;
+                        if probe::soa_answered(id, &name, &buf[..n]) {
+                            return Some(());
                         }
-                    };
-                    matches!(tokio::time::timeout(timeout, run).await, Ok(Some(true)))
-                }
-            });
-            futures::future::join_all(asks).await.into_iter().any(|ok| ok)
+                    }
+                };
+                answered.await.is_some()
+            })
+            .await
         })
     }
 }
