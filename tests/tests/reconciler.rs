@@ -365,3 +365,61 @@ fn an_instructed_switch_dumps_and_stops_the_old_master_before_the_new_one_starts
     drop(nodes);
     Ok(())
 }
+
+#[test]
+fn an_on_demand_service_running_on_its_master_is_handed_over_too() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut guard = DockerGuard::default();
+    let n1 = node_with_docker(root.path(), &mut guard, &[])?;
+    let cluster = n1.cluster_id()?;
+    let mut n2 = Node::new(root.path(), "n2");
+    n2.containers = true;
+    n2.join(&n1.token(&[])?)?;
+    let nodes = [n1, n2];
+    wait_until("two voters", TIMEOUT, || {
+        let s = nodes[0].status()?;
+        let voters = s["members"].as_array().map(|m| m.iter().filter(|m| m["role"] != "learner").count());
+        Ok((voters == Some(2)).then_some(()))
+    })?;
+    let service = unique("ondemand-handover");
+    let port = free_port();
+    let dump = r#"/bin/busybox sh -c "echo dumped > /data/dump.txt""#;
+    let created = nodes[0].cli_json(&[
+        "service",
+        "create",
+        &service,
+        "--image",
+        "coyote-test/httpd:1",
+        "--port",
+        &format!("{port}:80"),
+        "--on-demand",
+        "--dump",
+        dump,
+    ])?;
+    let master = created["placement"]["master"].as_u64().ok_or_else(|| anyhow!("{created}"))?;
+    let to = created["placement"]["failover"].as_u64().ok_or_else(|| anyhow!("no failover: {created}"))?;
+    let old = &nodes[master as usize - 1];
+    // The first connection starts it on the master, through its activator.
+    let first = wait_until("the master's activator to answer", TIMEOUT, || Ok(http_get(port).ok()))?;
+    assert!(first.contains(" 200 "), "{first}");
+    assert_eq!(container_on(&cluster, &service, master)?.map(|c| c["State"]["Running"] == true), Some(true));
+
+    nodes[0].cli_json(&["service", "switch", &service, "--to", &to.to_string()])?;
+    let switched = wait_until("the switch", TIMEOUT, || {
+        let events = old.cli_json_lines(&["events", "tail", "--kind", "authority_switched"])?;
+        Ok(events.into_iter().find(|e| e["outcome"] == "applied"))
+    })?;
+    assert_eq!(switched["event"]["AuthoritySwitched"]["cause"], "Handover", "{switched}");
+    let dumped = old.dir.join("volumes").join(&service).join("dump.txt");
+    assert_eq!(std::fs::read_to_string(&dumped)?.trim(), "dumped", "the dump ran before the handover");
+    let stopped = container_on(&cluster, &service, master)?.ok_or_else(|| anyhow!("old container gone"))?;
+    assert_eq!(stopped["State"]["Running"], false, "the old master's container is stopped");
+    // The new master's activator owns the port now: the next connection starts its container.
+    let page = wait_until("the new master to answer", TIMEOUT, || {
+        Ok(http_get(port).ok().filter(|p| p.contains(" 200 ")))
+    })?;
+    assert!(page.contains(" 200 "));
+    assert_eq!(container_on(&cluster, &service, to)?.map(|c| c["State"]["Running"] == true), Some(true));
+    assert_eq!(container_on(&cluster, &service, master)?.map(|c| c["State"]["Running"] == true), Some(false));
+    Ok(())
+}
