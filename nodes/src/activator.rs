@@ -290,6 +290,58 @@ pub fn dump_key(node: coyote_state_machine::NodeId, service: &str) -> String {
     format!("dump-failed/{node}/{service}")
 }
 
+/// Runs a service's dump command in its container (`id`); `Err` says how it failed: the exit code
+/// and the end of stderr, or why it could not run. The activator (before an idle or memory stop)
+/// and the reconciler (before a handover) both call this.
+pub async fn run_dump(
+    runtime: &dyn ContainerRuntime,
+    id: &str,
+    argv: &[String],
+    timeout: Duration,
+) -> Result<(), String> {
+    match runtime.exec(id, argv, timeout).await {
+        Ok(outcome) if outcome.succeeded() => Ok(()),
+        Ok(outcome) => {
+            let code =
+                outcome.exit_code.map(|c| format!("exit code {c}")).unwrap_or_else(|| "no exit code".into());
+            let chars: Vec<char> = outcome.stderr_tail.trim().chars().collect();
+            let tail: String = chars[chars.len().saturating_sub(ALARM_STDERR_CHARS)..].iter().collect();
+            if tail.is_empty() {
+                Err(format!("{code}, nothing on stderr"))
+            } else {
+                Err(format!("{code}, stderr ends with: {tail}"))
+            }
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The event that raises `dump-failed/NODE/SERVICE`, unless it is open already.
+pub fn dump_alarm_raised(
+    state: &coyote_state_machine::State,
+    node: coyote_state_machine::NodeId,
+    service: &str,
+    message: String,
+) -> Option<Event> {
+    let key = dump_key(node, service);
+    if state.open_alarms().any(|a| a.key == key) {
+        return None;
+    }
+    Some(Event::AlarmRaised { key, node: Some(node), service: Some(service.to_string()), message })
+}
+
+/// The event that clears `dump-failed/NODE/SERVICE`, if it is open.
+pub fn dump_alarm_cleared(
+    state: &coyote_state_machine::State,
+    node: coyote_state_machine::NodeId,
+    service: &str,
+    reason: &str,
+) -> Option<Event> {
+    let key = dump_key(node, service);
+    let alarm_id = state.open_alarms().find(|a| a.key == key)?.id;
+    Some(Event::AlarmCleared { alarm_id, reason: reason.to_string() })
+}
+
 /// An on-demand service to listen for, with its ports.
 type Wanted = (String, Vec<PortMap>);
 /// A metric's name, type, and how to read it from a service's stats.
@@ -921,45 +973,20 @@ impl Activator {
     /// Runs the dump; `Err` says how it failed (exit code and the end of stderr).
     async fn dump(&self, gate: &Gate, id: &str, argv: &[String]) -> Result<(), String> {
         tracing::info!(service = gate.service, command = format_argv(argv), "running the dump command");
-        match self.runtime.exec(id, argv, self.config.dump_timeout).await {
-            Ok(outcome) if outcome.succeeded() => Ok(()),
-            Ok(outcome) => {
-                let code = outcome
-                    .exit_code
-                    .map(|c| format!("exit code {c}"))
-                    .unwrap_or_else(|| "no exit code".into());
-                let stderr = outcome.stderr_tail.trim();
-                let tail: String = {
-                    let chars: Vec<char> = stderr.chars().collect();
-                    let from = chars.len().saturating_sub(ALARM_STDERR_CHARS);
-                    chars[from..].iter().collect()
-                };
-                if tail.is_empty() {
-                    Err(format!("{code}, nothing on stderr"))
-                } else {
-                    Err(format!("{code}, stderr ends with: {tail}"))
-                }
-            }
-            Err(e) => Err(e.to_string()),
-        }
+        run_dump(self.runtime.as_ref(), id, argv, self.config.dump_timeout).await
     }
 
     async fn raise_dump_alarm(&self, service: &str, message: String) {
-        let me = self.node.id();
-        let key = dump_key(me, service);
-        let open = self.node.store().with_state(|s| s.open_alarms().any(|a| a.key == key));
-        if open {
-            return;
+        let event = self.node.store().with_state(|s| dump_alarm_raised(s, self.node.id(), service, message));
+        if let Some(event) = event {
+            self.propose(event).await;
         }
-        let event = Event::AlarmRaised { key, node: Some(me), service: Some(service.to_string()), message };
-        self.propose(event).await;
     }
 
     async fn clear_dump_alarm(&self, service: &str, reason: &str) {
-        let key = dump_key(self.node.id(), service);
-        let open = self.node.store().with_state(|s| s.open_alarms().find(|a| a.key == key).map(|a| a.id));
-        if let Some(alarm_id) = open {
-            self.propose(Event::AlarmCleared { alarm_id, reason: reason.to_string() }).await;
+        let event = self.node.store().with_state(|s| dump_alarm_cleared(s, self.node.id(), service, reason));
+        if let Some(event) = event {
+            self.propose(event).await;
         }
     }
 

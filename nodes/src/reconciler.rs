@@ -597,30 +597,18 @@ impl Reconciler {
                     continue;
                 }
                 tracing::info!(service = name, to, "handover: running the dump command");
-                let key = crate::activator::dump_key(me, &name);
-                match self.executor.runtime.exec(&c.id, argv, self.executor.settings.dump_timeout).await {
-                    Ok(outcome) if outcome.succeeded() => {
-                        let open = self
-                            .node
-                            .store()
-                            .with_state(|s| s.open_alarms().find(|a| a.key == key).map(|a| a.id));
-                        if let Some(alarm_id) = open {
-                            self.propose(Event::AlarmCleared {
-                                alarm_id,
-                                reason: "the dump command succeeded".into(),
-                            })
-                            .await;
-                        }
-                    }
-                    failed => {
-                        let problem = match failed {
-                            Ok(outcome) => format!(
-                                "exit code {}, stderr ends with: {}",
-                                outcome.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "?".into()),
-                                tail_chars(outcome.stderr_tail.trim(), 200)
-                            ),
-                            Err(e) => e.to_string(),
-                        };
+                let dumped = crate::activator::run_dump(
+                    self.executor.runtime.as_ref(),
+                    &c.id,
+                    argv,
+                    self.executor.settings.dump_timeout,
+                )
+                .await;
+                let event = match &dumped {
+                    Ok(()) => self.node.store().with_state(|s| {
+                        crate::activator::dump_alarm_cleared(s, me, &name, "the dump command succeeded")
+                    }),
+                    Err(problem) => {
                         self.dump_retry
                             .lock()
                             .expect("dump retry lock")
@@ -630,17 +618,16 @@ impl Reconciler {
                             BACKOFF_MIN.as_secs()
                         );
                         tracing::warn!("{message}");
-                        if !self.node.store().with_state(|s| s.open_alarms().any(|a| a.key == key)) {
-                            self.propose(Event::AlarmRaised {
-                                key,
-                                node: Some(me),
-                                service: Some(name.clone()),
-                                message,
-                            })
-                            .await;
-                        }
-                        continue;
+                        self.node
+                            .store()
+                            .with_state(|s| crate::activator::dump_alarm_raised(s, me, &name, message))
                     }
+                };
+                if let Some(event) = event {
+                    self.propose(event).await;
+                }
+                if dumped.is_err() {
+                    continue;
                 }
             }
             tracing::info!(
@@ -683,12 +670,6 @@ impl Reconciler {
             self.propose(event).await;
         }
     }
-}
-
-/// The last `n` characters of `text`.
-fn tail_chars(text: &str, n: usize) -> String {
-    let chars: Vec<char> = text.chars().collect();
-    chars[chars.len().saturating_sub(n)..].iter().collect()
 }
 
 /// Acts on a container runtime: runs each service's planned actions, remembers failures (backoff,

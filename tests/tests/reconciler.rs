@@ -267,6 +267,22 @@ fn a_crash_loop_and_a_taken_port_raise_alarms() -> Result<()> {
     Ok(())
 }
 
+/// A two-node cluster that manages containers (both voters), and its id.
+fn two_nodes_with_docker(root: &std::path::Path, guard: &mut DockerGuard) -> Result<([Node; 2], String)> {
+    let n1 = node_with_docker(root, guard, &[])?;
+    let cluster = n1.cluster_id()?;
+    let mut n2 = Node::new(root, "n2");
+    n2.containers = true;
+    n2.join(&n1.token(&[])?)?;
+    let nodes = [n1, n2];
+    wait_until("two voters", TIMEOUT, || {
+        let s = nodes[0].status()?;
+        let voters = s["members"].as_array().map(|m| m.iter().filter(|m| m["role"] != "learner").count());
+        Ok((voters == Some(2)).then_some(()))
+    })?;
+    Ok((nodes, cluster))
+}
+
 /// The container of `service` that node `node` runs or keeps (its `coyote.node` label).
 fn container_on(cluster: &str, service: &str, node: u64) -> Result<Option<Value>> {
     Ok(containers(cluster, service)?
@@ -278,17 +294,7 @@ fn container_on(cluster: &str, service: &str, node: u64) -> Result<Option<Value>
 fn an_instructed_switch_dumps_and_stops_the_old_master_before_the_new_one_starts() -> Result<()> {
     let root = tempfile::tempdir()?;
     let mut guard = DockerGuard::default();
-    let n1 = node_with_docker(root.path(), &mut guard, &[])?;
-    let cluster = n1.cluster_id()?;
-    let mut n2 = Node::new(root.path(), "n2");
-    n2.containers = true;
-    n2.join(&n1.token(&[])?)?;
-    let nodes = [n1, n2];
-    wait_until("two voters", TIMEOUT, || {
-        let s = nodes[0].status()?;
-        let voters = s["members"].as_array().map(|m| m.iter().filter(|m| m["role"] != "learner").count());
-        Ok((voters == Some(2)).then_some(()))
-    })?;
+    let (nodes, cluster) = two_nodes_with_docker(root.path(), &mut guard)?;
 
     let service = unique("handover");
     let port = free_port();
@@ -370,17 +376,7 @@ fn an_instructed_switch_dumps_and_stops_the_old_master_before_the_new_one_starts
 fn an_on_demand_service_running_on_its_master_is_handed_over_too() -> Result<()> {
     let root = tempfile::tempdir()?;
     let mut guard = DockerGuard::default();
-    let n1 = node_with_docker(root.path(), &mut guard, &[])?;
-    let cluster = n1.cluster_id()?;
-    let mut n2 = Node::new(root.path(), "n2");
-    n2.containers = true;
-    n2.join(&n1.token(&[])?)?;
-    let nodes = [n1, n2];
-    wait_until("two voters", TIMEOUT, || {
-        let s = nodes[0].status()?;
-        let voters = s["members"].as_array().map(|m| m.iter().filter(|m| m["role"] != "learner").count());
-        Ok((voters == Some(2)).then_some(()))
-    })?;
+    let (nodes, cluster) = two_nodes_with_docker(root.path(), &mut guard)?;
     let service = unique("ondemand-handover");
     let port = free_port();
     let dump = r#"/bin/busybox sh -c "echo dumped > /data/dump.txt""#;
