@@ -77,8 +77,10 @@ fn a_missing_image_is_pulled_from_a_registry_and_the_service_comes_up() -> Resul
     let port = free_port();
     let service = format!("pulled{}", std::process::id());
     node.cli_json(&["service", "create", &service, "--image", &image, "--port", &format!("{port}:80")])?;
-    let page =
-        wait_until("the pulled service to answer", Duration::from_secs(90), || Ok(http_get(port).ok()))?;
+    let page = wait_until("the pulled service to answer", Duration::from_secs(90), || {
+        // An empty answer is the engine's port forwarder before the server in the container listens.
+        Ok(http_get(port).ok().filter(|p| p.contains("coyote test 1")))
+    })?;
     assert!(page.contains(" 200 ") && page.contains("coyote test 1"), "{page}");
     docker(&["image", "inspect", &image]).context("the image is on this server after the pull")?;
     let log = node.log_text();

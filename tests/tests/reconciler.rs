@@ -155,7 +155,11 @@ fn containers_follow_the_log_and_drift_is_repaired() -> Result<()> {
     let volume = std::path::absolute(&node.dir)?.join("volumes").join(&service);
     assert_eq!(c["HostConfig"]["Binds"][0], format!("{}:/data", volume.display()));
     assert!(volume.is_dir(), "the volume directory was not created");
-    let body = wait_until("the service to answer", TIMEOUT, || Ok(http_get(port).ok()))?;
+    // The engine's port forwarder accepts before the server in the container listens (the
+    // connection is then closed empty), so wait for an answer, not for a connection.
+    let body = wait_until("the service to answer", TIMEOUT, || {
+        Ok(http_get(port).ok().filter(|b| b.contains("coyote test 1")))
+    })?;
     assert!(body.contains("coyote test 1"), "{body}");
 
     // Converged: the plan is empty.
