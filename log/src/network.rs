@@ -5,6 +5,15 @@
 //! stays tiny and openraft's types stay the single definition of the protocol. Every channel has HTTP/2
 //! keep-alive and every call a deadline, so a peer that vanished (or a partition that silently drops
 //! packets) turns into an error instead of a hung call.
+//!
+//! AppendEntries, the RPC of every write and every heartbeat, goes over long-lived `Replicate`
+//! streams: a bidirectional HTTP/2 stream on which each request is answered by one response, in
+//! order, used by one call at a time and kept idle on the peer's channel between calls
+//! ([`AppendStream`]). A unary call per AppendEntries costs a new HTTP/2 stream with its headers
+//! and a server task each time; on one writer's path that was a measurable share of the CPU (see
+//! `tests/benches/README.md`). A stream whose exchange failed or timed out is dropped, never
+//! reused, so a late answer cannot be paired with a later request. A peer that does not know
+//! `Replicate` (an older version) answers `Unimplemented`, and AppendEntries to it go unary.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -99,6 +108,10 @@ struct Entry {
     channel: Channel,
     /// When a call on it last succeeded (or when it was made).
     last_ok: Arc<Mutex<tokio::time::Instant>>,
+    /// Replication streams on this channel that no call is using ([`AppendStream`]).
+    idle_streams: Arc<Mutex<Vec<AppendStream>>>,
+    /// The peer does not know the `Replicate` call (an older version): AppendEntries go unary.
+    unary_only: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A channel from [`Channels`], with what is needed to report it broken.
@@ -191,6 +204,8 @@ impl Channels {
                     generation: inner.generation,
                     channel,
                     last_ok: Arc::new(Mutex::new(tokio::time::Instant::now())),
+                    idle_streams: Arc::default(),
+                    unary_only: Arc::default(),
                 };
                 inner.by_addr.insert(addr.to_string(), entry.clone());
                 entry
@@ -279,6 +294,120 @@ impl PeerClient {
     }
 }
 
+impl PeerClient {
+    /// AppendEntries over an idle replication stream of the peer's channel, or a new one; unary if the
+    /// peer does not know streams.
+    async fn append(
+        &self,
+        rpc: &AppendEntriesRequest<TypeConfig>,
+        option: &RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let peer = self
+            .channels
+            .get(&self.addr)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&Text(e.to_string()))))?;
+        if peer.entry.unary_only.load(std::sync::atomic::Ordering::Relaxed) {
+            return self.call(Method::Append, rpc, option).await;
+        }
+        let idle = peer.entry.idle_streams.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
+        let data = encode(rpc);
+        let exchanged = match idle {
+            Some(stream) => stream.exchange(data, option.hard_ttl()).await,
+            None => AppendStream::open(&peer, data, option.hard_ttl()).await,
+        };
+        let (stream, reply) = match exchanged {
+            Ok(done) => done,
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                tracing::info!(peer = %self.addr, %status, "the peer does not take replication streams: AppendEntries go unary");
+                peer.entry.unary_only.store(true, std::sync::atomic::Ordering::Relaxed);
+                return self.call(Method::Append, rpc, option).await;
+            }
+            Err(status) => {
+                // The stream is gone with its call: a late answer must not pair with a later request.
+                if dead_connection(status.code()) {
+                    peer.broken();
+                }
+                return Err(match status.code() {
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
+                        RPCError::Unreachable(Unreachable::new(&status))
+                    }
+                    _ => RPCError::Network(NetworkError::new(&status)),
+                });
+            }
+        };
+        peer.succeeded();
+        {
+            let mut idle = peer.entry.idle_streams.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if idle.len() < IDLE_STREAMS_MAX {
+                idle.push(stream);
+            }
+        }
+        let result: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
+            coyote_state_machine::decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+/// Idle replication streams kept per peer: one for the replication task, the others for the
+/// heartbeats that confirm leadership, which run beside it.
+const IDLE_STREAMS_MAX: usize = 4;
+
+/// One `Replicate` call: a long-lived HTTP/2 stream on which each AppendEntries request is answered by
+/// one response, in order. It is used by one call at a time (taken from the peer's idle streams and put
+/// back after a complete exchange); a stream whose exchange failed or timed out is dropped, which
+/// ends the call, so an answer can never be taken for the next request's.
+pub(crate) struct AppendStream {
+    requests: tokio::sync::mpsc::Sender<pb::Blob>,
+    replies: tonic::Streaming<pb::Blob>,
+}
+
+impl AppendStream {
+    /// Opens a stream with `first` as its first request (sent with the call's headers) and waits for
+    /// the answer to it.
+    async fn open(peer: &PeerChannel, first: Vec<u8>, ttl: Duration) -> Result<(Self, Vec<u8>), Status> {
+        let (requests, queue) = tokio::sync::mpsc::channel(1);
+        requests
+            .try_send(pb::Blob { data: first })
+            .map_err(|_| Status::internal("a new replication stream refused its first request"))?;
+        let outgoing = futures::stream::unfold(queue, |mut queue| async move {
+            queue.recv().await.map(|blob| (blob, queue))
+        });
+        let mut client = pb::raft_client::RaftClient::new(peer.channel())
+            .max_decoding_message_size(MESSAGE_MAX_BYTES)
+            .max_encoding_message_size(MESSAGE_MAX_BYTES);
+        let work = async {
+            let mut replies = client.replicate(outgoing).await?.into_inner();
+            let reply = next_reply(&mut replies).await?;
+            Ok((AppendStream { requests, replies }, reply))
+        };
+        tokio::time::timeout(ttl, work).await.unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded("no answer on a new replication stream in time"))
+        })
+    }
+
+    /// Sends one request and waits for its answer.
+    async fn exchange(mut self, request: Vec<u8>, ttl: Duration) -> Result<(Self, Vec<u8>), Status> {
+        let work = async {
+            self.requests
+                .send(pb::Blob { data: request })
+                .await
+                .map_err(|_| Status::unavailable("the replication stream ended"))?;
+            next_reply(&mut self.replies).await
+        };
+        let reply = tokio::time::timeout(ttl, work).await.unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded("no answer on the replication stream in time"))
+        })?;
+        Ok((self, reply))
+    }
+}
+
+async fn next_reply(replies: &mut tonic::Streaming<pb::Blob>) -> Result<Vec<u8>, Status> {
+    match replies.message().await? {
+        Some(blob) => Ok(blob.data),
+        None => Err(Status::unavailable("the peer ended the replication stream")),
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Method {
     Append,
@@ -313,7 +442,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 }
             }
         }
-        let reply = self.call(Method::Append, &rpc, &option).await;
+        let reply = self.append(&rpc, &option).await;
         tracing::debug!(target: "coyote_path", to = self.target, "ae reply");
         reply
     }
@@ -357,6 +486,36 @@ impl pb::raft_server::Raft for RaftService {
         let result = self.raft.append_entries(rpc).await;
         tracing::debug!(target: "coyote_path", "ae answer");
         Ok(Response::new(pb::Blob { data: encode(&result) }))
+    }
+
+    type ReplicateStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::Blob, Status>> + Send + 'static>>;
+
+    /// Answers each AppendEntries of the stream in order, in the task that serves the stream (no task
+    /// per request). A malformed request ends the stream with an error.
+    async fn replicate(
+        &self,
+        request: Request<tonic::Streaming<pb::Blob>>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        require_member(&request)?;
+        let state = Some((request.into_inner(), self.raft.clone()));
+        let answers = futures::stream::unfold(state, |state| async move {
+            let (mut inbound, raft) = state?;
+            let blob = match inbound.message().await {
+                Ok(Some(blob)) => blob,
+                Ok(None) => return None,
+                Err(status) => return Some((Err(status), None)),
+            };
+            let rpc: AppendEntriesRequest<TypeConfig> = match decode(&blob.data) {
+                Ok(rpc) => rpc,
+                Err(status) => return Some((Err(status), None)),
+            };
+            tracing::debug!(target: "coyote_path", entries = rpc.entries.len(), "ae recv");
+            let result = raft.append_entries(rpc).await;
+            tracing::debug!(target: "coyote_path", "ae answer");
+            Some((Ok(pb::Blob { data: encode(&result) }), Some((inbound, raft))))
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn vote(&self, request: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
