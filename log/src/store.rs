@@ -122,9 +122,13 @@
 //! the saved commit index, the rest when the leader confirms it; meanwhile the node's view lags, as
 //! any follower's may.) Each proposal of a normal entry's [`Batch`] becomes an `Envelope` (the next
 //! event index, which the state counts, the entry's term, the proposal), `State::apply` gives its
-//! outcome, and an [`EventRecord`] is written to `events`, without a flush: like the state, the record
-//! is rebuilt, byte for byte, when its log entry is re-applied. Blank and membership entries are not
-//! events and are not archived.
+//! outcome, and an [`EventRecord`] joins the events not yet written to the `events` tree, kept in
+//! memory. They are written to the tree in one sled batch when [`ARCHIVE_BATCH`] of them are waiting,
+//! and when a snapshot is built (before its flush, since openraft may then purge their log entries),
+//! without a flush otherwise: like the state, a record after the last snapshot is rebuilt, byte for
+//! byte, when its log entry is re-applied after a restart. (A sled batch per applied entry cost about
+//! half of the CPU of a write at one writer; see `tests/benches/README.md`.) Blank and membership
+//! entries are not events and are not archived.
 //!
 //! An `Err` from `State::apply` means an invariant broke, which is a bug. Continuing would let this
 //! replica diverge from the others, so the store panics with the entry and the reason, as toydb does.
@@ -134,9 +138,10 @@
 //! Readers outside Raft see the state through [`StoreHandle`]. It is behind a `std::sync::RwLock`, not
 //! an async one: no critical section contains an `.await`, each is short (one apply batch is CPU work
 //! plus one in-memory sled batch), and readers can then be plain closures callable from sync code.
-//! Applying holds the write lock while it writes the batch's archive records, and
-//! [`StoreHandle::events`] reads under the read lock and stops at the last applied index, so a reader
-//! always sees the archive and the state at the same point of the log. After each batch, the last
+//! Applying holds the write lock while it adds the batch's archive records, and
+//! [`StoreHandle::events`] reads the tree and the records in memory under the read lock and stops at
+//! the last applied index, so a reader always sees the archive and the state at the same point of the
+//! log. After each batch, the last
 //! applied index is published on a `tokio::sync::watch` channel ([`StoreHandle::subscribe`]).
 //!
 //! # Snapshots
@@ -458,7 +463,15 @@ struct Machine {
     state: State,
     last_applied: Option<LogId>,
     membership: StoredMembership<NodeId, Node>,
+    /// The last applied events not written to the `events` tree yet, in order, ending at the state's
+    /// last event (see "State machine and archive" in the module docs).
+    unarchived: Vec<EventRecord>,
 }
+
+/// Applied events are written to the `events` tree in batches of this many (and whenever a snapshot
+/// is built). Each sled batch costs far more than the records in it: writing every applied entry's
+/// events as its own batch took about half of the CPU of a write at one writer.
+pub const ARCHIVE_BATCH: usize = 512;
 
 /// What the three handles share.
 struct Shared {
@@ -629,13 +642,28 @@ impl Shared {
         self.lock_wal().read((Bound::Included(start), end))
     }
 
-    /// Archived events with indexes in `[from, upto]`, at most `limit` of them.
-    fn read_events(&self, from: u64, upto: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
+    /// Archived events with indexes in `[from, upto]`, at most `limit` of them: from the `events` tree,
+    /// then from `unarchived` (the events after the tree's, see [`Machine::unarchived`]).
+    fn read_events(
+        &self,
+        from: u64,
+        upto: u64,
+        limit: usize,
+        unarchived: &[EventRecord],
+    ) -> Result<Vec<EventRecord>, StoreError> {
         let mut records = Vec::new();
         if from > upto {
             return Ok(records);
         }
-        for item in self.events.range(index_key(from)..=index_key(upto)).take(limit) {
+        // The tree may hold records past the first unarchived one, written before a restart; the
+        // unarchived records are the applied ones.
+        let tree_upto = match unarchived.first() {
+            Some(first) => upto.min(first.envelope.index.saturating_sub(1)),
+            None => upto,
+        };
+        let from_tree = (from <= tree_upto)
+            .then(|| self.events.range(index_key(from)..=index_key(tree_upto)).take(limit));
+        for item in from_tree.into_iter().flatten() {
             let (key, value) = item.map_err(io("read the event archive"))?;
             let index = key_index(&key, EVENTS_TREE)?;
             let record: EventRecord = decode_from_disk(&value, || format!("archived event {index}"))?;
@@ -647,7 +675,27 @@ impl Shared {
             }
             records.push(record);
         }
+        let rest = unarchived
+            .iter()
+            .filter(|r| r.envelope.index >= from && r.envelope.index <= upto)
+            .take(limit - records.len());
+        records.extend(rest.cloned());
         Ok(records)
+    }
+
+    /// Writes the unarchived events to the `events` tree, in one batch (without a flush: like the
+    /// state, they are rebuilt by re-applying their entries after a restart).
+    fn archive_unarchived(&self, machine: &mut Machine) -> Result<(), StoreError> {
+        if machine.unarchived.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for record in &machine.unarchived {
+            batch.insert(&index_key(record.envelope.index), encode(record));
+        }
+        self.events.apply_batch(batch).map_err(io("archive applied events"))?;
+        machine.unarchived.clear();
+        Ok(())
     }
 
     /// The persisted snapshot: its metadata and its data, both checked.
@@ -719,13 +767,16 @@ impl Shared {
     /// Builds a snapshot of the state as it is now and persists it durably. Blocking.
     fn build_snapshot(&self) -> Result<(Meta, Vec<u8>), StoreError> {
         let (state, last_applied, last_membership) = {
-            let machine = self.read_machine();
+            let mut machine = self.write_machine();
+            // The snapshot lets openraft purge the log behind it: from then on its events are only
+            // in the archive, which the flush below makes durable.
+            self.archive_unarchived(&mut machine)?;
             (machine.state.clone(), machine.last_applied, machine.membership.clone())
         };
         // Records up to the state's last event never change once written (only installing a snapshot rewrites
         // them, with the same committed contents, and that waits for the snapshot lock we hold), so
         // reading them after releasing the state lock still gives the archive of this state.
-        let archive = self.read_events(1, state.last_applied, usize::MAX)?;
+        let archive = self.read_events(1, state.last_applied, usize::MAX, &[])?;
         // A snapshot id only has to be unique; sled's id generator survives restarts.
         let seq = self.db.generate_id().map_err(io("generate a snapshot id"))?;
         let snapshot_id = match last_applied {
@@ -753,6 +804,7 @@ impl Shared {
         let last_index = {
             let mut machine = self.write_machine();
             self.replace_archive(&body.archive)?;
+            machine.unarchived.clear();
             machine.state = body.state;
             machine.last_applied = body.last_applied;
             machine.membership = body.last_membership;
@@ -1062,8 +1114,12 @@ fn load(db: sled::Db, wal: FileLog, options: Options) -> Result<Shared, StoreErr
             tracing::warn!(snapshot = %meta.snapshot_id, "rewrote the event archive from the saved snapshot");
         }
         let last_index = body.last_applied.map(|l| l.index).unwrap_or(0);
-        *shared.machine.get_mut().expect("a new lock is not poisoned") =
-            Machine { state: body.state, last_applied: body.last_applied, membership: body.last_membership };
+        *shared.machine.get_mut().expect("a new lock is not poisoned") = Machine {
+            state: body.state,
+            last_applied: body.last_applied,
+            membership: body.last_membership,
+            unarchived: Vec::new(),
+        };
         shared.publish(last_index);
     }
     Ok(shared)
@@ -1252,7 +1308,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut responses = Vec::with_capacity(entries.len());
         let last_index = {
             let mut machine = self.shared.write_machine();
-            let mut archive = sled::Batch::default();
             for entry in entries {
                 let log_id = entry.log_id;
                 if let Some(last) = machine.last_applied.filter(|last| last.index >= log_id.index) {
@@ -1276,7 +1331,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                                 ),
                             };
                             let record = EventRecord { envelope, outcome: outcome.clone() };
-                            archive.insert(&index_key(index), encode(&record));
+                            machine.unarchived.push(record);
                             committed.push(Committed { index, outcome });
                         }
                         responses.push(committed);
@@ -1291,10 +1346,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             // Under the write lock, so readers see archive and state at the same log position. If this
             // fails, the state is ahead of the archive; openraft stops the node on the error, and a
             // restart rebuilds both from the snapshot and the log.
-            self.shared
-                .events
-                .apply_batch(archive)
-                .map_err(|e| StorageIOError::write_state_machine(&io("archive applied events")(e)))?;
+            if machine.unarchived.len() >= ARCHIVE_BATCH {
+                self.shared
+                    .archive_unarchived(&mut machine)
+                    .map_err(|e| StorageIOError::write_state_machine(&e))?;
+            }
             machine.last_applied.map(|l| l.index).unwrap_or(0)
         };
         self.shared.publish(last_index);
@@ -1352,7 +1408,7 @@ impl StoreHandle {
     /// applied event. Events the state has not caught up with yet (after a restart) are not returned.
     pub fn events(&self, from_index: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
         let machine = self.shared.read_machine();
-        self.shared.read_events(from_index.max(1), machine.state.last_applied, limit)
+        self.shared.read_events(from_index.max(1), machine.state.last_applied, limit, &machine.unarchived)
     }
 
     /// The index of the last applied event (0 before the first). Not a log index: see [`Batch`].

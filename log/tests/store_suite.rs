@@ -291,6 +291,77 @@ async fn open_rebuilds_an_archive_a_crash_left_behind_the_snapshot() {
     assert_eq!(all_events(&handle), expected);
 }
 
+/// `count` entries after a membership entry, each holding one event: the cluster's creation, then
+/// tokens.
+fn many_events(count: u64) -> Vec<Entry> {
+    let mut entries = vec![membership(1, 1)];
+    for i in 0..count {
+        let event = match i {
+            0 => Event::ClusterCreated {
+                cluster_id: "c-many".into(),
+                node: NodeInfo { id: 1, addr: "127.0.0.1:7001".into() },
+                ca_pin: "ab".repeat(32),
+            },
+            _ => Event::TokenIssued {
+                token_id: format!("t{i}"),
+                secret_sha256: "cd".repeat(32),
+                expires_at_ms: 10_000,
+                uses: 1,
+            },
+        };
+        entries.push(entry(1, i + 2, proposal(event)));
+    }
+    entries
+}
+
+fn events_in_tree(path: &Path) -> usize {
+    raw_sled(path).open_tree("events").unwrap().len()
+}
+
+#[tokio::test]
+async fn applied_events_reach_the_archive_in_batches_and_survive_reopening() {
+    let dir = TempDir::new().unwrap();
+    let count = 2 * store::ARCHIVE_BATCH as u64 + 100;
+    let entries = many_events(count);
+    let expected;
+    {
+        let (mut log, mut sm, handle) = open(dir.path());
+        log.blocking_append(entries.clone()).await.unwrap();
+        for chunk in entries.chunks(7) {
+            sm.apply(chunk.to_vec()).await.unwrap();
+        }
+        expected = all_events(&handle);
+        let indexes: Vec<u64> = expected.iter().map(|r| r.envelope.index).collect();
+        assert_eq!(indexes, (1..=count).collect::<Vec<_>>(), "every applied event is readable at once");
+        assert!(
+            matches!(&expected[5].envelope.event, Event::TokenIssued { token_id, .. } if token_id == "t5")
+        );
+        // Reads that cross from the tree to the events still in memory.
+        let across = handle.events(1000, 60).unwrap();
+        assert_eq!(across, expected[999..1059].to_vec());
+    }
+    // Written when a batch's worth waited (checked after each apply, so a batch may be a few more).
+    let in_tree = events_in_tree(dir.path());
+    assert!(
+        (2 * store::ARCHIVE_BATCH..count as usize).contains(&in_tree),
+        "{in_tree} of {count} events in the tree: the last ones wait in memory for a full batch"
+    );
+
+    // No snapshot: the state starts empty and openraft re-applies the whole log, which rebuilds the
+    // archive exactly.
+    {
+        let (mut log, mut sm, handle) = open(dir.path());
+        assert_eq!(all_events(&handle), [], "the state has applied nothing yet");
+        let stored = log.try_get_log_entries(1..).await.unwrap();
+        sm.apply(stored).await.unwrap();
+        assert_eq!(all_events(&handle), expected);
+        sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    }
+    assert_eq!(events_in_tree(dir.path()), count as usize, "building a snapshot writes every event");
+    let (_log, _sm, handle) = open(dir.path());
+    assert_eq!(all_events(&handle), expected, "the snapshot's archive is what a restart reads");
+}
+
 #[tokio::test]
 #[should_panic(expected = "broke the cluster state")]
 async fn a_broken_invariant_stops_the_node() {
