@@ -311,10 +311,17 @@ impl PeerClient {
         }
         let idle = peer.entry.idle_streams.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
         let data = encode(rpc);
-        let exchanged = match idle {
-            Some(stream) => stream.exchange(data, option.hard_ttl()).await,
-            None => AppendStream::open(&peer, data, option.hard_ttl()).await,
-        };
+        // Watched as a unary call is: a dead connection, or an exchange dropped before it ended (openraft
+        // gave up waiting), reports the channel broken, so that it is redialed (a partition can leave a
+        // connection that never delivers again).
+        let exchanged = peer
+            .watch(async {
+                match idle {
+                    Some(stream) => stream.exchange(data, option.hard_ttl()).await,
+                    None => AppendStream::open(&peer, data, option.hard_ttl()).await,
+                }
+            })
+            .await;
         let (stream, reply) = match exchanged {
             Ok(done) => done,
             Err(status) if status.code() == tonic::Code::Unimplemented => {
@@ -324,9 +331,6 @@ impl PeerClient {
             }
             Err(status) => {
                 // The stream is gone with its call: a late answer must not pair with a later request.
-                if dead_connection(status.code()) {
-                    peer.broken();
-                }
                 return Err(match status.code() {
                     tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
                         RPCError::Unreachable(Unreachable::new(&status))
@@ -335,7 +339,6 @@ impl PeerClient {
                 });
             }
         };
-        peer.succeeded();
         {
             let mut idle = peer.entry.idle_streams.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             if idle.len() < IDLE_STREAMS_MAX {
