@@ -183,6 +183,16 @@ fn dead_connection(code: tonic::Code) -> bool {
     )
 }
 
+/// What openraft is told of a failed call: unreachable (it backs off) or a network error.
+fn rpc_error<E: std::error::Error>(status: &Status) -> RPCError<NodeId, Node, E> {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
+            RPCError::Unreachable(Unreachable::new(status))
+        }
+        _ => RPCError::Network(NetworkError::new(status)),
+    }
+}
+
 impl Channels {
     pub fn new(tls: Arc<rustls::ClientConfig>, dial: tls::DynDial) -> Self {
         Channels { tls, dial, inner: Arc::default() }
@@ -281,12 +291,7 @@ impl PeerClient {
             Method::Vote => peer.watch(client.vote(request)).await,
             Method::Snapshot => peer.watch(client.install_snapshot(request)).await,
         };
-        let reply = reply.map_err(|status| match status.code() {
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
-                RPCError::Unreachable(Unreachable::new(&status))
-            }
-            _ => RPCError::Network(NetworkError::new(&status)),
-        })?;
+        let reply = reply.map_err(|status| rpc_error(&status))?;
         let result: Result<Resp, RaftError<NodeId, E>> =
             coyote_state_machine::decode(&reply.into_inner().data)
                 .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
@@ -329,15 +334,8 @@ impl PeerClient {
                 peer.entry.unary_only.store(true, std::sync::atomic::Ordering::Relaxed);
                 return self.call(Method::Append, rpc, option).await;
             }
-            Err(status) => {
-                // The stream is gone with its call: a late answer must not pair with a later request.
-                return Err(match status.code() {
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
-                        RPCError::Unreachable(Unreachable::new(&status))
-                    }
-                    _ => RPCError::Network(NetworkError::new(&status)),
-                });
-            }
+            // The stream is gone with its call: a late answer must not pair with a later request.
+            Err(status) => return Err(rpc_error(&status)),
         };
         {
             let mut idle = peer.entry.idle_streams.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

@@ -136,13 +136,13 @@
 //! panics as well rather than read a broken state: the node must stop.
 //!
 //! Readers outside Raft see the state through [`StoreHandle`]. It is behind a `std::sync::RwLock`, not
-//! an async one: no critical section contains an `.await`, each is short (one apply batch is CPU work
-//! plus one in-memory sled batch), and readers can then be plain closures callable from sync code.
-//! Applying holds the write lock while it adds the batch's archive records, and
-//! [`StoreHandle::events`] reads the tree and the records in memory under the read lock and stops at
-//! the last applied index, so a reader always sees the archive and the state at the same point of the
-//! log. After each batch, the last
-//! applied index is published on a `tokio::sync::watch` channel ([`StoreHandle::subscribe`]).
+//! an async one: no critical section contains an `.await`, each is short (one apply batch is CPU work,
+//! plus one sled batch every [`ARCHIVE_BATCH`] events), and readers can then be plain closures
+//! callable from sync code. Applying holds the write lock while it adds the batch's archive records,
+//! and [`StoreHandle::events`] reads the tree and the records in memory under the read lock and stops
+//! at the last applied index, so a reader always sees the archive and the state at the same point of
+//! the log. After each batch, the last applied index is published on a `tokio::sync::watch` channel
+//! ([`StoreHandle::subscribe`]).
 //!
 //! # Snapshots
 //!
