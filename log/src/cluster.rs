@@ -91,9 +91,9 @@ pub struct RaftSettings {
 impl Default for RaftSettings {
     fn default() -> Self {
         RaftSettings {
-            heartbeat_ms: 100,
-            election_min_ms: 300,
-            election_max_ms: 600,
+            heartbeat_ms: 50,
+            election_min_ms: 150,
+            election_max_ms: 300,
             snapshot_every: 10_000,
             keep_logs: 1_000,
             disk_reserve_bytes: DISK_RESERVE_DEFAULT,
@@ -258,6 +258,8 @@ enum WriteError {
     /// This node is not the leader; the leader, if one is known.
     ForwardToLeader(Option<BasicNode>),
     DiskFull(String),
+    /// Written while this node led, but its term ended and no answer came (see [`STALE_WRITE_GRACE`]).
+    Uncertain(String),
     Fatal(String),
 }
 
@@ -292,13 +294,43 @@ async fn run_batcher(raft: Raft, mut queue: mpsc::UnboundedReceiver<Queued>) {
     }
 }
 
+/// How long a write still waits for its answer after this node's term has ended. Openraft answers a
+/// write of a leader that lost its term when the entry is applied (the next leader kept it) or
+/// truncated (it did not), but not when a snapshot from the next leader replaced that part of the log:
+/// unbounded, such a write would hold one of the [`BATCHES_IN_FLIGHT`] slots for good, and every later
+/// proposal through this node would wait behind it.
+pub const STALE_WRITE_GRACE: Duration = Duration::from_secs(2);
+
+/// Resolves [`STALE_WRITE_GRACE`] after this node's Raft term moves past the one it is in now.
+async fn term_ended(raft: &Raft) {
+    let mut metrics = raft.metrics();
+    let term = metrics.borrow().current_term;
+    if metrics.wait_for(|m| m.current_term != term).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(STALE_WRITE_GRACE).await;
+}
+
 /// Writes one batch as one Raft entry and answers each proposer.
 async fn write_batch(raft: Raft, batch: Vec<Queued>) {
     let (proposals, replies): (Vec<Proposal>, Vec<_>) =
         batch.into_iter().map(|q| (q.proposal, q.reply)).unzip();
     let count = proposals.len();
     tracing::debug!(target: "coyote_path", count, "client_write");
-    let result = match raft.client_write(Batch(proposals)).await {
+    let written = tokio::select! {
+        written = raft.client_write(Batch(proposals)) => written,
+        () = term_ended(&raft) => {
+            let e = WriteError::Uncertain(format!(
+                "this node's term as leader ended and its write was not answered within {} s; the event may or may not have been committed: check `coyote events tail`",
+                STALE_WRITE_GRACE.as_secs()
+            ));
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+            return;
+        }
+    };
+    let result = match written {
         Ok(response) if response.data.len() == count => Ok(response),
         Ok(response) => Err(WriteError::Fatal(format!(
             "the state machine answered {} outcomes for a batch of {count}",
@@ -522,13 +554,19 @@ impl LogNode {
                 Ok(proposed) => return Ok(proposed),
                 Err(WriteError::ForwardToLeader(leader)) => leader,
                 Err(WriteError::DiskFull(e)) => return Err(ProposeError::DiskFull(e)),
+                Err(WriteError::Uncertain(e)) => return Err(ProposeError::Uncertain(e)),
                 Err(WriteError::Fatal(e)) => return Err(ProposeError::Fatal(e)),
             };
             if !may_forward {
                 return Err(ProposeError::NotLeader);
             }
             if let Some(leader) = leader {
-                match self.forward(&leader.addr, &proposal).await {
+                tracing::debug!(node = self.0.id, leader = %leader.addr, "forwarding a proposal to the leader");
+                let forwarded = self.forward(&leader.addr, &proposal).await;
+                if let Err(e) = &forwarded {
+                    tracing::debug!(node = self.0.id, leader = %leader.addr, error = %e, "forwarding failed");
+                }
+                match forwarded {
                     Ok(done) => return Ok(done),
                     Err(ProposeError::NotLeader) | Err(ProposeError::Forward(_))
                         if tokio::time::Instant::now() < deadline => {}

@@ -7,14 +7,17 @@
 //! there if the spec names an HTTP check path) and its DNS zone (an SOA query to the nameservers the
 //! spec names, if any), through a [`ServiceProbe`]: [`NetProbe`] in production, the simulator's
 //! network in `sim/`. A service counts as unreachable only while its check fails AND, if it has a
-//! zone, none of the zone's nameservers answers: a zone still served means its master still lives. A subject changes state
-//! only after [`MonitorConfig::fail_after`] failed probes in a row, or [`MonitorConfig::recover_after`]
-//! good ones; the node then proposes `ReachabilityChanged`. So the log sees transitions, never probes.
+//! zone, none of the zone's nameservers answers: a zone still served means its master still lives.
+//! A subject changes state only after [`MonitorConfig::fail_after`] failed probes in a row, or [`MonitorConfig::recover_after`]
+//! good ones; the node then proposes `ReachabilityChanged`, dated from the end of the first probe of
+//! the run (the subject has been unreachable, or reachable, since then at least). So the log sees
+//! transitions, never probes.
 //!
 //! The failover of a service proposes `AuthoritySwitched { cause: Failover }` as soon as its own view
-//! of the log says the failover rule holds (see the state machine's crate docs: it has seen the service
-//! unreachable long enough, and a majority of members report the master unreachable). The state
-//! machine checks the same rule again when it applies the switch, on every replica. A backup never
+//! of the log says the failover rule holds (see the state machine's crate docs: it has seen the
+//! service unreachable long enough, and a majority of members report the master unreachable). It
+//! looks after every round of probes, whenever the applied state changes, and the moment its wait of
+//! `FAILOVER_AFTER_MS` ends. The state machine checks the same rule again when it applies the switch, on every replica. A backup never
 //! proposes a switch by itself: when its master is lost it raises one alarm and waits for an
 //! instruction. The leader refills an empty failover slot from the backups.
 //!
@@ -54,7 +57,8 @@ use std::time::Duration;
 
 use coyote_log::{LogNode, ProposeError};
 use coyote_state_machine::{
-    Event, Proposal, Role, State, Subject, SwitchCause, ZoneCheck, DRIFT_MARGIN_MS, LEASE_MS,
+    Event, Proposal, Role, State, Subject, SwitchCause, ZoneCheck, DRIFT_MARGIN_MS, FAILOVER_AFTER_MS,
+    LEASE_MS,
 };
 
 pub use crate::probe::{Check, NetProbe, ServiceProbe};
@@ -82,26 +86,35 @@ impl Default for MonitorConfig {
     }
 }
 
-/// Consecutive probe results of one subject.
+/// Consecutive probe results of one subject, and since when they have run.
 #[derive(Clone, Copy, Debug, Default)]
 struct Streak {
     fails: u32,
     oks: u32,
+    /// The clock reading (ms) of the first probe of the current run.
+    since_ms: u64,
 }
 
 impl Streak {
-    /// Records a probe; returns the reachability to report if the streak says it changed.
-    fn record(&mut self, ok: bool, reported_reachable: bool, config: &MonitorConfig) -> Option<bool> {
-        if ok {
-            self.oks += 1;
-            self.fails = 0;
-        } else {
-            self.fails += 1;
-            self.oks = 0;
+    /// Records a probe ended at `now_ms`; returns the reachability to report, and since when it has
+    /// held (the end of the first probe of the run), if the streak says it changed.
+    fn record(
+        &mut self,
+        ok: bool,
+        reported_reachable: bool,
+        now_ms: u64,
+        config: &MonitorConfig,
+    ) -> Option<(bool, u64)> {
+        let (run, other) =
+            if ok { (&mut self.oks, &mut self.fails) } else { (&mut self.fails, &mut self.oks) };
+        if *run == 0 {
+            self.since_ms = now_ms;
         }
+        *run += 1;
+        *other = 0;
         match reported_reachable {
-            true if self.fails >= config.fail_after => Some(false),
-            false if self.oks >= config.recover_after => Some(true),
+            true if self.fails >= config.fail_after => Some((false, self.since_ms)),
+            false if self.oks >= config.recover_after => Some((true, self.since_ms)),
             _ => None,
         }
     }
@@ -114,10 +127,10 @@ pub struct Monitor {
     probe: Arc<dyn ServiceProbe>,
     /// Proposals under way, by event, with when they were sent (see [`Monitor::propose`]).
     inflight: Arc<Mutex<HashMap<String, Instant>>>,
-    /// Transitions seen but not yet in the log: the reachability and the clock reading when it was
-    /// first seen, which every retry of the report carries.
-    pending: HashMap<Subject, (bool, u64)>,
 }
+
+/// The subjects of one round of probes, with the result of each.
+type Round = Vec<(Subject, bool)>;
 
 /// A proposal of the monitor's that has not been answered after this long no longer keeps the same
 /// proposal from being sent again: a forward to a leader that just died can hang for seconds.
@@ -150,14 +163,7 @@ pub fn service_checks(state: &State, service: &str, master: u64) -> Checks {
 
 impl Monitor {
     pub fn new(node: LogNode, config: MonitorConfig) -> Self {
-        Monitor {
-            node,
-            config,
-            streaks: HashMap::new(),
-            probe: Arc::new(NetProbe),
-            inflight: Arc::default(),
-            pending: HashMap::new(),
-        }
+        Monitor { node, config, streaks: HashMap::new(), probe: Arc::new(NetProbe), inflight: Arc::default() }
     }
 
     /// Probes services with `probe` instead of [`NetProbe`] (the simulator's network).
@@ -166,18 +172,45 @@ impl Monitor {
         self
     }
 
+    /// Probes every [`MonitorConfig::probe_interval`] (a round lasts up to the probe timeout; the
+    /// next starts when it has ended) and acts on roles after each round, and also whenever the
+    /// applied state changes and the moment a failover's wait ends: a report that completes the
+    /// failover rule is acted on when it is applied, not at the end of the next round.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(self.config.probe_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut applied = Some(self.node.store().subscribe());
+        let mut round: Option<futures::future::BoxFuture<'static, Round>> = None;
+        let mut due: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
                 _ = &mut shutdown => return,
-                _ = tick.tick() => {}
+                results = async { round.as_mut().expect("guarded").await }, if round.is_some() => {
+                    round = None;
+                    self.record(results);
+                }
+                changed = async { applied.as_mut().expect("guarded").changed().await }, if applied.is_some() => {
+                    if changed.is_err() {
+                        applied = None;
+                    }
+                }
+                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {}
+                _ = tick.tick(), if round.is_none() => {
+                    round = Some(Box::pin(self.probe_round()));
+                    continue;
+                }
             }
-            self.step().await;
+            due = self.act_on_roles().map(|wait| Instant::now() + wait);
         }
+    }
+
+    /// One round: probe, report transitions, act on roles.
+    pub async fn step(&mut self) {
+        let results = self.probe_round().await;
+        self.record(results);
+        self.act_on_roles();
     }
 
     fn actor(&self) -> String {
@@ -222,8 +255,8 @@ impl Monitor {
         });
     }
 
-    /// One round: probe, report transitions, act on roles.
-    pub async fn step(&mut self) {
+    /// Probes every peer and every service this node is failover or backup of, at once.
+    fn probe_round(&self) -> impl std::future::Future<Output = Round> + Send + 'static {
         let me = self.node.id();
         let (peers, services) = self.node.store().with_state(|s| {
             let peers: Vec<(u64, String)> =
@@ -241,79 +274,79 @@ impl Monitor {
         });
 
         let timeout = self.config.probe_timeout;
-        let peer_probes = peers.iter().map(|(_, addr)| {
-            let node = self.node.clone();
-            let addr = addr.clone();
-            async move { tokio::time::timeout(timeout, node.ping_peer(&addr)).await.unwrap_or(false) }
-        });
-        let service_probes = services.iter().map(|(_, (check, zone))| {
-            let probe = check.clone().map(|c| self.probe.probe(c, timeout));
-            let zone = zone.clone().map(|z| self.probe.zone(z, timeout));
-            async move {
-                // The service counts as unreachable only while its zone is too (when it has one).
-                let (service_ok, zone_ok) = tokio::join!(
-                    async {
-                        match probe {
-                            Some(probe) => probe.await,
-                            // A service with no port cannot be probed: its master's reachability decides.
-                            None => true,
+        let peer_probes: Vec<_> = peers
+            .iter()
+            .map(|(_, addr)| {
+                let node = self.node.clone();
+                let addr = addr.clone();
+                async move { tokio::time::timeout(timeout, node.ping_peer(&addr)).await.unwrap_or(false) }
+            })
+            .collect();
+        let service_probes: Vec<_> = services
+            .iter()
+            .map(|(_, (check, zone))| {
+                let probe = check.clone().map(|c| self.probe.probe(c, timeout));
+                let zone = zone.clone().map(|z| self.probe.zone(z, timeout));
+                async move {
+                    // The service counts as unreachable only while its zone is too (when it has one).
+                    let (service_ok, zone_ok) = tokio::join!(
+                        async {
+                            match probe {
+                                Some(probe) => probe.await,
+                                // A service with no port cannot be probed: its master's reachability decides.
+                                None => true,
+                            }
+                        },
+                        async {
+                            match zone {
+                                Some(zone) => zone.await,
+                                None => false,
+                            }
                         }
-                    },
-                    async {
-                        match zone {
-                            Some(zone) => zone.await,
-                            None => false,
-                        }
-                    }
-                );
-                service_ok || zone_ok
-            }
-        });
-        let (peer_ok, service_ok) =
-            tokio::join!(futures::future::join_all(peer_probes), futures::future::join_all(service_probes));
+                    );
+                    service_ok || zone_ok
+                }
+            })
+            .collect();
+        async move {
+            let (peer_ok, service_ok) = tokio::join!(
+                futures::future::join_all(peer_probes),
+                futures::future::join_all(service_probes)
+            );
+            let mut results: Round = Vec::new();
+            results.extend(peers.iter().map(|(id, _)| Subject::Node(*id)).zip(peer_ok));
+            results.extend(services.into_iter().map(|(name, _)| Subject::Service(name)).zip(service_ok));
+            results
+        }
+    }
 
-        let mut results: Vec<(Subject, bool)> = Vec::new();
-        results.extend(peers.iter().map(|(id, _)| Subject::Node(*id)).zip(peer_ok));
-        results.extend(services.iter().map(|(name, _)| Subject::Service(name.clone())).zip(service_ok));
+    /// Counts a round's results into the streaks and reports the transitions, each with the moment
+    /// its run began (a report retried because its leader died under it still says since when).
+    fn record(&mut self, results: Round) {
+        let me = self.node.id();
         let now = self.node.now_ms();
+        let live: BTreeSet<Subject> = results.iter().map(|(subject, _)| subject.clone()).collect();
         for (subject, ok) in results {
             let reported = self.node.store().with_state(|s| s.reachable(me, &subject));
             let streak = self.streaks.entry(subject.clone()).or_default();
-            match streak.record(ok, reported, &self.config) {
-                Some(reachable) => {
-                    // A report retried (its leader died under it) still says since when.
-                    let (_, since) = *self
-                        .pending
-                        .entry(subject.clone())
-                        .and_modify(|p| {
-                            if p.0 != reachable {
-                                *p = (reachable, now)
-                            }
-                        })
-                        .or_insert((reachable, now));
-                    self.propose_at(Event::ReachabilityChanged { observer: me, subject, reachable }, since);
-                }
-                None => {
-                    self.pending.remove(&subject);
-                }
+            if (ok && streak.oks == 0) || (!ok && streak.fails == 0) {
+                tracing::debug!(node = me, %subject, ok, "a probe's result changed");
+            }
+            if let Some((reachable, since)) = streak.record(ok, reported, now, &self.config) {
+                self.propose_at(Event::ReachabilityChanged { observer: me, subject, reachable }, since);
             }
         }
         // Forget streaks of subjects that are gone.
-        let live: BTreeSet<Subject> = peers
-            .iter()
-            .map(|(id, _)| Subject::Node(*id))
-            .chain(services.iter().map(|(n, _)| Subject::Service(n.clone())))
-            .collect();
         self.streaks.retain(|s, _| live.contains(s));
-        self.pending.retain(|s, _| live.contains(s));
-
-        self.act_on_roles();
     }
 
-    fn act_on_roles(&self) {
+    /// Proposes what this node's roles call for now; returns how long until a failover's wait
+    /// ends, when one is waiting only for time to pass.
+    fn act_on_roles(&self) -> Option<Duration> {
         let me = self.node.id();
         let now = self.node.now_ms();
         let leader = self.node.raft().metrics().borrow().current_leader == Some(me);
+        let mut due: Option<u64> = None;
         let (takeovers, waiting, refills) = self.node.store().with_state(|s| {
             let mut takeovers = Vec::new();
             let mut waiting = Vec::new();
@@ -333,6 +366,11 @@ impl Monitor {
                         let proposal = Proposal { at_ms: now, actor: String::new(), event: event.clone() };
                         if s.validate(&proposal).is_ok() {
                             takeovers.push(event);
+                        } else if let Some(o) = s.reachability.get(&(me, Subject::Service(name.clone()))) {
+                            let ends = o.since_ms.saturating_add(FAILOVER_AFTER_MS);
+                            if !o.reachable && ends > now {
+                                due = Some(due.map_or(ends, |d| d.min(ends)));
+                            }
                         }
                     }
                     Some(Role::Backup) => {
@@ -377,6 +415,7 @@ impl Monitor {
         for event in takeovers.into_iter().chain(waiting).chain(refills) {
             self.propose(event);
         }
+        due.map(|at| Duration::from_millis(at - now))
     }
 }
 
@@ -589,18 +628,22 @@ mod tests {
     fn streaks_report_transitions_only() {
         let config = MonitorConfig { fail_after: 3, recover_after: 2, ..Default::default() };
         let mut s = Streak::default();
-        assert_eq!(s.record(false, true, &config), None);
-        assert_eq!(s.record(false, true, &config), None);
-        assert_eq!(s.record(false, true, &config), Some(false));
+        assert_eq!(s.record(true, true, 100, &config), None);
+        assert_eq!(s.record(false, true, 300, &config), None);
+        assert_eq!(s.record(false, true, 500, &config), None);
+        // Reported with the end of the first failed probe: the subject has been unreachable since.
+        assert_eq!(s.record(false, true, 700, &config), Some((false, 300)));
         // Reported now; further failures say nothing new.
-        assert_eq!(s.record(false, false, &config), None);
-        assert_eq!(s.record(true, false, &config), None);
-        assert_eq!(s.record(true, false, &config), Some(true));
-        // A single good probe in a failing run resets the count.
+        assert_eq!(s.record(false, false, 900, &config), None);
+        assert_eq!(s.record(true, false, 1100, &config), None);
+        assert_eq!(s.record(true, false, 1300, &config), Some((true, 1100)));
+        // A single good probe in a failing run resets the count and the start of the run.
         let mut s = Streak::default();
-        s.record(false, true, &config);
-        s.record(false, true, &config);
-        s.record(true, true, &config);
-        assert_eq!(s.record(false, true, &config), None);
+        s.record(false, true, 0, &config);
+        s.record(false, true, 200, &config);
+        s.record(true, true, 400, &config);
+        assert_eq!(s.record(false, true, 600, &config), None);
+        assert_eq!(s.record(false, true, 800, &config), None);
+        assert_eq!(s.record(false, true, 1000, &config), Some((false, 600)));
     }
 }

@@ -230,6 +230,19 @@ fn percentile(sorted: &[u64], p: usize) -> Option<u64> {
     Some(sorted[rank - 1])
 }
 
+/// Log lines carry the simulated time (seconds since the run began), which is what the traces'
+/// timestamps count, so that a node's log and its seed's trace line up.
+struct SimTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        match turmoil::sim_elapsed() {
+            Some(at) => write!(w, "{:>9.3}s", at.as_secs_f64()),
+            None => write!(w, "{:>10}", "-"),
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     // Logs of the nodes' software, for debugging one seed: `RUST_LOG=coyote_nodes=debug`.
@@ -237,6 +250,8 @@ fn main() -> Result<()> {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_writer(std::io::stderr)
+            .with_timer(SimTime)
+            .with_ansi(false)
             .init();
     }
     let seeds = parse_seeds(&args.seeds)?;

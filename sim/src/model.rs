@@ -273,7 +273,24 @@ impl ServiceProbe for TurmoilProbe {
     fn probe(&self, check: Check, timeout: Duration) -> BoxFuture<'static, bool> {
         Box::pin(async move {
             let addr = check.addr().to_string();
-            probe::check_over(&check, timeout, turmoil::net::TcpStream::connect(addr)).await
+            let tcp_only = matches!(check, Check::Tcp { .. });
+            let connect = async move {
+                let mut stream = turmoil::net::TcpStream::connect(addr).await?;
+                if tcp_only {
+                    // turmoil completes a connection without a message back from the server: its
+                    // SYN-ACK is not subject to partitions, so a connection would succeed through a
+                    // cut from the master to the prober. A real one needs that answer to cross the
+                    // network; a request and the first byte of its answer stand for it here.
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
+                    let mut first = [0u8; 1];
+                    if stream.read(&mut first).await? == 0 {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                }
+                Ok(stream)
+            };
+            probe::check_over(&check, timeout, connect).await
         })
     }
 

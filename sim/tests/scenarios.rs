@@ -18,9 +18,10 @@ fn the_failover_takes_over_from_a_master_cut_off_from_everyone() {
     let [ms] = report.failover_ms.as_slice() else {
         panic!("one failover time, not {:?}", report.failover_ms);
     };
-    // Detection (3 probes of 250 ms), FAILOVER_AFTER_MS (250 ms), then a lease plus the drift margin
-    // (750 ms): about 2 s, within the 3 s the design aims at.
-    assert!((1_500..=3_000).contains(ms), "master lost to new master serving took {ms} ms");
+    // Detection (3 probes of 250 ms; FAILOVER_AFTER_MS, 250 ms, counts from the first failed one and has
+    // passed by then), then a lease plus the drift margin (750 ms) and the container's start: about
+    // 1.5 s, within the 3 s the design aims at. No new master may serve before the lease and margin.
+    assert!((1_000..=3_000).contains(ms), "master lost to new master serving took {ms} ms");
 }
 
 #[test]
