@@ -45,10 +45,16 @@ pub enum Scenario {
     /// The Raft leader and one more node crash: the other three must elect a leader (with
     /// openraft's `single-term-leader` they split their votes round after round, see `sim/README.md`).
     LeaderAndOneCrash,
+    /// The leader and one follower are cut off from the other three for 10 s. The leader stays
+    /// leader of its term and takes proposals (the workload, the monitors) that cannot commit; the
+    /// others elect a leader and compact their logs past a snapshot, which the old leader installs
+    /// after the heal in place of its uncommitted entries. A switch the admin then asks through the
+    /// old leader must still be applied.
+    LeaderWritesLost,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::MasterCutOff,
         Scenario::FailoverCutFromMaster,
         Scenario::LeaderCrashMidSwitch,
@@ -56,6 +62,7 @@ impl Scenario {
         Scenario::ManualSwitch,
         Scenario::BackupMasterGone,
         Scenario::LeaderAndOneCrash,
+        Scenario::LeaderWritesLost,
     ];
 
     pub fn name(self) -> &'static str {
@@ -67,6 +74,7 @@ impl Scenario {
             Scenario::ManualSwitch => "manual-switch",
             Scenario::BackupMasterGone => "backup-master-gone",
             Scenario::LeaderAndOneCrash => "leader-and-one-crash",
+            Scenario::LeaderWritesLost => "leader-writes-lost",
         }
     }
 
@@ -177,6 +185,37 @@ impl Scenario {
                 d.end(first);
                 d.end(second);
             }
+            Scenario::LeaderWritesLost => {
+                let Some(leader) = d.leader_host() else {
+                    d.violation("scenario: no leader".into());
+                    return false;
+                };
+                // Its companion holds no role that would move the service: not its master or failover.
+                let companion = d
+                    .names
+                    .iter()
+                    .find(|h| **h != leader && **h != master && **h != failover)
+                    .cloned()
+                    .unwrap_or_default();
+                let side = vec![leader.clone(), companion];
+                let rest: Vec<String> = d.names.iter().filter(|h| !side.contains(h)).cloned().collect();
+                let fault = d.start(Fault::Partition { side, rest });
+                if !d.run_for(secs(10)) {
+                    return false;
+                }
+                d.end(fault);
+                if !d.run_for(secs(2)) {
+                    return false;
+                }
+                let Some(to) = p.backups.first().copied() else {
+                    d.violation("scenario: no backup".into());
+                    return false;
+                };
+                d.admin(&leader, Admin::Switch { service: service.into(), to });
+                if !d.run_for(secs(8)) {
+                    return false;
+                }
+            }
             Scenario::BackupMasterGone => {
                 let crash_master = d.start(Fault::Crash { host: master });
                 let crash_failover = d.start(Fault::Crash { host: failover });
@@ -243,7 +282,7 @@ impl Scenario {
                 expect(failovers == 0, "no switch by failover");
                 expect(instructed.len() <= 1, "at most the one instructed switch");
             }
-            Scenario::ManualSwitch => {
+            Scenario::ManualSwitch | Scenario::LeaderWritesLost => {
                 expect(failovers == 0, "no switch by failover");
                 expect(
                     instructed.len() == 1 && instructed[0].before.backups.contains(&instructed[0].to),
