@@ -154,6 +154,7 @@ fn run_here(
     offset: u64,
     stride: u64,
     params: &Params,
+    done: &mut dyn FnMut(&Summary) -> Result<()>,
 ) -> Result<Vec<Summary>> {
     let mut summaries = Vec::new();
     for (scenario, seed) in cases.iter().skip(offset as usize).step_by(stride as usize) {
@@ -175,8 +176,47 @@ fn run_here(
             acks: report.acks,
             faults: report.faults,
         });
+        done(summaries.last().expect("just pushed"))?;
     }
     Ok(summaries)
+}
+
+/// How often a long run says how far it has got, on stderr.
+const PROGRESS_EVERY: Duration = Duration::from_secs(30);
+
+/// Progress of a run of many seeds, on stderr: a line every [`PROGRESS_EVERY`], and at once for a
+/// run that found a violation (its replay command follows in the summary).
+struct Progress {
+    total: usize,
+    done: usize,
+    failing: usize,
+    started: Instant,
+    last: Instant,
+}
+
+impl Progress {
+    fn new(total: usize) -> Self {
+        let now = Instant::now();
+        Progress { total, done: 0, failing: 0, started: now, last: now }
+    }
+
+    fn record(&mut self, summary: &Summary) {
+        self.done += 1;
+        if let Some(first) = summary.violations.first() {
+            self.failing += 1;
+            let scenario = summary.scenario.as_deref().map(|s| format!("{s} ")).unwrap_or_default();
+            eprintln!("{scenario}seed {} failed: {first}", summary.seed);
+        }
+        if self.last.elapsed() >= PROGRESS_EVERY && self.done < self.total {
+            self.last = Instant::now();
+            let elapsed = self.started.elapsed().as_secs_f64();
+            let left = elapsed / self.done as f64 * (self.total - self.done) as f64;
+            eprintln!(
+                "progress: {} of {} runs in {:.0} s, {} failing; about {:.0} s left",
+                self.done, self.total, elapsed, self.failing, left
+            );
+        }
+    }
 }
 
 /// A worker process: runs its share of the seeds and prints a JSON line per seed.
@@ -186,16 +226,19 @@ fn run_worker(args: &Args, worker: &str, cases: &[(Option<Scenario>, u64)], para
         .and_then(|(k, j)| Some((k.parse::<u64>().ok()?, j.parse::<u64>().ok()?)))
         .filter(|(k, j)| k < j)
         .with_context(|| format!("--worker {worker:?} is not K/J with K < J"))?;
-    for summary in run_here(args, cases, offset, stride, params)? {
-        println!("{}", serde_json::to_string(&summary)?);
-    }
+    // One line per run as it ends, so that the parent can tell how far the runs have got.
+    let mut print = |summary: &Summary| -> Result<()> {
+        println!("{}", serde_json::to_string(summary)?);
+        Ok(())
+    };
+    run_here(args, cases, offset, stride, params, &mut print)?;
     Ok(())
 }
 
 /// Runs the seeds in `jobs` worker processes (this program again, with `--worker K/J`). Processes,
 /// not threads: tokio numbers tasks from one process-wide counter, and seeds running side by side in
 /// one process would see each other's numbering (see README.md on determinism).
-fn run_workers(jobs: usize) -> Result<Vec<Summary>> {
+fn run_workers(jobs: usize, progress: &mut Progress) -> Result<Vec<Summary>> {
     let exe = std::env::current_exe().context("cannot find this program to start workers")?;
     let forwarded: Vec<String> = std::env::args().skip(1).collect();
     let children: Vec<std::process::Child> = (0..jobs)
@@ -208,14 +251,39 @@ fn run_workers(jobs: usize) -> Result<Vec<Summary>> {
                 .context("cannot start a worker process")
         })
         .collect::<Result<_>>()?;
+    // Each worker's lines are read by a thread of their own and reach this one as they come.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let mut children = children;
+    let readers: Vec<std::thread::JoinHandle<()>> = children
+        .iter_mut()
+        .filter_map(|child| child.stdout.take())
+        .map(|stdout| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+                    if tx.send(line).is_err() {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(tx);
     let mut summaries = Vec::new();
-    for child in children {
-        let output = child.wait_with_output().context("a worker process failed")?;
-        if !output.status.success() {
-            bail!("a worker process exited with {}", output.status);
-        }
-        for line in String::from_utf8_lossy(&output.stdout).lines().filter(|l| !l.trim().is_empty()) {
-            summaries.push(serde_json::from_str(line).with_context(|| format!("worker output {line:?}"))?);
+    for line in rx.iter().filter(|l| !l.trim().is_empty()) {
+        let summary: Summary =
+            serde_json::from_str(&line).with_context(|| format!("worker output {line:?}"))?;
+        progress.record(&summary);
+        summaries.push(summary);
+    }
+    for reader in readers {
+        let _ = reader.join();
+    }
+    for mut child in children {
+        let status = child.wait().context("a worker process failed")?;
+        if !status.success() {
+            bail!("a worker process exited with {status}");
         }
     }
     Ok(summaries)
@@ -281,10 +349,14 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
         .clamp(1, cases.len().min(64));
     let wall = Instant::now();
+    let mut progress = Progress::new(cases.len());
     let mut reports = match args.worker.as_deref() {
         Some(worker) => return run_worker(&args, worker, &cases, &params),
-        None if jobs <= 1 => run_here(&args, &cases, 0, 1, &params)?,
-        None => run_workers(jobs)?,
+        None if jobs <= 1 => run_here(&args, &cases, 0, 1, &params, &mut |s| {
+            progress.record(s);
+            Ok(())
+        })?,
+        None => run_workers(jobs, &mut progress)?,
     };
     reports.sort_by_key(|r| (r.scenario.clone(), r.seed));
     let label = |r: &Summary| match &r.scenario {
