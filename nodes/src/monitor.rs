@@ -8,18 +8,18 @@
 //! spec names, if any), through a [`ServiceProbe`]: [`NetProbe`] in production, the simulator's
 //! network in `sim/`. A service counts as unreachable only while its check fails AND, if it has a
 //! zone, none of the zone's nameservers answers: a zone still served means its master still lives.
-//! A subject changes state only after [`MonitorConfig::fail_after`] failed probes in a row, or [`MonitorConfig::recover_after`]
-//! good ones; the node then proposes `ReachabilityChanged`, dated from the end of the first probe of
-//! the run (the subject has been unreachable, or reachable, since then at least). So the log sees
-//! transitions, never probes.
+//! A subject changes state only after [`MonitorConfig::fail_after`] failed probes in a row, or
+//! [`MonitorConfig::recover_after`] good ones; the node then proposes `ReachabilityChanged`, dated
+//! from the end of the first probe of the run (the subject has been unreachable, or reachable, since
+//! then at least). So the log sees transitions, never probes.
 //!
 //! The failover of a service proposes `AuthoritySwitched { cause: Failover }` as soon as its own view
 //! of the log says the failover rule holds (see the state machine's crate docs: it has seen the
 //! service unreachable long enough, and a majority of members report the master unreachable). It
 //! looks after every round of probes, whenever the applied state changes, and the moment its wait of
-//! `FAILOVER_AFTER_MS` ends. The state machine checks the same rule again when it applies the switch, on every replica. A backup never
-//! proposes a switch by itself: when its master is lost it raises one alarm and waits for an
-//! instruction. The leader refills an empty failover slot from the backups.
+//! `FAILOVER_AFTER_MS` ends. The state machine checks the same rule again when it applies the switch,
+//! on every replica. A backup never proposes a switch by itself: when its master is lost it raises one
+//! alarm and waits for an instruction. The leader refills an empty failover slot from the backups.
 //!
 //! An instruction is a graceful handover (`HandoverRequested`): the old master's reconciler dumps
 //! and stops the service and then proposes the switch (see [`crate::reconciler`]). The target's
@@ -204,13 +204,6 @@ impl Monitor {
             }
             due = self.act_on_roles().map(|wait| Instant::now() + wait);
         }
-    }
-
-    /// One round: probe, report transitions, act on roles.
-    pub async fn step(&mut self) {
-        let results = self.probe_round().await;
-        self.record(results);
-        self.act_on_roles();
     }
 
     fn actor(&self) -> String {

@@ -241,7 +241,7 @@ fn run_worker(args: &Args, worker: &str, cases: &[(Option<Scenario>, u64)], para
 fn run_workers(jobs: usize, progress: &mut Progress) -> Result<Vec<Summary>> {
     let exe = std::env::current_exe().context("cannot find this program to start workers")?;
     let forwarded: Vec<String> = std::env::args().skip(1).collect();
-    let children: Vec<std::process::Child> = (0..jobs)
+    let mut children: Vec<std::process::Child> = (0..jobs)
         .map(|k| {
             std::process::Command::new(&exe)
                 .args(&forwarded)
@@ -253,7 +253,6 @@ fn run_workers(jobs: usize, progress: &mut Progress) -> Result<Vec<Summary>> {
         .collect::<Result<_>>()?;
     // Each worker's lines are read by a thread of their own and reach this one as they come.
     let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let mut children = children;
     let readers: Vec<std::thread::JoinHandle<()>> = children
         .iter_mut()
         .filter_map(|child| child.stdout.take())
