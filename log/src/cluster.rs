@@ -798,7 +798,48 @@ impl LogNode {
     }
 
     /// On the leader: confirm leadership with a quorum and answer the read index.
+    ///
+    /// The confirmation is a quorum's answers to AppendEntries sent after this call began: the
+    /// heartbeats every follower gets anyway (every `heartbeat_ms`), whose send times openraft keeps as
+    /// the time a quorum last acknowledged the leader. openraft's own `ensure_linearizable` sends a
+    /// round of its own to every voter for each call, and the fence of every master asks several times
+    /// a second. Why it holds: a voter that accepted an AppendEntries of this term received after the
+    /// call began had not voted in a later term before then, so no later leader existed when the call
+    /// began, and every entry committed by then is in this leader's log, within the last index it
+    /// reports with that acknowledgement. A leader alone in its membership needs no round at all.
     async fn read_index(&self) -> Result<u64, ProposeError> {
+        let asked = tokio::time::Instant::now();
+        let mut metrics = self.0.raft.metrics();
+        let (vote, alone) = {
+            let m = metrics.borrow_and_update();
+            if m.state != openraft::ServerState::Leader {
+                return Err(ProposeError::NotLeader);
+            }
+            (m.vote, m.membership_config.membership().voter_ids().count() <= 1)
+        };
+        if alone {
+            return self.ensure_linearizable().await;
+        }
+        loop {
+            {
+                let m = metrics.borrow_and_update();
+                if m.state != openraft::ServerState::Leader || m.vote != vote {
+                    return Err(ProposeError::NotLeader);
+                }
+                // Reported some time before now, so this is no later than the true acknowledgement;
+                // the millisecond is for the rounding down of `millis_since_quorum_ack`.
+                let acked = m
+                    .millis_since_quorum_ack
+                    .and_then(|ms| tokio::time::Instant::now().checked_sub(Duration::from_millis(ms + 1)));
+                if acked.is_some_and(|at| at >= asked) {
+                    return Ok(m.last_log_index.unwrap_or(0));
+                }
+            }
+            metrics.changed().await.map_err(|_| ProposeError::Fatal("raft stopped".into()))?;
+        }
+    }
+
+    async fn ensure_linearizable(&self) -> Result<u64, ProposeError> {
         match self.0.raft.ensure_linearizable().await {
             Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
             Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(_))) => {
@@ -819,8 +860,17 @@ impl LogNode {
         self.ping(addr).await
     }
 
+    /// An empty exchange on one of the peer's replication streams (see [`network`]); a unary call to
+    /// a peer that does not know them.
     async fn ping(&self, addr: &str) -> bool {
         let Ok(peer) = self.channel(addr).await else { return false };
+        if !peer.stream_less() {
+            match peer.exchange(Vec::new(), PING_TIMEOUT).await {
+                Ok(_) => return true,
+                Err(status) if status.code() == tonic::Code::Unimplemented => {}
+                Err(_) => return false,
+            }
+        }
         let mut client = pb::cluster_client::ClusterClient::new(peer.channel());
         let mut request = Request::new(pb::Blob { data: Vec::new() });
         request.set_timeout(PING_TIMEOUT);

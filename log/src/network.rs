@@ -128,6 +128,41 @@ impl PeerChannel {
         self.entry.channel.clone()
     }
 
+    /// Whether the peer does not know `Replicate` streams (an older version).
+    pub(crate) fn stream_less(&self) -> bool {
+        self.entry.unary_only.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sends `request` over an idle `Replicate` stream of this channel (or a new one) and waits up to
+    /// `ttl` for its answer; the stream goes back to the idle ones after a complete exchange. Watched
+    /// as a unary call is: a dead connection, or an exchange dropped before it ended (its caller gave
+    /// up waiting), reports the channel broken, so that it is redialed (a partition can leave a
+    /// connection that never delivers again). A peer that answers `Unimplemented` is marked
+    /// [`PeerChannel::stream_less`].
+    pub(crate) async fn exchange(&self, request: Vec<u8>, ttl: Duration) -> Result<Vec<u8>, Status> {
+        let idle = self.entry.idle_streams.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
+        let exchanged = self
+            .watch(async {
+                match idle {
+                    Some(stream) => stream.exchange(request, ttl).await,
+                    None => AppendStream::open(self, request, ttl).await,
+                }
+            })
+            .await;
+        // A stream whose exchange failed is gone with its call: a late answer must not pair with a
+        // later request.
+        let (stream, reply) = exchanged.inspect_err(|status| {
+            if status.code() == tonic::Code::Unimplemented {
+                self.entry.unary_only.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        })?;
+        let mut idle = self.entry.idle_streams.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if idle.len() < IDLE_STREAMS_MAX {
+            idle.push(stream);
+        }
+        Ok(reply)
+    }
+
     /// A call on this channel failed as if its connection were dead: unless something succeeded on it
     /// lately, the next call to this peer dials a new one.
     fn broken(&self) {
@@ -311,38 +346,17 @@ impl PeerClient {
             .channels
             .get(&self.addr)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&Text(e.to_string()))))?;
-        if peer.entry.unary_only.load(std::sync::atomic::Ordering::Relaxed) {
+        if peer.stream_less() {
             return self.call(Method::Append, rpc, option).await;
         }
-        let idle = peer.entry.idle_streams.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
-        let data = encode(rpc);
-        // Watched as a unary call is: a dead connection, or an exchange dropped before it ended (openraft
-        // gave up waiting), reports the channel broken, so that it is redialed (a partition can leave a
-        // connection that never delivers again).
-        let exchanged = peer
-            .watch(async {
-                match idle {
-                    Some(stream) => stream.exchange(data, option.hard_ttl()).await,
-                    None => AppendStream::open(&peer, data, option.hard_ttl()).await,
-                }
-            })
-            .await;
-        let (stream, reply) = match exchanged {
-            Ok(done) => done,
+        let reply = match peer.exchange(encode(rpc), option.hard_ttl()).await {
+            Ok(reply) => reply,
             Err(status) if status.code() == tonic::Code::Unimplemented => {
                 tracing::info!(peer = %self.addr, %status, "the peer does not take replication streams: AppendEntries go unary");
-                peer.entry.unary_only.store(true, std::sync::atomic::Ordering::Relaxed);
                 return self.call(Method::Append, rpc, option).await;
             }
-            // The stream is gone with its call: a late answer must not pair with a later request.
             Err(status) => return Err(rpc_error(&status)),
         };
-        {
-            let mut idle = peer.entry.idle_streams.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            if idle.len() < IDLE_STREAMS_MAX {
-                idle.push(stream);
-            }
-        }
         let result: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
             coyote_state_machine::decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -507,6 +521,10 @@ impl pb::raft_server::Raft for RaftService {
                 Ok(None) => return None,
                 Err(status) => return Some((Err(status), None)),
             };
+            // An empty request is a ping (an encoded AppendEntries never is): answered at once, empty.
+            if blob.data.is_empty() {
+                return Some((Ok(pb::Blob { data: Vec::new() }), Some((inbound, raft))));
+            }
             let rpc: AppendEntriesRequest<TypeConfig> = match decode(&blob.data) {
                 Ok(rpc) => rpc,
                 Err(status) => return Some((Err(status), None)),

@@ -585,11 +585,31 @@ impl Fence {
             && self.node.store().with_state(|s| s.may_serve(self.node.id(), service, self.node.now_ms()))
     }
 
-    /// Every service this server may serve now.
+    /// Every service this server may serve now: those for which [`Fence::serving`] holds, found with
+    /// one look at the fence and one at the state (the simulator asks after every step).
     pub fn serving_services(&self) -> Vec<String> {
-        let names: Vec<String> =
-            self.inner.lock().expect("fence lock").master_since.keys().cloned().collect();
-        names.into_iter().filter(|n| self.serving(n)).collect()
+        let lease = Duration::from_millis(LEASE_MS);
+        let wait = Duration::from_millis(LEASE_MS + DRIFT_MARGIN_MS);
+        let now = Instant::now();
+        let inner = self.inner.lock().expect("fence lock");
+        let leased = inner.confirmed_at.is_some_and(|at| now < at + lease);
+        if !leased {
+            return Vec::new();
+        }
+        let mut candidates = inner
+            .master_since
+            .iter()
+            .filter(|(name, since)| now >= **since + wait && !inner.released.contains(*name))
+            .map(|(name, _)| name)
+            .peekable();
+        if candidates.peek().is_none() {
+            return Vec::new();
+        }
+        let (me, now_ms) = (self.node.id(), self.node.now_ms());
+        // The fence's lock is held while the state is read; nothing takes them in the other order.
+        self.node
+            .store()
+            .with_state(|s| candidates.filter(|name| s.may_serve(me, name, now_ms)).cloned().collect())
     }
 }
 

@@ -23,8 +23,9 @@ pub struct NodeSnapshot {
     pub applied: u64,
     /// The last log index its state machine applied.
     pub log_applied: u64,
-    /// Every archived event up to `applied`, in index order.
-    pub archive: Vec<EventRecord>,
+    /// Every archived event up to `applied`, in index order (shared with the driver's copy, which
+    /// it extends by the new events at each check).
+    pub archive: std::sync::Arc<Vec<EventRecord>>,
     /// Voters in the membership it knows.
     pub voters: Vec<u64>,
     /// Members in its applied state.
@@ -439,7 +440,7 @@ mod tests {
             leader: None,
             applied,
             log_applied: applied,
-            archive,
+            archive: archive.into(),
             voters: vec![1],
             members: vec![1],
             placements: BTreeMap::new(),
