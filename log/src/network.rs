@@ -14,6 +14,11 @@
 //! `tests/benches/README.md`). A stream whose exchange failed or timed out is dropped, never
 //! reused, so a late answer cannot be paired with a later request. A peer that does not know
 //! `Replicate` (an older version) answers `Unimplemented`, and AppendEntries to it go unary.
+//!
+//! The monitors' pings (every peer, five times a second from every node) go over the same streams as
+//! an empty request, answered empty ([`PeerChannel::exchange`]): as unary calls they cost a new HTTP/2
+//! stream with headers and trailers and a server task each, about a sixth of the simulator's CPU
+//! (`sim/README.md`, session 9).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -363,8 +368,8 @@ impl PeerClient {
     }
 }
 
-/// Idle replication streams kept per peer: one for the replication task, the others for the
-/// heartbeats that confirm leadership, which run beside it.
+/// Idle replication streams kept per peer: one for the replication task, the others for pings and
+/// for openraft's own leadership confirmations, which run beside it.
 const IDLE_STREAMS_MAX: usize = 4;
 
 /// One `Replicate` call: a long-lived HTTP/2 stream on which each AppendEntries request is answered by

@@ -29,7 +29,9 @@
 //! # Fence: at most one server serves a service at any instant
 //! A master serves only while its lease holds: every [`Fence::renew_every`] it asks the leader to
 //! confirm leadership with a quorum (a read index) and applies the log up to that index. (A server
-//! that is master of nothing does not ask: it has nothing to fence.) The lease
+//! that is master of nothing does not ask: it has nothing to fence.) The leader confirms with the
+//! answers of a quorum to heartbeats sent after the request reached it, and answers its last log
+//! index (`coyote_log::LogNode::confirm_quorum`). The lease
 //! runs for `LEASE_MS` from the moment the confirmation was *asked for*, measured on this server's
 //! monotonic clock, and only if the state at that index still names this server master. A server that
 //! becomes master (by a switch, at start-up, or after a restart) serves only `LEASE_MS +
@@ -498,8 +500,8 @@ impl Fence {
     }
 
     /// Asks for a confirmation; on success the lease runs from the moment it was asked for. A server
-    /// that is master of nothing asks for none: it has nothing to fence, and a confirmation costs the
-    /// leader a round of heartbeats to every voter.
+    /// that is master of nothing asks for none: it has nothing to fence, and a confirmation costs a
+    /// call to the leader and a wait for its next heartbeats' answers.
     pub async fn renew(&self) {
         if self.masters().is_empty() {
             self.note_masters();

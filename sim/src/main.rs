@@ -27,8 +27,8 @@ struct Args {
     /// Leave crashes (and restarts) out of the fault schedule.
     #[arg(long)]
     no_crashes: bool,
-    /// Simulated milliseconds per turmoil step.
-    #[arg(long, default_value_t = 1)]
+    /// Simulated milliseconds per turmoil step: timers fire and messages arrive on its multiples.
+    #[arg(long, default_value_t = 2)]
     tick_ms: u64,
     /// Services created after formation.
     #[arg(long, default_value_t = 3)]
