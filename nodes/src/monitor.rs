@@ -458,6 +458,20 @@ struct FenceState {
     released: BTreeSet<String>,
 }
 
+impl FenceState {
+    /// The services the fence itself lets this server serve at `now` (the state must also name it
+    /// master, see [`Fence::serving`]): while the lease holds, those it has been master of for a lease
+    /// plus the drift margin and has not released for a handover.
+    fn allowed(&self, now: Instant) -> impl Iterator<Item = &String> + '_ {
+        let leased = self.confirmed_at.is_some_and(|at| now < at + Duration::from_millis(LEASE_MS));
+        let wait = Duration::from_millis(LEASE_MS + DRIFT_MARGIN_MS);
+        self.master_since
+            .iter()
+            .filter(move |(name, since)| leased && now >= **since + wait && !self.released.contains(*name))
+            .map(|(name, _)| name)
+    }
+}
+
 impl Fence {
     pub fn renew_every() -> Duration {
         Duration::from_millis(LEASE_MS / 4)
@@ -573,37 +587,17 @@ impl Fence {
 
     /// Whether this server may serve `service` now.
     pub fn serving(&self, service: &str) -> bool {
-        let lease = Duration::from_millis(LEASE_MS);
-        let wait = Duration::from_millis(LEASE_MS + DRIFT_MARGIN_MS);
-        let now = Instant::now();
         let inner = self.inner.lock().expect("fence lock");
-        let leased = inner.confirmed_at.is_some_and(|at| now < at + lease);
-        let settled = inner.master_since.get(service).is_some_and(|since| now >= *since + wait);
-        let released = inner.released.contains(service);
+        let allowed = inner.allowed(Instant::now()).any(|name| name == service);
         drop(inner);
-        !released
-            && leased
-            && settled
-            && self.node.store().with_state(|s| s.may_serve(self.node.id(), service, self.node.now_ms()))
+        allowed && self.node.store().with_state(|s| s.may_serve(self.node.id(), service, self.node.now_ms()))
     }
 
     /// Every service this server may serve now: those for which [`Fence::serving`] holds, found with
     /// one look at the fence and one at the state (the simulator asks after every step).
     pub fn serving_services(&self) -> Vec<String> {
-        let lease = Duration::from_millis(LEASE_MS);
-        let wait = Duration::from_millis(LEASE_MS + DRIFT_MARGIN_MS);
-        let now = Instant::now();
         let inner = self.inner.lock().expect("fence lock");
-        let leased = inner.confirmed_at.is_some_and(|at| now < at + lease);
-        if !leased {
-            return Vec::new();
-        }
-        let mut candidates = inner
-            .master_since
-            .iter()
-            .filter(|(name, since)| now >= **since + wait && !inner.released.contains(*name))
-            .map(|(name, _)| name)
-            .peekable();
+        let mut candidates = inner.allowed(Instant::now()).peekable();
         if candidates.peek().is_none() {
             return Vec::new();
         }

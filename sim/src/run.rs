@@ -714,7 +714,7 @@ impl Driver<'_> {
         let copy = archives.entry(host.to_string()).or_default();
         let have = copy.last().map(|r| r.envelope.index).unwrap_or(0);
         let read = |from: u64| store.events(from, usize::MAX).expect("the archive reads");
-        if store.last_event() != have || have == 0 {
+        if store.last_event() != have {
             // From the copy's last event, which must still be there, unchanged.
             let fresh = read(have.max(1));
             let continues = have == 0 || fresh.first().is_some_and(|first| Some(first) == copy.last());
