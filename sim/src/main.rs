@@ -27,7 +27,8 @@ struct Args {
     /// Leave crashes (and restarts) out of the fault schedule.
     #[arg(long)]
     no_crashes: bool,
-    /// Simulated milliseconds per turmoil step: timers fire and messages arrive on its multiples.
+    /// Simulated milliseconds per turmoil step: messages are delivered only at step boundaries (timers
+    /// still fire at their own instants, the hosts' clocks being paused tokio clocks).
     #[arg(long, default_value_t = 2)]
     tick_ms: u64,
     /// Services created after formation.
