@@ -88,9 +88,13 @@ pub fn channel(
 /// until HTTP/2 keep-alive gives up on it, and every call to that peer would wait with it. So a call
 /// that fails as a dead connection would (unavailable, deadline exceeded, no answer in time) evicts
 /// the channel it used ([`PeerChannel::broken`]) if nothing on that channel has succeeded for
-/// [`SUSPECT_AFTER`], and the next call dials anew. A slow but live peer keeps answering something
-/// (pings, replication) and keeps its connection; a dead peer is redialed at most that often; a fresh
-/// channel is not evicted by a late failure on the one it replaced (generations).
+/// [`SUSPECT_AFTER`] and nothing at all was read from its connection for as long, and the next call
+/// dials anew. A slow but live peer keeps sending something (answers, HTTP/2 keep-alive pings) and
+/// keeps its connection even while calls to it time out: under a latency of half a second, evicting
+/// such connections made nodes redial each other over and over, each time with a full handshake that
+/// itself took several round trips (over a hundred handshakes in four seconds in the simulator). A dead
+/// peer is redialed at most that often; a fresh channel is not evicted by a late failure on the one
+/// it replaced (generations).
 #[derive(Clone)]
 pub struct Channels {
     tls: Arc<rustls::ClientConfig>,
@@ -113,6 +117,8 @@ struct Entry {
     channel: Channel,
     /// When a call on it last succeeded (or when it was made).
     last_ok: Arc<Mutex<tokio::time::Instant>>,
+    /// When bytes last came in on its connection (or when it was made); see [`Heard`].
+    heard: Arc<Mutex<tokio::time::Instant>>,
     /// Replication streams on this channel that no call is using ([`AppendStream`]).
     idle_streams: Arc<Mutex<Vec<AppendStream>>>,
     /// The peer does not know the `Replicate` call (an older version): AppendEntries go unary.
@@ -172,7 +178,8 @@ impl PeerChannel {
     /// lately, the next call to this peer dials a new one.
     fn broken(&self) {
         let last_ok = *self.entry.last_ok.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if last_ok.elapsed() < SUSPECT_AFTER {
+        let heard = *self.entry.heard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if last_ok.max(heard).elapsed() < SUSPECT_AFTER {
             return;
         }
         let mut inner = self.channels.lock();
@@ -248,11 +255,14 @@ impl Channels {
         let entry = match inner.by_addr.get(addr) {
             Some(entry) => entry.clone(),
             None => {
-                let channel = channel(addr, self.tls.clone(), &self.dial)?;
+                let heard = Arc::new(Mutex::new(tokio::time::Instant::now()));
+                let dial = tls::DynDial::new(Heard { dial: self.dial.clone(), at: heard.clone() });
+                let channel = channel(addr, self.tls.clone(), &dial)?;
                 inner.generation += 1;
                 let entry = Entry {
                     generation: inner.generation,
                     channel,
+                    heard,
                     last_ok: Arc::new(Mutex::new(tokio::time::Instant::now())),
                     idle_streams: Arc::default(),
                     unary_only: Arc::default(),
@@ -262,6 +272,79 @@ impl Channels {
             }
         };
         Ok(PeerChannel { addr: addr.to_string(), entry, channels: self.clone() })
+    }
+}
+
+/// A dialer whose connections note when bytes last came in: the sign that a connection is alive,
+/// whatever happens to the calls on it ([`PeerChannel::broken`]).
+#[derive(Clone)]
+struct Heard {
+    dial: tls::DynDial,
+    at: Arc<Mutex<tokio::time::Instant>>,
+}
+
+impl tls::Dial for Heard {
+    type Io = HeardIo;
+
+    fn dial(&self, addr: String) -> futures::future::BoxFuture<'static, std::io::Result<HeardIo>> {
+        let (dialing, at) = (self.dial.dial(addr), self.at.clone());
+        Box::pin(async move { Ok(HeardIo { io: dialing.await?, at }) })
+    }
+}
+
+struct HeardIo {
+    io: Box<dyn tls::DialedIo>,
+    at: Arc<Mutex<tokio::time::Instant>>,
+}
+
+impl tokio::io::AsyncRead for HeardIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            *self.at.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = tokio::time::Instant::now();
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for HeardIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }
 
@@ -554,5 +637,91 @@ impl pb::raft_server::Raft for RaftService {
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(&request.into_inner().data)?;
         let result = self.raft.install_snapshot(rpc).await;
         Ok(Response::new(pb::Blob { data: encode(&result) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::time::Instant;
+
+    /// Hands out one in-memory stream, then refuses.
+    #[derive(Clone)]
+    struct OneStream(Arc<Mutex<Option<DuplexStream>>>);
+
+    impl tls::Dial for OneStream {
+        type Io = DuplexStream;
+
+        fn dial(&self, _addr: String) -> futures::future::BoxFuture<'static, std::io::Result<DuplexStream>> {
+            let stream = self.0.lock().unwrap().take();
+            Box::pin(async move {
+                stream.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"))
+            })
+        }
+    }
+
+    fn channels() -> Channels {
+        let tls = tls::client_config(None, &tls::Trust::Pin("ab".repeat(32))).unwrap();
+        Channels::new(tls, tls::DynDial::new(OneStream(Arc::default())))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_notes_when_bytes_come_in_not_when_they_go_out() {
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let dial = tls::DynDial::new(OneStream(Arc::new(Mutex::new(Some(ours)))));
+        let start = Instant::now();
+        let at = Arc::new(Mutex::new(start));
+        let mut io = tls::Dial::dial(&Heard { dial, at: at.clone() }, "peer:7100".into()).await.unwrap();
+
+        tokio::time::advance(Duration::from_secs(1)).await;
+        theirs.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        assert_eq!(*at.lock().unwrap(), start + Duration::from_secs(1));
+
+        tokio::time::advance(Duration::from_secs(1)).await;
+        io.write_all(b"pong").await.unwrap();
+        io.flush().await.unwrap();
+        theirs.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"pong");
+        assert_eq!(*at.lock().unwrap(), start + Duration::from_secs(1), "writing is no sign of life");
+
+        // The peer closing the connection (a read of zero bytes) is no sign of life either.
+        drop(theirs);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(io.read(&mut got).await.unwrap(), 0);
+        assert_eq!(*at.lock().unwrap(), start + Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_channel_is_kept_while_its_connection_hears_from_the_peer() {
+        let channels = channels();
+        let first = channels.get("peer:7100").unwrap();
+        let generation = |c: &PeerChannel| c.entry.generation;
+
+        // Calls failed for longer than SUSPECT_AFTER, but bytes came in just now: kept.
+        tokio::time::advance(SUSPECT_AFTER * 2).await;
+        *first.entry.heard.lock().unwrap() = Instant::now();
+        first.broken();
+        assert_eq!(generation(&channels.get("peer:7100").unwrap()), generation(&first));
+
+        // A call succeeded lately: kept.
+        tokio::time::advance(SUSPECT_AFTER * 2).await;
+        first.succeeded();
+        first.broken();
+        assert_eq!(generation(&channels.get("peer:7100").unwrap()), generation(&first));
+
+        // Neither for SUSPECT_AFTER: the next call dials anew.
+        tokio::time::advance(SUSPECT_AFTER).await;
+        first.broken();
+        let second = channels.get("peer:7100").unwrap();
+        assert_ne!(generation(&second), generation(&first));
+
+        // A late failure on the old channel does not evict the new one.
+        tokio::time::advance(SUSPECT_AFTER * 2).await;
+        first.broken();
+        assert_eq!(generation(&channels.get("peer:7100").unwrap()), generation(&second));
     }
 }
