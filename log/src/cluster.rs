@@ -831,6 +831,10 @@ impl LogNode {
                 let acked = m
                     .millis_since_quorum_ack
                     .and_then(|ms| tokio::time::Instant::now().checked_sub(Duration::from_millis(ms + 1)));
+                #[cfg(feature = "planted-bugs")]
+                if acked.is_some() && crate::store::planted::confirms_from_stale_acks() {
+                    return Ok(m.last_log_index.unwrap_or(0));
+                }
                 if acked.is_some_and(|at| at >= asked) {
                     return Ok(m.last_log_index.unwrap_or(0));
                 }

@@ -1477,6 +1477,19 @@ pub mod planted {
     pub(crate) fn keeps_conflicting_entries() -> bool {
         KEEP_CONFLICTING_ENTRIES.load(Ordering::SeqCst)
     }
+
+    static CONFIRM_FROM_STALE_ACKS: AtomicBool = AtomicBool::new(false);
+
+    /// A leader confirms its leadership from any quorum acknowledgement it ever had, not only from
+    /// one of AppendEntries sent after it was asked (`LogNode::confirm_quorum`): a leader cut off from
+    /// everyone still confirms, and a fence relying on it would serve on.
+    pub fn confirm_from_stale_acks(on: bool) {
+        CONFIRM_FROM_STALE_ACKS.store(on, Ordering::SeqCst);
+    }
+
+    pub(crate) fn confirms_from_stale_acks() -> bool {
+        CONFIRM_FROM_STALE_ACKS.load(Ordering::SeqCst)
+    }
 }
 
 #[cfg(test)]

@@ -20,8 +20,10 @@
 //! sources of nondeterminism closed for that are listed in `sim/README.md`.
 //!
 //! With the `planted-bugs` feature, `--plant keep-conflicting-entries` (a Raft bug in the store),
-//! `--plant backup-takes-over` (a backup that promotes itself) and `--plant failover-ignores-votes`
-//! (a failover rule without its majority) switch on deliberate bugs, which the checkers catch.
+//! `--plant backup-takes-over` (a backup that promotes itself), `--plant failover-ignores-votes`
+//! (a failover rule without its majority) and `--plant stale-leader-confirms` (a leader that confirms
+//! its leadership from old acknowledgements; the scenario `isolated-leader-confirms` catches it)
+//! switch on deliberate bugs, which the checkers catch.
 
 pub mod checks;
 pub mod model;

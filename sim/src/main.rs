@@ -36,11 +36,12 @@ struct Args {
     services: usize,
     /// Run a hand-written scenario (or `all` of them) for each seed instead of the random schedule:
     /// master-cut-off, failover-cut-from-master, leader-crash-mid-switch, old-master-returns,
-    /// manual-switch, backup-master-gone.
+    /// manual-switch, backup-master-gone, leader-and-one-crash, leader-writes-lost,
+    /// isolated-leader-confirms.
     #[arg(long)]
     scenario: Option<String>,
     /// Switch on a deliberate bug to see the checkers catch it: `keep-conflicting-entries`,
-    /// `backup-takes-over` or `failover-ignores-votes` (needs `--features planted-bugs`).
+    /// `backup-takes-over`, `failover-ignores-votes` or `stale-leader-confirms` (needs `--features planted-bugs`).
     #[arg(long)]
     plant: Option<String>,
     /// Seeds run in parallel, in that many worker processes; default: the number of CPUs.
@@ -113,8 +114,13 @@ fn plant(bug: Option<&str>) -> Result<()> {
             eprintln!("planted bug: the failover rule does not ask for a majority");
             Ok(())
         }
+        Some("stale-leader-confirms") => {
+            coyote_log::store::planted::confirm_from_stale_acks(true);
+            eprintln!("planted bug: a leader confirms its leadership from quorum acknowledgements older than the question");
+            Ok(())
+        }
         Some(other) => bail!(
-            "no planted bug {other:?}; there are keep-conflicting-entries, backup-takes-over and failover-ignores-votes"
+            "no planted bug {other:?}; there are keep-conflicting-entries, backup-takes-over, failover-ignores-votes and stale-leader-confirms"
         ),
     }
 }

@@ -242,6 +242,9 @@ impl SimNode {
     }
 }
 
+/// Where an answer from a node's runtime lands ([`Driver::confirm_on`]).
+pub(crate) type Answer = Arc<Mutex<Option<Result<u64, String>>>>;
+
 /// What the simulated admin does (`coyote service create`, `coyote service switch`).
 #[derive(Clone, Debug)]
 pub enum Admin {
@@ -886,6 +889,21 @@ impl Driver<'_> {
             self.violation(format!("formation: the services were not served in time: {why}"));
         }
         served
+    }
+
+    /// Asks the node of `host`, on its own runtime, to confirm its leadership with a quorum, as a
+    /// master's fence does before it serves on (`LogNode::confirm_quorum`); the answer (the read index,
+    /// or why not) lands in the returned cell. None if the host is not running.
+    pub(crate) fn confirm_on(&self, host: &str, timeout: Duration) -> Option<Answer> {
+        let running = self.world.running.lock().expect("running lock");
+        let sim_node = running.get(host)?;
+        let answer: Answer = Arc::default();
+        let (node, cell) = (sim_node.node.clone(), answer.clone());
+        sim_node.rt.spawn(async move {
+            let result = node.confirm_quorum(timeout).await.map_err(|e| e.to_string());
+            *cell.lock().expect("answer lock") = Some(result);
+        });
+        Some(answer)
     }
 
     pub(crate) fn admin(&mut self, host: &str, command: Admin) {

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use coyote_state_machine::{Event, SwitchCause};
+use coyote_state_machine::{Event, SwitchCause, LEASE_MS};
 use rand::seq::SliceRandom;
 use rand::Rng;
 
@@ -51,10 +51,16 @@ pub enum Scenario {
     /// after the heal in place of its uncommitted entries. A switch the admin then asks through the
     /// old leader must still be applied.
     LeaderWritesLost,
+    /// The Raft leader is cut off from everyone; a moment later it is asked to confirm its
+    /// leadership with a quorum, as a master's fence asks before serving on. It must not: no
+    /// AppendEntries it sends after the question can be acknowledged. (The random schedule cannot
+    /// tell this check apart: an isolated leader appends its monitor's reports within a few probe
+    /// rounds, and a confirmation then waits for them to commit, which also fails.)
+    IsolatedLeaderConfirms,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::MasterCutOff,
         Scenario::FailoverCutFromMaster,
         Scenario::LeaderCrashMidSwitch,
@@ -63,6 +69,7 @@ impl Scenario {
         Scenario::BackupMasterGone,
         Scenario::LeaderAndOneCrash,
         Scenario::LeaderWritesLost,
+        Scenario::IsolatedLeaderConfirms,
     ];
 
     pub fn name(self) -> &'static str {
@@ -75,6 +82,7 @@ impl Scenario {
             Scenario::BackupMasterGone => "backup-master-gone",
             Scenario::LeaderAndOneCrash => "leader-and-one-crash",
             Scenario::LeaderWritesLost => "leader-writes-lost",
+            Scenario::IsolatedLeaderConfirms => "isolated-leader-confirms",
         }
     }
 
@@ -216,6 +224,44 @@ impl Scenario {
                     return false;
                 }
             }
+            Scenario::IsolatedLeaderConfirms => {
+                let Some(leader) = d.leader_host() else {
+                    d.violation("scenario: no leader".into());
+                    return false;
+                };
+                let (side, rest) = d.isolate(&leader);
+                let fault = d.start(Fault::Partition { side, rest });
+                if !d.run_for(Duration::from_millis(10)) {
+                    return false;
+                }
+                let timeout = Duration::from_millis(LEASE_MS / 2);
+                let Some(answer) = d.confirm_on(&leader, timeout) else {
+                    d.violation(format!("scenario {}: the leader {leader} is not running", self.name()));
+                    return false;
+                };
+                if !d.run_for(secs(1)) {
+                    return false;
+                }
+                let answer = answer.lock().expect("answer lock").take();
+                match answer {
+                    Some(Err(reason)) => {
+                        d.trace(format!("the isolated leader {leader} could not confirm its leadership: {reason}"))
+                    }
+                    Some(Ok(index)) => d.violation(format!(
+                        "scenario {}: the leader {leader}, cut off from every other node, confirmed its \
+                         leadership with a quorum (read index {index})",
+                        self.name()
+                    )),
+                    None => d.violation(format!(
+                        "scenario {}: the isolated leader {leader} did not answer within 1 s, its timeout being {timeout:?}",
+                        self.name()
+                    )),
+                }
+                if !d.run_for(secs(9)) {
+                    return false;
+                }
+                d.end(fault);
+            }
             Scenario::BackupMasterGone => {
                 let crash_master = d.start(Fault::Crash { host: master });
                 let crash_failover = d.start(Fault::Crash { host: failover });
@@ -277,7 +323,7 @@ impl Scenario {
                 );
             }
             Scenario::FailoverCutFromMaster => expect(switches.is_empty(), "no switch"),
-            Scenario::LeaderAndOneCrash => {}
+            Scenario::LeaderAndOneCrash | Scenario::IsolatedLeaderConfirms => {}
             Scenario::LeaderCrashMidSwitch => {
                 expect(failovers == 0, "no switch by failover");
                 expect(instructed.len() <= 1, "at most the one instructed switch");
