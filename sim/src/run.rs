@@ -592,6 +592,8 @@ pub(crate) struct Driver<'a> {
     /// Authority switches traced so far (the highest index), and their counts by cause.
     switches_seen: u64,
     pub(crate) switches: Vec<checks::Switch>,
+    /// The replay of the archive that finds the switches, advanced at every check.
+    replay: checks::Replay,
     /// The service a scenario acts on.
     pub(crate) focus: String,
 }
@@ -778,8 +780,9 @@ impl Driver<'_> {
         found.extend(checks::one_leader_per_term(&nodes));
         found.extend(checks::roles_well_formed(&nodes));
         if let Some(longest) = nodes.iter().max_by_key(|n| n.applied) {
-            match checks::switches(&longest.archive) {
-                Ok(switches) => {
+            match self.replay.advance(&longest.archive) {
+                Ok(()) => {
+                    let switches = self.replay.switches().to_vec();
                     found.extend(checks::switches_authorised(&switches, ADMIN_ACTOR));
                     let window = REACH_WINDOW_MS;
                     let epoch_ms = EPOCH_UNIX_S * 1000;
@@ -1307,6 +1310,7 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
         failover_ms: Vec::new(),
         switches_seen: 0,
         switches: Vec::new(),
+        replay: checks::Replay::default(),
         focus: String::new(),
     };
     driver.record_links();
