@@ -589,9 +589,8 @@ pub(crate) struct Driver<'a> {
     /// Masters lost by a fault, by service.
     losses: BTreeMap<String, Loss>,
     failover_ms: Vec<u64>,
-    /// Authority switches traced so far (the highest index), and their counts by cause.
-    switches_seen: u64,
-    pub(crate) switches: Vec<checks::Switch>,
+    /// How many of the switches found so far are traced.
+    switches_traced: usize,
     /// The replay of the archive that finds the switches, advanced at every check.
     replay: checks::Replay,
     /// The service a scenario acts on.
@@ -668,7 +667,7 @@ impl Driver<'_> {
                     let ms = (now - loss.at).as_millis() as u64;
                     // The new master serves at least a lease after its switch was applied, so the
                     // archive checked every 500 ms already holds the switch: count only failovers.
-                    let cause = self.switches.iter().rev().find(|s| s.service == *service).map(|s| s.cause);
+                    let cause = self.switches().iter().rev().find(|s| s.service == *service).map(|s| s.cause);
                     if cause == Some(SwitchCause::Failover) {
                         self.failover_ms.push(ms);
                         lines.push(format!("failover of {service} from {}: {ms} ms", loss.master));
@@ -769,6 +768,11 @@ impl Driver<'_> {
             .collect()
     }
 
+    /// The authority switches applied so far, as of the last check.
+    pub(crate) fn switches(&self) -> &[checks::Switch] {
+        self.replay.switches()
+    }
+
     fn check(&mut self) {
         let nodes = self.snapshots();
         for n in &nodes {
@@ -782,26 +786,30 @@ impl Driver<'_> {
         if let Some(longest) = nodes.iter().max_by_key(|n| n.applied) {
             match self.replay.advance(&longest.archive) {
                 Ok(()) => {
-                    let switches = self.replay.switches().to_vec();
-                    found.extend(checks::switches_authorised(&switches, ADMIN_ACTOR));
+                    let switches = self.replay.switches();
+                    found.extend(checks::switches_authorised(switches, ADMIN_ACTOR));
                     let window = REACH_WINDOW_MS;
                     let epoch_ms = EPOCH_UNIX_S * 1000;
                     found.extend(checks::no_switch_while_master_reachable(
-                        &switches,
+                        switches,
                         &self.timeline,
                         &self.hosts,
                         window,
                         epoch_ms,
                     ));
-                    for s in switches.iter().filter(|s| s.index > self.switches_seen) {
-                        self.trace(format!(
-                            "switch at {}: {} from node {} to node {} ({:?}, by {})",
-                            s.index, s.service, s.before.master, s.to, s.cause, s.actor
-                        ));
+                    let lines: Vec<String> = switches[self.switches_traced..]
+                        .iter()
+                        .map(|s| {
+                            format!(
+                                "switch at {}: {} from node {} to node {} ({:?}, by {})",
+                                s.index, s.service, s.before.master, s.to, s.cause, s.actor
+                            )
+                        })
+                        .collect();
+                    self.switches_traced = switches.len();
+                    for line in lines {
+                        self.trace(line);
                     }
-                    self.switches_seen =
-                        switches.iter().map(|s| s.index).max().unwrap_or(0).max(self.switches_seen);
-                    self.switches = switches;
                 }
                 Err(e) => found.push(format!("archive: {} cannot be replayed: {e}", longest.host)),
             }
@@ -1308,8 +1316,7 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
         archives: Default::default(),
         losses: BTreeMap::new(),
         failover_ms: Vec::new(),
-        switches_seen: 0,
-        switches: Vec::new(),
+        switches_traced: 0,
         replay: checks::Replay::default(),
         focus: String::new(),
     };
@@ -1338,8 +1345,8 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
     let violations = std::mem::take(&mut driver.violations);
     let failover_ms = std::mem::take(&mut driver.failover_ms);
     let switches = (
-        driver.switches.iter().filter(|s| s.cause == SwitchCause::Failover).count(),
-        driver.switches.iter().filter(|s| s.cause.instructed()).count(),
+        driver.switches().iter().filter(|s| s.cause == SwitchCause::Failover).count(),
+        driver.switches().iter().filter(|s| s.cause.instructed()).count(),
     );
     world.running.lock().expect("running lock").clear();
     drop(driver);

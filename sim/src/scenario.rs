@@ -302,7 +302,7 @@ impl Scenario {
     /// What the scenario expects of the run, beyond the checkers, as violations.
     pub(crate) fn expect(self, d: &Driver) -> Vec<String> {
         let service = d.focus.as_str();
-        let switches: Vec<&Switch> = d.switches.iter().filter(|s| s.service == service).collect();
+        let switches: Vec<&Switch> = d.switches().iter().filter(|s| s.service == service).collect();
         let failovers = switches.iter().filter(|s| s.cause == SwitchCause::Failover).count();
         let instructed: Vec<&&Switch> = switches.iter().filter(|s| s.cause.instructed()).collect();
         let mut problems = Vec::new();
