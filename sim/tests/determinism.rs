@@ -1,8 +1,9 @@
 //! Running a seed twice gives the same trace.
 //!
-//! Each test runs its seeds one after the other on one thread. Crashes are left
-//! out of the schedule here: a crash and restart is not yet reproducible under CPU contention (see
-//! `sim/README.md`), and tests run in parallel.
+//! Each test runs its seeds one after the other on one thread. Crashes are left out of the schedule
+//! here: `cargo test` runs this binary's tests on several threads at once, and the order in which a
+//! crashed node's tasks are dropped follows tokio's task numbers, counted per process, so another
+//! test's tasks would change it. `history.rs`, alone in its binary, runs a seed with a crash.
 
 use std::time::Duration;
 
