@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use coyote_sim::{run_seed, Params};
 
+mod common;
+
 #[test]
 fn a_seed_run_twice_gives_the_same_trace() {
     let params = Params {
@@ -23,14 +25,7 @@ fn a_seed_run_twice_gives_the_same_trace() {
         let second = run_seed(seed, &params);
         assert!(first.violations.is_empty(), "seed {seed}: {:?}", first.violations);
         assert!(first.acks > 0, "seed {seed}: nothing was acknowledged");
-        if first.trace_hash != second.trace_hash {
-            let diverged = first.trace.iter().zip(&second.trace).position(|(a, b)| a != b);
-            panic!(
-                "seed {seed} ran twice gave different traces (first difference at line {diverged:?}):\n{:?}\nvs\n{:?}",
-                diverged.map(|i| &first.trace[i]),
-                diverged.map(|i| &second.trace[i]),
-            );
-        }
+        common::assert_same_trace(&first, &second, &format!("seed {seed} run twice"));
     }
 }
 

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use coyote_sim::{run_seed, Params};
 
+mod common;
+
 #[test]
 fn a_seed_with_a_crash_gives_the_same_trace_after_other_work() {
     let params = Params {
@@ -34,13 +36,6 @@ fn a_seed_with_a_crash_gives_the_same_trace_after_other_work() {
         }
         drop(rt);
         let again = run_seed(seed, &params);
-        if again.trace_hash != first.trace_hash {
-            let diverged = first.trace.iter().zip(&again.trace).position(|(a, b)| a != b);
-            panic!(
-                "seed {seed} after {extra} more tasks gave another trace (first difference at line {diverged:?}):\n{:?}\nvs\n{:?}",
-                diverged.map(|i| &first.trace[i]),
-                diverged.map(|i| &again.trace[i]),
-            );
-        }
+        common::assert_same_trace(&first, &again, &format!("seed {seed} after {extra} more tasks"));
     }
 }
