@@ -66,6 +66,10 @@ pub const MEMBERSHIP_INTERVAL: Duration = Duration::from_millis(300);
 pub const PROMOTE_LAG_MAX: u64 = 64;
 /// Deadline of a reachability ping.
 pub const PING_TIMEOUT: Duration = Duration::from_millis(800);
+/// A peer that answered a call (a heartbeat, a forwarded proposal, a ping) this recently counts as
+/// reachable without a ping of its own: a little more than the default heartbeat interval, so that a
+/// leader need not ping the followers its heartbeats reach anyway.
+pub const ANSWERED_FRESH: Duration = Duration::from_millis(60);
 /// Free space below which a node refuses new proposals, by default: 64 MiB.
 pub const DISK_RESERVE_DEFAULT: u64 = 64 << 20;
 /// Most proposals in one Raft entry.
@@ -859,8 +863,12 @@ impl LogNode {
         m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())
     }
 
-    /// Whether the member at `addr` answers a ping in time.
+    /// Whether the member at `addr` is reachable: it answered a call of this node within
+    /// [`ANSWERED_FRESH`], or it answers a ping in time.
     pub async fn ping_peer(&self, addr: &str) -> bool {
+        if self.0.channels.get(addr).is_ok_and(|peer| peer.answered_within(ANSWERED_FRESH)) {
+            return true;
+        }
         self.ping(addr).await
     }
 

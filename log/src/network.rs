@@ -115,8 +115,8 @@ struct ChannelMap {
 struct Entry {
     generation: u64,
     channel: Channel,
-    /// When a call on it last succeeded (or when it was made).
-    last_ok: Arc<Mutex<tokio::time::Instant>>,
+    /// When a call on it last succeeded (its peer answered), if one has.
+    last_ok: Arc<Mutex<Option<tokio::time::Instant>>>,
     /// When bytes last came in on its connection (or when it was made); see [`Heard`].
     heard: Arc<Mutex<tokio::time::Instant>>,
     /// Replication streams on this channel that no call is using ([`AppendStream`]).
@@ -178,8 +178,10 @@ impl PeerChannel {
     /// lately, the next call to this peer dials a new one.
     fn broken(&self) {
         let last_ok = *self.entry.last_ok.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // `heard` starts when the channel was made, so a channel on which nothing succeeded yet is
+        // given that long too.
         let heard = *self.entry.heard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if last_ok.max(heard).elapsed() < SUSPECT_AFTER {
+        if last_ok.map_or(heard, |ok| ok.max(heard)).elapsed() < SUSPECT_AFTER {
             return;
         }
         let mut inner = self.channels.lock();
@@ -190,7 +192,15 @@ impl PeerChannel {
 
     fn succeeded(&self) {
         *self.entry.last_ok.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) =
-            tokio::time::Instant::now();
+            Some(tokio::time::Instant::now());
+    }
+
+    /// Whether a call on this channel was answered by the peer within the last `window`: proof that
+    /// requests reached it and its answers came back, in both directions, that recently. Bytes merely
+    /// arriving ([`Heard`]) do not count: a one-way cut can leave a connection that still receives.
+    pub fn answered_within(&self, window: Duration) -> bool {
+        let last_ok = *self.entry.last_ok.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        last_ok.is_some_and(|ok| ok.elapsed() <= window)
     }
 
     /// Runs `call` on this channel. If it fails as a dead connection would, or is dropped before it
@@ -263,7 +273,7 @@ impl Channels {
                     generation: inner.generation,
                     channel,
                     heard,
-                    last_ok: Arc::new(Mutex::new(tokio::time::Instant::now())),
+                    last_ok: Arc::default(),
                     idle_streams: Arc::default(),
                     unary_only: Arc::default(),
                 };
@@ -693,6 +703,48 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(io.read(&mut got).await.unwrap(), 0);
         assert_eq!(*at.lock().unwrap(), start + Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_call_the_peer_answered_counts_as_an_answer_and_only_for_its_window() {
+        let channels = channels();
+        let peer = channels.get("peer:7100").unwrap();
+        let window = Duration::from_millis(60);
+        assert!(!peer.answered_within(window), "a new channel has answered nothing");
+
+        // Bytes coming in are not an answer: a one-way cut can leave a connection that still receives.
+        *peer.entry.heard.lock().unwrap() = Instant::now();
+        assert!(!peer.answered_within(window));
+
+        // Calls that failed, as a dead connection or as the peer refusing, are no answer either.
+        let failed = peer.watch(async { Err::<(), _>(Status::unavailable("cut")) }).await;
+        assert!(failed.is_err());
+        let refused = peer.watch(async { Err::<(), _>(Status::permission_denied("no")) }).await;
+        assert!(refused.is_err());
+        assert!(!peer.answered_within(window));
+
+        // An answered call counts for the window, and no longer.
+        peer.watch(async { Ok::<_, Status>(()) }).await.unwrap();
+        assert!(peer.answered_within(window));
+        tokio::time::advance(window).await;
+        assert!(peer.answered_within(window));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!peer.answered_within(window));
+
+        // A failure later does not erase the answer, nor refresh it.
+        peer.watch(async { Ok::<_, Status>(()) }).await.unwrap();
+        tokio::time::advance(Duration::from_millis(30)).await;
+        let _ = peer.watch(async { Err::<(), _>(Status::unavailable("cut")) }).await;
+        assert!(peer.answered_within(window));
+        tokio::time::advance(Duration::from_millis(31)).await;
+        assert!(!peer.answered_within(window));
+
+        // A channel made anew after the old one broke has answered nothing.
+        tokio::time::advance(SUSPECT_AFTER * 2).await;
+        peer.broken();
+        let fresh = channels.get("peer:7100").unwrap();
+        assert_ne!(fresh.entry.generation, peer.entry.generation);
+        assert!(!fresh.answered_within(window));
     }
 
     #[tokio::test(start_paused = true)]

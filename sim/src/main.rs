@@ -56,7 +56,7 @@ struct Args {
     /// Run a hand-written scenario (or `all` of them) for each seed instead of the random schedule:
     /// master-cut-off, failover-cut-from-master, leader-crash-mid-switch, old-master-returns,
     /// manual-switch, backup-master-gone, leader-and-one-crash, leader-writes-lost,
-    /// isolated-leader-confirms.
+    /// isolated-leader-confirms, answers-lost.
     #[arg(long)]
     scenario: Option<String>,
     /// Switch on a deliberate bug to see the checkers catch it: `keep-conflicting-entries`,

@@ -965,6 +965,15 @@ impl Driver<'_> {
             .or_else(|| self.hosts.get(&id).cloned())
     }
 
+    /// The node id of `host`.
+    pub(crate) fn id_of(&self, host: &str) -> Option<u64> {
+        let running = self.world.running.lock().expect("running lock");
+        running
+            .get(host)
+            .map(|n| n.node.id())
+            .or_else(|| self.hosts.iter().find(|(_, h)| *h == host).map(|(id, _)| *id))
+    }
+
     pub(crate) fn running_hosts(&self) -> Vec<String> {
         self.world.running.lock().expect("running lock").keys().cloned().collect()
     }

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use coyote_state_machine::{Event, SwitchCause, LEASE_MS};
+use coyote_state_machine::{Event, Subject, SwitchCause, LEASE_MS};
 use rand::seq::SliceRandom;
 use rand::Rng;
 
@@ -16,6 +16,60 @@ use crate::run::{Admin, Driver, Fault};
 
 /// How long the backups have to raise their alarm when master and failover are gone.
 const ALARM_WAIT: Duration = Duration::from_secs(30);
+
+/// How long the leader's monitor has to report a peer whose answers are lost: three failed probe
+/// rounds of 200 ms (the first failing from when the cut began), the commit, and room for a probe
+/// that was under way when the cut began.
+const REPORT_WAIT: Duration = Duration::from_millis(1_500);
+
+/// How long it has to report the peer reachable again after the heal: a dial begun during the cut
+/// can wait out its connect timeout (3 s) before the next one succeeds, then two good probes.
+const RECOVER_WAIT: Duration = Duration::from_millis(4_000);
+
+/// How many times `observer` has reported `subject` as `reachable`, in the applied state of the most
+/// advanced node.
+fn reported(d: &Driver, observer: u64, subject: u64, reachable: bool) -> usize {
+    d.snapshots().into_iter().max_by_key(|n| n.applied).map_or(0, |n| {
+        n.archive
+            .iter()
+            .filter(|r| {
+                matches!(&r.envelope.event, Event::ReachabilityChanged { observer: o, subject: Subject::Node(s), reachable: r }
+                    if *o == observer && *s == subject && *r == reachable)
+            })
+            .count()
+    })
+}
+
+/// Runs until `observer` has reported `subject` as `reachable` once more than `before` times, for
+/// at most `within`; a violation if it does not.
+fn await_report(
+    d: &mut Driver,
+    (observer, subject, reachable): (u64, u64, bool),
+    before: usize,
+    within: Duration,
+    scenario: Scenario,
+) -> bool {
+    let since = d.sim.elapsed();
+    while reported(d, observer, subject, reachable) <= before {
+        if d.sim.elapsed() >= since + within {
+            d.violation(format!(
+                "scenario {}: node {observer} did not report node {subject} {} within {within:?}",
+                scenario.name(),
+                if reachable { "reachable" } else { "unreachable" },
+            ));
+            return false;
+        }
+        if !d.run_for(Duration::from_millis(50)) {
+            return false;
+        }
+    }
+    d.trace(format!(
+        "node {observer} reported node {subject} {} after {:?}",
+        if reachable { "reachable" } else { "unreachable" },
+        d.sim.elapsed() - since
+    ));
+    true
+}
 
 /// Whether a backup raised the alarm that the master of the scenario's service is lost.
 fn alarmed(d: &Driver) -> bool {
@@ -57,10 +111,16 @@ pub enum Scenario {
     /// tell this check apart: an isolated leader appends its monitor's reports within a few probe
     /// rounds, and a confirmation then waits for them to commit, which also fails.)
     IsolatedLeaderConfirms,
+    /// What one follower sends the Raft leader is lost for 10 s; the other way works. The leader's
+    /// heartbeats still reach the follower (so it stays a follower), but none is answered: the
+    /// leader's monitor must report it unreachable within [`REPORT_WAIT`], and reachable again
+    /// within [`RECOVER_WAIT`] of the heal. (A peer that answered a call lately counts as reachable without a ping:
+    /// this is the case where only answers, not mere traffic, may count.)
+    AnswersLost,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::MasterCutOff,
         Scenario::FailoverCutFromMaster,
         Scenario::LeaderCrashMidSwitch,
@@ -70,6 +130,7 @@ impl Scenario {
         Scenario::LeaderAndOneCrash,
         Scenario::LeaderWritesLost,
         Scenario::IsolatedLeaderConfirms,
+        Scenario::AnswersLost,
     ];
 
     pub fn name(self) -> &'static str {
@@ -83,6 +144,7 @@ impl Scenario {
             Scenario::LeaderAndOneCrash => "leader-and-one-crash",
             Scenario::LeaderWritesLost => "leader-writes-lost",
             Scenario::IsolatedLeaderConfirms => "isolated-leader-confirms",
+            Scenario::AnswersLost => "answers-lost",
         }
     }
 
@@ -262,6 +324,35 @@ impl Scenario {
                 }
                 d.end(fault);
             }
+            Scenario::AnswersLost => {
+                let (Some(leader), Some(leader_id)) = (d.leader_host(), d.leader_id()) else {
+                    d.violation("scenario: no leader".into());
+                    return false;
+                };
+                // A follower that holds no role of the service: its lapsing fence moves nothing.
+                let Some((follower_id, follower)) = d
+                    .names
+                    .iter()
+                    .filter(|h| **h != leader && **h != master && **h != failover)
+                    .find_map(|h| d.id_of(h).map(|id| (id, h.clone())))
+                else {
+                    d.violation("scenario: no follower besides master and failover".into());
+                    return false;
+                };
+                let down = reported(d, leader_id, follower_id, false);
+                let up = reported(d, leader_id, follower_id, true);
+                let fault = d.start(Fault::OneWay { from: vec![follower], to: vec![leader] });
+                if !await_report(d, (leader_id, follower_id, false), down, REPORT_WAIT, self) {
+                    return false;
+                }
+                if !d.run_for(secs(10).saturating_sub(REPORT_WAIT)) {
+                    return false;
+                }
+                d.end(fault);
+                if !await_report(d, (leader_id, follower_id, true), up, RECOVER_WAIT, self) {
+                    return false;
+                }
+            }
             Scenario::BackupMasterGone => {
                 let crash_master = d.start(Fault::Crash { host: master });
                 let crash_failover = d.start(Fault::Crash { host: failover });
@@ -324,6 +415,7 @@ impl Scenario {
             }
             Scenario::FailoverCutFromMaster => expect(switches.is_empty(), "no switch"),
             Scenario::LeaderAndOneCrash | Scenario::IsolatedLeaderConfirms => {}
+            Scenario::AnswersLost => expect(switches.is_empty(), "no switch"),
             Scenario::LeaderCrashMidSwitch => {
                 expect(failovers == 0, "no switch by failover");
                 expect(instructed.len() <= 1, "at most the one instructed switch");

@@ -1,6 +1,7 @@
-//! Two hand-written scenarios, end to end: the failover takes over from a master cut off from
-//! everyone, within the failover time the design aims at; and a cut between master and failover
-//! alone moves nothing.
+//! Hand-written scenarios, end to end: the failover takes over from a master cut off from everyone,
+//! within the failover time the design aims at; a cut between master and failover alone moves
+//! nothing; and the leader reports a follower whose answers are lost, though its heartbeats still
+//! reach it.
 
 use std::time::Duration;
 
@@ -30,4 +31,19 @@ fn a_cut_between_master_and_failover_alone_moves_nothing() {
     assert!(report.violations.is_empty(), "{:?}", report.violations);
     assert_eq!(report.switches, (0, 0), "no switch at all");
     assert!(report.failover_ms.is_empty());
+}
+
+#[test]
+fn the_leader_reports_a_follower_whose_answers_are_lost() {
+    let report = run_seed(0, &params(Scenario::AnswersLost));
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    // The scenario itself fails the run when either report is late; these are its trace lines.
+    for state in ["unreachable", "reachable"] {
+        let said = format!(" {state} after");
+        assert!(
+            report.trace.iter().any(|line| line.contains(" reported node ") && line.contains(&said)),
+            "no trace line says the leader reported the follower {state}"
+        );
+    }
+    assert_eq!(report.switches, (0, 0), "no switch at all");
 }
