@@ -2,9 +2,11 @@
 //!
 //! # Monitor
 //! Every [`MonitorConfig::probe_interval`] each node probes its peers (a ping over the cluster's
-//! mutual TLS) and, for each service where it is failover or backup, the service at its master (a TCP
-//! connection to the service's first published port at the master's address, or an HTTP request
-//! there if the spec names an HTTP check path) and its DNS zone (an SOA query to the nameservers the
+//! mutual TLS, skipped for a peer that answered one of this node's calls within
+//! `coyote_log::cluster::ANSWERED_FRESH`: the leader's heartbeats to its followers count) and, for
+//! each service where it is failover or backup, the service at its master (a TCP connection to the
+//! service's first published port at the master's address, or an HTTP request there if the spec
+//! names an HTTP check path) and its DNS zone (an SOA query to the nameservers the
 //! spec names, if any), through a [`ServiceProbe`]: [`NetProbe`] in production, the simulator's
 //! network in `sim/`. A service counts as unreachable only while its check fails AND, if it has a
 //! zone, none of the zone's nameservers answers: a zone still served means its master still lives.
