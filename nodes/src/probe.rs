@@ -82,18 +82,30 @@ where
     matches!(tokio::time::timeout(timeout, run).await, Ok(Some(true)))
 }
 
-/// Asks every nameserver of `zone` in parallel, each within `timeout`: true if any answered.
+/// Asks every nameserver of `zone` in parallel, each within `timeout`: true as soon as one answered
+/// (the others are not waited for: a nameserver that is down must not hold up the monitor's round of
+/// probes for the whole timeout), false once all failed.
 /// `ask(zone name, nameserver, position)` sends one SOA query and tells whether it was answered.
 pub async fn any_nameserver<A, F>(zone: &ZoneCheck, timeout: Duration, ask: A) -> bool
 where
     A: Fn(String, String, usize) -> F,
     F: Future<Output = bool>,
 {
-    let asks = zone.nameservers.iter().enumerate().map(|(i, ns)| {
-        let run = ask(zone.zone.clone(), ns.clone(), i);
-        async move { matches!(tokio::time::timeout(timeout, run).await, Ok(true)) }
-    });
-    futures::future::join_all(asks).await.into_iter().any(|ok| ok)
+    let mut asks: futures::stream::FuturesUnordered<_> = zone
+        .nameservers
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            let run = ask(zone.zone.clone(), ns.clone(), i);
+            async move { matches!(tokio::time::timeout(timeout, run).await, Ok(true)) }
+        })
+        .collect();
+    while let Some(answered) = futures::StreamExt::next(&mut asks).await {
+        if answered {
+            return true;
+        }
+    }
+    false
 }
 
 /// A query id that differs between queries (not a secret: the answer is also matched by question).
