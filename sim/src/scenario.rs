@@ -32,9 +32,9 @@ fn reported(d: &Driver, observer: u64, subject: u64, reachable: bool) -> usize {
     d.snapshots().into_iter().max_by_key(|n| n.applied).map_or(0, |n| {
         n.archive
             .iter()
-            .filter(|r| {
-                matches!(&r.envelope.event, Event::ReachabilityChanged { observer: o, subject: Subject::Node(s), reachable: r }
-                    if *o == observer && *s == subject && *r == reachable)
+            .filter(|record| {
+                matches!(&record.envelope.event, Event::ReachabilityChanged { observer: o, subject: Subject::Node(s), reachable: said }
+                    if *o == observer && *s == subject && *said == reachable)
             })
             .count()
     })
