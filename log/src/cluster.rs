@@ -729,7 +729,10 @@ impl LogNode {
             if *id == self.0.id {
                 true
             } else {
-                self.ping(addr).await
+                match self.channel(addr).await {
+                    Ok(peer) => Self::ping(&peer).await,
+                    Err(_) => false,
+                }
             }
         });
         let reachable = futures::future::join_all(pings).await;
@@ -866,16 +869,13 @@ impl LogNode {
     /// Whether the member at `addr` is reachable: it answered a call of this node within
     /// [`ANSWERED_FRESH`], or it answers a ping in time.
     pub async fn ping_peer(&self, addr: &str) -> bool {
-        if self.0.channels.get(addr).is_ok_and(|peer| peer.answered_within(ANSWERED_FRESH)) {
-            return true;
-        }
-        self.ping(addr).await
+        let Ok(peer) = self.channel(addr).await else { return false };
+        peer.answered_within(ANSWERED_FRESH) || Self::ping(&peer).await
     }
 
     /// An empty exchange on one of the peer's replication streams (see [`network`]); a unary call to
     /// a peer that does not know them.
-    async fn ping(&self, addr: &str) -> bool {
-        let Ok(peer) = self.channel(addr).await else { return false };
+    async fn ping(peer: &network::PeerChannel) -> bool {
         if !peer.stream_less() {
             match peer.exchange(Vec::new(), PING_TIMEOUT).await {
                 Ok(_) => return true,

@@ -49,13 +49,13 @@ fn await_report(
     within: Duration,
     scenario: Scenario,
 ) -> bool {
+    let state = if reachable { "reachable" } else { "unreachable" };
     let since = d.sim.elapsed();
     while reported(d, observer, subject, reachable) <= before {
         if d.sim.elapsed() >= since + within {
             d.violation(format!(
-                "scenario {}: node {observer} did not report node {subject} {} within {within:?}",
+                "scenario {}: node {observer} did not report node {subject} {state} within {within:?}",
                 scenario.name(),
-                if reachable { "reachable" } else { "unreachable" },
             ));
             return false;
         }
@@ -63,11 +63,7 @@ fn await_report(
             return false;
         }
     }
-    d.trace(format!(
-        "node {observer} reported node {subject} {} after {:?}",
-        if reachable { "reachable" } else { "unreachable" },
-        d.sim.elapsed() - since
-    ));
+    d.trace(format!("node {observer} reported node {subject} {state} after {:?}", d.sim.elapsed() - since));
     true
 }
 
@@ -114,8 +110,8 @@ pub enum Scenario {
     /// What one follower sends the Raft leader is lost for 10 s; the other way works. The leader's
     /// heartbeats still reach the follower (so it stays a follower), but none is answered: the
     /// leader's monitor must report it unreachable within [`REPORT_WAIT`], and reachable again
-    /// within [`RECOVER_WAIT`] of the heal. (A peer that answered a call lately counts as reachable without a ping:
-    /// this is the case where only answers, not mere traffic, may count.)
+    /// within [`RECOVER_WAIT`] of the heal. (A peer that answered a call lately counts as reachable
+    /// without a ping: this is the case where only answers, not mere traffic, may count.)
     AnswersLost,
 }
 
