@@ -12,6 +12,7 @@ use std::time::Duration;
 use coyote_log::tls::{self, ClusterCa, Identity, PeerInfo, TlsError, Trust};
 use futures::future::BoxFuture;
 use futures::StreamExt;
+use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::codegen::http;
@@ -194,6 +195,39 @@ async fn member_with_certificate_is_seen_as_its_node_id() {
     // A member may also trust by pin and still present its certificate.
     let channel = connect(addr, Some(&client), &Trust::Pin(cluster.ca.pin())).await.unwrap();
     assert!(call(&channel, "/coyote.test.WhoAmI/Get").await.unwrap().starts_with("2|"));
+}
+
+/// Members agree on TLS 1.3's AES-128-GCM/SHA-256 suite; a client that offers only AES-256-GCM (another
+/// TLS stack's preference) still gets a connection, with the suite it asked for.
+#[tokio::test]
+async fn members_agree_on_aes_128_gcm_and_other_suites_are_still_served() {
+    let cluster = Cluster::new("c1");
+    let server = cluster.member(1);
+    let client = cluster.member(2);
+    let addr = serve(&server).await;
+
+    let io = handshake(addr, Some(&client), &Trust::Ca(cluster.ca.cert_pem().to_string())).await.unwrap();
+    let suite = io.inner().get_ref().1.negotiated_cipher_suite().expect("a suite").suite();
+    assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384];
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(cluster.ca.cert_pem().as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![tls::ALPN_H2.to_vec()];
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME).unwrap();
+    let stream =
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
+    let suite = stream.get_ref().1.negotiated_cipher_suite().expect("a suite").suite();
+    assert_eq!(suite, rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
 }
 
 // ------------------------------------------------------------------------------------------------
