@@ -78,6 +78,10 @@ struct Args {
     /// Write the trace of every seed to the trace directory, not only of failing ones.
     #[arg(long)]
     keep_traces: bool,
+    /// Print the summary as one JSON object (with every run under `per_run` if `--verbose`)
+    /// instead of text. Progress and failures as they happen still go to stderr.
+    #[arg(long)]
+    json: bool,
 }
 
 fn parse_seeds(text: &str) -> Result<std::ops::Range<u64>> {
@@ -385,16 +389,115 @@ fn main() -> Result<()> {
         None => run_workers(jobs, &mut progress)?,
     };
     reports.sort_by_key(|r| (r.scenario.clone(), r.seed));
-    let label = |r: &Summary| match &r.scenario {
-        Some(name) => format!("{name} seed {}", r.seed),
-        None => format!("seed {}", r.seed),
+    let wall = wall.elapsed();
+    let planted = match &args.plant {
+        Some(bug) => format!(" --features planted-bugs -- --plant {bug}"),
+        None => " --".to_string(),
     };
-    for report in &reports {
-        if args.verbose || !report.violations.is_empty() {
+    let failing: Vec<Failing> = reports
+        .iter()
+        .filter(|r| !r.violations.is_empty())
+        .map(|r| {
+            let params =
+                Params { scenario: r.scenario.as_deref().and_then(Scenario::parse), ..params.clone() };
+            Failing {
+                seed: r.seed,
+                scenario: r.scenario.clone(),
+                violations: r.violations.clone(),
+                trace: trace_path(&args.trace_dir, r.scenario.as_deref(), r.seed),
+                replay: format!(
+                    "cargo run --release -p coyote-sim{planted} --seeds {} {}",
+                    r.seed,
+                    params.flags()
+                ),
+            }
+        })
+        .collect();
+    let mut failover: Vec<u64> = reports.iter().flat_map(|r| r.failover_ms.iter().copied()).collect();
+    failover.sort_unstable();
+    let simulated_s = reports.iter().map(|r| r.simulated_ms).sum::<u64>() as f64 / 1000.0;
+    let totals = Totals {
+        seeds: [seeds.start, seeds.end],
+        scenario: args.scenario.clone(),
+        runs: reports.len(),
+        nodes: params.nodes,
+        services: params.services,
+        processes: jobs,
+        acknowledged_proposals: reports.iter().map(|r| r.acks).sum(),
+        faults_injected: reports.iter().map(|r| r.faults).sum(),
+        switches_by_failover: reports.iter().map(|r| r.switches.0).sum(),
+        switches_instructed: reports.iter().map(|r| r.switches.1).sum(),
+        failovers: failover.len(),
+        failover_p50_ms: percentile(&failover, 50),
+        failover_p99_ms: percentile(&failover, 99),
+        simulated_s,
+        wall_s: wall.as_secs_f64(),
+        speed: simulated_s / wall.as_secs_f64().max(1e-9),
+        violations: reports.iter().map(|r| r.violations.len()).sum(),
+        failing,
+        per_run: args.verbose.then_some(reports),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&totals)?);
+    } else {
+        print_totals(&totals, args.verbose);
+    }
+    if totals.violations > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// A run that found violations, with where its trace went and the command that replays it.
+#[derive(serde::Serialize)]
+struct Failing {
+    seed: u64,
+    scenario: Option<String>,
+    violations: Vec<String>,
+    trace: PathBuf,
+    replay: String,
+}
+
+/// The summary of all runs: printed as text, or as one JSON object with `--json`.
+#[derive(serde::Serialize)]
+struct Totals {
+    /// The seed range, start inclusive, end exclusive.
+    seeds: [u64; 2],
+    scenario: Option<String>,
+    runs: usize,
+    nodes: usize,
+    services: usize,
+    processes: usize,
+    acknowledged_proposals: usize,
+    faults_injected: usize,
+    switches_by_failover: usize,
+    switches_instructed: usize,
+    /// Failovers timed from the master's loss to the new master serving, in simulated time.
+    failovers: usize,
+    failover_p50_ms: Option<u64>,
+    failover_p99_ms: Option<u64>,
+    simulated_s: f64,
+    wall_s: f64,
+    /// Simulated time over wall time.
+    speed: f64,
+    violations: usize,
+    failing: Vec<Failing>,
+    /// Every run, with `--verbose`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    per_run: Option<Vec<Summary>>,
+}
+
+fn print_totals(t: &Totals, verbose: bool) {
+    let label = |scenario: &Option<String>, seed: u64| match scenario {
+        Some(name) => format!("{name} seed {seed}"),
+        None => format!("seed {seed}"),
+    };
+    if verbose {
+        for report in t.per_run.iter().flatten() {
             let status = if report.violations.is_empty() { "ok" } else { "VIOLATION" };
             println!(
                 "{}: {status}, {} acks, {} faults, {} failovers, {} instructed switches, {:.1} s simulated in {:.2} s, trace {}",
-                label(report),
+                label(&report.scenario, report.seed),
                 report.acks,
                 report.faults,
                 report.switches.0,
@@ -405,72 +508,41 @@ fn main() -> Result<()> {
             );
         }
     }
-    let wall = wall.elapsed();
-    let simulated = Duration::from_millis(reports.iter().map(|r| r.simulated_ms).sum());
-    let failing: Vec<&Summary> = reports.iter().filter(|r| !r.violations.is_empty()).collect();
-    for report in &failing {
-        let path = trace_path(&args.trace_dir, report.scenario.as_deref(), report.seed);
-        println!("{} failed:", label(report));
-        for v in &report.violations {
+    for f in &t.failing {
+        println!("{} failed:", label(&f.scenario, f.seed));
+        for v in &f.violations {
             println!("  {v}");
         }
-        println!("  trace: {}", path.display());
-        let planted = match &args.plant {
-            Some(bug) => format!(" --features planted-bugs -- --plant {bug}"),
-            None => " --".to_string(),
-        };
-        let params =
-            Params { scenario: report.scenario.as_deref().and_then(Scenario::parse), ..params.clone() };
-        println!(
-            "  replay: cargo run --release -p coyote-sim{planted} --seeds {} {}",
-            report.seed,
-            params.flags()
-        );
+        println!("  trace: {}", f.trace.display());
+        println!("  replay: {}", f.replay);
     }
-    let violations: usize = reports.iter().map(|r| r.violations.len()).sum();
-    let scenario = match &args.scenario {
+    let scenario = match &t.scenario {
         Some(name) => format!(", scenario {name}"),
         None => String::new(),
     };
     println!(
-        "seeds: {}..{} ({} runs, {} nodes, {} services, {jobs} processes{scenario})",
-        seeds.start,
-        seeds.end,
-        reports.len(),
-        params.nodes,
-        params.services
+        "seeds: {}..{} ({} runs, {} nodes, {} services, {} processes{scenario})",
+        t.seeds[0], t.seeds[1], t.runs, t.nodes, t.services, t.processes
     );
-    println!("acknowledged proposals: {}", reports.iter().map(|r| r.acks).sum::<usize>());
-    println!("faults injected: {}", reports.iter().map(|r| r.faults).sum::<usize>());
+    println!("acknowledged proposals: {}", t.acknowledged_proposals);
+    println!("faults injected: {}", t.faults_injected);
     println!(
         "authority switches: {} by failover, {} instructed",
-        reports.iter().map(|r| r.switches.0).sum::<usize>(),
-        reports.iter().map(|r| r.switches.1).sum::<usize>()
+        t.switches_by_failover, t.switches_instructed
     );
-    let mut failover: Vec<u64> = reports.iter().flat_map(|r| r.failover_ms.iter().copied()).collect();
-    failover.sort_unstable();
-    match (percentile(&failover, 50), percentile(&failover, 99)) {
+    match (t.failover_p50_ms, t.failover_p99_ms) {
         (Some(p50), Some(p99)) => println!(
             "failover time (master lost -> new master serving): p50 {:.2} s, p99 {:.2} s simulated ({} failovers)",
             p50 as f64 / 1000.0,
             p99 as f64 / 1000.0,
-            failover.len()
+            t.failovers
         ),
         _ => println!("failover time (master lost -> new master serving): no failover seen"),
     }
-    println!(
-        "simulated time: {:.1} s, wall time: {:.1} s ({:.1}x)",
-        simulated.as_secs_f64(),
-        wall.as_secs_f64(),
-        simulated.as_secs_f64() / wall.as_secs_f64().max(1e-9)
-    );
-    if !failing.is_empty() {
-        let seeds: Vec<String> = failing.iter().map(|r| label(r)).collect();
-        println!("failing runs: {} of {}: {}", failing.len(), reports.len(), seeds.join(", "));
+    println!("simulated time: {:.1} s, wall time: {:.1} s ({:.1}x)", t.simulated_s, t.wall_s, t.speed);
+    if !t.failing.is_empty() {
+        let runs: Vec<String> = t.failing.iter().map(|f| label(&f.scenario, f.seed)).collect();
+        println!("failing runs: {} of {}: {}", t.failing.len(), t.runs, runs.join(", "));
     }
-    println!("violations: {violations}");
-    if violations > 0 {
-        std::process::exit(1);
-    }
-    Ok(())
+    println!("violations: {}", t.violations);
 }
