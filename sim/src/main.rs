@@ -34,8 +34,8 @@ struct Args {
     /// Seeds to run: `A..B` (A inclusive, B exclusive) or one seed `A`.
     #[arg(long, default_value = "0..8")]
     seeds: String,
-    /// Nodes in the cluster.
-    #[arg(long, default_value_t = 5)]
+    /// Nodes in the cluster (1 to 9).
+    #[arg(long, default_value_t = 5, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=coyote_sim::run::NODES_MAX as u64))]
     nodes: usize,
     /// Simulated seconds of faults.
     #[arg(long, default_value_t = 15)]
@@ -46,12 +46,13 @@ struct Args {
     /// Leave crashes (and restarts) out of the fault schedule.
     #[arg(long)]
     no_crashes: bool,
-    /// Simulated milliseconds per turmoil step: messages are delivered only at step boundaries (timers
-    /// still fire at their own instants, the hosts' clocks being paused tokio clocks).
-    #[arg(long, default_value_t = coyote_sim::run::DEFAULT_TICK_MS)]
+    /// Simulated milliseconds per turmoil step, 1 to 50 (the Raft heartbeat): messages are delivered
+    /// only at step boundaries (timers still fire at their own instants, the hosts' clocks being
+    /// paused tokio clocks).
+    #[arg(long, default_value_t = coyote_sim::run::DEFAULT_TICK_MS, value_parser = clap::value_parser!(u64).range(1..=50))]
     tick_ms: u64,
-    /// Services created after formation.
-    #[arg(long, default_value_t = 3)]
+    /// Services created after formation (0 to 100).
+    #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=100))]
     services: usize,
     /// Run a hand-written scenario (or `all` of them) for each seed instead of the random schedule:
     /// master-cut-off, failover-cut-from-master, leader-crash-mid-switch, old-master-returns,

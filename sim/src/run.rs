@@ -1301,6 +1301,7 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
         "a simulation has between 1 and {NODES_MAX} nodes, not {}",
         params.nodes
     );
+    assert!(!params.tick.is_zero(), "a simulation step must last at least 1 ms (a step of 0 never ends)");
     let wall = Instant::now();
     let material = material();
     coyote_log::runtime::seed_thread_rng(seed);

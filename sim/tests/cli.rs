@@ -58,6 +58,22 @@ fn the_json_summary_reports_the_runs_made() {
 }
 
 #[test]
+fn out_of_range_options_are_clear_errors() {
+    for (args, message) in [
+        (["--nodes", "0"], "invalid value '0' for '--nodes <NODES>': 0 is not in 1..=9"),
+        (["--nodes", "10"], "invalid value '10' for '--nodes <NODES>': 10 is not in 1..=9"),
+        (["--tick-ms", "0"], "invalid value '0' for '--tick-ms <TICK_MS>': 0 is not in 1..=50"),
+        (["--services", "101"], "invalid value '101' for '--services <SERVICES>': 101 is not in 0..=100"),
+    ] {
+        let out = sim().args(["--seeds", "0"]).args(args).output().expect("coyote-sim runs");
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
 fn an_empty_seed_range_is_a_clear_error() {
     let out = sim().args(["--seeds", "5..5", "--json"]).output().expect("coyote-sim runs");
     assert!(!out.status.success());
