@@ -25,6 +25,7 @@
 //! its leadership from old acknowledgements; the scenario `isolated-leader-confirms` catches it)
 //! switch on deliberate bugs, which the checkers catch.
 
+pub mod alloc;
 pub mod checks;
 pub mod model;
 pub mod net;

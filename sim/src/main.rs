@@ -21,12 +21,10 @@ fn no_huge_pages() {
     }
 }
 
-/// mimalloc instead of glibc's allocator. The simulated nodes allocate and free small buffers all the
-/// time (HTTP/2 frames, TLS records, futures, log entries); with glibc's malloc and free that was
-/// about a tenth of a run, and `--seeds 0..64 --jobs 1` runs about 7% faster with mimalloc (see
-/// `sim/README.md`, "Speed"). Only this binary: `coyote` itself keeps the system allocator.
+/// mimalloc, with large blocks mapped fresh from the kernel (`coyote_sim::alloc`). Only this binary:
+/// `coyote` itself keeps the system allocator.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: coyote_sim::alloc::SimAllocator = coyote_sim::alloc::SimAllocator;
 
 #[derive(Parser, Debug)]
 #[command(about = "Deterministic simulation of a coyote cluster's log")]
