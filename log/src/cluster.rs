@@ -393,8 +393,7 @@ impl LogNode {
         env: Environment,
     ) -> Result<Self, LogError> {
         let raft_config = Arc::new(config.raft.to_config(&config.cluster_id)?);
-        let client_tls = tls::client_config(Some(identity), &Trust::Ca(identity.ca_cert_pem.clone()))?;
-        let server_tls = tls::server_config(identity)?;
+        let (client_tls, server_tls) = tls::member_configs(identity)?;
         let channels = network::Channels::new(client_tls.clone(), env.dial.clone());
         let network = Network::new(channels.clone(), store.durable());
         log.set_node_id(config.node_id);

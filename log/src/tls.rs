@@ -520,6 +520,16 @@ struct CheckedIdentity {
     key_der: PrivateKeyDer<'static>,
 }
 
+impl Clone for CheckedIdentity {
+    fn clone(&self) -> Self {
+        CheckedIdentity {
+            ca_der: self.ca_der.clone(),
+            node_der: self.node_der.clone(),
+            key_der: self.key_der.clone_key(),
+        }
+    }
+}
+
 impl Identity {
     /// Loads and checks an identity: each PEM parses, the key belongs to the node certificate, the
     /// node certificate is currently valid, chains to the CA for both server and client use, is
@@ -606,7 +616,19 @@ fn server_name() -> ServerName<'static> {
 /// finds the CA), asks for a client certificate but accepts connections without one, and rejects a
 /// client certificate that does not chain to the cluster CA. TLS 1.3, ALPN `h2`.
 pub fn server_config(id: &Identity) -> Result<Arc<ServerConfig>> {
-    let id = id.check()?;
+    server_config_checked(id.check()?)
+}
+
+/// Both sides of a member's TLS, the client trusting the member's own cluster CA: what
+/// [`client_config`] with [`Trust::Ca`] and [`server_config`] give, with the identity checked once
+/// instead of twice (each check verifies the certificate against the CA for both uses).
+pub fn member_configs(id: &Identity) -> Result<(Arc<ClientConfig>, Arc<ServerConfig>)> {
+    let checked = id.check()?;
+    let client = client_config_checked(Some(checked.clone()), &Trust::Ca(id.ca_cert_pem.clone()))?;
+    Ok((client, server_config_checked(checked)?))
+}
+
+fn server_config_checked(id: CheckedIdentity) -> Result<Arc<ServerConfig>> {
     let provider = provider();
     let roots = Arc::new(ca_roots(&id.ca_der)?);
     let client_verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
@@ -638,6 +660,10 @@ pub enum Trust {
 /// The client side: trusts the server per `trust`, presents `identity`'s certificate if given,
 /// TLS 1.3, ALPN `h2`. Connect with server name [`SERVER_NAME`] (the [`Connector`] does).
 pub fn client_config(identity: Option<&Identity>, trust: &Trust) -> Result<Arc<ClientConfig>> {
+    client_config_checked(identity.map(Identity::check).transpose()?, trust)
+}
+
+fn client_config_checked(identity: Option<CheckedIdentity>, trust: &Trust) -> Result<Arc<ClientConfig>> {
     let provider = provider();
     let verifier: Arc<dyn ServerCertVerifier> = match trust {
         Trust::Ca(ca_pem) => {
@@ -656,12 +682,9 @@ pub fn client_config(identity: Option<&Identity>, trust: &Trust) -> Result<Arc<C
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     let mut config = match identity {
-        Some(id) => {
-            let id = id.check()?;
-            builder
-                .with_client_auth_cert(vec![id.node_der], id.key_der)
-                .map_err(|e| TlsError::Config(e.to_string()))?
-        }
+        Some(id) => builder
+            .with_client_auth_cert(vec![id.node_der], id.key_der)
+            .map_err(|e| TlsError::Config(e.to_string()))?,
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![ALPN_H2.to_vec()];

@@ -192,6 +192,15 @@ async fn member_with_certificate_is_seen_as_its_node_id() {
     assert_ne!(remote.port(), addr.port());
     assert_eq!(call(&channel, "/coyote.test.WhoAmI/MembersOnly").await.unwrap(), "ok 2");
 
+    // A member's client configuration from `member_configs` (what a node uses) connects as its node.
+    let (member_client, _) = tls::member_configs(&client).unwrap();
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(tls::connector(tls::TcpDial, member_client))
+        .await
+        .unwrap();
+    assert!(call(&channel, "/coyote.test.WhoAmI/Get").await.unwrap().starts_with("2|"));
+
     // A member may also trust by pin and still present its certificate.
     let channel = connect(addr, Some(&client), &Trust::Pin(cluster.ca.pin())).await.unwrap();
     assert!(call(&channel, "/coyote.test.WhoAmI/Get").await.unwrap().starts_with("2|"));
@@ -479,6 +488,7 @@ fn identities_that_do_not_fit_together_are_refused() {
     assert!(matches!(tls::server_config(&by_hand), Err(TlsError::NotIssuedByCa(_))));
     let trust = Trust::Pin(other.ca.pin());
     assert!(matches!(tls::client_config(Some(&by_hand), &trust), Err(TlsError::NotIssuedByCa(_))));
+    assert!(matches!(tls::member_configs(&by_hand), Err(TlsError::NotIssuedByCa(_))));
     assert_eq!(by_hand.node_id().unwrap(), 3, "node_id only reads the certificate");
 
     // Key of another node.
