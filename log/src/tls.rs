@@ -85,6 +85,8 @@
 //!     .connect_with_connector(tls::connector(tls::TcpDial, config))
 //!     .await?;
 //! ```
+//! A member that is both (every node) builds the two with [`member_configs`], which checks its
+//! identity once for both.
 
 use std::fmt;
 use std::io;
@@ -493,8 +495,8 @@ pub fn generate_node_key() -> Result<(String, String)> {
 ///
 /// Build it with [`Identity::from_pem`], which checks that the three fit together, so a node fails
 /// at start-up with a clear message instead of at its first handshake. The fields are public plain
-/// data; [`server_config`] and [`client_config`] check them again, so an `Identity` assembled by
-/// hand cannot produce a configuration that silently does not work.
+/// data; [`server_config`], [`client_config`] and [`member_configs`] check them again, so an
+/// `Identity` assembled by hand cannot produce a configuration that silently does not work.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Identity {
     pub ca_cert_pem: String,
