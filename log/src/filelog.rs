@@ -9,7 +9,7 @@
 //! the magic `coyote-raft-log\n`, the format version (`u32`), the segment's sequence number (`u64`),
 //! and the CRC32 of those 28 bytes (all little-endian). Records follow, each framed as its payload's
 //! length (`u32`), the CRC32 of the length's four bytes and the payload (`u32`), then the payload: a
-//! bincode-encoded [`Record`]:
+//! bincode-encoded `Record`:
 //!
 //! - `Entry`: a log entry. Appending entry `i` ends the log at `i` (anything after it is gone);
 //! - `Truncated(i)`: the entries from `i` on are removed;

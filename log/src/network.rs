@@ -9,14 +9,14 @@
 //! AppendEntries, the RPC of every write and every heartbeat, goes over long-lived `Replicate`
 //! streams: a bidirectional HTTP/2 stream on which each request is answered by one response, in
 //! order, used by one call at a time and kept idle on the peer's channel between calls
-//! ([`AppendStream`]). A unary call per AppendEntries costs a new HTTP/2 stream with its headers
+//! (`AppendStream`). A unary call per AppendEntries costs a new HTTP/2 stream with its headers
 //! and a server task each time; on one writer's path that was a measurable share of the CPU (see
 //! `tests/benches/README.md`). A stream whose exchange failed or timed out is dropped, never
 //! reused, so a late answer cannot be paired with a later request. A peer that does not know
 //! `Replicate` (an older version) answers `Unimplemented`, and AppendEntries to it go unary.
 //!
 //! The monitors' pings (every peer, five times a second from every node) go over the same streams as
-//! an empty request, answered empty ([`PeerChannel::exchange`]): as unary calls they cost a new HTTP/2
+//! an empty request, answered empty (`PeerChannel::exchange`): as unary calls they cost a new HTTP/2
 //! stream with headers and trailers and a server task each, about a sixth of the simulator's CPU
 //! (`sim/README.md`, session 9).
 
@@ -87,7 +87,7 @@ pub fn channel(
 /// A shared connection must not outlive a fault, though: one that lost packets in a partition hangs
 /// until HTTP/2 keep-alive gives up on it, and every call to that peer would wait with it. So a call
 /// that fails as a dead connection would (unavailable, deadline exceeded, no answer in time) evicts
-/// the channel it used ([`PeerChannel::broken`]) if nothing on that channel has succeeded for
+/// the channel it used (`PeerChannel::broken`) if nothing on that channel has succeeded for
 /// [`SUSPECT_AFTER`] and nothing at all was read from its connection for as long, and the next call
 /// dials anew. A slow but live peer keeps sending something (answers, HTTP/2 keep-alive pings) and
 /// keeps its connection even while calls to it time out: under a latency of half a second, evicting
@@ -197,7 +197,7 @@ impl PeerChannel {
 
     /// Whether a call on this channel was answered by the peer within the last `window`: proof that
     /// requests reached it and its answers came back, in both directions, that recently. Bytes merely
-    /// arriving ([`Heard`]) do not count: a one-way cut can leave a connection that still receives.
+    /// arriving (`Heard`) do not count: a one-way cut can leave a connection that still receives.
     pub fn answered_within(&self, window: Duration) -> bool {
         let last_ok = *self.entry.last_ok.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         last_ok.is_some_and(|ok| ok.elapsed() <= window)

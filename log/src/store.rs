@@ -99,7 +99,7 @@
 //!
 //! What still goes to sled (snapshots, node metadata, a repaired archive) is flushed with sled's
 //! `flush`, which writes and calls `sync_file_range`, and then an `fdatasync` of sled's segment file
-//! (see [`sync`]: `sync_file_range` alone does not survive a power loss). None of it is on the path of
+//! (see `sync`: `sync_file_range` alone does not survive a power loss). None of it is on the path of
 //! a write. We do not use `flush_async`: it completes on sled's own threads, which is a source of
 //! nondeterminism in the simulation tests.
 //!
@@ -1025,7 +1025,7 @@ fn migrate_v2(path: &Path, db: &sled::Db) -> Result<(), StoreError> {
 
 /// Opens (or creates) the store in directory `path`: the Raft log store and state machine to hand to
 /// openraft, and a handle for everyone else. Blocking: call it at start-up or in `spawn_blocking`.
-/// A store of the format before is migrated first ([`migrate_v2`]).
+/// A store of the format before is migrated first (`migrate_v2`).
 pub fn open(path: &Path) -> Result<(LogStore, StateMachineStore, StoreHandle), StoreError> {
     let failed = |reason: String| StoreError::Open { path: path.to_path_buf(), reason };
     let db = open_db(path).map_err(failed)?;

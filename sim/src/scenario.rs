@@ -109,8 +109,8 @@ pub enum Scenario {
     IsolatedLeaderConfirms,
     /// What one follower sends the Raft leader is lost for 10 s; the other way works. The leader's
     /// heartbeats still reach the follower (so it stays a follower), but none is answered: the
-    /// leader's monitor must report it unreachable within [`REPORT_WAIT`], and reachable again
-    /// within [`RECOVER_WAIT`] of the heal. (A peer that answered a call lately counts as reachable
+    /// leader's monitor must report it unreachable within `REPORT_WAIT`, and reachable again
+    /// within `RECOVER_WAIT` of the heal. (A peer that answered a call lately counts as reachable
     /// without a ping: this is the case where only answers, not mere traffic, may count.)
     AnswersLost,
 }
