@@ -141,7 +141,14 @@ async fn connect(
     identity: Option<&Identity>,
     trust: &Trust,
 ) -> Result<Channel, tonic::transport::Error> {
-    let config = tls::client_config(identity, trust).unwrap();
+    connect_with(addr, tls::client_config(identity, trust).unwrap()).await
+}
+
+/// A channel to `addr` through the connector with a client configuration made elsewhere.
+async fn connect_with(
+    addr: SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> Result<Channel, tonic::transport::Error> {
     Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_timeout(RPC_TIMEOUT)
@@ -194,11 +201,7 @@ async fn member_with_certificate_is_seen_as_its_node_id() {
 
     // A member's client configuration from `member_configs` (what a node uses) connects as its node.
     let (member_client, _) = tls::member_configs(&client).unwrap();
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_with_connector(tls::connector(tls::TcpDial, member_client))
-        .await
-        .unwrap();
+    let channel = connect_with(addr, member_client).await.unwrap();
     assert!(call(&channel, "/coyote.test.WhoAmI/Get").await.unwrap().starts_with("2|"));
 
     // A member may also trust by pin and still present its certificate.

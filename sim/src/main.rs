@@ -439,7 +439,7 @@ fn main() -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&totals)?);
     } else {
-        print_totals(&totals, args.verbose);
+        print_totals(&totals);
     }
     if totals.violations > 0 {
         std::process::exit(1);
@@ -486,26 +486,25 @@ struct Totals {
     per_run: Option<Vec<Summary>>,
 }
 
-fn print_totals(t: &Totals, verbose: bool) {
+fn print_totals(t: &Totals) {
     let label = |scenario: &Option<String>, seed: u64| match scenario {
         Some(name) => format!("{name} seed {seed}"),
         None => format!("seed {seed}"),
     };
-    if verbose {
-        for report in t.per_run.iter().flatten() {
-            let status = if report.violations.is_empty() { "ok" } else { "VIOLATION" };
-            println!(
-                "{}: {status}, {} acks, {} faults, {} failovers, {} instructed switches, {:.1} s simulated in {:.2} s, trace {}",
-                label(&report.scenario, report.seed),
-                report.acks,
-                report.faults,
-                report.switches.0,
-                report.switches.1,
-                report.simulated_ms as f64 / 1000.0,
-                report.wall_ms as f64 / 1000.0,
-                &report.trace_hash[..16]
-            );
-        }
+    // Every run, with --verbose.
+    for report in t.per_run.iter().flatten() {
+        let status = if report.violations.is_empty() { "ok" } else { "VIOLATION" };
+        println!(
+            "{}: {status}, {} acks, {} faults, {} failovers, {} instructed switches, {:.1} s simulated in {:.2} s, trace {}",
+            label(&report.scenario, report.seed),
+            report.acks,
+            report.faults,
+            report.switches.0,
+            report.switches.1,
+            report.simulated_ms as f64 / 1000.0,
+            report.wall_ms as f64 / 1000.0,
+            &report.trace_hash[..16]
+        );
     }
     for f in &t.failing {
         println!("{} failed:", label(&f.scenario, f.seed));
