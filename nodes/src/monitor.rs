@@ -50,6 +50,11 @@
 //!   differ by less than `DRIFT_MARGIN_MS` over a lease period. Offsets between wall clocks do not
 //!   matter: both durations are measured on each server's own monotonic clock.
 //!
+//! "First saw itself master" counts each switch on its own: the fence keys it by the switch's
+//! `serve_from_ms`, so a server switched away and back between two of its looks at the applied state
+//! (or by one snapshot) waits again. A placement cannot change a service's master (the state machine
+//! refuses it): authority moves only by a switch.
+//!
 //! Assumptions: monotonic clocks whose rates differ by less than the margin over `LEASE_MS`; a server
 //! stops serving promptly when its lease lapses (the proxy answers 503, containers are stopped); Raft's
 //! own safety (one leader per term, committed entries are never lost). A partitioned old master that
@@ -453,14 +458,25 @@ pub struct Fence {
 struct FenceState {
     /// When the last successful confirmation was asked for.
     confirmed_at: Option<Instant>,
-    /// When this server first saw itself master of each service, in its applied state.
-    master_since: BTreeMap<String, Instant>,
+    /// When this server first saw itself master of each service in its applied state, with the
+    /// `serve_from_ms` of the switch (0 for a first placement) that made it master then.
+    master_since: BTreeMap<String, (u64, Instant)>,
     /// Services this server has let go of for a handover under way (dumped, about to stop): not
     /// served any more, although it is still their master until the switch.
     released: BTreeSet<String>,
 }
 
 impl FenceState {
+    /// Takes in the services this server is master of now (with the `serve_from_ms` of the switch
+    /// that made it master) and those of them with a handover under way.
+    fn note(&mut self, masters: BTreeMap<String, u64>, handing_over: &BTreeSet<String>, now: Instant) {
+        self.master_since.retain(|name, (switch, _)| masters.get(name) == Some(switch));
+        self.released.retain(|name| handing_over.contains(name));
+        for (name, switch) in masters {
+            self.master_since.entry(name).or_insert((switch, now));
+        }
+    }
+
     /// The services the fence itself lets this server serve at `now` (the state must also name it
     /// master, see [`Fence::serving`]): while the lease holds, those it has been master of for a lease
     /// plus the drift margin and has not released for a handover.
@@ -469,7 +485,9 @@ impl FenceState {
         let wait = Duration::from_millis(LEASE_MS + DRIFT_MARGIN_MS);
         self.master_since
             .iter()
-            .filter(move |(name, since)| leased && now >= **since + wait && !self.released.contains(*name))
+            .filter(move |(name, (_, since))| {
+                leased && now >= *since + wait && !self.released.contains(*name)
+            })
             .map(|(name, _)| name)
     }
 }
@@ -531,27 +549,30 @@ impl Fence {
         self.note_masters();
     }
 
-    fn masters(&self) -> BTreeSet<String> {
+    fn masters(&self) -> BTreeMap<String, u64> {
         let me = self.node.id();
-        self.node.store().with_state(|s| s.services_where(me, Role::Master).map(String::from).collect())
+        self.node.store().with_state(|s| {
+            s.services_where(me, Role::Master)
+                .map(|name| (name.to_string(), s.services.get(name).map_or(0, |svc| svc.serve_from_ms)))
+                .collect()
+        })
     }
 
     /// Records when this server first saw itself master of each service (now, for new ones), forgets
     /// the others, and publishes what it serves.
+    ///
+    /// A server can be switched away from and back to between two looks (the applied state is
+    /// sampled, and a snapshot jumps over many entries), never seeing itself not master. The switch
+    /// back carries its own `serve_from_ms`, so the wait starts again then. (Two switches of one
+    /// service with the same `serve_from_ms` would need their proposers' clocks to differ by the
+    /// exact time between them, to the millisecond.)
     fn note_masters(&self) {
         let masters = self.masters();
         let handing_over: BTreeSet<String> = self
             .node
             .store()
-            .with_state(|s| s.handovers.keys().filter(|n| masters.contains(*n)).cloned().collect());
-        let mut inner = self.inner.lock().expect("fence lock");
-        inner.master_since.retain(|name, _| masters.contains(name));
-        inner.released.retain(|name| handing_over.contains(name));
-        let now = Instant::now();
-        for name in masters {
-            inner.master_since.entry(name).or_insert(now);
-        }
-        drop(inner);
+            .with_state(|s| s.handovers.keys().filter(|n| masters.contains_key(*n)).cloned().collect());
+        self.inner.lock().expect("fence lock").note(masters, &handing_over, Instant::now());
         self.publish();
     }
 
@@ -560,7 +581,7 @@ impl Fence {
         let wait = Duration::from_millis(LEASE_MS + DRIFT_MARGIN_MS);
         let now = Instant::now();
         let inner = self.inner.lock().expect("fence lock");
-        inner.master_since.values().map(|since| *since + wait).filter(|at| *at > now).min()
+        inner.master_since.values().map(|(_, since)| *since + wait).filter(|at| *at > now).min()
     }
 
     fn publish(&self) {
@@ -634,6 +655,30 @@ pub mod planted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_switch_back_restarts_the_wait_even_when_the_loss_was_never_seen() {
+        let t0 = Instant::now();
+        let wait = Duration::from_millis(LEASE_MS + DRIFT_MARGIN_MS);
+        let masters = |serve_from: u64| BTreeMap::from([("svc".to_string(), serve_from)]);
+        let allowed = |f: &FenceState, at: Instant| f.allowed(at).cloned().collect::<Vec<_>>();
+        let mut fence = FenceState { confirmed_at: Some(t0 + wait * 4), ..Default::default() };
+        fence.note(masters(0), &BTreeSet::new(), t0);
+        fence.note(masters(0), &BTreeSet::new(), t0 + wait);
+        // Master since t0: serving once the wait has passed, while the lease holds.
+        assert_eq!(allowed(&fence, t0 + wait * 4), vec!["svc".to_string()]);
+        // Switched away and back (a new switch, serving from 9000) between two looks: the wait
+        // starts again from the look that saw the new switch.
+        let back = t0 + wait * 4;
+        fence.note(masters(9000), &BTreeSet::new(), back);
+        assert!(allowed(&fence, back).is_empty());
+        assert!(allowed(&fence, back + wait - Duration::from_millis(1)).is_empty());
+        fence.confirmed_at = Some(back + wait);
+        assert_eq!(allowed(&fence, back + wait), vec!["svc".to_string()]);
+        // Not master any more: forgotten.
+        fence.note(BTreeMap::new(), &BTreeSet::new(), back + wait);
+        assert!(fence.master_since.is_empty());
+    }
 
     #[test]
     fn streaks_report_transitions_only() {

@@ -347,8 +347,17 @@ impl State {
                 }
             }
             Event::PlacementSet { service, placement } => {
-                if !self.services.contains_key(service) {
+                let Some(svc) = self.services.get(service) else {
                     return reject(format!("service {service} does not exist"));
+                };
+                // Authority moves only by a switch, which the fences wait for. A placement computed
+                // before a switch (a refill of the failover slot) and committed after it would
+                // otherwise give the service back to its old master, which serves at once.
+                if let Some(current) = svc.placement.as_ref().filter(|p| p.master != placement.master) {
+                    return reject(format!(
+                        "node {} is master of {service}: a placement cannot change that, only an authority switch (coyote service switch)",
+                        current.master
+                    ));
                 }
                 self.check_placement(placement)?;
             }
