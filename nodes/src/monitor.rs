@@ -13,7 +13,11 @@
 //! A subject changes state only after [`MonitorConfig::fail_after`] failed probes in a row, or
 //! [`MonitorConfig::recover_after`] good ones; the node then proposes `ReachabilityChanged`, dated
 //! from the end of the first probe of the run (the subject has been unreachable, or reachable, since
-//! then at least). So the log sees transitions, never probes.
+//! then at least). So the log sees transitions, never probes. The probes a failover decides by (the
+//! failover's probe of its service, every member's ping of a master) run in every round; a subject
+//! no failover waits on (a peer that is master of nothing, a service this node is only a backup
+//! of) is probed in only one round of [`MonitorConfig::steady_every`] (4: every 800 ms) while the
+//! log reports it reachable and its probes succeed, and in every round from its first failed probe.
 //!
 //! The failover of a service proposes `AuthoritySwitched { cause: Failover }` as soon as its own view
 //! of the log says the failover rule holds (see the state machine's crate docs: it has seen the
@@ -76,12 +80,22 @@ use tokio::time::Instant;
 
 #[derive(Clone, Debug)]
 pub struct MonitorConfig {
+    /// How often a round of probes starts (a round lasts up to the probe timeout; the next starts
+    /// when it has ended).
     pub probe_interval: Duration,
     pub probe_timeout: Duration,
     /// Failed probes in a row before a subject is reported unreachable.
     pub fail_after: u32,
     /// Good probes in a row before it is reported reachable again.
     pub recover_after: u32,
+    /// A subject that no failover waits on (a peer that is master of no service, a service this
+    /// node is only a backup of) and that is *steady* (the log reports it reachable and every probe
+    /// of it since has succeeded) is probed in only one round of this many; every other subject in
+    /// every round. Such a subject's first failed probe comes up to `steady_every - 1` intervals
+    /// later; from then on it is probed every round. The probes a failover decides by (its own
+    /// probe of its service, every member's ping of the master) are never spaced out, so failover
+    /// times do not change. 1 probes every subject in every round.
+    pub steady_every: u32,
 }
 
 impl Default for MonitorConfig {
@@ -91,6 +105,7 @@ impl Default for MonitorConfig {
             probe_timeout: Duration::from_millis(250),
             fail_after: 3,
             recover_after: 2,
+            steady_every: 4,
         }
     }
 }
@@ -102,9 +117,29 @@ struct Streak {
     oks: u32,
     /// The clock reading (ms) of the first probe of the current run.
     since_ms: u64,
+    /// The round in which the subject was last probed.
+    probed_in: u64,
 }
 
 impl Streak {
+    /// Whether a subject with this streak (`None`: never probed) is probed in round `round`: every
+    /// round if a failover waits on it (`critical`) or it is not steady (reported reachable, and no
+    /// probe failed since), else only once `steady_every` rounds have begun since its last probe.
+    fn due(
+        streak: Option<&Streak>,
+        critical: bool,
+        reported_reachable: bool,
+        round: u64,
+        config: &MonitorConfig,
+    ) -> bool {
+        match streak {
+            Some(s) if !critical && reported_reachable && s.fails == 0 && s.oks > 0 => {
+                round >= s.probed_in.saturating_add(u64::from(config.steady_every.max(1)))
+            }
+            _ => true,
+        }
+    }
+
     /// Records a probe ended at `now_ms`; returns the reachability to report, and since when it has
     /// held (the end of the first probe of the run), if the streak says it changed.
     fn record(
@@ -133,6 +168,10 @@ pub struct Monitor {
     node: LogNode,
     config: MonitorConfig,
     streaks: HashMap<Subject, Streak>,
+    /// Rounds begun so far.
+    round: u64,
+    /// Every subject of the last round, probed in it or not.
+    subjects: BTreeSet<Subject>,
     probe: Arc<dyn ServiceProbe>,
     /// Proposals under way, by event, with when they were sent (see [`Monitor::propose`]).
     inflight: Arc<Mutex<HashMap<String, Instant>>>,
@@ -172,7 +211,15 @@ pub fn service_checks(state: &State, service: &str, master: u64) -> Checks {
 
 impl Monitor {
     pub fn new(node: LogNode, config: MonitorConfig) -> Self {
-        Monitor { node, config, streaks: HashMap::new(), probe: Arc::new(NetProbe), inflight: Arc::default() }
+        Monitor {
+            node,
+            config,
+            streaks: HashMap::new(),
+            round: 0,
+            subjects: BTreeSet::new(),
+            probe: Arc::new(NetProbe),
+            inflight: Arc::default(),
+        }
     }
 
     /// Probes services with `probe` instead of [`NetProbe`] (the simulator's network).
@@ -257,23 +304,44 @@ impl Monitor {
         });
     }
 
-    /// Probes every peer and every service this node is failover or backup of, at once.
-    fn probe_round(&self) -> impl std::future::Future<Output = Round> + Send + 'static {
+    /// Probes, at once, every peer and every service this node is failover or backup of that is due
+    /// in this round ([`MonitorConfig::steady_every`]).
+    fn probe_round(&mut self) -> impl std::future::Future<Output = Round> + Send + 'static {
         let me = self.node.id();
-        let (peers, services) = self.node.store().with_state(|s| {
-            let peers: Vec<(u64, String)> =
-                s.members.values().filter(|m| m.id != me).map(|m| (m.id, m.addr.clone())).collect();
-            let services: Vec<(String, Checks)> = s
-                .services
-                .keys()
-                .filter(|name| matches!(s.role(name, me), Some(Role::Failover) | Some(Role::Backup)))
-                .map(|name| {
+        self.round += 1;
+        let (round, streaks, config) = (self.round, &self.streaks, &self.config);
+        let (subjects, peers, services) = self.node.store().with_state(|s| {
+            let due = |subject: &Subject, critical: bool| {
+                Streak::due(streaks.get(subject), critical, s.reachable(me, subject), round, config)
+            };
+            let masters: BTreeSet<u64> =
+                s.services.values().filter_map(|svc| svc.placement.as_ref().map(|p| p.master)).collect();
+            let mut subjects = BTreeSet::new();
+            let mut peers: Vec<(u64, String)> = Vec::new();
+            for m in s.members.values().filter(|m| m.id != me) {
+                let subject = Subject::Node(m.id);
+                // Every member's view of a master counts towards the majority a failover needs.
+                if due(&subject, masters.contains(&m.id)) {
+                    peers.push((m.id, m.addr.clone()));
+                }
+                subjects.insert(subject);
+            }
+            let mut services: Vec<(String, Checks)> = Vec::new();
+            for name in s.services.keys() {
+                let role = s.role(name, me);
+                if !matches!(role, Some(Role::Failover) | Some(Role::Backup)) {
+                    continue;
+                }
+                let subject = Subject::Service(name.clone());
+                if due(&subject, role == Some(Role::Failover)) {
                     let master = s.services[name].placement.as_ref().map(|p| p.master).unwrap_or(0);
-                    (name.clone(), service_checks(s, name, master))
-                })
-                .collect();
-            (peers, services)
+                    services.push((name.clone(), service_checks(s, name, master)));
+                }
+                subjects.insert(subject);
+            }
+            (subjects, peers, services)
         });
+        self.subjects = subjects;
 
         let timeout = self.config.probe_timeout;
         let peer_probes: Vec<_> = peers
@@ -327,10 +395,10 @@ impl Monitor {
     fn record(&mut self, results: Round) {
         let me = self.node.id();
         let now = self.node.now_ms();
-        let live: BTreeSet<Subject> = results.iter().map(|(subject, _)| subject.clone()).collect();
         for (subject, ok) in results {
             let reported = self.node.store().with_state(|s| s.reachable(me, &subject));
             let streak = self.streaks.entry(subject.clone()).or_default();
+            streak.probed_in = self.round;
             if (ok && streak.oks == 0) || (!ok && streak.fails == 0) {
                 tracing::debug!(node = me, %subject, ok, "a probe's result changed");
             }
@@ -338,8 +406,9 @@ impl Monitor {
                 self.propose_at(Event::ReachabilityChanged { observer: me, subject, reachable }, since);
             }
         }
-        // Forget streaks of subjects that are gone.
-        self.streaks.retain(|s, _| live.contains(s));
+        // Forget streaks of subjects that are gone (not those that were only not due).
+        let subjects = &self.subjects;
+        self.streaks.retain(|s, _| subjects.contains(s));
     }
 
     /// Proposes what this node's roles call for now; returns how long until a failover's wait
@@ -549,6 +618,8 @@ impl Fence {
         self.note_masters();
     }
 
+    /// The services this server is master of, each with the `serve_from_ms` of the switch that made
+    /// it master (which tells one term of mastership from the next).
     fn masters(&self) -> BTreeMap<String, u64> {
         let me = self.node.id();
         self.node.store().with_state(|s| {
@@ -655,6 +726,71 @@ pub mod planted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Plays rounds 1.. of one subject (`critical`: a failover waits on it) whose probes succeed in
+    /// the rounds `ok_in` says, with the log updated by what the streak reports; returns the rounds
+    /// it was probed in and the reports (round, reachable).
+    fn play(
+        config: &MonitorConfig,
+        critical: bool,
+        rounds: u64,
+        ok_in: impl Fn(u64) -> bool,
+    ) -> (Vec<u64>, Vec<(u64, bool)>) {
+        let (mut streak, mut reported, mut probed, mut reports) =
+            (None::<Streak>, true, Vec::new(), Vec::new());
+        for round in 1..=rounds {
+            if !Streak::due(streak.as_ref(), critical, reported, round, config) {
+                continue;
+            }
+            probed.push(round);
+            let s = streak.get_or_insert_with(Streak::default);
+            s.probed_in = round;
+            if let Some((reachable, _)) = s.record(ok_in(round), reported, round * 200, config) {
+                reported = reachable;
+                reports.push((round, reachable));
+            }
+        }
+        (probed, reports)
+    }
+
+    #[test]
+    fn a_steady_subject_no_failover_waits_on_is_probed_less_often() {
+        let config = MonitorConfig { fail_after: 3, recover_after: 2, steady_every: 2, ..Default::default() };
+        // Healthy throughout: the first probe, then every other round.
+        let (probed, reports) = play(&config, false, 9, |_| true);
+        assert_eq!(probed, vec![1, 3, 5, 7, 9]);
+        assert!(reports.is_empty());
+
+        // Lost from round 6 on: the probe of round 7 fails, and from then on every round is probed,
+        // so the third failure (round 9) reports it, two rounds after the first.
+        let (probed, reports) = play(&config, false, 12, |r| r < 6);
+        assert_eq!(probed, vec![1, 3, 5, 7, 8, 9, 10, 11, 12]);
+        assert_eq!(reports, vec![(9, false)]);
+
+        // Back from round 12: probed every round while the log still reports it unreachable, and
+        // every other round again once it is reported reachable (round 13).
+        let (probed, reports) = play(&config, false, 20, |r| !(6..12).contains(&r));
+        assert_eq!(probed, vec![1, 3, 5, 7, 8, 9, 10, 11, 12, 13, 15, 17, 19]);
+        assert_eq!(reports, vec![(9, false), (13, true)]);
+
+        // One failed probe between good ones: probed every round until a good one, then steady again.
+        let (probed, reports) = play(&config, false, 11, |r| r != 5);
+        assert_eq!(probed, vec![1, 3, 5, 6, 8, 10]);
+        assert!(reports.is_empty());
+
+        // What a failover waits on is probed in every round, and its loss reported as soon as before.
+        let (probed, reports) = play(&config, true, 12, |r| r < 6);
+        assert_eq!(probed, (1..=12).collect::<Vec<_>>());
+        assert_eq!(reports, vec![(8, false)]);
+
+        // steady_every 1 (or 0) probes every subject in every round.
+        for steady_every in [0, 1] {
+            let config = MonitorConfig { steady_every, ..config.clone() };
+            assert_eq!(play(&config, false, 4, |_| true).0, vec![1, 2, 3, 4]);
+        }
+        // The default spaces a steady subject's probes 4 rounds apart.
+        assert_eq!(play(&MonitorConfig::default(), false, 9, |_| true).0, vec![1, 5, 9]);
+    }
 
     #[test]
     fn a_switch_back_restarts_the_wait_even_when_the_loss_was_never_seen() {
