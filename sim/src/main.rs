@@ -415,6 +415,7 @@ fn main() -> Result<()> {
     let mut failover: Vec<u64> = reports.iter().flat_map(|r| r.failover_ms.iter().copied()).collect();
     failover.sort_unstable();
     let simulated_s = reports.iter().map(|r| r.simulated_ms).sum::<u64>() as f64 / 1000.0;
+    let run_wall_s = reports.iter().map(|r| r.wall_ms).sum::<u64>() as f64 / 1000.0;
     let totals = Totals {
         seeds: [seeds.start, seeds.end],
         scenario: args.scenario.clone(),
@@ -432,6 +433,7 @@ fn main() -> Result<()> {
         simulated_s,
         wall_s: wall.as_secs_f64(),
         speed: simulated_s / wall.as_secs_f64().max(1e-9),
+        speed_per_run: simulated_s / run_wall_s.max(1e-3),
         violations: reports.iter().map(|r| r.violations.len()).sum(),
         failing,
         per_run: args.verbose.then_some(reports),
@@ -479,6 +481,9 @@ struct Totals {
     wall_s: f64,
     /// Simulated time over wall time.
     speed: f64,
+    /// Simulated time over the sum of the runs' own wall times: how fast one cluster went in its
+    /// process (the processes running beside it share the machine). With one process, about `speed`.
+    speed_per_run: f64,
     violations: usize,
     failing: Vec<Failing>,
     /// Every run, with `--verbose`.
@@ -537,7 +542,10 @@ fn print_totals(t: &Totals) {
         ),
         _ => println!("failover time (master lost -> new master serving): no failover seen"),
     }
-    println!("simulated time: {:.1} s, wall time: {:.1} s ({:.1}x)", t.simulated_s, t.wall_s, t.speed);
+    println!(
+        "simulated time: {:.1} s, wall time: {:.1} s ({:.1}x; each run in its process: {:.1}x)",
+        t.simulated_s, t.wall_s, t.speed, t.speed_per_run
+    );
     if !t.failing.is_empty() {
         let runs: Vec<String> = t.failing.iter().map(|f| label(&f.scenario, f.seed)).collect();
         println!("failing runs: {} of {}: {}", t.failing.len(), t.runs, runs.join(", "));

@@ -45,6 +45,12 @@ fn the_json_summary_reports_the_runs_made() {
     assert!((simulated - report.simulated.as_secs_f64()).abs() < 0.002, "simulated_s {simulated}");
     let (wall, speed) = (one["wall_s"].as_f64().unwrap(), one["speed"].as_f64().unwrap());
     assert!(wall > 0.0 && (speed - simulated / wall).abs() < 1e-6 * speed.max(1.0), "{wall} {speed}");
+    // Each run's speed in its process: simulated time over the runs' own wall time, which is part of
+    // the whole command's.
+    let run_wall = run["wall_ms"].as_f64().unwrap() / 1000.0;
+    let per_run = one["speed_per_run"].as_f64().expect("speed_per_run");
+    assert!(run_wall <= wall, "a run's wall time {run_wall} within the command's {wall}");
+    assert!((per_run - simulated / run_wall.max(1e-3)).abs() < 1e-6 * per_run.max(1.0), "{per_run}");
 
     // Two worker processes, two seeds: both runs are counted, and without --verbose no per-run list.
     let two = json_of(&[&["--seeds", "3..5", "--jobs", "2"], &flags[..]].concat());
