@@ -528,7 +528,8 @@ struct FenceState {
     /// When the last successful confirmation was asked for.
     confirmed_at: Option<Instant>,
     /// When this server first saw itself master of each service in its applied state, with the
-    /// `serve_from_ms` of the switch (0 for a first placement) that made it master then.
+    /// `serve_from_ms` of the switch that made it master then (for a first placement, the service's
+    /// creation time, which `ServiceCreated` sets it to).
     master_since: BTreeMap<String, (u64, Instant)>,
     /// Services this server has let go of for a handover under way (dumped, about to stop): not
     /// served any more, although it is still their master until the switch.
