@@ -234,12 +234,30 @@ pub struct Replay {
     /// Who asked for each handover, by service.
     asked_by: BTreeMap<String, String>,
     found: Vec<Switch>,
+    moves: Vec<Move>,
+}
+
+/// An applied event other than an authority switch that changed the master of a placed service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Move {
+    pub index: u64,
+    pub actor: String,
+    /// The event's kind (`placement_set`, ...).
+    pub kind: &'static str,
+    pub service: String,
+    pub from: u64,
+    pub to: u64,
 }
 
 impl Replay {
     /// The switches found so far.
     pub fn switches(&self) -> &[Switch] {
         &self.found
+    }
+
+    /// The masters moved by anything but a switch, found so far.
+    pub fn moves(&self) -> &[Move] {
+        &self.moves
     }
 
     /// Replays the events of `archive` (which must start at the first event) after the last one
@@ -289,7 +307,27 @@ impl Replay {
                 .map(|p| (p, state.members.len())),
             _ => None,
         };
+        // Every other event must leave each placed service's master where it was.
+        let masters: Vec<(String, u64)> = match &env.event {
+            Event::AuthoritySwitched { .. } => Vec::new(),
+            _ => masters(state),
+        };
         let outcome = self.state.apply(env).map_err(|e| format!("replaying index {}: {e}", env.index))?;
+        if outcome.is_applied() && !masters.is_empty() {
+            let now = masters_by_name(&self.state);
+            for (service, from) in masters {
+                if let Some(&to) = now.get(service.as_str()).filter(|to| **to != from) {
+                    self.moves.push(Move {
+                        index: env.index,
+                        actor: env.actor.clone(),
+                        kind: env.event.kind(),
+                        service,
+                        from,
+                        to,
+                    });
+                }
+            }
+        }
         if let (Event::AuthoritySwitched { service, to, cause, .. }, Some((before, members))) =
             (&env.event, before)
         {
@@ -310,6 +348,33 @@ impl Replay {
         self.last = Some(record.clone());
         Ok(())
     }
+}
+
+fn masters(state: &State) -> Vec<(String, u64)> {
+    masters_by_name(state).into_iter().map(|(name, master)| (name.to_string(), master)).collect()
+}
+
+fn masters_by_name(state: &State) -> BTreeMap<&str, u64> {
+    state
+        .services
+        .iter()
+        .filter_map(|(name, svc)| svc.placement.as_ref().map(|p| (name.as_str(), p.master)))
+        .collect()
+}
+
+/// Authority moved only by switches: no other applied event (a placement computed before a switch
+/// and committed after it, say) changed the master of a placed service. Such a move takes no
+/// switch, so it names no moment from which the new master may serve, and no fence waits for it.
+pub fn authority_moved_only_by_switches(moves: &[Move]) -> Vec<String> {
+    moves
+        .iter()
+        .map(|m| {
+            format!(
+                "authority: {} at index {} (by {:?}) moved the master of {} from node {} to node {} without a switch",
+                m.kind, m.index, m.actor, m.service, m.from, m.to
+            )
+        })
+        .collect()
 }
 
 /// No backup took authority without an instruction: a switch by failover names the failover and

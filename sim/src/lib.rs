@@ -23,7 +23,8 @@
 //! `--plant backup-takes-over` (a backup that promotes itself), `--plant failover-ignores-votes`
 //! (a failover rule without its majority) and `--plant stale-leader-confirms` (a leader that confirms
 //! its leadership from old acknowledgements; the scenario `isolated-leader-confirms` catches it)
-//! switch on deliberate bugs, which the checkers catch.
+//! and `--plant placement-moves-master` (a placement that moves authority without a switch; the
+//! scenario `stale-placement` catches it) switch on deliberate bugs, which the checkers catch.
 
 pub mod alloc;
 pub mod checks;

@@ -55,11 +55,12 @@ struct Args {
     /// Run a hand-written scenario (or `all` of them) for each seed instead of the random schedule:
     /// master-cut-off, failover-cut-from-master, leader-crash-mid-switch, old-master-returns,
     /// manual-switch, backup-master-gone, leader-and-one-crash, leader-writes-lost,
-    /// isolated-leader-confirms, answers-lost.
+    /// isolated-leader-confirms, answers-lost, stale-placement.
     #[arg(long)]
     scenario: Option<String>,
     /// Switch on a deliberate bug to see the checkers catch it: `keep-conflicting-entries`,
-    /// `backup-takes-over`, `failover-ignores-votes` or `stale-leader-confirms` (needs `--features planted-bugs`).
+    /// `backup-takes-over`, `failover-ignores-votes`, `stale-leader-confirms` or `placement-moves-master`
+    /// (needs `--features planted-bugs`).
     #[arg(long)]
     plant: Option<String>,
     /// Seeds run in parallel, in that many worker processes; default: the number of CPUs.
@@ -141,8 +142,14 @@ fn plant(bug: Option<&str>) -> Result<()> {
             eprintln!("planted bug: a leader confirms its leadership from quorum acknowledgements older than the question");
             Ok(())
         }
+        Some("placement-moves-master") => {
+            coyote_state_machine::planted::placement_moves_master_on(true);
+            eprintln!("planted bug: a placement may change a service's master without a switch");
+            Ok(())
+        }
         Some(other) => bail!(
-            "no planted bug {other:?}; there are keep-conflicting-entries, backup-takes-over, failover-ignores-votes and stale-leader-confirms"
+            "no planted bug {other:?}; there are keep-conflicting-entries, backup-takes-over, failover-ignores-votes, \
+             stale-leader-confirms and placement-moves-master"
         ),
     }
 }

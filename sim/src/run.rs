@@ -255,6 +255,9 @@ impl SimNode {
 /// Where an answer from a node's runtime lands ([`Driver::confirm_on`]).
 pub(crate) type Answer = Arc<Mutex<Option<Result<u64, String>>>>;
 
+/// Where the answer to a proposal lands: its outcome in the log, or why it was not written.
+pub(crate) type ProposalAnswer = Arc<Mutex<Option<Result<Outcome, String>>>>;
+
 /// What the simulated admin does (`coyote service create`, `coyote service switch`).
 #[derive(Clone, Debug)]
 pub enum Admin {
@@ -798,6 +801,7 @@ impl Driver<'_> {
                 Ok(()) => {
                     let switches = self.replay.switches();
                     found.extend(checks::switches_authorised(switches, ADMIN_ACTOR));
+                    found.extend(checks::authority_moved_only_by_switches(self.replay.moves()));
                     let window = REACH_WINDOW_MS;
                     let epoch_ms = EPOCH_UNIX_S * 1000;
                     found.extend(checks::no_switch_while_master_reachable(
@@ -922,6 +926,22 @@ impl Driver<'_> {
         let (node, cell) = (sim_node.node.clone(), answer.clone());
         sim_node.rt.spawn(async move {
             let result = node.confirm_quorum(timeout).await.map_err(|e| e.to_string());
+            *cell.lock().expect("answer lock") = Some(result);
+        });
+        Some(answer)
+    }
+
+    /// Proposes `event` as `actor` through the node of `host`, on its own runtime, as that node's
+    /// monitor or reconciler would; the answer lands in the returned cell. None if the host is not
+    /// running.
+    pub(crate) fn propose_on(&mut self, host: &str, event: Event, actor: String) -> Option<ProposalAnswer> {
+        self.trace(format!("proposing through {host} as {actor}: {event:?}"));
+        let running = self.world.running.lock().expect("running lock");
+        let sim_node = running.get(host)?;
+        let answer: ProposalAnswer = Arc::default();
+        let (node, cell) = (sim_node.node.clone(), answer.clone());
+        sim_node.rt.spawn(async move {
+            let result = node.propose(event, actor).await.map(|p| p.outcome).map_err(|e| e.to_string());
             *cell.lock().expect("answer lock") = Some(result);
         });
         Some(answer)

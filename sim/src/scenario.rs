@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use coyote_state_machine::{Event, Subject, SwitchCause, LEASE_MS};
+use coyote_state_machine::{Event, Outcome, Subject, SwitchCause, LEASE_MS};
 use rand::seq::SliceRandom;
 use rand::Rng;
 
@@ -113,10 +113,16 @@ pub enum Scenario {
     /// within `RECOVER_WAIT` of the heal. (A peer that answered a call lately counts as reachable
     /// without a ping: this is the case where only answers, not mere traffic, may count.)
     AnswersLost,
+    /// The master is cut off from everyone for 10 s. While cut off, and after its failover has
+    /// taken over, its stale view of the log proposes the placement it still believes in (naming
+    /// itself master), as a refill computed before a switch and committed after it would. The
+    /// proposal waits for a leader until the heal and must then be refused: authority moves only
+    /// by a switch, which the fences wait for.
+    StalePlacement,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::MasterCutOff,
         Scenario::FailoverCutFromMaster,
         Scenario::LeaderCrashMidSwitch,
@@ -127,6 +133,7 @@ impl Scenario {
         Scenario::LeaderWritesLost,
         Scenario::IsolatedLeaderConfirms,
         Scenario::AnswersLost,
+        Scenario::StalePlacement,
     ];
 
     pub fn name(self) -> &'static str {
@@ -141,6 +148,7 @@ impl Scenario {
             Scenario::LeaderWritesLost => "leader-writes-lost",
             Scenario::IsolatedLeaderConfirms => "isolated-leader-confirms",
             Scenario::AnswersLost => "answers-lost",
+            Scenario::StalePlacement => "stale-placement",
         }
     }
 
@@ -349,6 +357,69 @@ impl Scenario {
                     return false;
                 }
             }
+            Scenario::StalePlacement => {
+                let (side, rest) = d.isolate(&master);
+                let fault = d.start(Fault::Partition { side, rest });
+                let since = d.sim.elapsed();
+                while !d.switches().iter().any(|s| s.service == service) {
+                    if d.sim.elapsed() >= since + secs(8) {
+                        d.violation(format!(
+                            "scenario {}: no switch of {service} within 8 s of cutting its master off",
+                            self.name()
+                        ));
+                        return false;
+                    }
+                    if !d.run_for(Duration::from_millis(100)) {
+                        return false;
+                    }
+                }
+                let Some(old_master) = d.id_of(&master) else {
+                    d.violation(format!("scenario {}: {master} has no node id", self.name()));
+                    return false;
+                };
+                let event = Event::PlacementSet { service: service.into(), placement: p.clone() };
+                let actor = format!("monitor@node:{old_master}");
+                let Some(answer) = d.propose_on(&master, event, actor) else {
+                    d.violation(format!("scenario {}: {master} is not running", self.name()));
+                    return false;
+                };
+                if !d.run_for(secs(10).saturating_sub(d.sim.elapsed() - since)) {
+                    return false;
+                }
+                d.end(fault);
+                // The proposal waits for a leader up to `PROPOSE_TIMEOUT` (15 s) from when it was made.
+                let asked = d.sim.elapsed();
+                while answer.lock().expect("answer lock").is_none() {
+                    if d.sim.elapsed() >= asked + secs(16) {
+                        d.violation(format!(
+                            "scenario {}: the stale placement got no answer in 16 s",
+                            self.name()
+                        ));
+                        return false;
+                    }
+                    if !d.run_for(Duration::from_millis(100)) {
+                        return false;
+                    }
+                }
+                let answer = answer.lock().expect("answer lock").take();
+                let refused = |reason: &str| reason.contains("only an authority switch");
+                match answer {
+                    Some(Ok(Outcome::Rejected { reason })) if refused(&reason) => {
+                        d.trace(format!("the stale placement was written and refused: {reason}"))
+                    }
+                    Some(Err(reason)) if refused(&reason) => {
+                        d.trace(format!("the stale placement was refused before it was written: {reason}"))
+                    }
+                    other => d.violation(format!(
+                        "scenario {}: the stale placement naming node {old_master} master was not refused \
+                         for moving authority: {other:?}",
+                        self.name()
+                    )),
+                }
+                if !d.run_for(secs(5)) {
+                    return false;
+                }
+            }
             Scenario::BackupMasterGone => {
                 let crash_master = d.start(Fault::Crash { host: master });
                 let crash_failover = d.start(Fault::Crash { host: failover });
@@ -402,7 +473,7 @@ impl Scenario {
             }
         };
         match self {
-            Scenario::MasterCutOff | Scenario::OldMasterReturns => {
+            Scenario::MasterCutOff | Scenario::OldMasterReturns | Scenario::StalePlacement => {
                 expect(failovers >= 1, "a switch by failover");
                 expect(
                     switches.first().is_some_and(|s| s.before.failover == Some(s.to)),

@@ -1,7 +1,7 @@
 //! Hand-written scenarios, end to end: the failover takes over from a master cut off from everyone,
 //! within the failover time the design aims at; a cut between master and failover alone moves
-//! nothing; and the leader reports a follower whose answers are lost, though its heartbeats still
-//! reach it.
+//! nothing; the leader reports a follower whose answers are lost, though its heartbeats still
+//! reach it; and a stale placement naming the old master, committed after the failover, is refused.
 
 use std::time::Duration;
 
@@ -46,4 +46,17 @@ fn the_leader_reports_a_follower_whose_answers_are_lost() {
         );
     }
     assert_eq!(report.switches, (0, 0), "no switch at all");
+}
+
+#[test]
+fn a_stale_placement_committed_after_a_failover_is_refused() {
+    let report = run_seed(0, &params(Scenario::StalePlacement));
+    // The scenario fails the run unless the proposal is refused for moving authority; the checker
+    // `authority_moved_only_by_switches` fails it if any event but a switch moved a master.
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    let refused: Vec<&String> =
+        report.trace.iter().filter(|l| l.contains("the stale placement was")).collect();
+    assert_eq!(refused.len(), 1, "one trace line with the stale placement's answer: {refused:?}");
+    assert!(refused[0].contains("only an authority switch"), "{}", refused[0]);
+    assert_eq!(report.switches, (1, 0), "the one switch by failover, none instructed");
 }

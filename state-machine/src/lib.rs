@@ -80,6 +80,18 @@ pub mod planted {
     pub(crate) fn failover_ignores_votes() -> bool {
         FAILOVER_IGNORES_VOTES.load(Ordering::SeqCst)
     }
+
+    static PLACEMENT_MOVES_MASTER: AtomicBool = AtomicBool::new(false);
+
+    /// A placement may change a placed service's master (the rule that only a switch moves
+    /// authority is gone), as before session 16's fix.
+    pub fn placement_moves_master_on(on: bool) {
+        PLACEMENT_MOVES_MASTER.store(on, Ordering::SeqCst);
+    }
+
+    pub(crate) fn placement_moves_master() -> bool {
+        PLACEMENT_MOVES_MASTER.load(Ordering::SeqCst)
+    }
 }
 
 /// Ids of nodes: sized, never reused within a cluster.
