@@ -562,3 +562,57 @@ fn sign_node_ignores_the_names_a_csr_asks_for() {
     let id = Identity::from_pem(ca.cert_pem(), &cert_pem, &key.serialize_pem()).unwrap();
     assert_eq!(id.node_id().unwrap(), 7);
 }
+
+// ------------------------------------------------------------------------------------------------
+// The memo of verified chains never stands in for the proof of the key
+
+/// Presents a member's certificate with a key that is not its own, as someone who copied the
+/// certificate (it is no secret: every handshake shows it) would.
+#[derive(Debug)]
+struct CopiedCertificate(std::sync::Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for CopiedCertificate {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test]
+async fn a_remembered_certificate_without_its_key_is_refused() {
+    let cluster = Cluster::new("c-memo");
+    let server = cluster.member(1);
+    let member = cluster.member(3);
+    let addr = serve(&server).await;
+    let trust = Trust::Ca(cluster.ca.cert_pem().to_string());
+
+    // The member connects: the server verifies its chain and remembers it.
+    let channel = connect(addr, Some(&member), &trust).await.expect("member connects");
+    assert_eq!(call(&channel, "/coyote.test.WhoAmI/MembersOnly").await.unwrap(), "ok 3");
+
+    // The same certificate bytes with another key: the chain is remembered, the handshake
+    // signature made with the wrong key is not, and no RPC gets through.
+    let cert = rustls::pki_types::CertificateDer::from_pem_slice(member.node_cert_pem.as_bytes()).unwrap();
+    let (other_key_pem, _) = tls::generate_node_key().unwrap();
+    let other_key = rustls::pki_types::PrivateKeyDer::from_pem_slice(other_key_pem.as_bytes()).unwrap();
+    let signer = rustls::crypto::ring::default_provider().key_provider.load_private_key(other_key).unwrap();
+    let copied = rustls::sign::CertifiedKey::new(vec![cert], signer);
+    let mut config = (*tls::client_config(None, &trust).unwrap()).clone();
+    config.client_auth_cert_resolver = std::sync::Arc::new(CopiedCertificate(std::sync::Arc::new(copied)));
+    let refusal = match connect_with(addr, std::sync::Arc::new(config)).await {
+        Ok(channel) => chain(&call(&channel, "/coyote.test.WhoAmI/MembersOnly").await.unwrap_err()),
+        Err(e) => chain(&e),
+    };
+    assert!(refusal.contains("DecryptError") || refusal.contains("BadSignature"), "{refusal}");
+
+    // The member itself still connects, on a new connection (its chain from the memo).
+    let again = connect(addr, Some(&member), &trust).await.expect("member connects again");
+    assert_eq!(call(&again, "/coyote.test.WhoAmI/MembersOnly").await.unwrap(), "ok 3");
+}
