@@ -47,31 +47,44 @@ pub struct Ack {
 }
 
 /// Committed prefixes agree: any two nodes hold the same archived events up to the smaller of their
-/// applied indexes.
+/// applied indexes. Each node is compared with the most advanced one only: if every node agrees with
+/// it up to its own applied index, any two agree up to the smaller of theirs, and if one does not,
+/// that pair disagrees.
 pub fn prefixes_agree(nodes: &[NodeSnapshot]) -> Vec<String> {
+    let Some(most) = nodes.iter().max_by_key(|n| n.applied) else { return Vec::new() };
     let mut violations = Vec::new();
-    for (i, a) in nodes.iter().enumerate() {
-        for b in &nodes[i + 1..] {
-            let upto = a.applied.min(b.applied);
-            let left: Vec<&EventRecord> = a.archive.iter().take_while(|r| r.envelope.index <= upto).collect();
-            let right: Vec<&EventRecord> =
-                b.archive.iter().take_while(|r| r.envelope.index <= upto).collect();
-            if left == right {
-                continue;
-            }
-            let first = left
-                .iter()
-                .zip(&right)
-                .find(|(l, r)| l != r)
-                .map(|(l, r)| format!("index {} vs {}", l.envelope.index, r.envelope.index))
-                .unwrap_or_else(|| format!("{} events vs {}", left.len(), right.len()));
-            violations.push(format!(
-                "prefix: {} and {} disagree below their common applied index {upto} (first difference: {first})",
-                a.host, b.host
-            ));
+    for node in nodes.iter().filter(|n| !std::ptr::eq(*n, most)) {
+        let upto = node.applied.min(most.applied);
+        let prefix = |n| prefix(n, upto);
+        if std::sync::Arc::ptr_eq(&node.archive, &most.archive) || prefix(node).eq(prefix(most)) {
+            continue;
         }
+        let first = prefix(node)
+            .zip(prefix(most))
+            .find(|(l, r)| l != r)
+            .map(|(l, r)| format!("index {} vs {}", l.envelope.index, r.envelope.index))
+            .unwrap_or_else(|| format!("{} events vs {}", prefix(node).count(), prefix(most).count()));
+        violations.push(format!(
+            "prefix: {} and {} disagree below their common applied index {upto} (first difference: {first})",
+            node.host, most.host
+        ));
     }
     violations
+}
+
+/// The archived events of `node` up to `upto`.
+fn prefix(node: &NodeSnapshot, upto: u64) -> impl Iterator<Item = &EventRecord> {
+    node.archive.iter().take_while(move |r| r.envelope.index <= upto)
+}
+
+/// The record at `index` of an archive in index order (found where a dense archive from index 1 has
+/// it, else by binary search).
+fn record_at(archive: &[EventRecord], index: u64) -> Option<&EventRecord> {
+    let dense = index.checked_sub(1).and_then(|i| archive.get(usize::try_from(i).ok()?));
+    match dense {
+        Some(r) if r.envelope.index == index => Some(r),
+        _ => archive.binary_search_by_key(&index, |r| r.envelope.index).ok().map(|i| &archive[i]),
+    }
 }
 
 /// No acknowledged event is lost: every node that applied up to an acknowledged index archived that
@@ -79,10 +92,8 @@ pub fn prefixes_agree(nodes: &[NodeSnapshot]) -> Vec<String> {
 pub fn no_ack_lost(nodes: &[NodeSnapshot], acks: &[Ack]) -> Vec<String> {
     let mut violations = Vec::new();
     for node in nodes {
-        let by_index: BTreeMap<u64, &EventRecord> =
-            node.archive.iter().map(|r| (r.envelope.index, r)).collect();
         for ack in acks.iter().filter(|a| a.index <= node.applied) {
-            match by_index.get(&ack.index) {
+            match record_at(&node.archive, ack.index) {
                 Some(r) if r.envelope.actor == ack.actor && r.envelope.event == ack.event => {}
                 Some(r) => violations.push(format!(
                     "lost ack: {} holds {} {:?} at acknowledged index {}, not {} {:?}",
@@ -564,7 +575,33 @@ mod tests {
         let b = node("b", 1, vec![record(1, "x")]);
         assert!(prefixes_agree(&[a.clone(), b]).is_empty());
         let c = node("c", 2, vec![record(1, "x"), record(2, "z")]);
-        assert_eq!(prefixes_agree(&[a, c]).len(), 1);
+        assert_eq!(prefixes_agree(&[a.clone(), c]).len(), 1);
+        // Two nodes behind the most advanced: one agrees with it, the other does not, wherever the
+        // most advanced one stands in the list.
+        let ahead = node("ahead", 3, vec![record(1, "x"), record(2, "y"), record(3, "w")]);
+        let wrong = node("wrong", 2, vec![record(1, "x"), record(2, "q")]);
+        for nodes in
+            [vec![ahead.clone(), a.clone(), wrong.clone()], vec![wrong.clone(), a.clone(), ahead.clone()]]
+        {
+            let found = prefixes_agree(&nodes);
+            assert_eq!(found.len(), 1, "{found:?}");
+            assert!(found[0].contains("wrong and ahead") && found[0].contains("index 2 vs 2"), "{found:?}");
+        }
+        // An archive shorter than its applied index says so.
+        let short = node("short", 2, vec![record(1, "x")]);
+        let found = prefixes_agree(&[ahead, short]);
+        assert!(found.len() == 1 && found[0].contains("1 events vs 2"), "{found:?}");
+    }
+
+    #[test]
+    fn a_record_is_found_by_its_index_in_dense_and_sparse_archives() {
+        let dense: Vec<EventRecord> = (1..=3).map(|i| record(i, "k")).collect();
+        assert_eq!(record_at(&dense, 2).map(|r| r.envelope.index), Some(2));
+        assert!(record_at(&dense, 0).is_none() && record_at(&dense, 4).is_none());
+        let sparse = vec![record(2, "k"), record(5, "k"), record(9, "k")];
+        assert_eq!(record_at(&sparse, 5).map(|r| r.envelope.index), Some(5));
+        assert_eq!(record_at(&sparse, 9).map(|r| r.envelope.index), Some(9));
+        assert!(record_at(&sparse, 3).is_none());
     }
 
     #[test]
