@@ -14,6 +14,9 @@ use rand::Rng;
 use crate::checks::Switch;
 use crate::run::{Admin, Driver, Fault};
 
+/// How often a scenario that waits for something looks again.
+const STEP: Duration = Duration::from_millis(100);
+
 /// How long the backups have to raise their alarm when master and failover are gone.
 const ALARM_WAIT: Duration = Duration::from_secs(30);
 
@@ -40,6 +43,27 @@ fn reported(d: &Driver, observer: u64, subject: u64, reachable: bool) -> usize {
     })
 }
 
+/// Runs in steps of `every` until `done` holds, for at most `within`; a violation (`missing`, what
+/// did not happen) if it does not. The time it took, or None once the run cannot go on.
+fn wait_until(
+    d: &mut Driver,
+    (within, every): (Duration, Duration),
+    missing: impl FnOnce() -> String,
+    mut done: impl FnMut(&Driver) -> bool,
+) -> Option<Duration> {
+    let since = d.sim.elapsed();
+    while !done(d) {
+        if d.sim.elapsed() >= since + within {
+            d.violation(missing());
+            return None;
+        }
+        if !d.run_for(every) {
+            return None;
+        }
+    }
+    Some(d.sim.elapsed() - since)
+}
+
 /// Runs until `observer` has reported `subject` as `reachable` once more than `before` times, for
 /// at most `within`; a violation if it does not.
 fn await_report(
@@ -50,20 +74,19 @@ fn await_report(
     scenario: Scenario,
 ) -> bool {
     let state = if reachable { "reachable" } else { "unreachable" };
-    let since = d.sim.elapsed();
-    while reported(d, observer, subject, reachable) <= before {
-        if d.sim.elapsed() >= since + within {
-            d.violation(format!(
-                "scenario {}: node {observer} did not report node {subject} {state} within {within:?}",
-                scenario.name(),
-            ));
-            return false;
-        }
-        if !d.run_for(Duration::from_millis(50)) {
-            return false;
-        }
-    }
-    d.trace(format!("node {observer} reported node {subject} {state} after {:?}", d.sim.elapsed() - since));
+    let missing = || {
+        format!(
+            "scenario {}: node {observer} did not report node {subject} {state} within {within:?}",
+            scenario.name()
+        )
+    };
+    let every = Duration::from_millis(50);
+    let Some(took) =
+        wait_until(d, (within, every), missing, |d| reported(d, observer, subject, reachable) > before)
+    else {
+        return false;
+    };
+    d.trace(format!("node {observer} reported node {subject} {state} after {took:?}"));
     true
 }
 
@@ -242,20 +265,17 @@ impl Scenario {
                 let other = if leader == master { failover } else { master };
                 let first = d.start(Fault::Crash { host: leader });
                 let second = d.start(Fault::Crash { host: other });
-                let since = d.sim.elapsed();
-                while d.leader_host().is_none() {
-                    if d.sim.elapsed() >= since + secs(10) {
-                        d.violation(format!(
-                            "scenario {}: three of five nodes run, and none was elected leader within 10 s",
-                            self.name()
-                        ));
-                        return false;
-                    }
-                    if !d.run_for(Duration::from_millis(100)) {
-                        return false;
-                    }
-                }
-                d.trace(format!("a leader was elected after {:?}", d.sim.elapsed() - since));
+                let missing = || {
+                    format!(
+                        "scenario {}: three of five nodes run, and none was elected leader within 10 s",
+                        self.name()
+                    )
+                };
+                let Some(took) = wait_until(d, (secs(10), STEP), missing, |d| d.leader_host().is_some())
+                else {
+                    return false;
+                };
+                d.trace(format!("a leader was elected after {took:?}"));
                 d.end(first);
                 d.end(second);
             }
@@ -361,17 +381,15 @@ impl Scenario {
                 let (side, rest) = d.isolate(&master);
                 let fault = d.start(Fault::Partition { side, rest });
                 let since = d.sim.elapsed();
-                while !d.switches().iter().any(|s| s.service == service) {
-                    if d.sim.elapsed() >= since + secs(8) {
-                        d.violation(format!(
-                            "scenario {}: no switch of {service} within 8 s of cutting its master off",
-                            self.name()
-                        ));
-                        return false;
-                    }
-                    if !d.run_for(Duration::from_millis(100)) {
-                        return false;
-                    }
+                let missing = || {
+                    format!(
+                        "scenario {}: no switch of {service} within 8 s of cutting its master off",
+                        self.name()
+                    )
+                };
+                let switched = |d: &Driver| d.switches().iter().any(|s| s.service == service);
+                if wait_until(d, (secs(8), STEP), missing, switched).is_none() {
+                    return false;
                 }
                 let Some(old_master) = d.id_of(&master) else {
                     d.violation(format!("scenario {}: {master} has no node id", self.name()));
@@ -388,18 +406,11 @@ impl Scenario {
                 }
                 d.end(fault);
                 // The proposal waits for a leader up to `PROPOSE_TIMEOUT` (15 s) from when it was made.
-                let asked = d.sim.elapsed();
-                while answer.lock().expect("answer lock").is_none() {
-                    if d.sim.elapsed() >= asked + secs(16) {
-                        d.violation(format!(
-                            "scenario {}: the stale placement got no answer in 16 s",
-                            self.name()
-                        ));
-                        return false;
-                    }
-                    if !d.run_for(Duration::from_millis(100)) {
-                        return false;
-                    }
+                let missing =
+                    || format!("scenario {}: the stale placement got no answer in 16 s", self.name());
+                let answered = |_: &Driver| answer.lock().expect("answer lock").is_some();
+                if wait_until(d, (secs(16), STEP), missing, answered).is_none() {
+                    return false;
                 }
                 let answer = answer.lock().expect("answer lock").take();
                 let refused = |reason: &str| reason.contains("only an authority switch");
@@ -424,20 +435,16 @@ impl Scenario {
                 let crash_master = d.start(Fault::Crash { host: master });
                 let crash_failover = d.start(Fault::Crash { host: failover });
                 // The backups raise their alarm and wait (up to ALARM_WAIT for it).
-                let since = d.sim.elapsed();
-                while !alarmed(d) {
-                    if d.sim.elapsed() >= since + ALARM_WAIT {
-                        d.violation(format!(
-                            "scenario {}: no backup raised the master-lost alarm within {ALARM_WAIT:?}",
-                            self.name()
-                        ));
-                        return false;
-                    }
-                    if !d.run_for(Duration::from_millis(100)) {
-                        return false;
-                    }
-                }
-                d.trace(format!("a backup raised the master-lost alarm after {:?}", d.sim.elapsed() - since));
+                let missing = || {
+                    format!(
+                        "scenario {}: no backup raised the master-lost alarm within {ALARM_WAIT:?}",
+                        self.name()
+                    )
+                };
+                let Some(took) = wait_until(d, (ALARM_WAIT, STEP), missing, alarmed) else {
+                    return false;
+                };
+                d.trace(format!("a backup raised the master-lost alarm after {took:?}"));
                 if !d.run_for(secs(3)) {
                     return false;
                 }

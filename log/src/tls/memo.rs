@@ -68,6 +68,23 @@ fn remember(key: Vec<u8>, end_entity: &CertificateDer<'_>, intermediates: &[Cert
     memo.insert(key, window);
 }
 
+/// A chain's verification through the memo: `hit` if the chain under `key` verified before and is
+/// valid at `now`, else `verify`, whose success is remembered.
+fn through_memo<T>(
+    key: Vec<u8>,
+    (end_entity, intermediates): (&CertificateDer<'_>, &[CertificateDer<'_>]),
+    now: UnixTime,
+    hit: impl FnOnce() -> T,
+    verify: impl FnOnce() -> Result<T, rustls::Error>,
+) -> Result<T, rustls::Error> {
+    if remembered(&key, now) {
+        return Ok(hit());
+    }
+    let verified = verify()?;
+    remember(key, end_entity, intermediates);
+    Ok(verified)
+}
+
 /// The window in which the end entity and every intermediate are all valid.
 fn validity(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Option<Window> {
     let mut window = (i64::MIN, i64::MAX);
@@ -121,13 +138,9 @@ impl ServerCertVerifier for MemoServerVerifier {
             }
         };
         let key = key(b's', &self.anchor, name, end_entity, intermediates);
-        if remembered(&key, now) {
-            return Ok(ServerCertVerified::assertion());
-        }
-        let verified =
-            self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
-        remember(key, end_entity, intermediates);
-        Ok(verified)
+        through_memo(key, (end_entity, intermediates), now, ServerCertVerified::assertion, || {
+            self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        })
     }
 
     fn verify_tls12_signature(
@@ -200,12 +213,9 @@ impl ClientCertVerifier for MemoClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let key = key(b'c', &self.anchor, &[], end_entity, intermediates);
-        if remembered(&key, now) {
-            return Ok(ClientCertVerified::assertion());
-        }
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        remember(key, end_entity, intermediates);
-        Ok(verified)
+        through_memo(key, (end_entity, intermediates), now, ClientCertVerified::assertion, || {
+            self.inner.verify_client_cert(end_entity, intermediates, now)
+        })
     }
 
     fn verify_tls12_signature(
