@@ -19,9 +19,7 @@ use coyote_log::{JoinToken, LogNode, ProposeError, Proposed};
 use coyote_nodes::activator::Activator;
 use coyote_nodes::monitor::Fence;
 use coyote_nodes::reconciler::Reconciler;
-use coyote_state_machine::{
-    Event, Outcome, ServiceSpec, SwitchCause, DRIFT_MARGIN_MS, HANDOVER_WAIT_MS, LEASE_MS,
-};
+use coyote_state_machine::{serve_from, Event, Outcome, ServiceSpec, SwitchCause, HANDOVER_WAIT_MS};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -94,7 +92,12 @@ fn actor(api: &Api) -> String {
 
 /// Proposes and turns a committed rejection into an error, so callers see one kind of failure.
 async fn propose(api: &Api, event: Event) -> Result<Proposed, ApiError> {
-    let proposed = api.node.propose(event, actor(api)).await?;
+    propose_at(api, event, api.node.now_ms()).await
+}
+
+/// [`propose`] with the envelope's clock reading given, for an answer that derives a moment from it.
+async fn propose_at(api: &Api, event: Event, at_ms: u64) -> Result<Proposed, ApiError> {
+    let proposed = api.node.propose_at(event, actor(api), at_ms).await?;
     match &proposed.outcome {
         Outcome::Applied => Ok(proposed),
         Outcome::Rejected { reason } => Err(ApiError(StatusCode::CONFLICT, reason.clone())),
@@ -237,19 +240,13 @@ async fn token_revoke(State(api): State<Api>, Path(id): Path<String>) -> ApiResu
 async fn service_create(State(api): State<Api>, Json(spec): Json<ServiceSpec>) -> ApiResult {
     let name = spec.name.clone();
     let created = propose(&api, Event::ServiceCreated { spec }).await?;
-    let placement = api.node.store().with_state(|s| s.place());
-    let Some(placement) = placement else {
-        return Err(ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the cluster has no members to place on".into(),
-        ));
-    };
-    let placed =
-        propose(&api, Event::PlacementSet { service: name.clone(), placement: placement.clone() }).await?;
+    // The log placed the service when it applied the event; the local replica has applied it once
+    // `propose` returns on the leader, and a follower catches up within a heartbeat or two.
+    let placement =
+        api.node.store().with_state(|s| s.services.get(&name).and_then(|svc| svc.placement.clone()));
     Ok(Json(json!({
         "name": name,
         "index": created.index,
-        "placement_index": placed.index,
         "placement": placement,
     })))
 }
@@ -287,15 +284,17 @@ async fn service_switch(
             "index": proposed.index,
         })));
     }
-    let serve_from_ms = coyote_log::cluster::now_ms() + LEASE_MS + DRIFT_MARGIN_MS;
     let event = Event::AuthoritySwitched {
         service: name.clone(),
         to: req.to,
         reason: format!("{reason}, at once"),
-        serve_from_ms,
+        not_before_ms: 0,
         cause: SwitchCause::Instruction,
     };
-    let proposed = propose(&api, event).await?;
+    // One clock reading: the envelope's, from which `apply` derives the moment of serving.
+    let at_ms = api.node.now_ms();
+    let proposed = propose_at(&api, event, at_ms).await?;
+    let serve_from_ms = serve_from(at_ms);
     Ok(Json(json!({
         "name": name,
         "to": req.to,

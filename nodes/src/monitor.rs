@@ -25,7 +25,8 @@
 //! looks after every round of probes, whenever the applied state changes, and the moment its wait of
 //! `FAILOVER_AFTER_MS` ends. The state machine checks the same rule again when it applies the switch,
 //! on every replica. A backup never proposes a switch by itself: when its master is lost it raises one
-//! alarm and waits for an instruction. The leader refills an empty failover slot from the backups.
+//! alarm and waits for an instruction. No monitor proposes placements: the state machine refills an
+//! empty failover slot itself when it applies the event that emptied it.
 //!
 //! An instruction is a graceful handover (`HandoverRequested`): the old master's reconciler dumps
 //! and stops the service and then proposes the switch (see [`crate::reconciler`]). The target's
@@ -42,8 +43,8 @@
 //! monotonic clock, and only if the state at that index still names this server master. A server that
 //! becomes master (by a switch, at start-up, or after a restart) serves only `LEASE_MS +
 //! DRIFT_MARGIN_MS` after it first saw itself master in its applied state (the fence notes that as each
-//! entry is applied, and starts serving the moment the wait ends), and not before the switch's
-//! `serve_from_ms` by its wall clock.
+//! entry is applied, and starts serving the moment the wait ends), and not before the service's
+//! `serve_from_ms` by its wall clock (derived by the state machine from the switch's `at_ms`).
 //!
 //! Why this gives at most one server serving: let the switch from A to B commit at time `tc`.
 //! - Any confirmation A asks for after `tc` returns a read index at or after the switch, so A's state
@@ -54,8 +55,8 @@
 //!   differ by less than `DRIFT_MARGIN_MS` over a lease period. Offsets between wall clocks do not
 //!   matter: both durations are measured on each server's own monotonic clock.
 //!
-//! "First saw itself master" counts each switch on its own: the fence keys it by the switch's
-//! `serve_from_ms`, so a server switched away and back between two of its looks at the applied state
+//! "First saw itself master" counts each switch on its own: the fence keys it by the
+//! `serve_from_ms` the switch gave the service, so a server switched away and back between two of its looks at the applied state
 //! (or by one snapshot) waits again. A placement cannot change a service's master (the state machine
 //! refuses it): authority moves only by a switch.
 //!
@@ -270,12 +271,7 @@ impl Monitor {
     /// just died and the proposal waits for a new one. The same event is not sent again while an
     /// earlier copy is under way (for up to [`PROPOSE_AGAIN_AFTER`]); a copy that commits twice is
     /// harmless, the state machine rejects the second (a report that changes nothing, a switch to a
-    /// node already master).
-    fn propose(&self, event: Event) {
-        let now = self.node.now_ms();
-        self.propose_at(event, now);
-    }
-
+    /// node already master). `at_ms` is the clock reading the event was decided on.
     fn propose_at(&self, event: Event, at_ms: u64) {
         let key = format!("{event:?}");
         let now = Instant::now();
@@ -415,17 +411,16 @@ impl Monitor {
     /// ends, when one is waiting only for time to pass.
     fn act_on_roles(&self) -> Option<Duration> {
         let me = self.node.id();
+        // One clock reading: what is validated here is proposed with the same `at_ms`.
         let now = self.node.now_ms();
-        let leader = self.node.raft().metrics().borrow().current_leader == Some(me);
         let mut due: Option<u64> = None;
-        let (takeovers, waiting, refills) = self.node.store().with_state(|s| {
+        let (takeovers, waiting) = self.node.store().with_state(|s| {
             let mut takeovers = Vec::new();
             let mut waiting = Vec::new();
-            let mut refills = Vec::new();
             for name in s.services.keys() {
                 // The target of a handover the master did not carry out in time takes it over.
                 if let Some(reason) = s.handover(name).filter(|h| h.to == me).and_then(|_| s.handover_overdue(name, now)) {
-                    let event = handover_switch(name, me, now, reason, SwitchCause::HandoverOverdue);
+                    let event = handover_switch(name, me, reason, SwitchCause::HandoverOverdue);
                     let proposal = Proposal { at_ms: now, actor: String::new(), event: event.clone() };
                     if s.validate(&proposal).is_ok() {
                         takeovers.push(event);
@@ -433,7 +428,7 @@ impl Monitor {
                 }
                 match s.role(name, me) {
                     Some(Role::Failover) => {
-                        let event = takeover(name, me, now, "master and service unreachable".into());
+                        let event = takeover(name, me, "master and service unreachable".into());
                         let proposal = Proposal { at_ms: now, actor: String::new(), event: event.clone() };
                         if s.validate(&proposal).is_ok() {
                             takeovers.push(event);
@@ -453,7 +448,7 @@ impl Monitor {
                         if planted::backup_takes_over() && service_down && votes >= needed {
                             // The planted bug: when its master is lost, the backup instructs itself
                             // instead of raising the alarm and waiting.
-                            let mut event = takeover(name, me, now, "planted bug: the backup takes over".into());
+                            let mut event = takeover(name, me, "planted bug: the backup takes over".into());
                             if let Event::AuthoritySwitched { cause, .. } = &mut event {
                                 *cause = SwitchCause::Instruction;
                             }
@@ -475,43 +470,31 @@ impl Monitor {
                     }
                     _ => {}
                 }
-                if leader {
-                    if let Some(placement) = s.refill_failover(name) {
-                        refills.push(Event::PlacementSet { service: name.clone(), placement });
-                    }
-                }
             }
-            (takeovers, waiting, refills)
+            (takeovers, waiting)
         });
-        for event in takeovers.into_iter().chain(waiting).chain(refills) {
-            self.propose(event);
+        for event in takeovers.into_iter().chain(waiting) {
+            self.propose_at(event, now);
         }
         due.map(|at| Duration::from_millis(at - now))
     }
 }
 
-/// The switch a failover proposes: serving starts a lease plus the drift margin from now.
-pub fn takeover(service: &str, to: u64, now: u64, reason: String) -> Event {
+/// The switch a failover proposes (the state machine derives when the new master serves).
+pub fn takeover(service: &str, to: u64, reason: String) -> Event {
     Event::AuthoritySwitched {
         service: service.to_string(),
         to,
         reason,
-        serve_from_ms: now + LEASE_MS + DRIFT_MARGIN_MS,
+        not_before_ms: 0,
         cause: SwitchCause::Failover,
     }
 }
 
 /// The switch that ends a handover: `Handover` from the old master once it has stopped,
-/// `HandoverOverdue` from the target when the old master did not in time. Serving starts a lease
-/// plus the drift margin from now.
-pub fn handover_switch(service: &str, to: u64, now: u64, reason: String, cause: SwitchCause) -> Event {
-    Event::AuthoritySwitched {
-        service: service.to_string(),
-        to,
-        reason,
-        serve_from_ms: now + LEASE_MS + DRIFT_MARGIN_MS,
-        cause,
-    }
+/// `HandoverOverdue` from the target when the old master did not in time.
+pub fn handover_switch(service: &str, to: u64, reason: String, cause: SwitchCause) -> Event {
+    Event::AuthoritySwitched { service: service.to_string(), to, reason, not_before_ms: 0, cause }
 }
 
 /// This server's lease and the moments it became master of each service.

@@ -665,8 +665,7 @@ impl Reconciler {
             }
             let how = if dump.is_some() { "dumped and stopped" } else { "stopped" };
             let reason = format!("handover: node {me} {how} {name}");
-            let event =
-                crate::monitor::handover_switch(&name, to, self.node.now_ms(), reason, SwitchCause::Handover);
+            let event = crate::monitor::handover_switch(&name, to, reason, SwitchCause::Handover);
             self.propose(event).await;
         }
     }
@@ -962,7 +961,7 @@ impl Executor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use coyote_state_machine::{Envelope, Placement, Proposal};
+    use coyote_state_machine::{Envelope, Proposal};
 
     fn spec(name: &str) -> ServiceSpec {
         ServiceSpec {
@@ -1147,10 +1146,6 @@ mod tests {
                 ca_pin: "p".into(),
             },
             Event::ServiceCreated { spec: spec("a") },
-            Event::PlacementSet {
-                service: "a".into(),
-                placement: Placement { master: node, failover: None, backups: vec![] },
-            },
         ];
         for (i, event) in events.into_iter().enumerate() {
             let env = Envelope::new(i as u64 + 1, 1, Proposal { at_ms: 1, actor: "t".into(), event });

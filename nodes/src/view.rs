@@ -51,38 +51,4 @@ pub fn service_json(s: &Service) -> Value {
     })
 }
 
-/// `2026-11-25T12:40:52.123Z` from milliseconds since the epoch (UTC, proleptic Gregorian).
-pub fn format_ms(ms: u64) -> String {
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms % 1000
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::format_ms;
-
-    #[test]
-    fn times_format_as_utc() {
-        assert_eq!(format_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(format_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
-        assert_eq!(format_ms(1_795_610_452_123), "2026-11-25T12:40:52.123Z");
-    }
-}
+pub use coyote_state_machine::format_ms;

@@ -430,20 +430,11 @@ async fn admin(world: &World, host: &HostState, node: &LogNode) {
     }
 }
 
-/// `coyote service create`: the service, then its placement, retried until the log has both.
+/// `coyote service create`: one event, which the log places; retried until the log has it.
 async fn create_service(world: &World, node: &LogNode, spec: ServiceSpec) {
     let name = spec.name.clone();
-    loop {
-        let placed = node.store().with_state(|s| s.services.get(&name).map(|svc| svc.placement.is_some()));
-        let event = match placed {
-            Some(true) => break,
-            Some(false) => match node.store().with_state(|s| s.place()) {
-                Some(placement) => Event::PlacementSet { service: name.clone(), placement },
-                None => break,
-            },
-            None => Event::ServiceCreated { spec: spec.clone() },
-        };
-        if let Err(e) = node.propose(event, ADMIN_ACTOR.into()).await {
+    while !node.store().with_state(|s| s.services.contains_key(&name)) {
+        if let Err(e) = node.propose(Event::ServiceCreated { spec: spec.clone() }, ADMIN_ACTOR.into()).await {
             world.trace(format!("admin: creating {name}: {}", error_kind(&e)));
             tokio::time::sleep(JOIN_RETRY).await;
         }

@@ -66,16 +66,22 @@ pub enum Event {
     ServiceRemoved {
         name: String,
     },
+    /// A placement set by hand. No part of coyote proposes it: `ServiceCreated` places a service and
+    /// the state machine refills failover slots itself. It is applied only when it keeps the master.
     PlacementSet {
         service: String,
         placement: Placement,
     },
-    /// Authority for `service` moves to `to`, which may serve from `serve_from_ms` on.
+    /// Authority for `service` moves to `to`. The new master may serve from the envelope's `at_ms`
+    /// plus [`crate::LEASE_MS`] and [`crate::DRIFT_MARGIN_MS`], derived when the switch is applied
+    /// (so one clock reading, the envelope's, decides it), or from `not_before_ms` if that is later.
     AuthoritySwitched {
         service: String,
         to: NodeId,
         reason: String,
-        serve_from_ms: u64,
+        /// 0: as soon as the fence allows (what every part of coyote proposes). Otherwise a later
+        /// moment the proposer asks for; one earlier than the fence allows is refused.
+        not_before_ms: u64,
         cause: SwitchCause,
     },
     /// An alarm; its id is the log index of this event. At most one alarm per `key` is open.
@@ -196,7 +202,10 @@ impl Event {
             }
             Event::NodeLeft { node_id, reason } => format!("node {node_id} left: {reason}"),
             Event::TokenIssued { token_id, expires_at_ms, uses, .. } => {
-                format!("token {token_id} issued for {uses} use(s), expires at {expires_at_ms}")
+                format!(
+                    "token {token_id} issued for {uses} use(s), expires {}",
+                    crate::format_ms(*expires_at_ms)
+                )
             }
             Event::TokenRevoked { token_id } => format!("token {token_id} revoked"),
             Event::ServiceCreated { spec } => format!("service {} created ({})", spec.name, spec.describe()),
@@ -207,14 +216,18 @@ impl Event {
             Event::PlacementSet { service, placement } => {
                 format!("service {service} placed: {}", placement.describe())
             }
-            Event::AuthoritySwitched { service, to, reason, serve_from_ms, cause } => {
+            Event::AuthoritySwitched { service, to, reason, not_before_ms, cause } => {
                 let how = match cause {
                     SwitchCause::Failover => "failover",
                     SwitchCause::Instruction => "instructed",
                     SwitchCause::Handover => "handover",
                     SwitchCause::HandoverOverdue => "handover, overdue",
                 };
-                format!("service {service} authority to node {to} ({how}), serving from {serve_from_ms}: {reason}")
+                let when = match not_before_ms {
+                    0 => String::new(),
+                    ms => format!(", not before {}", crate::format_ms(*ms)),
+                };
+                format!("service {service} authority to node {to} ({how}{when}): {reason}")
             }
             Event::AlarmRaised { key, message, .. } => format!("alarm {key}: {message}"),
             Event::AlarmCleared { alarm_id, reason } => format!("alarm {alarm_id} cleared: {reason}"),

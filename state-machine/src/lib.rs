@@ -3,7 +3,7 @@
 //! # How it works
 //!
 //! Every change that matters is an event in the cluster's Raft log. A proposer (the CLI through the
-//! local node, later the monitor, the reconciler, the CRM) builds a [`Proposal`]: the event, its own
+//! local node, the monitor, the reconciler, later the CRM) builds a [`Proposal`]: the event, its own
 //! clock reading (`at_ms`) and who it is (`actor`). It validates the proposal against its current view
 //! of the state ([`State::validate`]) and proposes it. Once committed, the log wraps the proposal in an
 //! [`Envelope`] with its index and term, and every replica calls [`State::apply`] with it.
@@ -25,10 +25,21 @@
 //!
 //! # Authority
 //!
-//! Who masters a service is log state: the placement, moved by `AuthoritySwitched`. A switch names the
-//! moment its new master may serve from (`serve_from_ms`), which must be at least [`LEASE_MS`] plus
-//! [`DRIFT_MARGIN_MS`] after the proposer's clock reading: the old master stops serving when it has not
-//! confirmed its place in the quorum for a lease period, so it has fenced itself by then.
+//! Who masters a service is log state: the placement, moved by `AuthoritySwitched`. When a switch is
+//! applied, the state machine derives the moment its new master may serve from: [`LEASE_MS`] plus
+//! [`DRIFT_MARGIN_MS`] after the envelope's `at_ms` ([`serve_from`]). The old master stops serving
+//! when it has not confirmed its place in the quorum for a lease period, so it has fenced itself by
+//! then. The proposer's one clock reading is the envelope's; no proposer computes a moment of its own.
+//!
+//! # Derived, not proposed
+//!
+//! Actors propose intentions and observations; `apply` derives their consequences from the envelope
+//! and the state. `ServiceCreated` places the new service ([`State::place`]), so a service and its
+//! placement are one event. The events that can empty a failover slot or make a node able to fill one
+//! (a switch, a join, a departure, a report about a node) refill every empty slot
+//! ([`State::refill_failover`]). No actor proposes a placement: a placement computed on one replica and
+//! committed later would be a stale fact (`PlacementSet` stays for placements set by hand, and is
+//! refused when it would move the master).
 //!
 //! A switch *instructed* by an admin may name any member that holds a role for the service. A switch the
 //! failover proposes *by itself* is accepted only when, in log state at that point:
@@ -57,9 +68,9 @@ pub use event::{
 };
 pub use spec::{PortMap, ServiceSpec, ZoneCheck};
 pub use state::{
-    sha256_hex, Alarm, ClusterInfo, ContainerGoal, DesiredContainer, Handover, Member, Observation, Outcome,
-    Role, Service, State, StateV1, Token, TokenStatus, DRIFT_MARGIN_MS, FAILOVER_AFTER_MS, HANDOVER_WAIT_MS,
-    LEASE_MS, PLACEMENT_BACKUPS_MAX,
+    serve_from, sha256_hex, Alarm, ClusterInfo, ContainerGoal, DesiredContainer, Handover, Member,
+    Observation, Outcome, Role, Service, State, StateV1, Token, TokenStatus, DRIFT_MARGIN_MS,
+    FAILOVER_AFTER_MS, HANDOVER_WAIT_MS, LEASE_MS, PLACEMENT_BACKUPS_MAX,
 };
 
 /// Deliberate bugs, for the simulator to show that its checkers catch them. Compiled only with the
@@ -84,7 +95,7 @@ pub mod planted {
     static PLACEMENT_MOVES_MASTER: AtomicBool = AtomicBool::new(false);
 
     /// A placement may change a placed service's master (the rule that only a switch moves
-    /// authority is gone), as before session 16's fix.
+    /// authority is gone).
     pub fn placement_moves_master_on(on: bool) {
         PLACEMENT_MOVES_MASTER.store(on, Ordering::SeqCst);
     }
@@ -92,6 +103,30 @@ pub mod planted {
     pub(crate) fn placement_moves_master() -> bool {
         PLACEMENT_MOVES_MASTER.load(Ordering::SeqCst)
     }
+}
+
+/// `2026-11-25T12:40:52.123Z` from milliseconds since the epoch (UTC, proleptic Gregorian).
+pub fn format_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
 }
 
 /// Ids of nodes: sized, never reused within a cluster.
@@ -124,3 +159,15 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod format_tests {
+    use super::format_ms;
+
+    #[test]
+    fn times_format_as_utc() {
+        assert_eq!(format_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(format_ms(1_795_610_452_123), "2026-11-25T12:40:52.123Z");
+    }
+}

@@ -364,12 +364,14 @@ impl State {
                 }
                 self.check_placement(placement)?;
             }
-            Event::AuthoritySwitched { service, to, serve_from_ms, cause, .. } => {
+            Event::AuthoritySwitched { service, to, not_before_ms, cause, .. } => {
                 let placement = self.check_new_master(service, *to)?;
-                let earliest = at_ms.saturating_add(LEASE_MS + DRIFT_MARGIN_MS);
-                if *serve_from_ms < earliest {
+                let earliest = serve_from(at_ms);
+                if *not_before_ms != 0 && *not_before_ms < earliest {
                     return reject(format!(
-                        "the new master may serve from {earliest} at the earliest (lease {LEASE_MS} ms plus drift margin {DRIFT_MARGIN_MS} ms), not {serve_from_ms}"
+                        "the new master may serve from {} at the earliest (lease {LEASE_MS} ms plus drift margin {DRIFT_MARGIN_MS} ms), not {}",
+                        crate::format_ms(earliest),
+                        crate::format_ms(*not_before_ms)
                     ));
                 }
                 match cause {
@@ -572,11 +574,14 @@ impl State {
                 self.tokens.get_mut(token_id).expect("checked: token exists").revoked = true;
             }
             Event::ServiceCreated { spec } => {
+                // The placement follows from the state: deriving it here makes a service and its
+                // placement one event, which no crash can split.
+                let placement = self.place();
                 self.services.insert(
                     spec.name.clone(),
                     Service {
                         spec: spec.clone(),
-                        placement: None,
+                        placement,
                         created_at_ms: env.at_ms,
                         serve_from_ms: env.at_ms,
                     },
@@ -594,7 +599,7 @@ impl State {
                 self.services.get_mut(service).expect("checked: service exists").placement =
                     Some(placement.clone());
             }
-            Event::AuthoritySwitched { service, to, serve_from_ms, .. } => {
+            Event::AuthoritySwitched { service, to, not_before_ms, .. } => {
                 let svc = self.services.get_mut(service).expect("checked: service exists");
                 let p = svc.placement.as_mut().expect("checked: placement exists");
                 let old = p.master;
@@ -604,7 +609,7 @@ impl State {
                 p.backups.retain(|b| b != to);
                 p.backups.insert(0, old);
                 p.master = *to;
-                svc.serve_from_ms = *serve_from_ms;
+                svc.serve_from_ms = serve_from(env.at_ms).max(*not_before_ms);
                 // Reports about the service were about its old master: monitors start afresh.
                 self.reachability.retain(|(_, s), _| *s != Subject::Service(service.clone()));
             }
@@ -642,6 +647,9 @@ impl State {
                 );
             }
         }
+        if refills_failovers(&env.event) {
+            self.refill_failovers();
+        }
         // A handover ends with the switch, or when what it was about is gone: the service, the
         // master it was asked of, or the target's role.
         let services = &self.services;
@@ -651,6 +659,27 @@ impl State {
                 .and_then(|s| s.placement.as_ref())
                 .is_some_and(|p| p.master == h.from && p.nodes().any(|n| n == h.to))
         });
+    }
+
+    /// Fills every empty failover slot that can be filled ([`State::refill_failover`]), in the order
+    /// of the services' names.
+    fn refill_failovers(&mut self) {
+        let members = self.members.len();
+        let names: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(_, svc)| {
+                svc.placement.as_ref().is_some_and(|p| {
+                    p.failover.is_none() && (!p.backups.is_empty() || p.nodes().count() < members)
+                })
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in names {
+            if let Some(placement) = self.refill_failover(&name) {
+                self.services.get_mut(&name).expect("listed above").placement = Some(placement);
+            }
+        }
     }
 
     fn add_member(&mut self, node: &NodeInfo, env: &Envelope) {
@@ -860,4 +889,24 @@ impl State {
         let backups = it.take(PLACEMENT_BACKUPS_MAX).collect();
         Some(Placement { master, failover, backups })
     }
+}
+
+/// The moment a master switched to at `at_ms` may serve from: the old master has fenced itself by
+/// then (its lease has run out, with the drift margin on top).
+pub fn serve_from(at_ms: u64) -> u64 {
+    at_ms.saturating_add(LEASE_MS + DRIFT_MARGIN_MS)
+}
+
+/// Whether applying `event` may empty a failover slot or make a node able to fill one: a switch
+/// (the failover becomes master), a member joining or leaving, a node reported reachable or not, or
+/// a placement set by hand.
+fn refills_failovers(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::AuthoritySwitched { .. }
+            | Event::NodeJoined { .. }
+            | Event::NodeLeft { .. }
+            | Event::PlacementSet { .. }
+            | Event::ReachabilityChanged { subject: Subject::Node(_), .. }
+    )
 }

@@ -50,7 +50,7 @@ fn event() -> impl Strategy<Value = Event> {
         2 => (
             name.clone(),
             node.clone(),
-            0u64..3000,
+            prop::sample::select(vec![0u64, 500, 3000]),
             prop::sample::select(vec![
                 SwitchCause::Failover,
                 SwitchCause::Instruction,
@@ -62,7 +62,7 @@ fn event() -> impl Strategy<Value = Event> {
                 service,
                 to,
                 reason: "r".into(),
-                serve_from_ms: from,
+                not_before_ms: from,
                 cause,
             }),
         3 => (node.clone(), node.clone(), prop::option::of(name.clone()), any::<bool>()).prop_map(

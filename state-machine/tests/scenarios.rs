@@ -9,7 +9,7 @@ use std::path::Path;
 use coyote_state_machine::spec::{parse_bytes, parse_port};
 use coyote_state_machine::{
     sha256_hex, Envelope, Event, NodeInfo, Outcome, Placement, Proposal, ServiceSpec, State, Subject,
-    SwitchCause, DRIFT_MARGIN_MS, LEASE_MS,
+    SwitchCause,
 };
 
 struct Runner {
@@ -107,10 +107,6 @@ impl Runner {
                 self.propose(Event::ServiceSpecChanged { spec })
             }
             "service-rm" => self.propose(Event::ServiceRemoved { name: pos[1].clone() }),
-            "place" => {
-                let placement = self.state.place().expect("a member to place on");
-                self.propose(Event::PlacementSet { service: pos[1].clone(), placement })
-            }
             "placement" => self.propose(Event::PlacementSet {
                 service: pos[1].clone(),
                 placement: Placement {
@@ -120,9 +116,9 @@ impl Runner {
                 },
             }),
             "switch" | "failover" | "handover-done" | "handover-overdue" => {
-                let serve_from_ms = match kv.get("from") {
+                let not_before_ms = match kv.get("from") {
                     Some(d) => self.clock_ms + d.trim_start_matches('+').parse::<u64>().expect("from=+MS"),
-                    None => self.clock_ms + LEASE_MS + DRIFT_MARGIN_MS,
+                    None => 0,
                 };
                 let cause = match pos[0].as_str() {
                     "failover" => SwitchCause::Failover,
@@ -134,7 +130,7 @@ impl Runner {
                     service: pos[1].clone(),
                     to: num("to"),
                     reason: "scenario".into(),
-                    serve_from_ms,
+                    not_before_ms,
                     cause,
                 })
             }
@@ -156,10 +152,6 @@ impl Runner {
                 };
                 self.propose(Event::ReachabilityChanged { observer: num("by"), subject, reachable })
             }
-            "refill" => match self.state.refill_failover(&pos[1]) {
-                Some(placement) => self.propose(Event::PlacementSet { service: pos[1].clone(), placement }),
-                None => writeln!(self.out, "  nothing to refill").unwrap(),
-            },
             "alarm-raise" => self.propose(Event::AlarmRaised {
                 key: get("key"),
                 node: kv.get("node").map(|n| n.parse().expect("node id")),
