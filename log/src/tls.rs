@@ -54,11 +54,6 @@
 //! it every connection's peer is verified afresh, and the tickets of different nodes (which all
 //! share one server name) cannot get mixed up.
 //!
-//! **Chains verified before are remembered** (`memo`): a handshake that presents the very same
-//! certificate bytes as an earlier one that verified, for the same CA and use, within the
-//! certificates' validity, skips the chain's signature check. Every handshake still verifies the
-//! peer's handshake signature, the proof that it holds the certificate's key.
-//!
 //! **Deliberately left out (later work):**
 //! - *Rotation.* Node certificates are valid for [`NODE_CERT_VALIDITY`] (10 years) and the CA for
 //!   [`CA_CERT_VALIDITY`] (20 years); there is no renewal, no re-keying, and no CA roll-over yet.
@@ -93,8 +88,6 @@
 //! A member that is both (every node) builds the two with [`member_configs`], which checks its
 //! identity once for both.
 
-mod memo;
-
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -115,7 +108,6 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use sha2::{Digest, Sha256};
@@ -566,14 +558,12 @@ impl Identity {
         let server_verifier = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
             .map_err(|e| TlsError::Config(e.to_string()))?;
-        let server_verifier = memo::MemoServerVerifier::new(server_verifier, &ca_der);
         server_verifier
             .verify_server_cert(&node_der, &[], &server_name(), &[], now)
             .map_err(|e| TlsError::NotIssuedByCa(e.to_string()))?;
         let client_verifier = WebPkiClientVerifier::builder_with_provider(roots, provider)
             .build()
             .map_err(|e| TlsError::Config(e.to_string()))?;
-        let client_verifier = memo::MemoClientVerifier::new(client_verifier, &ca_der);
         client_verifier
             .verify_client_cert(&node_der, &[], now)
             .map_err(|e| TlsError::NotIssuedByCa(e.to_string()))?;
@@ -647,7 +637,6 @@ fn server_config_checked(id: CheckedIdentity) -> Result<Arc<ServerConfig>> {
         .allow_unauthenticated()
         .build()
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    let client_verifier = Arc::new(memo::MemoClientVerifier::new(client_verifier, &id.ca_der));
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -681,11 +670,9 @@ fn client_config_checked(identity: Option<CheckedIdentity>, trust: &Trust) -> Re
     let verifier: Arc<dyn ServerCertVerifier> = match trust {
         Trust::Ca(ca_pem) => {
             let ca_der = parse_one_cert(ca_pem, "CA certificate")?;
-            let webpki =
-                WebPkiServerVerifier::builder_with_provider(Arc::new(ca_roots(&ca_der)?), provider.clone())
-                    .build()
-                    .map_err(|e| TlsError::Config(e.to_string()))?;
-            Arc::new(memo::MemoServerVerifier::new(webpki, &ca_der))
+            WebPkiServerVerifier::builder_with_provider(Arc::new(ca_roots(&ca_der)?), provider.clone())
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?
         }
         Trust::Pin(pin) => {
             Arc::new(PinnedCaVerifier { pin: normalize_pin(pin)?, provider: provider.clone() })

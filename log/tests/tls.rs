@@ -564,7 +564,7 @@ fn sign_node_ignores_the_names_a_csr_asks_for() {
 }
 
 // ------------------------------------------------------------------------------------------------
-// The memo of verified chains never stands in for the proof of the key
+// A member's certificate is no proof without its key
 
 /// Presents a member's certificate with a key that is not its own, as someone who copied the
 /// certificate (it is no secret: every handshake shows it) would.
@@ -586,19 +586,19 @@ impl rustls::client::ResolvesClientCert for CopiedCertificate {
 }
 
 #[tokio::test]
-async fn a_remembered_certificate_without_its_key_is_refused() {
-    let cluster = Cluster::new("c-memo");
+async fn a_member_certificate_without_its_key_is_refused() {
+    let cluster = Cluster::new("c-copied");
     let server = cluster.member(1);
     let member = cluster.member(3);
     let addr = serve(&server).await;
     let trust = Trust::Ca(cluster.ca.cert_pem().to_string());
 
-    // The member connects: the server verifies its chain and remembers it.
+    // The member connects.
     let channel = connect(addr, Some(&member), &trust).await.expect("member connects");
     assert_eq!(call(&channel, "/coyote.test.WhoAmI/MembersOnly").await.unwrap(), "ok 3");
 
-    // The same certificate bytes with another key: the chain is remembered, the handshake
-    // signature made with the wrong key is not, and no RPC gets through.
+    // The same certificate bytes with another key: the chain verifies, the handshake signature
+    // made with the wrong key does not, and no RPC gets through.
     let cert = rustls::pki_types::CertificateDer::from_pem_slice(member.node_cert_pem.as_bytes()).unwrap();
     let (other_key_pem, _) = tls::generate_node_key().unwrap();
     let other_key = rustls::pki_types::PrivateKeyDer::from_pem_slice(other_key_pem.as_bytes()).unwrap();
@@ -612,7 +612,7 @@ async fn a_remembered_certificate_without_its_key_is_refused() {
     };
     assert!(refusal.contains("DecryptError") || refusal.contains("BadSignature"), "{refusal}");
 
-    // The member itself still connects, on a new connection (its chain from the memo).
+    // The member itself still connects, on a new connection.
     let again = connect(addr, Some(&member), &trust).await.expect("member connects again");
     assert_eq!(call(&again, "/coyote.test.WhoAmI/MembersOnly").await.unwrap(), "ok 3");
 }
