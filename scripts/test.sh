@@ -46,7 +46,7 @@ else
 fi
 
 echo "==> deterministic simulation: 256 seeds of a 5-node cluster with faults"
-cargo run --locked --release -p coyote-sim -- --seeds 0..256
+cargo run --locked --profile sim -p coyote-sim -- --seeds 0..256
 
 echo "==> deterministic simulation: the hand-written scenarios, 4 seeds each"
-cargo run --locked --release -p coyote-sim -- --scenario all --seeds 0..4
+cargo run --locked --profile sim -p coyote-sim -- --scenario all --seeds 0..4

@@ -26,7 +26,6 @@
 //! and `--plant placement-moves-master` (a placement that moves authority without a switch; the
 //! scenario `stale-placement` catches it) switch on deliberate bugs, which the checkers catch.
 
-pub mod alloc;
 pub mod checks;
 pub mod model;
 pub mod net;

@@ -21,10 +21,10 @@ fn no_huge_pages() {
     }
 }
 
-/// mimalloc, with large blocks mapped fresh from the kernel (`coyote_sim::alloc`). Only this binary:
-/// `coyote` itself keeps the system allocator.
+/// mimalloc: the simulated nodes allocate and free many small buffers (HTTP/2 frames, TLS records,
+/// futures, log entries) all the time. Only this binary: `coyote` itself keeps the system allocator.
 #[global_allocator]
-static ALLOCATOR: coyote_sim::alloc::SimAllocator = coyote_sim::alloc::SimAllocator;
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug)]
 #[command(about = "Deterministic simulation of a coyote cluster's log")]
@@ -158,7 +158,7 @@ fn plant(bug: Option<&str>) -> Result<()> {
 fn plant(bug: Option<&str>) -> Result<()> {
     match bug {
         None => Ok(()),
-        Some(_) => bail!("planted bugs need a build with them: cargo run --release -p coyote-sim --features planted-bugs -- ..."),
+        Some(_) => bail!("planted bugs need a build with them: cargo run --profile sim -p coyote-sim --features planted-bugs -- ..."),
     }
 }
 
@@ -412,7 +412,7 @@ fn main() -> Result<()> {
                 violations: r.violations.clone(),
                 trace: trace_path(&args.trace_dir, r.scenario.as_deref(), r.seed),
                 replay: format!(
-                    "cargo run --release -p coyote-sim{planted} --seeds {} {}",
+                    "cargo run --profile sim -p coyote-sim{planted} --seeds {} {}",
                     r.seed,
                     params.flags()
                 ),
