@@ -65,13 +65,13 @@ use coyote_log::LogNode;
 use coyote_state_machine::spec::format_argv;
 use coyote_state_machine::{Event, PortMap, Role};
 use serde::Serialize;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::forward::{mark_of, open_connections, Forwarder, KernelCounters};
 use crate::monitor::Fence;
 use crate::runtime::{ContainerRuntime, RunState};
+use crate::sockets::{BoxStream, Sockets, TcpSockets};
 
 /// Connections held at once per service, at most; more are refused until some end.
 pub const CONNECTIONS_MAX: usize = 1024;
@@ -362,6 +362,8 @@ pub struct Activator {
     forwarder: Option<Arc<Forwarder>>,
     /// When the kernel's counters were last read.
     observed: Mutex<Option<Instant>>,
+    /// Where the gates listen and containers are dialled.
+    sockets: Arc<dyn Sockets>,
 }
 
 impl Activator {
@@ -382,7 +384,14 @@ impl Activator {
             pressure_warned: Mutex::new(None),
             forwarder: None,
             observed: Mutex::new(None),
+            sockets: Arc::new(TcpSockets),
         }
+    }
+
+    /// Listens and dials through `sockets` instead of the operating system's TCP.
+    pub fn with_sockets(mut self, sockets: Arc<dyn Sockets>) -> Self {
+        self.sockets = sockets;
+        self
     }
 
     /// Forwards warm connections in the kernel (see [`crate::forward`]) instead of splicing them.
@@ -510,7 +519,10 @@ impl Activator {
     async fn open_gate(self: &Arc<Self>, service: &str, ports: Vec<PortMap>) -> std::io::Result<Arc<Gate>> {
         let mut bound = Vec::new();
         for p in &ports {
-            bound.push((TcpListener::bind(SocketAddr::new(self.config.bind_ip, p.host)).await?, p.container));
+            bound.push((
+                self.sockets.listen(SocketAddr::new(self.config.bind_ip, p.host)).await?,
+                p.container,
+            ));
         }
         let mut gate = Gate {
             service: service.to_string(),
@@ -554,7 +566,7 @@ impl Activator {
         Ok(gate)
     }
 
-    async fn handle(&self, gate: Arc<Gate>, mut client: TcpStream, container_port: u16) {
+    async fn handle(&self, gate: Arc<Gate>, mut client: BoxStream, container_port: u16) {
         {
             let mut activity = gate.activity.lock().expect("activity lock");
             if activity.0 >= CONNECTIONS_MAX {
@@ -563,11 +575,9 @@ impl Activator {
             activity.0 += 1;
         }
         gate.counters.connections.fetch_add(1, Ordering::Relaxed);
-        let _ = client.set_nodelay(true);
         let result = async {
             let ip = self.ensure_started(&gate).await?;
-            let mut upstream = TcpStream::connect(SocketAddr::new(ip, container_port)).await?;
-            let _ = upstream.set_nodelay(true);
+            let mut upstream = self.sockets.connect(SocketAddr::new(ip, container_port)).await?;
             let (sent, received) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
             gate.counters.bytes_in.fetch_add(sent, Ordering::Relaxed);
             gate.counters.bytes_out.fetch_add(received, Ordering::Relaxed);
@@ -610,7 +620,7 @@ impl Activator {
             if let Some(ip) = address {
                 let ready = tokio::time::timeout(
                     Duration::from_millis(200),
-                    TcpStream::connect(SocketAddr::new(ip, port)),
+                    self.sockets.connect(SocketAddr::new(ip, port)),
                 )
                 .await;
                 if matches!(ready, Ok(Ok(_))) {

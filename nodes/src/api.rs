@@ -9,20 +9,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use coyote_log::store::EventRecord;
 use coyote_log::{JoinToken, LogNode, ProposeError, Proposed};
-use coyote_nodes::activator::Activator;
-use coyote_nodes::monitor::Fence;
-use coyote_nodes::reconciler::Reconciler;
 use coyote_state_machine::{serve_from, Event, Outcome, ServiceSpec, SwitchCause, HANDOVER_WAIT_MS};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::activator::Activator;
+use crate::monitor::Fence;
+use crate::reconciler::Reconciler;
 use crate::view;
 
 /// Events scanned by one non-following request (one page), at most.
@@ -86,18 +87,54 @@ impl From<ProposeError> for ApiError {
 
 type ApiResult<T = Json<Value>> = Result<T, ApiError>;
 
-fn actor(api: &Api) -> String {
-    format!("cli@node:{}", api.node.id())
+/// The request header that names who asks (the CRM names its user, the simulator its admin). Without
+/// it, the actor is the CLI on this node (`cli@node:N`). Anyone who can open the socket may act, so
+/// this names, it does not authorise.
+pub const ACTOR_HEADER: &str = "coyote-actor";
+/// Longest actor name, in bytes.
+pub const ACTOR_MAX_BYTES: usize = 128;
+
+/// A request that proposes: the node's API, and who asks (recorded in the event's envelope).
+struct Caller {
+    api: Api,
+    actor: String,
+}
+
+impl FromRequestParts<Api> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, api: &Api) -> Result<Self, ApiError> {
+        let actor = match parts.headers.get(ACTOR_HEADER) {
+            None => format!("cli@node:{}", api.node.id()),
+            Some(value) => {
+                let bad = || {
+                    ApiError(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "the {ACTOR_HEADER} header must be 1 to {ACTOR_MAX_BYTES} printable characters"
+                        ),
+                    )
+                };
+                let text = value.to_str().map_err(|_| bad())?;
+                if text.is_empty() || text.len() > ACTOR_MAX_BYTES || text.chars().any(char::is_control) {
+                    return Err(bad());
+                }
+                text.to_string()
+            }
+        };
+        Ok(Caller { api: api.clone(), actor })
+    }
 }
 
 /// Proposes and turns a committed rejection into an error, so callers see one kind of failure.
-async fn propose(api: &Api, event: Event) -> Result<Proposed, ApiError> {
-    propose_at(api, event, api.node.now_ms()).await
+async fn propose(caller: &Caller, event: Event) -> Result<Proposed, ApiError> {
+    propose_at(caller, event, caller.api.node.now_ms()).await
 }
 
-/// [`propose`] with the envelope's clock reading given, for an answer that derives a moment from it.
-async fn propose_at(api: &Api, event: Event, at_ms: u64) -> Result<Proposed, ApiError> {
-    let proposed = api.node.propose_at(event, actor(api), at_ms).await?;
+/// [`propose`] with the envelope's clock reading given, for an answer that derives a moment from it
+/// (one clock reading per proposal).
+async fn propose_at(caller: &Caller, event: Event, at_ms: u64) -> Result<Proposed, ApiError> {
+    let proposed = caller.api.node.propose_at(event, caller.actor.clone(), at_ms).await?;
     match &proposed.outcome {
         Outcome::Applied => Ok(proposed),
         Outcome::Rejected { reason } => Err(ApiError(StatusCode::CONFLICT, reason.clone())),
@@ -200,7 +237,8 @@ struct TokenCreated {
     index: u64,
 }
 
-async fn token_create(State(api): State<Api>, Json(req): Json<TokenCreate>) -> ApiResult<Json<TokenCreated>> {
+async fn token_create(caller: Caller, Json(req): Json<TokenCreate>) -> ApiResult<Json<TokenCreated>> {
+    let api = &caller.api;
     if req.ttl_ms == 0 || req.ttl_ms > TOKEN_TTL_MAX_MS {
         return Err(ApiError(StatusCode::BAD_REQUEST, "a token lives between 1 ms and 7 days".into()));
     }
@@ -208,14 +246,15 @@ async fn token_create(State(api): State<Api>, Json(req): Json<TokenCreate>) -> A
     let pin = pin
         .ok_or_else(|| ApiError(StatusCode::SERVICE_UNAVAILABLE, "the cluster is not created yet".into()))?;
     let token = JoinToken::generate(api.advertise.clone(), pin);
-    let expires_at_ms = coyote_log::cluster::now_ms() + req.ttl_ms;
+    let at_ms = api.node.now_ms();
+    let expires_at_ms = at_ms + req.ttl_ms;
     let event = Event::TokenIssued {
         token_id: token.id.clone(),
         secret_sha256: token.secret_sha256(),
         expires_at_ms,
         uses: req.uses,
     };
-    let proposed = propose(&api, event).await?;
+    let proposed = propose_at(&caller, event, at_ms).await?;
     Ok(Json(TokenCreated {
         token: token.encode(),
         id: token.id,
@@ -232,14 +271,15 @@ async fn tokens(State(api): State<Api>) -> ApiResult {
     Ok(Json(Value::Array(list)))
 }
 
-async fn token_revoke(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
-    let proposed = propose(&api, Event::TokenRevoked { token_id: id.clone() }).await?;
+async fn token_revoke(caller: Caller, Path(id): Path<String>) -> ApiResult {
+    let proposed = propose(&caller, Event::TokenRevoked { token_id: id.clone() }).await?;
     Ok(Json(json!({ "id": id, "index": proposed.index })))
 }
 
-async fn service_create(State(api): State<Api>, Json(spec): Json<ServiceSpec>) -> ApiResult {
+async fn service_create(caller: Caller, Json(spec): Json<ServiceSpec>) -> ApiResult {
+    let api = &caller.api;
     let name = spec.name.clone();
-    let created = propose(&api, Event::ServiceCreated { spec }).await?;
+    let created = propose(&caller, Event::ServiceCreated { spec }).await?;
     // The log placed the service when it applied the event; the local replica has applied it once
     // `propose` returns on the leader, and a follower catches up within a heartbeat or two.
     let placement =
@@ -263,10 +303,11 @@ struct SwitchRequest {
 /// graceful handover (the master dumps, stops and then switches; see `State::handovers`); with
 /// `now`, the switch itself.
 async fn service_switch(
-    State(api): State<Api>,
+    caller: Caller,
     Path(name): Path<String>,
     Json(req): Json<SwitchRequest>,
 ) -> ApiResult {
+    let api = &caller.api;
     let reason = format!("instructed through node {}", api.node.id());
     if !req.now {
         let master = api
@@ -274,7 +315,7 @@ async fn service_switch(
             .store()
             .with_state(|s| s.services.get(&name).and_then(|svc| svc.placement.as_ref()).map(|p| p.master));
         let event = Event::HandoverRequested { service: name.clone(), to: req.to, reason };
-        let proposed = propose(&api, event).await?;
+        let proposed = propose(&caller, event).await?;
         return Ok(Json(json!({
             "name": name,
             "to": req.to,
@@ -293,7 +334,7 @@ async fn service_switch(
     };
     // One clock reading: the envelope's, from which `apply` derives the moment of serving.
     let at_ms = api.node.now_ms();
-    let proposed = propose_at(&api, event, at_ms).await?;
+    let proposed = propose_at(&caller, event, at_ms).await?;
     let serve_from_ms = serve_from(at_ms);
     Ok(Json(json!({
         "name": name,
@@ -317,8 +358,7 @@ async fn metrics(State(api): State<Api>) -> Response {
         Some(a) => a.stats().await,
         None => Vec::new(),
     };
-    ([("content-type", "text/plain; version=0.0.4")], coyote_nodes::activator::prometheus(&stats))
-        .into_response()
+    ([("content-type", "text/plain; version=0.0.4")], crate::activator::prometheus(&stats)).into_response()
 }
 
 async fn serving(State(api): State<Api>) -> ApiResult {
@@ -340,7 +380,7 @@ async fn service_show(State(api): State<Api>, Path(name): Path<String>) -> ApiRe
 }
 
 async fn service_update(
-    State(api): State<Api>,
+    caller: Caller,
     Path(name): Path<String>,
     Json(spec): Json<ServiceSpec>,
 ) -> ApiResult {
@@ -351,7 +391,7 @@ async fn service_update(
         ));
     }
     let hash = spec.hash();
-    let proposed = propose(&api, Event::ServiceSpecChanged { spec }).await?;
+    let proposed = propose(&caller, Event::ServiceSpecChanged { spec }).await?;
     Ok(Json(json!({ "name": name, "index": proposed.index, "spec_hash": hash })))
 }
 
@@ -368,8 +408,8 @@ async fn plan(State(api): State<Api>) -> ApiResult {
     Ok(Json(serde_json::to_value(view).expect("a plan serializes")))
 }
 
-async fn service_remove(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
-    let proposed = propose(&api, Event::ServiceRemoved { name: name.clone() }).await?;
+async fn service_remove(caller: Caller, Path(name): Path<String>) -> ApiResult {
+    let proposed = propose(&caller, Event::ServiceRemoved { name: name.clone() }).await?;
     Ok(Json(json!({ "name": name, "index": proposed.index })))
 }
 
@@ -388,16 +428,16 @@ struct AlarmRaise {
     service: Option<String>,
 }
 
-async fn alarm_raise(State(api): State<Api>, Json(req): Json<AlarmRaise>) -> ApiResult {
+async fn alarm_raise(caller: Caller, Json(req): Json<AlarmRaise>) -> ApiResult {
     let event =
         Event::AlarmRaised { key: req.key, node: req.node, service: req.service, message: req.message };
-    let proposed = propose(&api, event).await?;
+    let proposed = propose(&caller, event).await?;
     // The alarm's id is the index of the event that raised it.
     Ok(Json(json!({ "id": proposed.index, "index": proposed.index })))
 }
 
-async fn alarm_clear(State(api): State<Api>, Path(id): Path<u64>) -> ApiResult {
+async fn alarm_clear(caller: Caller, Path(id): Path<u64>) -> ApiResult {
     let event = Event::AlarmCleared { alarm_id: id, reason: "cleared by an admin".into() };
-    let proposed = propose(&api, event).await?;
+    let proposed = propose(&caller, event).await?;
     Ok(Json(json!({ "id": id, "index": proposed.index })))
 }

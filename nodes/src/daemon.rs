@@ -7,17 +7,16 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use coyote_log::store;
 use coyote_log::tls::{self, ClusterCa};
-use coyote_log::{JoinToken, LogNode, LogNodeConfig, RaftSettings};
+use coyote_log::{Environment, JoinToken, LogNode, LogNodeConfig, RaftSettings};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::watch;
 
-use coyote_nodes::activator::{Activator, ActivatorConfig};
+use coyote_nodes::activator::ActivatorConfig;
 use coyote_nodes::forward::{ForwardMode, Forwarder};
-use coyote_nodes::monitor::{Fence, Monitor, MonitorConfig};
-use coyote_nodes::reconciler::{self, Reconciler};
-use coyote_nodes::runtime::{DockerRuntime, Scope};
+use coyote_nodes::monitor::MonitorConfig;
+use coyote_nodes::node::{ContainerParts, Node, Parts, STOP_WAIT};
+use coyote_nodes::reconciler;
+use coyote_nodes::runtime::{ContainerRuntime, DockerRuntime, Scope};
 
-use crate::api::{self, Api};
 use crate::datadir::{check_store_cluster, DataDir, NodeFile, LAYOUT_VERSION};
 
 /// Where a node listens and what it tells others.
@@ -175,81 +174,26 @@ pub async fn run(dir: &DataDir, settings: &RaftSettings, containers: &ContainerO
         addr: node_file.advertise.clone(),
         raft: settings.clone(),
     };
-    let node = LogNode::start(config, log, sm, handle, &identity, ca).await?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-
-    let grpc = {
-        let node = node.clone();
-        let incoming = tls::tcp_incoming(listener, node.server_tls());
-        let shutdown = stopped(stop_rx.clone());
-        tokio::spawn(async move { node.serve(incoming, shutdown).await })
-    };
-    let membership = {
-        let node = node.clone();
-        tokio::spawn(node_membership(node, stopped(stop_rx.clone())))
-    };
-    let fence = Fence::new(node.clone());
-    let fence_task = tokio::spawn(fence.clone().run(stopped(stop_rx.clone())));
-    let monitor_task =
-        tokio::spawn(Monitor::new(node.clone(), MonitorConfig::default()).run(stopped(stop_rx.clone())));
-    let (reconciler, activator) = if containers.reconcile {
-        let scope = Scope { cluster_id: node_file.cluster_id.clone(), node_id: node_file.node_id };
-        let runtime: Arc<dyn coyote_nodes::runtime::ContainerRuntime> =
-            Arc::new(DockerRuntime::new(containers.docker_socket.clone(), scope.clone()));
-        let volumes = std::path::absolute(&dir.path)
-            .with_context(|| format!("cannot resolve {}", dir.path.display()))?
-            .join("volumes");
-        let settings =
-            reconciler::Settings { volumes, pull: containers.pull, dump_timeout: containers.dump_timeout };
-        let reconciler =
-            Reconciler::new(node.clone(), runtime.clone(), scope, settings).with_fence(fence.clone());
-        let activator_config = ActivatorConfig {
-            idle_stop: containers.idle_stop,
-            dump_timeout: containers.dump_timeout,
-            memory_min_available: containers.memory_min_available,
-            ..Default::default()
-        };
-        let forwarder = match containers.forward {
-            Some(ForwardMode::Userspace) => {
-                tracing::info!("on-demand connections go through the activator (--forward userspace)");
-                None
-            }
-            Some(ForwardMode::Kernel) => Some(Arc::new(
-                Forwarder::setup(activator_config.bind_ip)
-                    .await
-                    .context("kernel forwarding (--forward kernel) cannot work here")?,
-            )),
-            None => match Forwarder::setup(activator_config.bind_ip).await {
-                Ok(f) => Some(Arc::new(f)),
-                Err(e) => {
-                    tracing::warn!(
-                        "kernel forwarding is off, on-demand connections go through the activator: {e:#}"
-                    );
-                    None
-                }
-            },
-        };
-        let activator =
-            Activator::new(node.clone(), runtime, fence.clone(), activator_config).with_forwarder(forwarder);
-        (Some(Arc::new(reconciler)), Some(Arc::new(activator)))
+    let containers = if containers.reconcile {
+        Some(container_parts(dir, &node_file, containers).await?)
     } else {
         tracing::info!("container management is off (--no-reconcile)");
-        (None, None)
+        None
     };
-    let activator_task = activator.clone().map(|a| tokio::spawn(a.run(stopped(stop_rx.clone()))));
-    let reconcile_task = reconciler.clone().map(|r| tokio::spawn(r.run(stopped(stop_rx.clone()))));
+    let node = Node::start(Parts {
+        config,
+        store: (log, sm, handle),
+        identity,
+        ca,
+        env: Environment::default(),
+        listener,
+        monitor: MonitorConfig::default(),
+        probe: None,
+        containers,
+    })
+    .await?;
     let api = {
-        let router = api::router(Api {
-            node: node.clone(),
-            advertise: node_file.advertise.clone(),
-            reconciler: reconciler.clone(),
-            fence: fence.clone(),
-            activator: activator.clone(),
-        });
-        let shutdown = stopped(stop_rx.clone());
+        let (router, shutdown) = (node.api.clone(), node.stopping());
         tokio::spawn(async move { axum::serve(api_listener, router).with_graceful_shutdown(shutdown).await })
     };
     tracing::info!(
@@ -272,7 +216,7 @@ pub async fn run(dir: &DataDir, settings: &RaftSettings, containers: &ContainerO
             signal?;
             None
         }
-        reason = node.stopped() => Some(reason),
+        reason = node.log.stopped() => Some(reason),
     };
     if let Some(reason) = &failure {
         tracing::error!(%reason, "the log stopped");
@@ -285,22 +229,8 @@ pub async fn run(dir: &DataDir, settings: &RaftSettings, containers: &ContainerO
     } else {
         eprintln!("stopping node {}", node_file.node_id);
     }
-    let _ = stop_tx.send(true);
-    node.shutdown().await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let _ = grpc.await;
-        let _ = membership.await;
-        let _ = api.await;
-        let _ = fence_task.await;
-        let _ = monitor_task.await;
-        if let Some(task) = activator_task {
-            let _ = task.await;
-        }
-        if let Some(task) = reconcile_task {
-            let _ = task.await;
-        }
-    })
-    .await;
+    node.stop().await;
+    let _ = tokio::time::timeout(STOP_WAIT, api).await;
     let _ = std::fs::remove_file(&socket_path);
     match failure {
         Some(reason) => bail!("node {} stopped: the log failed: {reason}", node_file.node_id),
@@ -308,8 +238,52 @@ pub async fn run(dir: &DataDir, settings: &RaftSettings, containers: &ContainerO
     }
 }
 
-async fn node_membership(node: LogNode, shutdown: impl std::future::Future<Output = ()>) {
-    node.run_membership(shutdown).await
+/// The container parts of a node that manages containers: Docker through its socket, volumes under
+/// the data directory, kernel forwarding when it works here (or as `--forward` says).
+async fn container_parts(
+    dir: &DataDir,
+    node_file: &NodeFile,
+    options: &ContainerOptions,
+) -> Result<ContainerParts> {
+    let scope = Scope { cluster_id: node_file.cluster_id.clone(), node_id: node_file.node_id };
+    let runtime: Arc<dyn ContainerRuntime> =
+        Arc::new(DockerRuntime::new(options.docker_socket.clone(), scope));
+    let volumes = std::path::absolute(&dir.path)
+        .with_context(|| format!("cannot resolve {}", dir.path.display()))?
+        .join("volumes");
+    let activator = ActivatorConfig {
+        idle_stop: options.idle_stop,
+        dump_timeout: options.dump_timeout,
+        memory_min_available: options.memory_min_available,
+        ..Default::default()
+    };
+    let forwarder = match options.forward {
+        Some(ForwardMode::Userspace) => {
+            tracing::info!("on-demand connections go through the activator (--forward userspace)");
+            None
+        }
+        Some(ForwardMode::Kernel) => Some(Arc::new(
+            Forwarder::setup(activator.bind_ip)
+                .await
+                .context("kernel forwarding (--forward kernel) cannot work here")?,
+        )),
+        None => match Forwarder::setup(activator.bind_ip).await {
+            Ok(f) => Some(Arc::new(f)),
+            Err(e) => {
+                tracing::warn!(
+                    "kernel forwarding is off, on-demand connections go through the activator: {e:#}"
+                );
+                None
+            }
+        },
+    };
+    Ok(ContainerParts {
+        runtime,
+        reconciler: reconciler::Settings { volumes, pull: options.pull, dump_timeout: options.dump_timeout },
+        activator,
+        forwarder,
+        sockets: None,
+    })
 }
 
 async fn wait_for_signal() -> Result<()> {

@@ -6,10 +6,20 @@
 //! - [`forward`]: kernel forwarding (nftables DNAT) of warm connections to on-demand containers.
 //! - [`monitor`]: probes peers and services, reports transitions, fails over; the fence (leases).
 //! - [`probe`]: the service checks the monitor runs (TCP, HTTP, DNS SOA).
+//! - [`node`]: the one assembly of a node from the parts its caller gives (`coyote node` and the
+//!   simulator both call it).
+//! - [`api`]: the node's local API (the router the CLI, and later the proxy and the CRM, talk to).
+//! - [`view`]: how records look to users.
+//! - [`sockets`]: the listening sockets and connections the activator opens (a trait, so the
+//!   simulator hands in its own).
 
 pub mod activator;
+pub mod api;
 pub mod forward;
 pub mod monitor;
+pub mod node;
 pub mod probe;
 pub mod reconciler;
 pub mod runtime;
+pub mod sockets;
+pub mod view;

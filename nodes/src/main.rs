@@ -1,10 +1,8 @@
 //! `coyote`: the node daemon and the command line.
 
-mod api;
 mod client;
 mod daemon;
 mod datadir;
-mod view;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,6 +11,7 @@ use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use coyote_log::RaftSettings;
 use coyote_nodes::forward::ForwardMode;
+use coyote_nodes::view;
 use coyote_state_machine::spec::{parse_bytes, parse_port};
 use coyote_state_machine::{PortMap, ServiceSpec, ZoneCheck};
 use hyper::Method;

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use coyote_log::store::{self, EventRecord, MemoryDisk};
 use coyote_log::tls::{self, ClusterCa, Identity};
 use coyote_log::{cluster, Clock, Environment, JoinToken, LogNode, LogNodeConfig, RaftSettings};
-use coyote_nodes::monitor::{Fence, Monitor, MonitorConfig};
-use coyote_nodes::reconciler::{self, Reconciler};
-use coyote_nodes::runtime::Scope;
+use coyote_nodes::activator::ActivatorConfig;
+use coyote_nodes::monitor::{Fence, MonitorConfig};
+use coyote_nodes::node::{ContainerParts, Node, Parts};
+use coyote_nodes::reconciler;
 use coyote_state_machine::{
     spec::NAMESERVERS_MAX, Event, Outcome, Placement, PortMap, ServiceSpec, SwitchCause, ZoneCheck,
 };
@@ -320,55 +321,51 @@ async fn host_software(world: Arc<World>, host: Arc<HostState>) -> SendResult {
     };
     *host.identity.lock().expect("identity lock") = Some((node_id, cert_pem.clone(), key_pem.clone()));
     let identity = Identity::from_pem(material.ca().cert_pem(), &cert_pem, &key_pem)?;
-    let (log, sm, handle) = store::open_memory(&host.disk)?;
+    let store = store::open_memory(&host.disk)?;
     let config =
         LogNodeConfig { node_id, cluster_id: CLUSTER_ID.into(), addr: addr.clone(), raft: raft_settings() };
-    let env = Environment { dial: net::dial(), clock: sim_clock(world.clock_ms.clone()) };
-    let node =
-        LogNode::start_in(config, log, sm, handle, &identity, Some(material.ca().clone()), env).await?;
-    {
-        let node = node.clone();
-        let incoming = net::incoming(listener, node.server_tls());
-        tokio::spawn(async move { node.serve(incoming, std::future::pending()).await });
-    }
-    {
-        let node = node.clone();
-        tokio::spawn(async move { node.run_membership(std::future::pending()).await });
-    }
+    host.containers.reboot();
+    // The node `coyote node` runs, assembled by the same function, from the simulation's parts.
+    let node = Node::start(Parts {
+        config,
+        store,
+        identity,
+        ca: Some(material.ca().clone()),
+        env: Environment { dial: net::dial(), clock: sim_clock(world.clock_ms.clone()) },
+        listener: net::PeerListener(listener),
+        monitor: MonitorConfig::default(),
+        probe: Some(Arc::new(TurmoilProbe)),
+        containers: Some(ContainerParts {
+            runtime: Arc::new(ModelRuntime(host.containers.clone())),
+            reconciler: reconciler::Settings {
+                volumes: volumes_dir(&host.name),
+                pull: false,
+                dump_timeout: Duration::from_secs(10),
+            },
+            activator: ActivatorConfig::default(),
+            forwarder: None,
+            sockets: Some(Arc::new(net::Sockets)),
+        }),
+    })
+    .await?;
     if host.index == 0 && !host.initialized.load(Ordering::SeqCst) {
-        node.initialize(material.ca().pin()).await?;
-        issue_token(&world, &node).await;
+        node.log.initialize(material.ca().pin()).await?;
+        issue_token(&world, &node.log).await;
         host.initialized.store(true, Ordering::SeqCst);
     }
-    // The rest of `coyote node`, as `nodes/src/daemon.rs` wires it: fence, monitor, reconciler.
-    let fence = Fence::new(node.clone());
-    tokio::spawn(fence.clone().run(std::future::pending()));
-    let monitor = Monitor::new(node.clone(), MonitorConfig::default()).with_probe(Arc::new(TurmoilProbe));
-    tokio::spawn(monitor.run(std::future::pending()));
-    host.containers.reboot();
-    let scope = Scope { cluster_id: CLUSTER_ID.into(), node_id };
-    let settings = reconciler::Settings {
-        volumes: volumes_dir(&host.name),
-        pull: false,
-        dump_timeout: Duration::from_secs(10),
-    };
-    let runtime = Arc::new(ModelRuntime(host.containers.clone()));
-    let reconciler =
-        Arc::new(Reconciler::new(node.clone(), runtime, scope, settings).with_fence(fence.clone()));
-    tokio::spawn(reconciler.run(std::future::pending()));
     {
-        let (world, host, node) = (world.clone(), host.clone(), node.clone());
-        tokio::spawn(async move { admin(&world, &host, &node).await });
+        let (world, host, api) = (world.clone(), host.clone(), node.api.clone());
+        tokio::spawn(async move { admin(&world, &host, api).await });
     }
     let sim_node = SimNode {
-        node: node.clone(),
-        fence,
+        node: node.log.clone(),
+        fence: node.fence.clone(),
         rt: tokio::runtime::Handle::current(),
         containers: host.containers.clone(),
     };
     world.running.lock().expect("running lock").insert(host.name.clone(), sim_node);
     world.trace(format!("{} runs node {node_id}", host.name));
-    workload(&world, &host, &node, incarnation).await;
+    workload(&world, &host, &node.log, incarnation).await;
     Ok(())
 }
 
@@ -401,28 +398,23 @@ pub fn service_spec(i: usize, nodes: usize) -> ServiceSpec {
     }
 }
 
-/// Runs the admin's commands queued for this host, one at a time, through this node's `propose`
-/// (as the CLI does through the node's API).
-async fn admin(world: &World, host: &HostState, node: &LogNode) {
+/// Runs the admin's commands queued for this host, one at a time, through this node's API router
+/// (the CLI's path, without the unix socket).
+async fn admin(world: &World, host: &HostState, api: axum::Router) {
     loop {
         tokio::time::sleep(Duration::from_millis(10)).await;
         let next = world.admin.lock().expect("admin lock").get_mut(&host.name).and_then(|q| q.pop_front());
         match next {
-            Some(Admin::CreateService(spec)) => create_service(world, node, spec).await,
+            Some(Admin::CreateService(spec)) => create_service(world, &api, spec).await,
             Some(Admin::Switch { service, to }) => {
                 // `coyote service switch` without `--now`: a graceful handover.
-                let event = Event::HandoverRequested {
-                    service: service.clone(),
-                    to,
-                    reason: format!("instructed through {}", host.name),
-                };
-                match node.propose(event, ADMIN_ACTOR.into()).await {
-                    Ok(p) => world.trace(format!(
-                        "admin: switch {service} to node {to}: {:?} at {}",
-                        p.outcome, p.index
+                let path = format!("/v1/services/{service}/switch");
+                match call(&api, "POST", &path, serde_json::json!({ "to": to })).await {
+                    Ok(answer) => world.trace(format!(
+                        "admin: switch {service} to node {to}: handover asked at {}",
+                        answer["index"]
                     )),
-                    Err(e) => world
-                        .trace(format!("admin: switch {service} to node {to} failed: {}", error_kind(&e))),
+                    Err(e) => world.trace(format!("admin: switch {service} to node {to} failed: {e}")),
                 }
             }
             None => {}
@@ -430,16 +422,48 @@ async fn admin(world: &World, host: &HostState, node: &LogNode) {
     }
 }
 
-/// `coyote service create`: one event, which the log places; retried until the log has it.
-async fn create_service(world: &World, node: &LogNode, spec: ServiceSpec) {
+/// `coyote service create`: one request, which the log places. The admin runs it again until the
+/// service exists, as a person would after an error.
+async fn create_service(world: &World, api: &axum::Router, spec: ServiceSpec) {
     let name = spec.name.clone();
-    while !node.store().with_state(|s| s.services.contains_key(&name)) {
-        if let Err(e) = node.propose(Event::ServiceCreated { spec: spec.clone() }, ADMIN_ACTOR.into()).await {
-            world.trace(format!("admin: creating {name}: {}", error_kind(&e)));
-            tokio::time::sleep(JOIN_RETRY).await;
+    let body = serde_json::to_value(&spec).expect("a spec encodes");
+    loop {
+        match call(api, "POST", "/v1/services", body.clone()).await {
+            Ok(_) => break,
+            Err(e) if e.contains("already exists") => break,
+            Err(e) => {
+                world.trace(format!("admin: creating {name}: {e}"));
+                tokio::time::sleep(JOIN_RETRY).await;
+            }
         }
     }
     world.trace(format!("admin: {name} created and placed"));
+}
+
+/// One request to a node's API router, as the simulated admin: its answer, or the status and error.
+async fn call(
+    api: &axum::Router,
+    method: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    use tower::ServiceExt;
+    let request = axum::http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .header(coyote_nodes::api::ACTOR_HEADER, ADMIN_ACTOR)
+        .body(axum::body::Body::from(body.to_string()))
+        .map_err(|e| e.to_string())?;
+    let response = api.clone().oneshot(request).await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.map_err(|e| e.to_string())?;
+    let answer: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+    if status.is_success() {
+        Ok(answer)
+    } else {
+        Err(format!("{status}: {}", answer["error"].as_str().unwrap_or("")))
+    }
 }
 
 /// Node 1 issues the token the others join with.

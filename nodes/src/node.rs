@@ -1,0 +1,190 @@
+//! One node, assembled once: [`Node::start`] builds a whole node from the parts its caller gives.
+//!
+//! `coyote node` calls it with the operating system's parts (TCP, the system clock, Docker through
+//! bollard, real probes, nftables); the simulator calls it with turmoil's sockets, a simulated
+//! clock, a model container engine and probes over turmoil. Both run the same wiring, so nothing that
+//! joins a node can run in production without running in the simulator too.
+//!
+//! # What a node is
+//! - the log ([`LogNode`]): openraft on the store, serving Raft and the cluster API over gRPC with
+//!   mutual TLS on the listener the caller gives, and keeping the Raft membership in line with the
+//!   log's members;
+//! - the [`Fence`]: this server's lease, which decides what it may serve;
+//! - the [`Monitor`]: probes peers and services, reports transitions, fails over;
+//! - with containers: the [`Reconciler`] (containers follow the log) and the [`Activator`]
+//!   (on-demand services start on their first connection);
+//! - the local API ([`crate::api`]): an axum router, which the caller serves (on a unix socket in
+//!   production) or calls directly (the simulator, through `tower::ServiceExt::oneshot`).
+//!
+//! The front door (proxy), the web pages (CRM) and data replication join a node here when they
+//! exist, as parts of [`Parts`] and tasks of [`Node`].
+//!
+//! # What the caller keeps
+//! Creating or joining a cluster (writing the data directory, asking for a certificate) happens
+//! before: a node starts from a store, an identity and a listener. Signals and the exit status are
+//! the binary's; the simulator never stops a node gracefully, it drops the host's runtime.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use coyote_log::store::{LogStore, StateMachineStore, StoreHandle};
+use coyote_log::tls::{ClusterCa, Identity, TlsConn};
+use coyote_log::{Environment, LogError, LogNode, LogNodeConfig};
+use futures::stream::BoxStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::activator::{Activator, ActivatorConfig};
+use crate::api::{self, Api};
+use crate::forward::Forwarder;
+use crate::monitor::{Fence, Monitor, MonitorConfig};
+use crate::probe::ServiceProbe;
+use crate::reconciler::{self, Reconciler};
+use crate::runtime::{ContainerRuntime, Scope};
+use crate::sockets::Sockets;
+
+/// How long [`Node::stop`] waits for the node's tasks to end.
+pub const STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// Where the node accepts its peers' connections: a listener whose connections the node wraps in
+/// its TLS. `tokio::net::TcpListener` is one; the simulator gives turmoil's.
+pub trait PeerListener: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// The accepted connections, each through the TLS handshake of `tls`.
+    fn incoming(self, tls: Arc<rustls::ServerConfig>) -> BoxStream<'static, io::Result<TlsConn<Self::Io>>>;
+}
+
+impl PeerListener for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+
+    fn incoming(self, tls: Arc<rustls::ServerConfig>) -> BoxStream<'static, io::Result<TlsConn<Self::Io>>> {
+        Box::pin(coyote_log::tls::tcp_incoming(self, tls))
+    }
+}
+
+/// What a node is made of; the caller chooses every part that touches the world.
+pub struct Parts<L> {
+    pub config: LogNodeConfig,
+    /// The store, as `coyote_log::store::open` (or `open_memory`) gives it.
+    pub store: (LogStore, StateMachineStore, StoreHandle),
+    pub identity: Identity,
+    /// The cluster CA, which lets this node admit servers.
+    pub ca: Option<ClusterCa>,
+    /// How the log dials peers, and the clock every part reads.
+    pub env: Environment,
+    /// Where peers connect.
+    pub listener: L,
+    pub monitor: MonitorConfig,
+    /// How the monitor checks services (`None`: over the operating system's network).
+    pub probe: Option<Arc<dyn ServiceProbe>>,
+    /// The containers this node runs (`None`: a node that only holds the log).
+    pub containers: Option<ContainerParts>,
+}
+
+/// What a node that runs containers needs.
+pub struct ContainerParts {
+    pub runtime: Arc<dyn ContainerRuntime>,
+    pub reconciler: reconciler::Settings,
+    pub activator: ActivatorConfig,
+    /// Kernel forwarding of warm on-demand connections (`None`: the activator splices them).
+    pub forwarder: Option<Arc<Forwarder>>,
+    /// Where the activator listens and dials (`None`: the operating system's TCP).
+    pub sockets: Option<Arc<dyn Sockets>>,
+}
+
+/// A running node.
+pub struct Node {
+    pub log: LogNode,
+    pub fence: Fence,
+    pub reconciler: Option<Arc<Reconciler>>,
+    pub activator: Option<Arc<Activator>>,
+    /// The local API, for the caller to serve or call.
+    pub api: axum::Router,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Starts the log on the store and every part on top of it, each in a task of its own.
+    pub async fn start<L: PeerListener>(parts: Parts<L>) -> Result<Node, LogError> {
+        let Parts { config, store, identity, ca, env, listener, monitor, probe, containers } = parts;
+        let advertise = config.addr.clone();
+        let scope = Scope { cluster_id: config.cluster_id.clone(), node_id: config.node_id };
+        let (log_store, sm, handle) = store;
+        let log = LogNode::start_in(config, log_store, sm, handle, &identity, ca, env).await?;
+        let (stop, stop_rx) = watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        let mut tasks = Vec::new();
+        {
+            let log = log.clone();
+            let incoming = listener.incoming(log.server_tls());
+            let shutdown = stopped();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = log.serve(incoming, shutdown).await {
+                    tracing::error!(error = %e, "the node's gRPC server stopped");
+                }
+            }));
+        }
+        {
+            let log = log.clone();
+            let shutdown = stopped();
+            tasks.push(tokio::spawn(async move { log.run_membership(shutdown).await }));
+        }
+        let fence = Fence::new(log.clone());
+        tasks.push(tokio::spawn(fence.clone().run(stopped())));
+        let mut monitor = Monitor::new(log.clone(), monitor);
+        if let Some(probe) = probe {
+            monitor = monitor.with_probe(probe);
+        }
+        tasks.push(tokio::spawn(monitor.run(stopped())));
+        let (reconciler, activator) = match containers {
+            Some(c) => {
+                let reconciler = Arc::new(
+                    Reconciler::new(log.clone(), c.runtime.clone(), scope, c.reconciler)
+                        .with_fence(fence.clone()),
+                );
+                let mut activator = Activator::new(log.clone(), c.runtime, fence.clone(), c.activator)
+                    .with_forwarder(c.forwarder);
+                if let Some(sockets) = c.sockets {
+                    activator = activator.with_sockets(sockets);
+                }
+                let activator = Arc::new(activator);
+                tasks.push(tokio::spawn(activator.clone().run(stopped())));
+                tasks.push(tokio::spawn(reconciler.clone().run(stopped())));
+                (Some(reconciler), Some(activator))
+            }
+            None => (None, None),
+        };
+        let api = api::router(Api {
+            node: log.clone(),
+            advertise,
+            reconciler: reconciler.clone(),
+            fence: fence.clone(),
+            activator: activator.clone(),
+        });
+        Ok(Node { log, fence, reconciler, activator, api, stop, tasks })
+    }
+
+    /// A future that ends when the node stops (for the caller's servers of the API).
+    pub fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.stop.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+
+    /// Stops every part, then the log; waits up to [`STOP_WAIT`] for the parts to end.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.log.shutdown().await;
+        let _ = tokio::time::timeout(STOP_WAIT, futures::future::join_all(self.tasks)).await;
+    }
+}
