@@ -45,6 +45,13 @@ else
   cargo test --workspace --locked --no-fail-fast
 fi
 
+echo "==> planted bugs: the simulator's checkers must catch each one"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked -p coyote-sim --features planted-bugs -E 'binary(planted)'
+else
+  cargo test --locked -p coyote-sim --features planted-bugs --test planted
+fi
+
 echo "==> deterministic simulation: 256 seeds of a 5-node cluster with faults"
 cargo run --locked --profile sim -p coyote-sim -- --seeds 0..256
 

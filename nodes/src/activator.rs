@@ -456,10 +456,19 @@ impl Activator {
             s.services
                 .iter()
                 .filter(|(name, svc)| svc.spec.on_demand && s.role(name, me) == Some(Role::Master))
-                .filter(|(name, _)| self.fence.serving(name))
+                .filter(|(name, _)| self.fenced_in(name))
                 .map(|(name, svc)| (name.clone(), svc.spec.ports.clone()))
                 .collect()
         })
+    }
+
+    /// Whether this server's fence lets it serve `service` now.
+    fn fenced_in(&self, service: &str) -> bool {
+        #[cfg(feature = "planted-bugs")]
+        if planted::ignores_fence() {
+            return true;
+        }
+        self.fence.serving(service)
     }
 
     async fn sync_gates(self: &Arc<Self>) {
@@ -577,6 +586,12 @@ impl Activator {
         gate.counters.connections.fetch_add(1, Ordering::Relaxed);
         let result = async {
             let ip = self.ensure_started(&gate).await?;
+            // The gate closes when the lease lapses, at the next look of the activator's loop; a
+            // connection accepted in between (or held through a cold start meanwhile) is not
+            // handed to the container.
+            if !self.fenced_in(&gate.service) {
+                return Err(std::io::Error::other("this server does not serve the service now"));
+            }
             let mut upstream = self.sockets.connect(SocketAddr::new(ip, container_port)).await?;
             let (sent, received) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
             gate.counters.bytes_in.fetch_add(sent, Ordering::Relaxed);
@@ -1141,6 +1156,25 @@ pub fn prometheus(stats: &[ServiceStats]) -> String {
         }
     }
     out
+}
+
+/// Deliberate bugs, for the simulator to show that its checkers catch them. Compiled only with the
+/// `planted-bugs` feature, and off until switched on.
+#[cfg(feature = "planted-bugs")]
+pub mod planted {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static IGNORES_FENCE: AtomicBool = AtomicBool::new(false);
+
+    /// The activator listens for, and splices connections of, every on-demand service this server
+    /// masters in its applied state, whether or not its fence lets it serve.
+    pub fn ignore_fence(on: bool) {
+        IGNORES_FENCE.store(on, Ordering::SeqCst);
+    }
+
+    pub(crate) fn ignores_fence() -> bool {
+        IGNORES_FENCE.load(Ordering::SeqCst)
+    }
 }
 
 #[cfg(test)]

@@ -540,6 +540,15 @@ pub fn services_converged(nodes: &[NodeSnapshot], services: usize) -> Result<(),
     Ok(())
 }
 
+/// The activator's checker (`Driver::check_splices` finds the case): a connection handed to an
+/// on-demand container on a node that was not serving the service.
+pub fn spliced_while_not_serving(host: &str, service: &str, at: std::time::Duration) -> String {
+    format!(
+        "activator: {host} spliced a connection of {service} to its container at {} ms while not serving it",
+        at.as_millis()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

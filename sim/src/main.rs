@@ -50,7 +50,8 @@ struct Args {
     #[arg(long, default_value_t = coyote_sim::run::DEFAULT_TICK_MS, value_parser = clap::value_parser!(u64).range(1..=50))]
     tick_ms: u64,
     /// Services created after formation (0 to 100).
-    #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=100))]
+    /// Every fourth (svc4, svc8, ...) is on demand, started by the activator on its first connection.
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=100))]
     services: usize,
     /// Run a hand-written scenario (or `all` of them) for each seed instead of the random schedule:
     /// master-cut-off, failover-cut-from-master, leader-crash-mid-switch, old-master-returns,
@@ -59,8 +60,8 @@ struct Args {
     #[arg(long)]
     scenario: Option<String>,
     /// Switch on a deliberate bug to see the checkers catch it: `keep-conflicting-entries`,
-    /// `backup-takes-over`, `failover-ignores-votes`, `stale-leader-confirms` or `placement-moves-master`
-    /// (needs `--features planted-bugs`).
+    /// `backup-takes-over`, `failover-ignores-votes`, `stale-leader-confirms`, `placement-moves-master` or
+    /// `activator-ignores-fence` (needs `--features planted-bugs`).
     #[arg(long)]
     plant: Option<String>,
     /// Seeds run in parallel, in that many worker processes; default: the number of CPUs.
@@ -147,9 +148,14 @@ fn plant(bug: Option<&str>) -> Result<()> {
             eprintln!("planted bug: a placement may change a service's master without a switch");
             Ok(())
         }
+        Some("activator-ignores-fence") => {
+            coyote_nodes::activator::planted::ignore_fence(true);
+            eprintln!("planted bug: the activator splices connections of services its fence does not let it serve");
+            Ok(())
+        }
         Some(other) => bail!(
             "no planted bug {other:?}; there are keep-conflicting-entries, backup-takes-over, failover-ignores-votes, \
-             stale-leader-confirms and placement-moves-master"
+             stale-leader-confirms, placement-moves-master and activator-ignores-fence"
         ),
     }
 }
@@ -175,6 +181,7 @@ struct Summary {
     wall_ms: u64,
     acks: usize,
     faults: usize,
+    spliced: usize,
 }
 
 /// The runs asked for: each seed, with each scenario asked for (or the random schedule).
@@ -211,6 +218,7 @@ fn run_here(
             wall_ms: report.wall.as_millis() as u64,
             acks: report.acks,
             faults: report.faults,
+            spliced: report.spliced,
         });
         done(summaries.last().expect("just pushed"))?;
     }
@@ -434,6 +442,7 @@ fn main() -> Result<()> {
         faults_injected: reports.iter().map(|r| r.faults).sum(),
         switches_by_failover: reports.iter().map(|r| r.switches.0).sum(),
         switches_instructed: reports.iter().map(|r| r.switches.1).sum(),
+        spliced_connections: reports.iter().map(|r| r.spliced).sum(),
         failovers: failover.len(),
         failover_p50_ms: percentile(&failover, 50),
         failover_p99_ms: percentile(&failover, 99),
@@ -480,6 +489,8 @@ struct Totals {
     faults_injected: usize,
     switches_by_failover: usize,
     switches_instructed: usize,
+    /// Connections the activators spliced to on-demand containers.
+    spliced_connections: usize,
     /// Failovers timed from the master's loss to the new master serving, in simulated time.
     failovers: usize,
     failover_p50_ms: Option<u64>,
@@ -540,6 +551,7 @@ fn print_totals(t: &Totals) {
         "authority switches: {} by failover, {} instructed",
         t.switches_by_failover, t.switches_instructed
     );
+    println!("on-demand connections spliced by activators: {}", t.spliced_connections);
     match (t.failover_p50_ms, t.failover_p99_ms) {
         (Some(p50), Some(p99)) => println!(
             "failover time (master lost -> new master serving): p50 {:.2} s, p99 {:.2} s simulated ({} failovers)",

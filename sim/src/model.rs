@@ -7,6 +7,12 @@
 //! take a seeded random delay; a fault can make starts slow. Containers belong to their host and
 //! survive a crash of the node software as entries, but a crash is a reboot: every container is
 //! found exited afterwards (no restart policy, as in production).
+//!
+//! An on-demand service's container publishes no port: the activator listens on the service's host
+//! ports and dials the container. A model container then listens on the port its image names
+//! ([`image_listening_on`]) at its host's address, and records every connection it accepts, with
+//! whether its node was serving the service at that moment ([`Containers::take_splices`]): the
+//! activator's checker.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +39,37 @@ pub struct Containers {
     inner: Mutex<Inner>,
     /// Extra start delay while a slow-start fault is in force, in ms (shared by all hosts).
     slow_start_ms: Arc<AtomicU64>,
+    /// The host's name in turmoil's network.
+    host: String,
+    /// Whether the host's node serves a service now (its fence), once the node runs.
+    serving: Mutex<Option<ServingCheck>>,
+    /// Connections on-demand containers accepted since the driver last looked.
+    splices: Mutex<Vec<Splice>>,
+}
+
+/// Whether a node serves a service now.
+pub type ServingCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// A connection an on-demand container accepted (spliced through by the activator).
+#[derive(Clone, Debug)]
+pub struct Splice {
+    pub service: String,
+    /// Simulated time since the start.
+    pub at: Duration,
+    /// Whether the host's node served the service when the container accepted the connection.
+    pub serving: bool,
+}
+
+/// The image of a model container that listens on `port` when its ports are not published (an
+/// on-demand service's: the activator dials it there).
+pub fn image_listening_on(port: u16) -> String {
+    format!("{IMAGE_LISTENING_ON}{port}:1")
+}
+
+const IMAGE_LISTENING_ON: &str = "sim/listens-on-";
+
+fn port_of_image(image: &str) -> Option<u16> {
+    image.strip_prefix(IMAGE_LISTENING_ON)?.split(':').next()?.parse().ok()
 }
 
 struct Inner {
@@ -43,13 +80,16 @@ struct Inner {
 
 struct Model {
     observed: ObservedContainer,
+    /// The ports it listens on: the published host ports, or the one its image names.
     ports: Vec<u16>,
+    /// Its ports are not published: the activator dials it (an on-demand service).
+    dialled: bool,
     /// The task that listens on the container's ports while it runs.
     listening: Option<tokio::task::AbortHandle>,
 }
 
 impl Containers {
-    pub fn new(seed: u64, slow_start_ms: Arc<AtomicU64>) -> Self {
+    pub fn new(seed: u64, slow_start_ms: Arc<AtomicU64>, host: &str) -> Self {
         Containers {
             inner: Mutex::new(Inner {
                 containers: BTreeMap::new(),
@@ -57,7 +97,27 @@ impl Containers {
                 next_id: 0,
             }),
             slow_start_ms,
+            host: host.to_string(),
+            serving: Mutex::new(None),
+            splices: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Tells the containers how to ask the host's node (a new incarnation) what it serves.
+    pub fn set_serving(&self, check: ServingCheck) {
+        *self.serving.lock().expect("serving lock") = Some(check);
+    }
+
+    /// The connections on-demand containers accepted since the last call.
+    pub fn take_splices(&self) -> Vec<Splice> {
+        std::mem::take(&mut *self.splices.lock().expect("splices lock"))
+    }
+
+    fn record_splice(&self, service: &str) {
+        let check = self.serving.lock().expect("serving lock").clone();
+        let serving = check.is_some_and(|c| c(service));
+        let at = turmoil::sim_elapsed().unwrap_or_default();
+        self.splices.lock().expect("splices lock").push(Splice { service: service.to_string(), at, serving });
     }
 
     /// The host rebooted: its containers are all exited (their listeners died with the old runtime).
@@ -93,10 +153,12 @@ impl Containers {
 /// Listens on `port` in turmoil until aborted: TCP connections get an HTTP `200` to whatever they
 /// send (a TCP probe only needs the handshake, an HTTP check reads the status line), and SOA queries
 /// on the same port number over UDP get an authoritative answer (the service's zone, served by its
-/// master). Retries the binds while an earlier incarnation still holds the port.
-async fn listen(ports: Vec<u16>) {
+/// master). Retries the binds while an earlier incarnation still holds the port. A dialled
+/// container records each connection it accepts.
+async fn listen(ports: Vec<u16>, dialled: Option<(Arc<Containers>, String)>) {
     let mut tasks = Vec::new();
     for port in ports {
+        let dialled = dialled.clone();
         tasks.push(Box::pin(async move {
             let listener = loop {
                 match turmoil::net::TcpListener::bind(("0.0.0.0", port)).await {
@@ -106,6 +168,9 @@ async fn listen(ports: Vec<u16>) {
             };
             loop {
                 if let Ok((mut stream, _)) = listener.accept().await {
+                    if let Some((containers, service)) = &dialled {
+                        containers.record_splice(service);
+                    }
                     tokio::spawn(async move {
                         use tokio::io::{AsyncReadExt, AsyncWriteExt};
                         let mut buf = [0u8; 512];
@@ -209,14 +274,19 @@ impl ContainerRuntime for ModelRuntime {
                 state: RunState::Created,
                 status: "Created".into(),
             };
-            let ports = config.ports.iter().map(|p| p.host).collect();
-            i.containers.insert(id.clone(), Model { observed, ports, listening: None });
+            let dialled = config.ports.is_empty();
+            let ports = match port_of_image(&config.image) {
+                Some(port) if dialled => vec![port],
+                _ => config.ports.iter().map(|p| p.host).collect(),
+            };
+            i.containers.insert(id.clone(), Model { observed, ports, dialled, listening: None });
             Ok(id)
         })
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
         tokio::time::sleep(self.0.delay(START_MS, true)).await;
+        let containers = self.0.clone();
         self.with(|i| {
             let Some(c) = i.containers.get_mut(id) else {
                 return Err(RuntimeError::NotFound(format!("no container {id}")));
@@ -224,7 +294,8 @@ impl ContainerRuntime for ModelRuntime {
             if c.observed.state != RunState::Running {
                 c.observed.state = RunState::Running;
                 c.observed.status = "Up".into();
-                c.listening = Some(tokio::spawn(listen(c.ports.clone())).abort_handle());
+                let dialled = c.dialled.then(|| (containers, c.observed.service.clone()));
+                c.listening = Some(tokio::spawn(listen(c.ports.clone(), dialled)).abort_handle());
             }
             Ok(())
         })
@@ -257,8 +328,12 @@ impl ContainerRuntime for ModelRuntime {
         })
     }
 
-    async fn address(&self, _id: &str) -> Result<Option<std::net::IpAddr>, RuntimeError> {
-        Ok(None)
+    /// A running container is reached at its host's address (turmoil treats a connection to the
+    /// host's own address as loopback).
+    async fn address(&self, id: &str) -> Result<Option<std::net::IpAddr>, RuntimeError> {
+        let running =
+            self.with(|i| i.containers.get(id).is_some_and(|c| c.observed.state == RunState::Running));
+        Ok(running.then(|| turmoil::lookup(self.0.host.as_str())))
     }
 }
 

@@ -23,7 +23,7 @@ use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
 use crate::checks::{self, Ack, Links, NodeSnapshot, Timeline};
-use crate::model::{Containers, ModelRuntime, TurmoilProbe};
+use crate::model::{image_listening_on, Containers, ModelRuntime, TurmoilProbe};
 use crate::scenario::Scenario;
 use crate::{net, panics};
 
@@ -43,6 +43,14 @@ const TOKEN_SECRET: &str = "simulated-join-secret";
 pub const ADMIN_ACTOR: &str = "admin@sim";
 /// Services are named `svc1`, `svc2`, ... and listen on ports from here.
 const SERVICE_PORT_BASE: u16 = 8000;
+/// The containers of on-demand services listen on ports from here (the activator dials them).
+const ON_DEMAND_PORT_BASE: u16 = 9000;
+/// How long an on-demand container may be idle before the activator stops it.
+const IDLE_STOP: Duration = Duration::from_secs(3);
+/// How many steps a splice may lag behind the end of its node's serving ([`Driver::check_splices`]).
+const SPLICE_LAG_STEPS: u32 = 2;
+/// How long a visitor waits for an on-demand service's answer (a cold start included).
+const VISIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The checker of switches by failover looks this far back: a host that could reach the master
 /// during all of it should have told the log so. Reachability in the log lags the network: a gRPC
 /// connection that lost data in a partition hangs until HTTP/2 keep-alive gives up on it (2 s + 3 s)
@@ -96,7 +104,7 @@ impl Default for Params {
             check_every: Duration::from_millis(500),
             latency_max: Duration::from_millis(20),
             crashes: true,
-            services: 3,
+            services: 4,
             scenario: None,
         }
     }
@@ -146,6 +154,8 @@ pub struct SeedReport {
     pub failover_ms: Vec<u64>,
     /// Applied authority switches: by failover, by instruction.
     pub switches: (usize, usize),
+    /// Connections the activators spliced to on-demand containers.
+    pub spliced: usize,
 }
 
 /// Certificates and keys. They are fixed (`sim/fixtures/material.json`), not generated, because the
@@ -233,6 +243,8 @@ struct World {
     slow_start_ms: Arc<AtomicU64>,
     /// Simulated time since the epoch after the last step, in ms (the clock outside hosts).
     clock_ms: Arc<AtomicU64>,
+    /// The last answer each on-demand service gave a visitor, in simulated time since the start.
+    visits: Mutex<BTreeMap<String, Duration>>,
 }
 
 /// One running node: its log, its fence, its runtime (to read the fence's clock from outside) and
@@ -342,12 +354,16 @@ async fn host_software(world: Arc<World>, host: Arc<HostState>) -> SendResult {
                 pull: false,
                 dump_timeout: Duration::from_secs(10),
             },
-            activator: ActivatorConfig::default(),
+            activator: ActivatorConfig { idle_stop: IDLE_STOP, ..ActivatorConfig::default() },
             forwarder: None,
             sockets: Some(Arc::new(net::Sockets)),
         }),
     })
     .await?;
+    {
+        let fence = node.fence.clone();
+        host.containers.set_serving(Arc::new(move |service: &str| fence.serving(service)));
+    }
     if host.index == 0 && !host.initialized.load(Ordering::SeqCst) {
         node.log.initialize(material.ca().pin()).await?;
         issue_token(&world, &node.log).await;
@@ -365,6 +381,10 @@ async fn host_software(world: Arc<World>, host: Arc<HostState>) -> SendResult {
     };
     world.running.lock().expect("running lock").insert(host.name.clone(), sim_node);
     world.trace(format!("{} runs node {node_id}", host.name));
+    {
+        let (world, host, log) = (world.clone(), host.clone(), node.log.clone());
+        tokio::spawn(async move { visitors(&world, &host, &log, incarnation).await });
+    }
     workload(&world, &host, &node.log, incarnation).await;
     Ok(())
 }
@@ -376,22 +396,32 @@ fn volumes_dir(host: &str) -> std::path::PathBuf {
 }
 
 /// The spec of the `i`th simulated service (from 1).
-/// Services are checked each in another way: `svc1` (and 4, 7, ...) over TCP, `svc2` by an HTTP
+/// Services are checked each in another way: `svc1` (and 5, 7, ...) over TCP, `svc2` by an HTTP
 /// check, `svc3` by TCP and its DNS zone, whose nameservers are every host that may become its
-/// master (only a running container of the service answers).
+/// master (only a running container of the service answers). Every fourth (`svc4`, `svc8`, ...) is
+/// on demand: the activator listens on its host port and starts its container on the first
+/// connection (the monitor's probes and the visitors' requests), which listens on its container
+/// port ([`ON_DEMAND_PORT_BASE`] + `i`).
 pub fn service_spec(i: usize, nodes: usize) -> ServiceSpec {
     let port = SERVICE_PORT_BASE + i as u16;
-    let zone = i.is_multiple_of(3).then(|| ZoneCheck {
+    let on_demand = i.is_multiple_of(4);
+    let zone = (i.is_multiple_of(3) && !on_demand).then(|| ZoneCheck {
         zone: format!("svc{i}.sim.test"),
         nameservers: (1..=nodes).map(|n| format!("n{n}:{port}")).take(NAMESERVERS_MAX).collect(),
     });
+    let (image, container) = if on_demand {
+        let container = ON_DEMAND_PORT_BASE + i as u16;
+        (image_listening_on(container), container)
+    } else {
+        ("sim/app:1".to_string(), 80)
+    };
     ServiceSpec {
         name: format!("svc{i}"),
-        image: "sim/app:1".into(),
+        image,
         domains: Vec::new(),
-        ports: vec![PortMap { host: port, container: 80 }],
+        ports: vec![PortMap { host: port, container }],
         memory_bytes: None,
-        on_demand: false,
+        on_demand,
         dump: None,
         http_check: (i % 3 == 2).then(|| "/health".to_string()),
         zone,
@@ -545,6 +575,52 @@ async fn workload(world: &World, host: &HostState, node: &LogNode, incarnation: 
     }
 }
 
+/// People visiting the on-demand services: every so often, a request to a service's host port at
+/// its master (as this node sees it), answered once the activator there has started the container.
+/// Each answer is noted with its time ([`World::visits`]).
+async fn visitors(world: &World, host: &HostState, node: &LogNode, incarnation: u64) {
+    let mut rng = StdRng::seed_from_u64(
+        world.seed
+            ^ ((host.index as u64 + 1) << 32)
+            ^ incarnation.wrapping_mul(0xD1B5_4A32_D192_ED03)
+            ^ 0x715,
+    );
+    loop {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(500..2000))).await;
+        let targets: Vec<(String, String, u16)> = node.store().with_state(|s| {
+            s.services
+                .values()
+                .filter(|svc| svc.spec.on_demand)
+                .filter_map(|svc| {
+                    let master = s.members.get(&svc.placement.as_ref()?.master)?;
+                    let host = master.addr.split(':').next()?.to_string();
+                    Some((svc.spec.name.clone(), host, svc.spec.ports.first()?.host))
+                })
+                .collect()
+        });
+        let Some((service, at, port)) = targets.choose(&mut rng).cloned() else { continue };
+        let answered = tokio::time::timeout(VISIT_TIMEOUT, async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = turmoil::net::TcpStream::connect((at.as_str(), port)).await?;
+            stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
+            let mut answer = [0u8; 12];
+            stream.read_exact(&mut answer).await?;
+            Ok::<bool, std::io::Error>(answer.starts_with(b"HTTP/1.1 200"))
+        })
+        .await;
+        let ok = matches!(answered, Ok(Ok(true)));
+        world.trace(format!(
+            "{} visits {service} at {at}: {}",
+            host.name,
+            if ok { "answered" } else { "no answer" }
+        ));
+        if ok {
+            let at_ms = turmoil::sim_elapsed().unwrap_or_default();
+            world.visits.lock().expect("visits lock").insert(service, at_ms);
+        }
+    }
+}
+
 fn error_kind(e: &coyote_log::ProposeError) -> &'static str {
     use coyote_log::ProposeError::*;
     match e {
@@ -623,6 +699,10 @@ pub(crate) struct Driver<'a> {
     replay: checks::Replay,
     /// The service a scenario acts on.
     pub(crate) focus: String,
+    /// Connections spliced to on-demand containers so far.
+    spliced: usize,
+    /// The last step after which each host served each service it no longer serves.
+    served_until: BTreeMap<(String, String), Duration>,
 }
 
 impl Driver<'_> {
@@ -648,12 +728,42 @@ impl Driver<'_> {
             self.broken = true;
         }
         self.world.clock_ms.store(self.sim.since_epoch().as_millis() as u64, Ordering::SeqCst);
+        self.check_splices();
         self.check_serving();
         if self.sim.elapsed() >= self.next_check {
             self.next_check = self.sim.elapsed() + self.params.check_every;
             self.check();
         }
         !self.broken
+    }
+
+    /// After every step, before [`Self::check_serving`] looks: every connection an on-demand
+    /// container accepted came from an activator on a node that served the service. The activator
+    /// decides to splice one step before the container accepts (turmoil delivers a connection to
+    /// the host's own address a step later), and a host reads the time of a step a step apart from
+    /// the driver, so a connection is also allowed when the node served the service up to
+    /// [`SPLICE_LAG_STEPS`] steps before. (The fence's drift margin covers far more than that lag.)
+    fn check_splices(&mut self) {
+        let splices: Vec<(String, crate::model::Splice)> = {
+            let running = self.world.running.lock().expect("running lock");
+            running
+                .iter()
+                .flat_map(|(host, n)| n.containers.take_splices().into_iter().map(|s| (host.clone(), s)))
+                .collect()
+        };
+        for (host, splice) in splices {
+            self.spliced += 1;
+            let lag = self.params.tick * SPLICE_LAG_STEPS;
+            let served_before = self.serving_by_host.get(&host).is_some_and(|s| s.contains(&splice.service))
+                || self
+                    .served_until
+                    .get(&(host.clone(), splice.service.clone()))
+                    .is_some_and(|until| *until + lag >= splice.at);
+            if !splice.serving && !served_before {
+                self.violation(checks::spliced_while_not_serving(&host, &splice.service, splice.at));
+                self.broken = true;
+            }
+        }
     }
 
     /// After every step: at most one node serves each service; failover times.
@@ -672,6 +782,12 @@ impl Driver<'_> {
             }
             running.iter().map(|(h, n)| (h.clone(), n.serving())).collect()
         };
+        let before = self.sim.elapsed().saturating_sub(self.params.tick);
+        for (host, was) in &self.serving_by_host {
+            for service in was.iter().filter(|s| by_host.get(host).is_none_or(|now| !now.contains(s))) {
+                self.served_until.insert((host.clone(), service.clone()), before);
+            }
+        }
         self.serving_by_host = by_host.clone();
         let found = checks::at_most_one_serving(&by_host);
         if !found.is_empty() {
@@ -1260,6 +1376,30 @@ impl Driver<'_> {
         }
     }
 
+    /// Once the cluster has converged, every on-demand service answers a visitor before `end`: its
+    /// master holds the first connection while it starts the container, then serves it.
+    fn visited_after_convergence(&mut self, end: Duration) {
+        let since = self.sim.elapsed();
+        let on_demand: Vec<String> = (1..=self.params.services)
+            .map(|i| service_spec(i, self.params.nodes))
+            .filter(|spec| spec.on_demand)
+            .map(|spec| spec.name)
+            .collect();
+        let answered = |d: &mut Self| {
+            let visits = d.world.visits.lock().expect("visits lock");
+            on_demand.iter().all(|s| visits.get(s).is_some_and(|at| *at >= since))
+        };
+        if !self.run_until(end.max(since + VISIT_TIMEOUT * 2), answered) && !self.broken {
+            let visits = self.world.visits.lock().expect("visits lock").clone();
+            let silent: Vec<&String> =
+                on_demand.iter().filter(|s| visits.get(*s).is_none_or(|at| *at < since)).collect();
+            self.violation(format!(
+                "liveness: on-demand services {silent:?} answered no visitor after the cluster converged at {} ms",
+                since.as_millis()
+            ));
+        }
+    }
+
     fn liveness(&mut self) {
         self.world.workload.store(false, Ordering::SeqCst);
         self.trace("faults over; workload stopped".into());
@@ -1285,6 +1425,10 @@ impl Driver<'_> {
         }
         self.trace("converged".into());
         self.check();
+        self.visited_after_convergence(end);
+        if self.broken {
+            return;
+        }
         let nodes = self.snapshots();
         let acked_max = self.world.acks.lock().expect("acks lock").iter().map(|a| a.index).max();
         let applied = nodes.iter().map(|n| n.applied).min().unwrap_or(0);
@@ -1360,6 +1504,7 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
         admin: Mutex::new(BTreeMap::new()),
         slow_start_ms: slow_start_ms.clone(),
         clock_ms: Arc::new(AtomicU64::new(EPOCH_UNIX_S * 1000)),
+        visits: Mutex::new(BTreeMap::new()),
     });
     let sim = turmoil::Builder::new()
         .simulation_duration(Duration::from_secs(24 * 3600))
@@ -1395,6 +1540,8 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
         switches_traced: 0,
         replay: checks::Replay::default(),
         focus: String::new(),
+        spliced: 0,
+        served_until: BTreeMap::new(),
     };
     driver.record_links();
     for (index, name) in names.iter().enumerate() {
@@ -1406,7 +1553,7 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
             identity: Mutex::new(None),
             initialized: AtomicBool::new(false),
             starts: AtomicU64::new(0),
-            containers: Arc::new(Containers::new(container_seed, slow_start_ms.clone())),
+            containers: Arc::new(Containers::new(container_seed, slow_start_ms.clone(), name)),
         });
         let world = world.clone();
         driver.sim.host(name.as_str(), move || host_main(world.clone(), host.clone()));
@@ -1418,6 +1565,7 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
     }
     let simulated = driver.sim.elapsed();
     let faults = driver.faults;
+    let spliced = driver.spliced;
     let violations = std::mem::take(&mut driver.violations);
     let failover_ms = std::mem::take(&mut driver.failover_ms);
     let switches = (
@@ -1447,5 +1595,6 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
         faults,
         failover_ms,
         switches,
+        spliced,
     }
 }
