@@ -64,7 +64,7 @@ use std::time::Duration;
 use coyote_log::LogNode;
 use coyote_state_machine::spec::format_argv;
 use coyote_state_machine::{Event, PortMap, Role};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -159,7 +159,7 @@ pub fn parse_mem_available(meminfo: &str) -> Option<u64> {
 }
 
 /// Traffic of one service, as shown by `coyote stats`.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ServiceStats {
     pub service: String,
     pub connections: u64,

@@ -18,13 +18,18 @@ use axum::{Json, Router};
 use coyote_log::store::EventRecord;
 use coyote_log::{JoinToken, LogNode, ProposeError, Proposed};
 use coyote_state_machine::{serve_from, Event, Outcome, ServiceSpec, SwitchCause, HANDOVER_WAIT_MS};
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde::Deserialize;
+use serde_json::json;
 
 use crate::activator::Activator;
 use crate::monitor::Fence;
 use crate::reconciler::Reconciler;
-use crate::view;
+use crate::wire::{
+    AlarmRaise, AlarmRaised, Committed, ErrorAnswer, EventView, EventsPage, PlanView, ServiceCreated,
+    ServiceStats, ServiceUpdated, ServiceView, Serving, Status, SwitchAnswer, SwitchHow, SwitchRequest,
+    TokenCreate, TokenCreated, TokenView,
+};
+use coyote_state_machine::Alarm;
 
 /// Events scanned by one non-following request (one page), at most.
 pub const EVENTS_PAGE_MAX: usize = 10_000;
@@ -66,7 +71,7 @@ pub struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        (self.0, Json(ErrorAnswer { error: self.1 })).into_response()
     }
 }
 
@@ -85,7 +90,7 @@ impl From<ProposeError> for ApiError {
     }
 }
 
-type ApiResult<T = Json<Value>> = Result<T, ApiError>;
+type ApiResult<T> = Result<Json<T>, ApiError>;
 
 /// The request header that names who asks (the CRM names its user, the simulator its admin). Without
 /// it, the actor is the CLI on this node (`cli@node:N`). Anyone who can open the socket may act, so
@@ -141,9 +146,8 @@ async fn propose_at(caller: &Caller, event: Event, at_ms: u64) -> Result<Propose
     }
 }
 
-async fn status(State(api): State<Api>) -> ApiResult {
-    let status = api.node.status().await;
-    Ok(Json(serde_json::to_value(status).expect("status serializes")))
+async fn status(State(api): State<Api>) -> ApiResult<Status> {
+    Ok(Json(api.node.status().await))
 }
 
 #[derive(Deserialize)]
@@ -168,12 +172,12 @@ async fn events(State(api): State<Api>, Query(q): Query<EventsQuery>) -> Result<
         // One page: `next` is where the following page starts, absent after the last one.
         let records = read_events(&api, from, EVENTS_PAGE_MAX)?;
         let next = (records.len() == EVENTS_PAGE_MAX).then(|| records.last().map(|r| r.envelope.index + 1));
-        let lines: Vec<Value> = records
+        let events: Vec<EventView> = records
             .iter()
             .filter(|r| q.kind.as_deref().is_none_or(|k| k == r.envelope.event.kind()))
-            .map(view::event_json)
+            .map(EventView::from)
             .collect();
-        return Ok(Json(json!({ "events": lines, "next": next.flatten() })).into_response());
+        return Ok(Json(EventsPage { events, next: next.flatten() }).into_response());
     }
     // Following: one JSON object per line, for as long as the client keeps the connection.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
@@ -184,7 +188,8 @@ async fn events(State(api): State<Api>, Query(q): Query<EventsQuery>) -> Result<
             let records = match read_events(&api, next, 1000) {
                 Ok(r) => r,
                 Err(e) => {
-                    let _ = tx.send(Ok(Bytes::from(format!("{}\n", json!({"error": e.1}))))).await;
+                    let line = json!(ErrorAnswer { error: e.1 });
+                    let _ = tx.send(Ok(Bytes::from(format!("{line}\n")))).await;
                     return;
                 }
             };
@@ -194,7 +199,7 @@ async fn events(State(api): State<Api>, Query(q): Query<EventsQuery>) -> Result<
                 if q.kind.as_deref().is_some_and(|k| k != r.envelope.event.kind()) {
                     continue;
                 }
-                let line = format!("{}\n", view::event_json(&r));
+                let line = format!("{}\n", json!(EventView::from(&r)));
                 if tx.send(Ok(Bytes::from(line))).await.is_err() {
                     return; // the client went away
                 }
@@ -222,22 +227,7 @@ fn read_events(api: &Api, from: u64, limit: usize) -> Result<Vec<EventRecord>, A
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the event archive: {e}")))
 }
 
-#[derive(Deserialize)]
-struct TokenCreate {
-    ttl_ms: u64,
-    uses: u32,
-}
-
-#[derive(Serialize)]
-struct TokenCreated {
-    token: String,
-    id: String,
-    expires_at_ms: u64,
-    uses: u32,
-    index: u64,
-}
-
-async fn token_create(caller: Caller, Json(req): Json<TokenCreate>) -> ApiResult<Json<TokenCreated>> {
+async fn token_create(caller: Caller, Json(req): Json<TokenCreate>) -> ApiResult<TokenCreated> {
     let api = &caller.api;
     if req.ttl_ms == 0 || req.ttl_ms > TOKEN_TTL_MAX_MS {
         return Err(ApiError(StatusCode::BAD_REQUEST, "a token lives between 1 ms and 7 days".into()));
@@ -264,19 +254,17 @@ async fn token_create(caller: Caller, Json(req): Json<TokenCreate>) -> ApiResult
     }))
 }
 
-async fn tokens(State(api): State<Api>) -> ApiResult {
-    let now = coyote_log::cluster::now_ms();
-    let list: Vec<Value> =
-        api.node.store().with_state(|s| s.tokens.values().map(|t| view::token_json(t, now)).collect());
-    Ok(Json(Value::Array(list)))
+async fn tokens(State(api): State<Api>) -> ApiResult<Vec<TokenView>> {
+    let now = api.node.now_ms();
+    Ok(Json(api.node.store().with_state(|s| s.tokens.values().map(|t| TokenView::new(t, now)).collect())))
 }
 
-async fn token_revoke(caller: Caller, Path(id): Path<String>) -> ApiResult {
-    let proposed = propose(&caller, Event::TokenRevoked { token_id: id.clone() }).await?;
-    Ok(Json(json!({ "id": id, "index": proposed.index })))
+async fn token_revoke(caller: Caller, Path(id): Path<String>) -> ApiResult<Committed> {
+    let proposed = propose(&caller, Event::TokenRevoked { token_id: id }).await?;
+    Ok(Json(Committed { index: proposed.index }))
 }
 
-async fn service_create(caller: Caller, Json(spec): Json<ServiceSpec>) -> ApiResult {
+async fn service_create(caller: Caller, Json(spec): Json<ServiceSpec>) -> ApiResult<ServiceCreated> {
     let api = &caller.api;
     let name = spec.name.clone();
     let created = propose(&caller, Event::ServiceCreated { spec }).await?;
@@ -284,19 +272,7 @@ async fn service_create(caller: Caller, Json(spec): Json<ServiceSpec>) -> ApiRes
     // `propose` returns on the leader, and a follower catches up within a heartbeat or two.
     let placement =
         api.node.store().with_state(|s| s.services.get(&name).and_then(|svc| svc.placement.clone()));
-    Ok(Json(json!({
-        "name": name,
-        "index": created.index,
-        "placement": placement,
-    })))
-}
-
-#[derive(Deserialize)]
-struct SwitchRequest {
-    to: u64,
-    /// Switch at once, without the master's dump and stop (for a master that is gone for good).
-    #[serde(default)]
-    now: bool,
+    Ok(Json(ServiceCreated { name, index: created.index, placement }))
 }
 
 /// An instruction: the way a backup (or any member with a role) becomes master. By default a
@@ -306,7 +282,7 @@ async fn service_switch(
     caller: Caller,
     Path(name): Path<String>,
     Json(req): Json<SwitchRequest>,
-) -> ApiResult {
+) -> ApiResult<SwitchAnswer> {
     let api = &caller.api;
     let reason = format!("instructed through node {}", api.node.id());
     if !req.now {
@@ -316,14 +292,8 @@ async fn service_switch(
             .with_state(|s| s.services.get(&name).and_then(|svc| svc.placement.as_ref()).map(|p| p.master));
         let event = Event::HandoverRequested { service: name.clone(), to: req.to, reason };
         let proposed = propose(&caller, event).await?;
-        return Ok(Json(json!({
-            "name": name,
-            "to": req.to,
-            "from": master,
-            "handover": true,
-            "wait_ms": HANDOVER_WAIT_MS,
-            "index": proposed.index,
-        })));
+        let how = SwitchHow::Handover { from: master, wait_ms: HANDOVER_WAIT_MS };
+        return Ok(Json(SwitchAnswer { name, to: req.to, index: proposed.index, how }));
     }
     let event = Event::AuthoritySwitched {
         service: name.clone(),
@@ -335,22 +305,15 @@ async fn service_switch(
     // One clock reading: the envelope's, from which `apply` derives the moment of serving.
     let at_ms = api.node.now_ms();
     let proposed = propose_at(&caller, event, at_ms).await?;
-    let serve_from_ms = serve_from(at_ms);
-    Ok(Json(json!({
-        "name": name,
-        "to": req.to,
-        "handover": false,
-        "serve_from": serve_from_ms,
-        "index": proposed.index,
-    })))
+    let how = SwitchHow::Now { serve_from_ms: serve_from(at_ms) };
+    Ok(Json(SwitchAnswer { name, to: req.to, index: proposed.index, how }))
 }
 
-async fn stats(State(api): State<Api>) -> ApiResult {
-    let stats = match &api.activator {
+async fn stats(State(api): State<Api>) -> ApiResult<Vec<ServiceStats>> {
+    Ok(Json(match &api.activator {
         Some(a) => a.stats().await,
         None => Vec::new(),
-    };
-    Ok(Json(serde_json::to_value(stats).expect("stats serialize")))
+    }))
 }
 
 async fn metrics(State(api): State<Api>) -> Response {
@@ -361,20 +324,18 @@ async fn metrics(State(api): State<Api>) -> Response {
     ([("content-type", "text/plain; version=0.0.4")], crate::activator::prometheus(&stats)).into_response()
 }
 
-async fn serving(State(api): State<Api>) -> ApiResult {
-    Ok(Json(json!({ "node_id": api.node.id(), "serving": api.fence.serving_services() })))
+async fn serving(State(api): State<Api>) -> ApiResult<Serving> {
+    Ok(Json(Serving { node_id: api.node.id(), serving: api.fence.serving_services() }))
 }
 
-async fn services(State(api): State<Api>) -> ApiResult {
-    let list: Vec<Value> =
-        api.node.store().with_state(|s| s.services.values().map(view::service_json).collect());
-    Ok(Json(Value::Array(list)))
+async fn services(State(api): State<Api>) -> ApiResult<Vec<ServiceView>> {
+    Ok(Json(api.node.store().with_state(|s| s.services.values().map(ServiceView::from).collect())))
 }
 
-async fn service_show(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
+async fn service_show(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<ServiceView> {
     api.node
         .store()
-        .with_state(|s| s.services.get(&name).map(view::service_json))
+        .with_state(|s| s.services.get(&name).map(ServiceView::from))
         .map(Json)
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("service {name} does not exist")))
 }
@@ -383,20 +344,20 @@ async fn service_update(
     caller: Caller,
     Path(name): Path<String>,
     Json(spec): Json<ServiceSpec>,
-) -> ApiResult {
+) -> ApiResult<ServiceUpdated> {
     if spec.name != name {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             format!("the spec names service {:?}, not {name:?}", spec.name),
         ));
     }
-    let hash = spec.hash();
+    let spec_hash = spec.hash();
     let proposed = propose(&caller, Event::ServiceSpecChanged { spec }).await?;
-    Ok(Json(json!({ "name": name, "index": proposed.index, "spec_hash": hash })))
+    Ok(Json(ServiceUpdated { name, index: proposed.index, spec_hash }))
 }
 
 /// What this node's reconciler would do now, without doing it.
-async fn plan(State(api): State<Api>) -> ApiResult {
+async fn plan(State(api): State<Api>) -> ApiResult<PlanView> {
     let Some(reconciler) = &api.reconciler else {
         return Err(ApiError(
             StatusCode::CONFLICT,
@@ -405,39 +366,28 @@ async fn plan(State(api): State<Api>) -> ApiResult {
     };
     let view =
         reconciler.plan_now().await.map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    Ok(Json(serde_json::to_value(view).expect("a plan serializes")))
+    Ok(Json(view))
 }
 
-async fn service_remove(caller: Caller, Path(name): Path<String>) -> ApiResult {
-    let proposed = propose(&caller, Event::ServiceRemoved { name: name.clone() }).await?;
-    Ok(Json(json!({ "name": name, "index": proposed.index })))
+async fn service_remove(caller: Caller, Path(name): Path<String>) -> ApiResult<Committed> {
+    let proposed = propose(&caller, Event::ServiceRemoved { name }).await?;
+    Ok(Json(Committed { index: proposed.index }))
 }
 
-async fn alarms(State(api): State<Api>) -> ApiResult {
-    let list: Vec<Value> = api.node.store().with_state(|s| {
-        s.open_alarms().map(|a| serde_json::to_value(a).expect("alarm serializes")).collect()
-    });
-    Ok(Json(Value::Array(list)))
+async fn alarms(State(api): State<Api>) -> ApiResult<Vec<Alarm>> {
+    Ok(Json(api.node.store().with_state(|s| s.open_alarms().cloned().collect())))
 }
 
-#[derive(Deserialize)]
-struct AlarmRaise {
-    key: String,
-    message: String,
-    node: Option<u64>,
-    service: Option<String>,
-}
-
-async fn alarm_raise(caller: Caller, Json(req): Json<AlarmRaise>) -> ApiResult {
+async fn alarm_raise(caller: Caller, Json(req): Json<AlarmRaise>) -> ApiResult<AlarmRaised> {
     let event =
         Event::AlarmRaised { key: req.key, node: req.node, service: req.service, message: req.message };
     let proposed = propose(&caller, event).await?;
     // The alarm's id is the index of the event that raised it.
-    Ok(Json(json!({ "id": proposed.index, "index": proposed.index })))
+    Ok(Json(AlarmRaised { id: proposed.index, index: proposed.index }))
 }
 
-async fn alarm_clear(caller: Caller, Path(id): Path<u64>) -> ApiResult {
+async fn alarm_clear(caller: Caller, Path(id): Path<u64>) -> ApiResult<Committed> {
     let event = Event::AlarmCleared { alarm_id: id, reason: "cleared by an admin".into() };
     let proposed = propose(&caller, event).await?;
-    Ok(Json(json!({ "id": id, "index": proposed.index })))
+    Ok(Json(Committed { index: proposed.index }))
 }

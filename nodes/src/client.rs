@@ -4,10 +4,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
+use coyote_nodes::wire::{ErrorAnswer, EventView};
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tokio::net::UnixStream;
 
 pub struct Client {
@@ -42,43 +44,74 @@ impl Client {
         &self,
         method: Method,
         path: &str,
-        body: Option<Value>,
+        body: Option<Bytes>,
     ) -> Result<hyper::Response<hyper::body::Incoming>> {
         let mut sender = self.connect().await?;
-        let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
         let request = Request::builder()
             .method(method)
             .uri(path)
             .header("host", "coyote")
             .header("content-type", "application/json")
-            .body(Full::new(bytes))
+            .body(Full::new(body.unwrap_or_default()))
             .expect("valid request");
         sender.send_request(request).await.context("the node's API dropped the request")
     }
 
-    /// One request, one JSON answer; an error status becomes an error with the node's message.
-    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
+    /// `GET path`: the answer, as `T`.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call(Method::GET, path, None).await
+    }
+
+    /// A request without a body (`POST .../clear`, `DELETE ...`): the answer, as `T`.
+    pub async fn act<T: DeserializeOwned>(&self, method: Method, path: &str) -> Result<T> {
+        self.call(method, path, None).await
+    }
+
+    /// A request with a JSON body: the answer, as `T`.
+    pub async fn send_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        let body = serde_json::to_vec(body).context("encoding the request")?;
+        self.call(method, path, Some(Bytes::from(body))).await
+    }
+
+    /// One request, one JSON answer; an error status becomes an error with the node's message, and an
+    /// answer that is not a `T` (a field missing or of another type) is an error too.
+    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<Bytes>) -> Result<T> {
         let response = self.send(method, path, body).await?;
         let status = response.status();
         let bytes = response.into_body().collect().await.context("reading the node's answer")?.to_bytes();
-        let value: Value = serde_json::from_slice(&bytes)
-            .with_context(|| format!("the node answered {status} with something that is not JSON"))?;
         if !status.is_success() {
-            let msg = value.get("error").and_then(|e| e.as_str()).unwrap_or("unknown error");
-            bail!("{msg}");
+            let message = serde_json::from_slice::<ErrorAnswer>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| format!("the node answered {status}"));
+            bail!("{message}");
         }
-        Ok(value)
+        serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "the node's answer to {path} is not what this coyote expects (is the node another version?)"
+            )
+        })
     }
 
-    /// A streaming request: calls `line` with each JSON line until the node closes the stream.
-    pub async fn stream(&self, path: &str, mut line: impl FnMut(Value) -> Result<()>) -> Result<()> {
+    /// A streaming request: calls `line` with each event until the node closes the stream.
+    pub async fn stream_events(
+        &self,
+        path: &str,
+        mut line: impl FnMut(EventView) -> Result<()>,
+    ) -> Result<()> {
         let response = self.send(Method::GET, path, None).await?;
         let status = response.status();
         let mut body = response.into_body();
         if !status.is_success() {
             let bytes = body.collect().await?.to_bytes();
-            let value: Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            bail!("{}", value.get("error").and_then(|e| e.as_str()).unwrap_or("unknown error"));
+            let message = serde_json::from_slice::<ErrorAnswer>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| format!("the node answered {status}"));
+            bail!("{message}");
         }
         let mut buf = Vec::new();
         while let Some(frame) = body.frame().await {
@@ -91,12 +124,12 @@ impl Client {
                 if text.is_empty() {
                     continue; // heartbeat
                 }
-                let value: Value =
-                    serde_json::from_str(text).context("malformed event line from the node")?;
-                if let Some(e) = value.get("error").and_then(|e| e.as_str()) {
-                    bail!("{e}");
+                if let Ok(e) = serde_json::from_str::<ErrorAnswer>(text) {
+                    bail!("{}", e.error);
                 }
-                line(value)?;
+                let event: EventView =
+                    serde_json::from_str(text).context("malformed event line from the node")?;
+                line(event)?;
             }
         }
         bail!("the node stopped; the event stream ended")

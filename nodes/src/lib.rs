@@ -9,7 +9,7 @@
 //! - [`node`]: the one assembly of a node from the parts its caller gives (`coyote node` and the
 //!   simulator both call it).
 //! - [`api`]: the node's local API (the router the CLI, and later the proxy and the CRM, talk to).
-//! - [`view`]: how records look to users.
+//! - [`wire`]: the requests and answers of the API, shared by the API and its clients.
 //! - [`sockets`]: the listening sockets and connections the activator opens (a trait, so the
 //!   simulator hands in its own).
 
@@ -22,4 +22,4 @@ pub mod probe;
 pub mod reconciler;
 pub mod runtime;
 pub mod sockets;
-pub mod view;
+pub mod wire;

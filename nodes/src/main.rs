@@ -11,11 +11,11 @@ use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use coyote_log::RaftSettings;
 use coyote_nodes::forward::ForwardMode;
-use coyote_nodes::view;
+use coyote_nodes::wire;
 use coyote_state_machine::spec::{parse_bytes, parse_port};
-use coyote_state_machine::{PortMap, ServiceSpec, ZoneCheck};
+use coyote_state_machine::{format_ms, PortMap, ServiceSpec, ZoneCheck};
 use hyper::Method;
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use crate::client::Client;
 use crate::daemon::{Addresses, ContainerOptions};
@@ -392,12 +392,12 @@ async fn run(cli: Cli) -> Result<()> {
             daemon::run(&dir, &raft.settings(), &containers.into()).await
         }
         Command::Plan => {
-            let plan = client.call(Method::GET, "/v1/plan", None).await?;
+            let plan: wire::PlanView = client.get("/v1/plan").await?;
             print_plan(&plan, json);
             Ok(())
         }
         Command::Status => {
-            let status = client.call(Method::GET, "/v1/status", None).await?;
+            let status: wire::Status = client.get("/v1/status").await?;
             print_status(&status, json);
             Ok(())
         }
@@ -406,21 +406,17 @@ async fn run(cli: Cli) -> Result<()> {
             let kind_query = kind.map(|k| format!("&kind={k}")).unwrap_or_default();
             if follow {
                 let path = format!("/v1/events?follow=true&from={}{kind_query}", from.unwrap_or(0));
-                return client.stream(&path, |e| print_event(&e, json)).await;
+                return client.stream_events(&path, |e| print_event(&e, json)).await;
             }
             // The API answers in pages; ask for the next one until a page comes back empty.
             let mut next = from.unwrap_or(0);
             loop {
                 let path = format!("/v1/events?from={next}{kind_query}");
-                let page = client.call(Method::GET, &path, None).await?;
-                let page_next = page["next"].as_u64();
-                let Some(page) = page.get("events").and_then(|e| e.as_array()).cloned() else {
-                    bail!("the node answered with something that is not a page of events");
-                };
-                for e in &page {
+                let page: wire::EventsPage = client.get(&path).await?;
+                for e in &page.events {
                     print_event(e, json)?;
                 }
-                match page_next {
+                match page.next {
                     Some(n) => next = n,
                     None => return Ok(()),
                 }
@@ -428,48 +424,42 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Service(cmd) => service(cmd, &client, json).await,
         Command::Stats => {
-            let list = client.call(Method::GET, "/v1/stats", None).await?;
+            let list: Vec<wire::ServiceStats> = client.get("/v1/stats").await?;
             if json {
                 print_json_lines(&list);
             } else {
-                for s in list.as_array().into_iter().flatten() {
-                    let ms = |v: &Value| v.as_u64().map(|m| format!("{m} ms")).unwrap_or_else(|| "-".into());
+                for s in &list {
+                    let ms = |v: Option<u64>| v.map(|m| format!("{m} ms")).unwrap_or_else(|| "-".into());
                     println!(
                         "{:<24} {} connections, {} B in, {} B out, {} cold starts (p50 {}, p99 {}), running {} s{}",
-                        s["service"].as_str().unwrap_or(""),
-                        s["connections"],
-                        s["bytes_in"],
-                        s["bytes_out"],
-                        s["cold_starts"],
-                        ms(&s["cold_start_ms_p50"]),
-                        ms(&s["cold_start_ms_p99"]),
-                        s["running_ms"].as_u64().unwrap_or(0) / 1000,
-                        if s["running"].as_bool() == Some(true) { " (up)" } else { "" }
+                        s.service,
+                        s.connections,
+                        s.bytes_in,
+                        s.bytes_out,
+                        s.cold_starts,
+                        ms(s.cold_start_ms_p50),
+                        ms(s.cold_start_ms_p99),
+                        s.running_ms / 1000,
+                        if s.running { " (up)" } else { "" }
                     );
                 }
             }
             Ok(())
         }
         Command::Alarm(AlarmCmd::List) => {
-            let alarms = client.call(Method::GET, "/v1/alarms", None).await?;
+            let alarms: Vec<wire::Alarm> = client.get("/v1/alarms").await?;
             if json {
                 print_json_lines(&alarms);
             } else {
-                for a in alarms.as_array().into_iter().flatten() {
-                    println!(
-                        "{:>6}  {}  {}  {}",
-                        a["id"].as_u64().unwrap_or(0),
-                        view::format_ms(a["raised_at_ms"].as_u64().unwrap_or(0)),
-                        a["key"].as_str().unwrap_or(""),
-                        a["message"].as_str().unwrap_or("")
-                    );
+                for a in &alarms {
+                    println!("{:>6}  {}  {}  {}", a.id, format_ms(a.raised_at_ms), a.key, a.message);
                 }
             }
             Ok(())
         }
         Command::Alarm(AlarmCmd::Clear { id }) => {
-            let r = client.call(Method::POST, &format!("/v1/alarms/{id}/clear"), None).await?;
-            print_done(&r, json, &format!("alarm {id} cleared"));
+            let r: wire::Committed = client.act(Method::POST, &format!("/v1/alarms/{id}/clear")).await?;
+            print_done(&r, r.index, json, &format!("alarm {id} cleared"));
             Ok(())
         }
     }
@@ -481,17 +471,22 @@ impl From<AddrArgs> for Addresses {
     }
 }
 
-fn print_json_lines(list: &Value) {
-    for item in list.as_array().into_iter().flatten() {
-        println!("{item}");
+fn print_json<T: Serialize>(value: &T) {
+    println!("{}", serde_json::to_string(value).expect("API types encode"));
+}
+
+fn print_json_lines<T: Serialize>(list: &[T]) {
+    for item in list {
+        print_json(item);
     }
 }
 
-fn print_done(reply: &Value, json: bool, text: &str) {
+/// What an event did: the whole answer in JSON, else `text` with the event's index.
+fn print_done<T: Serialize>(reply: &T, index: u64, json: bool, text: &str) {
     if json {
-        println!("{reply}");
+        print_json(reply);
     } else {
-        println!("{text} (log index {})", reply["index"]);
+        println!("{text} (event {index})");
     }
 }
 
@@ -527,46 +522,50 @@ async fn token(cmd: TokenCmd, client: &Client, json: bool) -> Result<()> {
     match cmd {
         TokenCmd::Create { ttl, uses } => {
             let ttl_ms = parse_duration_ms(&ttl)?;
-            let r = client
-                .call(Method::POST, "/v1/tokens", Some(json!({ "ttl_ms": ttl_ms, "uses": uses })))
-                .await?;
-            let token = r["token"].as_str().unwrap_or_default();
-            let command =
-                format!("coyote join {token} --data /var/lib/coyote --listen <THIS-SERVER-IP>:7100");
+            let created: wire::TokenCreated =
+                client.send_json(Method::POST, "/v1/tokens", &wire::TokenCreate { ttl_ms, uses }).await?;
+            let command = format!(
+                "coyote join {} --data /var/lib/coyote --listen <THIS-SERVER-IP>:7100",
+                created.token
+            );
             if json {
-                let mut out = r.clone();
-                out["command"] = json!(command);
-                println!("{out}");
+                #[derive(Serialize)]
+                struct WithCommand<'a> {
+                    #[serde(flatten)]
+                    created: &'a wire::TokenCreated,
+                    command: &'a str,
+                }
+                print_json(&WithCommand { created: &created, command: &command });
             } else {
-                println!("{token}");
+                println!("{}", created.token);
                 eprintln!(
                     "token {} for {uses} server(s), valid until {}; on the new server run:\n  {command}",
-                    r["id"].as_str().unwrap_or(""),
-                    view::format_ms(r["expires_at_ms"].as_u64().unwrap_or(0))
+                    created.id,
+                    format_ms(created.expires_at_ms)
                 );
             }
         }
         TokenCmd::List => {
-            let list = client.call(Method::GET, "/v1/tokens", None).await?;
+            let list: Vec<wire::TokenView> = client.get("/v1/tokens").await?;
             if json {
                 print_json_lines(&list);
             } else {
-                for t in list.as_array().into_iter().flatten() {
+                for t in &list {
                     println!(
-                        "{:<14} {:<8} uses left {}/{}  expires {}  used by {}",
-                        t["id"].as_str().unwrap_or(""),
-                        t["status"].as_str().unwrap_or(""),
-                        t["uses_left"],
-                        t["uses_total"],
-                        view::format_ms(t["expires_at"].as_u64().unwrap_or(0)),
-                        t["used_by"]
+                        "{:<14} {:<8} uses left {}/{}  expires {}  used by {:?}",
+                        t.id,
+                        t.status.to_string(),
+                        t.uses_left,
+                        t.uses_total,
+                        format_ms(t.expires_at_ms),
+                        t.used_by
                     );
                 }
             }
         }
         TokenCmd::Revoke { id } => {
-            let r = client.call(Method::DELETE, &format!("/v1/tokens/{id}"), None).await?;
-            print_done(&r, json, &format!("token {id} revoked"));
+            let r: wire::Committed = client.act(Method::DELETE, &format!("/v1/tokens/{id}")).await?;
+            print_done(&r, r.index, json, &format!("token {id} revoked"));
         }
     }
     Ok(())
@@ -605,33 +604,30 @@ async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
             if let Err(r) = spec.validate() {
                 bail!("{r}");
             }
-            let r = client.call(Method::POST, "/v1/services", Some(serde_json::to_value(&spec)?)).await?;
+            let r: wire::ServiceCreated = client.send_json(Method::POST, "/v1/services", &spec).await?;
             if json {
-                println!("{r}");
+                print_json(&r);
             } else {
-                let p = &r["placement"];
-                println!(
-                    "service {name} created (log index {}): master {}, failover {}, backups {}",
-                    r["index"], p["master"], p["failover"], p["backups"]
-                );
+                let placed = r.placement.map(|p| p.describe()).unwrap_or_else(|| "not placed yet".into());
+                println!("service {name} created (event {}): {placed}", r.index);
             }
         }
         ServiceCmd::List => {
-            let list = client.call(Method::GET, "/v1/services", None).await?;
+            let list: Vec<wire::ServiceView> = client.get("/v1/services").await?;
             if json {
                 print_json_lines(&list);
             } else {
-                for s in list.as_array().into_iter().flatten() {
+                for s in &list {
                     print_service_line(s);
                 }
             }
         }
         ServiceCmd::Show { name } => {
-            let s = client.call(Method::GET, &format!("/v1/services/{name}"), None).await?;
+            let s: wire::ServiceView = client.get(&format!("/v1/services/{name}")).await?;
             if json {
-                println!("{s}");
+                print_json(&s);
             } else {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                print_service(&s);
             }
         }
         ServiceCmd::Update {
@@ -650,9 +646,8 @@ async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
             nameservers,
             no_zone,
         } => {
-            let current = client.call(Method::GET, &format!("/v1/services/{name}"), None).await?;
-            let mut spec: ServiceSpec = serde_json::from_value(current["spec"].clone())
-                .map_err(|e| anyhow::anyhow!("the node sent a spec this CLI cannot read: {e}"))?;
+            let current: wire::ServiceView = client.get(&format!("/v1/services/{name}")).await?;
+            let mut spec = current.spec;
             if let Some(image) = image {
                 spec.image = image;
             }
@@ -694,38 +689,42 @@ async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
             if let Err(r) = spec.validate() {
                 bail!("{r}");
             }
-            let r = client
-                .call(Method::PUT, &format!("/v1/services/{name}"), Some(serde_json::to_value(&spec)?))
-                .await?;
-            print_done(&r, json, &format!("service {name} updated ({})", spec.describe()));
+            let r: wire::ServiceUpdated =
+                client.send_json(Method::PUT, &format!("/v1/services/{name}"), &spec).await?;
+            print_done(&r, r.index, json, &format!("service {name} updated ({})", spec.describe()));
         }
         ServiceCmd::Rm { name } => {
-            let r = client.call(Method::DELETE, &format!("/v1/services/{name}"), None).await?;
-            print_done(&r, json, &format!("service {name} removed"));
+            let r: wire::Committed = client.act(Method::DELETE, &format!("/v1/services/{name}")).await?;
+            print_done(&r, r.index, json, &format!("service {name} removed"));
         }
         ServiceCmd::Switch { name, to, now } => {
-            let body = json!({ "to": to, "now": now });
-            let r = client.call(Method::POST, &format!("/v1/services/{name}/switch"), Some(body)).await?;
-            let text = if r["handover"] == true {
-                let from =
-                    r["from"].as_u64().map(|n| format!("node {n}")).unwrap_or_else(|| "the master".into());
-                format!(
-                    "service {name}: handover to node {to} asked for; {from} dumps and stops it, then node {to} serves (by itself after {} s if {from} does not); follow it with `coyote events tail --follow`",
-                    r["wait_ms"].as_u64().unwrap_or(0) / 1000
-                )
-            } else {
-                let when = view::format_ms(r["serve_from"].as_u64().unwrap_or(0));
-                format!("service {name}: node {to} becomes master, serving from {when}")
+            let request = wire::SwitchRequest { to, now };
+            let r: wire::SwitchAnswer =
+                client.send_json(Method::POST, &format!("/v1/services/{name}/switch"), &request).await?;
+            let text = match &r.how {
+                wire::SwitchHow::Handover { from, wait_ms } => {
+                    let from = from.map(|n| format!("node {n}")).unwrap_or_else(|| "the master".into());
+                    format!(
+                        "service {name}: handover to node {to} asked for; {from} dumps and stops it, then node {to} serves (by itself after {} s if {from} does not); follow it with `coyote events tail --follow`",
+                        wait_ms / 1000
+                    )
+                }
+                wire::SwitchHow::Now { serve_from_ms } => {
+                    format!(
+                        "service {name}: node {to} becomes master, serving from {}",
+                        format_ms(*serve_from_ms)
+                    )
+                }
             };
-            print_done(&r, json, &text);
+            print_done(&r, r.index, json, &text);
         }
         ServiceCmd::Serving => {
-            let r = client.call(Method::GET, "/v1/serving", None).await?;
+            let r: wire::Serving = client.get("/v1/serving").await?;
             if json {
-                println!("{r}");
+                print_json(&r);
             } else {
-                for s in r["serving"].as_array().into_iter().flatten() {
-                    println!("{}", s.as_str().unwrap_or(""));
+                for s in &r.serving {
+                    println!("{s}");
                 }
             }
         }
@@ -733,60 +732,61 @@ async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn print_plan(plan: &Value, json: bool) {
+fn print_plan(plan: &wire::PlanView, json: bool) {
+    use coyote_nodes::reconciler::Action;
     if json {
-        println!("{plan}");
+        print_json(plan);
         return;
     }
-    let actions = plan["actions"].as_array().cloned().unwrap_or_default();
-    let observed = plan["observed"].as_array().map_or(0, |o| o.len());
-    let desired = plan["desired"].as_array().map_or(0, |d| d.len());
-    if actions.is_empty() {
+    if plan.actions.is_empty() {
         println!(
-            "nothing to do: node {} should have {desired} container(s) and has {observed} matching",
-            plan["node"]
+            "nothing to do: node {} should have {} container(s) and has {} matching",
+            plan.node,
+            plan.desired.len(),
+            plan.observed.len()
         );
         return;
     }
-    for a in &actions {
-        let id: String = a["id"].as_str().unwrap_or("").chars().take(12).collect();
-        let service = a["service"].as_str().unwrap_or("");
-        let line = match a["action"].as_str().unwrap_or("") {
-            "create" if a["start"] == true => format!("create and start {service}"),
-            "create" => format!("create {service} (stopped)"),
-            other => format!("{other} {service} (container {id})"),
+    for a in &plan.actions {
+        let line = match a {
+            Action::Create { service, start: true, .. } => format!("create and start {service}"),
+            Action::Create { service, .. } => format!("create {service} (stopped)"),
+            Action::Start { service, id } => format!("start {service} (container {})", short_id(id)),
+            Action::Stop { service, id } => format!("stop {service} (container {})", short_id(id)),
+            Action::Remove { service, id } => format!("remove {service} (container {})", short_id(id)),
         };
         println!("{line}");
     }
 }
 
-fn print_service_line(s: &Value) {
-    let p = &s["placement"];
-    println!(
-        "{:<24} {:<32} master {}  failover {}  backups {}",
-        s["name"].as_str().unwrap_or(""),
-        s["spec"]["image"].as_str().unwrap_or(""),
-        p["master"],
-        p["failover"],
-        p["backups"]
-    );
+fn short_id(id: &str) -> String {
+    id.chars().take(12).collect()
 }
 
-fn print_event(e: &Value, json: bool) -> Result<()> {
+fn print_service_line(s: &wire::ServiceView) {
+    let placed = s.placement.as_ref().map(|p| p.describe()).unwrap_or_else(|| "not placed".into());
+    println!("{:<24} {:<32} {placed}", s.name, s.spec.image);
+}
+
+fn print_service(s: &wire::ServiceView) {
+    let placed = s.placement.as_ref().map(|p| p.describe()).unwrap_or_else(|| "not placed".into());
+    println!("service   {}", s.name);
+    println!("spec      {}", s.spec.describe());
+    println!("spec hash {}", s.spec_hash);
+    println!("placement {placed}");
+    println!("created   {}", format_ms(s.created_at_ms));
+    println!("serves    from {}", format_ms(s.serve_from_ms));
+}
+
+fn print_event(e: &wire::EventView, json: bool) -> Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let line = if json {
-        e.to_string()
+        serde_json::to_string(e).expect("API types encode")
     } else {
-        let mut line = format!(
-            "{:>7}  {}  {:<16} {:<20} {}",
-            e["index"].as_u64().unwrap_or(0),
-            view::format_ms(e["at"].as_u64().unwrap_or(0)),
-            e["actor"].as_str().unwrap_or(""),
-            e["kind"].as_str().unwrap_or(""),
-            e["summary"].as_str().unwrap_or("")
-        );
-        if let Some(reason) = e.get("reason").and_then(|r| r.as_str()) {
+        let mut line =
+            format!("{:>7}  {}  {:<16} {:<20} {}", e.index, format_ms(e.at_ms), e.actor, e.kind, e.summary);
+        if let Some(reason) = &e.reason {
             line.push_str(&format!("  [rejected: {reason}]"));
         }
         line
@@ -798,32 +798,32 @@ fn print_event(e: &Value, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn print_status(s: &Value, json: bool) {
+fn print_status(s: &wire::Status, json: bool) {
     if json {
-        println!("{s}");
+        print_json(s);
         return;
     }
-    let opt = |v: &Value| if v.is_null() { "-".to_string() } else { v.to_string() };
-    println!("cluster   {}", s["cluster_id"].as_str().unwrap_or(""));
-    println!("node      {} ({})", s["node_id"], s["state"].as_str().unwrap_or(""));
-    println!("leader    {}", opt(&s["leader"]));
-    println!("term      {}", s["term"]);
-    println!("events    {}", s["last_event"]);
+    let opt = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+    println!("cluster   {}", s.cluster_id);
+    println!("node      {} ({})", s.node_id, s.state);
+    println!("leader    {}", opt(s.leader));
+    println!("term      {}", s.term);
+    println!("events    {}", s.last_event);
     println!(
         "log       last {}, applied {}, snapshot {}, purged {}",
-        opt(&s["last_log_index"]),
-        opt(&s["applied_index"]),
-        opt(&s["snapshot_index"]),
-        opt(&s["purged_index"])
+        opt(s.last_log_index),
+        opt(s.applied_index),
+        opt(s.snapshot_index),
+        opt(s.purged_index)
     );
     println!("members");
-    for m in s["members"].as_array().into_iter().flatten() {
+    for m in &s.members {
         println!(
             "  {:<4} {:<24} {:<8} {}",
-            m["id"].as_u64().unwrap_or(0),
-            m["addr"].as_str().unwrap_or(""),
-            m["role"].as_str().unwrap_or(""),
-            if m["reachable"].as_bool() == Some(true) { "reachable" } else { "UNREACHABLE" }
+            m.id,
+            m.addr,
+            m.role,
+            if m.reachable { "reachable" } else { "UNREACHABLE" }
         );
     }
 }

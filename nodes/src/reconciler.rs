@@ -81,7 +81,7 @@ use coyote_log::LogNode;
 use coyote_state_machine::{ContainerGoal, Event, NodeId, ServiceSpec, State, SwitchCause};
 
 use crate::monitor::Fence;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -132,7 +132,7 @@ pub fn desired(state: &State, node: NodeId) -> Vec<Desired> {
 }
 
 /// One step toward the desired state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Action {
     /// Create the service's container from its current spec, and start it if `start`.
@@ -379,7 +379,7 @@ struct CrashBackoff {
 }
 
 /// What `coyote plan` shows.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PlanView {
     pub node: NodeId,
     pub desired: Vec<DesiredView>,
@@ -387,7 +387,7 @@ pub struct PlanView {
     pub actions: Vec<Action>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DesiredView {
     pub service: String,
     pub goal: ContainerGoal,

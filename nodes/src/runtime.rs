@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use coyote_state_machine::{NodeId, PortMap};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub const LABEL_CLUSTER: &str = "coyote.cluster";
 pub const LABEL_NODE: &str = "coyote.node";
@@ -75,7 +75,7 @@ impl Scope {
 }
 
 /// What a container is doing, as far as the reconciler cares.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunState {
     /// Created, never started.
@@ -94,7 +94,7 @@ impl RunState {
 }
 
 /// One container of ours, as the runtime reports it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObservedContainer {
     pub id: String,
     pub name: String,

@@ -13,7 +13,7 @@ use coyote_log::{cluster, Clock, Environment, JoinToken, LogNode, LogNodeConfig,
 use coyote_nodes::activator::ActivatorConfig;
 use coyote_nodes::monitor::{Fence, MonitorConfig};
 use coyote_nodes::node::{ContainerParts, Node, Parts};
-use coyote_nodes::reconciler;
+use coyote_nodes::{reconciler, wire};
 use coyote_state_machine::{
     spec::NAMESERVERS_MAX, Event, Outcome, Placement, PortMap, ServiceSpec, SwitchCause, ZoneCheck,
 };
@@ -439,10 +439,11 @@ async fn admin(world: &World, host: &HostState, api: axum::Router) {
             Some(Admin::Switch { service, to }) => {
                 // `coyote service switch` without `--now`: a graceful handover.
                 let path = format!("/v1/services/{service}/switch");
-                match call(&api, "POST", &path, serde_json::json!({ "to": to })).await {
+                let request = wire::SwitchRequest { to, now: false };
+                match call::<_, wire::SwitchAnswer>(&api, "POST", &path, &request).await {
                     Ok(answer) => world.trace(format!(
                         "admin: switch {service} to node {to}: handover asked at {}",
-                        answer["index"]
+                        answer.index
                     )),
                     Err(e) => world.trace(format!("admin: switch {service} to node {to} failed: {e}")),
                 }
@@ -456,9 +457,8 @@ async fn admin(world: &World, host: &HostState, api: axum::Router) {
 /// service exists, as a person would after an error.
 async fn create_service(world: &World, api: &axum::Router, spec: ServiceSpec) {
     let name = spec.name.clone();
-    let body = serde_json::to_value(&spec).expect("a spec encodes");
     loop {
-        match call(api, "POST", "/v1/services", body.clone()).await {
+        match call::<_, wire::ServiceCreated>(api, "POST", "/v1/services", &spec).await {
             Ok(_) => break,
             Err(e) if e.contains("already exists") => break,
             Err(e) => {
@@ -471,28 +471,28 @@ async fn create_service(world: &World, api: &axum::Router, spec: ServiceSpec) {
 }
 
 /// One request to a node's API router, as the simulated admin: its answer, or the status and error.
-async fn call(
+async fn call<B: serde::Serialize, T: serde::de::DeserializeOwned>(
     api: &axum::Router,
     method: &str,
     path: &str,
-    body: serde_json::Value,
-) -> Result<serde_json::Value, String> {
+    body: &B,
+) -> Result<T, String> {
     use tower::ServiceExt;
     let request = axum::http::Request::builder()
         .method(method)
         .uri(path)
         .header("content-type", "application/json")
         .header(coyote_nodes::api::ACTOR_HEADER, ADMIN_ACTOR)
-        .body(axum::body::Body::from(body.to_string()))
+        .body(axum::body::Body::from(serde_json::to_vec(body).map_err(|e| e.to_string())?))
         .map_err(|e| e.to_string())?;
     let response = api.clone().oneshot(request).await.map_err(|e| e.to_string())?;
     let status = response.status();
     let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.map_err(|e| e.to_string())?;
-    let answer: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
     if status.is_success() {
-        Ok(answer)
+        serde_json::from_slice(&bytes).map_err(|e| format!("an answer the admin cannot read: {e}"))
     } else {
-        Err(format!("{status}: {}", answer["error"].as_str().unwrap_or("")))
+        let error = serde_json::from_slice::<wire::ErrorAnswer>(&bytes).map(|e| e.error).unwrap_or_default();
+        Err(format!("{status}: {error}"))
     }
 }
 

@@ -376,7 +376,11 @@ fn an_instructed_switch_dumps_and_stops_the_old_master_before_the_new_one_starts
 
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
     let asked = new.cli_json(&["service", "switch", &service, "--to", &to.to_string()])?;
-    assert_eq!((asked["handover"].as_bool(), asked["from"].as_u64()), (Some(true), Some(master)), "{asked}");
+    assert_eq!(
+        (asked["switch"].as_str(), asked["from"].as_u64()),
+        (Some("handover"), Some(master)),
+        "{asked}"
+    );
     let switched = wait_until("the switch", TIMEOUT, || {
         let events = old.cli_json_lines(&["events", "tail", "--kind", "authority_switched"])?;
         Ok(events.into_iter().find(|e| e["outcome"] == "applied"))

@@ -1,0 +1,237 @@
+//! What the node's local API and its clients exchange: one type per request and per answer, used by
+//! both sides ([`crate::api`] and the `coyote` CLI, later the proxy and the CRM). A renamed field
+//! fails to compile on both sides; a field missing from an answer is an error for the client, never
+//! a zero. Times are milliseconds since the Unix epoch, and every such field ends in `_ms`.
+
+use coyote_log::store::EventRecord;
+use coyote_state_machine::{Event, Outcome, Placement, Service, ServiceSpec, Token, TokenStatus};
+use serde::{Deserialize, Serialize};
+
+pub use crate::activator::ServiceStats;
+pub use crate::reconciler::PlanView;
+pub use coyote_log::ClusterStatus as Status;
+pub use coyote_state_machine::Alarm;
+
+/// Every error answer: the HTTP status says what kind, `error` says what in words.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorAnswer {
+    pub error: String,
+}
+
+/// An event as `coyote events tail` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EventView {
+    pub index: u64,
+    pub term: u64,
+    pub at_ms: u64,
+    pub actor: String,
+    pub kind: String,
+    pub summary: String,
+    pub outcome: EventOutcome,
+    /// Why it was rejected, for a rejected one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub event: Event,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventOutcome {
+    Applied,
+    Rejected,
+}
+
+impl From<&EventRecord> for EventView {
+    fn from(r: &EventRecord) -> Self {
+        let env = &r.envelope;
+        let (outcome, reason) = match &r.outcome {
+            Outcome::Applied => (EventOutcome::Applied, None),
+            Outcome::Rejected { reason } => (EventOutcome::Rejected, Some(reason.clone())),
+        };
+        EventView {
+            index: env.index,
+            term: env.term,
+            at_ms: env.at_ms,
+            actor: env.actor.clone(),
+            kind: env.event.kind().to_string(),
+            summary: env.event.summary(),
+            outcome,
+            reason,
+            event: env.event.clone(),
+        }
+    }
+}
+
+/// One page of the event history; `next` is where the following page starts, absent after the last.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EventsPage {
+    pub events: Vec<EventView>,
+    pub next: Option<u64>,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenCreate {
+    pub ttl_ms: u64,
+    pub uses: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenCreated {
+    /// The whole token, to give to the joining server (shown once).
+    pub token: String,
+    pub id: String,
+    pub expires_at_ms: u64,
+    pub uses: u32,
+    pub index: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenView {
+    pub id: String,
+    pub status: TokenState,
+    pub issued_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub uses_total: u32,
+    pub uses_left: u32,
+    pub used_by: Vec<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenState {
+    Valid,
+    Expired,
+    Used,
+    Revoked,
+}
+
+impl TokenView {
+    pub fn new(t: &Token, now_ms: u64) -> Self {
+        let status = match t.status(now_ms) {
+            TokenStatus::Valid => TokenState::Valid,
+            TokenStatus::Expired => TokenState::Expired,
+            TokenStatus::UsedUp => TokenState::Used,
+            TokenStatus::Revoked => TokenState::Revoked,
+        };
+        TokenView {
+            id: t.id.clone(),
+            status,
+            issued_at_ms: t.issued_at_ms,
+            expires_at_ms: t.expires_at_ms,
+            uses_total: t.uses_total,
+            uses_left: t.uses_left,
+            used_by: t.used_by.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for TokenState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TokenState::Valid => "valid",
+            TokenState::Expired => "expired",
+            TokenState::Used => "used",
+            TokenState::Revoked => "revoked",
+        })
+    }
+}
+
+/// A service as `coyote service show` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub spec: ServiceSpec,
+    pub spec_hash: String,
+    pub placement: Option<Placement>,
+    pub created_at_ms: u64,
+    /// The current master may serve from this moment.
+    pub serve_from_ms: u64,
+}
+
+impl From<&Service> for ServiceView {
+    fn from(s: &Service) -> Self {
+        ServiceView {
+            name: s.spec.name.clone(),
+            spec: s.spec.clone(),
+            spec_hash: s.spec.hash(),
+            placement: s.placement.clone(),
+            created_at_ms: s.created_at_ms,
+            serve_from_ms: s.serve_from_ms,
+        }
+    }
+}
+
+/// `POST /v1/services`: the spec. The answer: where the log placed it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceCreated {
+    pub name: String,
+    pub index: u64,
+    /// As this node has applied it (`None` only if it has not applied the event yet).
+    pub placement: Option<Placement>,
+}
+
+/// `PUT /v1/services/NAME`: the spec. The answer:
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceUpdated {
+    pub name: String,
+    pub index: u64,
+    pub spec_hash: String,
+}
+
+/// `POST /v1/services/NAME/switch`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SwitchRequest {
+    pub to: u64,
+    /// Switch at once, without the master's dump and stop (for a master that is gone for good).
+    #[serde(default)]
+    pub now: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SwitchAnswer {
+    pub name: String,
+    pub to: u64,
+    pub index: u64,
+    #[serde(flatten)]
+    pub how: SwitchHow,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "switch", rename_all = "snake_case")]
+pub enum SwitchHow {
+    /// A handover was asked for: the master (`from`) dumps and stops, then switches; the target takes
+    /// over by itself after `wait_ms` if it has not.
+    Handover { from: Option<u64>, wait_ms: u64 },
+    /// The switch itself: the new master serves from `serve_from_ms`.
+    Now { serve_from_ms: u64 },
+}
+
+/// `GET /v1/serving`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Serving {
+    pub node_id: u64,
+    pub serving: Vec<String>,
+}
+
+/// `POST /v1/alarms`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AlarmRaise {
+    pub key: String,
+    pub message: String,
+    pub node: Option<u64>,
+    pub service: Option<String>,
+}
+
+/// An alarm raised: its id is the index of the event that raised it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AlarmRaised {
+    pub id: u64,
+    pub index: u64,
+}
+
+/// What was done by one event, with its index: a token revoked, a service removed, an alarm cleared.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Committed {
+    pub index: u64,
+}
