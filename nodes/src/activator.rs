@@ -68,8 +68,8 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::fence::Fence;
 use crate::forward::{mark_of, open_connections, Forwarder, KernelCounters};
-use crate::monitor::Fence;
 use crate::runtime::{ContainerRuntime, RunState};
 use crate::sockets::{BoxStream, Sockets, TcpSockets};
 

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::activator::Activator;
-use crate::monitor::Fence;
+use crate::fence::Fence;
 use crate::reconciler::Reconciler;
 use crate::wire::{
     AlarmRaise, AlarmRaised, Committed, ErrorAnswer, EventView, EventsPage, PlanView, ServiceCreated,

@@ -4,7 +4,9 @@
 //! - [`reconciler`]: brings this server's containers to what the log asks, or raises alarms.
 //! - [`activator`]: starts on-demand containers when a connection arrives, stops them when idle.
 //! - [`forward`]: kernel forwarding (nftables DNAT) of warm connections to on-demand containers.
-//! - [`monitor`]: probes peers and services, reports transitions, fails over; the fence (leases).
+//! - [`monitor`]: probes peers and services, reports transitions, fails over.
+//! - [`fence`]: this server's lease: what it may serve, and the argument that at most one server
+//!   serves a service at any instant.
 //! - [`probe`]: the service checks the monitor runs (TCP, HTTP, DNS SOA).
 //! - [`node`]: the one assembly of a node from the parts its caller gives (`coyote node` and the
 //!   simulator both call it).
@@ -15,6 +17,7 @@
 
 pub mod activator;
 pub mod api;
+pub mod fence;
 pub mod forward;
 pub mod monitor;
 pub mod node;

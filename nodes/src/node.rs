@@ -38,8 +38,9 @@ use tokio::task::JoinHandle;
 
 use crate::activator::{Activator, ActivatorConfig};
 use crate::api::{self, Api};
+use crate::fence::Fence;
 use crate::forward::Forwarder;
-use crate::monitor::{Fence, Monitor, MonitorConfig};
+use crate::monitor::{Monitor, MonitorConfig};
 use crate::probe::ServiceProbe;
 use crate::reconciler::{self, Reconciler};
 use crate::runtime::{ContainerRuntime, Scope};

@@ -80,7 +80,7 @@ use std::time::Duration;
 use coyote_log::LogNode;
 use coyote_state_machine::{ContainerGoal, Event, NodeId, ServiceSpec, State, SwitchCause};
 
-use crate::monitor::Fence;
+use crate::fence::Fence;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::time::Instant;

@@ -11,7 +11,8 @@ use coyote_log::store::{self, EventRecord, MemoryDisk};
 use coyote_log::tls::{self, ClusterCa, Identity};
 use coyote_log::{cluster, Clock, Environment, JoinToken, LogNode, LogNodeConfig, RaftSettings};
 use coyote_nodes::activator::ActivatorConfig;
-use coyote_nodes::monitor::{Fence, MonitorConfig};
+use coyote_nodes::fence::Fence;
+use coyote_nodes::monitor::MonitorConfig;
 use coyote_nodes::node::{ContainerParts, Node, Parts};
 use coyote_nodes::{reconciler, wire};
 use coyote_state_machine::{
