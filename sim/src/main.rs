@@ -33,7 +33,7 @@ struct Args {
     #[arg(long, default_value = "0..8")]
     seeds: String,
     /// Nodes in the cluster (1 to 9).
-    #[arg(long, default_value_t = 5, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=coyote_sim::run::NODES_MAX as u64))]
+    #[arg(long, default_value_t = 5, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=coyote_sim::params::NODES_MAX as u64))]
     nodes: usize,
     /// Simulated seconds of faults.
     #[arg(long, default_value_t = 15)]
@@ -47,7 +47,7 @@ struct Args {
     /// Simulated milliseconds per turmoil step, 1 to 50 (the Raft heartbeat): messages are delivered
     /// only at step boundaries (timers still fire at their own instants, the hosts' clocks being
     /// paused tokio clocks).
-    #[arg(long, default_value_t = coyote_sim::run::DEFAULT_TICK_MS, value_parser = clap::value_parser!(u64).range(1..=50))]
+    #[arg(long, default_value_t = coyote_sim::params::DEFAULT_TICK_MS, value_parser = clap::value_parser!(u64).range(1..=50))]
     tick_ms: u64,
     /// Services created after formation (0 to 100).
     /// Every fourth (svc4, svc8, ...) is on demand, started by the activator on its first connection.

@@ -1,0 +1,225 @@
+//! What runs beside each node: the simulated admin (its commands go through the node's API
+//! router), the join, the workload of alarms that the client oracle records, and the visitors of
+//! the on-demand services.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use coyote_log::{cluster, LogNode};
+use coyote_nodes::wire;
+use coyote_state_machine::{Event, Outcome, ServiceSpec};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+use crate::checks::Ack;
+use crate::material::material;
+use crate::net;
+use crate::params::{ADMIN_ACTOR, JOIN_RETRY, VISIT_TIMEOUT};
+use crate::world::{Admin, HostState, World};
+
+/// Runs the admin's commands queued for this host, one at a time, through this node's API router
+/// (the CLI's path, without the unix socket).
+pub(crate) async fn admin(world: &World, host: &HostState, api: axum::Router) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let next = world.admin.lock().expect("admin lock").get_mut(&host.name).and_then(|q| q.pop_front());
+        match next {
+            Some(Admin::CreateService(spec)) => create_service(world, &api, spec).await,
+            Some(Admin::Switch { service, to }) => {
+                // `coyote service switch` without `--now`: a graceful handover.
+                let path = format!("/v1/services/{service}/switch");
+                let request = wire::SwitchRequest { to, now: false };
+                match call::<_, wire::SwitchAnswer>(&api, "POST", &path, &request).await {
+                    Ok(answer) => world.trace(format!(
+                        "admin: switch {service} to node {to}: handover asked at {}",
+                        answer.index
+                    )),
+                    Err(e) => world.trace(format!("admin: switch {service} to node {to} failed: {e}")),
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+/// `coyote service create`: one request, which the log places. The admin runs it again until the
+/// service exists, as a person would after an error.
+pub(crate) async fn create_service(world: &World, api: &axum::Router, spec: ServiceSpec) {
+    let name = spec.name.clone();
+    loop {
+        match call::<_, wire::ServiceCreated>(api, "POST", "/v1/services", &spec).await {
+            Ok(_) => break,
+            Err(e) if e.contains("already exists") => break,
+            Err(e) => {
+                world.trace(format!("admin: creating {name}: {e}"));
+                tokio::time::sleep(JOIN_RETRY).await;
+            }
+        }
+    }
+    world.trace(format!("admin: {name} created and placed"));
+}
+
+/// One request to a node's API router, as the simulated admin: its answer, or the status and error.
+pub(crate) async fn call<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+    api: &axum::Router,
+    method: &str,
+    path: &str,
+    body: &B,
+) -> Result<T, String> {
+    use tower::ServiceExt;
+    let request = axum::http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .header(coyote_nodes::api::ACTOR_HEADER, ADMIN_ACTOR)
+        .body(axum::body::Body::from(serde_json::to_vec(body).map_err(|e| e.to_string())?))
+        .map_err(|e| e.to_string())?;
+    let response = api.clone().oneshot(request).await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.map_err(|e| e.to_string())?;
+    if status.is_success() {
+        serde_json::from_slice(&bytes).map_err(|e| format!("an answer the admin cannot read: {e}"))
+    } else {
+        let error = serde_json::from_slice::<wire::ErrorAnswer>(&bytes).map(|e| e.error).unwrap_or_default();
+        Err(format!("{status}: {error}"))
+    }
+}
+
+/// Node 1 issues the token the others join with.
+pub(crate) async fn issue_token(world: &World, node: &LogNode) {
+    let event = Event::TokenIssued {
+        token_id: world.token.id.clone(),
+        secret_sha256: world.token.secret_sha256(),
+        expires_at_ms: node.now_ms() + 24 * 3600 * 1000,
+        uses: (2 * world.nodes_expected) as u32,
+    };
+    loop {
+        match node.propose(event.clone(), "sim@n1".into()).await {
+            Ok(proposed) => {
+                world.trace(format!("token issued at {}", proposed.index));
+                return;
+            }
+            Err(_) => tokio::time::sleep(JOIN_RETRY).await,
+        }
+    }
+}
+
+/// The real join path: a CSR and the token to a member, a certificate back.
+pub(crate) async fn join(world: &World, host: &HostState, addr: &str) -> (u64, String, String) {
+    let (key_pem, csr_pem) = &material().joiner_keys[host.index];
+    let dial = net::dial();
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        match cluster::request_join_with(&world.token, addr, csr_pem, &dial).await {
+            Ok(reply) => {
+                world.trace(format!(
+                    "{} joined as node {} after {attempts} attempts",
+                    host.name, reply.node_id
+                ));
+                return (reply.node_id, reply.node_cert_pem, key_pem.clone());
+            }
+            Err(_) => tokio::time::sleep(JOIN_RETRY).await,
+        }
+    }
+}
+
+/// Proposes alarms (raised and cleared) through this node, one at a time, and tells the oracle about
+/// each acknowledged one.
+pub(crate) async fn workload(world: &World, host: &HostState, node: &LogNode, incarnation: u64) {
+    let mut rng = StdRng::seed_from_u64(
+        world.seed ^ ((host.index as u64 + 1) << 40) ^ incarnation.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
+    let mut raised: Vec<u64> = Vec::new();
+    let mut counter = 0u64;
+    loop {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(200..800))).await;
+        if !world.workload.load(Ordering::SeqCst) {
+            continue;
+        }
+        counter += 1;
+        let clear = !raised.is_empty() && rng.gen_bool(0.4);
+        let event = if clear {
+            let alarm_id = raised.swap_remove(rng.gen_range(0..raised.len()));
+            Event::AlarmCleared { alarm_id, reason: "simulated".into() }
+        } else {
+            Event::AlarmRaised {
+                key: format!("{}.{incarnation}.{counter}", host.name),
+                node: None,
+                service: None,
+                message: "simulated".into(),
+            }
+        };
+        let actor = format!("sim@{}.{incarnation}.{counter}", host.name);
+        match node.propose(event.clone(), actor.clone()).await {
+            Ok(proposed) => {
+                if !clear && proposed.outcome == Outcome::Applied {
+                    raised.push(proposed.index);
+                }
+                world.trace(format!("ack {actor} at {}", proposed.index));
+                world.acks.lock().expect("acks lock").push(Ack { index: proposed.index, actor, event });
+            }
+            Err(e) => world.trace(format!("no ack for {actor}: {}: {e}", error_kind(&e))),
+        }
+    }
+}
+
+/// People visiting the on-demand services: every so often, a request to a service's host port at
+/// its master (as this node sees it), answered once the activator there has started the container.
+/// Each answer is noted with its time ([`World::visits`]).
+pub(crate) async fn visitors(world: &World, host: &HostState, node: &LogNode, incarnation: u64) {
+    let mut rng = StdRng::seed_from_u64(
+        world.seed
+            ^ ((host.index as u64 + 1) << 32)
+            ^ incarnation.wrapping_mul(0xD1B5_4A32_D192_ED03)
+            ^ 0x715,
+    );
+    loop {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(500..2000))).await;
+        let targets: Vec<(String, String, u16)> = node.store().with_state(|s| {
+            s.services
+                .values()
+                .filter(|svc| svc.spec.on_demand)
+                .filter_map(|svc| {
+                    let master = s.members.get(&svc.placement.as_ref()?.master)?;
+                    let host = master.addr.split(':').next()?.to_string();
+                    Some((svc.spec.name.clone(), host, svc.spec.ports.first()?.host))
+                })
+                .collect()
+        });
+        let Some((service, at, port)) = targets.choose(&mut rng).cloned() else { continue };
+        let answered = tokio::time::timeout(VISIT_TIMEOUT, async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = turmoil::net::TcpStream::connect((at.as_str(), port)).await?;
+            stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
+            let mut answer = [0u8; 12];
+            stream.read_exact(&mut answer).await?;
+            Ok::<bool, std::io::Error>(answer.starts_with(b"HTTP/1.1 200"))
+        })
+        .await;
+        let ok = matches!(answered, Ok(Ok(true)));
+        world.trace(format!(
+            "{} visits {service} at {at}: {}",
+            host.name,
+            if ok { "answered" } else { "no answer" }
+        ));
+        if ok {
+            let at_ms = turmoil::sim_elapsed().unwrap_or_default();
+            world.visits.lock().expect("visits lock").insert(service, at_ms);
+        }
+    }
+}
+
+pub(crate) fn error_kind(e: &coyote_log::ProposeError) -> &'static str {
+    use coyote_log::ProposeError::*;
+    match e {
+        Rejected(_) => "rejected",
+        NoLeader(_) => "no leader",
+        NotLeader => "not leader",
+        Forward(_) => "forward failed",
+        Uncertain(_) => "outcome unknown",
+        DiskFull(_) => "disk full",
+        Fatal(_) => "fatal",
+    }
+}
