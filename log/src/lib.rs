@@ -1,8 +1,9 @@
-//! The replicated event log of a coyote cluster: openraft over a sled store, replicated with tonic
+//! The replicated event log of a coyote cluster: openraft over coyote's own store, replicated with tonic
 //! gRPC over mutual TLS.
 //!
 //! - [`types`]: the openraft type configuration.
-//! - [`store`]: the sled-backed log, vote and state-machine snapshot, and the archive of applied events.
+//! - [`store`]: the Raft log and vote (append-only segment files, [`filelog`]), the state-machine
+//!   snapshot and the archive of applied events (sled).
 //! - [`tls`]: the cluster CA, node certificates and the TLS configurations, including the pinned trust a
 //!   joining server uses.
 //! - [`network`]: Raft's RPCs over gRPC.

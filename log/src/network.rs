@@ -10,15 +10,13 @@
 //! streams: a bidirectional HTTP/2 stream on which each request is answered by one response, in
 //! order, used by one call at a time and kept idle on the peer's channel between calls
 //! (`AppendStream`). A unary call per AppendEntries costs a new HTTP/2 stream with its headers
-//! and a server task each time; on one writer's path that was a measurable share of the CPU (see
-//! `tests/benches/README.md`). A stream whose exchange failed or timed out is dropped, never
+//! and a server task each time, on the path of every write. A stream whose exchange failed or timed out is dropped, never
 //! reused, so a late answer cannot be paired with a later request. A peer that does not know
 //! `Replicate` (an older version) answers `Unimplemented`, and AppendEntries to it go unary.
 //!
 //! The monitors' pings (every peer, five times a second from every node) go over the same streams as
-//! an empty request, answered empty (`PeerChannel::exchange`): as unary calls they cost a new HTTP/2
-//! stream with headers and trailers and a server task each, about a sixth of the simulator's CPU
-//! (`sim/README.md`, session 9).
+//! an empty request, answered empty (`PeerChannel::exchange`): as unary calls they would cost a new
+//! HTTP/2 stream with headers and trailers and a server task each.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

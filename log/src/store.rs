@@ -126,8 +126,8 @@
 //! memory. They are written to the tree in one sled batch when [`ARCHIVE_BATCH`] of them are waiting,
 //! and when a snapshot is built (before its flush, since openraft may then purge their log entries),
 //! without a flush otherwise: like the state, a record after the last snapshot is rebuilt, byte for
-//! byte, when its log entry is re-applied after a restart. (A sled batch per applied entry cost about
-//! half of the CPU of a write at one writer; see `tests/benches/README.md`.) Blank and membership
+//! byte, when its log entry is re-applied after a restart. (A sled batch per applied entry would cost
+//! far more than the records in it.) Blank and membership
 //! entries are not events and are not archived.
 //!
 //! An `Err` from `State::apply` means an invariant broke, which is a bug. Continuing would let this
@@ -469,8 +469,7 @@ struct Machine {
 }
 
 /// Applied events are written to the `events` tree in batches of this many (and whenever a snapshot
-/// is built). Each sled batch costs far more than the records in it: writing every applied entry's
-/// events as its own batch took about half of the CPU of a write at one writer.
+/// is built). Each sled batch costs far more than the records in it.
 pub const ARCHIVE_BATCH: usize = 512;
 
 /// What the three handles share.

@@ -202,9 +202,8 @@ fn presented_list(presented: &[String]) -> String {
 /// ring's provider, with AES-128-GCM/SHA-256 as the first cipher suite (ring's default puts
 /// AES-256-GCM/SHA-384 first). It is TLS 1.3's mandatory suite and 128-bit secure. SHA-256, which its
 /// key schedule and transcript hash use, runs on the CPU's SHA extensions where it has them; SHA-384
-/// has no such help on x86-64. In a perf profile of the simulator, SHA-384 took 1.6% of the time
-/// and SHA-256 now takes 0.4% (`sim/README.md`, "Speed"). A client that prefers another suite of
-/// the list still gets it: the server follows the client's order.
+/// has no such help on x86-64. A client that prefers another suite of the list still gets it: the
+/// server follows the client's order.
 fn provider() -> Arc<CryptoProvider> {
     use rustls::crypto::ring::cipher_suite;
     // Always explicit: with two providers in the graph the process default cannot be determined.

@@ -51,7 +51,7 @@
 //! # Left out, for now
 //! - A container stopped because this server no longer serves the service (its lease lapsed, it is
 //!   no longer master, its ports changed) is stopped at once, without its dump: fencing must not wait
-//!   for a command in the container. Dumps before a graceful handover belong to the switch, later.
+//!   for a command in the container. (The dump before a graceful handover is the reconciler's.)
 //! - The proxy waking a service through this code path (the proxy does not exist yet).
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -3,7 +3,8 @@
 //! ```text
 //! DIR/node.json      which cluster, which node, where it listens (written once, at init or join)
 //! DIR/tls/           ca.pem, ca.key (every member holds the CA), node.pem, node.key
-//! DIR/store/         the sled store: Raft log, vote, snapshots, event archive
+//! DIR/store/         the store: snapshots and the event archive (sled), the Raft log and vote
+//!                    (append-only segment files in DIR/store/raft-log/)
 //! DIR/coyote.sock    the local API (only while the node runs)
 //! DIR/lock           held while a node runs, so two nodes never share a directory
 //! ```

@@ -59,8 +59,7 @@
 //!   a new connection that reuses a port still in `TIME_WAIT` in the container is refused whenever
 //!   its TCP timestamp comes from another client's clock (RFC 7323's PAWS check on a reused
 //!   tuple): the container answers the SYN with an ACK of the old connection, and the client waits
-//!   a second to send it again. In the benchmark, short connections from two sources merged into
-//!   one address this way lost half of their rate (`tests/benches/README.md`).
+//!   a second to send it again.
 //! - IPv6 clients are not forwarded (the table is `ip`): they go through the listener.
 //!
 //! # Counting and activity

@@ -205,15 +205,14 @@ impl Driver<'_> {
     }
 
     /// Snapshots without the archives (empty), for the convergence checks, which run every 100 ms of
-    /// simulated time and need no events: reading five archives each time was a tenth of a run.
+    /// simulated time and need no events.
     pub(crate) fn light_snapshots(&self) -> Vec<NodeSnapshot> {
         self.snapshots_of(false)
     }
 
     /// The archive of `host`'s node: the copy read at the last check, extended by the events applied
     /// since. Read again in full when the node's archive no longer ends as the copy does (it shrank
-    /// after a restart, or an event was replaced): reading every archive in full at every check was a
-    /// tenth of a run.
+    /// after a restart, or an event was replaced).
     pub(crate) fn archive_of(&self, host: &str, store: &store::StoreHandle) -> Arc<Vec<EventRecord>> {
         let mut archives = self.archives.borrow_mut();
         let copy = archives.entry(host.to_string()).or_default();

@@ -11,8 +11,8 @@ use coyote_sim::{run_seed, Params, Scenario, SeedReport};
 
 /// Turns transparent huge pages off for this process. Each simulated node opens an in-memory store
 /// whose page table is megabytes of zeroed memory of which it touches a few entries; with huge pages
-/// (which mimalloc asks for) the kernel cleared whole 2 MiB pages at first touch, half the run's
-/// system time. A failure costs only that time.
+/// (which mimalloc asks for) the kernel clears whole 2 MiB pages at first touch. A failure costs only
+/// that time.
 fn no_huge_pages() {
     #[cfg(target_os = "linux")]
     // SAFETY: PR_SET_THP_DISABLE takes integer arguments and touches no memory of this process.

@@ -9,7 +9,7 @@ use crate::params::{CLUSTER_ID, NODES_MAX};
 /// Certificates and keys. They are fixed (`sim/fixtures/material.json`), not generated, because the
 /// CA's pin is written into the log (`ClusterCreated`): with a new CA per process, a seed replayed in
 /// another process would archive different bytes. Regenerate with
-/// `cargo test -p coyote-sim --release -- --ignored write_material` (the certificates are valid
+/// `cargo test -p coyote-sim --profile sim -- --ignored write_material` (the certificates are valid
 /// for 10 years from then, by real time: rustls checks validity against the real clock).
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct Material {

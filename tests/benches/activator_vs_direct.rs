@@ -22,8 +22,7 @@
 //!   127.0.0.1) but with TCP timestamps from two different clocks, so one side's new connection that
 //!   reuses a port the other side left in `TIME_WAIT` in the container is refused by the PAWS check
 //!   and waits a second for its SYN to be sent again. Without the wait, whichever side runs second
-//!   pays for the first one (both sides collapse from about 3,000 to 500-1,100 req/s with busybox);
-//!   with it, each side is measured as it runs alone;
+//!   pays for the first one; with it, each side is measured as it runs alone;
 //! - `BENCH_FORWARD` (`kernel`): the node's `--forward` mode. In kernel mode the "activator" side
 //!   connects to the same published port, `127.0.0.1:PORT`, which nftables forwards to the container
 //!   (the `output` hook); the bench checks that it did: the node's stats must show kernel forwarding

@@ -33,8 +33,7 @@ pub fn switches(archive: &[EventRecord]) -> Result<Vec<Switch>, String> {
 }
 
 /// The replay behind [`switches`], kept between checks: each check replays only the events that
-/// are new since the last one (replaying the whole archive every check cost the simulator about
-/// 2% of its time on a long run).
+/// are new since the last one.
 #[derive(Default)]
 pub struct Replay {
     state: State,
