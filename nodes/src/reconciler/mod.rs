@@ -89,6 +89,7 @@ mod pull;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -132,6 +133,8 @@ pub struct Reconciler {
     fence: Option<Fence>,
     /// Handovers whose dump failed here, by service: when the dump may be tried again.
     dump_retry: Mutex<HashMap<String, Instant>>,
+    /// Passes completed since this node started ([`PlanView::passes`]).
+    passes: AtomicU64,
 }
 
 impl Reconciler {
@@ -141,6 +144,7 @@ impl Reconciler {
             executor: Executor::new(runtime, scope, settings),
             fence: None,
             dump_retry: Default::default(),
+            passes: AtomicU64::new(0),
         }
     }
 
@@ -182,7 +186,14 @@ impl Reconciler {
                 image: d.spec.image,
             })
             .collect();
-        Ok(PlanView { node, desired, observed, actions })
+        Ok(PlanView { node, desired, observed, actions, passes: self.passes() })
+    }
+
+    /// How many passes this reconciler has completed since the node started. A pass that begins
+    /// after a moment has looked at the state and containers of that moment, so whoever needs to see
+    /// that the reconciler looked (and did nothing) waits until this has grown by 2 past it.
+    pub fn passes(&self) -> u64 {
+        self.passes.load(Ordering::Acquire)
     }
 
     /// Runs passes on every applied-index change and every [`RESYNC_INTERVAL`] until `shutdown`.
@@ -257,6 +268,7 @@ impl Reconciler {
             self.propose(event).await;
         }
         self.finish_handovers().await;
+        self.passes.fetch_add(1, Ordering::Release);
     }
 
     async fn propose(&self, event: Event) {

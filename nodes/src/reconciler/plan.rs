@@ -135,6 +135,9 @@ pub struct PlanView {
     pub desired: Vec<DesiredView>,
     pub observed: Vec<ObservedContainer>,
     pub actions: Vec<Action>,
+    /// The passes the reconciler has completed since the node started (a counter: a test waits until
+    /// it has grown by 2 past a moment to know that a whole pass looked after that moment).
+    pub passes: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
