@@ -321,7 +321,13 @@ async fn metrics(State(api): State<Api>) -> Response {
         Some(a) => a.stats().await,
         None => Vec::new(),
     };
-    ([("content-type", "text/plain; version=0.0.4")], crate::activator::prometheus(&stats)).into_response()
+    let mut text = crate::activator::prometheus(&stats);
+    if let Some(r) = &api.reconciler {
+        // Also when Docker is down, where `/v1/plan` cannot answer.
+        text.push_str("# TYPE coyote_reconciler_passes_total counter\n");
+        text.push_str(&format!("coyote_reconciler_passes_total {}\n", r.passes()));
+    }
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn serving(State(api): State<Api>) -> ApiResult<Serving> {

@@ -305,6 +305,46 @@ impl Node {
     pub fn api(&self, method: &str, path: &str, body: &str) -> Result<(u16, Value)> {
         api_call(&self.dir.join("coyote.sock"), method, path, body)
     }
+
+    /// A GET of `path` on the node's API socket: the whole HTTP answer, as text (for `/metrics`).
+    pub fn api_text(&self, path: &str) -> Result<String> {
+        let mut s = UnixStream::connect(self.dir.join("coyote.sock"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: coyote\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    }
+
+    /// The passes this node's reconciler has completed: `passes` in `coyote plan`, or, when the plan
+    /// cannot be made (Docker is down), `coyote_reconciler_passes_total` in `/metrics`.
+    pub fn reconciler_passes(&self) -> Result<u64> {
+        if let Ok(plan) = self.cli_json(&["plan"]) {
+            return plan["passes"].as_u64().ok_or_else(|| anyhow!("no passes in {plan}"));
+        }
+        let metrics = self.api_text("/metrics")?;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("coyote_reconciler_passes_total "))
+            .and_then(|n| n.trim().parse().ok())
+            .ok_or_else(|| anyhow!("no coyote_reconciler_passes_total in {metrics}"))
+    }
+
+    /// Waits until this node's reconciler has looked at everything as it is now: until it has
+    /// completed 2 passes past this call (the first may have begun before it; the second began
+    /// after). Whatever it would do about the present, it has done by then, so a test can assert
+    /// that it did nothing. Every applied event wakes the reconciler, so each try also creates a join
+    /// token (an event that touches no container): a few tenths of a second, not two resync periods.
+    pub fn wait_two_reconciler_passes(&self) -> Result<()> {
+        let target = self.reconciler_passes()? + 2;
+        wait_until("2 passes of the reconciler", Duration::from_secs(60), || {
+            if self.reconciler_passes()? >= target {
+                return Ok(Some(()));
+            }
+            self.token(&[])?;
+            Ok(None)
+        })
+    }
 }
 
 impl Drop for Node {

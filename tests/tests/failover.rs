@@ -49,7 +49,11 @@ fn the_failover_takes_over_when_the_master_dies() -> Result<()> {
     let failover = created["placement"]["failover"].as_u64().expect("a failover");
     let failover_index = ids.iter().position(|i| *i == failover).unwrap();
 
-    // Healthy for a while: nobody takes over a service that answers.
+    // Healthy for a while: nobody takes over a service that answers. What is tested is that time
+    // passing changes nothing, so this waits on the clock: the monitors' rounds of probes (every
+    // 200 ms) are not observable through the API or the log (only reachability transitions are
+    // logged, and a healthy service has none), so there is no exact signal to wait for. 3 s is about
+    // 15 rounds, and 12 times the 250 ms a failover waits before it may take over.
     std::thread::sleep(Duration::from_secs(3));
     let switches = |node: &Node| -> Result<Vec<Value>> {
         Ok(node.events()?.into_iter().filter(|e| e["kind"] == "authority_switched").collect())

@@ -220,8 +220,8 @@ fn a_missing_image_raises_one_alarm_that_clears_when_the_image_is_built() -> Res
     assert_eq!(plan["actions"][0]["action"], "create", "{plan}");
     assert!(containers(&cluster, &service)?.is_empty());
 
-    // Several passes later the problem is still one alarm, not one per pass.
-    std::thread::sleep(Duration::from_secs(7));
+    // Passes later the problem is still one alarm, not one per pass.
+    node.wait_two_reconciler_passes()?;
     assert_eq!(raised(&node, &key)?, 1);
 
     // The image appears (built or loaded): the container comes up and the alarm is cleared.
@@ -247,8 +247,8 @@ fn a_wrong_docker_socket_is_an_alarm_not_a_crash() -> Result<()> {
     let alarm = wait_until("the docker alarm", TIMEOUT, || open_alarm(&node, "docker/1"))?;
     let message = alarm["message"].as_str().unwrap_or("");
     assert!(message.contains("no-such-docker.sock"), "{message}");
-    // The node keeps running and answering; `plan` explains itself in one line.
-    std::thread::sleep(Duration::from_secs(6));
+    // Passes later the node keeps running and answering; `plan` explains itself in one line.
+    node.wait_two_reconciler_passes()?;
     assert!(node.is_running(), "the node exited:\n{}", node.log_text());
     node.status()?;
     let err = node.cli_err(&["plan"])?;

@@ -1,0 +1,640 @@
+//! The client commands of `coyote` (all but `up`, `init`, `node` and `join`, which run a node: see
+//! `daemon.rs`): their arguments, what each asks of the node's local API, and how its answer is
+//! printed (text, or JSON with `--json`).
+
+use anyhow::{bail, Result};
+use clap::Subcommand;
+use coyote_nodes::wire;
+use coyote_state_machine::spec::{parse_bytes, parse_port};
+use coyote_state_machine::{format_ms, PortMap, ServiceSpec, ZoneCheck};
+use hyper::Method;
+use serde::Serialize;
+
+use crate::client::Client;
+
+/// The client commands, flattened into `coyote`'s list of commands after the daemon's.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Show the cluster as this node sees it
+    Status,
+    /// Join tokens
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// The event log
+    #[command(subcommand)]
+    Events(EventsCmd),
+    /// Hosted services
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Open alarms
+    #[command(subcommand)]
+    Alarm(AlarmCmd),
+    /// Show what this node would do to its containers now, without doing it
+    Plan,
+    /// Traffic of the on-demand services this node serves (kept locally, not in the log)
+    Stats,
+}
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Issue a join token
+    Create {
+        /// How long the token stays valid (s, m, h, d)
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// How many servers may join with it
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+    /// List tokens
+    List,
+    /// Revoke a token by id
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum EventsCmd {
+    /// Print events, oldest first
+    Tail {
+        /// Keep printing new events as they are committed
+        #[arg(long, short)]
+        follow: bool,
+        /// Start at this log index
+        #[arg(long, value_name = "INDEX")]
+        from: Option<u64>,
+        /// Only events of this kind (node_joined, service_created, ...)
+        #[arg(long)]
+        kind: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ServiceCmd {
+    /// Create a service; it is placed on a master, a failover and backups among the members
+    Create {
+        name: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long = "domain", value_name = "DOMAIN")]
+        domains: Vec<String>,
+        /// HOST:CONTAINER, or PORT for the same on both sides
+        #[arg(long = "port", value_name = "HOST:CONTAINER")]
+        ports: Vec<String>,
+        /// Memory limit (256M, 1G)
+        #[arg(long)]
+        memory: Option<String>,
+        /// Keep the container stopped until a connection arrives
+        #[arg(long)]
+        on_demand: bool,
+        /// Command run inside the container before coyote stops it (idle, memory pressure); split
+        /// like a shell line, without a shell: --dump 'sh -c "pg_dumpall > /data/dump.sql"'
+        #[arg(long, value_name = "COMMAND")]
+        dump: Option<String>,
+        /// Check the service with an HTTP GET of PATH on its first port (healthy below status 500)
+        /// instead of a TCP connection
+        #[arg(long, value_name = "PATH")]
+        http_check: Option<String>,
+        /// The service's DNS zone: the failover takes over only while the zone's nameservers do not
+        /// answer an SOA query either (give them with --nameserver)
+        #[arg(long, value_name = "ZONE", requires = "nameservers")]
+        zone: Option<String>,
+        /// A nameserver of the zone, HOST or HOST:PORT (repeat for several)
+        #[arg(long = "nameserver", value_name = "HOST[:PORT]", requires = "zone")]
+        nameservers: Vec<String>,
+    },
+    /// List services
+    List,
+    /// Instruct a switch of authority: NODE becomes master (the only way a backup takes over)
+    /// Hand a service over to another node that holds a role for it. By default gracefully: the
+    /// master runs the spec's dump command, stops the container, then switches; the new master
+    /// serves a lease later. If the master does not within 30 s, or a majority reports it
+    /// unreachable, the new master takes over by itself.
+    Switch {
+        name: String,
+        /// Node id of the new master
+        #[arg(long)]
+        to: u64,
+        /// Switch at once, without waiting for the master's dump and stop (for a master that is
+        /// gone for good; it is fenced by its lease)
+        #[arg(long)]
+        now: bool,
+    },
+    /// Services this node may serve right now (it is master and holds its lease)
+    Serving,
+    /// Show one service
+    Show { name: String },
+    /// Change a service's spec: only the options given change; its containers are replaced
+    Update {
+        name: String,
+        #[arg(long)]
+        image: Option<String>,
+        /// Replaces the service's domains (repeat for several)
+        #[arg(long = "domain", value_name = "DOMAIN")]
+        domains: Vec<String>,
+        /// Replaces the service's published ports (repeat for several)
+        #[arg(long = "port", value_name = "HOST:CONTAINER")]
+        ports: Vec<String>,
+        /// Publish no ports
+        #[arg(long, conflicts_with = "ports")]
+        no_ports: bool,
+        /// Memory limit (256M, 1G), or `none`
+        #[arg(long)]
+        memory: Option<String>,
+        /// Keep the container stopped until a connection arrives (true or false)
+        #[arg(long, value_name = "BOOL")]
+        on_demand: Option<bool>,
+        /// Command run inside the container before coyote stops it, split like a shell line
+        #[arg(long, value_name = "COMMAND")]
+        dump: Option<String>,
+        /// Remove the dump command
+        #[arg(long, conflicts_with = "dump")]
+        no_dump: bool,
+        /// Check the service with an HTTP GET of PATH on its first port
+        #[arg(long, value_name = "PATH")]
+        http_check: Option<String>,
+        /// Check the service with a TCP connection again (no HTTP check)
+        #[arg(long, conflicts_with = "http_check")]
+        tcp_check: bool,
+        /// Sets the service's DNS zone check (with --nameserver)
+        #[arg(long, value_name = "ZONE", requires = "nameservers")]
+        zone: Option<String>,
+        /// A nameserver of the zone, HOST or HOST:PORT (repeat for several)
+        #[arg(long = "nameserver", value_name = "HOST[:PORT]", requires = "zone")]
+        nameservers: Vec<String>,
+        /// Remove the zone check
+        #[arg(long, conflicts_with = "zone")]
+        no_zone: bool,
+    },
+    /// Remove a service
+    Rm { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum AlarmCmd {
+    /// List open alarms
+    List,
+    /// Clear an alarm by id
+    Clear { id: u64 },
+}
+
+/// Runs one client command against the node whose API `client` reaches.
+pub async fn run(command: Command, client: &Client, json: bool) -> Result<()> {
+    match command {
+        Command::Plan => {
+            let plan: wire::PlanView = client.get("/v1/plan").await?;
+            print_plan(&plan, json);
+            Ok(())
+        }
+        Command::Status => {
+            let status: wire::Status = client.get("/v1/status").await?;
+            print_status(&status, json);
+            Ok(())
+        }
+        Command::Token(cmd) => token(cmd, client, json).await,
+        Command::Events(EventsCmd::Tail { follow, from, kind }) => {
+            let kind_query = kind.map(|k| format!("&kind={k}")).unwrap_or_default();
+            if follow {
+                let path = format!("/v1/events?follow=true&from={}{kind_query}", from.unwrap_or(0));
+                return client.stream_events(&path, |e| print_event(&e, json)).await;
+            }
+            // The API answers in pages; ask for the next one until a page comes back empty.
+            let mut next = from.unwrap_or(0);
+            loop {
+                let path = format!("/v1/events?from={next}{kind_query}");
+                let page: wire::EventsPage = client.get(&path).await?;
+                for e in &page.events {
+                    print_event(e, json)?;
+                }
+                match page.next {
+                    Some(n) => next = n,
+                    None => return Ok(()),
+                }
+            }
+        }
+        Command::Service(cmd) => service(cmd, client, json).await,
+        Command::Stats => {
+            let list: Vec<wire::ServiceStats> = client.get("/v1/stats").await?;
+            if json {
+                print_json_lines(&list);
+            } else {
+                for s in &list {
+                    let ms = |v: Option<u64>| v.map(|m| format!("{m} ms")).unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:<24} {} connections, {} B in, {} B out, {} cold starts (p50 {}, p99 {}), running {} s{}",
+                        s.service,
+                        s.connections,
+                        s.bytes_in,
+                        s.bytes_out,
+                        s.cold_starts,
+                        ms(s.cold_start_ms_p50),
+                        ms(s.cold_start_ms_p99),
+                        s.running_ms / 1000,
+                        if s.running { " (up)" } else { "" }
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Alarm(AlarmCmd::List) => {
+            let alarms: Vec<wire::Alarm> = client.get("/v1/alarms").await?;
+            if json {
+                print_json_lines(&alarms);
+            } else {
+                for a in &alarms {
+                    println!("{:>6}  {}  {}  {}", a.id, format_ms(a.raised_at_ms), a.key, a.message);
+                }
+            }
+            Ok(())
+        }
+        Command::Alarm(AlarmCmd::Clear { id }) => {
+            let r: wire::Committed = client.act(Method::POST, &format!("/v1/alarms/{id}/clear")).await?;
+            print_done(&r, r.index, json, &format!("alarm {id} cleared"));
+            Ok(())
+        }
+    }
+}
+
+fn print_json<T: Serialize>(value: &T) {
+    println!("{}", serde_json::to_string(value).expect("API types encode"));
+}
+
+fn print_json_lines<T: Serialize>(list: &[T]) {
+    for item in list {
+        print_json(item);
+    }
+}
+
+/// What an event did: the whole answer in JSON, else `text` with the event's index.
+fn print_done<T: Serialize>(reply: &T, index: u64, json: bool, text: &str) {
+    if json {
+        print_json(reply);
+    } else {
+        println!("{text} (event {index})");
+    }
+}
+
+/// A command line split into its argv like a POSIX shell would (quotes and backslashes), without
+/// running a shell: no variables, no globs, no redirections.
+fn parse_command(text: &str) -> Result<Vec<String>> {
+    let Some(argv) = shlex::split(text) else {
+        bail!("the command {text:?} has an unclosed quote or a trailing backslash");
+    };
+    coyote_state_machine::spec::validate_dump(&argv).map_err(|r| anyhow::anyhow!("{r}"))?;
+    Ok(argv)
+}
+
+/// `1h`, `30m`, `90s`, `2d`, or plain seconds, into milliseconds.
+pub fn parse_duration_ms(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = match digits.parse() {
+        Ok(n) if n > 0 => n,
+        _ => bail!("{text:?} is not a duration (examples: 90s, 30m, 1h, 2d)"),
+    };
+    let unit_ms = match unit {
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => bail!("{text:?} has an unknown unit (use s, m, h or d)"),
+    };
+    n.checked_mul(unit_ms).ok_or_else(|| anyhow::anyhow!("{text:?} is too long"))
+}
+
+async fn token(cmd: TokenCmd, client: &Client, json: bool) -> Result<()> {
+    match cmd {
+        TokenCmd::Create { ttl, uses } => {
+            let ttl_ms = parse_duration_ms(&ttl)?;
+            let created: wire::TokenCreated =
+                client.send_json(Method::POST, "/v1/tokens", &wire::TokenCreate { ttl_ms, uses }).await?;
+            let command = format!(
+                "coyote join {} --data /var/lib/coyote --listen <THIS-SERVER-IP>:7100",
+                created.token
+            );
+            if json {
+                #[derive(Serialize)]
+                struct WithCommand<'a> {
+                    #[serde(flatten)]
+                    created: &'a wire::TokenCreated,
+                    command: &'a str,
+                }
+                print_json(&WithCommand { created: &created, command: &command });
+            } else {
+                println!("{}", created.token);
+                eprintln!(
+                    "token {} for {uses} server(s), valid until {}; on the new server run:\n  {command}",
+                    created.id,
+                    format_ms(created.expires_at_ms)
+                );
+            }
+        }
+        TokenCmd::List => {
+            let list: Vec<wire::TokenView> = client.get("/v1/tokens").await?;
+            if json {
+                print_json_lines(&list);
+            } else {
+                for t in &list {
+                    println!(
+                        "{:<14} {:<8} uses left {}/{}  expires {}  used by {:?}",
+                        t.id,
+                        t.status.to_string(),
+                        t.uses_left,
+                        t.uses_total,
+                        format_ms(t.expires_at_ms),
+                        t.used_by
+                    );
+                }
+            }
+        }
+        TokenCmd::Revoke { id } => {
+            let r: wire::Committed = client.act(Method::DELETE, &format!("/v1/tokens/{id}")).await?;
+            print_done(&r, r.index, json, &format!("token {id} revoked"));
+        }
+    }
+    Ok(())
+}
+
+async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
+    match cmd {
+        ServiceCmd::Create {
+            name,
+            image,
+            domains,
+            ports,
+            memory,
+            on_demand,
+            dump,
+            http_check,
+            zone,
+            nameservers,
+        } => {
+            let ports: Vec<PortMap> =
+                ports.iter().map(|p| parse_port(p)).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?;
+            let memory_bytes = memory.as_deref().map(parse_bytes).transpose().map_err(anyhow::Error::msg)?;
+            let dump = dump.as_deref().map(parse_command).transpose()?;
+            let zone = zone.map(|zone| ZoneCheck { zone, nameservers });
+            let spec = ServiceSpec {
+                name: name.clone(),
+                image,
+                domains,
+                ports,
+                memory_bytes,
+                on_demand,
+                dump,
+                http_check,
+                zone,
+            };
+            if let Err(r) = spec.validate() {
+                bail!("{r}");
+            }
+            let r: wire::ServiceCreated = client.send_json(Method::POST, "/v1/services", &spec).await?;
+            if json {
+                print_json(&r);
+            } else {
+                let placed = r.placement.map(|p| p.describe()).unwrap_or_else(|| "not placed yet".into());
+                println!("service {name} created (event {}): {placed}", r.index);
+            }
+        }
+        ServiceCmd::List => {
+            let list: Vec<wire::ServiceView> = client.get("/v1/services").await?;
+            if json {
+                print_json_lines(&list);
+            } else {
+                for s in &list {
+                    print_service_line(s);
+                }
+            }
+        }
+        ServiceCmd::Show { name } => {
+            let s: wire::ServiceView = client.get(&format!("/v1/services/{name}")).await?;
+            if json {
+                print_json(&s);
+            } else {
+                print_service(&s);
+            }
+        }
+        ServiceCmd::Update {
+            name,
+            image,
+            domains,
+            ports,
+            no_ports,
+            memory,
+            on_demand,
+            dump,
+            no_dump,
+            http_check,
+            tcp_check,
+            zone,
+            nameservers,
+            no_zone,
+        } => {
+            let current: wire::ServiceView = client.get(&format!("/v1/services/{name}")).await?;
+            let mut spec = current.spec;
+            if let Some(image) = image {
+                spec.image = image;
+            }
+            if !domains.is_empty() {
+                spec.domains = domains;
+            }
+            if no_ports {
+                spec.ports.clear();
+            } else if !ports.is_empty() {
+                spec.ports = ports
+                    .iter()
+                    .map(|p| parse_port(p))
+                    .collect::<Result<_, _>>()
+                    .map_err(anyhow::Error::msg)?;
+            }
+            match memory.as_deref() {
+                None => {}
+                Some("none") => spec.memory_bytes = None,
+                Some(m) => spec.memory_bytes = Some(parse_bytes(m).map_err(anyhow::Error::msg)?),
+            }
+            if let Some(on_demand) = on_demand {
+                spec.on_demand = on_demand;
+            }
+            if no_dump {
+                spec.dump = None;
+            } else if let Some(dump) = dump {
+                spec.dump = Some(parse_command(&dump)?);
+            }
+            if tcp_check {
+                spec.http_check = None;
+            } else if let Some(path) = http_check {
+                spec.http_check = Some(path);
+            }
+            if no_zone {
+                spec.zone = None;
+            } else if let Some(zone) = zone {
+                spec.zone = Some(ZoneCheck { zone, nameservers });
+            }
+            if let Err(r) = spec.validate() {
+                bail!("{r}");
+            }
+            let r: wire::ServiceUpdated =
+                client.send_json(Method::PUT, &format!("/v1/services/{name}"), &spec).await?;
+            print_done(&r, r.index, json, &format!("service {name} updated ({})", spec.describe()));
+        }
+        ServiceCmd::Rm { name } => {
+            let r: wire::Committed = client.act(Method::DELETE, &format!("/v1/services/{name}")).await?;
+            print_done(&r, r.index, json, &format!("service {name} removed"));
+        }
+        ServiceCmd::Switch { name, to, now } => {
+            let request = wire::SwitchRequest { to, now };
+            let r: wire::SwitchAnswer =
+                client.send_json(Method::POST, &format!("/v1/services/{name}/switch"), &request).await?;
+            let text = match &r.how {
+                wire::SwitchHow::Handover { from, wait_ms } => {
+                    let from = from.map(|n| format!("node {n}")).unwrap_or_else(|| "the master".into());
+                    format!(
+                        "service {name}: handover to node {to} asked for; {from} dumps and stops it, then node {to} serves (by itself after {} s if {from} does not); follow it with `coyote events tail --follow`",
+                        wait_ms / 1000
+                    )
+                }
+                wire::SwitchHow::Now { serve_from_ms } => {
+                    format!(
+                        "service {name}: node {to} becomes master, serving from {}",
+                        format_ms(*serve_from_ms)
+                    )
+                }
+            };
+            print_done(&r, r.index, json, &text);
+        }
+        ServiceCmd::Serving => {
+            let r: wire::Serving = client.get("/v1/serving").await?;
+            if json {
+                print_json(&r);
+            } else {
+                for s in &r.serving {
+                    println!("{s}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_plan(plan: &wire::PlanView, json: bool) {
+    use coyote_nodes::reconciler::Action;
+    if json {
+        print_json(plan);
+        return;
+    }
+    if plan.actions.is_empty() {
+        println!(
+            "nothing to do: node {} should have {} container(s) and has {} matching",
+            plan.node,
+            plan.desired.len(),
+            plan.observed.len()
+        );
+        return;
+    }
+    for a in &plan.actions {
+        let line = match a {
+            Action::Create { service, start: true, .. } => format!("create and start {service}"),
+            Action::Create { service, .. } => format!("create {service} (stopped)"),
+            Action::Start { service, id } => format!("start {service} (container {})", short_id(id)),
+            Action::Stop { service, id } => format!("stop {service} (container {})", short_id(id)),
+            Action::Remove { service, id } => format!("remove {service} (container {})", short_id(id)),
+        };
+        println!("{line}");
+    }
+}
+
+fn short_id(id: &str) -> String {
+    id.chars().take(12).collect()
+}
+
+fn print_service_line(s: &wire::ServiceView) {
+    let placed = s.placement.as_ref().map(|p| p.describe()).unwrap_or_else(|| "not placed".into());
+    println!("{:<24} {:<32} {placed}", s.name, s.spec.image);
+}
+
+fn print_service(s: &wire::ServiceView) {
+    let placed = s.placement.as_ref().map(|p| p.describe()).unwrap_or_else(|| "not placed".into());
+    println!("service   {}", s.name);
+    println!("spec      {}", s.spec.describe());
+    println!("spec hash {}", s.spec_hash);
+    println!("placement {placed}");
+    println!("created   {}", format_ms(s.created_at_ms));
+    println!("serves    from {}", format_ms(s.serve_from_ms));
+}
+
+fn print_event(e: &wire::EventView, json: bool) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let line = if json {
+        serde_json::to_string(e).expect("API types encode")
+    } else {
+        let mut line =
+            format!("{:>7}  {}  {:<16} {:<20} {}", e.index, format_ms(e.at_ms), e.actor, e.kind, e.summary);
+        if let Some(reason) = &e.reason {
+            line.push_str(&format!("  [rejected: {reason}]"));
+        }
+        line
+    };
+    // A closed pipe (`coyote events tail | head`) ends the command quietly.
+    if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+        std::process::exit(0);
+    }
+    Ok(())
+}
+
+fn print_status(s: &wire::Status, json: bool) {
+    if json {
+        print_json(s);
+        return;
+    }
+    let opt = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+    println!("cluster   {}", s.cluster_id);
+    println!("node      {} ({})", s.node_id, s.state);
+    println!("leader    {}", opt(s.leader));
+    println!("term      {}", s.term);
+    println!("events    {}", s.last_event);
+    println!(
+        "log       last {}, applied {}, snapshot {}, purged {}",
+        opt(s.last_log_index),
+        opt(s.applied_index),
+        opt(s.snapshot_index),
+        opt(s.purged_index)
+    );
+    println!("members");
+    for m in &s.members {
+        println!(
+            "  {:<4} {:<24} {:<8} {}",
+            m.id,
+            m.addr,
+            m.role,
+            if m.reachable { "reachable" } else { "UNREACHABLE" }
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_command, parse_duration_ms};
+
+    #[test]
+    fn commands_split_like_a_shell_line() {
+        assert_eq!(
+            parse_command(r#"sh -c "pg_dumpall > /data/dump.sql""#).unwrap(),
+            vec!["sh", "-c", "pg_dumpall > /data/dump.sql"]
+        );
+        assert_eq!(parse_command("a 'b c' d\\ e").unwrap(), vec!["a", "b c", "d e"]);
+        for bad in ["", "   ", "sh -c 'unclosed", "''"] {
+            assert!(parse_command(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration_ms("1h").unwrap(), 3_600_000);
+        assert_eq!(parse_duration_ms("90s").unwrap(), 90_000);
+        assert_eq!(parse_duration_ms("2d").unwrap(), 172_800_000);
+        assert_eq!(parse_duration_ms("5").unwrap(), 5_000);
+        for bad in ["", "0", "h", "1y", "-1h"] {
+            assert!(parse_duration_ms(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}
