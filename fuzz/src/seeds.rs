@@ -196,7 +196,7 @@ pub fn seeds() -> Vec<Seed> {
         ("path", "/healthz?x=1"),
         ("nameserver", "ns1.example.com:53"),
         ("dump", "pg_dump\0-U\0postgres"),
-        ("zone", "example.com.\0127.0.0.1:5353\0[::1]:53"),
+        ("zone", "example.com.\x00127.0.0.1:5353\x00[::1]:53"),
     ] {
         out.push(seed("spec_text", name, text));
     }

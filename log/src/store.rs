@@ -1532,9 +1532,7 @@ mod tests {
     /// build), reached by the `snapshot` fuzz target. It is an inconsistent snapshot.
     #[test]
     fn a_snapshot_whose_counts_overflow_is_refused() {
-        let mut state = State::default();
-        state.applied_count = u64::MAX;
-        state.rejected_count = 1;
+        let state = State { applied_count: u64::MAX, rejected_count: 1, ..State::default() };
         let body = SnapshotBody {
             last_applied: None,
             last_membership: StoredMembership::default(),
