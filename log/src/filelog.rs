@@ -105,10 +105,10 @@ enum RecordRef<'a> {
 
 /// Segments in memory, for the simulator: they outlive the stores opened on them, like a directory.
 #[derive(Clone, Default)]
-pub struct MemorySegments(Arc<Mutex<SegmentMap>>);
+pub struct MemorySegments(pub(crate) Arc<Mutex<SegmentMap>>);
 
 /// One byte vector per segment, by sequence number.
-type SegmentMap = BTreeMap<u64, Arc<Mutex<Vec<u8>>>>;
+pub(crate) type SegmentMap = BTreeMap<u64, Arc<Mutex<Vec<u8>>>>;
 
 impl MemorySegments {
     fn lock(&self) -> std::sync::MutexGuard<'_, SegmentMap> {
@@ -179,7 +179,7 @@ fn file_name(seq: u64) -> String {
     format!("{seq:016x}.seg")
 }
 
-fn header(seq: u64) -> [u8; HEADER_LEN] {
+pub(crate) fn header(seq: u64) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[..16].copy_from_slice(MAGIC);
     h[16..20].copy_from_slice(&VERSION.to_le_bytes());
@@ -189,7 +189,7 @@ fn header(seq: u64) -> [u8; HEADER_LEN] {
     h
 }
 
-fn frame_crc(len: [u8; 4], payload: &[u8]) -> u32 {
+pub(crate) fn frame_crc(len: [u8; 4], payload: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&len);
     hasher.update(payload);
@@ -429,7 +429,11 @@ impl FileLog {
                 Record::Vote(vote) => self.vote = Some(vote),
                 Record::Committed(committed) => self.committed = committed,
                 Record::Purged(log_id) => {
-                    self.entries = self.entries.split_off(&(log_id.index + 1));
+                    // A purge up to the largest index leaves nothing (and `index + 1` would overflow).
+                    self.entries = match log_id.index.checked_add(1) {
+                        Some(next) => self.entries.split_off(&next),
+                        None => BTreeMap::new(),
+                    };
                     self.purged = self.purged.max(Some(log_id));
                 }
                 Record::Truncated(index) => {

@@ -16,6 +16,8 @@
 
 pub mod cluster;
 pub mod filelog;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod network;
 pub mod runtime;
 pub mod store;

@@ -313,11 +313,58 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 /// Decode a value encoded by [`encode`]; trailing bytes are an error.
+///
+/// bincode allocates the length a string or byte vector claims before it reads its bytes, so without a
+/// limit a few bytes claiming an exabyte abort the process. The limit here grows with the input: bincode
+/// counts each value it reads at its size in memory, at most 16 times its encoded size, so every
+/// valid input stays under 16 times its length, and a claim beyond that is an error.
 pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, crate::Error> {
-    let (value, read) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .map_err(|e| crate::Error::Decode(e.to_string()))?;
+    fn limited<T: serde::de::DeserializeOwned, const LIMIT: usize>(
+        bytes: &[u8],
+    ) -> Result<(T, usize), bincode::error::DecodeError> {
+        bincode::serde::decode_from_slice(bytes, bincode::config::standard().with_limit::<LIMIT>())
+    }
+    let need = bytes.len().saturating_mul(16);
+    macro_rules! ladder {
+        ($($shift:literal)*) => {
+            $(if need <= 1usize << $shift { limited::<T, { 1usize << $shift }>(bytes) } else)*
+            { limited::<T, { usize::MAX }>(bytes) }
+        };
+    }
+    let (value, read) =
+        ladder!(16 18 20 22 24 26 28 30 32 34 36).map_err(|e| crate::Error::Decode(e.to_string()))?;
     if read != bytes.len() {
         return Err(crate::Error::Decode(format!("{} trailing bytes", bytes.len() - read)));
     }
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A string that claims 2^60 bytes: before the limit, bincode allocated them and the process
+    /// aborted ("memory allocation failed"); every bincode target reaches it.
+    #[test]
+    fn a_huge_claimed_length_is_an_error_not_an_allocation() {
+        let mut claim = vec![0xfd];
+        claim.extend((1u64 << 60).to_le_bytes());
+        assert!(matches!(decode::<String>(&claim), Err(crate::Error::Decode(_))));
+        // In a proposal: `at_ms`, then the actor's length.
+        let mut proposal = vec![0, 7];
+        proposal.extend(&claim);
+        assert!(matches!(decode::<Proposal>(&proposal), Err(crate::Error::Decode(_))));
+    }
+
+    #[test]
+    fn the_limit_keeps_every_valid_input() {
+        let big = Proposal {
+            at_ms: u64::MAX,
+            actor: "a".repeat(100_000),
+            event: Event::AlarmCleared { alarm_id: u64::MAX, reason: "r".repeat(70_000) },
+        };
+        assert_eq!(decode::<Proposal>(&encode(&big)).unwrap(), big);
+        let ids: Vec<u64> = vec![1; 50_000];
+        assert_eq!(decode::<Vec<u64>>(&encode(&ids)).unwrap(), ids);
+    }
 }

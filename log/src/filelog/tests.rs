@@ -236,3 +236,21 @@ fn in_memory_segments_outlive_the_log() {
     let log = FileLog::open(medium, false).unwrap();
     assert_eq!(indexes(&log), [1, 2]);
 }
+
+/// A `Purged` record at the largest index: replaying it overflowed `index + 1` (a panic in a debug
+/// build), reached by the `file_log` fuzz target. It purges every entry.
+#[test]
+fn a_purge_at_the_largest_index_purges_everything() {
+    let segments = MemorySegments::default();
+    let medium = Medium::Memory(segments.clone());
+    FileLog::create(&medium, false).unwrap();
+    let mut log = FileLog::open(medium.clone(), false).unwrap();
+    log.append(&entries(1, 1..=3)).unwrap();
+    let mut record = Vec::new();
+    frame(&mut record, &RecordRef::Purged(&log_id(1, u64::MAX)));
+    log.write(&[&record], "write a purge record").unwrap();
+    drop(log);
+    let log = FileLog::open(medium, false).unwrap();
+    assert_eq!(indexes(&log), [0u64; 0]);
+    assert_eq!(log.purged(), Some(log_id(1, u64::MAX)));
+}
