@@ -94,12 +94,14 @@ impl Driver<'_> {
         !self.broken
     }
 
-    /// After every step, before [`Self::check_serving`] looks: every connection an on-demand
-    /// container accepted came from an activator on a node that served the service. The activator
-    /// decides to splice one step before the container accepts (turmoil delivers a connection to
-    /// the host's own address a step later), and a host reads the time of a step a step apart from
-    /// the driver, so a connection is also allowed when the node served the service up to
-    /// [`SPLICE_LAG_STEPS`] steps before. (The fence's drift margin covers far more than that lag.)
+    /// After every step, before [`Self::check_serving`] looks: every connection through which an
+    /// on-demand container received a client's bytes was accepted from an activator on a node that
+    /// served the service. The activator decides to splice (its fence check) a step before the
+    /// container accepts (turmoil delivers a connection to the host's own address a step later),
+    /// and a host reads the time of a step a step apart from the driver, so a splice is also
+    /// allowed when the node served the service up to [`SPLICE_LAG_STEPS`] steps before. (The
+    /// fence's drift margin covers far more than that lag.) A splice is reported once its first
+    /// bytes arrived, which can be later.
     pub(crate) fn check_splices(&mut self) {
         let splices: Vec<(String, crate::model::Splice)> = {
             let running = self.world.running.lock().expect("running lock");
@@ -526,10 +528,8 @@ impl Driver<'_> {
         }
         self.trace("converged".into());
         self.check();
-        self.visited_after_convergence(end);
-        if self.broken {
-            return;
-        }
+        // The state at convergence: what was acknowledged must be applied everywhere by then. (A
+        // proposal that was held up by a fault can still be acknowledged later; it is not lost.)
         let nodes = self.snapshots();
         let acked_max = self.world.acks.lock().expect("acks lock").iter().map(|a| a.index).max();
         let applied = nodes.iter().map(|n| n.applied).min().unwrap_or(0);
@@ -551,5 +551,6 @@ impl Driver<'_> {
             );
             self.trace(line);
         }
+        self.visited_after_convergence(end);
     }
 }

@@ -10,9 +10,10 @@
 //!
 //! An on-demand service's container publishes no port: the activator listens on the service's host
 //! ports and dials the container. A model container then listens on the port its image names
-//! ([`image_listening_on`]) at its host's address, and records every connection it accepts, with
-//! whether its node was serving the service at that moment ([`Containers::take_splices`]): the
-//! activator's checker.
+//! ([`image_listening_on`]) at its host's address, and records every connection through which a
+//! client's bytes came, with whether its node was serving the service when it accepted the
+//! connection ([`Containers::take_splices`]): the activator's checker. (The activator's readiness
+//! probes connect and close without a byte, and are not splices.)
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,7 +51,8 @@ pub struct Containers {
 /// Whether a node serves a service now.
 pub type ServingCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
-/// A connection an on-demand container accepted (spliced through by the activator).
+/// A connection through which an on-demand container received a client's bytes (spliced through
+/// by the activator), as of when the container accepted it.
 #[derive(Clone, Debug)]
 pub struct Splice {
     pub service: String,
@@ -113,11 +115,12 @@ impl Containers {
         std::mem::take(&mut *self.splices.lock().expect("splices lock"))
     }
 
-    fn record_splice(&self, service: &str) {
+    /// A connection of `service` accepted now, with whether the node serves the service now.
+    fn splice_at(&self, service: &str) -> Splice {
         let check = self.serving.lock().expect("serving lock").clone();
         let serving = check.is_some_and(|c| c(service));
         let at = turmoil::sim_elapsed().unwrap_or_default();
-        self.splices.lock().expect("splices lock").push(Splice { service: service.to_string(), at, serving });
+        Splice { service: service.to_string(), at, serving }
     }
 
     /// The host rebooted: its containers are all exited (their listeners died with the old runtime).
@@ -168,13 +171,20 @@ async fn listen(ports: Vec<u16>, dialled: Option<(Arc<Containers>, String)>) {
             };
             loop {
                 if let Ok((mut stream, _)) = listener.accept().await {
-                    if let Some((containers, service)) = &dialled {
-                        containers.record_splice(service);
-                    }
+                    // Whether the node serves the service as the container accepts: what a splice
+                    // is checked against.
+                    let accepted = dialled
+                        .as_ref()
+                        .map(|(containers, service)| (containers.clone(), containers.splice_at(service)));
                     tokio::spawn(async move {
                         use tokio::io::{AsyncReadExt, AsyncWriteExt};
                         let mut buf = [0u8; 512];
                         if matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+                            // A client's bytes came through: a splice. (The activator's readiness
+                            // probes connect and close without a byte.)
+                            if let Some((containers, splice)) = accepted {
+                                containers.splices.lock().expect("splices lock").push(splice);
+                            }
                             let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
                         }
                     });

@@ -31,7 +31,7 @@ pub const ON_DEMAND_PORT_BASE: u16 = 9000;
 /// How long an on-demand container may be idle before the activator stops it.
 pub(crate) const IDLE_STOP: Duration = Duration::from_secs(3);
 /// How many steps a splice may lag behind the end of its node's serving ([`Driver::check_splices`]).
-pub(crate) const SPLICE_LAG_STEPS: u32 = 2;
+pub(crate) const SPLICE_LAG_STEPS: u32 = 4;
 /// How long a visitor waits for an on-demand service's answer (a cold start included).
 pub(crate) const VISIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The checker of switches by failover looks this far back: a host that could reach the master
