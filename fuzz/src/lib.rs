@@ -226,12 +226,12 @@ fn split_segments(bytes: &[u8]) -> Vec<(u64, Vec<u8>)> {
 }
 
 /// Snapshot data, as a node reads a received snapshot or its saved one (`SnapshotBody::decode` and
-/// its check in `log/src/store.rs`).
+/// its check in `log/src/store/snapshot.rs`).
 pub fn snapshot(data: &[u8]) {
     let _ = fuzzing::snapshot(None, data);
 }
 
-/// The records the store reads from sled (`log/src/store.rs`): the first byte picks the kind
+/// The records the store reads from sled (`log/src/store/`): the first byte picks the kind
 /// ([`fuzzing::STORE_RECORDS`]), the next 8 bytes are the key (for an archived event), the rest is
 /// the value.
 pub fn store_record(data: &[u8]) {

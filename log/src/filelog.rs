@@ -67,7 +67,7 @@ use coyote_state_machine::{decode, encode};
 use openraft::Vote;
 use serde::{Deserialize, Serialize};
 
-use crate::store::StoreError;
+use crate::error::StoreError;
 use crate::types::{Entry, LogId, NodeId};
 
 /// The first bytes of every segment.

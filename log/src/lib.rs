@@ -15,6 +15,7 @@
 //! simulator can run this code over its own network.
 
 pub mod cluster;
+mod error;
 pub mod filelog;
 #[doc(hidden)]
 pub mod fuzzing;
