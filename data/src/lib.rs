@@ -1,0 +1,21 @@
+//! coyote-data: the content-addressed snapshot store that lets a service's data directory follow
+//! its authority between servers.
+//!
+//! - [`chunks`]: the [`ChunkStore`], a directory of zstd-compressed chunks named by the blake3 hash
+//!   of their content.
+//! - [`manifest`]: the [`Manifest`], the description of one snapshot of a directory tree; a
+//!   snapshot's id is the id of its encoded manifest, stored as an object in the same store.
+//!
+//! Everything read from disk or received from another node is checked (hashes, sizes, paths);
+//! nothing in this crate panics on such input.
+
+pub mod chunks;
+pub mod error;
+pub mod manifest;
+
+pub use chunks::{
+    ChunkId, ChunkStore, Put, VerifyReport, CDC_AVG, CDC_MAX, CDC_MIN, DEFAULT_LEVEL, MAX_CHUNK_BYTES,
+    MAX_OBJECT_BYTES,
+};
+pub use error::{Error, Result};
+pub use manifest::{Attrs, ChunkRef, Entry, EntryKind, Manifest, Timestamp};
