@@ -5,6 +5,10 @@
 //!   of their content.
 //! - [`manifest`]: the [`Manifest`], the description of one snapshot of a directory tree; a
 //!   snapshot's id is the id of its encoded manifest, stored as an object in the same store.
+//! - [`snapshot`](mod@snapshot): taking a snapshot in two phases, [`capture`] (while the service's
+//!   container is paused) and [`Capture::commit`] (after it resumes), with a [`MetaCache`] so
+//!   unchanged files are not read again.
+//! - [`restore`](mod@restore): writing a snapshot back as a directory, atomically.
 //!
 //! Everything read from disk or received from another node is checked (hashes, sizes, paths);
 //! nothing in this crate panics on such input.
@@ -12,6 +16,8 @@
 pub mod chunks;
 pub mod error;
 pub mod manifest;
+pub mod restore;
+pub mod snapshot;
 
 pub use chunks::{
     ChunkId, ChunkStore, Put, VerifyReport, CDC_AVG, CDC_MAX, CDC_MIN, DEFAULT_LEVEL, MAX_CHUNK_BYTES,
@@ -19,3 +25,7 @@ pub use chunks::{
 };
 pub use error::{Error, Result};
 pub use manifest::{Attrs, ChunkRef, Entry, EntryKind, Manifest, Timestamp};
+pub use restore::{missing, restore, RestoreReport};
+pub use snapshot::{
+    capture, capture_with, snapshot, CachedFile, Capture, CaptureOptions, MetaCache, SnapshotReport,
+};
