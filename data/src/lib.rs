@@ -9,12 +9,16 @@
 //!   container is paused) and [`Capture::commit`] (after it resumes), with a [`MetaCache`] so
 //!   unchanged files are not read again.
 //! - [`restore`](mod@restore): writing a snapshot back as a directory, atomically.
+//! - [`export`]: a snapshot as a tar stream.
+//! - [`gc`](mod@gc): removing chunks no kept snapshot needs.
 //!
 //! Everything read from disk or received from another node is checked (hashes, sizes, paths);
 //! nothing in this crate panics on such input.
 
 pub mod chunks;
 pub mod error;
+pub mod export;
+pub mod gc;
 pub mod manifest;
 pub mod restore;
 pub mod snapshot;
@@ -24,6 +28,8 @@ pub use chunks::{
     MAX_OBJECT_BYTES,
 };
 pub use error::{Error, Result};
+pub use export::export_tar;
+pub use gc::{gc, GcReport};
 pub use manifest::{Attrs, ChunkRef, Entry, EntryKind, Manifest, Timestamp};
 pub use restore::{missing, restore, RestoreReport};
 pub use snapshot::{
