@@ -116,13 +116,8 @@ impl Node {
         let scope = Scope { cluster_id: config.cluster_id.clone(), node_id: config.node_id };
         let (log_store, sm, handle) = store;
         let log = LogNode::start_in(config, log_store, sm, handle, &identity, ca, env).await?;
-        let (stop, stop_rx) = watch::channel(false);
-        let stopped = move || {
-            let mut rx = stop_rx.clone();
-            async move {
-                let _ = rx.wait_for(|s| *s).await;
-            }
-        };
+        let (stop, _) = watch::channel(false);
+        let stopped = || until_stopped(&stop);
         let mut tasks = Vec::new();
         {
             let log = log.clone();
@@ -176,10 +171,7 @@ impl Node {
 
     /// A future that ends when the node stops (for the caller's servers of the API).
     pub fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut rx = self.stop.subscribe();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
+        until_stopped(&self.stop)
     }
 
     /// Stops every part, then the log; waits up to [`STOP_WAIT`] for the parts to end.
@@ -187,5 +179,13 @@ impl Node {
         let _ = self.stop.send(true);
         self.log.shutdown().await;
         let _ = tokio::time::timeout(STOP_WAIT, futures::future::join_all(self.tasks)).await;
+    }
+}
+
+/// A future that ends once `stop` says so (or is dropped).
+fn until_stopped(stop: &watch::Sender<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut rx = stop.subscribe();
+    async move {
+        let _ = rx.wait_for(|s| *s).await;
     }
 }

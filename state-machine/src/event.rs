@@ -109,6 +109,101 @@ pub enum Event {
         to: NodeId,
         reason: String,
     },
+    /// The master of `service` took a snapshot of its data and holds it in its own store. Accepted
+    /// only from the current master at the current epoch (see [`crate::DataLedger::epoch`]): a deposed
+    /// master's snapshot is refused, so it is never restored.
+    SnapshotTaken {
+        service: String,
+        /// The snapshot's id: the blake3 hash of its manifest, 64 lowercase hex characters.
+        snapshot: String,
+        /// The snapshot it was taken after (its unchanged files were not read again).
+        parent: Option<String>,
+        node: NodeId,
+        epoch: LogIndex,
+        kind: SnapshotKind,
+        consistency: Consistency,
+        /// Bytes of data it describes, and bytes of chunks that were new to the master's store.
+        bytes: u64,
+        new_bytes: u64,
+    },
+    /// `node` holds every chunk of the snapshot, checked by hash and synced to its disk.
+    SnapshotStored {
+        service: String,
+        snapshot: String,
+        node: NodeId,
+    },
+    /// A chunk of the snapshot on `node` failed its hash check: `node` no longer counts as a holder.
+    SnapshotCorrupt {
+        service: String,
+        snapshot: String,
+        node: NodeId,
+        reason: String,
+    },
+    /// A snapshot could not be taken or stored on `node` (disk full, unreachable, hash mismatch).
+    BackupFailed {
+        service: String,
+        snapshot: Option<String>,
+        node: NodeId,
+        reason: String,
+    },
+    /// Retention dropped the snapshot: its chunks may be pruned on every node.
+    SnapshotForgotten {
+        service: String,
+        snapshot: String,
+    },
+    /// The master restored the service's data (from `snapshot`, or none: it starts empty) before its
+    /// container starts, at its current epoch.
+    RestoreCompleted {
+        service: String,
+        snapshot: Option<String>,
+        node: NodeId,
+        epoch: LogIndex,
+    },
+}
+
+/// Why a snapshot was taken.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotKind {
+    /// On the master's schedule.
+    Periodic,
+    /// After the spec's dump command ran (the hourly one).
+    Dump,
+    /// The last one before a graceful handover, with the container stopped.
+    Handover,
+    /// Asked for by an admin (`coyote backup now`).
+    Manual,
+}
+
+impl SnapshotKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SnapshotKind::Periodic => "periodic",
+            SnapshotKind::Dump => "dump",
+            SnapshotKind::Handover => "handover",
+            SnapshotKind::Manual => "manual",
+        }
+    }
+}
+
+/// How the files of a snapshot were made consistent with each other.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Consistency {
+    /// Read while the container was paused: what a power cut would have left.
+    Paused,
+    /// Read after the spec's dump command wrote a consistent copy.
+    Dumped,
+    /// Read while the container was not running.
+    Stopped,
+}
+
+impl Consistency {
+    pub fn name(self) -> &'static str {
+        match self {
+            Consistency::Paused => "paused",
+            Consistency::Dumped => "dumped",
+            Consistency::Stopped => "stopped",
+        }
+    }
 }
 
 /// What a monitor probes: a peer, or a service (at its master, together with its DNS zone).
@@ -167,6 +262,12 @@ impl Event {
             Event::AlarmCleared { .. } => "alarm_cleared",
             Event::ReachabilityChanged { .. } => "reachability_changed",
             Event::HandoverRequested { .. } => "handover_requested",
+            Event::SnapshotTaken { .. } => "snapshot_taken",
+            Event::SnapshotStored { .. } => "snapshot_stored",
+            Event::SnapshotCorrupt { .. } => "snapshot_corrupt",
+            Event::BackupFailed { .. } => "backup_failed",
+            Event::SnapshotForgotten { .. } => "snapshot_forgotten",
+            Event::RestoreCompleted { .. } => "restore_completed",
         }
     }
 
@@ -186,6 +287,12 @@ impl Event {
         "alarm_cleared",
         "reachability_changed",
         "handover_requested",
+        "snapshot_taken",
+        "snapshot_stored",
+        "snapshot_corrupt",
+        "backup_failed",
+        "snapshot_forgotten",
+        "restore_completed",
     ];
 
     /// One human line describing the event.
@@ -238,8 +345,56 @@ impl Event {
             Event::HandoverRequested { service, to, reason } => {
                 format!("service {service}: handover to node {to} requested ({reason}); the master dumps and stops first")
             }
+            Event::SnapshotTaken {
+                service,
+                snapshot,
+                node,
+                epoch,
+                kind,
+                consistency,
+                bytes,
+                new_bytes,
+                ..
+            } => {
+                format!(
+                    "service {service}: snapshot {} taken by node {node} at epoch {epoch} ({}, {}): {}, {} new",
+                    short_id(snapshot),
+                    kind.name(),
+                    consistency.name(),
+                    crate::spec::format_bytes(*bytes),
+                    crate::spec::format_bytes(*new_bytes)
+                )
+            }
+            Event::SnapshotStored { service, snapshot, node } => {
+                format!("service {service}: snapshot {} stored on node {node}", short_id(snapshot))
+            }
+            Event::SnapshotCorrupt { service, snapshot, node, reason } => {
+                format!("service {service}: snapshot {} corrupt on node {node}: {reason}", short_id(snapshot))
+            }
+            Event::BackupFailed { service, snapshot, node, reason } => match snapshot {
+                Some(id) => format!(
+                    "service {service}: backup of snapshot {} failed on node {node}: {reason}",
+                    short_id(id)
+                ),
+                None => format!("service {service}: backup failed on node {node}: {reason}"),
+            },
+            Event::SnapshotForgotten { service, snapshot } => {
+                format!("service {service}: snapshot {} forgotten", short_id(snapshot))
+            }
+            Event::RestoreCompleted { service, snapshot, node, epoch } => match snapshot {
+                Some(id) => format!(
+                    "service {service}: node {node} restored snapshot {} at epoch {epoch}",
+                    short_id(id)
+                ),
+                None => format!("service {service}: node {node} starts with no snapshot at epoch {epoch}"),
+            },
         }
     }
+}
+
+/// The first 12 characters of a snapshot id, as people see it.
+pub fn short_id(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
 }
 
 impl Placement {

@@ -52,24 +52,33 @@
 //! Reports are `ReachabilityChanged` events, proposed by monitors at transitions only. The rule is
 //! checked on every replica against the same reports, so every replica accepts or rejects the same.
 //!
+//! # Data
+//!
+//! Each service has a [`DataLedger`]: its epoch (the index of the event that made its master the
+//! master), the snapshots of its data and the nodes that hold each, the last backup failure per
+//! node, and the current master's restore. A snapshot is accepted only from the current master at
+//! the current epoch, so a deposed master's snapshot never enters the ledger (see [`data`]).
+//!
 //! # Left out, on purpose
 //!
 //! - Cluster-wide timing is fixed ([`LEASE_MS`], [`DRIFT_MARGIN_MS`], [`FAILOVER_AFTER_MS`]); making it
 //!   a setting in the log is later work.
 //! - Token secrets: the log only ever holds their SHA-256.
 
+pub mod data;
 mod event;
 pub mod spec;
 mod state;
 
+pub use data::{DataLedger, SnapshotRecord};
 pub use event::{
-    decode, encode, Envelope, Event, NodeInfo, Placement, Proposal, Subject, SwitchCause, VersionedProposal,
-    FORMAT_VERSION,
+    decode, encode, short_id, Consistency, Envelope, Event, NodeInfo, Placement, Proposal, SnapshotKind,
+    Subject, SwitchCause, VersionedProposal, FORMAT_VERSION,
 };
 pub use spec::{PortMap, ServiceSpec, ZoneCheck};
 pub use state::{
     serve_from, sha256_hex, Alarm, ClusterInfo, ContainerGoal, DesiredContainer, Handover, Member,
-    Observation, Outcome, Role, Service, State, StateV1, Token, TokenStatus, DRIFT_MARGIN_MS,
+    Observation, Outcome, Role, Service, State, StateV1, StateV2, Token, TokenStatus, DRIFT_MARGIN_MS,
     FAILOVER_AFTER_MS, HANDOVER_WAIT_MS, LEASE_MS, PLACEMENT_BACKUPS_MAX,
 };
 

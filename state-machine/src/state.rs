@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::event::{Envelope, Event, NodeInfo, Placement, Proposal, Subject, SwitchCause};
+use crate::data::{valid_snapshot_id, BackupFailure, DataLedger, Restored, SnapshotRecord, SNAPSHOTS_MAX};
+use crate::event::{short_id, Envelope, Event, NodeInfo, Placement, Proposal, Subject, SwitchCause};
 use crate::spec::ServiceSpec;
 use crate::{Error, LogIndex, NodeId, Rejection};
 
@@ -187,6 +188,46 @@ pub struct State {
     pub rejected_count: u64,
     /// Graceful handovers under way, by service.
     pub handovers: BTreeMap<String, Handover>,
+    /// What the log knows about each service's data: its epoch, snapshots and their holders.
+    pub data: BTreeMap<String, DataLedger>,
+}
+
+/// [`State`] as snapshots before the data ledger held it (snapshot format 2), to read them.
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub struct StateV2 {
+    pub cluster: Option<ClusterInfo>,
+    pub members: BTreeMap<NodeId, Member>,
+    pub departed: BTreeSet<NodeId>,
+    pub tokens: BTreeMap<String, Token>,
+    pub services: BTreeMap<String, Service>,
+    pub alarms: BTreeMap<u64, Alarm>,
+    pub reachability: BTreeMap<(NodeId, Subject), Observation>,
+    pub last_applied: LogIndex,
+    pub applied_count: u64,
+    pub rejected_count: u64,
+    pub handovers: BTreeMap<String, Handover>,
+}
+
+impl From<StateV2> for State {
+    /// Services get an empty ledger whose epoch is the last applied event: any snapshot a master
+    /// proposes afterwards reads the same epoch from this state, and none from before is known.
+    fn from(v: StateV2) -> Self {
+        let data = v.services.keys().map(|name| (name.clone(), DataLedger::new(v.last_applied))).collect();
+        State {
+            cluster: v.cluster,
+            members: v.members,
+            departed: v.departed,
+            tokens: v.tokens,
+            services: v.services,
+            alarms: v.alarms,
+            reachability: v.reachability,
+            last_applied: v.last_applied,
+            applied_count: v.applied_count,
+            rejected_count: v.rejected_count,
+            handovers: v.handovers,
+            data,
+        }
+    }
 }
 
 /// [`State`] as snapshots before graceful handovers held it (snapshot format 1), to read them.
@@ -206,7 +247,7 @@ pub struct StateV1 {
 
 impl From<StateV1> for State {
     fn from(v: StateV1) -> Self {
-        State {
+        StateV2 {
             cluster: v.cluster,
             members: v.members,
             departed: v.departed,
@@ -219,6 +260,7 @@ impl From<StateV1> for State {
             rejected_count: v.rejected_count,
             handovers: BTreeMap::new(),
         }
+        .into()
     }
 }
 
@@ -391,6 +433,87 @@ impl State {
                     }
                 }
             }
+            Event::SnapshotTaken { service, snapshot, parent, node, epoch, .. } => {
+                let (master, ledger) = self.check_data(service, snapshot)?;
+                if let Some(parent) = parent {
+                    if !valid_snapshot_id(parent) {
+                        return reject(format!("{parent:?} is not a snapshot id"));
+                    }
+                }
+                if *node != master {
+                    return reject(format!(
+                        "node {node} is not master of {service} (node {master} is): its snapshot is refused"
+                    ));
+                }
+                if *epoch != ledger.epoch {
+                    return reject(format!(
+                        "snapshot of {service} taken at epoch {epoch}, but the epoch is {}: a deposed master's snapshot is refused",
+                        ledger.epoch
+                    ));
+                }
+                if ledger.snapshots.contains_key(snapshot) {
+                    return reject(format!(
+                        "snapshot {} of {service} is already recorded",
+                        short_id(snapshot)
+                    ));
+                }
+                if ledger.snapshots.len() >= SNAPSHOTS_MAX {
+                    return reject(format!(
+                        "{service} has {SNAPSHOTS_MAX} snapshots recorded: forget some first"
+                    ));
+                }
+            }
+            Event::SnapshotStored { service, snapshot, node } => {
+                let record = self.check_known_snapshot(service, snapshot)?;
+                if !self.members.contains_key(node) {
+                    return reject(format!("node {node} is not a member"));
+                }
+                if record.holders.contains_key(node) {
+                    return reject(format!("node {node} already holds snapshot {}", short_id(snapshot)));
+                }
+            }
+            Event::SnapshotCorrupt { service, snapshot, node, .. } => {
+                let record = self.check_known_snapshot(service, snapshot)?;
+                if !record.holders.contains_key(node) {
+                    return reject(format!("node {node} does not hold snapshot {}", short_id(snapshot)));
+                }
+            }
+            Event::BackupFailed { service, snapshot, node, .. } => {
+                if !self.data.contains_key(service) {
+                    return reject(format!("service {service} does not exist"));
+                }
+                if let Some(id) = snapshot {
+                    if !valid_snapshot_id(id) {
+                        return reject(format!("{id:?} is not a snapshot id"));
+                    }
+                }
+                if !self.members.contains_key(node) {
+                    return reject(format!("node {node} is not a member"));
+                }
+            }
+            Event::SnapshotForgotten { service, snapshot } => {
+                self.check_known_snapshot(service, snapshot)?;
+            }
+            Event::RestoreCompleted { service, snapshot, node, epoch } => {
+                let Some(ledger) = self.data.get(service) else {
+                    return reject(format!("service {service} does not exist"));
+                };
+                let master = self.services[service].placement.as_ref().map(|p| p.master);
+                if master != Some(*node) {
+                    return reject(format!("node {node} is not master of {service}"));
+                }
+                if *epoch != ledger.epoch {
+                    return reject(format!(
+                        "restore of {service} at epoch {epoch}, but the epoch is {}",
+                        ledger.epoch
+                    ));
+                }
+                if let Some(id) = snapshot {
+                    if !ledger.snapshots.contains_key(id) {
+                        return reject(format!("snapshot {} of {service} is not recorded", short_id(id)));
+                    }
+                }
+            }
             Event::HandoverRequested { service, to, .. } => {
                 self.check_new_master(service, *to)?;
                 if let Some(h) = self.handovers.get(service) {
@@ -553,6 +676,13 @@ impl State {
                         p.backups.retain(|b| b != node_id);
                     }
                 }
+                // A node that left holds nothing any more.
+                for ledger in self.data.values_mut() {
+                    for record in ledger.snapshots.values_mut() {
+                        record.holders.remove(node_id);
+                    }
+                    ledger.failures.remove(node_id);
+                }
             }
             Event::TokenIssued { token_id, secret_sha256, expires_at_ms, uses } => {
                 self.tokens.retain(|_, t| t.expires_at_ms.saturating_add(TOKEN_RETENTION_MS) > env.at_ms);
@@ -586,12 +716,14 @@ impl State {
                         serve_from_ms: env.at_ms,
                     },
                 );
+                self.data.insert(spec.name.clone(), DataLedger::new(env.index));
             }
             Event::ServiceSpecChanged { spec } => {
                 self.services.get_mut(&spec.name).expect("checked: service exists").spec = spec.clone();
             }
             Event::ServiceRemoved { name } => {
                 self.services.remove(name);
+                self.data.remove(name);
                 self.alarms.retain(|_, a| a.service.as_deref() != Some(name));
                 self.reachability.retain(|(_, s), _| *s != Subject::Service(name.clone()));
             }
@@ -610,6 +742,9 @@ impl State {
                 p.backups.insert(0, old);
                 p.master = *to;
                 svc.serve_from_ms = serve_from(env.at_ms).max(*not_before_ms);
+                let ledger = self.data.entry(service.clone()).or_default();
+                ledger.epoch = env.index;
+                ledger.restored = None;
                 // Reports about the service were about its old master: monitors start afresh.
                 self.reachability.retain(|(_, s), _| *s != Subject::Service(service.clone()));
             }
@@ -637,6 +772,70 @@ impl State {
                 } else {
                     self.reachability.insert((*observer, subject.clone()), observation);
                 }
+            }
+            Event::SnapshotTaken {
+                service,
+                snapshot,
+                parent,
+                node,
+                epoch,
+                kind,
+                consistency,
+                bytes,
+                new_bytes,
+            } => {
+                let ledger = self.data.get_mut(service).expect("checked: ledger exists");
+                ledger.snapshots.insert(
+                    snapshot.clone(),
+                    SnapshotRecord {
+                        id: snapshot.clone(),
+                        parent: parent.clone(),
+                        taken_by: *node,
+                        epoch: *epoch,
+                        kind: *kind,
+                        consistency: *consistency,
+                        bytes: *bytes,
+                        new_bytes: *new_bytes,
+                        taken_at_ms: env.at_ms,
+                        taken_index: env.index,
+                        holders: BTreeMap::from([(*node, env.at_ms)]),
+                        corrupt_on: BTreeSet::new(),
+                    },
+                );
+                ledger.failures.remove(node);
+            }
+            Event::SnapshotStored { service, snapshot, node } => {
+                let ledger = self.data.get_mut(service).expect("checked: ledger exists");
+                let record = ledger.snapshots.get_mut(snapshot).expect("checked: snapshot recorded");
+                record.holders.insert(*node, env.at_ms);
+                record.corrupt_on.remove(node);
+                ledger.failures.remove(node);
+            }
+            Event::SnapshotCorrupt { service, snapshot, node, .. } => {
+                let ledger = self.data.get_mut(service).expect("checked: ledger exists");
+                let record = ledger.snapshots.get_mut(snapshot).expect("checked: snapshot recorded");
+                record.holders.remove(node);
+                record.corrupt_on.insert(*node);
+            }
+            Event::BackupFailed { service, snapshot, node, reason } => {
+                let ledger = self.data.get_mut(service).expect("checked: ledger exists");
+                ledger.failures.insert(
+                    *node,
+                    BackupFailure { snapshot: snapshot.clone(), reason: reason.clone(), at_ms: env.at_ms },
+                );
+            }
+            Event::SnapshotForgotten { service, snapshot } => {
+                let ledger = self.data.get_mut(service).expect("checked: ledger exists");
+                ledger.snapshots.remove(snapshot);
+            }
+            Event::RestoreCompleted { service, snapshot, node, epoch } => {
+                let ledger = self.data.get_mut(service).expect("checked: ledger exists");
+                ledger.restored = Some(Restored {
+                    node: *node,
+                    epoch: *epoch,
+                    snapshot: snapshot.clone(),
+                    at_ms: env.at_ms,
+                });
             }
             Event::HandoverRequested { service, to, reason } => {
                 let from =
@@ -687,6 +886,32 @@ impl State {
             node.id,
             Member { id: node.id, addr: node.addr.clone(), joined_at_ms: env.at_ms, joined_index: env.index },
         );
+    }
+
+    /// That `service` exists and is placed and `snapshot` has the form of an id; returns its master
+    /// and its ledger.
+    fn check_data(&self, service: &str, snapshot: &str) -> Result<(NodeId, &DataLedger), Rejection> {
+        let reject = |m: String| Err(Rejection::new(m));
+        let (Some(svc), Some(ledger)) = (self.services.get(service), self.data.get(service)) else {
+            return reject(format!("service {service} does not exist"));
+        };
+        let Some(placement) = &svc.placement else {
+            return reject(format!("service {service} has no placement yet"));
+        };
+        if !valid_snapshot_id(snapshot) {
+            return reject(format!("{snapshot:?} is not a snapshot id (64 lowercase hex characters)"));
+        }
+        Ok((placement.master, ledger))
+    }
+
+    /// That `snapshot` of `service` is recorded in its ledger; returns the record.
+    fn check_known_snapshot(&self, service: &str, snapshot: &str) -> Result<&SnapshotRecord, Rejection> {
+        let Some(ledger) = self.data.get(service) else {
+            return Err(Rejection::new(format!("service {service} does not exist")));
+        };
+        ledger.snapshots.get(snapshot).ok_or_else(|| {
+            Rejection::new(format!("snapshot {} of {service} is not recorded", short_id(snapshot)))
+        })
     }
 
     /// That `to` may become master of `service`: it exists and is placed, and `to` is a member

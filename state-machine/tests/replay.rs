@@ -2,8 +2,8 @@
 //! fed the rest of the log gives the same state as the replica that never stopped.
 
 use coyote_state_machine::{
-    decode, encode, sha256_hex, Envelope, Event, NodeInfo, Placement, PortMap, Proposal, ServiceSpec, State,
-    Subject, SwitchCause,
+    decode, encode, sha256_hex, Consistency, Envelope, Event, NodeInfo, Placement, PortMap, Proposal,
+    ServiceSpec, SnapshotKind, State, Subject, SwitchCause,
 };
 use proptest::prelude::*;
 
@@ -14,6 +14,7 @@ fn event() -> impl Strategy<Value = Event> {
     let name = prop::sample::select(vec!["a", "b", "c"]).prop_map(String::from);
     let token = prop::sample::select(vec!["t1", "t2"]).prop_map(String::from);
     let secret = prop::sample::select(vec!["s1", "s2"]).prop_map(|s| sha256_hex(s.as_bytes()));
+    let snapshot = prop::sample::select(vec!["a", "b"]).prop_map(|s| s.repeat(64));
     prop_oneof![
         1 => Just(Event::ClusterCreated {
             cluster_id: "c".into(),
@@ -80,10 +81,39 @@ fn event() -> impl Strategy<Value = Event> {
             to,
             reason: "r".into(),
         }),
-        1 => (prop::sample::select(vec!["k1", "k2"]), prop::option::of(node)).prop_map(|(key, node)| {
+        1 => (prop::sample::select(vec!["k1", "k2"]), prop::option::of(node.clone())).prop_map(|(key, node)| {
             Event::AlarmRaised { key: key.into(), node, service: None, message: "m".into() }
         }),
         1 => (1u64..40).prop_map(|alarm_id| Event::AlarmCleared { alarm_id, reason: "r".into() }),
+        3 => (name.clone(), snapshot.clone(), node.clone(), 1u64..12).prop_map(|(service, snapshot, node, epoch)| {
+            Event::SnapshotTaken {
+                service,
+                snapshot,
+                parent: None,
+                node,
+                epoch,
+                kind: SnapshotKind::Periodic,
+                consistency: Consistency::Paused,
+                bytes: 10,
+                new_bytes: 1,
+            }
+        }),
+        2 => (name.clone(), snapshot.clone(), node.clone())
+            .prop_map(|(service, snapshot, node)| Event::SnapshotStored { service, snapshot, node }),
+        1 => (name.clone(), snapshot.clone(), node.clone()).prop_map(|(service, snapshot, node)| {
+            Event::SnapshotCorrupt { service, snapshot, node, reason: "r".into() }
+        }),
+        1 => (name.clone(), node.clone()).prop_map(|(service, node)| Event::BackupFailed {
+            service,
+            snapshot: None,
+            node,
+            reason: "r".into(),
+        }),
+        1 => (name.clone(), snapshot.clone())
+            .prop_map(|(service, snapshot)| Event::SnapshotForgotten { service, snapshot }),
+        1 => (name.clone(), prop::option::of(snapshot), node.clone(), 1u64..12).prop_map(
+            |(service, snapshot, node, epoch)| Event::RestoreCompleted { service, snapshot, node, epoch }
+        ),
     ]
 }
 

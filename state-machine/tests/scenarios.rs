@@ -8,8 +8,8 @@ use std::path::Path;
 
 use coyote_state_machine::spec::{parse_bytes, parse_port};
 use coyote_state_machine::{
-    sha256_hex, Envelope, Event, NodeInfo, Outcome, Placement, Proposal, ServiceSpec, State, Subject,
-    SwitchCause,
+    sha256_hex, short_id, Consistency, Envelope, Event, NodeInfo, Outcome, Placement, Proposal, ServiceSpec,
+    SnapshotKind, State, Subject, SwitchCause,
 };
 
 struct Runner {
@@ -31,6 +31,14 @@ fn args(words: &[&str]) -> (Vec<String>, BTreeMap<String, String>) {
         }
     }
     (pos, kv)
+}
+
+/// A snapshot id from a short name in a scenario: `a1` is `a1a1...` (64 characters); `bad` stays.
+fn snapshot_id(short: &str) -> String {
+    if short.is_empty() || !short.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return short.to_string();
+    }
+    short.repeat(64 / short.len() + 1)[..64].to_string()
 }
 
 fn node_list(text: &str) -> Vec<u64> {
@@ -162,6 +170,69 @@ impl Runner {
                 alarm_id: pos[1].parse().expect("id"),
                 reason: "scenario".into(),
             }),
+            "snapshot-taken" => {
+                let service = pos[1].clone();
+                let epoch = match kv.get("epoch").map(String::as_str) {
+                    None | Some("current") => self.state.data.get(&service).map(|d| d.epoch).unwrap_or(0),
+                    Some(e) => e.parse().expect("epoch"),
+                };
+                let kind = match kv.get("kind").map(String::as_str) {
+                    None | Some("periodic") => SnapshotKind::Periodic,
+                    Some("dump") => SnapshotKind::Dump,
+                    Some("handover") => SnapshotKind::Handover,
+                    Some("manual") => SnapshotKind::Manual,
+                    Some(k) => panic!("unknown kind {k}"),
+                };
+                self.propose(Event::SnapshotTaken {
+                    service,
+                    snapshot: snapshot_id(&get("id")),
+                    parent: kv.get("parent").map(|p| snapshot_id(p)),
+                    node: num("node"),
+                    epoch,
+                    kind,
+                    consistency: if kind == SnapshotKind::Handover {
+                        Consistency::Stopped
+                    } else {
+                        Consistency::Paused
+                    },
+                    bytes: kv.get("bytes").map(|b| parse_bytes(b).expect("bytes")).unwrap_or(1 << 20),
+                    new_bytes: kv.get("new").map(|b| parse_bytes(b).expect("new")).unwrap_or(4096),
+                })
+            }
+            "snapshot-stored" => self.propose(Event::SnapshotStored {
+                service: pos[1].clone(),
+                snapshot: snapshot_id(&get("id")),
+                node: num("node"),
+            }),
+            "snapshot-corrupt" => self.propose(Event::SnapshotCorrupt {
+                service: pos[1].clone(),
+                snapshot: snapshot_id(&get("id")),
+                node: num("node"),
+                reason: "hash mismatch".into(),
+            }),
+            "backup-failed" => self.propose(Event::BackupFailed {
+                service: pos[1].clone(),
+                snapshot: kv.get("id").map(|i| snapshot_id(i)),
+                node: num("node"),
+                reason: get("reason").replace('_', " "),
+            }),
+            "snapshot-forget" => self.propose(Event::SnapshotForgotten {
+                service: pos[1].clone(),
+                snapshot: snapshot_id(&get("id")),
+            }),
+            "restored" => {
+                let service = pos[1].clone();
+                let epoch = match kv.get("epoch").map(String::as_str) {
+                    None | Some("current") => self.state.data.get(&service).map(|d| d.epoch).unwrap_or(0),
+                    Some(e) => e.parse().expect("epoch"),
+                };
+                self.propose(Event::RestoreCompleted {
+                    service,
+                    snapshot: kv.get("id").map(|i| snapshot_id(i)),
+                    node: num("node"),
+                    epoch,
+                })
+            }
             "show" => self.show(&pos[1], pos.get(2)),
             other => panic!("unknown scenario command {other:?}"),
         }
@@ -233,6 +304,38 @@ impl Runner {
                 for a in s.open_alarms() {
                     writeln!(out, "  alarm {} {}: {}", a.id, a.key, a.message).unwrap();
                 }
+            }
+            "data" => {
+                let name = arg.expect("service");
+                let Some(d) = s.data.get(name) else {
+                    writeln!(out, "  {name}: no ledger").unwrap();
+                    return;
+                };
+                writeln!(out, "  {name}: epoch {}", d.epoch).unwrap();
+                for r in d.newest_first() {
+                    let holders: Vec<String> = r.holders.keys().map(|n| n.to_string()).collect();
+                    let corrupt: Vec<String> = r.corrupt_on.iter().map(|n| n.to_string()).collect();
+                    writeln!(
+                        out,
+                        "  snapshot {} by node {} at epoch {} ({}): holders [{}] corrupt on [{}]",
+                        short_id(&r.id),
+                        r.taken_by,
+                        r.epoch,
+                        r.kind.name(),
+                        holders.join(","),
+                        corrupt.join(",")
+                    )
+                    .unwrap();
+                }
+                for (node, f) in &d.failures {
+                    writeln!(out, "  failure on node {node}: {}", f.reason).unwrap();
+                }
+                if let Some(r) = &d.restored {
+                    let from = r.snapshot.as_deref().map(short_id).unwrap_or("nothing");
+                    writeln!(out, "  restored by node {} at epoch {} from {from}", r.node, r.epoch).unwrap();
+                }
+                let newest = d.newest_held().map(|r| short_id(&r.id)).unwrap_or("none");
+                writeln!(out, "  newest held: {newest}").unwrap();
             }
             other => panic!("unknown show {other:?}"),
         }

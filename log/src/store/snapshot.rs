@@ -18,7 +18,17 @@ pub(super) const SNAPSHOT_DATA_KEY: &[u8] = b"data";
 pub(super) enum SnapshotFile {
     /// Before graceful handovers: the state without them.
     V1(SnapshotBodyV1),
-    V2(SnapshotBody),
+    /// Before the data ledger: the state without it.
+    V2(SnapshotBodyV2),
+    V3(SnapshotBody),
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct SnapshotBodyV2 {
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership<NodeId, Node>,
+    state: coyote_state_machine::StateV2,
+    archive: Vec<EventRecord>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -46,13 +56,19 @@ impl SnapshotBody {
                 state: b.state.into(),
                 archive: b.archive,
             },
-            SnapshotFile::V2(body) => body,
+            SnapshotFile::V2(b) => SnapshotBody {
+                last_applied: b.last_applied,
+                last_membership: b.last_membership,
+                state: b.state.into(),
+                archive: b.archive,
+            },
+            SnapshotFile::V3(body) => body,
         })
     }
 
     /// The body as a snapshot's data.
     pub(crate) fn encode(self) -> Vec<u8> {
-        encode(&SnapshotFile::V2(self))
+        encode(&SnapshotFile::V3(self))
     }
 
     /// Checks the body against its metadata and against itself.
@@ -187,10 +203,42 @@ mod tests {
         let body = SnapshotBody::decode(&data, "a format 1 snapshot").expect("format 1 is read");
         assert!(body.state.departed.contains(&7));
         assert!(body.state.handovers.is_empty());
-        // And what is written now is format 2, read back as it was.
-        let again = encode(&SnapshotFile::V2(body));
-        let back = SnapshotBody::decode(&again, "a format 2 snapshot").expect("format 2 is read");
+        // And what is written now is format 3, read back as it was.
+        let again = body.encode();
+        let back = SnapshotBody::decode(&again, "a format 3 snapshot").expect("format 3 is read");
         assert!(back.state.departed.contains(&7));
+    }
+
+    /// A snapshot written before the data ledger: each service gets an empty ledger whose epoch is
+    /// the last applied event, so no earlier snapshot can be proposed against it.
+    #[test]
+    fn a_snapshot_of_format_2_is_read_with_an_empty_data_ledger() {
+        let mut v2 = coyote_state_machine::StateV2 { last_applied: 41, ..Default::default() };
+        let spec = coyote_state_machine::ServiceSpec {
+            name: "blog".into(),
+            image: "blog:1".into(),
+            domains: Vec::new(),
+            ports: Vec::new(),
+            memory_bytes: None,
+            on_demand: false,
+            dump: None,
+            http_check: None,
+            zone: None,
+        };
+        let service =
+            coyote_state_machine::Service { spec, placement: None, created_at_ms: 1, serve_from_ms: 1 };
+        v2.services.insert("blog".into(), service);
+        let data = encode(&SnapshotFile::V2(SnapshotBodyV2 {
+            last_applied: None,
+            last_membership: StoredMembership::default(),
+            state: v2,
+            archive: Vec::new(),
+        }));
+        let body = SnapshotBody::decode(&data, "a format 2 snapshot").expect("format 2 is read");
+        let ledger = &body.state.data["blog"];
+        assert_eq!(ledger.epoch, 41);
+        assert!(ledger.snapshots.is_empty());
+        assert!(body.state.handovers.is_empty());
     }
 
     /// Event counts whose sum overflows a u64: the check added them unchecked (a panic in a debug

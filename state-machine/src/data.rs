@@ -1,0 +1,110 @@
+//! The data ledger: which snapshots of each service's data exist and which nodes hold them.
+//!
+//! A service's data is snapshotted by its master into its own content-addressed store and shipped
+//! to other nodes (the `coyote-data` crate and the node do that work). The log records what came of
+//! it: `SnapshotTaken` (the master holds it), `SnapshotStored` (another node holds it, checked),
+//! `SnapshotCorrupt` (a holder lost it), `BackupFailed`, `SnapshotForgotten` (retention) and
+//! `RestoreCompleted` (a new master restored before serving). So every node knows from the log who
+//! holds what, and a new master knows which snapshot to restore.
+//!
+//! # Epochs
+//!
+//! A service's epoch is the index of the event that made its current master the master: its
+//! `ServiceCreated`, or the last `AuthoritySwitched` applied to it. A snapshot is accepted only from
+//! the current master at the current epoch. A master that was deposed (it may not know yet) carries
+//! an older epoch, and its snapshot is refused: the data it describes may have diverged from the new
+//! master's, and restoring it anywhere would bring back a past that the cluster moved away from.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Consistency, SnapshotKind};
+use crate::{LogIndex, NodeId};
+
+/// At most this many snapshots of one service in the ledger: retention forgets old ones long before.
+pub const SNAPSHOTS_MAX: usize = 512;
+
+/// Length of a snapshot id: a blake3 hash in lowercase hex.
+pub const SNAPSHOT_ID_LEN: usize = 64;
+
+/// What the log knows about one service's data.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct DataLedger {
+    /// The index of the event that made the current master the master (see the module docs).
+    pub epoch: LogIndex,
+    /// Snapshots by id.
+    pub snapshots: BTreeMap<String, SnapshotRecord>,
+    /// The last backup failure on each node, until that node next stores a snapshot.
+    pub failures: BTreeMap<NodeId, BackupFailure>,
+    /// The restore of the current master at the current epoch, once it is done.
+    pub restored: Option<Restored>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    pub id: String,
+    pub parent: Option<String>,
+    pub taken_by: NodeId,
+    pub epoch: LogIndex,
+    pub kind: SnapshotKind,
+    pub consistency: Consistency,
+    pub bytes: u64,
+    pub new_bytes: u64,
+    pub taken_at_ms: u64,
+    /// The index of its `SnapshotTaken`: snapshots are ordered by it.
+    pub taken_index: LogIndex,
+    /// Nodes that hold every chunk of it, with when they said so.
+    pub holders: BTreeMap<NodeId, u64>,
+    /// Nodes where it was found corrupt (and that no longer hold it).
+    pub corrupt_on: BTreeSet<NodeId>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct BackupFailure {
+    pub snapshot: Option<String>,
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Restored {
+    pub node: NodeId,
+    pub epoch: LogIndex,
+    pub snapshot: Option<String>,
+    pub at_ms: u64,
+}
+
+/// Whether `id` has the form of a snapshot id.
+pub fn valid_snapshot_id(id: &str) -> bool {
+    id.len() == SNAPSHOT_ID_LEN && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl DataLedger {
+    /// A ledger for a service whose master became master at `epoch`.
+    pub fn new(epoch: LogIndex) -> Self {
+        DataLedger { epoch, ..DataLedger::default() }
+    }
+
+    /// Snapshots, newest first.
+    pub fn newest_first(&self) -> Vec<&SnapshotRecord> {
+        let mut all: Vec<&SnapshotRecord> = self.snapshots.values().collect();
+        all.sort_by(|a, b| b.taken_index.cmp(&a.taken_index));
+        all
+    }
+
+    /// The newest snapshot some node holds.
+    pub fn newest_held(&self) -> Option<&SnapshotRecord> {
+        self.snapshots.values().filter(|s| !s.holders.is_empty()).max_by_key(|s| s.taken_index)
+    }
+
+    /// The newest snapshot `node` holds.
+    pub fn newest_held_by(&self, node: NodeId) -> Option<&SnapshotRecord> {
+        self.snapshots.values().filter(|s| s.holders.contains_key(&node)).max_by_key(|s| s.taken_index)
+    }
+
+    /// Whether the current master has restored at the current epoch.
+    pub fn restored_at_epoch(&self, master: NodeId) -> bool {
+        self.restored.as_ref().is_some_and(|r| r.node == master && r.epoch == self.epoch)
+    }
+}
