@@ -89,7 +89,7 @@ impl DataLedger {
     /// Snapshots, newest first.
     pub fn newest_first(&self) -> Vec<&SnapshotRecord> {
         let mut all: Vec<&SnapshotRecord> = self.snapshots.values().collect();
-        all.sort_by(|a, b| b.taken_index.cmp(&a.taken_index));
+        all.sort_by_key(|s| std::cmp::Reverse(s.taken_index));
         all
     }
 
