@@ -6,6 +6,8 @@
 #   coyote-test/httpd:1   busybox httpd on port 80 serving /www/index.html ("coyote test 1")
 #   coyote-test/httpd:2   the same, serving "coyote test 2" (a spec change)
 #   coyote-test/crash:1   exits with status 3 a moment after it starts (a crash loop)
+#   coyote-test/seq:1     appends the next sequence number to /data/seq every 50 ms, synced, starting
+#                         after the last number already there (the backup tests)
 set -euo pipefail
 
 # Test processes run in parallel and may each call this script: one at a time.
@@ -69,3 +71,4 @@ CMD ["/bin/busybox", "sh", "-c", "trap \"exit 0\" TERM; /bin/busybox httpd -f -p
 build coyote-test/httpd:1 "$httpd" www/index.html "coyote test 1"
 build coyote-test/httpd:2 "$httpd" www/index.html "coyote test 2"
 build coyote-test/crash:1 'CMD ["/bin/busybox", "sh", "-c", "sleep 1; exit 3"]'
+build coyote-test/seq:1 'CMD ["/bin/busybox", "sh", "-c", "trap \"exit 0\" TERM; i=$(/bin/busybox tail -n 1 /data/seq 2>/dev/null); i=${i:-0}; while true; do i=$((i+1)); echo $i >> /data/seq; /bin/busybox sync /data/seq; /bin/busybox sleep 0.05; done"]'

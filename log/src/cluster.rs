@@ -458,6 +458,21 @@ impl LogNode {
         S: futures::Stream<Item = std::io::Result<tls::TlsConn<IO>>> + Send + 'static,
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        self.serve_with(incoming, shutdown, tonic::service::Routes::default()).await
+    }
+
+    /// [`LogNode::serve`], with the node's other gRPC services (`routes`) on the same listener and
+    /// the same mutual TLS.
+    pub async fn serve_with<S, IO>(
+        &self,
+        incoming: S,
+        shutdown: impl Future<Output = ()>,
+        routes: tonic::service::Routes,
+    ) -> Result<(), LogError>
+    where
+        S: futures::Stream<Item = std::io::Result<tls::TlsConn<IO>>> + Send + 'static,
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let raft = pb::raft_server::RaftServer::new(RaftService::new(self.0.raft.clone()))
             .max_decoding_message_size(MESSAGE_MAX_BYTES)
             .max_encoding_message_size(MESSAGE_MAX_BYTES);
@@ -465,11 +480,22 @@ impl LogNode {
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(network::KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(network::KEEPALIVE_TIMEOUT))
+            .add_routes(routes)
             .add_service(raft)
             .add_service(cluster)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
             .map_err(|e| LogError::Transport(e.to_string()))
+    }
+
+    /// The channel to the member at `addr` (mutual TLS; one connection per peer, shared by every
+    /// call), for the node's other gRPC services.
+    pub fn peer(&self, addr: &str) -> Result<tonic::transport::Channel, ProposeError> {
+        self.0
+            .channels
+            .get(addr)
+            .map(|p| p.channel())
+            .map_err(|e| ProposeError::Forward(format!("bad address {addr}: {e}")))
     }
 
     async fn channel(&self, addr: &str) -> Result<network::PeerChannel, ProposeError> {

@@ -24,6 +24,7 @@ use serde_json::json;
 use crate::activator::Activator;
 use crate::fence::Fence;
 use crate::reconciler::Reconciler;
+use crate::wire;
 use crate::wire::{
     AlarmRaise, AlarmRaised, Committed, ErrorAnswer, EventView, EventsPage, PlanView, ServiceCreated,
     ServiceStats, ServiceUpdated, ServiceView, Serving, Status, SwitchAnswer, SwitchHow, SwitchRequest,
@@ -47,6 +48,8 @@ pub struct Api {
     pub fence: Fence,
     /// `None` when this node does not manage containers.
     pub activator: Option<Arc<Activator>>,
+    /// `None` when this node keeps no backups.
+    pub backups: Option<Arc<crate::backups::Backups>>,
 }
 
 pub fn router(api: Api) -> Router {
@@ -64,6 +67,9 @@ pub fn router(api: Api) -> Router {
         .route("/v1/plan", get(plan))
         .route("/v1/alarms", get(alarms).post(alarm_raise))
         .route("/v1/alarms/{id}/clear", post(alarm_clear))
+        .route("/v1/backups/{service}", get(backup_list))
+        .route("/v1/backups/{service}/now", post(backup_now))
+        .route("/v1/backups/{service}/export", get(backup_export))
         .with_state(api)
 }
 
@@ -396,4 +402,148 @@ async fn alarm_clear(caller: Caller, Path(id): Path<u64>) -> ApiResult<Committed
     let event = Event::AlarmCleared { alarm_id: id, reason: "cleared by an admin".into() };
     let proposed = propose(&caller, event).await?;
     Ok(Json(Committed { index: proposed.index }))
+}
+
+async fn backup_list(State(api): State<Api>, Path(service): Path<String>) -> ApiResult<wire::BackupList> {
+    let now_ms = api.node.now_ms();
+    api.node
+        .store()
+        .with_state(|s| {
+            let svc = s.services.get(&service)?;
+            let ledger = s.data.get(&service)?;
+            let placement = svc.placement.as_ref();
+            let failover = placement.and_then(|p| p.failover);
+            let data_age_ms =
+                failover.and_then(|f| ledger.newest_held_by(f)).map(|r| now_ms.saturating_sub(r.taken_at_ms));
+            Some(wire::BackupList {
+                service: service.clone(),
+                epoch: ledger.epoch,
+                master: placement.map(|p| p.master),
+                failover,
+                data_age_ms,
+                snapshots: ledger
+                    .newest_first()
+                    .into_iter()
+                    .map(|r| wire::SnapshotView {
+                        snapshot: r.id.clone(),
+                        parent: r.parent.clone(),
+                        taken_at_ms: r.taken_at_ms,
+                        taken_by: r.taken_by,
+                        epoch: r.epoch,
+                        kind: r.kind.name().to_string(),
+                        consistency: r.consistency.name().to_string(),
+                        bytes: r.bytes,
+                        new_bytes: r.new_bytes,
+                        holders: r.holders.keys().copied().collect(),
+                        corrupt_on: r.corrupt_on.iter().copied().collect(),
+                    })
+                    .collect(),
+                failures: ledger
+                    .failures
+                    .iter()
+                    .map(|(node, f)| wire::BackupFailureView {
+                        node: *node,
+                        snapshot: f.snapshot.clone(),
+                        reason: f.reason.clone(),
+                        at_ms: f.at_ms,
+                    })
+                    .collect(),
+                restored: ledger.restored.as_ref().filter(|r| r.epoch == ledger.epoch).map(|r| {
+                    wire::RestoredView { node: r.node, snapshot: r.snapshot.clone(), at_ms: r.at_ms }
+                }),
+            })
+        })
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("service {service} does not exist")))
+}
+
+fn backups_of(api: &Api) -> Result<&Arc<crate::backups::Backups>, ApiError> {
+    api.backups.as_ref().ok_or_else(|| {
+        ApiError(
+            StatusCode::CONFLICT,
+            "this node keeps no backups (it runs without containers or with --no-backups)".into(),
+        )
+    })
+}
+
+async fn backup_now(
+    State(api): State<Api>,
+    Path(service): Path<String>,
+    body: Option<Json<wire::BackupNow>>,
+) -> ApiResult<wire::TakenView> {
+    let backups = backups_of(&api)?;
+    let kind = match body.and_then(|Json(b)| b.kind).as_deref() {
+        None | Some("manual") => coyote_state_machine::SnapshotKind::Manual,
+        Some("dump") => coyote_state_machine::SnapshotKind::Dump,
+        Some(other) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("unknown snapshot kind {other:?} (manual or dump)"),
+            ))
+        }
+    };
+    let me = api.node.id();
+    let master = api
+        .node
+        .store()
+        .with_state(|s| s.services.get(&service).map(|svc| svc.placement.as_ref().map(|p| p.master)));
+    match master {
+        None => return Err(ApiError(StatusCode::NOT_FOUND, format!("service {service} does not exist"))),
+        Some(Some(m)) if m != me => {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("node {m} is the master of {service}: run this on that node"),
+            ))
+        }
+        _ => {}
+    }
+    backups.snapshot(&service, kind).await.map(Json).map_err(|e| match e {
+        crate::backups::BackupError::Refused(m) | crate::backups::BackupError::Rejected(m) => {
+            ApiError(StatusCode::CONFLICT, m)
+        }
+        other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct ExportQuery {
+    snapshot: Option<String>,
+}
+
+async fn backup_export(
+    State(api): State<Api>,
+    Path(service): Path<String>,
+    Query(q): Query<ExportQuery>,
+) -> Result<Response, ApiError> {
+    let backups = backups_of(&api)?.clone();
+    let snapshot = backups.export_source(&service, q.snapshot.as_deref()).await.map_err(|e| match e {
+        crate::backups::BackupError::Refused(m) => ApiError(StatusCode::NOT_FOUND, m),
+        other => ApiError(StatusCode::SERVICE_UNAVAILABLE, other.to_string()),
+    })?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(8);
+    let store = backups.store().clone();
+    tokio::task::spawn_blocking(move || {
+        let mut writer = ChannelWriter(tx.clone());
+        if let Err(e) = coyote_data::export_tar(&store, &snapshot, &mut writer) {
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+    });
+    let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok(([("content-type", "application/x-tar")], body).into_response())
+}
+
+/// Hands what a blocking writer writes to an async body, a buffer at a time.
+struct ChannelWriter(tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>);
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Ok(bytes::Bytes::copy_from_slice(buf)))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -5,6 +5,7 @@
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use coyote_nodes::wire;
+use coyote_state_machine::spec::format_bytes;
 use coyote_state_machine::spec::{parse_bytes, parse_port};
 use coyote_state_machine::{format_ms, PortMap, ServiceSpec, ZoneCheck};
 use hyper::Method;
@@ -33,6 +34,28 @@ pub enum Command {
     Plan,
     /// Traffic of the on-demand services this node serves (kept locally, not in the log)
     Stats,
+    /// Snapshots of services' data
+    #[command(subcommand)]
+    Backup(BackupCmd),
+}
+
+#[derive(Subcommand)]
+pub enum BackupCmd {
+    /// A service's snapshots, newest first: when, why, how big, which nodes hold each
+    List { service: String },
+    /// Snapshot a service's data now (on its master)
+    Now { service: String },
+    /// Write a snapshot of a service's data as a tar stream (to stdout, or --output FILE); it needs
+    /// no cluster to be read back: `tar x`
+    Export {
+        service: String,
+        /// The snapshot (its id or the start of it) [default: the newest some node holds]
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Write the tar stream to this file instead of stdout
+        #[arg(long, short)]
+        output: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -235,6 +258,7 @@ pub async fn run(command: Command, client: &Client, json: bool) -> Result<()> {
             }
             Ok(())
         }
+        Command::Backup(cmd) => backup(cmd, client, json).await,
         Command::Alarm(AlarmCmd::List) => {
             let alarms: Vec<wire::Alarm> = client.get("/v1/alarms").await?;
             if json {
@@ -256,6 +280,104 @@ pub async fn run(command: Command, client: &Client, json: bool) -> Result<()> {
 
 fn print_json<T: Serialize>(value: &T) {
     println!("{}", serde_json::to_string(value).expect("API types encode"));
+}
+
+async fn backup(cmd: BackupCmd, client: &Client, json: bool) -> Result<()> {
+    match cmd {
+        BackupCmd::List { service } => {
+            let list: wire::BackupList = client.get(&format!("/v1/backups/{service}")).await?;
+            if json {
+                print_json(&list);
+                return Ok(());
+            }
+            let node = |n: Option<u64>| n.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+            let age = match list.data_age_ms {
+                Some(ms) => format!("{} s", ms / 1000),
+                None => "no snapshot on the failover".into(),
+            };
+            println!(
+                "{}: epoch {}, master {}, failover {}, data age {age}",
+                list.service,
+                list.epoch,
+                node(list.master),
+                node(list.failover)
+            );
+            if let Some(r) = &list.restored {
+                let from = r
+                    .snapshot
+                    .as_deref()
+                    .map(short_id)
+                    .unwrap_or_else(|| "nothing (started on its own directory)".into());
+                println!("restored by node {} at {} from {from}", r.node, format_ms(r.at_ms));
+            }
+            if list.snapshots.is_empty() {
+                println!("no snapshots yet");
+            }
+            for s in &list.snapshots {
+                let holders: Vec<String> = s.holders.iter().map(|n| n.to_string()).collect();
+                let corrupt = if s.corrupt_on.is_empty() {
+                    String::new()
+                } else {
+                    let nodes: Vec<String> = s.corrupt_on.iter().map(|n| n.to_string()).collect();
+                    format!("  corrupt on [{}]", nodes.join(","))
+                };
+                println!(
+                    "{}  {}  {:<8} {:<7} {:>9} {:>9} new  by node {}  held by [{}]{corrupt}",
+                    short_id(&s.snapshot),
+                    format_ms(s.taken_at_ms),
+                    s.kind,
+                    s.consistency,
+                    format_bytes(s.bytes),
+                    format_bytes(s.new_bytes),
+                    s.taken_by,
+                    holders.join(",")
+                );
+            }
+            for f in &list.failures {
+                println!("failure on node {} at {}: {}", f.node, format_ms(f.at_ms), f.reason);
+            }
+            Ok(())
+        }
+        BackupCmd::Now { service } => {
+            let body = wire::BackupNow::default();
+            let taken: wire::TakenView =
+                client.send_json(Method::POST, &format!("/v1/backups/{service}/now"), &body).await?;
+            if json {
+                print_json(&taken);
+            } else {
+                let what = if taken.recorded { "recorded" } else { "unchanged since the last snapshot" };
+                println!(
+                    "snapshot {} of {service} ({what}): {} files ({} changed), {}, {} new, {} written, {} ms paused",
+                    short_id(&taken.snapshot),
+                    taken.files,
+                    taken.changed_files,
+                    format_bytes(taken.bytes),
+                    format_bytes(taken.new_bytes),
+                    format_bytes(taken.stored_bytes),
+                    taken.paused_ms
+                );
+            }
+            Ok(())
+        }
+        BackupCmd::Export { service, snapshot, output } => {
+            let query = snapshot.map(|s| format!("?snapshot={s}")).unwrap_or_default();
+            let path = format!("/v1/backups/{service}/export{query}");
+            match output {
+                Some(file) => {
+                    let mut out = std::fs::File::create(&file)
+                        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", file.display()))?;
+                    let bytes = client.download(&path, &mut out).await?;
+                    out.sync_all()?;
+                    eprintln!("wrote {} to {}", format_bytes(bytes), file.display());
+                }
+                None => {
+                    let mut out = std::io::stdout().lock();
+                    client.download(&path, &mut out).await?;
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 fn print_json_lines<T: Serialize>(list: &[T]) {

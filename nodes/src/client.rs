@@ -97,6 +97,29 @@ impl Client {
         })
     }
 
+    /// `GET path`, its body written to `out` as it arrives; the number of bytes written.
+    pub async fn download(&self, path: &str, out: &mut impl std::io::Write) -> Result<u64> {
+        let response = self.send(Method::GET, path, None).await?;
+        let status = response.status();
+        let mut body = response.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await?.to_bytes();
+            let message = serde_json::from_slice::<ErrorAnswer>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| format!("the node answered {status}"));
+            bail!("{message}");
+        }
+        let mut written = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.context("the node broke off the transfer")?;
+            let Some(data) = frame.data_ref() else { continue };
+            out.write_all(data).context("cannot write the output")?;
+            written += data.len() as u64;
+        }
+        out.flush().context("cannot write the output")?;
+        Ok(written)
+    }
+
     /// A streaming request: calls `line` with each event until the node closes the stream.
     pub async fn stream_events(
         &self,

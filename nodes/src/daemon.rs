@@ -11,6 +11,7 @@ use coyote_log::{Environment, JoinToken, LogNode, LogNodeConfig, RaftSettings};
 use tokio::net::{TcpListener, UnixListener};
 
 use coyote_nodes::activator::ActivatorConfig;
+use coyote_nodes::backups::BackupSettings;
 use coyote_nodes::forward::{ForwardMode, Forwarder};
 use coyote_nodes::monitor::MonitorConfig;
 use coyote_nodes::node::{ContainerParts, Node, Parts, STOP_WAIT};
@@ -141,6 +142,11 @@ pub struct ContainerOptions {
     pub memory_min_available: Option<u64>,
     /// How warm on-demand connections reach their containers (`None`: kernel if it can work here).
     pub forward: Option<ForwardMode>,
+    /// Keep snapshots of services' data (`DIR/backups`).
+    pub backups: bool,
+    pub backup_every: Duration,
+    pub pause_limit: Duration,
+    pub backup_reserve: u64,
 }
 
 /// Runs the node in `dir` in the foreground until SIGINT or SIGTERM.
@@ -277,12 +283,20 @@ async fn container_parts(
             }
         },
     };
+    let backups = options.backups.then(|| {
+        let mut settings = BackupSettings::new(volumes.with_file_name("backups"), volumes.clone());
+        settings.every = options.backup_every;
+        settings.pause_limit = options.pause_limit;
+        settings.reserve_bytes = options.backup_reserve;
+        settings
+    });
     Ok(ContainerParts {
         runtime,
         reconciler: reconciler::Settings { volumes, pull: options.pull, dump_timeout: options.dump_timeout },
         activator,
         forwarder,
         sockets: None,
+        backups,
     })
 }
 

@@ -48,6 +48,9 @@ pub struct Fence {
     inner: Arc<Mutex<FenceState>>,
     /// The services served, republished after every renewal when it changed.
     serving_tx: Arc<watch::Sender<BTreeSet<String>>>,
+    /// Serve a service only once its data was restored at the current epoch (a node that keeps
+    /// backups, see [`crate::backups`]).
+    restore_gate: bool,
 }
 
 #[derive(Default)]
@@ -95,7 +98,27 @@ impl Fence {
     }
 
     pub fn new(node: LogNode) -> Self {
-        Fence { node, inner: Arc::default(), serving_tx: Arc::new(watch::channel(BTreeSet::new()).0) }
+        Fence {
+            node,
+            inner: Arc::default(),
+            serving_tx: Arc::new(watch::channel(BTreeSet::new()).0),
+            restore_gate: false,
+        }
+    }
+
+    /// Serves a service only once the log records that this server restored its data at the
+    /// current epoch (`RestoreCompleted`), so that a new master's container starts on the newest
+    /// snapshot, not on whatever its directory held.
+    pub fn with_restore_gate(mut self) -> Self {
+        self.restore_gate = true;
+        self
+    }
+
+    /// Whether the state lets `me` serve `service` at `now_ms`: it names `me` master and, with the
+    /// restore gate, `me` restored the service's data at its current epoch.
+    fn state_allows(&self, s: &coyote_state_machine::State, me: u64, service: &str, now_ms: u64) -> bool {
+        s.may_serve(me, service, now_ms)
+            && (!self.restore_gate || s.data.get(service).is_some_and(|d| d.restored_at_epoch(me)))
     }
 
     /// The set of services served, updated within a renewal period of every change.
@@ -212,7 +235,11 @@ impl Fence {
         let inner = self.inner.lock().expect("fence lock");
         let allowed = inner.allowed(Instant::now()).any(|name| name == service);
         drop(inner);
-        allowed && self.node.store().with_state(|s| s.may_serve(self.node.id(), service, self.node.now_ms()))
+        allowed
+            && self
+                .node
+                .store()
+                .with_state(|s| self.state_allows(s, self.node.id(), service, self.node.now_ms()))
     }
 
     /// Every service this server may serve now: those for which [`Fence::serving`] holds, found with
@@ -225,9 +252,9 @@ impl Fence {
         }
         let (me, now_ms) = (self.node.id(), self.node.now_ms());
         // The fence's lock is held while the state is read; nothing takes them in the other order.
-        self.node
-            .store()
-            .with_state(|s| candidates.filter(|name| s.may_serve(me, name, now_ms)).cloned().collect())
+        self.node.store().with_state(|s| {
+            candidates.filter(|name| self.state_allows(s, me, name, now_ms)).cloned().collect()
+        })
     }
 }
 

@@ -17,6 +17,7 @@
 
 pub mod activator;
 pub mod api;
+pub mod backups;
 pub mod fence;
 pub mod forward;
 pub mod monitor;

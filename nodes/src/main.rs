@@ -99,6 +99,19 @@ struct ContainerArgs {
     /// nft is usable and this is root, else userspace]
     #[arg(long, value_name = "MODE")]
     forward: Option<ForwardMode>,
+    /// Keep no snapshots of services' data on this server: it neither snapshots, stores nor
+    /// restores them (a new master then starts on its own directory)
+    #[arg(long)]
+    no_backups: bool,
+    /// How often the master snapshots each service's data (s, m, h; 0: only `coyote backup now`)
+    #[arg(long, default_value = "60s", value_parser = parse_duration_arg)]
+    backup_every: std::time::Duration,
+    /// Pauses of a running container for a snapshot longer than this are reported (s, m)
+    #[arg(long, default_value = "2s", value_parser = parse_duration_arg)]
+    pause_limit: std::time::Duration,
+    /// Free space the backup store leaves on its file system; below it, storing is refused (512M, 2G)
+    #[arg(long, default_value = "256M", value_name = "SIZE", value_parser = parse_bytes)]
+    backup_reserve: u64,
 }
 
 fn parse_size_arg(text: &str) -> Result<u64, String> {
@@ -122,6 +135,10 @@ impl From<ContainerArgs> for ContainerOptions {
             dump_timeout: c.dump_timeout,
             memory_min_available: c.memory_min_available,
             forward: c.forward,
+            backups: !c.no_backups,
+            backup_every: c.backup_every,
+            pause_limit: c.pause_limit,
+            backup_reserve: c.backup_reserve,
         }
     }
 }

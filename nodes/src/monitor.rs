@@ -291,7 +291,7 @@ impl Monitor {
                 }
                 subjects.insert(subject);
             }
-            let mut services: Vec<(String, Checks)> = Vec::new();
+            let mut services: Vec<(String, Checks, Option<String>)> = Vec::new();
             for name in s.services.keys() {
                 let role = s.role(name, me);
                 if !matches!(role, Some(Role::Failover) | Some(Role::Backup)) {
@@ -300,7 +300,8 @@ impl Monitor {
                 let subject = Subject::Service(name.clone());
                 if due(&subject, role == Some(Role::Failover)) {
                     let master = s.services[name].placement.as_ref().map(|p| p.master).unwrap_or(0);
-                    services.push((name.clone(), service_checks(s, name, master)));
+                    let master_addr = s.members.get(&master).map(|m| m.addr.clone());
+                    services.push((name.clone(), service_checks(s, name, master), master_addr));
                 }
                 subjects.insert(subject);
             }
@@ -319,17 +320,22 @@ impl Monitor {
             .collect();
         let service_probes: Vec<_> = services
             .iter()
-            .map(|(_, (check, zone))| {
+            .map(|(_, (check, zone), master_addr)| {
                 let probe = check.clone().map(|c| self.probe.probe(c, timeout));
                 let zone = zone.clone().map(|z| self.probe.zone(z, timeout));
+                let node = self.node.clone();
+                let master_addr = master_addr.clone();
                 async move {
                     // The service counts as unreachable only while its zone is too (when it has one).
                     let (service_ok, zone_ok) = tokio::join!(
                         async {
-                            match probe {
-                                Some(probe) => probe.await,
+                            match (probe, master_addr) {
+                                (Some(probe), _) => probe.await,
                                 // A service with no port cannot be probed: its master's reachability decides.
-                                None => true,
+                                (None, Some(addr)) => tokio::time::timeout(timeout, node.ping_peer(&addr))
+                                    .await
+                                    .unwrap_or(false),
+                                (None, None) => false,
                             }
                         },
                         async {
@@ -350,7 +356,7 @@ impl Monitor {
             );
             let mut results: Round = Vec::new();
             results.extend(peers.iter().map(|(id, _)| Subject::Node(*id)).zip(peer_ok));
-            results.extend(services.into_iter().map(|(name, _)| Subject::Service(name)).zip(service_ok));
+            results.extend(services.into_iter().map(|(name, _, _)| Subject::Service(name)).zip(service_ok));
             results
         }
     }

@@ -16,8 +16,12 @@
 //! - the local API ([`crate::api`]): an axum router, which the caller serves (on a unix socket in
 //!   production) or calls directly (the simulator, through `tower::ServiceExt::oneshot`).
 //!
-//! The front door (proxy), the web pages (CRM) and data replication join a node here when they
-//! exist, as parts of [`Parts`] and tasks of [`Node`].
+//! - with containers and backups: [`Backups`] (snapshots of each service's data, shipped to the
+//!   nodes that hold a role for it over the same gRPC listener, and restored before a new master
+//!   serves; the fence then waits for the restore).
+//!
+//! The front door (proxy) and the web pages (CRM) join a node here when they exist, as parts of
+//! [`Parts`] and tasks of [`Node`].
 //!
 //! # What the caller keeps
 //! Creating or joining a cluster (writing the data directory, asking for a certificate) happens
@@ -38,6 +42,7 @@ use tokio::task::JoinHandle;
 
 use crate::activator::{Activator, ActivatorConfig};
 use crate::api::{self, Api};
+use crate::backups::{BackupSettings, Backups};
 use crate::fence::Fence;
 use crate::forward::Forwarder;
 use crate::monitor::{Monitor, MonitorConfig};
@@ -94,6 +99,9 @@ pub struct ContainerParts {
     pub forwarder: Option<Arc<Forwarder>>,
     /// Where the activator listens and dials (`None`: the operating system's TCP).
     pub sockets: Option<Arc<dyn Sockets>>,
+    /// Snapshots of the services' data (`None`: data stays on the master, new masters start on
+    /// their own directory).
+    pub backups: Option<BackupSettings>,
 }
 
 /// A running node.
@@ -102,6 +110,7 @@ pub struct Node {
     pub fence: Fence,
     pub reconciler: Option<Arc<Reconciler>>,
     pub activator: Option<Arc<Activator>>,
+    pub backups: Option<Arc<Backups>>,
     /// The local API, for the caller to serve or call.
     pub api: axum::Router,
     stop: watch::Sender<bool>,
@@ -119,12 +128,24 @@ impl Node {
         let (stop, _) = watch::channel(false);
         let stopped = || until_stopped(&stop);
         let mut tasks = Vec::new();
+        let mut fence = Fence::new(log.clone());
+        let backups =
+            match containers.as_ref().and_then(|c| c.backups.clone().map(|b| (c.runtime.clone(), b))) {
+                Some((runtime, settings)) => {
+                    fence = fence.with_restore_gate();
+                    let backups = Backups::open(log.clone(), runtime, scope.clone(), fence.clone(), settings)
+                        .map_err(|e| LogError::Transport(format!("cannot open the backup store: {e}")))?;
+                    Some(backups)
+                }
+                None => None,
+            };
         {
             let log = log.clone();
             let incoming = listener.incoming(log.server_tls());
             let shutdown = stopped();
+            let routes = backups.as_ref().map(|b| b.routes()).unwrap_or_default();
             tasks.push(tokio::spawn(async move {
-                if let Err(e) = log.serve(incoming, shutdown).await {
+                if let Err(e) = log.serve_with(incoming, shutdown, routes).await {
                     tracing::error!(error = %e, "the node's gRPC server stopped");
                 }
             }));
@@ -134,13 +155,15 @@ impl Node {
             let shutdown = stopped();
             tasks.push(tokio::spawn(async move { log.run_membership(shutdown).await }));
         }
-        let fence = Fence::new(log.clone());
         tasks.push(tokio::spawn(fence.clone().run(stopped())));
         let mut monitor = Monitor::new(log.clone(), monitor);
         if let Some(probe) = probe {
             monitor = monitor.with_probe(probe);
         }
         tasks.push(tokio::spawn(monitor.run(stopped())));
+        if let Some(backups) = &backups {
+            tasks.push(tokio::spawn(backups.clone().run(stopped())));
+        }
         let (reconciler, activator) = match containers {
             Some(c) => {
                 let reconciler = Arc::new(
@@ -165,8 +188,9 @@ impl Node {
             reconciler: reconciler.clone(),
             fence: fence.clone(),
             activator: activator.clone(),
+            backups: backups.clone(),
         });
-        Ok(Node { log, fence, reconciler, activator, api, stop, tasks })
+        Ok(Node { log, fence, reconciler, activator, backups, api, stop, tasks })
     }
 
     /// A future that ends when the node stops (for the caller's servers of the API).

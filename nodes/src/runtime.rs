@@ -197,6 +197,14 @@ pub trait ContainerRuntime: Send + Sync {
         let _ = (id, timeout);
         Err(RuntimeError::Failed(format!("this runtime cannot run {argv:?} in a container")))
     }
+    /// Freezes every process of the running container (`docker pause`), so that its files can be
+    /// read as a power cut would leave them.
+    async fn pause(&self, id: &str) -> Result<()> {
+        Err(RuntimeError::Failed(format!("this runtime cannot pause container {id}")))
+    }
+    async fn unpause(&self, id: &str) -> Result<()> {
+        Err(RuntimeError::Failed(format!("this runtime cannot unpause container {id}")))
+    }
 }
 
 /// The Docker Engine over its unix socket.
@@ -482,6 +490,16 @@ impl ContainerRuntime for DockerRuntime {
     async fn start(&self, id: &str) -> Result<()> {
         let docker = self.client().await?;
         docker.start_container(id, None).await.map_err(|e| self.error("starting the container", e))
+    }
+
+    async fn pause(&self, id: &str) -> Result<()> {
+        let docker = self.client().await?;
+        docker.pause_container(id).await.map_err(|e| self.error("pausing the container", e))
+    }
+
+    async fn unpause(&self, id: &str) -> Result<()> {
+        let docker = self.client().await?;
+        docker.unpause_container(id).await.map_err(|e| self.error("unpausing the container", e))
     }
 
     async fn stop(&self, id: &str) -> Result<()> {

@@ -235,3 +235,60 @@ pub struct AlarmRaised {
 pub struct Committed {
     pub index: u64,
 }
+
+pub use crate::backups::{PauseStats, TakenView};
+
+/// `coyote backup list SERVICE`: what the log knows about a service's data.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackupList {
+    pub service: String,
+    /// The index of the event that made the current master the master.
+    pub epoch: u64,
+    pub master: Option<u64>,
+    pub failover: Option<u64>,
+    /// Time since the newest snapshot the failover holds was taken (`None`: it holds none).
+    pub data_age_ms: Option<u64>,
+    /// Newest first.
+    pub snapshots: Vec<SnapshotView>,
+    pub failures: Vec<BackupFailureView>,
+    /// The current master's restore at the current epoch, once done.
+    pub restored: Option<RestoredView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapshotView {
+    pub snapshot: String,
+    pub parent: Option<String>,
+    pub taken_at_ms: u64,
+    pub taken_by: u64,
+    pub epoch: u64,
+    pub kind: String,
+    pub consistency: String,
+    pub bytes: u64,
+    pub new_bytes: u64,
+    pub holders: Vec<u64>,
+    pub corrupt_on: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackupFailureView {
+    pub node: u64,
+    pub snapshot: Option<String>,
+    pub reason: String,
+    pub at_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RestoredView {
+    pub node: u64,
+    pub snapshot: Option<String>,
+    pub at_ms: u64,
+}
+
+/// `coyote backup now SERVICE`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BackupNow {
+    /// Why: shown in the log as the snapshot's kind (`manual` when absent).
+    #[serde(default)]
+    pub kind: Option<String>,
+}

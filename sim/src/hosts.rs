@@ -82,6 +82,7 @@ pub(crate) async fn host_software(world: Arc<World>, host: Arc<HostState>) -> Se
             activator: ActivatorConfig { idle_stop: IDLE_STOP, ..ActivatorConfig::default() },
             forwarder: None,
             sockets: Some(Arc::new(net::Sockets)),
+            backups: None,
         }),
     })
     .await?;

@@ -1,0 +1,776 @@
+//! Backups: each service's data follows its authority.
+//!
+//! Every node keeps one content-addressed chunk store (`DIR/backups`, see `coyote-data`) for the
+//! data of the services it holds a role for, and does three things, each from the log's state:
+//!
+//! - **Snapshots** (master). Every [`BackupSettings::every`], the master of a service it serves
+//!   snapshots `volumes/NAME`: a running container is paused (`docker pause`) while the files are
+//!   read and cut into chunks (only files changed since the last snapshot are read), then resumed;
+//!   the new chunks are compressed and stored after it resumes. The snapshot is proposed as
+//!   `SnapshotTaken` at the master's epoch: a master that was deposed meanwhile is refused by the
+//!   state machine. A snapshot identical to one already recorded is not proposed again.
+//! - **Replication** (failover and backups). A node with a role for a service that does not hold its
+//!   newest recorded snapshot fetches it from a holder over the cluster's mutual TLS (the `Data`
+//!   gRPC service): first the manifest, then the chunks it lacks, each checked against its hash as
+//!   it is stored and synced. Only then does it propose `SnapshotStored`. A failure is proposed as
+//!   `BackupFailed` with its reason, once per snapshot and reason.
+//! - **Restore before serving** (a new master). A node that became master restores the newest
+//!   snapshot some node holds into `volumes/NAME` (fetching what it lacks), moving the directory
+//!   that was there aside to `volumes/NAME.stale-EPOCH` (never deleting it), and proposes
+//!   `RestoreCompleted`. The fence does not let it serve the service before that event is applied
+//!   ([`crate::fence::Fence::with_restore_gate`]), so its container starts on the restored data.
+//!   If no holder answers within [`BackupSettings::fetch_timeout`], it restores the newest snapshot
+//!   it holds itself, or keeps its directory when it holds none, and raises the alarm
+//!   `data-behind/SERVICE` naming what it could not get.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use coyote_data::{ChunkId, ChunkStore, Manifest, MetaCache};
+use coyote_log::pb;
+use coyote_log::LogNode;
+use coyote_state_machine::{short_id, Consistency, Event, NodeId, Outcome, Role, SnapshotKind, State};
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+
+use crate::fence::Fence;
+use crate::runtime::{ContainerRuntime, RunState, Scope};
+
+/// Chunks asked for in one call.
+const FETCH_BATCH: usize = 64;
+/// Largest gRPC message of the data service: a manifest of a very large tree, or one chunk.
+const MESSAGE_MAX_BYTES: usize = 64 * 1024 * 1024;
+
+/// How a node keeps its services' data.
+#[derive(Clone, Debug)]
+pub struct BackupSettings {
+    /// The chunk store's directory (`DIR/backups`).
+    pub root: PathBuf,
+    /// Services' data directories (`DIR/volumes`, each service's in `volumes/NAME`).
+    pub volumes: PathBuf,
+    /// How often a master snapshots each service it serves; zero: never on its own.
+    pub every: Duration,
+    /// A pause longer than this is reported in the node's log as too long.
+    pub pause_limit: Duration,
+    /// Free space the chunk store leaves on its file system: below it, storing is refused.
+    pub reserve_bytes: u64,
+    /// How long a new master tries to fetch the newest snapshot before it restores what it has.
+    pub fetch_timeout: Duration,
+}
+
+impl BackupSettings {
+    pub fn new(root: PathBuf, volumes: PathBuf) -> Self {
+        BackupSettings {
+            root,
+            volumes,
+            every: Duration::from_secs(60),
+            pause_limit: Duration::from_secs(2),
+            reserve_bytes: 256 << 20,
+            fetch_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why a backup step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{0}")]
+    Data(#[from] coyote_data::Error),
+    #[error("{0}")]
+    Runtime(#[from] crate::runtime::RuntimeError),
+    #[error("{0}")]
+    Propose(#[from] coyote_log::ProposeError),
+    #[error("refused by the log: {0}")]
+    Rejected(String),
+    #[error("{0}")]
+    Fetch(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// What one snapshot did, as `coyote backup now` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TakenView {
+    pub service: String,
+    pub snapshot: String,
+    /// Whether the log recorded it now (false: it equals a snapshot already recorded).
+    pub recorded: bool,
+    pub consistency: String,
+    pub files: u64,
+    pub changed_files: u64,
+    pub bytes: u64,
+    pub new_bytes: u64,
+    pub stored_bytes: u64,
+    /// How long the container was paused (0 when it was not running).
+    pub paused_ms: u64,
+}
+
+/// Pause durations of this node's snapshots, for `coyote stats`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PauseStats {
+    pub count: u64,
+    pub p50_ms: u64,
+    pub p99_ms: u64,
+    pub max_ms: u64,
+}
+
+/// The backup part of a node.
+pub struct Backups {
+    node: LogNode,
+    store: Arc<ChunkStore>,
+    runtime: Arc<dyn ContainerRuntime>,
+    scope: Scope,
+    fence: Fence,
+    settings: BackupSettings,
+    /// Per service: the metadata cache of its last snapshot, and when it was taken (monotonic).
+    caches: tokio::sync::Mutex<HashMap<String, (MetaCache, Option<Instant>)>>,
+    /// Failures already proposed, by (service, snapshot): not proposed again with the same reason.
+    reported: Mutex<BTreeMap<(String, String), String>>,
+    pauses: Mutex<Vec<u64>>,
+}
+
+impl Backups {
+    /// Opens the chunk store under `settings.root` (created if missing).
+    pub fn open(
+        node: LogNode,
+        runtime: Arc<dyn ContainerRuntime>,
+        scope: Scope,
+        fence: Fence,
+        settings: BackupSettings,
+    ) -> Result<Arc<Self>, BackupError> {
+        let store = ChunkStore::open(&settings.root)?.with_reserve(settings.reserve_bytes);
+        Ok(Arc::new(Backups {
+            node,
+            store: Arc::new(store),
+            runtime,
+            scope,
+            fence,
+            settings,
+            caches: tokio::sync::Mutex::new(HashMap::new()),
+            reported: Mutex::new(BTreeMap::new()),
+            pauses: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// The chunk store.
+    pub fn store(&self) -> &Arc<ChunkStore> {
+        &self.store
+    }
+
+    /// The gRPC service other members fetch chunks from.
+    pub fn routes(self: &Arc<Self>) -> tonic::service::Routes {
+        let server = pb::data_server::DataServer::new(DataService { store: self.store.clone() })
+            .max_decoding_message_size(MESSAGE_MAX_BYTES)
+            .max_encoding_message_size(MESSAGE_MAX_BYTES);
+        tonic::service::Routes::new(server)
+    }
+
+    fn actor(&self) -> String {
+        format!("backups@node:{}", self.node.id())
+    }
+
+    /// Restores, replicates and snapshots whenever the applied state changes and every second, until
+    /// `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut applied = self.node.store().subscribe();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => return,
+                changed = applied.changed() => if changed.is_err() { return },
+                _ = tick.tick() => {}
+            }
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => return,
+                _ = self.pass() => {}
+            }
+        }
+    }
+
+    /// One look at the state: restores first (a new master waits for it), then replication, then
+    /// the snapshots that are due.
+    async fn pass(&self) {
+        let me = self.node.id();
+        let (restores, replicas, masters) = self.node.store().with_state(|s| {
+            let masters: Vec<String> = s.services_where(me, Role::Master).map(String::from).collect();
+            let restores = masters
+                .iter()
+                .filter(|name| s.data.get(*name).is_some_and(|d| !d.restored_at_epoch(me)))
+                .cloned()
+                .collect::<Vec<_>>();
+            let replicas: Vec<String> = s
+                .services_where(me, Role::Failover)
+                .chain(s.services_where(me, Role::Backup))
+                .filter(|name| {
+                    s.data
+                        .get(*name)
+                        .and_then(|d| d.newest_held())
+                        .is_some_and(|r| !r.holders.contains_key(&me))
+                })
+                .map(String::from)
+                .collect();
+            (restores, replicas, masters)
+        });
+        for service in restores {
+            if let Err(e) = self.restore_before_serving(&service).await {
+                tracing::warn!(%service, error = %e, "cannot restore before serving; trying again");
+            }
+        }
+        for service in replicas {
+            if let Err(e) = self.replicate(&service).await {
+                tracing::warn!(%service, error = %e, "cannot store the newest snapshot");
+            }
+        }
+        if self.settings.every.is_zero() {
+            return;
+        }
+        for service in masters {
+            let due = {
+                let caches = self.caches.lock().await;
+                caches
+                    .get(&service)
+                    .and_then(|(_, at)| *at)
+                    .is_none_or(|at| at.elapsed() >= self.settings.every)
+            };
+            if due && self.fence.serving(&service) {
+                if let Err(e) = self.snapshot(&service, SnapshotKind::Periodic).await {
+                    tracing::warn!(%service, error = %e, "periodic snapshot failed");
+                    self.report_failure(&service, None, &e.to_string()).await;
+                }
+            }
+        }
+    }
+
+    fn volume(&self, service: &str) -> PathBuf {
+        self.settings.volumes.join(service)
+    }
+
+    fn cache_path(&self, service: &str) -> PathBuf {
+        self.settings.root.join("caches").join(service)
+    }
+
+    /// Takes a snapshot of `service` (this node must be its master and have restored it) and records
+    /// it in the log.
+    pub async fn snapshot(&self, service: &str, kind: SnapshotKind) -> Result<TakenView, BackupError> {
+        let me = self.node.id();
+        let (epoch, parent) = self
+            .node
+            .store()
+            .with_state(|s| {
+                let ledger = s.data.get(service)?;
+                (s.role(service, me) == Some(Role::Master) && ledger.restored_at_epoch(me))
+                    .then(|| (ledger.epoch, ledger.newest_held_by(me).map(|r| r.id.clone())))
+            })
+            .ok_or_else(|| {
+                BackupError::Refused(format!(
+                "node {me} is not the master of {service} with its data restored: only that node snapshots it"
+            ))
+            })?;
+        let dir = self.volume(service);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| BackupError::Refused(format!("cannot create {}: {e}", dir.display())))?;
+        let mut caches = self.caches.lock().await;
+        let entry = caches
+            .entry(service.to_string())
+            .or_insert_with(|| (MetaCache::load(self.cache_path(service)), None));
+        let container = self.running_container(service).await?;
+        let store = self.store.clone();
+        let cache = std::mem::take(&mut entry.0);
+        let (capture, cache, paused) = match &container {
+            Some(id) => {
+                self.runtime.pause(id).await?;
+                let started = Instant::now();
+                let captured = blocking(move || {
+                    Ok::<_, BackupError>((coyote_data::capture(&dir, &cache, &store), cache))
+                })
+                .await;
+                let paused = started.elapsed();
+                // Resume whatever happened while reading.
+                let resumed = self.runtime.unpause(id).await;
+                let (capture, cache) = captured?;
+                resumed?;
+                self.note_pause(service, paused);
+                (capture, cache, paused)
+            }
+            None => {
+                let (c, cache) = blocking(move || {
+                    Ok::<_, BackupError>((coyote_data::capture(&dir, &cache, &store), cache))
+                })
+                .await?;
+                (c, cache, Duration::ZERO)
+            }
+        };
+        let consistency = if container.is_some() { Consistency::Paused } else { Consistency::Stopped };
+        let store = self.store.clone();
+        let cache_path = self.cache_path(service);
+        let (report, cache) = blocking(move || {
+            let mut cache = cache;
+            let report = capture?.commit(&store, &mut cache);
+            if report.is_ok() {
+                if let Some(parent) = cache_path.parent() {
+                    let _ = std::fs::create_dir_all(parent);
+                }
+                if let Err(e) = cache.save(&cache_path) {
+                    tracing::warn!(error = %e, "cannot save the snapshot's metadata cache");
+                }
+            }
+            Ok::<_, BackupError>((report, cache))
+        })
+        .await?;
+        entry.0 = cache;
+        entry.1 = Some(Instant::now());
+        drop(caches);
+        let report = report?;
+        let snapshot = report.id.to_hex();
+        let known = self
+            .node
+            .store()
+            .with_state(|s| s.data.get(service).is_some_and(|d| d.snapshots.contains_key(&snapshot)));
+        let mut view = TakenView {
+            service: service.to_string(),
+            snapshot: snapshot.clone(),
+            recorded: false,
+            consistency: consistency.name().to_string(),
+            files: report.files,
+            changed_files: report.changed_files,
+            bytes: report.bytes,
+            new_bytes: report.new_bytes,
+            stored_bytes: report.stored_bytes,
+            paused_ms: paused.as_millis() as u64,
+        };
+        if known {
+            return Ok(view);
+        }
+        let event = Event::SnapshotTaken {
+            service: service.to_string(),
+            snapshot,
+            parent: parent.filter(|p| *p != view.snapshot),
+            node: me,
+            epoch,
+            kind,
+            consistency,
+            bytes: report.bytes,
+            new_bytes: report.new_bytes,
+        };
+        self.propose(event).await?;
+        view.recorded = true;
+        Ok(view)
+    }
+
+    /// The id of this node's running container of `service`, if it runs.
+    async fn running_container(&self, service: &str) -> Result<Option<String>, BackupError> {
+        let name = self.scope.container_name(service);
+        let containers = self.runtime.list().await?;
+        Ok(containers.into_iter().find(|c| c.name == name && c.state == RunState::Running).map(|c| c.id))
+    }
+
+    fn note_pause(&self, service: &str, paused: Duration) {
+        if paused > self.settings.pause_limit {
+            tracing::warn!(
+                %service,
+                paused_ms = paused.as_millis() as u64,
+                limit_ms = self.settings.pause_limit.as_millis() as u64,
+                "the container was paused longer than the limit while its files were read"
+            );
+        }
+        let mut pauses = self.pauses.lock().expect("pauses lock");
+        pauses.push(paused.as_millis() as u64);
+        let excess = pauses.len().saturating_sub(1024);
+        pauses.drain(..excess);
+    }
+
+    /// Pause durations of the last snapshots of running containers.
+    pub fn pause_stats(&self) -> PauseStats {
+        let mut all = self.pauses.lock().expect("pauses lock").clone();
+        all.sort_unstable();
+        let at = |q: f64| all.get(((all.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0);
+        PauseStats {
+            count: all.len() as u64,
+            p50_ms: at(0.5),
+            p99_ms: at(0.99),
+            max_ms: all.last().copied().unwrap_or(0),
+        }
+    }
+
+    async fn propose(&self, event: Event) -> Result<(), BackupError> {
+        let proposed = self.node.propose(event, self.actor()).await?;
+        match proposed.outcome {
+            Outcome::Applied => Ok(()),
+            Outcome::Rejected { reason } => Err(BackupError::Rejected(reason)),
+        }
+    }
+
+    async fn report_failure(&self, service: &str, snapshot: Option<&str>, reason: &str) {
+        let key = (service.to_string(), snapshot.unwrap_or_default().to_string());
+        {
+            let mut reported = self.reported.lock().expect("reported lock");
+            if reported.get(&key).is_some_and(|r| r == reason) {
+                return;
+            }
+            reported.insert(key, reason.to_string());
+        }
+        let event = Event::BackupFailed {
+            service: service.to_string(),
+            snapshot: snapshot.map(String::from),
+            node: self.node.id(),
+            reason: reason.to_string(),
+        };
+        if let Err(e) = self.propose(event).await {
+            tracing::warn!(%service, error = %e, "cannot record a backup failure");
+        }
+    }
+
+    /// Fetches the newest recorded snapshot of `service` that another node holds, and records that
+    /// this node holds it.
+    async fn replicate(&self, service: &str) -> Result<(), BackupError> {
+        let Some((snapshot, holders)) = self.newest_elsewhere(service) else { return Ok(()) };
+        match self.fetch(service, &snapshot, &holders).await {
+            Ok(()) => {
+                let event = Event::SnapshotStored {
+                    service: service.to_string(),
+                    snapshot: snapshot.clone(),
+                    node: self.node.id(),
+                };
+                self.propose(event).await
+            }
+            Err(e) => {
+                self.report_failure(service, Some(&snapshot), &e.to_string()).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The newest snapshot of `service` some node holds, with the addresses of its holders other
+    /// than this node (the master first).
+    fn newest_elsewhere(&self, service: &str) -> Option<(String, Vec<(NodeId, String)>)> {
+        let me = self.node.id();
+        self.node.store().with_state(|s| {
+            let record = s.data.get(service)?.newest_held()?;
+            Some((record.id.clone(), holders_of(s, service, &record.id, me)))
+        })
+    }
+
+    /// Brings every chunk of `snapshot` into this node's store, from the first of `holders` that
+    /// has them all.
+    async fn fetch(
+        &self,
+        service: &str,
+        snapshot: &str,
+        holders: &[(NodeId, String)],
+    ) -> Result<(), BackupError> {
+        let id: ChunkId =
+            snapshot.parse().map_err(|_| BackupError::Fetch(format!("{snapshot:?} is not a snapshot id")))?;
+        if self.complete(&id).await? {
+            return Ok(());
+        }
+        let mut last = format!("no other node holds snapshot {}", short_id(snapshot));
+        for (holder, addr) in holders {
+            match self.fetch_from(service, &id, addr).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::info!(%service, holder, error = %e, "cannot fetch a snapshot from this holder");
+                    last = format!("node {holder}: {e}");
+                }
+            }
+        }
+        Err(BackupError::Fetch(last))
+    }
+
+    /// Whether the store holds the manifest and every chunk of snapshot `id`.
+    async fn complete(&self, id: &ChunkId) -> Result<bool, BackupError> {
+        let store = self.store.clone();
+        let id = *id;
+        blocking(move || {
+            if !store.contains(&id) {
+                return Ok(false);
+            }
+            let manifest = Manifest::load(&store, &id)?;
+            Ok(coyote_data::missing(&store, &manifest).is_empty())
+        })
+        .await
+    }
+
+    async fn fetch_from(&self, service: &str, id: &ChunkId, addr: &str) -> Result<(), BackupError> {
+        let channel = self.node.peer(addr)?;
+        let mut client = pb::data_client::DataClient::new(channel)
+            .max_decoding_message_size(MESSAGE_MAX_BYTES)
+            .max_encoding_message_size(MESSAGE_MAX_BYTES);
+        if !self.store.contains(id) {
+            self.fetch_chunks(&mut client, service, &[*id]).await?;
+        }
+        let store = self.store.clone();
+        let manifest_id = *id;
+        let missing = blocking(move || {
+            let manifest = Manifest::load(&store, &manifest_id)?;
+            Ok::<_, BackupError>(coyote_data::missing(&store, &manifest))
+        })
+        .await?;
+        for batch in missing.chunks(FETCH_BATCH) {
+            self.fetch_chunks(&mut client, service, batch).await?;
+        }
+        if !self.complete(id).await? {
+            return Err(BackupError::Fetch("the snapshot is still incomplete after fetching it".into()));
+        }
+        Ok(())
+    }
+
+    async fn fetch_chunks(
+        &self,
+        client: &mut pb::data_client::DataClient<tonic::transport::Channel>,
+        service: &str,
+        ids: &[ChunkId],
+    ) -> Result<(), BackupError> {
+        let request = pb::ChunksRequest {
+            service: service.to_string(),
+            ids: ids.iter().map(|id| id.as_bytes().to_vec()).collect(),
+        };
+        let mut stream = client
+            .chunks(request)
+            .await
+            .map_err(|s| BackupError::Fetch(format!("unreachable or refused: {}", s.message())))?
+            .into_inner();
+        let mut received = 0;
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(|s| BackupError::Fetch(format!("transfer broke: {}", s.message())))?
+        {
+            let Some(expected) = ids.get(received) else {
+                return Err(BackupError::Fetch("the holder sent more chunks than asked for".into()));
+            };
+            received += 1;
+            if chunk.id.as_slice() != expected.as_bytes() {
+                return Err(BackupError::Fetch(format!("the holder answered chunk {expected} out of order")));
+            }
+            if chunk.missing {
+                return Err(BackupError::Fetch(format!("the holder lacks chunk {expected}")));
+            }
+            let store = self.store.clone();
+            let id = *expected;
+            blocking(move || Ok(store.put_compressed(&id, &chunk.data)?)).await?;
+        }
+        if received != ids.len() {
+            return Err(BackupError::Fetch(format!("the holder sent {received} of {} chunks", ids.len())));
+        }
+        Ok(())
+    }
+
+    /// The snapshot `coyote backup export` streams: `snapshot` (an id or a prefix of one), or the
+    /// newest some node holds; fetched into this node's store first when it lacks chunks of it.
+    pub async fn export_source(&self, service: &str, snapshot: Option<&str>) -> Result<ChunkId, BackupError> {
+        let me = self.node.id();
+        let found = self.node.store().with_state(|s| {
+            let ledger = s.data.get(service)?;
+            let record = match snapshot {
+                None => ledger.newest_held(),
+                Some(prefix) => {
+                    let mut matching = ledger.snapshots.values().filter(|r| r.id.starts_with(prefix));
+                    match (matching.next(), matching.next()) {
+                        (Some(r), None) => Some(r),
+                        _ => None,
+                    }
+                }
+            }?;
+            Some((record.id.clone(), holders_of(s, service, &record.id, me)))
+        });
+        let Some((id, holders)) = found else {
+            return Err(BackupError::Refused(match snapshot {
+                Some(p) => format!("no single snapshot of {service} has an id starting with {p:?} (see coyote backup list {service})"),
+                None => format!("no node holds a snapshot of {service} yet"),
+            }));
+        };
+        self.fetch(service, &id, &holders).await?;
+        id.parse().map_err(|_| BackupError::Fetch(format!("{id:?} is not a snapshot id")))
+    }
+
+    /// Restores the newest snapshot into `volumes/NAME` before this node, a new master, serves it.
+    async fn restore_before_serving(&self, service: &str) -> Result<(), BackupError> {
+        let me = self.node.id();
+        let Some((epoch, newest, mine)) = self.node.store().with_state(|s| {
+            let ledger = s.data.get(service)?;
+            let newest = ledger.newest_held().map(|r| (r.id.clone(), holders_of(s, service, &r.id, me)));
+            let mine = ledger.newest_held_by(me).map(|r| r.id.clone());
+            Some((ledger.epoch, newest, mine))
+        }) else {
+            return Ok(());
+        };
+        let chosen = match newest {
+            None => None,
+            Some((newest, holders)) => {
+                let fetched =
+                    tokio::time::timeout(self.settings.fetch_timeout, self.fetch(service, &newest, &holders))
+                        .await;
+                match fetched {
+                    Ok(Ok(())) => Some(newest),
+                    failed => {
+                        let why = match failed {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => format!(
+                                "no holder answered within {} s",
+                                self.settings.fetch_timeout.as_secs()
+                            ),
+                        };
+                        let mut fallback = None;
+                        if let Some(id) = &mine {
+                            if let Ok(cid) = id.parse::<ChunkId>() {
+                                if self.complete(&cid).await.unwrap_or(false) {
+                                    fallback = Some(id.clone());
+                                }
+                            }
+                        }
+                        let message = match &fallback {
+                            Some(id) => format!(
+                                "node {me} restored snapshot {} of {service}, not the newest {} ({why})",
+                                short_id(id),
+                                short_id(&newest)
+                            ),
+                            None => format!(
+                                "node {me} serves {service} from its own directory, without the newest snapshot {} ({why})",
+                                short_id(&newest)
+                            ),
+                        };
+                        let alarm = Event::AlarmRaised {
+                            key: format!("data-behind/{service}"),
+                            node: Some(me),
+                            service: Some(service.to_string()),
+                            message,
+                        };
+                        if let Err(e) = self.propose(alarm).await {
+                            tracing::warn!(%service, error = %e, "cannot raise the data-behind alarm");
+                        }
+                        fallback
+                    }
+                }
+            }
+        };
+        if let Some(snapshot) = &chosen {
+            let id: ChunkId = snapshot.parse().map_err(|_| BackupError::Fetch("bad id".into()))?;
+            let store = self.store.clone();
+            let target = self.volume(service);
+            blocking(move || restore_into(&store, &id, &target, epoch)).await?;
+            // The cache described the directory that was moved aside.
+            self.caches.lock().await.remove(service);
+            let _ = std::fs::remove_file(self.cache_path(service));
+        }
+        let event =
+            Event::RestoreCompleted { service: service.to_string(), snapshot: chosen, node: me, epoch };
+        self.propose(event).await
+    }
+}
+
+/// The addresses of the nodes other than `me` that hold `snapshot` of `service`, its master first.
+fn holders_of(s: &State, service: &str, snapshot: &str, me: NodeId) -> Vec<(NodeId, String)> {
+    let master = s.services.get(service).and_then(|svc| svc.placement.as_ref()).map(|p| p.master);
+    let Some(record) = s.data.get(service).and_then(|d| d.snapshots.get(snapshot)) else { return Vec::new() };
+    let mut holders: Vec<(NodeId, String)> = record
+        .holders
+        .keys()
+        .filter(|n| **n != me)
+        .filter_map(|n| s.members.get(n).map(|m| (*n, m.addr.clone())))
+        .collect();
+    holders.sort_by_key(|(n, _)| Some(*n) != master);
+    holders
+}
+
+/// Restores snapshot `id` into `target`: into a sibling directory first, then the old directory (if
+/// any) is moved aside to `NAME.stale-EPOCH` and the restored one renamed into place.
+fn restore_into(store: &ChunkStore, id: &ChunkId, target: &Path, epoch: u64) -> Result<(), BackupError> {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| BackupError::Refused(format!("{} has no file name", target.display())))?;
+    let parent = target.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .map_err(|e| BackupError::Refused(format!("cannot create {}: {e}", parent.display())))?;
+    let staging = parent.join(format!(".{name}.restoring"));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)
+            .map_err(|e| BackupError::Refused(format!("cannot clear {}: {e}", staging.display())))?;
+    }
+    coyote_data::restore(store, id, &staging)?;
+    if target.exists() {
+        let mut aside = parent.join(format!("{name}.stale-{epoch}"));
+        let mut n = 1;
+        while aside.exists() {
+            aside = parent.join(format!("{name}.stale-{epoch}.{n}"));
+            n += 1;
+        }
+        std::fs::rename(target, &aside)
+            .map_err(|e| BackupError::Refused(format!("cannot move {} aside: {e}", target.display())))?;
+    }
+    // A directory the reconciler created meanwhile is empty: rename replaces an empty directory.
+    std::fs::rename(&staging, target).map_err(|e| {
+        BackupError::Refused(format!("cannot move the restored data into {}: {e}", target.display()))
+    })?;
+    if let Ok(dir) = std::fs::File::open(parent) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+/// Runs blocking store work on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, BackupError> + Send + 'static,
+) -> Result<T, BackupError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(e) => Err(BackupError::Refused(format!("the backup task failed: {e}"))),
+    }
+}
+
+/// The `Data` gRPC service: chunks of this node's store, to members only.
+struct DataService {
+    store: Arc<ChunkStore>,
+}
+
+type ChunkStream = Pin<Box<dyn futures::Stream<Item = Result<pb::Chunk, tonic::Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::data_server::Data for DataService {
+    type ChunksStream = ChunkStream;
+
+    async fn chunks(
+        &self,
+        request: tonic::Request<pb::ChunksRequest>,
+    ) -> Result<tonic::Response<Self::ChunksStream>, tonic::Status> {
+        if coyote_log::tls::peer_node(&request).is_none() {
+            return Err(tonic::Status::unauthenticated("a certificate from this cluster's CA is required"));
+        }
+        let request = request.into_inner();
+        if request.ids.len() > FETCH_BATCH * 4 {
+            return Err(tonic::Status::invalid_argument(format!(
+                "at most {} chunks per call",
+                FETCH_BATCH * 4
+            )));
+        }
+        let mut ids = Vec::with_capacity(request.ids.len());
+        for raw in &request.ids {
+            let bytes: [u8; 32] = raw
+                .as_slice()
+                .try_into()
+                .map_err(|_| tonic::Status::invalid_argument("a chunk id is 32 bytes"))?;
+            ids.push(ChunkId(bytes));
+        }
+        let store = self.store.clone();
+        let stream = futures::stream::iter(ids).then(move |id| {
+            let store = store.clone();
+            async move {
+                let read = tokio::task::spawn_blocking(move || store.get_compressed(&id))
+                    .await
+                    .map_err(|e| tonic::Status::internal(format!("reading a chunk failed: {e}")))?;
+                Ok(match read {
+                    Ok(data) => pb::Chunk { id: id.as_bytes().to_vec(), data, missing: false },
+                    Err(_) => pb::Chunk { id: id.as_bytes().to_vec(), data: Vec::new(), missing: true },
+                })
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,172 @@
+//! The data follows authority, for real: three `coyote` processes running Docker containers. A
+//! service's container appends synced sequence numbers to its data directory; its master snapshots
+//! it (under `docker pause`) and the failover stores each snapshot. When the master is killed, the
+//! failover restores the newest snapshot it can get before its container starts: the restored data
+//! ends where that snapshot ends, is never torn, and the container goes on from there.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use coyote_tests::{test_images, wait_until, DockerGuard, Node};
+use serde_json::Value;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn node_id(node: &Node) -> Result<u64> {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(node.dir.join("node.json"))?)?;
+    v["node_id"].as_u64().context("no node id")
+}
+
+fn unique(what: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{what}{}x{nanos}", std::process::id())
+}
+
+/// The sequence numbers in a `seq` file: each line must be the next integer from 1 (nothing lost in
+/// the middle, nothing torn, no restart from 1); returns the last.
+fn check_sequence(text: &str, what: &str) -> Result<u64> {
+    let mut last = 0;
+    for (i, line) in text.lines().enumerate() {
+        let n: u64 =
+            line.parse().with_context(|| format!("{what}: line {} is {line:?}, not a number", i + 1))?;
+        if n != last + 1 {
+            bail!("{what}: line {} holds {n} after {last}", i + 1);
+        }
+        last = n;
+    }
+    Ok(last)
+}
+
+/// The `seq` file of a snapshot, through `coyote backup export` and GNU tar.
+fn exported_seq(node: &Node, service: &str, snapshot: &str, dir: &std::path::Path) -> Result<String> {
+    std::fs::create_dir_all(dir)?;
+    let tar = dir.join(format!("{}.tar", &snapshot[..12]));
+    let out = node.cli(&[
+        "backup",
+        "export",
+        service,
+        "--snapshot",
+        snapshot,
+        "--output",
+        &tar.display().to_string(),
+    ]);
+    if !out.status.success() {
+        bail!("backup export failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let listing = std::process::Command::new("tar").arg("-tf").arg(&tar).output()?;
+    let names = String::from_utf8_lossy(&listing.stdout).into_owned();
+    assert!(names.lines().any(|l| l.trim_start_matches("./") == "seq"), "tar lists {names:?}");
+    let into = dir.join(&snapshot[..12]);
+    std::fs::create_dir_all(&into)?;
+    let status = std::process::Command::new("tar").arg("-xf").arg(&tar).arg("-C").arg(&into).status()?;
+    assert!(status.success(), "tar -x failed");
+    Ok(std::fs::read_to_string(into.join("seq"))?)
+}
+
+#[test]
+fn a_failover_restores_the_newest_snapshot_before_its_container_starts() -> Result<()> {
+    test_images()?;
+    let root = tempfile::tempdir()?;
+    let mut guard = DockerGuard::default();
+    let mut nodes = Vec::new();
+    for (i, ip) in ["127.0.0.1", "127.0.0.2", "127.0.0.3"].iter().enumerate() {
+        let mut n = Node::on_ip(root.path(), &format!("n{}", i + 1), ip);
+        n.containers = true;
+        n.flags = vec!["--backup-every".into(), "1s".into(), "--forward".into(), "userspace".into()];
+        if i == 0 {
+            n.up()?;
+            guard.cluster_ids.push(n.cluster_id()?);
+        } else {
+            let token = nodes.first().map(|f: &Node| f.token(&[])).context("no first node")??;
+            n.join(&token)?;
+        }
+        nodes.push(n);
+    }
+    let ids: Vec<u64> = nodes.iter().map(node_id).collect::<Result<_>>()?;
+    let service = unique("seq");
+    let created = nodes[0].cli_json(&["service", "create", &service, "--image", "coyote-test/seq:1"])?;
+    let master = created["placement"]["master"].as_u64().context("a master")?;
+    let failover = created["placement"]["failover"].as_u64().context("a failover")?;
+    let m = ids.iter().position(|i| *i == master).unwrap();
+    let f = ids.iter().position(|i| *i == failover).unwrap();
+
+    // The master restores nothing (a new service), starts the container, and snapshots it every
+    // second; the failover stores the snapshots. Wait for a few, with data in them.
+    let stored = wait_until("the failover to store a snapshot with data", TIMEOUT, || {
+        let list = nodes[f].cli_json(&["backup", "list", &service])?;
+        let held = list["snapshots"].as_array().into_iter().flatten().find(|s| {
+            s["holders"].as_array().is_some_and(|h| h.iter().any(|n| n.as_u64() == Some(failover)))
+                && s["bytes"].as_u64().unwrap_or(0) > 200
+        });
+        Ok(held.cloned())
+    })?;
+    assert_eq!(stored["consistency"], "paused", "a running container is paused: {stored}");
+    assert_eq!(stored["taken_by"].as_u64(), Some(master));
+
+    // Every snapshot of a running container is crash-consistent: an exported one is a clean prefix.
+    let exports = root.path().join("exports");
+    let first = stored["snapshot"].as_str().context("an id")?.to_string();
+    let seq = exported_seq(&nodes[f], &service, &first, &exports)?;
+    let first_last = check_sequence(&seq, "an exported snapshot")?;
+    assert!(first_last > 0);
+
+    // The master dies (its node process; its container is removed with the test's cluster).
+    nodes[m].kill9();
+    let killed = std::time::Instant::now();
+    let restored = wait_until("the failover to restore and take over", TIMEOUT, || {
+        let list = nodes[f].cli_json(&["backup", "list", &service])?;
+        Ok((list["master"].as_u64() == Some(failover) && !list["restored"].is_null()).then_some(list))
+    });
+    let restored = match restored {
+        Ok(r) => r,
+        Err(e) => {
+            for ev in nodes[f].events().unwrap_or_default().iter().rev().take(15) {
+                eprintln!("{}", ev["summary"]);
+            }
+            eprintln!("{}", nodes[f].log_text().lines().rev().take(30).collect::<Vec<_>>().join("\n"));
+            return Err(e);
+        }
+    };
+    eprintln!("restored {:?} after the kill: {}", killed.elapsed(), restored["restored"]);
+    let snapshot = restored["restored"]["snapshot"].as_str().context("a snapshot was restored")?.to_string();
+    let record = restored["snapshots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["snapshot"] == snapshot.as_str())
+        .cloned()
+        .context("the restored snapshot is in the ledger")?;
+    assert!(
+        record["holders"].as_array().is_some_and(|h| h.iter().any(|n| n.as_u64() == Some(failover))),
+        "the new master holds what it restored: {record}"
+    );
+    // The snapshot restored is the newest the failover held, or a newer one.
+    assert!(record["taken_at_ms"].as_u64() >= stored["taken_at_ms"].as_u64(), "{record} older than {stored}");
+    let restored_seq = exported_seq(&nodes[f], &service, &snapshot, &exports)?;
+    let restored_last = check_sequence(&restored_seq, "the restored snapshot")?;
+    assert!(restored_last >= first_last);
+
+    // The container starts on the restored data and goes on from its last number: the live file is
+    // the snapshot's sequence, continued, with no restart from 1 and nothing torn.
+    let volume = nodes[f].dir.join("volumes").join(&service).join("seq");
+    let live_last = wait_until("the new master's container to go on writing", TIMEOUT, || {
+        let Ok(text) = std::fs::read_to_string(&volume) else { return Ok(None) };
+        let last = check_sequence(&text, "the new master's data")?;
+        Ok((last > restored_last + 5).then_some(last))
+    })?;
+    let live = std::fs::read_to_string(&volume)?;
+    assert!(live.starts_with(&restored_seq), "the live data begins with the restored snapshot");
+    eprintln!("restored up to {restored_last}, the new master wrote on to {live_last}");
+
+    // What the failover's directory held before is moved aside, not deleted.
+    let aside = std::fs::read_dir(nodes[f].dir.join("volumes"))?
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().starts_with(&format!("{service}.stale-")));
+    assert!(aside, "the old directory is kept aside");
+
+    for n in &mut nodes {
+        n.kill9();
+    }
+    guard.clean();
+    Ok(())
+}
