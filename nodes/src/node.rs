@@ -168,7 +168,8 @@ impl Node {
             Some(c) => {
                 let reconciler = Arc::new(
                     Reconciler::new(log.clone(), c.runtime.clone(), scope, c.reconciler)
-                        .with_fence(fence.clone()),
+                        .with_fence(fence.clone())
+                        .with_backups(backups.clone()),
                 );
                 let mut activator = Activator::new(log.clone(), c.runtime, fence.clone(), c.activator)
                     .with_forwarder(c.forwarder);

@@ -170,3 +170,81 @@ fn a_failover_restores_the_newest_snapshot_before_its_container_starts() -> Resu
     guard.clean();
     Ok(())
 }
+
+/// Three nodes with backups every second; returns them, their ids, and the service's master and
+/// failover positions.
+fn cluster_with_service(
+    root: &std::path::Path,
+    guard: &mut DockerGuard,
+    service: &str,
+) -> Result<(Vec<Node>, Vec<u64>, usize, usize)> {
+    let mut nodes: Vec<Node> = Vec::new();
+    for (i, ip) in ["127.0.0.1", "127.0.0.2", "127.0.0.3"].iter().enumerate() {
+        let mut n = Node::on_ip(root, &format!("n{}", i + 1), ip);
+        n.containers = true;
+        n.flags = vec!["--backup-every".into(), "1s".into(), "--forward".into(), "userspace".into()];
+        if i == 0 {
+            n.up()?;
+            guard.cluster_ids.push(n.cluster_id()?);
+        } else {
+            let token = nodes[0].token(&[])?;
+            n.join(&token)?;
+        }
+        nodes.push(n);
+    }
+    let ids: Vec<u64> = nodes.iter().map(node_id).collect::<Result<_>>()?;
+    let created = nodes[0].cli_json(&["service", "create", service, "--image", "coyote-test/seq:1"])?;
+    let master = created["placement"]["master"].as_u64().context("a master")?;
+    let failover = created["placement"]["failover"].as_u64().context("a failover")?;
+    let m = ids.iter().position(|i| *i == master).context("master")?;
+    let f = ids.iter().position(|i| *i == failover).context("failover")?;
+    Ok((nodes, ids, m, f))
+}
+
+#[test]
+fn a_handover_loses_nothing_the_container_wrote() -> Result<()> {
+    test_images()?;
+    let root = tempfile::tempdir()?;
+    let mut guard = DockerGuard::default();
+    let service = unique("handover");
+    let (mut nodes, ids, m, f) = cluster_with_service(root.path(), &mut guard, &service)?;
+    let old_volume = nodes[m].dir.join("volumes").join(&service).join("seq");
+    wait_until("the master's container to write", TIMEOUT, || {
+        let text = std::fs::read_to_string(&old_volume).unwrap_or_default();
+        Ok((text.lines().count() > 10).then_some(()))
+    })?;
+
+    // A graceful handover to the failover, while the container writes every 50 ms.
+    nodes[m].cli_json(&["service", "switch", &service, "--to", &ids[f].to_string()])?;
+    let new_volume = nodes[f].dir.join("volumes").join(&service).join("seq");
+    let old_last = wait_until("the switch", TIMEOUT, || {
+        let show = nodes[f].cli_json(&["service", "show", &service])?;
+        Ok((show["placement"]["master"].as_u64() == Some(ids[f])).then_some(()))
+    })
+    .and_then(|()| {
+        // The old master's container is stopped: its file is final.
+        let old = std::fs::read_to_string(&old_volume)?;
+        check_sequence(&old, "the old master's data")
+    })?;
+    let new_last = wait_until("the new master's container to write", TIMEOUT, || {
+        let Ok(text) = std::fs::read_to_string(&new_volume) else { return Ok(None) };
+        let last = check_sequence(&text, "the new master's data")?;
+        Ok((last > old_last + 3).then_some(last))
+    })?;
+    // Consecutive from 1 through the old master's last number and on: the last write before the
+    // stop is the first thing the new master's container read (it went on at old_last + 1).
+    let old = std::fs::read_to_string(&old_volume)?;
+    let new = std::fs::read_to_string(&new_volume)?;
+    assert!(new.starts_with(&old), "the new master's data begins with everything the old master wrote");
+    eprintln!("the old master wrote up to {old_last}; the new master went on to {new_last}");
+    let events = nodes[f].events()?;
+    let kinds: Vec<&str> =
+        events.iter().filter_map(|e| e["event"]["SnapshotTaken"]["kind"].as_str()).collect();
+    assert!(kinds.contains(&"Handover"), "a handover snapshot is recorded: {kinds:?}");
+
+    for n in &mut nodes {
+        n.kill9();
+    }
+    guard.clean();
+    Ok(())
+}

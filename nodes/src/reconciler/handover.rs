@@ -5,6 +5,11 @@
 //! nothing special to do: its reconciler starts the container once its fence serves the service
 //! (a lease plus the drift margin after the switch), as after any switch, and its monitor takes
 //! over by itself when the handover is overdue.
+//!
+//! With backups, nothing written before the stop is lost: once the container has stopped, the old
+//! master takes a last snapshot (kind `handover`, read with nothing running) and proposes the switch
+//! only when the log records that the target holds it (and one more node, when the service has
+//! another), so the target restores exactly what the container last wrote before it serves.
 
 use coyote_state_machine::{NodeId, SwitchCause};
 use tokio::time::Instant;
@@ -13,6 +18,42 @@ use super::{Reconciler, BACKOFF_MIN};
 use crate::runtime::RunState;
 
 impl Reconciler {
+    /// Takes the handover's last snapshot of `service` (the same one again when nothing changed)
+    /// and tells whether the target `to`, and one more holder when the placement has another node,
+    /// hold it.
+    async fn last_snapshot_shipped(
+        &self,
+        backups: &crate::backups::Backups,
+        service: &str,
+        to: NodeId,
+    ) -> bool {
+        let taken = match backups.snapshot(service, coyote_state_machine::SnapshotKind::Handover).await {
+            Ok(taken) => taken,
+            Err(e) => {
+                tracing::warn!(service, "handover: the last snapshot failed: {e}; trying again");
+                return false;
+            }
+        };
+        let me = self.executor.scope.node_id;
+        let shipped = self.node.store().with_state(|s| {
+            let Some(record) = s.data.get(service).and_then(|d| d.snapshots.get(&taken.snapshot)) else {
+                return false;
+            };
+            let others = s
+                .services
+                .get(service)
+                .and_then(|svc| svc.placement.as_ref())
+                .map(|p| p.nodes().filter(|n| *n != me && *n != to && s.members.contains_key(n)).count())
+                .unwrap_or(0);
+            let extra = record.holders.keys().filter(|n| **n != me && **n != to).count();
+            record.holders.contains_key(&to) && (others == 0 || extra > 0)
+        });
+        if !shipped {
+            tracing::info!(service, to, snapshot = %taken.snapshot, "handover: waiting for the target to store the last snapshot");
+        }
+        shipped
+    }
+
     /// The handovers asked of this node, as master: service, target, dump command.
     fn handovers_asked(&self) -> Vec<(String, NodeId, Option<Vec<String>>)> {
         let me = self.executor.scope.node_id;
@@ -125,6 +166,11 @@ impl Reconciler {
             }
             if !stopped {
                 continue;
+            }
+            if let Some(backups) = &self.backups {
+                if !self.last_snapshot_shipped(backups, &name, to).await {
+                    continue;
+                }
             }
             let how = if dump.is_some() { "dumped and stopped" } else { "stopped" };
             let reason = format!("handover: node {me} {how} {name}");

@@ -135,6 +135,9 @@ pub struct Reconciler {
     dump_retry: Mutex<HashMap<String, Instant>>,
     /// Passes completed since this node started ([`PlanView::passes`]).
     passes: AtomicU64,
+    /// When set, a handover ships a last snapshot, taken after the container stopped, to the target
+    /// before the switch (see [`handover`]).
+    backups: Option<Arc<crate::backups::Backups>>,
 }
 
 impl Reconciler {
@@ -145,7 +148,13 @@ impl Reconciler {
             fence: None,
             dump_retry: Default::default(),
             passes: AtomicU64::new(0),
+            backups: None,
         }
+    }
+
+    pub fn with_backups(mut self, backups: Option<Arc<crate::backups::Backups>>) -> Self {
+        self.backups = backups;
+        self
     }
 
     pub fn with_fence(mut self, fence: Fence) -> Self {
