@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use coyote_data::{ChunkId, ChunkStore, Manifest, MetaCache};
 use coyote_log::pb;
@@ -59,6 +59,10 @@ pub struct BackupSettings {
     pub reserve_bytes: u64,
     /// How long a new master tries to fetch the newest snapshot before it restores what it has.
     pub fetch_timeout: Duration,
+    /// Run the chunk store's file work on the calling task instead of tokio's blocking pool. Off in
+    /// production; on for the simulator, where work on other threads would make a run
+    /// nondeterministic (like the store's `Options::durable`).
+    pub inline: bool,
 }
 
 impl BackupSettings {
@@ -70,6 +74,7 @@ impl BackupSettings {
             pause_limit: Duration::from_secs(2),
             reserve_bytes: 256 << 20,
             fetch_timeout: Duration::from_secs(30),
+            inline: false,
         }
     }
 }
@@ -125,8 +130,8 @@ pub struct Backups {
     scope: Scope,
     fence: Fence,
     settings: BackupSettings,
-    /// Per service: the metadata cache of its last snapshot, and when it was taken (monotonic).
-    caches: tokio::sync::Mutex<HashMap<String, (MetaCache, Option<Instant>)>>,
+    /// Per service: the metadata cache of its last snapshot, and when it was taken.
+    caches: tokio::sync::Mutex<HashMap<String, (MetaCache, Option<tokio::time::Instant>)>>,
     /// Failures already proposed, by (service, snapshot): not proposed again with the same reason.
     reported: Mutex<BTreeMap<(String, String), String>>,
     pauses: Mutex<Vec<u64>>,
@@ -162,9 +167,12 @@ impl Backups {
 
     /// The gRPC service other members fetch chunks from.
     pub fn routes(self: &Arc<Self>) -> tonic::service::Routes {
-        let server = pb::data_server::DataServer::new(DataService { store: self.store.clone() })
-            .max_decoding_message_size(MESSAGE_MAX_BYTES)
-            .max_encoding_message_size(MESSAGE_MAX_BYTES);
+        let server = pb::data_server::DataServer::new(DataService {
+            store: self.store.clone(),
+            inline: self.settings.inline,
+        })
+        .max_decoding_message_size(MESSAGE_MAX_BYTES)
+        .max_encoding_message_size(MESSAGE_MAX_BYTES);
         tonic::service::Routes::new(server)
     }
 
@@ -286,11 +294,12 @@ impl Backups {
         let (capture, cache, paused) = match &container {
             Some(id) => {
                 self.runtime.pause(id).await?;
-                let started = Instant::now();
-                let captured = blocking(move || {
-                    Ok::<_, BackupError>((coyote_data::capture(&dir, &cache, &store), cache))
-                })
-                .await;
+                let started = tokio::time::Instant::now();
+                let captured = self
+                    .blocking(move || {
+                        Ok::<_, BackupError>((coyote_data::capture(&dir, &cache, &store), cache))
+                    })
+                    .await;
                 let paused = started.elapsed();
                 // Resume whatever happened while reading.
                 let resumed = self.runtime.unpause(id).await;
@@ -300,32 +309,34 @@ impl Backups {
                 (capture, cache, paused)
             }
             None => {
-                let (c, cache) = blocking(move || {
-                    Ok::<_, BackupError>((coyote_data::capture(&dir, &cache, &store), cache))
-                })
-                .await?;
+                let (c, cache) = self
+                    .blocking(move || {
+                        Ok::<_, BackupError>((coyote_data::capture(&dir, &cache, &store), cache))
+                    })
+                    .await?;
                 (c, cache, Duration::ZERO)
             }
         };
         let consistency = if container.is_some() { Consistency::Paused } else { Consistency::Stopped };
         let store = self.store.clone();
         let cache_path = self.cache_path(service);
-        let (report, cache) = blocking(move || {
-            let mut cache = cache;
-            let report = capture?.commit(&store, &mut cache);
-            if report.is_ok() {
-                if let Some(parent) = cache_path.parent() {
-                    let _ = std::fs::create_dir_all(parent);
+        let (report, cache) = self
+            .blocking(move || {
+                let mut cache = cache;
+                let report = capture?.commit(&store, &mut cache);
+                if report.is_ok() {
+                    if let Some(parent) = cache_path.parent() {
+                        let _ = std::fs::create_dir_all(parent);
+                    }
+                    if let Err(e) = cache.save(&cache_path) {
+                        tracing::warn!(error = %e, "cannot save the snapshot's metadata cache");
+                    }
                 }
-                if let Err(e) = cache.save(&cache_path) {
-                    tracing::warn!(error = %e, "cannot save the snapshot's metadata cache");
-                }
-            }
-            Ok::<_, BackupError>((report, cache))
-        })
-        .await?;
+                Ok::<_, BackupError>((report, cache))
+            })
+            .await?;
         entry.0 = cache;
-        entry.1 = Some(Instant::now());
+        entry.1 = Some(tokio::time::Instant::now());
         drop(caches);
         let report = report?;
         let snapshot = report.id.to_hex();
@@ -487,7 +498,7 @@ impl Backups {
     async fn complete(&self, id: &ChunkId) -> Result<bool, BackupError> {
         let store = self.store.clone();
         let id = *id;
-        blocking(move || {
+        self.blocking(move || {
             if !store.contains(&id) {
                 return Ok(false);
             }
@@ -507,11 +518,12 @@ impl Backups {
         }
         let store = self.store.clone();
         let manifest_id = *id;
-        let missing = blocking(move || {
-            let manifest = Manifest::load(&store, &manifest_id)?;
-            Ok::<_, BackupError>(coyote_data::missing(&store, &manifest))
-        })
-        .await?;
+        let missing = self
+            .blocking(move || {
+                let manifest = Manifest::load(&store, &manifest_id)?;
+                Ok::<_, BackupError>(coyote_data::missing(&store, &manifest))
+            })
+            .await?;
         for batch in missing.chunks(FETCH_BATCH) {
             self.fetch_chunks(&mut client, service, batch).await?;
         }
@@ -554,7 +566,7 @@ impl Backups {
             }
             let store = self.store.clone();
             let id = *expected;
-            blocking(move || Ok(store.put_compressed(&id, &chunk.data)?)).await?;
+            self.blocking(move || Ok(store.put_compressed(&id, &chunk.data)?)).await?;
         }
         if received != ids.len() {
             return Err(BackupError::Fetch(format!("the holder sent {received} of {} chunks", ids.len())));
@@ -654,7 +666,7 @@ impl Backups {
             let id: ChunkId = snapshot.parse().map_err(|_| BackupError::Fetch("bad id".into()))?;
             let store = self.store.clone();
             let target = self.volume(service);
-            blocking(move || restore_into(&store, &id, &target, epoch)).await?;
+            self.blocking(move || restore_into(&store, &id, &target, epoch)).await?;
             // The cache described the directory that was moved aside.
             self.caches.lock().await.remove(service);
             let _ = std::fs::remove_file(self.cache_path(service));
@@ -715,19 +727,27 @@ fn restore_into(store: &ChunkStore, id: &ChunkId, target: &Path, epoch: u64) -> 
     Ok(())
 }
 
-/// Runs blocking store work on tokio's blocking pool.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, BackupError> + Send + 'static,
-) -> Result<T, BackupError> {
-    match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result,
-        Err(e) => Err(BackupError::Refused(format!("the backup task failed: {e}"))),
+impl Backups {
+    /// Runs blocking store work on tokio's blocking pool, or right here with
+    /// [`BackupSettings::inline`].
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T, BackupError> + Send + 'static,
+    ) -> Result<T, BackupError> {
+        if self.settings.inline {
+            return work();
+        }
+        match tokio::task::spawn_blocking(work).await {
+            Ok(result) => result,
+            Err(e) => Err(BackupError::Refused(format!("the backup task failed: {e}"))),
+        }
     }
 }
 
 /// The `Data` gRPC service: chunks of this node's store, to members only.
 struct DataService {
     store: Arc<ChunkStore>,
+    inline: bool,
 }
 
 type ChunkStream = Pin<Box<dyn futures::Stream<Item = Result<pb::Chunk, tonic::Status>> + Send + 'static>>;
@@ -759,12 +779,17 @@ impl pb::data_server::Data for DataService {
             ids.push(ChunkId(bytes));
         }
         let store = self.store.clone();
+        let inline = self.inline;
         let stream = futures::stream::iter(ids).then(move |id| {
             let store = store.clone();
             async move {
-                let read = tokio::task::spawn_blocking(move || store.get_compressed(&id))
-                    .await
-                    .map_err(|e| tonic::Status::internal(format!("reading a chunk failed: {e}")))?;
+                let read = if inline {
+                    store.get_compressed(&id)
+                } else {
+                    tokio::task::spawn_blocking(move || store.get_compressed(&id))
+                        .await
+                        .map_err(|e| tonic::Status::internal(format!("reading a chunk failed: {e}")))?
+                };
                 Ok(match read {
                     Ok(data) => pb::Chunk { id: id.as_bytes().to_vec(), data, missing: false },
                     Err(_) => pb::Chunk { id: id.as_bytes().to_vec(), data: Vec::new(), missing: true },

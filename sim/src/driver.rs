@@ -275,6 +275,10 @@ impl Driver<'_> {
         self.replay.switches()
     }
 
+    pub(crate) fn data_counts(&self) -> checks::DataCounts {
+        self.replay.data_counts()
+    }
+
     pub(crate) fn check(&mut self) {
         let nodes = self.snapshots();
         for n in &nodes {

@@ -11,6 +11,7 @@ use coyote_log::store::{self};
 use coyote_log::tls::Identity;
 use coyote_log::{Clock, Environment, LogNodeConfig};
 use coyote_nodes::activator::ActivatorConfig;
+use coyote_nodes::backups::BackupSettings;
 use coyote_nodes::monitor::MonitorConfig;
 use coyote_nodes::node::{ContainerParts, Node, Parts};
 use coyote_nodes::reconciler;
@@ -18,7 +19,7 @@ use coyote_nodes::reconciler;
 use crate::material::material;
 use crate::model::{ModelRuntime, TurmoilProbe};
 use crate::net;
-use crate::params::{raft_settings, CLUSTER_ID, IDLE_STOP, PORT};
+use crate::params::{raft_settings, BACKUP_EVERY, CLUSTER_ID, IDLE_STOP, PORT};
 use crate::workload::{admin, issue_token, join, visitors, workload};
 use crate::world::{HostState, SimNode, World};
 
@@ -75,14 +76,19 @@ pub(crate) async fn host_software(world: Arc<World>, host: Arc<HostState>) -> Se
         containers: Some(ContainerParts {
             runtime: Arc::new(ModelRuntime(host.containers.clone())),
             reconciler: reconciler::Settings {
-                volumes: volumes_dir(&host.name),
+                volumes: host.dir.path().join("volumes"),
                 pull: false,
                 dump_timeout: Duration::from_secs(10),
             },
             activator: ActivatorConfig { idle_stop: IDLE_STOP, ..ActivatorConfig::default() },
             forwarder: None,
             sockets: Some(Arc::new(net::Sockets)),
-            backups: None,
+            backups: Some(BackupSettings {
+                every: BACKUP_EVERY,
+                inline: true,
+                reserve_bytes: 0,
+                ..BackupSettings::new(host.dir.path().join("backups"), host.dir.path().join("volumes"))
+            }),
         }),
     })
     .await?;
@@ -113,10 +119,4 @@ pub(crate) async fn host_software(world: Arc<World>, host: Arc<HostState>) -> Se
     }
     workload(&world, &host, &node.log, incarnation).await;
     Ok(())
-}
-
-/// The reconciler creates each service's volume directory here (the only real file system the
-/// simulation touches; nothing reads it).
-pub(crate) fn volumes_dir(host: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join("coyote-sim-volumes").join(host)
 }

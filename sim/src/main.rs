@@ -182,6 +182,8 @@ struct Summary {
     acks: usize,
     faults: usize,
     spliced: usize,
+    /// Snapshots taken, stored; restores from a snapshot, with none.
+    data: [usize; 4],
 }
 
 /// The runs asked for: each seed, with each scenario asked for (or the random schedule).
@@ -219,6 +221,12 @@ fn run_here(
             acks: report.acks,
             faults: report.faults,
             spliced: report.spliced,
+            data: [
+                report.data.snapshots_taken,
+                report.data.snapshots_stored,
+                report.data.restored,
+                report.data.restored_empty,
+            ],
         });
         done(summaries.last().expect("just pushed"))?;
     }
@@ -443,6 +451,10 @@ fn main() -> Result<()> {
         switches_by_failover: reports.iter().map(|r| r.switches.0).sum(),
         switches_instructed: reports.iter().map(|r| r.switches.1).sum(),
         spliced_connections: reports.iter().map(|r| r.spliced).sum(),
+        snapshots_taken: reports.iter().map(|r| r.data[0]).sum(),
+        snapshots_stored: reports.iter().map(|r| r.data[1]).sum(),
+        restores: reports.iter().map(|r| r.data[2]).sum(),
+        restores_empty: reports.iter().map(|r| r.data[3]).sum(),
         failovers: failover.len(),
         failover_p50_ms: percentile(&failover, 50),
         failover_p99_ms: percentile(&failover, 99),
@@ -491,6 +503,12 @@ struct Totals {
     switches_instructed: usize,
     /// Connections the activators spliced to on-demand containers.
     spliced_connections: usize,
+    /// Snapshots of services' data taken by masters and stored by other nodes, and restores of new
+    /// masters (from a snapshot, or with none recorded yet).
+    snapshots_taken: usize,
+    snapshots_stored: usize,
+    restores: usize,
+    restores_empty: usize,
     /// Failovers timed from the master's loss to the new master serving, in simulated time.
     failovers: usize,
     failover_p50_ms: Option<u64>,
@@ -552,6 +570,10 @@ fn print_totals(t: &Totals) {
         t.switches_by_failover, t.switches_instructed
     );
     println!("on-demand connections spliced by activators: {}", t.spliced_connections);
+    println!(
+        "snapshots: {} taken, {} stored elsewhere; restores before serving: {} from a snapshot, {} with none yet",
+        t.snapshots_taken, t.snapshots_stored, t.restores, t.restores_empty
+    );
     match (t.failover_p50_ms, t.failover_p99_ms) {
         (Some(p50), Some(p99)) => println!(
             "failover time (master lost -> new master serving): p50 {:.2} s, p99 {:.2} s simulated ({} failovers)",

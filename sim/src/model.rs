@@ -250,6 +250,9 @@ impl ModelRuntime {
     }
 }
 
+/// The modification time of every model container's volume directory (seconds since the epoch).
+const VOLUME_MTIME_S: u64 = 1_700_000_000;
+
 #[async_trait]
 impl ContainerRuntime for ModelRuntime {
     async fn list(&self) -> Result<Vec<ObservedContainer>, RuntimeError> {
@@ -269,6 +272,12 @@ impl ContainerRuntime for ModelRuntime {
     }
 
     async fn create(&self, config: &ContainerConfig) -> Result<String, RuntimeError> {
+        // The volume directory is real (the node snapshots it); its modification time would be the
+        // real clock's, and a snapshot records it. A fixed one keeps a seed's snapshots, and so its
+        // run, the same from run to run.
+        if let Ok(dir) = std::fs::File::open(&config.volume) {
+            let _ = dir.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(VOLUME_MTIME_S));
+        }
         self.with(|i| {
             if i.containers.values().any(|c| c.observed.name == config.name) {
                 return Err(RuntimeError::Failed(format!("name {} in use", config.name)));
@@ -324,6 +333,22 @@ impl ContainerRuntime for ModelRuntime {
                 }
             }
             Ok(())
+        })
+    }
+
+    /// A model container has no processes to freeze: pausing a running one succeeds.
+    async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        self.with(|i| match i.containers.get(id) {
+            Some(c) if c.observed.state == RunState::Running => Ok(()),
+            Some(_) => Err(RuntimeError::Failed(format!("container {id} is not running"))),
+            None => Err(RuntimeError::NotFound(format!("no container {id}"))),
+        })
+    }
+
+    async fn unpause(&self, id: &str) -> Result<(), RuntimeError> {
+        self.with(|i| match i.containers.get(id) {
+            Some(_) => Ok(()),
+            None => Err(RuntimeError::NotFound(format!("no container {id}"))),
         })
     }
 

@@ -30,6 +30,10 @@ pub(crate) const SERVICE_PORT_BASE: u16 = 8000;
 pub const ON_DEMAND_PORT_BASE: u16 = 9000;
 /// How long an on-demand container may be idle before the activator stops it.
 pub(crate) const IDLE_STOP: Duration = Duration::from_secs(3);
+
+/// How often a master snapshots each service's volume (the production default is a minute; a
+/// simulated run lasts about that long, so snapshots, their shipping and restores happen in it).
+pub(crate) const BACKUP_EVERY: Duration = Duration::from_secs(5);
 /// How many steps a splice may lag behind the end of its node's serving ([`Driver::check_splices`]).
 pub(crate) const SPLICE_LAG_STEPS: u32 = 4;
 /// How long a visitor waits for an on-demand service's answer (a cold start included).

@@ -41,6 +41,8 @@ pub struct SeedReport {
     pub switches: (usize, usize),
     /// Connections the activators spliced to on-demand containers.
     pub spliced: usize,
+    /// Snapshots taken and stored, and restores, applied in the log.
+    pub data: crate::checks::DataCounts,
 }
 
 /// Formation, faults (or a scenario), liveness.
@@ -167,6 +169,7 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
             initialized: AtomicBool::new(false),
             starts: AtomicU64::new(0),
             containers: Arc::new(Containers::new(container_seed, slow_start_ms.clone(), name)),
+            dir: tempfile::Builder::new().prefix("coyote-sim-").tempdir().expect("a temporary directory"),
         });
         let world = world.clone();
         driver.sim.host(name.as_str(), move || host_main(world.clone(), host.clone()));
@@ -185,6 +188,7 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
         driver.switches().iter().filter(|s| s.cause == SwitchCause::Failover).count(),
         driver.switches().iter().filter(|s| s.cause.instructed()).count(),
     );
+    let data = driver.data_counts();
     world.running.lock().expect("running lock").clear();
     drop(driver);
     drop(guard);
@@ -209,5 +213,6 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
         failover_ms,
         switches,
         spliced,
+        data,
     }
 }

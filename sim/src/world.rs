@@ -84,4 +84,7 @@ pub(crate) struct HostState {
     pub(crate) initialized: AtomicBool,
     pub(crate) starts: AtomicU64,
     pub(crate) containers: Arc<Containers>,
+    /// The host's real directory for what the node keeps in files: services' volumes and the
+    /// backup store (removed at the end of the run).
+    pub(crate) dir: tempfile::TempDir,
 }

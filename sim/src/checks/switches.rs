@@ -43,6 +43,17 @@ pub struct Replay {
     asked_by: BTreeMap<String, String>,
     found: Vec<Switch>,
     moves: Vec<Move>,
+    data: DataCounts,
+}
+
+/// Applied events of the data ledger, as the run's summary shows them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataCounts {
+    pub snapshots_taken: usize,
+    pub snapshots_stored: usize,
+    /// Restores of a new master from a snapshot, and with none recorded (a new service's first).
+    pub restored: usize,
+    pub restored_empty: usize,
 }
 
 /// An applied event other than an authority switch that changed the master of a placed service.
@@ -61,6 +72,10 @@ impl Replay {
     /// The switches found so far.
     pub fn switches(&self) -> &[Switch] {
         &self.found
+    }
+
+    pub fn data_counts(&self) -> DataCounts {
+        self.data
     }
 
     /// The masters moved by anything but a switch, found so far.
@@ -98,6 +113,15 @@ impl Replay {
         if let Event::HandoverRequested { service, .. } = &env.event {
             if record.outcome.is_applied() {
                 self.asked_by.insert(service.clone(), env.actor.clone());
+            }
+        }
+        if record.outcome.is_applied() {
+            match &env.event {
+                Event::SnapshotTaken { .. } => self.data.snapshots_taken += 1,
+                Event::SnapshotStored { .. } => self.data.snapshots_stored += 1,
+                Event::RestoreCompleted { snapshot: Some(_), .. } => self.data.restored += 1,
+                Event::RestoreCompleted { snapshot: None, .. } => self.data.restored_empty += 1,
+                _ => {}
             }
         }
         let state = &self.state;
