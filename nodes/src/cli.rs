@@ -5,7 +5,7 @@
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use coyote_nodes::wire;
-use coyote_state_machine::spec::format_bytes;
+use coyote_state_machine::spec::human_bytes;
 use coyote_state_machine::spec::{parse_bytes, parse_port};
 use coyote_state_machine::{format_ms, PortMap, ServiceSpec, ZoneCheck};
 use hyper::Method;
@@ -327,8 +327,8 @@ async fn backup(cmd: BackupCmd, client: &Client, json: bool) -> Result<()> {
                     format_ms(s.taken_at_ms),
                     s.kind,
                     s.consistency,
-                    format_bytes(s.bytes),
-                    format_bytes(s.new_bytes),
+                    human_bytes(s.bytes),
+                    human_bytes(s.new_bytes),
                     s.taken_by,
                     holders.join(",")
                 );
@@ -351,9 +351,9 @@ async fn backup(cmd: BackupCmd, client: &Client, json: bool) -> Result<()> {
                     short_id(&taken.snapshot),
                     taken.files,
                     taken.changed_files,
-                    format_bytes(taken.bytes),
-                    format_bytes(taken.new_bytes),
-                    format_bytes(taken.stored_bytes),
+                    human_bytes(taken.bytes),
+                    human_bytes(taken.new_bytes),
+                    human_bytes(taken.stored_bytes),
                     taken.paused_ms
                 );
             }
@@ -368,7 +368,7 @@ async fn backup(cmd: BackupCmd, client: &Client, json: bool) -> Result<()> {
                         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", file.display()))?;
                     let bytes = client.download(&path, &mut out).await?;
                     out.sync_all()?;
-                    eprintln!("wrote {} to {}", format_bytes(bytes), file.display());
+                    eprintln!("wrote {} to {}", human_bytes(bytes), file.display());
                 }
                 None => {
                     let mut out = std::io::stdout().lock();

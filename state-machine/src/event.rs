@@ -361,8 +361,8 @@ impl Event {
                     short_id(snapshot),
                     kind.name(),
                     consistency.name(),
-                    crate::spec::format_bytes(*bytes),
-                    crate::spec::format_bytes(*new_bytes)
+                    crate::spec::human_bytes(*bytes),
+                    crate::spec::human_bytes(*new_bytes)
                 )
             }
             Event::SnapshotStored { service, snapshot, node } => {

@@ -477,6 +477,22 @@ pub fn format_bytes(n: u64) -> String {
     }
 }
 
+/// A size as people read it: `0 B`, `512 B`, `1.5 KiB`, `3.2 MiB`, `1.1 GiB` (not meant to be
+/// parsed back; [`format_bytes`] is exact).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 /// Parses `HOST:CONTAINER` or a single `PORT` (same on both sides).
 pub fn parse_port(text: &str) -> Result<PortMap, String> {
     let parse =
@@ -493,6 +509,15 @@ pub fn parse_port(text: &str) -> Result<PortMap, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_for_people() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 << 20), "5.0 MiB");
+        assert_eq!(human_bytes(u64::MAX), "16384.0 PiB");
+    }
 
     #[test]
     fn sizes_parse_and_print() {
