@@ -39,6 +39,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("file_log", file_log),
     ("snapshot", snapshot),
     ("store_record", store_record),
+    ("manifest", manifest),
 ];
 
 /// The target named `name`.
@@ -229,6 +230,24 @@ fn split_segments(bytes: &[u8]) -> Vec<(u64, Vec<u8>)> {
 /// its check in `log/src/store/snapshot.rs`).
 pub fn snapshot(data: &[u8]) {
     let _ = fuzzing::snapshot(None, data);
+}
+
+/// A snapshot's manifest, as a node reads one fetched from another node before it restores or
+/// fetches its chunks (`coyote_data::Manifest::decode`): one that decodes must survive its own
+/// encoding unchanged, and its paths must be safe to restore. (Its bytes need not be the canonical
+/// encoding: a manifest is named by the hash of the bytes it was stored as.)
+pub fn manifest(data: &[u8]) {
+    let Ok(manifest) = coyote_data::Manifest::decode(data) else { return };
+    let again = manifest.encode().expect("a decoded manifest encodes");
+    let back = coyote_data::Manifest::decode(&again).expect("an encoded manifest decodes");
+    assert!(back == manifest, "a manifest changed through its own encoding");
+    for entry in manifest.entries() {
+        let path = entry.path();
+        assert!(
+            path.components().all(|c| matches!(c, std::path::Component::Normal(_))),
+            "a decoded manifest holds an unsafe path {path:?}"
+        );
+    }
 }
 
 /// The records the store reads from sled (`log/src/store/`): the first byte picks the kind

@@ -169,6 +169,36 @@ fn tagged(tag: u8, payload: Vec<u8>) -> Vec<u8> {
 pub fn seeds() -> Vec<Seed> {
     let mut out = Vec::new();
 
+    // manifest
+    {
+        use coyote_data::{Attrs, ChunkId, ChunkRef, Entry, EntryKind, Manifest, Timestamp};
+        let attrs =
+            |mode| Attrs { mode, uid: 1000, gid: 1000, mtime: Timestamp { secs: 1_700_000_000, nanos: 5 } };
+        let entries = vec![
+            Entry { path: b"db".to_vec(), kind: EntryKind::Dir, attrs: attrs(0o755) },
+            Entry {
+                path: b"db/data".to_vec(),
+                kind: EntryKind::File {
+                    size: 70_000,
+                    chunks: vec![
+                        ChunkRef { id: ChunkId::of(b"one"), len: 65_536 },
+                        ChunkRef { id: ChunkId::of(b"two"), len: 4_464 },
+                    ],
+                },
+                attrs: attrs(0o600),
+            },
+            Entry {
+                path: b"link".to_vec(),
+                kind: EntryKind::Symlink { target: b"db/data".to_vec() },
+                attrs: attrs(0o777),
+            },
+        ];
+        let manifest = Manifest::new(attrs(0o755), entries).expect("a valid manifest");
+        out.push(seed("manifest", "tree", manifest.encode().expect("encodes")));
+        let empty = Manifest::new(attrs(0o700), Vec::new()).expect("a valid manifest");
+        out.push(seed("manifest", "empty", empty.encode().expect("encodes")));
+    }
+
     // join_token
     let token = JoinToken {
         addr: "127.0.0.1:7001".into(),
