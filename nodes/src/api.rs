@@ -67,7 +67,10 @@ pub fn router(api: Api) -> Router {
         .route("/v1/plan", get(plan))
         .route("/v1/alarms", get(alarms).post(alarm_raise))
         .route("/v1/alarms/{id}/clear", post(alarm_clear))
+        .route("/v1/backups", get(backups_view))
+        .route("/v1/backups/verify", post(backup_verify))
         .route("/v1/backups/{service}", get(backup_list))
+        .route("/v1/backups/{service}/restore", post(backup_restore))
         .route("/v1/backups/{service}/now", post(backup_now))
         .route("/v1/backups/{service}/export", get(backup_export))
         .with_state(api)
@@ -153,7 +156,28 @@ async fn propose_at(caller: &Caller, event: Event, at_ms: u64) -> Result<Propose
 }
 
 async fn status(State(api): State<Api>) -> ApiResult<Status> {
-    Ok(Json(api.node.status().await))
+    let cluster = api.node.status().await;
+    let now_ms = api.node.now_ms();
+    let services = api.node.store().with_state(|s| {
+        s.services
+            .iter()
+            .map(|(name, svc)| {
+                let p = svc.placement.as_ref();
+                let failover = p.and_then(|p| p.failover);
+                let ledger = s.data.get(name);
+                wire::ServiceData {
+                    service: name.clone(),
+                    master: p.map(|p| p.master),
+                    failover,
+                    data_age_ms: failover
+                        .and_then(|f| ledger.and_then(|d| d.newest_held_by(f)))
+                        .map(|r| now_ms.saturating_sub(r.taken_at_ms)),
+                    snapshots: ledger.map_or(0, |d| d.snapshots.len() as u64),
+                }
+            })
+            .collect()
+    });
+    Ok(Json(Status { cluster, services }))
 }
 
 #[derive(Deserialize)]
@@ -332,6 +356,14 @@ async fn metrics(State(api): State<Api>) -> Response {
         // Also when Docker is down, where `/v1/plan` cannot answer.
         text.push_str("# TYPE coyote_reconciler_passes_total counter\n");
         text.push_str(&format!("coyote_reconciler_passes_total {}\n", r.passes()));
+    }
+    if let Some(b) = &api.backups {
+        let p = b.pause_stats();
+        text.push_str("# TYPE coyote_backup_pause_ms summary\n");
+        for (q, v) in [("0.5", p.p50_ms), ("0.99", p.p99_ms), ("1", p.max_ms)] {
+            text.push_str(&format!("coyote_backup_pause_ms{{quantile=\"{q}\"}} {v}\n"));
+        }
+        text.push_str(&format!("coyote_backup_pause_ms_count {}\n", p.count));
     }
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }
@@ -546,4 +578,45 @@ impl std::io::Write for ChannelWriter {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+async fn backups_view(State(api): State<Api>) -> ApiResult<wire::BackupsView> {
+    let backups = backups_of(&api)?;
+    Ok(Json(wire::BackupsView { pauses: backups.pause_stats() }))
+}
+
+fn backup_error(e: crate::backups::BackupError) -> ApiError {
+    match e {
+        crate::backups::BackupError::Refused(m) | crate::backups::BackupError::Rejected(m) => {
+            ApiError(StatusCode::CONFLICT, m)
+        }
+        other => ApiError(StatusCode::SERVICE_UNAVAILABLE, other.to_string()),
+    }
+}
+
+async fn backup_verify(
+    State(api): State<Api>,
+    body: Option<Json<wire::BackupVerify>>,
+) -> ApiResult<wire::VerifyView> {
+    let backups = backups_of(&api)?;
+    let service = body.and_then(|Json(b)| b.service);
+    if let Some(name) = &service {
+        if api.node.store().with_state(|s| !s.services.contains_key(name)) {
+            return Err(ApiError(StatusCode::NOT_FOUND, format!("service {name} does not exist")));
+        }
+    }
+    backups.verify(service.as_deref()).await.map(Json).map_err(backup_error)
+}
+
+async fn backup_restore(
+    State(api): State<Api>,
+    Path(service): Path<String>,
+    Json(req): Json<wire::BackupRestore>,
+) -> ApiResult<wire::RestoredCopy> {
+    let backups = backups_of(&api)?;
+    let into = std::path::PathBuf::from(&req.into);
+    if !into.is_absolute() {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("{:?} is not an absolute path", req.into)));
+    }
+    backups.restore_copy(&service, req.snapshot.as_deref(), into).await.map(Json).map_err(backup_error)
 }

@@ -59,6 +59,10 @@ pub struct BackupSettings {
     pub reserve_bytes: u64,
     /// How long a new master tries to fetch the newest snapshot before it restores what it has.
     pub fetch_timeout: Duration,
+    /// How often unreferenced chunks are pruned, and how young a chunk must be to be spared (a
+    /// transfer or a snapshot in flight).
+    pub prune_every: Duration,
+    pub prune_grace: Duration,
     /// Run the chunk store's file work on the calling task instead of tokio's blocking pool. Off in
     /// production; on for the simulator, where work on other threads would make a run
     /// nondeterministic (like the store's `Options::durable`).
@@ -74,6 +78,8 @@ impl BackupSettings {
             pause_limit: Duration::from_secs(2),
             reserve_bytes: 256 << 20,
             fetch_timeout: Duration::from_secs(30),
+            prune_every: Duration::from_secs(600),
+            prune_grace: Duration::from_secs(600),
             inline: false,
         }
     }
@@ -113,6 +119,31 @@ pub struct TakenView {
     pub paused_ms: u64,
 }
 
+/// What `coyote backup verify` found.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VerifyView {
+    /// Chunks re-hashed, and those whose bytes no longer match their name (removed).
+    pub checked_chunks: u64,
+    pub corrupt_chunks: u64,
+    /// Snapshots this node holds that are whole.
+    pub whole: u64,
+    /// Snapshots that lost chunks and were fetched again from another holder.
+    pub repaired: Vec<String>,
+    /// Snapshots that lost chunks and could not be fetched again (this node no longer holds them).
+    pub lost: Vec<String>,
+}
+
+/// What `coyote backup restore --into` did.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RestoredCopy {
+    pub snapshot: String,
+    pub into: String,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+}
+
 /// Pause durations of this node's snapshots, for `coyote stats`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PauseStats {
@@ -135,6 +166,8 @@ pub struct Backups {
     /// Failures already proposed, by (service, snapshot): not proposed again with the same reason.
     reported: Mutex<BTreeMap<(String, String), String>>,
     pauses: Mutex<Vec<u64>>,
+    /// When chunks were last pruned.
+    pruned_at: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Backups {
@@ -157,6 +190,7 @@ impl Backups {
             caches: tokio::sync::Mutex::new(HashMap::new()),
             reported: Mutex::new(BTreeMap::new()),
             pauses: Mutex::new(Vec::new()),
+            pruned_at: Mutex::new(None),
         }))
     }
 
@@ -234,6 +268,27 @@ impl Backups {
         for service in replicas {
             if let Err(e) = self.replicate(&service).await {
                 tracing::warn!(%service, error = %e, "cannot store the newest snapshot");
+            }
+        }
+        let prune_due = {
+            let mut at = self.pruned_at.lock().expect("prune lock");
+            let due = at.is_none_or(|t| t.elapsed() >= self.settings.prune_every);
+            if due {
+                *at = Some(tokio::time::Instant::now());
+            }
+            due
+        };
+        if prune_due {
+            match self.prune().await {
+                Ok(r) if r.removed > 0 => {
+                    tracing::info!(
+                        removed = r.removed,
+                        bytes = r.removed_bytes,
+                        "pruned chunks no snapshot needs"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot prune the backup store"),
             }
         }
         if self.settings.every.is_zero() {
@@ -443,18 +498,38 @@ impl Backups {
     async fn replicate(&self, service: &str) -> Result<(), BackupError> {
         let Some((snapshot, holders)) = self.newest_elsewhere(service) else { return Ok(()) };
         match self.fetch(service, &snapshot, &holders).await {
-            Ok(()) => {
-                let event = Event::SnapshotStored {
-                    service: service.to_string(),
-                    snapshot: snapshot.clone(),
-                    node: self.node.id(),
-                };
-                self.propose(event).await
-            }
+            Ok(()) => self.record_stored(service, &snapshot).await,
             Err(e) => {
                 self.report_failure(service, Some(&snapshot), &e.to_string()).await;
                 Err(e)
             }
+        }
+    }
+
+    /// Records that this node holds `snapshot` (all its chunks are here), unless the log says so
+    /// already (this node's replication and `backup verify` may both have fetched it).
+    async fn record_stored(&self, service: &str, snapshot: &str) -> Result<(), BackupError> {
+        let me = self.node.id();
+        let held = || {
+            self.node.store().with_state(|s| {
+                s.data
+                    .get(service)
+                    .and_then(|d| d.snapshots.get(snapshot))
+                    .is_some_and(|r| r.holders.contains_key(&me))
+            })
+        };
+        if held() {
+            return Ok(());
+        }
+        let event =
+            Event::SnapshotStored { service: service.to_string(), snapshot: snapshot.to_string(), node: me };
+        match self.propose(event).await {
+            Err(BackupError::Rejected(_) | BackupError::Propose(coyote_log::ProposeError::Rejected(_)))
+                if held() =>
+            {
+                Ok(())
+            }
+            other => other,
         }
     }
 
@@ -572,6 +647,114 @@ impl Backups {
             return Err(BackupError::Fetch(format!("the holder sent {received} of {} chunks", ids.len())));
         }
         Ok(())
+    }
+
+    /// Removes the chunks that no snapshot recorded in the log needs (those retention forgot, those
+    /// of removed services, a transfer's leftovers), sparing chunks younger than
+    /// [`BackupSettings::prune_grace`].
+    pub async fn prune(&self) -> Result<coyote_data::GcReport, BackupError> {
+        let keep: Vec<ChunkId> = self.node.store().with_state(|s| {
+            s.data.values().flat_map(|d| d.snapshots.keys()).filter_map(|id| id.parse().ok()).collect()
+        });
+        // Not while a snapshot is between its capture and its commit.
+        let _snapshots = self.caches.lock().await;
+        let store = self.store.clone();
+        let grace = self.settings.prune_grace;
+        self.blocking(move || {
+            let keep: Vec<ChunkId> = keep.into_iter().filter(|id| store.contains(id)).collect();
+            Ok(coyote_data::gc(&store, &keep, grace)?)
+        })
+        .await
+    }
+
+    /// Re-hashes every chunk this node holds. A snapshot of `service` (or of any service) this node
+    /// holds that lost a chunk is recorded as corrupt here, fetched again from another holder and,
+    /// once whole, recorded as held again.
+    pub async fn verify(&self, service: Option<&str>) -> Result<VerifyView, BackupError> {
+        let store = self.store.clone();
+        let report = self.blocking(move || Ok(store.verify()?)).await?;
+        for id in &report.corrupt {
+            let store = self.store.clone();
+            let id = *id;
+            self.blocking(move || Ok(store.remove(&id)?)).await?;
+        }
+        let me = self.node.id();
+        let held: Vec<(String, String)> = self.node.store().with_state(|s| {
+            s.data
+                .iter()
+                .filter(|(name, _)| service.is_none_or(|wanted| wanted == name.as_str()))
+                .flat_map(|(name, d)| {
+                    d.snapshots
+                        .values()
+                        .filter(|r| r.holders.contains_key(&me))
+                        .map(move |r| (name.clone(), r.id.clone()))
+                })
+                .collect()
+        });
+        let mut view = VerifyView {
+            checked_chunks: report.checked,
+            corrupt_chunks: report.corrupt.len() as u64,
+            ..VerifyView::default()
+        };
+        for (name, snapshot) in held {
+            let Ok(id) = snapshot.parse::<ChunkId>() else { continue };
+            if self.complete(&id).await.unwrap_or(false) {
+                view.whole += 1;
+                continue;
+            }
+            let reason = format!("{} corrupt chunk(s) found by coyote backup verify", report.corrupt.len());
+            let event = Event::SnapshotCorrupt {
+                service: name.clone(),
+                snapshot: snapshot.clone(),
+                node: me,
+                reason,
+            };
+            if let Err(e) = self.propose(event).await {
+                tracing::warn!(service = %name, error = %e, "cannot record a corrupt snapshot");
+            }
+            let holders = self.node.store().with_state(|s| holders_of(s, &name, &snapshot, me));
+            match self.fetch(&name, &snapshot, &holders).await {
+                Ok(()) => {
+                    let event =
+                        Event::SnapshotStored { service: name.clone(), snapshot: snapshot.clone(), node: me };
+                    self.propose(event).await?;
+                    view.repaired.push(snapshot);
+                }
+                Err(e) => {
+                    tracing::warn!(service = %name, %snapshot, error = %e, "a corrupt snapshot cannot be fetched again");
+                    view.lost.push(snapshot);
+                }
+            }
+        }
+        Ok(view)
+    }
+
+    /// Restores a snapshot of `service` (by id or the start of one; the newest some node holds when
+    /// `None`) into `into`, a directory that must not exist yet; the service itself is untouched.
+    pub async fn restore_copy(
+        &self,
+        service: &str,
+        snapshot: Option<&str>,
+        into: PathBuf,
+    ) -> Result<RestoredCopy, BackupError> {
+        if into.exists() {
+            return Err(BackupError::Refused(format!(
+                "{} exists: restore into a new directory",
+                into.display()
+            )));
+        }
+        let id = self.export_source(service, snapshot).await?;
+        let store = self.store.clone();
+        let target = into.clone();
+        let report = self.blocking(move || Ok(coyote_data::restore(&store, &id, &target)?)).await?;
+        Ok(RestoredCopy {
+            snapshot: id.to_hex(),
+            into: into.display().to_string(),
+            files: report.files,
+            dirs: report.dirs,
+            symlinks: report.symlinks,
+            bytes: report.bytes,
+        })
     }
 
     /// The snapshot `coyote backup export` streams: `snapshot` (an id or a prefix of one), or the

@@ -45,6 +45,19 @@ pub enum BackupCmd {
     List { service: String },
     /// Snapshot a service's data now (on its master)
     Now { service: String },
+    /// Re-hash every chunk this node holds; snapshots that lost one are fetched again from another
+    /// node that holds them, and what was found is recorded in the log
+    Verify { service: Option<String> },
+    /// Restore a snapshot into a new directory on this server (the service is left as it is)
+    Restore {
+        service: String,
+        /// The snapshot (its id or the start of it) [default: the newest some node holds]
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// The directory to create; it must not exist
+        #[arg(long)]
+        into: std::path::PathBuf,
+    },
     /// Write a snapshot of a service's data as a tar stream (to stdout, or --output FILE); it needs
     /// no cluster to be read back: `tar x`
     Export {
@@ -255,6 +268,16 @@ pub async fn run(command: Command, client: &Client, json: bool) -> Result<()> {
                         if s.running { " (up)" } else { "" }
                     );
                 }
+                // Only a node that keeps backups answers this; the others have no pauses to show.
+                if let Ok(b) = client.get::<wire::BackupsView>("/v1/backups").await {
+                    let p = &b.pauses;
+                    if p.count > 0 {
+                        println!(
+                            "snapshots paused running containers {} times: p50 {} ms, p99 {} ms, max {} ms",
+                            p.count, p.p50_ms, p.p99_ms, p.max_ms
+                        );
+                    }
+                }
             }
             Ok(())
         }
@@ -355,6 +378,53 @@ async fn backup(cmd: BackupCmd, client: &Client, json: bool) -> Result<()> {
                     human_bytes(taken.new_bytes),
                     human_bytes(taken.stored_bytes),
                     taken.paused_ms
+                );
+            }
+            Ok(())
+        }
+        BackupCmd::Verify { service } => {
+            let body = wire::BackupVerify { service };
+            let v: wire::VerifyView = client.send_json(Method::POST, "/v1/backups/verify", &body).await?;
+            if json {
+                print_json(&v);
+            } else {
+                println!(
+                    "{} chunks checked, {} corrupt; {} snapshots whole, {} fetched again, {} lost here",
+                    v.checked_chunks,
+                    v.corrupt_chunks,
+                    v.whole,
+                    v.repaired.len(),
+                    v.lost.len()
+                );
+                for id in &v.repaired {
+                    println!("fetched again: {}", short_id(id));
+                }
+                for id in &v.lost {
+                    println!("LOST here (no other holder answered): {}", short_id(id));
+                }
+            }
+            if !v.lost.is_empty() {
+                bail!("{} snapshot(s) could not be repaired on this node", v.lost.len());
+            }
+            Ok(())
+        }
+        BackupCmd::Restore { service, snapshot, into } => {
+            let into = std::path::absolute(&into)
+                .map_err(|e| anyhow::anyhow!("cannot resolve {}: {e}", into.display()))?;
+            let body = wire::BackupRestore { snapshot, into: into.display().to_string() };
+            let r: wire::RestoredCopy =
+                client.send_json(Method::POST, &format!("/v1/backups/{service}/restore"), &body).await?;
+            if json {
+                print_json(&r);
+            } else {
+                println!(
+                    "restored snapshot {} of {service} into {}: {} files, {} directories, {} links, {}",
+                    short_id(&r.snapshot),
+                    r.into,
+                    r.files,
+                    r.dirs,
+                    r.symlinks,
+                    human_bytes(r.bytes)
                 );
             }
             Ok(())
@@ -703,11 +773,13 @@ fn print_event(e: &wire::EventView, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn print_status(s: &wire::Status, json: bool) {
+fn print_status(status: &wire::Status, json: bool) {
     if json {
-        print_json(s);
+        print_json(status);
         return;
     }
+    let s_services = &status.services;
+    let s = &status.cluster;
     let opt = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
     println!("cluster   {}", s.cluster_id);
     println!("node      {} ({})", s.node_id, s.state);
@@ -730,6 +802,17 @@ fn print_status(s: &wire::Status, json: bool) {
             m.role,
             if m.reachable { "reachable" } else { "UNREACHABLE" }
         );
+    }
+    if !s_services.is_empty() {
+        println!("data (age of the newest snapshot each failover holds)");
+    }
+    for d in s_services {
+        let age = match (d.failover, d.data_age_ms) {
+            (None, _) => "no failover".to_string(),
+            (Some(f), None) => format!("node {f} holds no snapshot yet"),
+            (Some(f), Some(ms)) => format!("{} s on node {f}", ms / 1000),
+        };
+        println!("  {:<24} {age} ({} snapshots)", d.service, d.snapshots);
     }
 }
 

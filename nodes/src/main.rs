@@ -103,8 +103,9 @@ struct ContainerArgs {
     /// restores them (a new master then starts on its own directory)
     #[arg(long)]
     no_backups: bool,
-    /// How often the master snapshots each service's data (s, m, h; 0: only `coyote backup now`)
-    #[arg(long, default_value = "60s", value_parser = parse_duration_arg)]
+    /// How often the master snapshots each service's data (s, m, h; 0: only `coyote backup now`
+    /// and handovers)
+    #[arg(long, default_value = "60s", value_parser = parse_interval_arg)]
     backup_every: std::time::Duration,
     /// Pauses of a running container for a snapshot longer than this are reported (s, m)
     #[arg(long, default_value = "2s", value_parser = parse_duration_arg)]
@@ -119,6 +120,14 @@ fn parse_size_arg(text: &str) -> Result<u64, String> {
         0 => Err(format!("{text:?}: a threshold of 0 bytes never triggers; leave the option out instead")),
         n => Ok(n),
     }
+}
+
+/// A duration, or `0` for never.
+fn parse_interval_arg(text: &str) -> Result<std::time::Duration, String> {
+    if text.trim() == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    parse_duration_arg(text)
 }
 
 fn parse_duration_arg(text: &str) -> Result<std::time::Duration, String> {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::activator::ServiceStats;
 pub use crate::reconciler::PlanView;
-pub use coyote_log::ClusterStatus as Status;
+pub use coyote_log::ClusterStatus;
 pub use coyote_state_machine::Alarm;
 
 /// Every error answer: the HTTP status says what kind, `error` says what in words.
@@ -236,7 +236,49 @@ pub struct Committed {
     pub index: u64,
 }
 
-pub use crate::backups::{PauseStats, TakenView};
+pub use crate::backups::{PauseStats, RestoredCopy, TakenView, VerifyView};
+
+/// `coyote status`: the cluster as this node sees it, and each service's data age.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    #[serde(flatten)]
+    pub cluster: ClusterStatus,
+    pub services: Vec<ServiceData>,
+}
+
+/// How old the copy of a service's data is that its failover would restore.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceData {
+    pub service: String,
+    pub master: Option<u64>,
+    pub failover: Option<u64>,
+    /// Time since the newest snapshot the failover holds was taken (`None`: it holds none).
+    pub data_age_ms: Option<u64>,
+    /// Snapshots recorded.
+    pub snapshots: u64,
+}
+
+/// `coyote backup verify [SERVICE]`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BackupVerify {
+    #[serde(default)]
+    pub service: Option<String>,
+}
+
+/// `coyote backup restore SERVICE --into DIR [--snapshot ID]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackupRestore {
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    /// A directory on this node's machine that does not exist yet.
+    pub into: String,
+}
+
+/// This node's backups: how long snapshots paused running containers.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BackupsView {
+    pub pauses: PauseStats,
+}
 
 /// `coyote backup list SERVICE`: what the log knows about a service's data.
 #[derive(Clone, Debug, Serialize, Deserialize)]

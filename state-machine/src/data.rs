@@ -25,6 +25,54 @@ use crate::{LogIndex, NodeId};
 /// At most this many snapshots of one service in the ledger: retention forgets old ones long before.
 pub const SNAPSHOTS_MAX: usize = 512;
 
+/// Which snapshots of a service the ledger keeps (see [`Retention::retained`]).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// The newest this many.
+    pub last: usize,
+    /// The newest of each of the last this many hours that have one.
+    pub hourly: usize,
+    /// The same for days.
+    pub daily: usize,
+    /// The same for weeks.
+    pub weekly: usize,
+}
+
+/// The retention every cluster uses.
+pub const RETENTION: Retention = Retention { last: 10, hourly: 24, daily: 7, weekly: 4 };
+
+const HOUR_MS: u64 = 3_600_000;
+
+impl Retention {
+    /// The ids of the snapshots to keep: those the policy keeps, and always the newest that each of
+    /// `keep_for` (the nodes holding a role for the service) holds, so that no node loses the copy
+    /// it would restore from. Buckets are counted on the snapshots' `taken_at_ms`, whole hours, days
+    /// and weeks since the Unix epoch.
+    pub fn retained(&self, ledger: &DataLedger, keep_for: &[NodeId]) -> BTreeSet<String> {
+        let newest = ledger.newest_first();
+        let mut keep: BTreeSet<String> = newest.iter().take(self.last).map(|r| r.id.clone()).collect();
+        for (count, width) in
+            [(self.hourly, HOUR_MS), (self.daily, 24 * HOUR_MS), (self.weekly, 7 * 24 * HOUR_MS)]
+        {
+            let mut buckets = BTreeSet::new();
+            for r in &newest {
+                if buckets.len() == count {
+                    break;
+                }
+                if buckets.insert(r.taken_at_ms / width) {
+                    keep.insert(r.id.clone());
+                }
+            }
+        }
+        for node in keep_for {
+            if let Some(r) = ledger.newest_held_by(*node) {
+                keep.insert(r.id.clone());
+            }
+        }
+        keep
+    }
+}
+
 /// Length of a snapshot id: a blake3 hash in lowercase hex.
 pub const SNAPSHOT_ID_LEN: usize = 64;
 

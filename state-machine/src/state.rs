@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::data::{valid_snapshot_id, BackupFailure, DataLedger, Restored, SnapshotRecord, SNAPSHOTS_MAX};
+use crate::data::{
+    valid_snapshot_id, BackupFailure, DataLedger, Restored, SnapshotRecord, RETENTION, SNAPSHOTS_MAX,
+};
 use crate::event::{short_id, Envelope, Event, NodeInfo, Placement, Proposal, Subject, SwitchCause};
 use crate::spec::ServiceSpec;
 use crate::{Error, LogIndex, NodeId, Rejection};
@@ -803,6 +805,16 @@ impl State {
                     },
                 );
                 ledger.failures.remove(node);
+                // Retention follows from the ledger: what the policy no longer keeps is forgotten
+                // with the snapshot that made it so.
+                let keep_for: Vec<NodeId> = self.services[service]
+                    .placement
+                    .as_ref()
+                    .map(|p| p.nodes().collect())
+                    .unwrap_or_default();
+                let ledger = self.data.get_mut(service).expect("checked: ledger exists");
+                let keep = RETENTION.retained(ledger, &keep_for);
+                ledger.snapshots.retain(|id, _| keep.contains(id));
             }
             Event::SnapshotStored { service, snapshot, node } => {
                 let ledger = self.data.get_mut(service).expect("checked: ledger exists");

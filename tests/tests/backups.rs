@@ -171,18 +171,19 @@ fn a_failover_restores_the_newest_snapshot_before_its_container_starts() -> Resu
     Ok(())
 }
 
-/// Three nodes with backups every second; returns them, their ids, and the service's master and
-/// failover positions.
+/// Three nodes snapshotting every `backup_every` and a `coyote-test/seq:1` service; returns them,
+/// their ids, and the service's master and failover positions.
 fn cluster_with_service(
     root: &std::path::Path,
     guard: &mut DockerGuard,
     service: &str,
+    backup_every: &str,
 ) -> Result<(Vec<Node>, Vec<u64>, usize, usize)> {
     let mut nodes: Vec<Node> = Vec::new();
     for (i, ip) in ["127.0.0.1", "127.0.0.2", "127.0.0.3"].iter().enumerate() {
         let mut n = Node::on_ip(root, &format!("n{}", i + 1), ip);
         n.containers = true;
-        n.flags = vec!["--backup-every".into(), "1s".into(), "--forward".into(), "userspace".into()];
+        n.flags = vec!["--backup-every".into(), backup_every.into(), "--forward".into(), "userspace".into()];
         if i == 0 {
             n.up()?;
             guard.cluster_ids.push(n.cluster_id()?);
@@ -207,7 +208,7 @@ fn a_handover_loses_nothing_the_container_wrote() -> Result<()> {
     let root = tempfile::tempdir()?;
     let mut guard = DockerGuard::default();
     let service = unique("handover");
-    let (mut nodes, ids, m, f) = cluster_with_service(root.path(), &mut guard, &service)?;
+    let (mut nodes, ids, m, f) = cluster_with_service(root.path(), &mut guard, &service, "1s")?;
     let old_volume = nodes[m].dir.join("volumes").join(&service).join("seq");
     wait_until("the master's container to write", TIMEOUT, || {
         let text = std::fs::read_to_string(&old_volume).unwrap_or_default();
@@ -241,6 +242,87 @@ fn a_handover_loses_nothing_the_container_wrote() -> Result<()> {
     let kinds: Vec<&str> =
         events.iter().filter_map(|e| e["event"]["SnapshotTaken"]["kind"].as_str()).collect();
     assert!(kinds.contains(&"Handover"), "a handover snapshot is recorded: {kinds:?}");
+
+    for n in &mut nodes {
+        n.kill9();
+    }
+    guard.clean();
+    Ok(())
+}
+
+#[test]
+fn a_corrupt_chunk_is_found_fetched_again_and_recorded() -> Result<()> {
+    test_images()?;
+    let root = tempfile::tempdir()?;
+    let mut guard = DockerGuard::default();
+    let service = unique("verify");
+    // No periodic snapshots: the failover's store holds exactly the one taken here.
+    let (mut nodes, ids, m, f) = cluster_with_service(root.path(), &mut guard, &service, "0")?;
+    let volume = nodes[m].dir.join("volumes").join(&service).join("seq");
+    wait_until("the master's container to write", TIMEOUT, || {
+        Ok((std::fs::read_to_string(&volume).unwrap_or_default().lines().count() > 5).then_some(()))
+    })?;
+    let taken = nodes[m].cli_json(&["backup", "now", &service])?;
+    assert_eq!(taken["recorded"], true, "{taken}");
+    assert_eq!(taken["consistency"], "paused", "{taken}");
+    let snapshot = taken["snapshot"].as_str().context("an id")?.to_string();
+    wait_until("the failover to store it", TIMEOUT, || {
+        let list = nodes[f].cli_json(&["backup", "list", &service])?;
+        let held = list["snapshots"].as_array().into_iter().flatten().any(|s| {
+            s["snapshot"] == snapshot.as_str()
+                && s["holders"].as_array().is_some_and(|h| h.iter().any(|n| n.as_u64() == Some(ids[f])))
+        });
+        Ok(held.then_some(()))
+    })?;
+    let status = nodes[f].cli_json(&["status"])?;
+    let data = status["services"].as_array().into_iter().flatten().find(|d| d["service"] == service.as_str());
+    assert!(data.is_some_and(|d| d["data_age_ms"].is_u64()), "status shows the data age: {status}");
+
+    // Flip a byte in the middle of the largest chunk the failover holds.
+    let mut chunks: Vec<std::path::PathBuf> = Vec::new();
+    for fan in std::fs::read_dir(nodes[f].dir.join("backups").join("chunks"))? {
+        for chunk in std::fs::read_dir(fan?.path())? {
+            chunks.push(chunk?.path());
+        }
+    }
+    chunks.sort_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0));
+    let victim = chunks.last().context("the failover holds chunks")?;
+    let mut bytes = std::fs::read(victim)?;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(victim, &bytes)?;
+
+    let verified = nodes[f].cli_json(&["backup", "verify", &service])?;
+    assert_eq!(verified["corrupt_chunks"].as_u64(), Some(1), "{verified}");
+    assert_eq!(verified["repaired"], serde_json::json!([snapshot]), "{verified}");
+    let kinds: Vec<String> = nodes[f]
+        .events()?
+        .iter()
+        .filter(|e| e["outcome"] == "applied")
+        .filter_map(|e| e["kind"].as_str().map(String::from))
+        .filter(|k| k == "snapshot_corrupt" || k == "snapshot_stored")
+        .collect();
+    assert!(kinds.ends_with(&["snapshot_corrupt".into(), "snapshot_stored".into()]), "{kinds:?}");
+    let again = nodes[f].cli_json(&["backup", "verify"])?;
+    assert_eq!(again["corrupt_chunks"].as_u64(), Some(0), "{again}");
+
+    // The repaired snapshot restores into a new directory, a clean sequence.
+    let into = root.path().join("copy");
+    let restored = nodes[f].cli_json(&[
+        "backup",
+        "restore",
+        &service,
+        "--snapshot",
+        &snapshot,
+        "--into",
+        &into.display().to_string(),
+    ])?;
+    assert!(restored["files"].as_u64() >= Some(1), "{restored}");
+    let last = check_sequence(&std::fs::read_to_string(into.join("seq"))?, "the restored copy")?;
+    assert!(last > 5);
+    let refused =
+        nodes[f].cli_err(&["backup", "restore", &service, "--into", &into.display().to_string()])?;
+    assert!(refused.contains("exists"), "{refused}");
 
     for n in &mut nodes {
         n.kill9();
