@@ -28,7 +28,12 @@ fn state_of(cluster: &str, service: &str) -> Result<Option<String>> {
         "--format",
         "{{.State}}",
     ])?;
-    Ok(out.lines().next().map(|s| s.trim().to_string()))
+    // A snapshot of its data pauses a running container for a moment (`docker pause`): it is still
+    // running, not stopped.
+    Ok(out.lines().next().map(|s| match s.trim() {
+        "paused" => "running".to_string(),
+        other => other.to_string(),
+    }))
 }
 
 fn container_id(cluster: &str, service: &str) -> Result<String> {
