@@ -845,7 +845,11 @@ impl Backups {
                 }
             }
         };
-        if let Some(snapshot) = &chosen {
+        #[cfg(feature = "planted-bugs")]
+        let chosen_to_restore = chosen.as_ref().filter(|_| !planted::skips_restore());
+        #[cfg(not(feature = "planted-bugs"))]
+        let chosen_to_restore = chosen.as_ref();
+        if let Some(snapshot) = chosen_to_restore {
             let id: ChunkId = snapshot.parse().map_err(|_| BackupError::Fetch("bad id".into()))?;
             let store = self.store.clone();
             let target = self.volume(service);
@@ -980,5 +984,24 @@ impl pb::data_server::Data for DataService {
             }
         });
         Ok(tonic::Response::new(Box::pin(stream)))
+    }
+}
+
+/// Deliberate bugs, for the simulator to show that its checkers catch them. Compiled only with the
+/// `planted-bugs` feature, and off until switched on.
+#[cfg(feature = "planted-bugs")]
+pub mod planted {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static SKIPS_RESTORE: AtomicBool = AtomicBool::new(false);
+
+    /// A new master records its restore (`RestoreCompleted`) without restoring anything: its
+    /// container starts on whatever its directory held.
+    pub fn skip_restore(on: bool) {
+        SKIPS_RESTORE.store(on, Ordering::SeqCst);
+    }
+
+    pub(crate) fn skips_restore() -> bool {
+        SKIPS_RESTORE.load(Ordering::SeqCst)
     }
 }

@@ -14,7 +14,9 @@ use sha2::{Digest, Sha256};
 use crate::checks::{self, Links, NodeSnapshot, Timeline};
 use crate::panics;
 use crate::params::service_spec;
-use crate::params::{Params, ADMIN_ACTOR, EPOCH_UNIX_S, REACH_WINDOW_MS, SPLICE_LAG_STEPS, VISIT_TIMEOUT};
+use crate::params::{
+    Params, ADMIN_ACTOR, DATA_WINDOW_MS, EPOCH_UNIX_S, REACH_WINDOW_MS, SPLICE_LAG_STEPS, VISIT_TIMEOUT,
+};
 use crate::world::{Admin, Answer, ProposalAnswer, SimNode, World};
 
 /// A master lost by a fault, waiting for another node to serve its service.
@@ -59,6 +61,8 @@ pub(crate) struct Driver<'a> {
     pub(crate) focus: String,
     /// Connections spliced to on-demand containers so far.
     pub(crate) spliced: usize,
+    /// Data records already checked ([`checks::data_followed_authority`]).
+    pub(crate) data_checked: usize,
     /// The last step after which each host served each service it no longer serves.
     pub(crate) served_until: BTreeMap<(String, String), Duration>,
 }
@@ -317,6 +321,18 @@ impl Driver<'_> {
                     for line in lines {
                         self.trace(line);
                     }
+                    let records = self.world.data.lock().expect("data log lock").clone();
+                    let host_of: BTreeMap<u64, String> =
+                        self.hosts.iter().map(|(id, host)| (*id, host.clone())).collect();
+                    found.extend(checks::data_followed_authority(
+                        &records,
+                        self.data_checked,
+                        self.replay.switches(),
+                        self.replay.alarms(),
+                        &host_of,
+                        DATA_WINDOW_MS,
+                    ));
+                    self.data_checked = records.len();
                 }
                 Err(e) => found.push(format!("archive: {} cannot be replayed: {e}", longest.host)),
             }

@@ -61,7 +61,7 @@ struct Args {
     scenario: Option<String>,
     /// Switch on a deliberate bug to see the checkers catch it: `keep-conflicting-entries`,
     /// `backup-takes-over`, `failover-ignores-votes`, `stale-leader-confirms`, `placement-moves-master` or
-    /// `activator-ignores-fence` (needs `--features planted-bugs`).
+    /// `activator-ignores-fence`, `skips-restore` (needs `--features planted-bugs`).
     #[arg(long)]
     plant: Option<String>,
     /// Seeds run in parallel, in that many worker processes; default: the number of CPUs.
@@ -153,9 +153,14 @@ fn plant(bug: Option<&str>) -> Result<()> {
             eprintln!("planted bug: the activator splices connections of services its fence does not let it serve");
             Ok(())
         }
+        Some("skips-restore") => {
+            coyote_nodes::backups::planted::skip_restore(true);
+            eprintln!("planted bug: a new master records its restore without restoring the service's data");
+            Ok(())
+        }
         Some(other) => bail!(
             "no planted bug {other:?}; there are keep-conflicting-entries, backup-takes-over, failover-ignores-votes, \
-             stale-leader-confirms, placement-moves-master and activator-ignores-fence"
+             stale-leader-confirms, placement-moves-master, activator-ignores-fence and skips-restore"
         ),
     }
 }

@@ -14,6 +14,12 @@
 //! client's bytes came, with whether its node was serving the service when it accepted the
 //! connection ([`Containers::take_splices`]): the activator's checker. (The activator's readiness
 //! probes connect and close without a byte, and are not splices.)
+//!
+//! A running model container also writes data: every [`WRITE_EVERY`] it appends the next sequence
+//! number to `seq` in its volume (a real directory, which the node snapshots, ships and restores),
+//! starting after the last number the file holds when it starts, as the `coyote-test/seq:1` image
+//! does. Each start (with the last number found, and whether the file was a clean sequence) and each
+//! write is recorded in the run's [`DataLog`]: the data checker's material.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +35,81 @@ use coyote_state_machine::ZoneCheck;
 use futures::future::BoxFuture;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+/// How often a running model container appends a sequence number to its volume.
+pub const WRITE_EVERY: Duration = Duration::from_millis(200);
+
+/// What model containers did to their data, in the order it happened (shared by every host).
+pub type DataLog = Arc<Mutex<Vec<DataRecord>>>;
+
+#[derive(Clone, Debug)]
+pub enum DataRecord {
+    /// A container of `service` started on `host` and found `last` as the last number of its data
+    /// (0: none); `clean` is whether the file held exactly 1, 2, ..., `last`.
+    Start { host: String, service: String, at_ms: u64, last: u64, clean: bool },
+    /// It wrote `n`.
+    Write { host: String, service: String, at_ms: u64, n: u64 },
+}
+
+/// Simulated wall-clock time, ms since the Unix epoch (the nodes' clock).
+fn now_ms() -> u64 {
+    turmoil::since_epoch().map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The last number of a `seq` file, and whether it holds exactly 1, 2, ..., last.
+fn read_seq(path: &std::path::Path) -> (u64, bool) {
+    let Ok(text) = std::fs::read_to_string(path) else { return (0, true) };
+    let mut last = 0;
+    for line in text.lines() {
+        match line.parse::<u64>() {
+            Ok(n) if n == last + 1 => last = n,
+            _ => return (last, false),
+        }
+    }
+    (last, text.is_empty() || text.ends_with('\n'))
+}
+
+/// Appends the next numbers to `volume/seq` every [`WRITE_EVERY`] until aborted. The file's and the
+/// directory's modification times are set from the simulated clock, so that a seed's snapshots are
+/// the same bytes in every run.
+async fn write_data(volume: std::path::PathBuf, host: String, service: String, log: DataLog) {
+    use std::io::Write as _;
+    let path = volume.join("seq");
+    let (mut n, clean) = read_seq(&path);
+    log.lock().expect("data log lock").push(DataRecord::Start {
+        host: host.clone(),
+        service: service.clone(),
+        at_ms: now_ms(),
+        last: n,
+        clean,
+    });
+    loop {
+        tokio::time::sleep(WRITE_EVERY).await;
+        n += 1;
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(format!("{n}\n").as_bytes()));
+        if written.is_err() {
+            // The directory was moved aside (a restore) under a container that no longer runs.
+            return;
+        }
+        let at_ms = now_ms();
+        let when = std::time::UNIX_EPOCH + Duration::from_millis(at_ms);
+        for p in [&path, &volume] {
+            if let Ok(f) = std::fs::File::open(p) {
+                let _ = f.set_modified(when);
+            }
+        }
+        log.lock().expect("data log lock").push(DataRecord::Write {
+            host: host.clone(),
+            service: service.clone(),
+            at_ms,
+            n,
+        });
+    }
+}
 
 /// Delay of a container start outside slow-start faults, in ms.
 const START_MS: std::ops::Range<u64> = 20..300;
@@ -46,6 +127,8 @@ pub struct Containers {
     serving: Mutex<Option<ServingCheck>>,
     /// Connections on-demand containers accepted since the driver last looked.
     splices: Mutex<Vec<Splice>>,
+    /// Where containers' data starts and writes are recorded.
+    data: DataLog,
 }
 
 /// Whether a node serves a service now.
@@ -88,10 +171,13 @@ struct Model {
     dialled: bool,
     /// The task that listens on the container's ports while it runs.
     listening: Option<tokio::task::AbortHandle>,
+    /// Its volume, and the task that writes to it while it runs.
+    volume: std::path::PathBuf,
+    writing: Option<tokio::task::AbortHandle>,
 }
 
 impl Containers {
-    pub fn new(seed: u64, slow_start_ms: Arc<AtomicU64>, host: &str) -> Self {
+    pub fn new(seed: u64, slow_start_ms: Arc<AtomicU64>, host: &str, data: DataLog) -> Self {
         Containers {
             inner: Mutex::new(Inner {
                 containers: BTreeMap::new(),
@@ -102,6 +188,7 @@ impl Containers {
             host: host.to_string(),
             serving: Mutex::new(None),
             splices: Mutex::new(Vec::new()),
+            data,
         }
     }
 
@@ -128,6 +215,7 @@ impl Containers {
         let mut inner = self.inner.lock().expect("containers lock");
         for c in inner.containers.values_mut() {
             c.listening = None;
+            c.writing = None;
             if c.observed.state == RunState::Running {
                 c.observed.state = RunState::Exited;
                 c.observed.status = "Exited (137) host rebooted".into();
@@ -298,7 +386,15 @@ impl ContainerRuntime for ModelRuntime {
                 Some(port) if dialled => vec![port],
                 _ => config.ports.iter().map(|p| p.host).collect(),
             };
-            i.containers.insert(id.clone(), Model { observed, ports, dialled, listening: None });
+            let model = Model {
+                observed,
+                ports,
+                dialled,
+                listening: None,
+                volume: config.volume.clone(),
+                writing: None,
+            };
+            i.containers.insert(id.clone(), model);
             Ok(id)
         })
     }
@@ -313,8 +409,15 @@ impl ContainerRuntime for ModelRuntime {
             if c.observed.state != RunState::Running {
                 c.observed.state = RunState::Running;
                 c.observed.status = "Up".into();
-                let dialled = c.dialled.then(|| (containers, c.observed.service.clone()));
+                let dialled = c.dialled.then(|| (containers.clone(), c.observed.service.clone()));
                 c.listening = Some(tokio::spawn(listen(c.ports.clone(), dialled)).abort_handle());
+                let writer = write_data(
+                    c.volume.clone(),
+                    containers.host.clone(),
+                    c.observed.service.clone(),
+                    containers.data.clone(),
+                );
+                c.writing = Some(tokio::spawn(writer).abort_handle());
             }
             Ok(())
         })
@@ -325,6 +428,9 @@ impl ContainerRuntime for ModelRuntime {
         self.with(|i| {
             if let Some(c) = i.containers.get_mut(id) {
                 if let Some(task) = c.listening.take() {
+                    task.abort();
+                }
+                if let Some(task) = c.writing.take() {
                     task.abort();
                 }
                 if c.observed.state == RunState::Running {
@@ -356,6 +462,9 @@ impl ContainerRuntime for ModelRuntime {
         self.with(|i| {
             if let Some(mut c) = i.containers.remove(id) {
                 if let Some(task) = c.listening.take() {
+                    task.abort();
+                }
+                if let Some(task) = c.writing.take() {
                     task.abort();
                 }
             }

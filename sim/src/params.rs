@@ -34,6 +34,11 @@ pub(crate) const IDLE_STOP: Duration = Duration::from_secs(3);
 /// How often a master snapshots each service's volume (the production default is a minute; a
 /// simulated run lasts about that long, so snapshots, their shipping and restores happen in it).
 pub(crate) const BACKUP_EVERY: Duration = Duration::from_secs(5);
+
+/// The documented loss window of a failover in the simulation, which the data checker holds it to:
+/// a snapshot interval, the time to ship it, and as much again for a snapshot under way when the
+/// master was lost.
+pub(crate) const DATA_WINDOW_MS: u64 = 2 * BACKUP_EVERY.as_millis() as u64 + 2_000;
 /// How many steps a splice may lag behind the end of its node's serving ([`Driver::check_splices`]).
 pub(crate) const SPLICE_LAG_STEPS: u32 = 4;
 /// How long a visitor waits for an on-demand service's answer (a cold start included).

@@ -120,6 +120,7 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
         slow_start_ms: slow_start_ms.clone(),
         clock_ms: Arc::new(AtomicU64::new(EPOCH_UNIX_S * 1000)),
         visits: Mutex::new(BTreeMap::new()),
+        data: Default::default(),
     });
     let sim = turmoil::Builder::new()
         .simulation_duration(Duration::from_secs(24 * 3600))
@@ -156,6 +157,7 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
         replay: checks::Replay::default(),
         focus: String::new(),
         spliced: 0,
+        data_checked: 0,
         served_until: BTreeMap::new(),
     };
     driver.record_links();
@@ -168,7 +170,12 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
             identity: Mutex::new(None),
             initialized: AtomicBool::new(false),
             starts: AtomicU64::new(0),
-            containers: Arc::new(Containers::new(container_seed, slow_start_ms.clone(), name)),
+            containers: Arc::new(Containers::new(
+                container_seed,
+                slow_start_ms.clone(),
+                name,
+                world.data.clone(),
+            )),
             dir: tempfile::Builder::new().prefix("coyote-sim-").tempdir().expect("a temporary directory"),
         });
         let world = world.clone();

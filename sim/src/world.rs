@@ -34,6 +34,8 @@ pub(crate) struct World {
     pub(crate) clock_ms: Arc<AtomicU64>,
     /// The last answer each on-demand service gave a visitor, in simulated time since the start.
     pub(crate) visits: Mutex<BTreeMap<String, Duration>>,
+    /// What model containers did to their data.
+    pub(crate) data: crate::model::DataLog,
 }
 
 /// One running node: its log, its fence, its runtime (to read the fence's clock from outside) and

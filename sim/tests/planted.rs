@@ -78,6 +78,12 @@ fn every_planted_bug_is_caught() {
             scenario: None,
             reported: "while not serving it",
         },
+        Planted {
+            name: "skips-restore",
+            switch: coyote_nodes::backups::planted::skip_restore,
+            scenario: None,
+            reported: "data: after the switch",
+        },
     ];
     let mut missed = Vec::new();
     for bug in &bugs {

@@ -9,6 +9,7 @@ use coyote_state_machine::{Event, Placement};
 
 mod acks;
 mod convergence;
+mod data;
 mod leaders;
 mod prefixes;
 mod reach;
@@ -18,6 +19,7 @@ mod switches;
 
 pub use acks::*;
 pub use convergence::*;
+pub use data::*;
 pub use leaders::*;
 pub use prefixes::*;
 pub use reach::*;

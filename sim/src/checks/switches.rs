@@ -44,6 +44,7 @@ pub struct Replay {
     found: Vec<Switch>,
     moves: Vec<Move>,
     data: DataCounts,
+    alarms: Vec<super::RaisedAlarm>,
 }
 
 /// Applied events of the data ledger, as the run's summary shows them.
@@ -76,6 +77,11 @@ impl Replay {
 
     pub fn data_counts(&self) -> DataCounts {
         self.data
+    }
+
+    /// Every applied alarm, in order.
+    pub fn alarms(&self) -> &[super::RaisedAlarm] {
+        &self.alarms
     }
 
     /// The masters moved by anything but a switch, found so far.
@@ -121,6 +127,9 @@ impl Replay {
                 Event::SnapshotStored { .. } => self.data.snapshots_stored += 1,
                 Event::RestoreCompleted { snapshot: Some(_), .. } => self.data.restored += 1,
                 Event::RestoreCompleted { snapshot: None, .. } => self.data.restored_empty += 1,
+                Event::AlarmRaised { key, .. } => {
+                    self.alarms.push(super::RaisedAlarm { at_ms: env.at_ms, key: key.clone() })
+                }
                 _ => {}
             }
         }
