@@ -8,7 +8,10 @@
 //!   read and cut into chunks (only files changed since the last snapshot are read), then resumed;
 //!   the new chunks are compressed and stored after it resumes. The snapshot is proposed as
 //!   `SnapshotTaken` at the master's epoch: a master that was deposed meanwhile is refused by the
-//!   state machine. A snapshot identical to one already recorded is not proposed again.
+//!   state machine. A snapshot identical to one already recorded is not proposed again. A service
+//!   whose spec has a dump command gets it run first once an hour ([`DUMP_EVERY`]; the snapshot is
+//!   then of kind `dump`, consistent by the dump, with no pause), and every time once a pause took
+//!   longer than [`BackupSettings::pause_limit`]; a dump that fails falls back to the pause.
 //! - **Replication** (failover and backups). A node with a role for a service that does not hold its
 //!   newest recorded snapshot fetches it from a holder over the cluster's mutual TLS (the `Data`
 //!   gRPC service): first the manifest, then the chunks it lacks, each checked against its hash as
@@ -39,6 +42,9 @@ use serde::{Deserialize, Serialize};
 use crate::fence::Fence;
 use crate::runtime::{ContainerRuntime, RunState, Scope};
 
+/// How often the master runs a service's dump command before a snapshot (`SnapshotKind::Dump`).
+pub const DUMP_EVERY: Duration = Duration::from_secs(3600);
+
 /// Chunks asked for in one call.
 const FETCH_BATCH: usize = 64;
 /// Largest gRPC message of the data service: a manifest of a very large tree, or one chunk.
@@ -53,8 +59,11 @@ pub struct BackupSettings {
     pub volumes: PathBuf,
     /// How often a master snapshots each service it serves; zero: never on its own.
     pub every: Duration,
-    /// A pause longer than this is reported in the node's log as too long.
+    /// A pause longer than this is reported in the node's log, and the service's later snapshots
+    /// are made consistent by its dump command instead (when its spec has one).
     pub pause_limit: Duration,
+    /// Deadline of a service's dump command.
+    pub dump_timeout: Duration,
     /// Free space the chunk store leaves on its file system: below it, storing is refused.
     pub reserve_bytes: u64,
     /// How long a new master tries to fetch the newest snapshot before it restores what it has.
@@ -76,6 +85,7 @@ impl BackupSettings {
             volumes,
             every: Duration::from_secs(60),
             pause_limit: Duration::from_secs(2),
+            dump_timeout: Duration::from_secs(120),
             reserve_bytes: 256 << 20,
             fetch_timeout: Duration::from_secs(30),
             prune_every: Duration::from_secs(600),
@@ -168,6 +178,11 @@ pub struct Backups {
     pauses: Mutex<Vec<u64>>,
     /// When chunks were last pruned.
     pruned_at: Mutex<Option<tokio::time::Instant>>,
+    /// When each service's dump command last ran before a snapshot.
+    dumped_at: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// Services whose last pause was longer than the limit: their dump command makes their
+    /// snapshots consistent instead, while they have one.
+    pause_too_long: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Backups {
@@ -191,6 +206,8 @@ impl Backups {
             reported: Mutex::new(BTreeMap::new()),
             pauses: Mutex::new(Vec::new()),
             pruned_at: Mutex::new(None),
+            dumped_at: Mutex::new(HashMap::new()),
+            pause_too_long: Mutex::new(Default::default()),
         }))
     }
 
@@ -303,7 +320,19 @@ impl Backups {
                     .is_none_or(|at| at.elapsed() >= self.settings.every)
             };
             if due && self.fence.serving(&service) {
-                if let Err(e) = self.snapshot(&service, SnapshotKind::Periodic).await {
+                let has_dump = self
+                    .node
+                    .store()
+                    .with_state(|s| s.services.get(&service).is_some_and(|svc| svc.spec.dump.is_some()));
+                let hourly = has_dump
+                    && self
+                        .dumped_at
+                        .lock()
+                        .expect("dump lock")
+                        .get(&service)
+                        .is_none_or(|at| at.elapsed() >= DUMP_EVERY);
+                let kind = if hourly { SnapshotKind::Dump } else { SnapshotKind::Periodic };
+                if let Err(e) = self.snapshot(&service, kind).await {
                     tracing::warn!(%service, error = %e, "periodic snapshot failed");
                     self.report_failure(&service, None, &e.to_string()).await;
                 }
@@ -344,10 +373,14 @@ impl Backups {
             .entry(service.to_string())
             .or_insert_with(|| (MetaCache::load(self.cache_path(service)), None));
         let container = self.running_container(service).await?;
+        let dumped = match &container {
+            Some(id) => self.dump_first(service, id, kind).await,
+            None => false,
+        };
         let store = self.store.clone();
         let cache = std::mem::take(&mut entry.0);
         let (capture, cache, paused) = match &container {
-            Some(id) => {
+            Some(id) if !dumped => {
                 self.runtime.pause(id).await?;
                 let started = tokio::time::Instant::now();
                 let captured = self
@@ -363,7 +396,7 @@ impl Backups {
                 self.note_pause(service, paused);
                 (capture, cache, paused)
             }
-            None => {
+            _ => {
                 let (c, cache) = self
                     .blocking(move || {
                         Ok::<_, BackupError>((coyote_data::capture(&dir, &cache, &store), cache))
@@ -372,7 +405,11 @@ impl Backups {
                 (c, cache, Duration::ZERO)
             }
         };
-        let consistency = if container.is_some() { Consistency::Paused } else { Consistency::Stopped };
+        let consistency = match (&container, dumped) {
+            (None, _) => Consistency::Stopped,
+            (Some(_), true) => Consistency::Dumped,
+            (Some(_), false) => Consistency::Paused,
+        };
         let store = self.store.clone();
         let cache_path = self.cache_path(service);
         let (report, cache) = self
@@ -430,6 +467,34 @@ impl Backups {
         Ok(view)
     }
 
+    /// Runs the service's dump command in its running container `id` when this snapshot is made
+    /// consistent by it: an hourly one (`kind` Dump), or any once a pause was too long. Whether it
+    /// ran and succeeded; if it failed, the snapshot is taken under a pause instead, with a warning.
+    async fn dump_first(&self, service: &str, id: &str, kind: SnapshotKind) -> bool {
+        let Some(argv) =
+            self.node.store().with_state(|s| s.services.get(service).and_then(|svc| svc.spec.dump.clone()))
+        else {
+            return false;
+        };
+        let too_long = self.pause_too_long.lock().expect("pause lock").contains(service);
+        if kind != SnapshotKind::Dump && !too_long {
+            return false;
+        }
+        match crate::activator::run_dump(self.runtime.as_ref(), id, &argv, self.settings.dump_timeout).await {
+            Ok(()) => {
+                self.dumped_at
+                    .lock()
+                    .expect("dump lock")
+                    .insert(service.to_string(), tokio::time::Instant::now());
+                true
+            }
+            Err(problem) => {
+                tracing::warn!(%service, "the dump command failed before a snapshot ({problem}); pausing the container instead");
+                false
+            }
+        }
+    }
+
     /// The id of this node's running container of `service`, if it runs.
     async fn running_container(&self, service: &str) -> Result<Option<String>, BackupError> {
         let name = self.scope.container_name(service);
@@ -443,8 +508,10 @@ impl Backups {
                 %service,
                 paused_ms = paused.as_millis() as u64,
                 limit_ms = self.settings.pause_limit.as_millis() as u64,
-                "the container was paused longer than the limit while its files were read"
+                "the container was paused longer than the limit while its files were read; its dump \
+                 command (if its spec has one) makes its snapshots consistent from now on"
             );
+            self.pause_too_long.lock().expect("pause lock").insert(service.to_string());
         }
         let mut pauses = self.pauses.lock().expect("pauses lock");
         pauses.push(paused.as_millis() as u64);

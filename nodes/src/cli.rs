@@ -44,7 +44,12 @@ pub enum BackupCmd {
     /// A service's snapshots, newest first: when, why, how big, which nodes hold each
     List { service: String },
     /// Snapshot a service's data now (on its master)
-    Now { service: String },
+    Now {
+        service: String,
+        /// Run the service's dump command first and snapshot without pausing the container
+        #[arg(long)]
+        dump: bool,
+    },
     /// Re-hash every chunk this node holds; snapshots that lost one are fetched again from another
     /// node that holds them, and what was found is recorded in the log
     Verify { service: Option<String> },
@@ -361,8 +366,8 @@ async fn backup(cmd: BackupCmd, client: &Client, json: bool) -> Result<()> {
             }
             Ok(())
         }
-        BackupCmd::Now { service } => {
-            let body = wire::BackupNow::default();
+        BackupCmd::Now { service, dump } => {
+            let body = wire::BackupNow { kind: dump.then(|| "dump".to_string()) };
             let taken: wire::TakenView =
                 client.send_json(Method::POST, &format!("/v1/backups/{service}/now"), &body).await?;
             if json {

@@ -287,6 +287,7 @@ async fn container_parts(
         let mut settings = BackupSettings::new(volumes.with_file_name("backups"), volumes.clone());
         settings.every = options.backup_every;
         settings.pause_limit = options.pause_limit;
+        settings.dump_timeout = options.dump_timeout;
         settings.reserve_bytes = options.backup_reserve;
         settings
     });

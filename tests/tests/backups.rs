@@ -324,6 +324,26 @@ fn a_corrupt_chunk_is_found_fetched_again_and_recorded() -> Result<()> {
         nodes[f].cli_err(&["backup", "restore", &service, "--into", &into.display().to_string()])?;
     assert!(refused.contains("exists"), "{refused}");
 
+    // With a dump command: `backup now --dump` runs it in the container and snapshots without a
+    // pause; the snapshot holds what the dump wrote.
+    let dump = "/bin/busybox sh -c 'cp /data/seq /data/seq.dump'";
+    nodes[m].cli_json(&["service", "update", &service, "--dump", dump])?;
+    let dumped = nodes[m].cli_json(&["backup", "now", &service, "--dump"])?;
+    assert_eq!(dumped["consistency"], "dumped", "{dumped}");
+    assert_eq!(dumped["paused_ms"], 0, "{dumped}");
+    let id = dumped["snapshot"].as_str().context("an id")?.to_string();
+    let copy = root.path().join("dumped");
+    nodes[m].cli_json(&[
+        "backup",
+        "restore",
+        &service,
+        "--snapshot",
+        &id,
+        "--into",
+        &copy.display().to_string(),
+    ])?;
+    check_sequence(&std::fs::read_to_string(copy.join("seq.dump"))?, "the dump")?;
+
     for n in &mut nodes {
         n.kill9();
     }
