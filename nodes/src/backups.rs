@@ -35,7 +35,9 @@ use std::time::Duration;
 use coyote_data::{ChunkId, ChunkStore, Manifest, MetaCache};
 use coyote_log::pb;
 use coyote_log::LogNode;
-use coyote_state_machine::{short_id, Consistency, Event, NodeId, Outcome, Role, SnapshotKind, State};
+use coyote_state_machine::{
+    short_id, Consistency, Event, NodeId, Outcome, Role, SnapshotKind, State, Subject,
+};
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +46,9 @@ use crate::runtime::{ContainerRuntime, RunState, Scope};
 
 /// How often the master runs a service's dump command before a snapshot (`SnapshotKind::Dump`).
 pub const DUMP_EVERY: Duration = Duration::from_secs(3600);
+
+/// How long a holder may take to answer for a snapshot's manifest before the next holder is asked.
+const HOLDER_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Chunks asked for in one call.
 const FETCH_BATCH: usize = 64;
@@ -656,7 +661,12 @@ impl Backups {
             .max_decoding_message_size(MESSAGE_MAX_BYTES)
             .max_encoding_message_size(MESSAGE_MAX_BYTES);
         if !self.store.contains(id) {
-            self.fetch_chunks(&mut client, service, &[*id]).await?;
+            // A holder that does not answer the manifest promptly is passed over for the next one.
+            tokio::time::timeout(HOLDER_ANSWER_TIMEOUT, self.fetch_chunks(&mut client, service, &[*id]))
+                .await
+                .map_err(|_| {
+                    BackupError::Fetch(format!("no answer within {} s", HOLDER_ANSWER_TIMEOUT.as_secs()))
+                })??;
         }
         let store = self.store.clone();
         let manifest_id = *id;
@@ -941,7 +951,9 @@ fn holders_of(s: &State, service: &str, snapshot: &str, me: NodeId) -> Vec<(Node
         .filter(|n| **n != me)
         .filter_map(|n| s.members.get(n).map(|m| (*n, m.addr.clone())))
         .collect();
-    holders.sort_by_key(|(n, _)| Some(*n) != master);
+    // Those this node's monitor reports reachable first (a lost master is the likeliest holder of the
+    // newest snapshot and the least likely to answer), the master first among them.
+    holders.sort_by_key(|(n, _)| (!s.reachable(me, &Subject::Node(*n)), Some(*n) != master));
     holders
 }
 
