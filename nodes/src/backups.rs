@@ -3,8 +3,8 @@
 //! Every node keeps one content-addressed chunk store (`DIR/backups`, see `coyote-data`) for the
 //! data of the services it holds a role for, and does three things, each from the log's state:
 //!
-//! - **Snapshots** (master). Every [`BackupSettings::every`], the master of a service it serves
-//!   snapshots `volumes/NAME`: a running container is paused (`docker pause`) while the files are
+//! - **Snapshots** (master). Every [`BackupSettings::every`], the master of a service (once it has
+//!   restored it) snapshots `volumes/NAME`: a running container is paused (`docker pause`) while the files are
 //!   read and cut into chunks (only files changed since the last snapshot are read), then resumed;
 //!   the new chunks are compressed and stored after it resumes. The snapshot is proposed as
 //!   `SnapshotTaken` at the master's epoch: a master that was deposed meanwhile is refused by the
@@ -41,7 +41,6 @@ use coyote_state_machine::{
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 
-use crate::fence::Fence;
 use crate::runtime::{ContainerRuntime, RunState, Scope};
 
 /// How often the master runs a service's dump command before a snapshot (`SnapshotKind::Dump`).
@@ -174,7 +173,6 @@ pub struct Backups {
     store: Arc<ChunkStore>,
     runtime: Arc<dyn ContainerRuntime>,
     scope: Scope,
-    fence: Fence,
     settings: BackupSettings,
     /// Per service: the metadata cache of its last snapshot, and when it was taken.
     caches: tokio::sync::Mutex<HashMap<String, (MetaCache, Option<tokio::time::Instant>)>>,
@@ -196,7 +194,6 @@ impl Backups {
         node: LogNode,
         runtime: Arc<dyn ContainerRuntime>,
         scope: Scope,
-        fence: Fence,
         settings: BackupSettings,
     ) -> Result<Arc<Self>, BackupError> {
         let store = ChunkStore::open(&settings.root)?.with_reserve(settings.reserve_bytes);
@@ -205,7 +202,6 @@ impl Backups {
             store: Arc::new(store),
             runtime,
             scope,
-            fence,
             settings,
             caches: tokio::sync::Mutex::new(HashMap::new()),
             reported: Mutex::new(BTreeMap::new()),
@@ -324,7 +320,9 @@ impl Backups {
                     .and_then(|(_, at)| *at)
                     .is_none_or(|at| at.elapsed() >= self.settings.every)
             };
-            if due && self.fence.serving(&service) {
+            // Not only while the fence serves: a master that lost its lease for a while may still
+            // have written, and the epoch keeps a deposed master's snapshot out of the log.
+            if due {
                 let has_dump = self
                     .node
                     .store()

@@ -133,7 +133,7 @@ impl Node {
             match containers.as_ref().and_then(|c| c.backups.clone().map(|b| (c.runtime.clone(), b))) {
                 Some((runtime, settings)) => {
                     fence = fence.with_restore_gate();
-                    let backups = Backups::open(log.clone(), runtime, scope.clone(), fence.clone(), settings)
+                    let backups = Backups::open(log.clone(), runtime, scope.clone(), settings)
                         .map_err(|e| LogError::Transport(format!("cannot open the backup store: {e}")))?;
                     Some(backups)
                 }

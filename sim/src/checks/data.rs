@@ -7,10 +7,11 @@
 //! - the volume is always a clean sequence 1, 2, ..., n (nothing torn, nothing garbled);
 //! - never a number the old master wrote only after the switch (a deposed master's snapshot is never
 //!   restored): at most the highest number written anywhere by the switch's moment;
-//! - after a graceful handover, exactly the old master's last number (a handover loses nothing);
-//! - after any other switch, at least what the old master had written `window_ms` before its last
-//!   write (a failover loses at most the documented window), unless the new master announced the
-//!   loss with a `data-behind/SERVICE` alarm before its container started.
+//! - after a graceful handover, exactly the old master's last number (a handover loses nothing),
+//!   when its container wrote since it became master;
+//! - after any other switch, at least what the old master had written since it became master up to
+//!   `window_ms` before its last write (a failover loses at most the documented window), unless the
+//!   new master announced the loss with a `data-behind/SERVICE` alarm before its container started.
 
 use std::collections::BTreeMap;
 
@@ -43,12 +44,6 @@ pub fn data_followed_authority(
             writes.entry((service.as_str(), host.as_str())).or_default().push((*at_ms, *n));
         }
     }
-    let written_by = |service: &str, host: &str, until_ms: u64| -> u64 {
-        writes
-            .get(&(service, host))
-            .map(|w| w.iter().filter(|(at, _)| *at <= until_ms).map(|(_, n)| *n).max().unwrap_or(0))
-            .unwrap_or(0)
-    };
     let last_write_ms = |service: &str, host: &str| -> Option<u64> {
         writes.get(&(service, host)).and_then(|w| w.last()).map(|(at, _)| *at)
     };
@@ -92,9 +87,29 @@ pub fn data_followed_authority(
             ));
             continue;
         }
+        // The switch that made the old master master: only what it wrote since counts against it
+        // (what it found at its own start was checked at that switch).
+        let since_ms = switches
+            .iter()
+            .rfind(|s| s.service == *service && s.at_ms < switch.at_ms && s.to == switch.before.master)
+            .map_or(0, |s| s.at_ms);
+        let wrote_since = |until_ms: u64| -> u64 {
+            writes
+                .get(&(service.as_str(), old.as_str()))
+                .map(|w| {
+                    w.iter()
+                        .filter(|(at, _)| *at >= since_ms && *at <= until_ms)
+                        .map(|(_, n)| *n)
+                        .max()
+                        .unwrap_or(0)
+                })
+                .unwrap_or(0)
+        };
         if switch.cause == SwitchCause::Handover {
-            let expected = written_by(service, old, switch.at_ms);
-            if *last != expected {
+            // An old master whose container never wrote hands over what it restored, which the
+            // checker does not see; only the stale-data rule above applies then.
+            let expected = wrote_since(switch.at_ms);
+            if expected > 0 && *last != expected {
                 found.push(format!(
                     "data: after the handover of {service} at {} from {old} to {host}, the new master found {last}, but the old master's last write was {expected}",
                     switch.index
@@ -103,7 +118,7 @@ pub fn data_followed_authority(
             continue;
         }
         let old_end = last_write_ms(service, old).unwrap_or(0).min(switch.at_ms);
-        let floor = written_by(service, old, old_end.saturating_sub(window_ms));
+        let floor = wrote_since(old_end.saturating_sub(window_ms));
         let announced = alarms.iter().any(|a| {
             a.key == format!("data-behind/{service}") && a.at_ms >= switch.at_ms && a.at_ms <= *at_ms
         });
