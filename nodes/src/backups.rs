@@ -322,7 +322,8 @@ impl Backups {
             };
             // Not only while the fence serves: a master that lost its lease for a while may still
             // have written, and the epoch keeps a deposed master's snapshot out of the log.
-            if due {
+            // Nothing to snapshot before the reconciler created the service's volume.
+            if due && self.volume(&service).is_dir() {
                 let has_dump = self
                     .node
                     .store()
@@ -369,8 +370,12 @@ impl Backups {
             ))
             })?;
         let dir = self.volume(service);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| BackupError::Refused(format!("cannot create {}: {e}", dir.display())))?;
+        if !dir.is_dir() {
+            return Err(BackupError::Refused(format!(
+                "{service} has no data directory on node {me} yet ({}): its container was never created here",
+                dir.display()
+            )));
+        }
         let mut caches = self.caches.lock().await;
         let entry = caches
             .entry(service.to_string())
@@ -594,10 +599,18 @@ impl Backups {
         let event =
             Event::SnapshotStored { service: service.to_string(), snapshot: snapshot.to_string(), node: me };
         match self.propose(event).await {
-            Err(BackupError::Rejected(_) | BackupError::Propose(coyote_log::ProposeError::Rejected(_)))
-                if held() =>
-            {
-                Ok(())
+            Err(
+                e @ (BackupError::Rejected(_) | BackupError::Propose(coyote_log::ProposeError::Rejected(_))),
+            ) => {
+                // Refused by a replica further ahead than this one (the leader), maybe because the
+                // other fetch was recorded there already: see whether this one catches up to that.
+                for _ in 0..40 {
+                    if held() {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e)
             }
             other => other,
         }
@@ -790,9 +803,10 @@ impl Backups {
             let holders = self.node.store().with_state(|s| holders_of(s, &name, &snapshot, me));
             match self.fetch(&name, &snapshot, &holders).await {
                 Ok(()) => {
-                    let event =
-                        Event::SnapshotStored { service: name.clone(), snapshot: snapshot.clone(), node: me };
-                    self.propose(event).await?;
+                    // This node's replication may have fetched and recorded it first.
+                    if let Err(e) = self.record_stored(&name, &snapshot).await {
+                        tracing::info!(service = %name, %snapshot, "not recorded by verify: {e}");
+                    }
                     view.repaired.push(snapshot);
                 }
                 Err(e) => {
