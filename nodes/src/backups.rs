@@ -22,7 +22,8 @@
 //!   that was there aside to `volumes/NAME.stale-EPOCH` (never deleting it), and proposes
 //!   `RestoreCompleted`. The fence does not let it serve the service before that event is applied
 //!   ([`crate::fence::Fence::with_restore_gate`]), so its container starts on the restored data.
-//!   If no holder answers within [`BackupSettings::fetch_timeout`], it restores the newest snapshot
+//!   It asks only holders its monitor does not report unreachable. If none answers within
+//!   [`BackupSettings::fetch_timeout`] (or none is left to ask), it restores the newest snapshot
 //!   it holds itself, or keeps its directory when it holds none, and raises the alarm
 //!   `data-behind/SERVICE` naming what it could not get.
 
@@ -879,7 +880,13 @@ impl Backups {
         let me = self.node.id();
         let Some((epoch, newest, mine)) = self.node.store().with_state(|s| {
             let ledger = s.data.get(service)?;
-            let newest = ledger.newest_held().map(|r| (r.id.clone(), holders_of(s, service, &r.id, me)));
+            // Only holders this node's monitor does not report unreachable: a new master is usually
+            // one because the old master is gone, and waiting for it would only delay serving.
+            let newest = ledger.newest_held().map(|r| {
+                let mut holders = holders_of(s, service, &r.id, me);
+                holders.retain(|(n, _)| s.reachable(me, &Subject::Node(*n)));
+                (r.id.clone(), holders)
+            });
             let mine = ledger.newest_held_by(me).map(|r| r.id.clone());
             Some((ledger.epoch, newest, mine))
         }) else {
