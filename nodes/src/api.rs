@@ -169,9 +169,7 @@ async fn status(State(api): State<Api>) -> ApiResult<Status> {
                     service: name.clone(),
                     master: p.map(|p| p.master),
                     failover,
-                    data_age_ms: failover
-                        .and_then(|f| ledger.and_then(|d| d.newest_held_by(f)))
-                        .map(|r| now_ms.saturating_sub(r.taken_at_ms)),
+                    data_age_ms: failover.zip(ledger).and_then(|(f, d)| d.data_age_ms(f, now_ms)),
                     snapshots: ledger.map_or(0, |d| d.snapshots.len() as u64),
                 }
             })
@@ -445,8 +443,7 @@ async fn backup_list(State(api): State<Api>, Path(service): Path<String>) -> Api
             let ledger = s.data.get(&service)?;
             let placement = svc.placement.as_ref();
             let failover = placement.and_then(|p| p.failover);
-            let data_age_ms =
-                failover.and_then(|f| ledger.newest_held_by(f)).map(|r| now_ms.saturating_sub(r.taken_at_ms));
+            let data_age_ms = failover.and_then(|f| ledger.data_age_ms(f, now_ms));
             Some(wire::BackupList {
                 service: service.clone(),
                 epoch: ledger.epoch,

@@ -388,32 +388,23 @@ impl Backups {
         };
         let store = self.store.clone();
         let cache = std::mem::take(&mut entry.0);
-        let (capture, cache, paused) = match &container {
-            Some(id) if !dumped => {
-                self.runtime.pause(id).await?;
-                let started = tokio::time::Instant::now();
-                let captured = self
-                    .blocking(move || {
-                        Ok::<_, BackupError>((coyote_data::capture(&dir, &cache, &store), cache))
-                    })
-                    .await;
-                let paused = started.elapsed();
-                // Resume whatever happened while reading.
-                let resumed = self.runtime.unpause(id).await;
-                let (capture, cache) = captured?;
-                resumed?;
-                self.note_pause(service, paused);
-                (capture, cache, paused)
-            }
-            _ => {
-                let (c, cache) = self
-                    .blocking(move || {
-                        Ok::<_, BackupError>((coyote_data::capture(&dir, &cache, &store), cache))
-                    })
-                    .await?;
-                (c, cache, Duration::ZERO)
-            }
-        };
+        // A running container not made consistent by its dump is paused while its files are read.
+        let paused_id = container.as_deref().filter(|_| !dumped);
+        if let Some(id) = paused_id {
+            self.runtime.pause(id).await?;
+        }
+        let started = tokio::time::Instant::now();
+        let captured = self
+            .blocking(move || Ok::<_, BackupError>((coyote_data::capture(&dir, &cache, &store), cache)))
+            .await;
+        let mut paused = Duration::ZERO;
+        if let Some(id) = paused_id {
+            paused = started.elapsed();
+            // Resume whatever happened while reading.
+            self.runtime.unpause(id).await?;
+            self.note_pause(service, paused);
+        }
+        let (capture, cache) = captured?;
         let consistency = match (&container, dumped) {
             (None, _) => Consistency::Stopped,
             (Some(_), true) => Consistency::Dumped,

@@ -85,10 +85,7 @@ impl Client {
         let status = response.status();
         let bytes = response.into_body().collect().await.context("reading the node's answer")?.to_bytes();
         if !status.is_success() {
-            let message = serde_json::from_slice::<ErrorAnswer>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| format!("the node answered {status}"));
-            bail!("{message}");
+            bail!("{}", error_message(status, &bytes));
         }
         serde_json::from_slice(&bytes).with_context(|| {
             format!(
@@ -97,18 +94,22 @@ impl Client {
         })
     }
 
-    /// `GET path`, its body written to `out` as it arrives; the number of bytes written.
-    pub async fn download(&self, path: &str, out: &mut impl std::io::Write) -> Result<u64> {
+    /// `GET path`, for a body read as it arrives; an error status becomes an error with the node's
+    /// message.
+    async fn get_stream(&self, path: &str) -> Result<hyper::body::Incoming> {
         let response = self.send(Method::GET, path, None).await?;
         let status = response.status();
-        let mut body = response.into_body();
+        let body = response.into_body();
         if !status.is_success() {
             let bytes = body.collect().await?.to_bytes();
-            let message = serde_json::from_slice::<ErrorAnswer>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| format!("the node answered {status}"));
-            bail!("{message}");
+            bail!("{}", error_message(status, &bytes));
         }
+        Ok(body)
+    }
+
+    /// `GET path`, its body written to `out` as it arrives; the number of bytes written.
+    pub async fn download(&self, path: &str, out: &mut impl std::io::Write) -> Result<u64> {
+        let mut body = self.get_stream(path).await?;
         let mut written = 0u64;
         while let Some(frame) = body.frame().await {
             let frame = frame.context("the node broke off the transfer")?;
@@ -126,16 +127,7 @@ impl Client {
         path: &str,
         mut line: impl FnMut(EventView) -> Result<()>,
     ) -> Result<()> {
-        let response = self.send(Method::GET, path, None).await?;
-        let status = response.status();
-        let mut body = response.into_body();
-        if !status.is_success() {
-            let bytes = body.collect().await?.to_bytes();
-            let message = serde_json::from_slice::<ErrorAnswer>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| format!("the node answered {status}"));
-            bail!("{message}");
-        }
+        let mut body = self.get_stream(path).await?;
         let mut buf = Vec::new();
         while let Some(frame) = body.frame().await {
             let frame = frame.context("the node closed the event stream")?;
@@ -157,4 +149,12 @@ impl Client {
         }
         bail!("the node stopped; the event stream ended")
     }
+}
+
+/// The message of an error answer: the node's words, or its status when the body is not an
+/// [`ErrorAnswer`].
+fn error_message(status: hyper::StatusCode, body: &[u8]) -> String {
+    serde_json::from_slice::<ErrorAnswer>(body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| format!("the node answered {status}"))
 }

@@ -151,6 +151,12 @@ impl DataLedger {
         self.snapshots.values().filter(|s| s.holders.contains_key(&node)).max_by_key(|s| s.taken_index)
     }
 
+    /// How old, at `now_ms`, the newest snapshot `node` holds is (`None`: it holds none): a
+    /// failover's data age, what a failover now would lose at most.
+    pub fn data_age_ms(&self, node: NodeId, now_ms: u64) -> Option<u64> {
+        self.newest_held_by(node).map(|r| now_ms.saturating_sub(r.taken_at_ms))
+    }
+
     /// Whether the current master has restored at the current epoch.
     pub fn restored_at_epoch(&self, master: NodeId) -> bool {
         self.restored.as_ref().is_some_and(|r| r.node == master && r.epoch == self.epoch)

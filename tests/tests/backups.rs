@@ -68,27 +68,9 @@ fn a_failover_restores_the_newest_snapshot_before_its_container_starts() -> Resu
     test_images()?;
     let root = tempfile::tempdir()?;
     let mut guard = DockerGuard::default();
-    let mut nodes = Vec::new();
-    for (i, ip) in ["127.0.0.1", "127.0.0.2", "127.0.0.3"].iter().enumerate() {
-        let mut n = Node::on_ip(root.path(), &format!("n{}", i + 1), ip);
-        n.containers = true;
-        n.flags = vec!["--backup-every".into(), "1s".into(), "--forward".into(), "userspace".into()];
-        if i == 0 {
-            n.up()?;
-            guard.cluster_ids.push(n.cluster_id()?);
-        } else {
-            let token = nodes.first().map(|f: &Node| f.token(&[])).context("no first node")??;
-            n.join(&token)?;
-        }
-        nodes.push(n);
-    }
-    let ids: Vec<u64> = nodes.iter().map(node_id).collect::<Result<_>>()?;
     let service = unique("seq");
-    let created = nodes[0].cli_json(&["service", "create", &service, "--image", "coyote-test/seq:1"])?;
-    let master = created["placement"]["master"].as_u64().context("a master")?;
-    let failover = created["placement"]["failover"].as_u64().context("a failover")?;
-    let m = ids.iter().position(|i| *i == master).unwrap();
-    let f = ids.iter().position(|i| *i == failover).unwrap();
+    let (mut nodes, ids, m, f) = cluster_with_service(root.path(), &mut guard, &service, "1s")?;
+    let (master, failover) = (ids[m], ids[f]);
 
     // The master restores nothing (a new service), starts the container, and snapshots it every
     // second; the failover stores the snapshots. Wait for a few, with data in them.
