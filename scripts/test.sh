@@ -8,6 +8,14 @@ cd "$(dirname "$0")/.."
 # their own test data; they start real coyote processes on 127.0.0.1. The reconciler tests run tiny
 # images built FROM scratch with a static busybox (installed from apt if missing); the pull test pushes
 # one into a registry of its own, Debian's docker-registry (installed from apt if missing).
+# A clean clone builds everything once: incremental caches only cost disk, and full debug info
+# triples the size of the target directory (several test binaries link all of tokio, tonic and
+# openraft). Line tables keep backtraces readable.
+export CARGO_INCREMENTAL=0
+export CARGO_PROFILE_DEV_DEBUG=line-tables-only
+echo "==> free disk space where the build goes"
+df -h . | tail -1
+
 echo "==> test images"
 ./scripts/test-images.sh
 if ! command -v docker-registry >/dev/null 2>&1; then
