@@ -64,6 +64,8 @@ pub fn full_spec() -> ServiceSpec {
         dump: Some(vec!["pg_dump".into(), "-U".into(), "postgres".into()]),
         http_check: Some("/healthz".into()),
         zone: Some(ZoneCheck { zone: "example.com.".into(), nameservers: vec!["127.0.0.1:5353".into()] }),
+        http_port: Some(8080),
+        tls_passthrough: true,
     }
 }
 
@@ -78,6 +80,8 @@ fn minimal_spec() -> ServiceSpec {
         dump: None,
         http_check: None,
         zone: None,
+        http_port: None,
+        tls_passthrough: false,
     }
 }
 

@@ -34,10 +34,20 @@ pub const DUMP_BYTES_MAX: usize = 4096;
 pub const FLAG_DUMP: u8 = 0b10;
 /// An HTTP check path follows (after the dump command).
 pub const FLAG_HTTP_CHECK: u8 = 0b100;
-/// A DNS zone check follows (last).
+/// A DNS zone check follows (after the HTTP check path).
 pub const FLAG_ZONE: u8 = 0b1000;
+/// The container port the proxy sends the service's web traffic to follows (last); without it, 80.
+pub const FLAG_HTTP_PORT: u8 = 0b1_0000;
+/// The proxy passes TLS connections for the service's domains through to its container, which
+/// terminates TLS itself (no data follows).
+pub const FLAG_TLS_PASSTHROUGH: u8 = 0b10_0000;
 const FLAG_ON_DEMAND: u8 = 0b01;
-const FLAGS_KNOWN: u8 = FLAG_ON_DEMAND | FLAG_DUMP | FLAG_HTTP_CHECK | FLAG_ZONE;
+const FLAGS_KNOWN: u8 =
+    FLAG_ON_DEMAND | FLAG_DUMP | FLAG_HTTP_CHECK | FLAG_ZONE | FLAG_HTTP_PORT | FLAG_TLS_PASSTHROUGH;
+/// The container port web traffic goes to when a spec names none.
+pub const HTTP_PORT_DEFAULT: u16 = 80;
+/// The container port that passed-through TLS connections go to.
+pub const TLS_PASSTHROUGH_PORT: u16 = 443;
 /// Bounds on the health checks: the HTTP path's length, and the nameservers of a zone check.
 pub const HTTP_CHECK_PATH_MAX: usize = 1024;
 pub const NAMESERVERS_MAX: usize = 8;
@@ -77,6 +87,12 @@ pub struct ServiceSpec {
     /// The service's DNS zone: the failover takes over only while the service AND its zone are
     /// unreachable from where it stands. `None`: the service check alone counts.
     pub zone: Option<ZoneCheck>,
+    /// The container port the proxy sends requests for the service's domains to, over the coyote
+    /// network (`None`: [`HTTP_PORT_DEFAULT`]).
+    pub http_port: Option<u16>,
+    /// TLS connections for the service's domains go to its container undecrypted, routed by the
+    /// name in their ClientHello, to the container's port [`TLS_PASSTHROUGH_PORT`].
+    pub tls_passthrough: bool,
 }
 
 /// The JSON form of a spec: named fields, `dump` optional.
@@ -95,13 +111,28 @@ struct SpecFields {
     http_check: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     zone: Option<ZoneCheck>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    http_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    tls_passthrough: bool,
 }
 
 impl Serialize for ServiceSpec {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         if serializer.is_human_readable() {
-            let ServiceSpec { name, image, domains, ports, memory_bytes, on_demand, dump, http_check, zone } =
-                self.clone();
+            let ServiceSpec {
+                name,
+                image,
+                domains,
+                ports,
+                memory_bytes,
+                on_demand,
+                dump,
+                http_check,
+                zone,
+                http_port,
+                tls_passthrough,
+            } = self.clone();
             return SpecFields {
                 name,
                 image,
@@ -112,6 +143,8 @@ impl Serialize for ServiceSpec {
                 dump,
                 http_check,
                 zone,
+                http_port,
+                tls_passthrough,
             }
             .serialize(serializer);
         }
@@ -125,9 +158,16 @@ impl Serialize for ServiceSpec {
         if self.zone.is_some() {
             flags |= FLAG_ZONE;
         }
+        if self.http_port.is_some() {
+            flags |= FLAG_HTTP_PORT;
+        }
+        if self.tls_passthrough {
+            flags |= FLAG_TLS_PASSTHROUGH;
+        }
         let extra = usize::from(self.dump.is_some())
             + usize::from(self.http_check.is_some())
-            + usize::from(self.zone.is_some());
+            + usize::from(self.zone.is_some())
+            + usize::from(self.http_port.is_some());
         let mut t = serializer.serialize_tuple(6 + extra)?;
         t.serialize_element(&self.name)?;
         t.serialize_element(&self.image)?;
@@ -144,6 +184,9 @@ impl Serialize for ServiceSpec {
         if let Some(zone) = &self.zone {
             t.serialize_element(zone)?;
         }
+        if let Some(port) = &self.http_port {
+            t.serialize_element(port)?;
+        }
         t.end()
     }
 }
@@ -151,8 +194,19 @@ impl Serialize for ServiceSpec {
 impl<'de> Deserialize<'de> for ServiceSpec {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         if deserializer.is_human_readable() {
-            let SpecFields { name, image, domains, ports, memory_bytes, on_demand, dump, http_check, zone } =
-                SpecFields::deserialize(deserializer)?;
+            let SpecFields {
+                name,
+                image,
+                domains,
+                ports,
+                memory_bytes,
+                on_demand,
+                dump,
+                http_check,
+                zone,
+                http_port,
+                tls_passthrough,
+            } = SpecFields::deserialize(deserializer)?;
             return Ok(ServiceSpec {
                 name,
                 image,
@@ -163,6 +217,8 @@ impl<'de> Deserialize<'de> for ServiceSpec {
                 dump,
                 http_check,
                 zone,
+                http_port,
+                tls_passthrough,
             });
         }
         struct Binary;
@@ -199,7 +255,13 @@ impl<'de> Deserialize<'de> for ServiceSpec {
                 } else {
                     None
                 };
+                let http_port = if flags & FLAG_HTTP_PORT != 0 {
+                    Some(seq.next_element()?.ok_or_else(|| missing("its HTTP port"))?)
+                } else {
+                    None
+                };
                 let on_demand = flags & FLAG_ON_DEMAND != 0;
+                let tls_passthrough = flags & FLAG_TLS_PASSTHROUGH != 0;
                 Ok(ServiceSpec {
                     name,
                     image,
@@ -210,10 +272,12 @@ impl<'de> Deserialize<'de> for ServiceSpec {
                     dump,
                     http_check,
                     zone,
+                    http_port,
+                    tls_passthrough,
                 })
             }
         }
-        deserializer.deserialize_tuple(9, Binary)
+        deserializer.deserialize_tuple(10, Binary)
     }
 }
 
@@ -259,6 +323,14 @@ impl ServiceSpec {
         if let Some(zone) = &self.zone {
             validate_zone(zone)?;
         }
+        if self.http_port == Some(0) {
+            return Err(Rejection::new("the HTTP port cannot be 0".to_string()));
+        }
+        if self.tls_passthrough && self.domains.is_empty() {
+            return Err(Rejection::new(
+                "TLS passthrough needs at least one domain (the name it is routed by)".to_string(),
+            ));
+        }
         Ok(())
     }
 
@@ -266,8 +338,20 @@ impl ServiceSpec {
     /// command and the health checks are left out: they are not part of the container, so changing
     /// them does not replace one.
     pub fn hash(&self) -> String {
-        let container = ServiceSpec { dump: None, http_check: None, zone: None, ..self.clone() };
+        let container = ServiceSpec {
+            dump: None,
+            http_check: None,
+            zone: None,
+            http_port: None,
+            tls_passthrough: false,
+            ..self.clone()
+        };
         hex::encode(Sha256::digest(crate::encode(&container)))
+    }
+
+    /// The container port the proxy sends the service's web traffic to.
+    pub fn web_port(&self) -> u16 {
+        self.http_port.unwrap_or(HTTP_PORT_DEFAULT)
     }
 
     pub fn describe(&self) -> String {
@@ -294,6 +378,12 @@ impl ServiceSpec {
         }
         if let Some(zone) = &self.zone {
             parts.push(format!("zone {} at {}", zone.zone, zone.nameservers.join(",")));
+        }
+        if let Some(port) = self.http_port {
+            parts.push(format!("http port {port}"));
+        }
+        if self.tls_passthrough {
+            parts.push("TLS passthrough".into());
         }
         parts.join(", ")
     }
@@ -550,7 +640,42 @@ mod tests {
             dump,
             http_check: None,
             zone: None,
+            http_port: None,
+            tls_passthrough: false,
         }
+    }
+
+    #[test]
+    fn web_options_round_trip_without_changing_the_hash_or_old_bytes() {
+        let plain = spec(None);
+        assert_eq!(plain.web_port(), HTTP_PORT_DEFAULT);
+        for (http_port, tls_passthrough) in [(Some(8080), false), (None, true), (Some(3000), true)] {
+            let with =
+                ServiceSpec { http_port, tls_passthrough, dump: Some(vec!["true".into()]), ..spec(None) };
+            assert!(with.validate().is_ok());
+            let bytes = crate::encode(&with);
+            assert_eq!(crate::decode::<ServiceSpec>(&bytes).unwrap(), with);
+            let pair = (with.clone(), 7u64);
+            assert_eq!(crate::decode::<(ServiceSpec, u64)>(&crate::encode(&pair)).unwrap(), pair);
+            assert_eq!(
+                with.hash(),
+                plain.hash(),
+                "where the proxy sends traffic is not part of the container"
+            );
+            let json = serde_json::to_value(&with).unwrap();
+            assert_eq!(serde_json::from_value::<ServiceSpec>(json).unwrap(), with);
+            assert!(crate::decode::<SpecV1>(&bytes).is_err(), "an old reader refuses it");
+        }
+        assert_eq!(
+            crate::encode(&plain),
+            crate::encode(&v1(&plain)),
+            "a spec without them is encoded as before"
+        );
+        let json = serde_json::to_value(&plain).unwrap();
+        assert!(json.get("http_port").is_none() && json.get("tls_passthrough").is_none());
+        assert!(ServiceSpec { http_port: Some(0), ..spec(None) }.validate().is_err());
+        let bare = ServiceSpec { domains: vec![], tls_passthrough: true, ..spec(None) };
+        assert!(bare.validate().unwrap_err().reason.contains("needs at least one domain"));
     }
 
     fn zone() -> ZoneCheck {

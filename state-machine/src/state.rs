@@ -633,6 +633,11 @@ impl State {
                     )));
                 }
             }
+            for d in &spec.domains {
+                if svc.spec.domains.iter().any(|e| e.eq_ignore_ascii_case(d)) {
+                    return Err(Rejection::new(format!("domain {d} is already served by service {name}")));
+                }
+            }
         }
         Ok(())
     }

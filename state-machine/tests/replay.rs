@@ -40,6 +40,8 @@ fn event() -> impl Strategy<Value = Event> {
                 dump: dump.then(|| vec!["sh".into(), "-c".into(), "echo dump".into()]),
                 http_check: None,
                 zone: None,
+                http_port: None,
+                tls_passthrough: false,
             }
         }),
         1 => name.clone().prop_map(|name| Event::ServiceRemoved { name }),

@@ -77,6 +77,8 @@ impl Runner {
             dump: kv.get("dump").map(|d| d.split(',').map(String::from).collect()),
             http_check: None,
             zone: None,
+            http_port: kv.get("http-port").map(|p| p.parse().expect("http-port")),
+            tls_passthrough: pos.iter().any(|p| p == "tls-passthrough"),
         }
     }
 

@@ -224,6 +224,8 @@ mod tests {
             dump: None,
             http_check: None,
             zone: None,
+            http_port: None,
+            tls_passthrough: false,
         };
         let service =
             coyote_state_machine::Service { spec, placement: None, created_at_ms: 1, serve_from_ms: 1 };

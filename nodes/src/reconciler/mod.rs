@@ -306,6 +306,8 @@ mod test_support {
             dump: None,
             http_check: None,
             zone: None,
+            http_port: None,
+            tls_passthrough: false,
         }
     }
 
