@@ -130,6 +130,9 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// Validity of a node certificate. Rotation is later work; see the module docs.
 pub const NODE_CERT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
+/// Validity of a web site's certificate signed by the cluster CA ([`ClusterCa::sign_site`]).
+pub const SITE_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+
 /// Validity of the cluster CA certificate.
 pub const CA_CERT_VALIDITY: Duration = Duration::from_secs(20 * 365 * 24 * 3600);
 
@@ -435,6 +438,39 @@ impl ClusterCa {
         let cert =
             params.signed_by(&csr.public_key, &issuer).map_err(|e| TlsError::Generate(e.to_string()))?;
         Ok(cert.pem())
+    }
+}
+
+impl ClusterCa {
+    /// A certificate for the web names `names` (the proxy's, when certificates come from the
+    /// cluster's own CA rather than ACME): a new ECDSA P-256 key, DNS SANs, server auth only, valid
+    /// for [`SITE_CERT_VALIDITY`]. Returns the certificate and the key (PKCS#8), DER. Browsers trust
+    /// it only where the cluster CA was installed; node authentication never accepts it (it has no
+    /// node URI and no client auth).
+    pub fn sign_site(&self, names: &[String]) -> Result<(Vec<u8>, Vec<u8>)> {
+        let key = KeyPair::from_pem(&self.key_pem)
+            .map_err(|e| TlsError::InvalidCertificate { what: "CA private key", detail: e.to_string() })?;
+        let issuer = Issuer::from_ca_cert_der(&self.cert_der, key)
+            .map_err(|e| TlsError::InvalidCertificate { what: "CA certificate", detail: e.to_string() })?;
+        let site_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| TlsError::Generate(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, names.first().cloned().unwrap_or_default());
+        params.distinguished_name = dn;
+        params.subject_alt_names = names
+            .iter()
+            .map(|n| n.clone().try_into().map(SanType::DnsName))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| TlsError::Generate(format!("{e}")))?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        set_validity(&mut params, SITE_CERT_VALIDITY);
+        params.serial_number = Some(random_serial());
+        let cert = params.signed_by(&site_key, &issuer).map_err(|e| TlsError::Generate(e.to_string()))?;
+        Ok((cert.der().to_vec(), site_key.serialize_der()))
     }
 }
 

@@ -1,0 +1,255 @@
+//! TLS on the HTTPS listener: the ClientHello read first (to route passthrough names undecrypted),
+//! certificates resolved by name, and the handshake.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::Instant;
+
+use crate::table::Table;
+use crate::{BoxStream, Proxy};
+
+/// The most a ClientHello may take, in bytes (they are a few hundred; post-quantum key shares make
+/// them a few thousand).
+pub const HELLO_MAX_BYTES: usize = 64 * 1024;
+/// A certificate is issued again once it is this old (the cluster CA's are valid for 90 days).
+pub const REISSUE_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
+/// TLS sessions the server remembers for resumption by session id (tickets need no memory).
+pub const SESSION_CACHE: usize = 4096;
+/// The fatal `unrecognized_name` alert (TLS record: alert, TLS 1.2 record version, length 2, fatal,
+/// 112), sent to a client that asks for a name no service has, or for none.
+const UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
+
+/// Makes certificates for names.
+pub trait Issuer: Send + Sync + 'static {
+    /// A certificate and its key for `name`.
+    fn issue(&self, name: &str) -> Result<Arc<CertifiedKey>, String>;
+}
+
+/// The certificates of the names the routing table holds, issued on a first handshake and kept.
+pub struct Certificates {
+    issuer: Arc<dyn Issuer>,
+    known: RwLock<HashSet<String>>,
+    issued: Mutex<HashMap<String, (Instant, Arc<CertifiedKey>)>>,
+}
+
+impl std::fmt::Debug for Certificates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certificates").field("known", &self.known.read().map(|k| k.len()).ok()).finish()
+    }
+}
+
+impl Certificates {
+    pub fn new(issuer: Arc<dyn Issuer>) -> Self {
+        Certificates { issuer, known: RwLock::default(), issued: Mutex::default() }
+    }
+
+    /// Serves the names of `table` from now on, and forgets the certificates of other names.
+    pub fn retain(&self, table: &Table) {
+        let names: HashSet<String> = table.names().map(str::to_string).collect();
+        self.issued.lock().expect("certificates lock").retain(|name, _| names.contains(name));
+        *self.known.write().expect("certificates lock") = names;
+    }
+
+    /// The certificate for `name`, if the table holds it; issued now if it has none yet (or an old one).
+    pub fn get(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if !self.known.read().expect("certificates lock").contains(&name) {
+            return None;
+        }
+        let mut issued = self.issued.lock().expect("certificates lock");
+        if let Some((at, key)) = issued.get(&name) {
+            if at.elapsed() < REISSUE_AFTER {
+                return Some(key.clone());
+            }
+        }
+        match self.issuer.issue(&name) {
+            Ok(key) => {
+                issued.insert(name, (Instant::now(), key.clone()));
+                Some(key)
+            }
+            Err(e) => {
+                tracing::warn!(name, "cannot issue a certificate: {e}");
+                issued.get(&name).map(|(_, key)| key.clone())
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for Certificates {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.get(hello.server_name()?)
+    }
+}
+
+/// The server side of the proxy's TLS: certificates by name, TLS 1.3 and 1.2, HTTP/2 and HTTP/1.1
+/// by ALPN, session tickets and a session cache for resumption.
+pub fn server_config(certificates: Arc<Certificates>) -> Arc<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_no_client_auth()
+        .with_cert_resolver(certificates);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE);
+    match rustls::crypto::ring::Ticketer::new() {
+        Ok(ticketer) => config.ticketer = ticketer,
+        Err(e) => tracing::warn!("TLS session tickets are off: {e}"),
+    }
+    Arc::new(config)
+}
+
+/// Reads a client's ClientHello from `io`: the bytes read (to be replayed) and the name it asks
+/// for. A malformed hello gets its TLS alert and an error.
+pub async fn read_hello(io: &mut BoxStream) -> io::Result<(Vec<u8>, Option<String>)> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut seen = Vec::new();
+    let mut chunk = vec![0u8; 4096];
+    loop {
+        let n = io.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the client closed before its ClientHello",
+            ));
+        }
+        seen.extend_from_slice(&chunk[..n]);
+        acceptor.read_tls(&mut &chunk[..n])?;
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let name = accepted.client_hello().server_name().map(str::to_string);
+                return Ok((seen, name));
+            }
+            Ok(None) if seen.len() > HELLO_MAX_BYTES => {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "the ClientHello is too large"));
+            }
+            Ok(None) => {}
+            Err((e, mut alert)) => {
+                let mut out = Vec::new();
+                let _ = alert.write_all(&mut out);
+                let _ = io.write_all(&out).await;
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("not a TLS ClientHello: {e}"),
+                ));
+            }
+        }
+    }
+}
+
+/// Serves one connection of the HTTPS listener.
+pub(crate) async fn serve(proxy: Arc<Proxy>, mut io: BoxStream, peer: SocketAddr) {
+    let timeout = proxy.settings.handshake_timeout;
+    let (seen, name) = match tokio::time::timeout(timeout, read_hello(&mut io)).await {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "TLS connection refused: {e}");
+            proxy.stats.handshake(false);
+            return;
+        }
+        Err(_) => {
+            proxy.stats.handshake(false);
+            return;
+        }
+    };
+    let route = name.as_deref().and_then(|n| proxy.table().lookup(n).cloned());
+    let Some(route) = route else {
+        // A name no service has, or none: say so, never show another site's certificate.
+        let _ = io.write_all(&UNRECOGNIZED_NAME).await;
+        proxy.stats.handshake(false);
+        return;
+    };
+    if route.passthrough {
+        passthrough(&proxy, &route, seen, io).await;
+        return;
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(proxy.tls.clone());
+    let stream = match tokio::time::timeout(timeout, acceptor.accept(Rewind { seen, at: 0, inner: io })).await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "TLS handshake failed: {e}");
+            proxy.stats.handshake(false);
+            return;
+        }
+        Err(_) => {
+            proxy.stats.handshake(false);
+            return;
+        }
+    };
+    proxy.stats.handshake(true);
+    crate::http::serve(proxy, stream, peer, true).await;
+}
+
+/// Splices a TLS connection, its ClientHello first, to the container that terminates it.
+async fn passthrough(proxy: &Arc<Proxy>, route: &crate::Route, seen: Vec<u8>, mut io: BoxStream) {
+    if route.master != Some(proxy.backend.node_id()) {
+        // Passed-through TLS is not forwarded between nodes (yet): the name must point at the master.
+        tracing::info!(
+            service = route.service,
+            "a passthrough connection reached a node that does not run the service"
+        );
+        return;
+    }
+    let opened =
+        match proxy.backend.open(&route.service, coyote_state_machine::spec::TLS_PASSTHROUGH_PORT).await {
+            Ok(opened) => opened,
+            Err(e) => {
+                tracing::info!(service = route.service, "passthrough connection refused: {e:?}");
+                return;
+            }
+        };
+    let Ok(mut upstream) = proxy.backend.dial(opened.addr).await else { return };
+    if upstream.write_all(&seen).await.is_err() {
+        return;
+    }
+    let _guard = opened.guard;
+    let _ = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
+}
+
+/// A stream that first yields bytes already read from it.
+struct Rewind {
+    seen: Vec<u8>,
+    at: usize,
+    inner: BoxStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        if me.at < me.seen.len() {
+            let n = (me.seen.len() - me.at).min(buf.remaining());
+            buf.put_slice(&me.seen[me.at..me.at + n]);
+            me.at += n;
+            if me.at == me.seen.len() {
+                me.seen = Vec::new();
+                me.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut me.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
