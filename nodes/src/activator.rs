@@ -197,6 +197,9 @@ struct Counters {
 struct Gate {
     service: String,
     ports: Vec<PortMap>,
+    /// The container port the proxy sends web traffic to; probed for readiness when the service
+    /// publishes no port.
+    web_port: u16,
     listeners: Vec<JoinHandle<()>>,
     counters: Counters,
     /// Held while starting or stopping, so concurrent first connections wait for one start.
@@ -343,9 +346,21 @@ pub fn dump_alarm_cleared(
 }
 
 /// An on-demand service to listen for, with its ports.
-type Wanted = (String, Vec<PortMap>);
+type Wanted = (String, (Vec<PortMap>, u16));
 /// A metric's name, type, and how to read it from a service's stats.
 type Metric = (&'static str, &'static str, fn(&ServiceStats) -> u64);
+
+/// An open connection of an on-demand service that did not come through its ports (the proxy's): the
+/// container is not stopped as idle while one is held.
+pub struct Active(Arc<Gate>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        let mut activity = self.0.activity.lock().expect("activity lock");
+        activity.0 -= 1;
+        activity.1 = Instant::now();
+    }
+}
 
 pub struct Activator {
     node: LogNode,
@@ -449,15 +464,15 @@ impl Activator {
         }
     }
 
-    /// On-demand services this server masters and may serve now, with their specs' ports.
-    fn wanted(&self) -> BTreeMap<String, Vec<PortMap>> {
+    /// On-demand services this server masters and may serve now, with their specs' ports and web port.
+    fn wanted(&self) -> BTreeMap<String, (Vec<PortMap>, u16)> {
         let me = self.node.id();
         self.node.store().with_state(|s| {
             s.services
                 .iter()
                 .filter(|(name, svc)| svc.spec.on_demand && s.role(name, me) == Some(Role::Master))
                 .filter(|(name, _)| self.fenced_in(name))
-                .map(|(name, svc)| (name.clone(), svc.spec.ports.clone()))
+                .map(|(name, svc)| (name.clone(), (svc.spec.ports.clone(), svc.spec.web_port())))
                 .collect()
         })
     }
@@ -477,7 +492,7 @@ impl Activator {
             let mut gates = self.gates.lock().expect("gates lock");
             let gone_names: Vec<String> = gates
                 .iter()
-                .filter(|(name, gate)| wanted.get(*name) != Some(&gate.ports))
+                .filter(|(name, gate)| wanted.get(*name) != Some(&(gate.ports.clone(), gate.web_port)))
                 .map(|(name, _)| name.clone())
                 .collect();
             let gone = gone_names.iter().filter_map(|n| gates.remove(n)).collect();
@@ -525,7 +540,11 @@ impl Activator {
         self.forward(gate, ip).await;
     }
 
-    async fn open_gate(self: &Arc<Self>, service: &str, ports: Vec<PortMap>) -> std::io::Result<Arc<Gate>> {
+    async fn open_gate(
+        self: &Arc<Self>,
+        service: &str,
+        (ports, web_port): (Vec<PortMap>, u16),
+    ) -> std::io::Result<Arc<Gate>> {
         let mut bound = Vec::new();
         for p in &ports {
             bound.push((
@@ -536,6 +555,7 @@ impl Activator {
         let mut gate = Gate {
             service: service.to_string(),
             ports,
+            web_port,
             listeners: Vec::new(),
             counters: Counters::default(),
             run: tokio::sync::Mutex::new(RunInfo::default()),
@@ -607,6 +627,36 @@ impl Activator {
         activity.1 = Instant::now();
     }
 
+    /// The proxy's way in, beside the gate's ports: starts the on-demand `service`'s container unless
+    /// it runs (the request waits, as a first connection does), and counts an open connection until
+    /// the returned guard is dropped, so the container is not stopped as idle meanwhile. Fails when
+    /// this server does not serve the service now.
+    pub async fn wake(&self, service: &str) -> std::io::Result<(std::net::IpAddr, Active)> {
+        let gate = self.gates.lock().expect("gates lock").get(service).cloned();
+        let Some(gate) = gate else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                format!("{service} is not served here now"),
+            ));
+        };
+        {
+            let mut activity = gate.activity.lock().expect("activity lock");
+            if activity.0 >= CONNECTIONS_MAX {
+                return Err(std::io::Error::other(format!("{service} has too many open connections")));
+            }
+            activity.0 += 1;
+        }
+        let active = Active(gate.clone());
+        let ip = self.ensure_started(&gate).await?;
+        if !self.fenced_in(service) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                format!("{service} is not served here now"),
+            ));
+        }
+        Ok((ip, active))
+    }
+
     /// Starts the service's container unless it runs; returns its address once its port accepts.
     async fn ensure_started(&self, gate: &Gate) -> std::io::Result<std::net::IpAddr> {
         let io = |m: String| std::io::Error::other(m);
@@ -624,7 +674,7 @@ impl Activator {
             self.runtime.start(&container.id).await.map_err(|e| io(e.to_string()))?;
         }
         let deadline = begun + self.config.ready_timeout;
-        let port = gate.ports.first().map(|p| p.container).unwrap_or(80);
+        let port = gate.ports.first().map(|p| p.container).unwrap_or(gate.web_port);
         // The address is asked for until the engine has one (it does not change while the container
         // runs); then only the port is probed, every READY_POLL, so readiness is seen within a few ms.
         let mut address = None;

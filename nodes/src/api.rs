@@ -50,6 +50,8 @@ pub struct Api {
     pub activator: Option<Arc<Activator>>,
     /// `None` when this node keeps no backups.
     pub backups: Option<Arc<crate::backups::Backups>>,
+    /// `None` when this node runs no proxy.
+    pub proxy: Option<Arc<coyote_proxy::Proxy>>,
 }
 
 pub fn router(api: Api) -> Router {
@@ -63,6 +65,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/services/{name}/switch", post(service_switch))
         .route("/v1/serving", get(serving))
         .route("/v1/stats", get(stats))
+        .route("/v1/stats/web", get(web_stats))
         .route("/metrics", get(metrics))
         .route("/v1/plan", get(plan))
         .route("/v1/alarms", get(alarms).post(alarm_raise))
@@ -344,6 +347,19 @@ async fn stats(State(api): State<Api>) -> ApiResult<Vec<ServiceStats>> {
     }))
 }
 
+async fn web_stats(State(api): State<Api>) -> ApiResult<crate::wire::WebStats> {
+    match &api.proxy {
+        Some(p) => Ok(Json(crate::wire::WebStats::of(&p.stats))),
+        None => Err(ApiError(StatusCode::NOT_FOUND, "this node runs no proxy (--no-proxy)".into())),
+    }
+}
+
+/// A router with only `/metrics` (the Prometheus text), for a TCP listener (`--metrics`): the rest of
+/// the API stays on the unix socket.
+pub fn metrics_router(api: Api) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(api)
+}
+
 async fn metrics(State(api): State<Api>) -> Response {
     let stats = match &api.activator {
         Some(a) => a.stats().await,
@@ -362,6 +378,9 @@ async fn metrics(State(api): State<Api>) -> Response {
             text.push_str(&format!("coyote_backup_pause_ms{{quantile=\"{q}\"}} {v}\n"));
         }
         text.push_str(&format!("coyote_backup_pause_ms_count {}\n", p.count));
+    }
+    if let Some(p) = &api.proxy {
+        text.push_str(&p.stats.prometheus());
     }
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }

@@ -33,7 +33,11 @@ pub enum Command {
     /// Show what this node would do to its containers now, without doing it
     Plan,
     /// Traffic of the on-demand services this node serves (kept locally, not in the log)
-    Stats,
+    Stats {
+        /// The web traffic through this node's proxy instead, per domain
+        #[arg(long)]
+        web: bool,
+    },
     /// Snapshots of services' data
     #[command(subcommand)]
     Backup(BackupCmd),
@@ -142,6 +146,13 @@ pub enum ServiceCmd {
         /// A nameserver of the zone, HOST or HOST:PORT (repeat for several)
         #[arg(long = "nameserver", value_name = "HOST[:PORT]", requires = "zone")]
         nameservers: Vec<String>,
+        /// The container port the proxy sends the service's web traffic to (default 80)
+        #[arg(long, value_name = "PORT")]
+        http_port: Option<u16>,
+        /// The container terminates TLS for its domains itself: the proxy passes TLS connections
+        /// through to its port 443 undecrypted
+        #[arg(long)]
+        tls_passthrough: bool,
     },
     /// List services
     List,
@@ -205,6 +216,12 @@ pub enum ServiceCmd {
         /// Remove the zone check
         #[arg(long, conflicts_with = "zone")]
         no_zone: bool,
+        /// The container port the proxy sends web traffic to
+        #[arg(long, value_name = "PORT")]
+        http_port: Option<u16>,
+        /// Pass TLS through to the container (true) or terminate it in the proxy (false)
+        #[arg(long, value_name = "BOOL")]
+        tls_passthrough: Option<bool>,
     },
     /// Remove a service
     Rm { name: String },
@@ -253,7 +270,32 @@ pub async fn run(command: Command, client: &Client, json: bool) -> Result<()> {
             }
         }
         Command::Service(cmd) => service(cmd, client, json).await,
-        Command::Stats => {
+        Command::Stats { web: true } => {
+            let w: wire::WebStats = client.get("/v1/stats/web").await?;
+            if json {
+                print_json(&w);
+                return Ok(());
+            }
+            println!(
+                "proxy: {} connections open, {} in all; TLS handshakes: {} done, {} failed",
+                w.open_connections, w.connections, w.tls_handshakes, w.tls_handshake_failures
+            );
+            for d in &w.domains {
+                let at_most = |v: Option<u64>| v.map(|m| format!("<= {m} ms")).unwrap_or_else(|| "-".into());
+                let [c1, c2, c3, c4, c5] = d.requests_by_class;
+                println!(
+                    "{:<32} {} requests (1xx {c1}, 2xx {c2}, 3xx {c3}, 4xx {c4}, 5xx {c5}), {} in, {} out, p50 {}, p99 {}",
+                    d.domain,
+                    c1 + c2 + c3 + c4 + c5,
+                    coyote_state_machine::spec::human_bytes(d.bytes_in),
+                    coyote_state_machine::spec::human_bytes(d.bytes_out),
+                    at_most(d.latency_p50_ms_at_most),
+                    at_most(d.latency_p99_ms_at_most),
+                );
+            }
+            Ok(())
+        }
+        Command::Stats { web: false } => {
             let list: Vec<wire::ServiceStats> = client.get("/v1/stats").await?;
             if json {
                 print_json_lines(&list);
@@ -564,6 +606,8 @@ async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
             http_check,
             zone,
             nameservers,
+            http_port,
+            tls_passthrough,
         } => {
             let ports: Vec<PortMap> =
                 ports.iter().map(|p| parse_port(p)).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?;
@@ -580,6 +624,8 @@ async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
                 dump,
                 http_check,
                 zone,
+                http_port,
+                tls_passthrough,
             };
             if let Err(r) = spec.validate() {
                 bail!("{r}");
@@ -625,6 +671,8 @@ async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
             zone,
             nameservers,
             no_zone,
+            http_port,
+            tls_passthrough,
         } => {
             let current: wire::ServiceView = client.get(&format!("/v1/services/{name}")).await?;
             let mut spec = current.spec;
@@ -665,6 +713,12 @@ async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
                 spec.zone = None;
             } else if let Some(zone) = zone {
                 spec.zone = Some(ZoneCheck { zone, nameservers });
+            }
+            if let Some(port) = http_port {
+                spec.http_port = Some(port);
+            }
+            if let Some(on) = tls_passthrough {
+                spec.tls_passthrough = on;
             }
             if let Err(r) = spec.validate() {
                 bail!("{r}");

@@ -13,10 +13,12 @@ use tokio::net::{TcpListener, UnixListener};
 use coyote_nodes::activator::ActivatorConfig;
 use coyote_nodes::backups::BackupSettings;
 use coyote_nodes::forward::{ForwardMode, Forwarder};
+use coyote_nodes::front::FrontParts;
 use coyote_nodes::monitor::MonitorConfig;
 use coyote_nodes::node::{ContainerParts, Node, Parts, STOP_WAIT};
 use coyote_nodes::reconciler;
 use coyote_nodes::runtime::{ContainerRuntime, DockerRuntime, Scope};
+use coyote_nodes::sockets::{Sockets, TcpSockets};
 
 use crate::datadir::{check_store_cluster, DataDir, NodeFile, LAYOUT_VERSION};
 
@@ -149,8 +151,48 @@ pub struct ContainerOptions {
     pub backup_reserve: u64,
 }
 
+/// The node's front door.
+pub struct FrontOptions {
+    /// Run the proxy at all.
+    pub proxy: bool,
+    pub http: String,
+    pub https: String,
+    /// Where `/metrics` is served over TCP (`None`: only on the unix socket).
+    pub metrics: Option<String>,
+}
+
+impl FrontOptions {
+    /// Binds the proxy's listeners; an address that cannot be bound is an error that says what to do.
+    async fn parts(&self) -> Result<Option<FrontParts>> {
+        if !self.proxy {
+            tracing::info!("no proxy on this server (--no-proxy)");
+            return Ok(None);
+        }
+        let mut bound = Vec::new();
+        for (flag, addr) in [("--http", &self.http), ("--https", &self.https)] {
+            let parsed: SocketAddr = addr.parse().map_err(|_| {
+                anyhow!("{flag} {addr:?} is not HOST:PORT with an IP address (example: 0.0.0.0:443)")
+            })?;
+            let listener = TcpSockets.listen(parsed).await.with_context(|| {
+                format!(
+                    "the proxy cannot listen on {parsed} ({flag}): another program may hold the port, or                      ports below 1024 need root; choose another with {flag}, or run no proxy with --no-proxy"
+                )
+            })?;
+            bound.push(listener);
+        }
+        let https = bound.pop();
+        let http = bound.pop();
+        Ok(Some(FrontParts { http, https, settings: coyote_proxy::Settings::default() }))
+    }
+}
+
 /// Runs the node in `dir` in the foreground until SIGINT or SIGTERM.
-pub async fn run(dir: &DataDir, settings: &RaftSettings, containers: &ContainerOptions) -> Result<()> {
+pub async fn run(
+    dir: &DataDir,
+    settings: &RaftSettings,
+    containers: &ContainerOptions,
+    front_options: &FrontOptions,
+) -> Result<()> {
     let node_file = dir.read_node_file()?;
     let (identity, ca) = dir.read_identity()?;
     let id_in_cert = identity.node_id().context("reading the node certificate")?;
@@ -180,6 +222,13 @@ pub async fn run(dir: &DataDir, settings: &RaftSettings, containers: &ContainerO
         addr: node_file.advertise.clone(),
         raft: settings.clone(),
     };
+    let front = front_options.parts().await?;
+    let metrics_listener = match &front_options.metrics {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot serve /metrics on {addr} (--metrics): another program may hold the port")
+        })?),
+        None => None,
+    };
     let containers = if containers.reconcile {
         Some(container_parts(dir, &node_file, containers).await?)
     } else {
@@ -196,12 +245,20 @@ pub async fn run(dir: &DataDir, settings: &RaftSettings, containers: &ContainerO
         monitor: MonitorConfig::default(),
         probe: None,
         containers,
+        front,
     })
     .await?;
     let api = {
         let (router, shutdown) = (node.api.clone(), node.stopping());
         tokio::spawn(async move { axum::serve(api_listener, router).with_graceful_shutdown(shutdown).await })
     };
+    if let Some(listener) = metrics_listener {
+        let (router, shutdown) = (node.metrics.clone(), node.stopping());
+        if let Ok(addr) = listener.local_addr() {
+            eprintln!("metrics: http://{addr}/metrics");
+        }
+        tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(shutdown).await });
+    }
     tracing::info!(
         cluster_id = %node_file.cluster_id,
         node_id = node_file.node_id,
@@ -216,6 +273,9 @@ pub async fn run(dir: &DataDir, settings: &RaftSettings, containers: &ContainerO
         node_file.listen,
         socket_path.display()
     );
+    if front_options.proxy {
+        eprintln!("proxy: http on {}, https on {}", front_options.http, front_options.https);
+    }
 
     let failure = tokio::select! {
         signal = wait_for_signal() => {

@@ -4,6 +4,8 @@
 //! - [`reconciler`]: brings this server's containers to what the log asks, or raises alarms.
 //! - [`activator`]: starts on-demand containers when a connection arrives, stops them when idle.
 //! - [`forward`]: kernel forwarding (nftables DNAT) of warm connections to on-demand containers.
+//! - [`front`]: the node's proxy (`coyote-proxy`): HTTP and HTTPS by name, routed to each
+//!   service's master.
 //! - [`monitor`]: probes peers and services, reports transitions, fails over.
 //! - [`fence`]: this server's lease: what it may serve, and the argument that at most one server
 //!   serves a service at any instant.
@@ -20,6 +22,7 @@ pub mod api;
 pub mod backups;
 pub mod fence;
 pub mod forward;
+pub mod front;
 pub mod monitor;
 pub mod node;
 pub mod probe;

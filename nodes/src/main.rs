@@ -44,6 +44,8 @@ enum Command {
         raft: RaftArgs,
         #[command(flatten)]
         containers: ContainerArgs,
+        #[command(flatten)]
+        front: FrontArgs,
     },
     /// Create a single-node cluster in an empty data directory (then run it with `coyote node`)
     Init {
@@ -58,6 +60,8 @@ enum Command {
         raft: RaftArgs,
         #[command(flatten)]
         containers: ContainerArgs,
+        #[command(flatten)]
+        front: FrontArgs,
     },
     /// Join a cluster with a token from `coyote token create`, then run the node in the foreground
     Join {
@@ -68,9 +72,35 @@ enum Command {
         raft: RaftArgs,
         #[command(flatten)]
         containers: ContainerArgs,
+        #[command(flatten)]
+        front: FrontArgs,
     },
     #[command(flatten)]
     Client(cli::Command),
+}
+
+#[derive(Args)]
+struct FrontArgs {
+    /// Where the proxy takes plain HTTP (requests for the services' domains are redirected to
+    /// HTTPS, except ACME challenges)
+    #[arg(long, default_value = "0.0.0.0:80", value_name = "HOST:PORT")]
+    http: String,
+    /// Where the proxy takes HTTPS (certificates by name, from the cluster's CA)
+    #[arg(long, default_value = "0.0.0.0:443", value_name = "HOST:PORT")]
+    https: String,
+    /// Run no proxy on this server (its services' domains are then reached through other nodes)
+    #[arg(long)]
+    no_proxy: bool,
+    /// Serve the Prometheus text of /metrics over TCP here too (it is always on the API's unix
+    /// socket) [default: off]
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
+}
+
+impl From<FrontArgs> for daemon::FrontOptions {
+    fn from(f: FrontArgs) -> Self {
+        daemon::FrontOptions { proxy: !f.no_proxy, http: f.http, https: f.https, metrics: f.metrics }
+    }
 }
 
 #[derive(Args)]
@@ -242,18 +272,20 @@ async fn run(cli: Cli) -> Result<()> {
     let client = Client::new(&data);
     let json = cli.json;
     match cli.command {
-        Command::Up { addrs, raft, containers } => {
+        Command::Up { addrs, raft, containers, front } => {
             let settings = raft.settings();
             if !dir.is_initialized() {
                 daemon::init(&dir, &addrs.into(), &settings).await?;
             }
-            daemon::run(&dir, &settings, &containers.into()).await
+            daemon::run(&dir, &settings, &containers.into(), &front.into()).await
         }
         Command::Init { addrs, raft } => daemon::init(&dir, &addrs.into(), &raft.settings()).await,
-        Command::Node { raft, containers } => daemon::run(&dir, &raft.settings(), &containers.into()).await,
-        Command::Join { token, addrs, raft, containers } => {
+        Command::Node { raft, containers, front } => {
+            daemon::run(&dir, &raft.settings(), &containers.into(), &front.into()).await
+        }
+        Command::Join { token, addrs, raft, containers, front } => {
             daemon::join(&dir, &token, &addrs.into()).await?;
-            daemon::run(&dir, &raft.settings(), &containers.into()).await
+            daemon::run(&dir, &raft.settings(), &containers.into(), &front.into()).await
         }
         Command::Client(command) => cli::run(command, &client, json).await,
     }

@@ -20,8 +20,12 @@
 //!   nodes that hold a role for it over the same gRPC listener, and restored before a new master
 //!   serves; the fence then waits for the restore).
 //!
-//! The front door (proxy) and the web pages (CRM) join a node here when they exist, as parts of
-//! [`Parts`] and tasks of [`Node`].
+//! - with a front door ([`FrontParts`]): the proxy ([`crate::front`]) on the HTTP and HTTPS
+//!   listeners the caller gives, routing each service's domains to its master; other nodes'
+//!   proxies forward to this one over the gRPC listener.
+//!
+//! The web pages (CRM) join a node here when they exist, as a part of [`Parts`] and tasks of
+//! [`Node`].
 //!
 //! # What the caller keeps
 //! Creating or joining a cluster (writing the data directory, asking for a certificate) happens
@@ -45,11 +49,13 @@ use crate::api::{self, Api};
 use crate::backups::{BackupSettings, Backups};
 use crate::fence::Fence;
 use crate::forward::Forwarder;
+use crate::front::{self, FrontParts};
 use crate::monitor::{Monitor, MonitorConfig};
 use crate::probe::ServiceProbe;
 use crate::reconciler::{self, Reconciler};
 use crate::runtime::{ContainerRuntime, Scope};
-use crate::sockets::Sockets;
+use crate::sockets::{Sockets, TcpSockets};
+use coyote_proxy::Proxy;
 
 /// How long [`Node::stop`] waits for the node's tasks to end.
 pub const STOP_WAIT: Duration = Duration::from_secs(5);
@@ -88,6 +94,8 @@ pub struct Parts<L> {
     pub probe: Option<Arc<dyn ServiceProbe>>,
     /// The containers this node runs (`None`: a node that only holds the log).
     pub containers: Option<ContainerParts>,
+    /// The front door: HTTP and HTTPS for the services' domains (`None`: no proxy on this node).
+    pub front: Option<FrontParts>,
 }
 
 /// What a node that runs containers needs.
@@ -111,8 +119,11 @@ pub struct Node {
     pub reconciler: Option<Arc<Reconciler>>,
     pub activator: Option<Arc<Activator>>,
     pub backups: Option<Arc<Backups>>,
+    pub proxy: Option<Arc<Proxy>>,
     /// The local API, for the caller to serve or call.
     pub api: axum::Router,
+    /// `/metrics` alone, for the caller to serve where Prometheus can scrape it.
+    pub metrics: axum::Router,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -120,10 +131,11 @@ pub struct Node {
 impl Node {
     /// Starts the log on the store and every part on top of it, each in a task of its own.
     pub async fn start<L: PeerListener>(parts: Parts<L>) -> Result<Node, LogError> {
-        let Parts { config, store, identity, ca, env, listener, monitor, probe, containers } = parts;
+        let Parts { config, store, identity, ca, env, listener, monitor, probe, containers, front } = parts;
         let advertise = config.addr.clone();
         let scope = Scope { cluster_id: config.cluster_id.clone(), node_id: config.node_id };
         let (log_store, sm, handle) = store;
+        let ca_for_front = ca.clone();
         let log = LogNode::start_in(config, log_store, sm, handle, &identity, ca, env).await?;
         let (stop, _) = watch::channel(false);
         let stopped = || until_stopped(&stop);
@@ -141,17 +153,6 @@ impl Node {
             };
         {
             let log = log.clone();
-            let incoming = listener.incoming(log.server_tls());
-            let shutdown = stopped();
-            let routes = backups.as_ref().map(|b| b.routes()).unwrap_or_default();
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = log.serve_with(incoming, shutdown, routes).await {
-                    tracing::error!(error = %e, "the node's gRPC server stopped");
-                }
-            }));
-        }
-        {
-            let log = log.clone();
             let shutdown = stopped();
             tasks.push(tokio::spawn(async move { log.run_membership(shutdown).await }));
         }
@@ -164,8 +165,11 @@ impl Node {
         if let Some(backups) = &backups {
             tasks.push(tokio::spawn(backups.clone().run(stopped())));
         }
+        let mut sockets: Arc<dyn Sockets> = Arc::new(TcpSockets);
+        let mut runtime = None;
         let (reconciler, activator) = match containers {
             Some(c) => {
+                runtime = Some(c.runtime.clone());
                 let reconciler = Arc::new(
                     Reconciler::new(log.clone(), c.runtime.clone(), scope, c.reconciler)
                         .with_fence(fence.clone())
@@ -173,8 +177,9 @@ impl Node {
                 );
                 let mut activator = Activator::new(log.clone(), c.runtime, fence.clone(), c.activator)
                     .with_forwarder(c.forwarder);
-                if let Some(sockets) = c.sockets {
-                    activator = activator.with_sockets(sockets);
+                if let Some(s) = c.sockets {
+                    sockets = s.clone();
+                    activator = activator.with_sockets(s);
                 }
                 let activator = Arc::new(activator);
                 tasks.push(tokio::spawn(activator.clone().run(stopped())));
@@ -183,15 +188,45 @@ impl Node {
             }
             None => (None, None),
         };
-        let api = api::router(Api {
+        let mut routes = backups.as_ref().map(|b| b.routes()).unwrap_or_default();
+        let proxy = match front {
+            Some(FrontParts { http, https, mut settings }) => {
+                settings.redirect_to_https &= https.is_some();
+                let proxy =
+                    front::proxy(&log, &fence, runtime, activator.clone(), sockets, ca_for_front, settings);
+                routes = front::routes(proxy.clone(), routes);
+                tasks.push(tokio::spawn(front::follow_log(proxy.clone(), log.clone(), stopped())));
+                for (listener, https) in [(http, false), (https, true)] {
+                    if let Some(listener) = listener {
+                        tasks.push(tokio::spawn(front::accept(proxy.clone(), listener, https, stopped())));
+                    }
+                }
+                Some(proxy)
+            }
+            None => None,
+        };
+        {
+            let log = log.clone();
+            let incoming = listener.incoming(log.server_tls());
+            let shutdown = stopped();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = log.serve_with(incoming, shutdown, routes).await {
+                    tracing::error!(error = %e, "the node's gRPC server stopped");
+                }
+            }));
+        }
+        let api = Api {
             node: log.clone(),
             advertise,
             reconciler: reconciler.clone(),
             fence: fence.clone(),
             activator: activator.clone(),
             backups: backups.clone(),
-        });
-        Ok(Node { log, fence, reconciler, activator, backups, api, stop, tasks })
+            proxy: proxy.clone(),
+        };
+        let metrics = api::metrics_router(api.clone());
+        let api = api::router(api);
+        Ok(Node { log, fence, reconciler, activator, backups, proxy, api, metrics, stop, tasks })
     }
 
     /// A future that ends when the node stops (for the caller's servers of the API).

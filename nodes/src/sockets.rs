@@ -10,13 +10,9 @@ use std::io;
 use std::net::SocketAddr;
 
 use futures::future::BoxFuture;
-use tokio::io::{AsyncRead, AsyncWrite};
 
-/// A byte stream: a TCP connection, or the simulator's.
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
-
-pub type BoxStream = Box<dyn Stream>;
+/// A byte stream (a TCP connection, or the simulator's), as the proxy takes it too.
+pub use coyote_proxy::{BoxStream, Stream};
 
 /// A listening socket.
 pub trait Listener: Send + Sync + 'static {

@@ -8,6 +8,61 @@ use coyote_state_machine::{Event, Outcome, Placement, Service, ServiceSpec, Toke
 use serde::{Deserialize, Serialize};
 
 pub use crate::activator::ServiceStats;
+
+/// The proxy's traffic on one node (`GET /v1/stats/web`).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct WebStats {
+    pub open_connections: u64,
+    pub connections: u64,
+    pub tls_handshakes: u64,
+    pub tls_handshake_failures: u64,
+    pub domains: Vec<DomainStats>,
+}
+
+/// One domain's requests through this node's proxy.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct DomainStats {
+    pub domain: String,
+    /// Requests answered with 1xx, 2xx, 3xx, 4xx, 5xx.
+    pub requests_by_class: [u64; 5],
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Upper bounds of the latency buckets that hold the median and the 99th percentile (`None`:
+    /// no request yet, or slower than the last bound).
+    pub latency_p50_ms_at_most: Option<u64>,
+    pub latency_p99_ms_at_most: Option<u64>,
+}
+
+impl WebStats {
+    pub fn of(stats: &coyote_proxy::Stats) -> WebStats {
+        let (open_connections, connections, tls_handshakes, tls_handshake_failures) = stats.connections();
+        let bound = |counts: &coyote_proxy::stats::Counts, q: u64| {
+            let total: u64 = counts.latency.iter().sum();
+            let rank = (total * q).div_ceil(100).max(1);
+            let mut seen = 0;
+            for (i, n) in counts.latency.iter().enumerate() {
+                seen += n;
+                if seen >= rank {
+                    return coyote_proxy::stats::LATENCY_BUCKETS_MS.get(i).copied();
+                }
+            }
+            None
+        };
+        let domains = stats
+            .domains()
+            .into_iter()
+            .map(|(domain, c)| DomainStats {
+                requests_by_class: c.by_class,
+                bytes_in: c.bytes_in,
+                bytes_out: c.bytes_out,
+                latency_p50_ms_at_most: bound(&c, 50),
+                latency_p99_ms_at_most: bound(&c, 99),
+                domain,
+            })
+            .collect();
+        WebStats { open_connections, connections, tls_handshakes, tls_handshake_failures, domains }
+    }
+}
 pub use crate::reconciler::PlanView;
 pub use coyote_log::ClusterStatus;
 pub use coyote_state_machine::Alarm;

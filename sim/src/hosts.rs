@@ -12,15 +12,17 @@ use coyote_log::tls::Identity;
 use coyote_log::{Clock, Environment, LogNodeConfig};
 use coyote_nodes::activator::ActivatorConfig;
 use coyote_nodes::backups::BackupSettings;
+use coyote_nodes::front::FrontParts;
 use coyote_nodes::monitor::MonitorConfig;
 use coyote_nodes::node::{ContainerParts, Node, Parts};
 use coyote_nodes::reconciler;
+use coyote_nodes::sockets::Sockets as _;
 
 use crate::material::material;
 use crate::model::{ModelRuntime, TurmoilProbe};
 use crate::net;
-use crate::params::{raft_settings, BACKUP_EVERY, CLUSTER_ID, IDLE_STOP, PORT};
-use crate::workload::{admin, issue_token, join, visitors, workload};
+use crate::params::{raft_settings, BACKUP_EVERY, CLUSTER_ID, HTTP_PORT, IDLE_STOP, PORT};
+use crate::workload::{admin, issue_token, join, visitors, web_visitors, workload};
 use crate::world::{HostState, SimNode, World};
 
 /// The wall clock of a simulated node: turmoil's simulated time since the epoch. Outside a host (the
@@ -63,6 +65,7 @@ pub(crate) async fn host_software(world: Arc<World>, host: Arc<HostState>) -> Se
     let config =
         LogNodeConfig { node_id, cluster_id: CLUSTER_ID.into(), addr: addr.clone(), raft: raft_settings() };
     host.containers.reboot();
+    let http = net::Sockets.listen(std::net::SocketAddr::from(([0, 0, 0, 0], HTTP_PORT))).await?;
     // The node `coyote node` runs, assembled by the same function, from the simulation's parts.
     let node = Node::start(Parts {
         config,
@@ -90,6 +93,7 @@ pub(crate) async fn host_software(world: Arc<World>, host: Arc<HostState>) -> Se
                 ..BackupSettings::new(host.dir.path().join("backups"), host.dir.path().join("volumes"))
             }),
         }),
+        front: Some(FrontParts { http: Some(http), https: None, settings: Default::default() }),
     })
     .await?;
     {
@@ -116,6 +120,10 @@ pub(crate) async fn host_software(world: Arc<World>, host: Arc<HostState>) -> Se
     {
         let (world, host, log) = (world.clone(), host.clone(), node.log.clone());
         tokio::spawn(async move { visitors(&world, &host, &log, incarnation).await });
+    }
+    {
+        let (world, host, log) = (world.clone(), host.clone(), node.log.clone());
+        tokio::spawn(async move { web_visitors(&world, &host, &log, incarnation).await });
     }
     workload(&world, &host, &node.log, incarnation).await;
     Ok(())

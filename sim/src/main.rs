@@ -189,6 +189,8 @@ struct Summary {
     spliced: usize,
     /// Snapshots taken, stored; restores from a snapshot, with none.
     data: [usize; 4],
+    /// Web requests through the proxies: answered with 200, not.
+    web: [usize; 2],
 }
 
 /// The runs asked for: each seed, with each scenario asked for (or the random schedule).
@@ -232,6 +234,7 @@ fn run_here(
                 report.data.restored,
                 report.data.restored_empty,
             ],
+            web: [report.web.0, report.web.1],
         });
         done(summaries.last().expect("just pushed"))?;
     }
@@ -460,6 +463,8 @@ fn main() -> Result<()> {
         snapshots_stored: reports.iter().map(|r| r.data[1]).sum(),
         restores: reports.iter().map(|r| r.data[2]).sum(),
         restores_empty: reports.iter().map(|r| r.data[3]).sum(),
+        web_answered: reports.iter().map(|r| r.web[0]).sum(),
+        web_unanswered: reports.iter().map(|r| r.web[1]).sum(),
         failovers: failover.len(),
         failover_p50_ms: percentile(&failover, 50),
         failover_p99_ms: percentile(&failover, 99),
@@ -506,8 +511,13 @@ struct Totals {
     faults_injected: usize,
     switches_by_failover: usize,
     switches_instructed: usize,
-    /// Connections the activators spliced to on-demand containers.
+    /// Connections the activators spliced to on-demand containers, and requests the proxies sent
+    /// to containers.
     spliced_connections: usize,
+    /// Requests web visitors sent to a random node's proxy: answered with 200, not (the site was
+    /// moving or its master unreachable).
+    web_answered: usize,
+    web_unanswered: usize,
     /// Snapshots of services' data taken by masters and stored by other nodes, and restores of new
     /// masters (from a snapshot, or with none recorded yet).
     snapshots_taken: usize,
@@ -574,7 +584,11 @@ fn print_totals(t: &Totals) {
         "authority switches: {} by failover, {} instructed",
         t.switches_by_failover, t.switches_instructed
     );
-    println!("on-demand connections spliced by activators: {}", t.spliced_connections);
+    println!(
+        "connections handed to containers by activators and proxies: {} (all checked against the fences)",
+        t.spliced_connections
+    );
+    println!("web requests to a random node's proxy: {} answered, {} not", t.web_answered, t.web_unanswered);
     println!(
         "snapshots: {} taken, {} stored elsewhere; restores before serving: {} from a snapshot, {} with none yet",
         t.snapshots_taken, t.snapshots_stored, t.restores, t.restores_empty

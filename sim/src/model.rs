@@ -134,8 +134,9 @@ pub struct Containers {
 /// Whether a node serves a service now.
 pub type ServingCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
-/// A connection through which an on-demand container received a client's bytes (spliced through
-/// by the activator), as of when the container accepted it.
+/// A connection through which a container received a client's bytes from its node: spliced by the
+/// activator (an on-demand container's), or a request from the proxy (it carries
+/// `X-Forwarded-For`), as of when the container accepted it.
 #[derive(Clone, Debug)]
 pub struct Splice {
     pub service: String,
@@ -244,12 +245,13 @@ impl Containers {
 /// Listens on `port` in turmoil until aborted: TCP connections get an HTTP `200` to whatever they
 /// send (a TCP probe only needs the handshake, an HTTP check reads the status line), and SOA queries
 /// on the same port number over UDP get an authoritative answer (the service's zone, served by its
-/// master). Retries the binds while an earlier incarnation still holds the port. A dialled
-/// container records each connection it accepts.
-async fn listen(ports: Vec<u16>, dialled: Option<(Arc<Containers>, String)>) {
+/// master). Retries the binds while an earlier incarnation still holds the port. A container records
+/// each connection through which its node handed it a client's bytes: every one of a dialled
+/// container's, and the proxy's requests to any container.
+async fn listen(ports: Vec<u16>, recorder: (Arc<Containers>, String, bool)) {
     let mut tasks = Vec::new();
     for port in ports {
-        let dialled = dialled.clone();
+        let recorder = recorder.clone();
         tasks.push(Box::pin(async move {
             let listener = loop {
                 match turmoil::net::TcpListener::bind(("0.0.0.0", port)).await {
@@ -261,19 +263,26 @@ async fn listen(ports: Vec<u16>, dialled: Option<(Arc<Containers>, String)>) {
                 if let Ok((mut stream, _)) = listener.accept().await {
                     // Whether the node serves the service as the container accepts: what a splice
                     // is checked against.
-                    let accepted = dialled
-                        .as_ref()
-                        .map(|(containers, service)| (containers.clone(), containers.splice_at(service)));
+                    let (containers, service, dialled) = recorder.clone();
+                    let splice = containers.splice_at(&service);
                     tokio::spawn(async move {
                         use tokio::io::{AsyncReadExt, AsyncWriteExt};
                         let mut buf = [0u8; 512];
-                        if matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
-                            // A client's bytes came through: a splice. (The activator's readiness
-                            // probes connect and close without a byte.)
-                            if let Some((containers, splice)) = accepted {
+                        if let Ok(n) = stream.read(&mut buf).await {
+                            // A client's bytes came through the activator (the readiness probes
+                            // connect and close without a byte) or the proxy.
+                            let proxied =
+                                buf[..n].windows(16).any(|w| w.eq_ignore_ascii_case(b"x-forwarded-for:"));
+                            if n > 0 && (dialled || proxied) {
                                 containers.splices.lock().expect("splices lock").push(splice);
                             }
-                            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+                            if n > 0 {
+                                let _ = stream
+                                    .write_all(
+                                        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                                    )
+                                    .await;
+                            }
                         }
                     });
                 }
@@ -409,8 +418,8 @@ impl ContainerRuntime for ModelRuntime {
             if c.observed.state != RunState::Running {
                 c.observed.state = RunState::Running;
                 c.observed.status = "Up".into();
-                let dialled = c.dialled.then(|| (containers.clone(), c.observed.service.clone()));
-                c.listening = Some(tokio::spawn(listen(c.ports.clone(), dialled)).abort_handle());
+                let recorder = (containers.clone(), c.observed.service.clone(), c.dialled);
+                c.listening = Some(tokio::spawn(listen(c.ports.clone(), recorder)).abort_handle());
                 let writer = write_data(
                     c.volume.clone(),
                     containers.host.clone(),

@@ -135,7 +135,8 @@ pub(crate) fn raft_settings() -> RaftSettings {
 /// master (only a running container of the service answers). Every fourth (`svc4`, `svc8`, ...) is
 /// on demand: the activator listens on its host port and starts its container on the first
 /// connection (the monitor's probes and the visitors' requests), which listens on its container
-/// port ([`ON_DEMAND_PORT_BASE`] + `i`).
+/// port ([`ON_DEMAND_PORT_BASE`] + `i`). Each has the domain `svcI.web.test`, which the proxies route
+/// to the port its model container listens on.
 pub fn service_spec(i: usize, nodes: usize) -> ServiceSpec {
     let port = SERVICE_PORT_BASE + i as u16;
     let on_demand = i.is_multiple_of(4);
@@ -152,12 +153,24 @@ pub fn service_spec(i: usize, nodes: usize) -> ServiceSpec {
     ServiceSpec {
         name: format!("svc{i}"),
         image,
-        domains: Vec::new(),
+        domains: vec![web_domain(i)],
         ports: vec![PortMap { host: port, container }],
         memory_bytes: None,
         on_demand,
         dump: None,
         http_check: (i % 3 == 2).then(|| "/health".to_string()),
         zone,
+        // A model container listens on its published host port, or (dialled) on the port its image
+        // names.
+        http_port: Some(if on_demand { container } else { port }),
+        tls_passthrough: false,
     }
 }
+
+/// The web domain of the `i`th simulated service.
+pub fn web_domain(i: usize) -> String {
+    format!("svc{i}.web.test")
+}
+
+/// Where every simulated node's proxy takes plain HTTP.
+pub const HTTP_PORT: u16 = 80;

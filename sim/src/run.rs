@@ -43,6 +43,8 @@ pub struct SeedReport {
     pub spliced: usize,
     /// Snapshots taken and stored, and restores, applied in the log.
     pub data: crate::checks::DataCounts,
+    /// Web requests through the proxies: answered with 200, not.
+    pub web: (usize, usize),
 }
 
 /// Formation, faults (or a scenario), liveness.
@@ -120,6 +122,7 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
         slow_start_ms: slow_start_ms.clone(),
         clock_ms: Arc::new(AtomicU64::new(EPOCH_UNIX_S * 1000)),
         visits: Mutex::new(BTreeMap::new()),
+        web: Mutex::new((0, 0)),
         data: Default::default(),
     });
     let sim = turmoil::Builder::new()
@@ -202,6 +205,7 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
     coyote_log::runtime::unseed_thread_rng();
     let trace = std::mem::take(&mut *world.trace.lock().expect("trace lock"));
     let acks = world.acks.lock().expect("acks lock").len();
+    let web = *world.web.lock().expect("web lock");
     let mut hash = Sha256::new();
     for line in &trace {
         hash.update(line.as_bytes());
@@ -221,5 +225,6 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
         switches,
         spliced,
         data,
+        web,
     }
 }

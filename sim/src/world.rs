@@ -34,6 +34,8 @@ pub(crate) struct World {
     pub(crate) clock_ms: Arc<AtomicU64>,
     /// The last answer each on-demand service gave a visitor, in simulated time since the start.
     pub(crate) visits: Mutex<BTreeMap<String, Duration>>,
+    /// Requests sent to the nodes' proxies by web visitors: answered 200, answered otherwise or not.
+    pub(crate) web: Mutex<(usize, usize)>,
     /// What model containers did to their data.
     pub(crate) data: crate::model::DataLog,
 }

@@ -78,6 +78,9 @@ pub struct Node {
     /// Let the node manage Docker containers. Off by default (`--no-reconcile`), so that tests about
     /// the log never touch the machine's Docker Engine; see [`DockerGuard`] for tests that do.
     pub containers: bool,
+    /// Where the node's proxy listens (HTTP, HTTPS). `None` by default (`--no-proxy`): nodes of one
+    /// test share the machine, and the default ports are the machine's.
+    pub front: Option<(String, String)>,
 }
 
 impl Node {
@@ -96,17 +99,23 @@ impl Node {
             starts: 0,
             flags: Vec::new(),
             containers: false,
+            front: None,
         }
     }
 
     fn spawn(&mut self, args: &[&str]) -> Result<()> {
         self.starts += 1;
+        let front: Vec<String> = match &self.front {
+            Some((http, https)) => vec!["--http".into(), http.clone(), "--https".into(), https.clone()],
+            None => vec!["--no-proxy".into()],
+        };
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let child = Command::new(coyote_bin())
             .args(args)
             .args(FAST_RAFT)
             .args(&self.flags)
             .args(if self.containers { &[][..] } else { &["--no-reconcile"][..] })
+            .args(&front)
             .env("RUST_LOG", node_log_filter())
             .stdout(Stdio::null())
             .stderr(log)

@@ -23,7 +23,7 @@ pub fn at_most_one_serving(serving: &BTreeMap<String, Vec<String>>) -> Vec<Strin
 /// on-demand container on a node that was not serving the service.
 pub fn spliced_while_not_serving(host: &str, service: &str, at: std::time::Duration) -> String {
     format!(
-        "activator: {host} spliced a connection of {service} to its container at {} ms while not serving it",
+        "activator or proxy: {host} handed a connection of {service} to its container at {} ms while not serving it",
         at.as_millis()
     )
 }
