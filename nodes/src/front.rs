@@ -32,6 +32,11 @@ use crate::sockets::{Listener, Sockets};
 
 /// The path under which a node's gRPC listener takes requests forwarded by other nodes' proxies.
 pub const FORWARD_PREFIX: &str = "/coyote-proxy";
+/// How long the address of an always-on service's running container is used without asking the
+/// container engine again. A container that is replaced gets a new address; for at most this long,
+/// requests may still be sent to the old one (and fail with 502) — never to another service's, since
+/// an address is only reused once its container is gone and the cache is dropped on a failed dial.
+pub const ADDRESS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 /// The longest a forwarded request may wait for the peer channel to be ready.
 pub const FORWARD_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -44,6 +49,8 @@ pub struct FrontParts {
     pub settings: coyote_proxy::Settings,
 }
 
+type Addresses = std::collections::HashMap<String, (IpAddr, tokio::time::Instant)>;
+
 /// The node, as its proxy sees it.
 struct NodeBackend {
     log: LogNode,
@@ -51,11 +58,29 @@ struct NodeBackend {
     runtime: Option<Arc<dyn ContainerRuntime>>,
     activator: Option<Arc<Activator>>,
     sockets: Arc<dyn Sockets>,
+    /// Always-on services' container addresses, and when each was read (see [`ADDRESS_TTL`]).
+    addresses: Arc<std::sync::Mutex<Addresses>>,
 }
 
 impl NodeBackend {
-    /// The address of the running container of the always-on `service`.
+    /// The address of the running container of the always-on `service`: read from the container
+    /// engine at most every [`ADDRESS_TTL`].
     async fn address(&self, service: &str) -> Result<IpAddr, Refusal> {
+        if let Some((ip, at)) = self.addresses.lock().expect("addresses lock").get(service) {
+            if at.elapsed() < ADDRESS_TTL {
+                return Ok(*ip);
+            }
+        }
+        let ip = self.read_address(service).await;
+        let mut addresses = self.addresses.lock().expect("addresses lock");
+        match &ip {
+            Ok(ip) => addresses.insert(service.to_string(), (*ip, tokio::time::Instant::now())),
+            Err(_) => addresses.remove(service),
+        };
+        ip
+    }
+
+    async fn read_address(&self, service: &str) -> Result<IpAddr, Refusal> {
         let Some(runtime) = &self.runtime else {
             return Err(Refusal::Down("this node runs no containers".into()));
         };
@@ -69,6 +94,34 @@ impl NodeBackend {
             Ok(None) => Err(Refusal::Down(format!("the container of {service} has no address"))),
             Err(e) => Err(Refusal::Down(e.to_string())),
         }
+    }
+}
+
+impl NodeBackend {
+    /// Whether this node's fence lets it serve `service` now.
+    fn fenced_in(&self, service: &str) -> bool {
+        #[cfg(feature = "planted-bugs")]
+        if planted::ignores_fence() {
+            return true;
+        }
+        self.fence.serving(service)
+    }
+}
+
+#[cfg(feature = "planted-bugs")]
+pub mod planted {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static IGNORES_FENCE: AtomicBool = AtomicBool::new(false);
+
+    /// The proxy hands requests to the container of every service this node masters in its applied
+    /// state, whether or not its fence lets it serve.
+    pub fn ignore_fence(on: bool) {
+        IGNORES_FENCE.store(on, Ordering::SeqCst);
+    }
+
+    pub(crate) fn ignores_fence() -> bool {
+        IGNORES_FENCE.load(Ordering::SeqCst)
     }
 }
 
@@ -86,7 +139,7 @@ impl Backend for NodeBackend {
                     .then(|| s.services.get(&service).map(|x| x.spec.on_demand))
             });
             let Some(Some(on_demand)) = on_demand else { return Err(Refusal::NotServing) };
-            if !self.fence.serving(&service) {
+            if !self.fenced_in(&service) {
                 return Err(Refusal::NotServing);
             }
             if on_demand {
@@ -134,7 +187,16 @@ impl Backend for NodeBackend {
     }
 
     fn dial(&self, addr: SocketAddr) -> BoxFuture<'static, io::Result<BoxStream>> {
-        self.sockets.connect(addr)
+        let connect = self.sockets.connect(addr);
+        let addresses = self.addresses.clone();
+        Box::pin(async move {
+            let stream = connect.await;
+            if stream.is_err() {
+                // A container that went away: ask the engine again next time.
+                addresses.lock().expect("addresses lock").retain(|_, (ip, _)| *ip != addr.ip());
+            }
+            stream
+        })
     }
 }
 
@@ -171,7 +233,14 @@ pub(crate) fn proxy(
     ca: Option<ClusterCa>,
     settings: coyote_proxy::Settings,
 ) -> Arc<Proxy> {
-    let backend = NodeBackend { log: log.clone(), fence: fence.clone(), runtime, activator, sockets };
+    let backend = NodeBackend {
+        log: log.clone(),
+        fence: fence.clone(),
+        runtime,
+        activator,
+        sockets,
+        addresses: Arc::default(),
+    };
     let issuer: Arc<dyn coyote_proxy::Issuer> = match ca {
         Some(ca) => Arc::new(CaIssuer(ca)),
         None => Arc::new(NoIssuer),

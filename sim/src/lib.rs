@@ -33,7 +33,8 @@
 //! its leadership from old acknowledgements; the scenario `isolated-leader-confirms` catches it)
 //! and `--plant placement-moves-master` (a placement that moves authority without a switch; the
 //! scenario `stale-placement` catches it), `--plant activator-ignores-fence` (an activator that
-//! splices connections its fence does not allow) and `--plant skips-restore` (a new master that
+//! splices connections its fence does not allow), `--plant proxy-ignores-fence` (a proxy that hands
+//! requests to containers its fence does not allow) and `--plant skips-restore` (a new master that
 //! records a restore it did not make) switch on deliberate bugs, which the checkers catch.
 
 pub mod checks;

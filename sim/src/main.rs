@@ -61,7 +61,7 @@ struct Args {
     scenario: Option<String>,
     /// Switch on a deliberate bug to see the checkers catch it: `keep-conflicting-entries`,
     /// `backup-takes-over`, `failover-ignores-votes`, `stale-leader-confirms`, `placement-moves-master` or
-    /// `activator-ignores-fence`, `skips-restore` (needs `--features planted-bugs`).
+    /// `activator-ignores-fence`, `proxy-ignores-fence`, `skips-restore` (needs `--features planted-bugs`).
     #[arg(long)]
     plant: Option<String>,
     /// Seeds run in parallel, in that many worker processes; default: the number of CPUs.
@@ -153,6 +153,11 @@ fn plant(bug: Option<&str>) -> Result<()> {
             eprintln!("planted bug: the activator splices connections of services its fence does not let it serve");
             Ok(())
         }
+        Some("proxy-ignores-fence") => {
+            coyote_nodes::front::planted::ignore_fence(true);
+            eprintln!("planted bug: the proxy hands requests to containers of services its fence does not let it serve");
+            Ok(())
+        }
         Some("skips-restore") => {
             coyote_nodes::backups::planted::skip_restore(true);
             eprintln!("planted bug: a new master records its restore without restoring the service's data");
@@ -160,7 +165,8 @@ fn plant(bug: Option<&str>) -> Result<()> {
         }
         Some(other) => bail!(
             "no planted bug {other:?}; there are keep-conflicting-entries, backup-takes-over, failover-ignores-votes, \
-             stale-leader-confirms, placement-moves-master, activator-ignores-fence and skips-restore"
+             stale-leader-confirms, placement-moves-master, activator-ignores-fence, proxy-ignores-fence and \
+             skips-restore"
         ),
     }
 }

@@ -79,6 +79,12 @@ fn every_planted_bug_is_caught() {
             reported: "while not serving it",
         },
         Planted {
+            name: "proxy-ignores-fence",
+            switch: coyote_nodes::front::planted::ignore_fence,
+            scenario: None,
+            reported: "while not serving it",
+        },
+        Planted {
             name: "skips-restore",
             switch: coyote_nodes::backups::planted::skip_restore,
             scenario: None,
