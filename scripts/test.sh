@@ -36,6 +36,14 @@ if ! command -v dnsmasq >/dev/null 2>&1 && [ ! -x /usr/sbin/dnsmasq ]; then
   install || { $sudo apt-get update -q >/dev/null && install; }
 fi
 
+if ! command -v pebble >/dev/null 2>&1 || ! command -v pebble-challtestsrv >/dev/null 2>&1; then
+  echo "==> installing pebble (Let's Encrypt's test CA, for the certificate tests)"
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  install() { $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q pebble >/dev/null; }
+  install || { $sudo apt-get update -q >/dev/null && install; }
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -131,6 +131,8 @@ pub const ALPN_H2: &[u8] = b"h2";
 pub const NODE_CERT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Validity of a web site's certificate signed by the cluster CA ([`ClusterCa::sign_site`]).
+/// The first bytes of a secret sealed by [`ClusterCa::seal`].
+const SEALED_MAGIC: &[u8] = b"coyote-sealed-1:";
 pub const SITE_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 
 /// Validity of the cluster CA certificate.
@@ -442,6 +444,55 @@ impl ClusterCa {
 }
 
 impl ClusterCa {
+    /// The cluster's sealing key: derived from the CA's private key, which every member holds and
+    /// nothing outside the cluster does.
+    fn sealing_key(&self) -> ring::aead::LessSafeKey {
+        let mut hash = Sha256::new();
+        hash.update(b"coyote sealing key v1\0");
+        hash.update(self.key_pem.as_bytes());
+        let key = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &hash.finalize())
+            .expect("a SHA-256 digest is a ChaCha20-Poly1305 key");
+        ring::aead::LessSafeKey::new(key)
+    }
+
+    /// `plain` sealed under the cluster's key (ChaCha20-Poly1305, a random nonce), for secrets the
+    /// log holds: ACME account credentials and certificate keys.
+    pub fn seal(&self, plain: &[u8]) -> Vec<u8> {
+        let nonce: [u8; 12] = rand::random();
+        let mut out = Vec::with_capacity(SEALED_MAGIC.len() + 12 + plain.len() + 16);
+        out.extend_from_slice(SEALED_MAGIC);
+        out.extend_from_slice(&nonce);
+        let mut body = plain.to_vec();
+        self.sealing_key()
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::empty(),
+                &mut body,
+            )
+            .expect("sealing into a Vec cannot fail");
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Opens what [`ClusterCa::seal`] sealed; an error when it was sealed under another cluster's key
+    /// or was changed.
+    pub fn unseal(&self, sealed: &[u8]) -> Result<Vec<u8>> {
+        let bad =
+            |detail: &str| TlsError::InvalidCertificate { what: "sealed secret", detail: detail.to_string() };
+        let rest = sealed.strip_prefix(SEALED_MAGIC).ok_or_else(|| bad("it is not sealed by coyote"))?;
+        if rest.len() < 12 + 16 {
+            return Err(bad("it is truncated"));
+        }
+        let (nonce, body) = rest.split_at(12);
+        let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce).map_err(|_| bad("bad nonce"))?;
+        let mut body = body.to_vec();
+        let plain = self
+            .sealing_key()
+            .open_in_place(nonce, ring::aead::Aad::empty(), &mut body)
+            .map_err(|_| bad("it was sealed under another cluster's key, or changed"))?;
+        Ok(plain.to_vec())
+    }
+
     /// A certificate for the web names `names` (the proxy's, when certificates come from the
     /// cluster's own CA rather than ACME): a new ECDSA P-256 key, DNS SANs, server auth only, valid
     /// for [`SITE_CERT_VALIDITY`]. Returns the certificate and the key (PKCS#8), DER. Browsers trust
@@ -472,6 +523,109 @@ impl ClusterCa {
         let cert = params.signed_by(&site_key, &issuer).map_err(|e| TlsError::Generate(e.to_string()))?;
         Ok((cert.der().to_vec(), site_key.serialize_der()))
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Web certificates from an ACME CA, and the placeholder while one is pending
+
+/// How long a placeholder certificate is valid.
+pub const PLACEHOLDER_VALIDITY: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A new ECDSA P-256 key for a web certificate, PKCS#8 DER.
+pub fn new_site_key() -> Result<Vec<u8>> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| TlsError::Generate(e.to_string()))?;
+    Ok(key.serialize_der())
+}
+
+fn site_params(names: &[String]) -> Result<CertificateParams> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, names.first().cloned().unwrap_or_default());
+    params.distinguished_name = dn;
+    params.subject_alt_names = names
+        .iter()
+        .map(|n| n.clone().try_into().map(SanType::DnsName))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| TlsError::Generate(format!("{e}")))?;
+    Ok(params)
+}
+
+fn site_key(key_der: &[u8]) -> Result<KeyPair> {
+    let der = rustls::pki_types::PrivatePkcs8KeyDer::from(key_der);
+    KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| TlsError::InvalidCertificate { what: "web certificate key", detail: e.to_string() })
+}
+
+/// A certificate signing request (DER) for `names`, with the key `key_der` (PKCS#8 DER).
+pub fn site_csr(names: &[String], key_der: &[u8]) -> Result<Vec<u8>> {
+    let mut params = site_params(names)?;
+    params.distinguished_name = DistinguishedName::new();
+    let csr = params.serialize_request(&site_key(key_der)?).map_err(|e| TlsError::Generate(e.to_string()))?;
+    Ok(csr.der().to_vec())
+}
+
+/// A self-signed certificate for `name`, to keep TLS up while its real one is pending: a new ECDSA
+/// P-256 key, valid for [`PLACEHOLDER_VALIDITY`]. Returns the certificate and the key (PKCS#8), DER.
+pub fn placeholder_site(name: &str) -> Result<(Vec<u8>, Vec<u8>)> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| TlsError::Generate(e.to_string()))?;
+    let mut params = site_params(&[name.to_string()])?;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    set_validity(&mut params, PLACEHOLDER_VALIDITY);
+    params.serial_number = Some(random_serial());
+    let cert = params.self_signed(&key).map_err(|e| TlsError::Generate(e.to_string()))?;
+    Ok((cert.der().to_vec(), key.serialize_der()))
+}
+
+/// What people need to know of an issued certificate chain (PEM): its leaf's validity and issuer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainFacts {
+    /// The chain's certificates, DER, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    pub not_before_ms: u64,
+    pub not_after_ms: u64,
+    /// The leaf issuer's common name (or its whole name, when it has none).
+    pub issuer: String,
+    /// The DNS names the leaf is for.
+    pub names: Vec<String>,
+}
+
+/// Reads a certificate chain in PEM: an error names what is wrong with it.
+pub fn chain_facts(chain_pem: &str) -> Result<ChainFacts> {
+    let bad = |detail: String| TlsError::InvalidCertificate { what: "issued certificate chain", detail };
+    let chain: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    let Some(leaf) = chain.first() else { return Err(bad("it holds no certificate".into())) };
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| bad(e.to_string()))?;
+    let ms = |t: x509_parser::time::ASN1Time| (t.timestamp().max(0) as u64).saturating_mul(1000);
+    let issuer = cert
+        .issuer()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| cert.issuer().to_string());
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(d) = n {
+                names.push(d.to_string());
+            }
+        }
+    }
+    let facts = ChainFacts {
+        not_before_ms: ms(cert.validity().not_before),
+        not_after_ms: ms(cert.validity().not_after),
+        issuer,
+        names,
+        chain: Vec::new(),
+    };
+    Ok(ChainFacts { chain, ..facts })
 }
 
 // ---------------------------------------------------------------------------------------------

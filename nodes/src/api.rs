@@ -52,6 +52,8 @@ pub struct Api {
     pub backups: Option<Arc<crate::backups::Backups>>,
     /// `None` when this node runs no proxy.
     pub proxy: Option<Arc<coyote_proxy::Proxy>>,
+    /// The ACME CA this node's proxy orders certificates from (`None`: the cluster's own CA).
+    pub acme_directory: Option<String>,
 }
 
 pub fn router(api: Api) -> Router {
@@ -66,6 +68,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/serving", get(serving))
         .route("/v1/stats", get(stats))
         .route("/v1/stats/web", get(web_stats))
+        .route("/v1/certs", get(certs))
         .route("/metrics", get(metrics))
         .route("/v1/plan", get(plan))
         .route("/v1/alarms", get(alarms).post(alarm_raise))
@@ -433,6 +436,39 @@ async fn plan(State(api): State<Api>) -> ApiResult<PlanView> {
 async fn service_remove(caller: Caller, Path(name): Path<String>) -> ApiResult<Committed> {
     let proposed = propose(&caller, Event::ServiceRemoved { name }).await?;
     Ok(Json(Committed { index: proposed.index }))
+}
+
+/// Every name a certificate may be ordered for, with what the log knows of it (no keys).
+async fn certs(State(api): State<Api>) -> ApiResult<Vec<crate::wire::CertView>> {
+    let now = api.node.now_ms();
+    let acme = api.acme_directory.clone();
+    let views = api.node.store().with_state(|s| {
+        s.orderable_names()
+            .into_iter()
+            .map(|name| {
+                let record = s.certs.get(&name).cloned().unwrap_or_default();
+                let current = record.current.as_ref();
+                let state = match (&acme, current) {
+                    (None, None) => "cluster CA",
+                    _ => record.state_name(now),
+                };
+                crate::wire::CertView {
+                    issuer: current.map(|c| c.issuer.clone()),
+                    not_before_ms: current.map(|c| c.not_before_ms),
+                    not_after_ms: current.map(|c| c.not_after_ms),
+                    renew_at_ms: record.renew_at_ms(),
+                    state: state.to_string(),
+                    ordering_node: record.order.as_ref().map(|o| o.node),
+                    order_url: record.order.as_ref().and_then(|o| o.order_url.clone()),
+                    failures: record.failures,
+                    last_error: record.last_error.clone(),
+                    retry_at_ms: (record.retry_at_ms > now).then_some(record.retry_at_ms),
+                    name,
+                }
+            })
+            .collect()
+    });
+    Ok(Json(views))
 }
 
 async fn alarms(State(api): State<Api>) -> ApiResult<Vec<Alarm>> {

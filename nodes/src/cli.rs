@@ -41,6 +41,15 @@ pub enum Command {
     /// Snapshots of services' data
     #[command(subcommand)]
     Backup(BackupCmd),
+    /// Certificates of the services' domains
+    #[command(subcommand)]
+    Cert(CertCmd),
+}
+
+#[derive(Subcommand)]
+pub enum CertCmd {
+    /// Every domain with its certificate: issuer, expiry, state, the last error
+    List,
 }
 
 #[derive(Subcommand)]
@@ -337,6 +346,33 @@ pub async fn run(command: Command, client: &Client, json: bool) -> Result<()> {
                 for a in &alarms {
                     println!("{:>6}  {}  {}  {}", a.id, format_ms(a.raised_at_ms), a.key, a.message);
                 }
+            }
+            Ok(())
+        }
+        Command::Cert(CertCmd::List) => {
+            let certs: Vec<wire::CertView> = client.get("/v1/certs").await?;
+            if json {
+                print_json_lines(&certs);
+                return Ok(());
+            }
+            if certs.is_empty() {
+                println!("no service has a domain whose TLS coyote terminates");
+            }
+            for c in &certs {
+                let until =
+                    c.not_after_ms.map(|t| format!("until {}", format_ms(t))).unwrap_or_else(|| "-".into());
+                let issuer = c.issuer.as_deref().unwrap_or("-");
+                let mut line = format!("{:<32} {:<10} {:<28} {until}", c.name, c.state, issuer);
+                if let Some(node) = c.ordering_node {
+                    line.push_str(&format!("; node {node} is ordering it"));
+                }
+                if let Some(e) = &c.last_error {
+                    line.push_str(&format!("; {} failure(s), last: {e}", c.failures));
+                }
+                if let Some(t) = c.retry_at_ms {
+                    line.push_str(&format!("; next try {}", format_ms(t)));
+                }
+                println!("{line}");
             }
             Ok(())
         }

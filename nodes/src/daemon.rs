@@ -159,6 +159,8 @@ pub struct FrontOptions {
     pub https: String,
     /// Where `/metrics` is served over TCP (`None`: only on the unix socket).
     pub metrics: Option<String>,
+    /// Where certificates come from (`None`: the cluster's own CA).
+    pub acme: Option<coyote_nodes::acme::AcmeOptions>,
 }
 
 impl FrontOptions {
@@ -182,7 +184,16 @@ impl FrontOptions {
         }
         let https = bound.pop();
         let http = bound.pop();
-        Ok(Some(FrontParts { http, https, settings: coyote_proxy::Settings::default() }))
+        if let Some(root) = self.acme.as_ref().and_then(|a| a.root_pem.as_ref()) {
+            std::fs::read(root)
+                .with_context(|| format!("--acme-ca-root {} cannot be read", root.display()))?;
+        }
+        Ok(Some(FrontParts {
+            http,
+            https,
+            settings: coyote_proxy::Settings::default(),
+            acme: self.acme.clone(),
+        }))
     }
 }
 

@@ -47,6 +47,8 @@ pub struct FrontParts {
     /// Where HTTPS arrives (`None`: no HTTPS listener; plain HTTP is then served, not redirected).
     pub https: Option<Box<dyn Listener>>,
     pub settings: coyote_proxy::Settings,
+    /// Certificates from this ACME CA (`None`: from the cluster's own CA).
+    pub acme: Option<crate::acme::AcmeOptions>,
 }
 
 type Addresses = std::collections::HashMap<String, (IpAddr, tokio::time::Instant)>;
@@ -223,6 +225,16 @@ impl coyote_proxy::Issuer for NoIssuer {
     }
 }
 
+/// Where the proxy's certificates come from, for names with none in the log: a self-signed
+/// placeholder while ACME orders the real one, else the cluster's CA.
+pub(crate) fn issuer(ca: Option<ClusterCa>, acme: bool) -> Arc<dyn coyote_proxy::Issuer> {
+    match ca {
+        _ if acme => Arc::new(crate::acme::Placeholder),
+        Some(ca) => Arc::new(CaIssuer(ca)),
+        None => Arc::new(NoIssuer),
+    }
+}
+
 /// Builds the node's proxy.
 pub(crate) fn proxy(
     log: &LogNode,
@@ -230,7 +242,7 @@ pub(crate) fn proxy(
     runtime: Option<Arc<dyn ContainerRuntime>>,
     activator: Option<Arc<Activator>>,
     sockets: Arc<dyn Sockets>,
-    ca: Option<ClusterCa>,
+    issuer: Arc<dyn coyote_proxy::Issuer>,
     settings: coyote_proxy::Settings,
 ) -> Arc<Proxy> {
     let backend = NodeBackend {
@@ -241,23 +253,25 @@ pub(crate) fn proxy(
         sockets,
         addresses: Arc::default(),
     };
-    let issuer: Arc<dyn coyote_proxy::Issuer> = match ca {
-        Some(ca) => Arc::new(CaIssuer(ca)),
-        None => Arc::new(NoIssuer),
-    };
     Proxy::new(Arc::new(backend), issuer, settings)
 }
 
-/// Keeps the proxy's routing table in line with the log, until `shutdown`.
+/// Keeps the proxy's routing table, and the certificates and ACME challenge answers it serves, in
+/// line with the log, until `shutdown`.
 pub(crate) async fn follow_log(
     proxy: Arc<Proxy>,
     log: LogNode,
+    ca: Option<ClusterCa>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
     let mut applied = log.store().subscribe();
+    let mut installed = crate::acme::Installed::default();
     loop {
         proxy.set_table(log.store().with_state(Table::from_state));
+        if let Some(ca) = &ca {
+            log.store().with_state(|s| installed.update(s, ca, &proxy));
+        }
         tokio::select! {
             biased;
             _ = &mut shutdown => return,

@@ -17,6 +17,7 @@
 //! - [`sockets`]: the listening sockets and connections the activator opens (a trait, so the
 //!   simulator hands in its own).
 
+pub mod acme;
 pub mod activator;
 pub mod api;
 pub mod backups;

@@ -95,11 +95,30 @@ struct FrontArgs {
     /// socket) [default: off]
     #[arg(long, value_name = "HOST:PORT")]
     metrics: Option<String>,
+    /// Certificates for the services' domains: `on` orders them from the ACME CA (--acme-ca), `off`
+    /// issues them from the cluster's own CA (for a LAN or a test: browsers trust them only where
+    /// that CA is installed)
+    #[arg(long, default_value = "on", value_name = "on|off", value_parser = ["on", "off"])]
+    acme: String,
+    /// The ACME CA's directory URL
+    #[arg(long, default_value = coyote_nodes::acme::LETS_ENCRYPT, value_name = "URL")]
+    acme_ca: String,
+    /// A contact address for the cluster's ACME account
+    #[arg(long, value_name = "ADDRESS")]
+    acme_email: Option<String>,
+    /// A PEM file with the root the ACME CA's own HTTPS chains to (a test or private CA)
+    #[arg(long, value_name = "FILE")]
+    acme_ca_root: Option<PathBuf>,
 }
 
 impl From<FrontArgs> for daemon::FrontOptions {
     fn from(f: FrontArgs) -> Self {
-        daemon::FrontOptions { proxy: !f.no_proxy, http: f.http, https: f.https, metrics: f.metrics }
+        let acme = (f.acme == "on").then_some(coyote_nodes::acme::AcmeOptions {
+            directory: f.acme_ca,
+            email: f.acme_email,
+            root_pem: f.acme_ca_root,
+        });
+        daemon::FrontOptions { proxy: !f.no_proxy, http: f.http, https: f.https, metrics: f.metrics, acme }
     }
 }
 

@@ -189,13 +189,33 @@ impl Node {
             None => (None, None),
         };
         let mut routes = backups.as_ref().map(|b| b.routes()).unwrap_or_default();
+        let mut acme_directory = None;
         let proxy = match front {
-            Some(FrontParts { http, https, mut settings }) => {
+            Some(FrontParts { http, https, mut settings, acme }) => {
+                acme_directory = acme.as_ref().map(|a| a.directory.clone());
                 settings.redirect_to_https &= https.is_some();
-                let proxy =
-                    front::proxy(&log, &fence, runtime, activator.clone(), sockets, ca_for_front, settings);
+                let proxy = front::proxy(
+                    &log,
+                    &fence,
+                    runtime,
+                    activator.clone(),
+                    sockets,
+                    front::issuer(ca_for_front.clone(), acme.is_some()),
+                    settings,
+                );
                 routes = front::routes(proxy.clone(), routes);
-                tasks.push(tokio::spawn(front::follow_log(proxy.clone(), log.clone(), stopped())));
+                let follow = front::follow_log(proxy.clone(), log.clone(), ca_for_front.clone(), stopped());
+                tasks.push(tokio::spawn(follow));
+                match (acme, &ca_for_front) {
+                    (Some(options), Some(ca)) => {
+                        let orderer = crate::acme::Orderer::new(log.clone(), ca.clone(), options);
+                        tasks.push(tokio::spawn(orderer.run(stopped())));
+                    }
+                    (Some(_), None) => {
+                        tracing::warn!("this node holds no cluster CA key: it orders no certificates")
+                    }
+                    (None, _) => {}
+                }
                 for (listener, https) in [(http, false), (https, true)] {
                     if let Some(listener) = listener {
                         tasks.push(tokio::spawn(front::accept(proxy.clone(), listener, https, stopped())));
@@ -223,6 +243,7 @@ impl Node {
             activator: activator.clone(),
             backups: backups.clone(),
             proxy: proxy.clone(),
+            acme_directory,
         };
         let metrics = api::metrics_router(api.clone());
         let api = api::router(api);

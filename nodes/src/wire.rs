@@ -73,6 +73,27 @@ pub struct ErrorAnswer {
     pub error: String,
 }
 
+/// A name's certificate (`GET /v1/certs`, `coyote cert list`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CertView {
+    pub name: String,
+    /// `valid`, `renewing`, `ordering`, `waiting` (to retry after a failure), `expired`, `pending`,
+    /// or `cluster CA` (no ACME on this node: certificates come from the cluster's own CA).
+    pub state: String,
+    pub issuer: Option<String>,
+    pub not_before_ms: Option<u64>,
+    pub not_after_ms: Option<u64>,
+    pub renew_at_ms: Option<u64>,
+    /// The node working on its order, while one is under way.
+    pub ordering_node: Option<u64>,
+    pub order_url: Option<String>,
+    /// Failed orders in a row, and the last one's reason.
+    pub failures: u32,
+    pub last_error: Option<String>,
+    /// No new order before this moment.
+    pub retry_at_ms: Option<u64>,
+}
+
 /// An event as `coyote events tail` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EventView {
@@ -112,7 +133,7 @@ impl From<&EventRecord> for EventView {
             summary: env.event.summary(),
             outcome,
             reason,
-            event: env.event.clone(),
+            event: env.event.redacted(),
         }
     }
 }

@@ -85,7 +85,14 @@ async fn handle(proxy: Arc<Proxy>, request: Request<Body>, client: Peer) -> Resp
     let table = proxy.table();
     let route = host.as_deref().and_then(|h| table.lookup(h)).cloned();
     let bytes_in = content_length(request.headers()).unwrap_or(0);
+    let challenge = request.uri().path().strip_prefix(ACME_CHALLENGE_PREFIX).and_then(|t| proxy.challenge(t));
     let response = match (&host, &route) {
+        _ if challenge.is_some() && request.method() == Method::GET => {
+            let answer = challenge.unwrap_or_default();
+            let mut response = Response::new(pages::full(answer));
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            response
+        }
         _ if request.method() == Method::CONNECT => {
             error(StatusCode::METHOD_NOT_ALLOWED, "This server is not a forward proxy.")
         }

@@ -148,6 +148,8 @@ pub struct Proxy {
     tls: Arc<rustls::ServerConfig>,
     client: http::Upstream,
     connections: Arc<Semaphore>,
+    /// ACME HTTP-01 challenges this node answers: token → key authorization.
+    challenges: std::sync::RwLock<std::collections::HashMap<String, String>>,
     pub stats: Arc<Stats>,
 }
 
@@ -166,6 +168,7 @@ impl Proxy {
             tls,
             client,
             connections,
+            challenges: Default::default(),
             stats: Arc::new(Stats::default()),
         })
     }
@@ -181,6 +184,21 @@ impl Proxy {
             *current = table;
             true
         });
+    }
+
+    /// The certificates the HTTPS listener serves.
+    pub fn certificates(&self) -> &Arc<Certificates> {
+        &self.certificates
+    }
+
+    /// Answers these ACME HTTP-01 challenges (token → key authorization) from now on, on any name.
+    pub fn set_challenges(&self, challenges: std::collections::HashMap<String, String>) {
+        *self.challenges.write().expect("challenges lock") = challenges;
+    }
+
+    /// The key authorization for the HTTP-01 challenge `token`, if this node answers it.
+    pub fn challenge(&self, token: &str) -> Option<String> {
+        self.challenges.read().expect("challenges lock").get(token).cloned()
     }
 
     /// The table requests are routed by now.

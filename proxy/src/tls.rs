@@ -34,10 +34,13 @@ pub trait Issuer: Send + Sync + 'static {
     fn issue(&self, name: &str) -> Result<Arc<CertifiedKey>, String>;
 }
 
-/// The certificates of the names the routing table holds, issued on a first handshake and kept.
+/// The certificates of the names the routing table holds: those installed from the log (issued by
+/// an ACME CA) first; for any other name, one from the [`Issuer`] (the cluster CA's, or a
+/// self-signed placeholder while the real one is pending), made on a first handshake and kept.
 pub struct Certificates {
     issuer: Arc<dyn Issuer>,
     known: RwLock<HashSet<String>>,
+    installed: RwLock<HashMap<String, Arc<CertifiedKey>>>,
     issued: Mutex<HashMap<String, (Instant, Arc<CertifiedKey>)>>,
 }
 
@@ -49,7 +52,22 @@ impl std::fmt::Debug for Certificates {
 
 impl Certificates {
     pub fn new(issuer: Arc<dyn Issuer>) -> Self {
-        Certificates { issuer, known: RwLock::default(), issued: Mutex::default() }
+        Certificates {
+            issuer,
+            known: RwLock::default(),
+            installed: RwLock::default(),
+            issued: Mutex::default(),
+        }
+    }
+
+    /// Serves these certificates from now on (by lowercase name), in place of those installed before.
+    pub fn install(&self, certificates: HashMap<String, Arc<CertifiedKey>>) {
+        *self.installed.write().expect("certificates lock") = certificates;
+    }
+
+    /// Whether a certificate from the log is installed for `name`.
+    pub fn is_installed(&self, name: &str) -> bool {
+        self.installed.read().expect("certificates lock").contains_key(name)
     }
 
     /// Serves the names of `table` from now on, and forgets the certificates of other names.
@@ -64,6 +82,9 @@ impl Certificates {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         if !self.known.read().expect("certificates lock").contains(&name) {
             return None;
+        }
+        if let Some(key) = self.installed.read().expect("certificates lock").get(&name) {
+            return Some(key.clone());
         }
         let mut issued = self.issued.lock().expect("certificates lock");
         if let Some((at, key)) = issued.get(&name) {

@@ -93,7 +93,7 @@ pub(crate) async fn host_software(world: Arc<World>, host: Arc<HostState>) -> Se
                 ..BackupSettings::new(host.dir.path().join("backups"), host.dir.path().join("volumes"))
             }),
         }),
-        front: Some(FrontParts { http: Some(http), https: None, settings: Default::default() }),
+        front: Some(FrontParts { http: Some(http), https: None, settings: Default::default(), acme: None }),
     })
     .await?;
     {

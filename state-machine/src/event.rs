@@ -159,6 +159,51 @@ pub enum Event {
         node: NodeId,
         epoch: LogIndex,
     },
+    /// The cluster's account at the ACME CA `directory`; one at another directory is replaced. See
+    /// [`crate::certs`] for the events of a certificate's order.
+    AcmeAccountCreated {
+        directory: String,
+        account_url: String,
+        /// The account's credentials, sealed under the cluster's key.
+        credentials_sealed: Vec<u8>,
+    },
+    /// `node` works on the certificate of `name`: a new order, an order whose claim lapsed (resumed
+    /// by its URL), or its own claim renewed.
+    CertOrderClaimed {
+        name: String,
+        node: NodeId,
+    },
+    /// The claimant placed the order at the CA, for a certificate of the key it chose (sealed).
+    CertOrderPlaced {
+        name: String,
+        node: NodeId,
+        order_url: String,
+        key_sealed: Vec<u8>,
+    },
+    /// An HTTP-01 challenge of the order: every node answers `token` with `key_authorization`.
+    AcmeChallengeReady {
+        name: String,
+        node: NodeId,
+        token: String,
+        key_authorization: String,
+    },
+    /// The CA issued the certificate of `name`; the order is over.
+    CertIssued {
+        name: String,
+        node: NodeId,
+        chain_pem: String,
+        /// The certificate's key, sealed.
+        key_sealed: Vec<u8>,
+        not_before_ms: u64,
+        not_after_ms: u64,
+        issuer: String,
+    },
+    /// The order of `name` failed; the next one waits ([`crate::certs::backoff_ms`]).
+    CertOrderFailed {
+        name: String,
+        node: NodeId,
+        reason: String,
+    },
 }
 
 /// Why a snapshot was taken.
@@ -268,6 +313,12 @@ impl Event {
             Event::BackupFailed { .. } => "backup_failed",
             Event::SnapshotForgotten { .. } => "snapshot_forgotten",
             Event::RestoreCompleted { .. } => "restore_completed",
+            Event::AcmeAccountCreated { .. } => "acme_account_created",
+            Event::CertOrderClaimed { .. } => "cert_order_claimed",
+            Event::CertOrderPlaced { .. } => "cert_order_placed",
+            Event::AcmeChallengeReady { .. } => "acme_challenge_ready",
+            Event::CertIssued { .. } => "cert_issued",
+            Event::CertOrderFailed { .. } => "cert_order_failed",
         }
     }
 
@@ -293,6 +344,12 @@ impl Event {
         "backup_failed",
         "snapshot_forgotten",
         "restore_completed",
+        "acme_account_created",
+        "cert_order_claimed",
+        "cert_order_placed",
+        "acme_challenge_ready",
+        "cert_issued",
+        "cert_order_failed",
     ];
 
     /// One human line describing the event.
@@ -388,7 +445,38 @@ impl Event {
                 ),
                 None => format!("service {service}: node {node} starts with no snapshot at epoch {epoch}"),
             },
+            Event::AcmeAccountCreated { directory, account_url, .. } => {
+                format!("ACME account {account_url} created at {directory}")
+            }
+            Event::CertOrderClaimed { name, node } => format!("certificate of {name}: node {node} orders it"),
+            Event::CertOrderPlaced { name, node, order_url, .. } => {
+                format!("certificate of {name}: node {node} placed order {order_url}")
+            }
+            Event::AcmeChallengeReady { name, token, .. } => {
+                format!("certificate of {name}: HTTP-01 challenge {token} answered by every node")
+            }
+            Event::CertIssued { name, issuer, not_after_ms, .. } => format!(
+                "certificate of {name} issued by {issuer}, valid until {}",
+                crate::format_ms(*not_after_ms)
+            ),
+            Event::CertOrderFailed { name, node, reason } => {
+                format!("certificate of {name}: the order by node {node} failed: {reason}")
+            }
         }
+    }
+
+    /// The event without its sealed secrets (keys and account credentials), for showing outside the
+    /// node: sealed as they are, they still have no business in a terminal or a browser.
+    pub fn redacted(&self) -> Event {
+        let mut event = self.clone();
+        match &mut event {
+            Event::AcmeAccountCreated { credentials_sealed, .. } => credentials_sealed.clear(),
+            Event::CertOrderPlaced { key_sealed, .. } | Event::CertIssued { key_sealed, .. } => {
+                key_sealed.clear()
+            }
+            _ => {}
+        }
+        event
     }
 }
 

@@ -65,6 +65,7 @@
 //!   a setting in the log is later work.
 //! - Token secrets: the log only ever holds their SHA-256.
 
+pub mod certs;
 pub mod data;
 mod event;
 pub mod spec;
@@ -77,9 +78,9 @@ pub use event::{
 };
 pub use spec::{PortMap, ServiceSpec, ZoneCheck};
 pub use state::{
-    serve_from, sha256_hex, Alarm, ClusterInfo, ContainerGoal, DesiredContainer, Handover, Member,
-    Observation, Outcome, Role, Service, State, StateV1, StateV2, Token, TokenStatus, DRIFT_MARGIN_MS,
-    FAILOVER_AFTER_MS, HANDOVER_WAIT_MS, LEASE_MS, PLACEMENT_BACKUPS_MAX,
+    cert_alarm_key, serve_from, sha256_hex, Alarm, ClusterInfo, ContainerGoal, DesiredContainer, Handover,
+    Member, Observation, Outcome, Role, Service, State, StateV1, StateV2, StateV3, Token, TokenStatus,
+    DRIFT_MARGIN_MS, FAILOVER_AFTER_MS, HANDOVER_WAIT_MS, LEASE_MS, PLACEMENT_BACKUPS_MAX,
 };
 
 /// Deliberate bugs, for the simulator to show that its checkers catch them. Compiled only with the

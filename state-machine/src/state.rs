@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::certs::{self, AcmeAccount, CertRecord, IssuedCert, OrderClaim};
 use crate::data::{
     valid_snapshot_id, BackupFailure, DataLedger, Restored, SnapshotRecord, RETENTION, SNAPSHOTS_MAX,
 };
@@ -192,6 +193,48 @@ pub struct State {
     pub handovers: BTreeMap<String, Handover>,
     /// What the log knows about each service's data: its epoch, snapshots and their holders.
     pub data: BTreeMap<String, DataLedger>,
+    /// The cluster's ACME account, once one was created.
+    pub acme: Option<AcmeAccount>,
+    /// Certificates and their orders, by name (lowercase).
+    pub certs: BTreeMap<String, CertRecord>,
+}
+
+/// [`State`] as snapshots before certificates held it (snapshot format 3), to read them.
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub struct StateV3 {
+    pub cluster: Option<ClusterInfo>,
+    pub members: BTreeMap<NodeId, Member>,
+    pub departed: BTreeSet<NodeId>,
+    pub tokens: BTreeMap<String, Token>,
+    pub services: BTreeMap<String, Service>,
+    pub alarms: BTreeMap<u64, Alarm>,
+    pub reachability: BTreeMap<(NodeId, Subject), Observation>,
+    pub last_applied: LogIndex,
+    pub applied_count: u64,
+    pub rejected_count: u64,
+    pub handovers: BTreeMap<String, Handover>,
+    pub data: BTreeMap<String, DataLedger>,
+}
+
+impl From<StateV3> for State {
+    fn from(v: StateV3) -> Self {
+        State {
+            cluster: v.cluster,
+            members: v.members,
+            departed: v.departed,
+            tokens: v.tokens,
+            services: v.services,
+            alarms: v.alarms,
+            reachability: v.reachability,
+            last_applied: v.last_applied,
+            applied_count: v.applied_count,
+            rejected_count: v.rejected_count,
+            handovers: v.handovers,
+            data: v.data,
+            acme: None,
+            certs: BTreeMap::new(),
+        }
+    }
 }
 
 /// [`State`] as snapshots before the data ledger held it (snapshot format 2), to read them.
@@ -215,7 +258,7 @@ impl From<StateV2> for State {
     /// proposes afterwards reads the same epoch from this state, and none from before is known.
     fn from(v: StateV2) -> Self {
         let data = v.services.keys().map(|name| (name.clone(), DataLedger::new(v.last_applied))).collect();
-        State {
+        StateV3 {
             cluster: v.cluster,
             members: v.members,
             departed: v.departed,
@@ -229,6 +272,7 @@ impl From<StateV2> for State {
             handovers: v.handovers,
             data,
         }
+        .into()
     }
 }
 
@@ -264,6 +308,16 @@ impl From<StateV1> for State {
         }
         .into()
     }
+}
+
+/// The key of the alarm about a name's certificate.
+pub fn cert_alarm_key(name: &str) -> String {
+    format!("cert/{name}")
+}
+
+/// Whether `spec` has the domain `name` (lowercase, no trailing dot).
+fn serves_name(spec: &ServiceSpec, name: &str) -> bool {
+    spec.domains.iter().any(|d| d.trim_end_matches('.').eq_ignore_ascii_case(name))
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
@@ -524,6 +578,80 @@ impl State {
                         h.to, h.requested_at_ms
                     ));
                 }
+            }
+            Event::AcmeAccountCreated { directory, account_url, credentials_sealed } => {
+                if directory.is_empty() || account_url.is_empty() || credentials_sealed.is_empty() {
+                    return reject("an ACME account needs its directory, URL and credentials".into());
+                }
+                if let Some(acme) = self.acme.as_ref().filter(|a| a.directory == *directory) {
+                    return reject(format!(
+                        "the cluster has an account at {directory}: {}",
+                        acme.account_url
+                    ));
+                }
+            }
+            Event::CertOrderClaimed { name, node } => {
+                if !self.members.contains_key(node) {
+                    return reject(format!("node {node} is not a member"));
+                }
+                if !self.orderable(name) {
+                    return reject(format!(
+                        "{name} is not a domain of any service whose TLS coyote terminates"
+                    ));
+                }
+                let record = self.certs.get(name);
+                match record.and_then(|r| r.claimed_by(at_ms)) {
+                    Some(holder) if holder == *node => {}
+                    Some(holder) => {
+                        return reject(format!("node {holder} holds the order of {name}"));
+                    }
+                    None => {
+                        let Some(record) = record else { return Ok(()) };
+                        if record.order.is_none() && !record.due(at_ms) {
+                            return reject(format!(
+                                "the certificate of {name} is not due for renewal before {}",
+                                crate::format_ms(record.renew_at_ms().unwrap_or(0))
+                            ));
+                        }
+                        if at_ms < record.retry_at_ms {
+                            return reject(format!(
+                                "{name} may be ordered again from {}, after {} failure(s)",
+                                crate::format_ms(record.retry_at_ms),
+                                record.failures
+                            ));
+                        }
+                    }
+                }
+            }
+            Event::CertOrderPlaced { name, node, order_url, key_sealed } => {
+                let order = self.check_order_holder(name, *node, at_ms)?;
+                if order_url.is_empty() || key_sealed.is_empty() {
+                    return reject("an order needs its URL and key".into());
+                }
+                if order.order_url.as_ref().is_some_and(|u| u != order_url) {
+                    return reject(format!("the order of {name} is already placed"));
+                }
+            }
+            Event::AcmeChallengeReady { name, node, token, key_authorization } => {
+                let order = self.check_order_holder(name, *node, at_ms)?;
+                if order.order_url.is_none() {
+                    return reject(format!("the order of {name} is not placed yet"));
+                }
+                if !certs::valid_token(token) || !key_authorization.starts_with(&format!("{token}.")) {
+                    return reject(format!("{token:?} is not an ACME challenge with its key authorization"));
+                }
+                if order.challenges.len() >= 16 && !order.challenges.contains_key(token) {
+                    return reject(format!("the order of {name} has too many challenges"));
+                }
+            }
+            Event::CertIssued { name, node, chain_pem, key_sealed, not_before_ms, not_after_ms, .. } => {
+                self.check_order_holder(name, *node, at_ms)?;
+                if chain_pem.is_empty() || key_sealed.is_empty() || not_after_ms <= not_before_ms {
+                    return reject(format!("the certificate of {name} is incomplete"));
+                }
+            }
+            Event::CertOrderFailed { name, node, .. } => {
+                self.check_order_holder(name, *node, at_ms)?;
             }
             Event::AlarmRaised { key, node, service, .. } => {
                 if key.is_empty() {
@@ -854,6 +982,92 @@ impl State {
                     at_ms: env.at_ms,
                 });
             }
+            Event::AcmeAccountCreated { directory, account_url, credentials_sealed } => {
+                self.acme = Some(AcmeAccount {
+                    directory: directory.clone(),
+                    account_url: account_url.clone(),
+                    credentials_sealed: credentials_sealed.clone(),
+                    created_at_ms: env.at_ms,
+                });
+            }
+            Event::CertOrderClaimed { name, node } => {
+                let record = self.certs.entry(name.clone()).or_default();
+                match &mut record.order {
+                    Some(order) => {
+                        order.node = *node;
+                        order.renewed_at_ms = env.at_ms;
+                    }
+                    None => {
+                        record.order = Some(OrderClaim {
+                            node: *node,
+                            claimed_at_ms: env.at_ms,
+                            renewed_at_ms: env.at_ms,
+                            order_url: None,
+                            key_sealed: None,
+                            challenges: BTreeMap::new(),
+                        })
+                    }
+                }
+            }
+            Event::CertOrderPlaced { name, order_url, key_sealed, .. } => {
+                let order = self.order_mut(name);
+                order.order_url = Some(order_url.clone());
+                order.key_sealed = Some(key_sealed.clone());
+                order.renewed_at_ms = env.at_ms;
+            }
+            Event::AcmeChallengeReady { name, token, key_authorization, .. } => {
+                let order = self.order_mut(name);
+                order.challenges.insert(token.clone(), key_authorization.clone());
+                order.renewed_at_ms = env.at_ms;
+            }
+            Event::CertIssued {
+                name, chain_pem, key_sealed, not_before_ms, not_after_ms, issuer, ..
+            } => {
+                let record = self.certs.get_mut(name).expect("checked: the order exists");
+                record.current = Some(IssuedCert {
+                    chain_pem: chain_pem.clone(),
+                    key_sealed: key_sealed.clone(),
+                    not_before_ms: *not_before_ms,
+                    not_after_ms: *not_after_ms,
+                    issuer: issuer.clone(),
+                    issued_at_ms: env.at_ms,
+                });
+                record.order = None;
+                record.failures = 0;
+                record.last_error = None;
+                record.retry_at_ms = 0;
+                let key = cert_alarm_key(name);
+                self.alarms.retain(|_, a| a.key != key);
+            }
+            Event::CertOrderFailed { name, node, reason } => {
+                let record = self.certs.get_mut(name).expect("checked: the order exists");
+                record.order = None;
+                record.failures = record.failures.saturating_add(1);
+                record.last_error = Some(reason.clone());
+                record.retry_at_ms = env.at_ms + certs::backoff_ms(record.failures);
+                let message = format!(
+                    "the certificate of {name} could not be ordered ({} failure(s) in a row; next try at {}): {reason}",
+                    record.failures,
+                    crate::format_ms(record.retry_at_ms)
+                );
+                let key = cert_alarm_key(name);
+                if !self.alarms.values().any(|a| a.key == key) && self.alarms.len() < ALARMS_OPEN_MAX {
+                    let service = self
+                        .services
+                        .values()
+                        .find(|s| serves_name(&s.spec, name))
+                        .map(|s| s.spec.name.clone());
+                    let alarm = Alarm {
+                        id: env.index,
+                        key,
+                        node: Some(*node),
+                        service,
+                        message,
+                        raised_at_ms: env.at_ms,
+                    };
+                    self.alarms.insert(env.index, alarm);
+                }
+            }
             Event::HandoverRequested { service, to, reason } => {
                 let from =
                     self.services[service].placement.as_ref().expect("checked: placement exists").master;
@@ -951,6 +1165,44 @@ impl State {
             return reject(format!("node {to} is not a member"));
         }
         Ok(placement)
+    }
+
+    /// Whether coyote may order a certificate for `name`: a lowercase domain of a service whose TLS
+    /// the proxy terminates (not passed through).
+    pub fn orderable(&self, name: &str) -> bool {
+        !name.is_empty()
+            && name == name.to_ascii_lowercase()
+            && self.services.values().any(|s| !s.spec.tls_passthrough && serves_name(&s.spec, name))
+    }
+
+    /// Every name coyote may order a certificate for, in order.
+    pub fn orderable_names(&self) -> BTreeSet<String> {
+        self.services
+            .values()
+            .filter(|s| !s.spec.tls_passthrough)
+            .flat_map(|s| s.spec.domains.iter().map(|d| d.trim_end_matches('.').to_ascii_lowercase()))
+            .collect()
+    }
+
+    fn check_order_holder(&self, name: &str, node: NodeId, at_ms: u64) -> Result<&OrderClaim, Rejection> {
+        let record = self.certs.get(name);
+        let Some(order) = record.and_then(|r| r.order.as_ref()) else {
+            return Err(Rejection::new(format!("no order of {name} is under way")));
+        };
+        if order.node != node {
+            return Err(Rejection::new(format!(
+                "node {} holds the order of {name}, not node {node}",
+                order.node
+            )));
+        }
+        if record.and_then(|r| r.claimed_by(at_ms)) != Some(node) {
+            return Err(Rejection::new(format!("the claim of node {node} on the order of {name} lapsed")));
+        }
+        Ok(order)
+    }
+
+    fn order_mut(&mut self, name: &str) -> &mut OrderClaim {
+        self.certs.get_mut(name).and_then(|r| r.order.as_mut()).expect("checked: the order exists")
     }
 
     /// Checks what must never be false. Kept in release builds: a broken state must stop the node.

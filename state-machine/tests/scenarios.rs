@@ -235,6 +235,44 @@ impl Runner {
                     epoch,
                 })
             }
+            "acme-account" => self.propose(Event::AcmeAccountCreated {
+                directory: get("dir"),
+                account_url: format!("{}/acct/1", get("dir")),
+                credentials_sealed: b"sealed".to_vec(),
+            }),
+            "cert-claim" => self.propose(Event::CertOrderClaimed { name: pos[1].clone(), node: num("node") }),
+            "cert-placed" => self.propose(Event::CertOrderPlaced {
+                name: pos[1].clone(),
+                node: num("node"),
+                order_url: get("url"),
+                key_sealed: b"sealed key".to_vec(),
+            }),
+            "cert-challenge" => self.propose(Event::AcmeChallengeReady {
+                name: pos[1].clone(),
+                node: num("node"),
+                token: get("token"),
+                key_authorization: kv
+                    .get("keyauth")
+                    .cloned()
+                    .unwrap_or_else(|| format!("{}.thumb", get("token"))),
+            }),
+            "cert-issued" => {
+                let days: u64 = kv.get("days").map(|d| d.parse().expect("days")).unwrap_or(90);
+                self.propose(Event::CertIssued {
+                    name: pos[1].clone(),
+                    node: num("node"),
+                    chain_pem: "-----BEGIN CERTIFICATE-----".into(),
+                    key_sealed: b"sealed key".to_vec(),
+                    not_before_ms: self.clock_ms,
+                    not_after_ms: self.clock_ms + days * 86_400_000,
+                    issuer: "Pebble Intermediate CA".into(),
+                })
+            }
+            "cert-failed" => self.propose(Event::CertOrderFailed {
+                name: pos[1].clone(),
+                node: num("node"),
+                reason: get("reason").replace('_', " "),
+            }),
             "show" => self.show(&pos[1], pos.get(2)),
             other => panic!("unknown scenario command {other:?}"),
         }
@@ -338,6 +376,46 @@ impl Runner {
                 }
                 let newest = d.newest_held().map(|r| short_id(&r.id)).unwrap_or("none");
                 writeln!(out, "  newest held: {newest}").unwrap();
+            }
+            "certs" => {
+                for (name, r) in &s.certs {
+                    let order = match &r.order {
+                        Some(o) => format!(
+                            "order by node {} (claimed {}, renewed {}) url {} challenges [{}]",
+                            o.node,
+                            o.claimed_at_ms,
+                            o.renewed_at_ms,
+                            o.order_url.as_deref().unwrap_or("-"),
+                            o.challenges
+                                .iter()
+                                .map(|(t, k)| format!("{t}={k}"))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        ),
+                        None => "no order".into(),
+                    };
+                    let current = match &r.current {
+                        Some(c) => format!(
+                            "valid {}..{} renew at {}",
+                            c.not_before_ms,
+                            c.not_after_ms,
+                            r.renew_at_ms().unwrap_or(0)
+                        ),
+                        None => "no certificate".into(),
+                    };
+                    writeln!(
+                        out,
+                        "  {name}: {} at {}; {current}; {order}; failures {} retry at {} last error {:?}",
+                        r.state_name(self.clock_ms),
+                        self.clock_ms,
+                        r.failures,
+                        r.retry_at_ms,
+                        r.last_error
+                    )
+                    .unwrap();
+                }
+                let names: Vec<String> = s.orderable_names().into_iter().collect();
+                writeln!(out, "  orderable: [{}]", names.join(",")).unwrap();
             }
             other => panic!("unknown show {other:?}"),
         }

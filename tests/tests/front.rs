@@ -62,7 +62,13 @@ fn sites_are_served_by_name_from_any_node_and_follow_their_master() -> Result<()
     for (i, ip) in ["127.0.0.1", "127.0.0.2", "127.0.0.3"].iter().enumerate() {
         let mut n = Node::on_ip(root.path(), &format!("n{}", i + 1), ip);
         n.containers = true;
-        n.flags = vec!["--forward".into(), "userspace".into(), "--no-backups".into()];
+        n.flags = vec![
+            "--forward".into(),
+            "userspace".into(),
+            "--no-backups".into(),
+            "--acme".into(),
+            "off".into(),
+        ];
         n.flags.extend(["--metrics".into(), format!("{ip}:{}", free_port_on(ip))]);
         let front = Front { ip: ip.to_string(), http: free_port_on(ip), https: free_port_on(ip) };
         n.front = Some((format!("{ip}:{}", front.http), format!("{ip}:{}", front.https)));

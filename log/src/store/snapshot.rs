@@ -20,7 +20,17 @@ pub(super) enum SnapshotFile {
     V1(SnapshotBodyV1),
     /// Before the data ledger: the state without it.
     V2(SnapshotBodyV2),
-    V3(SnapshotBody),
+    /// Before certificates: the state without them.
+    V3(SnapshotBodyV3),
+    V4(SnapshotBody),
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct SnapshotBodyV3 {
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership<NodeId, Node>,
+    state: coyote_state_machine::StateV3,
+    archive: Vec<EventRecord>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -62,13 +72,19 @@ impl SnapshotBody {
                 state: b.state.into(),
                 archive: b.archive,
             },
-            SnapshotFile::V3(body) => body,
+            SnapshotFile::V3(b) => SnapshotBody {
+                last_applied: b.last_applied,
+                last_membership: b.last_membership,
+                state: b.state.into(),
+                archive: b.archive,
+            },
+            SnapshotFile::V4(body) => body,
         })
     }
 
     /// The body as a snapshot's data.
     pub(crate) fn encode(self) -> Vec<u8> {
-        encode(&SnapshotFile::V3(self))
+        encode(&SnapshotFile::V4(self))
     }
 
     /// Checks the body against its metadata and against itself.
@@ -203,9 +219,9 @@ mod tests {
         let body = SnapshotBody::decode(&data, "a format 1 snapshot").expect("format 1 is read");
         assert!(body.state.departed.contains(&7));
         assert!(body.state.handovers.is_empty());
-        // And what is written now is format 3, read back as it was.
+        // And what is written now is format 4, read back as it was.
         let again = body.encode();
-        let back = SnapshotBody::decode(&again, "a format 3 snapshot").expect("format 3 is read");
+        let back = SnapshotBody::decode(&again, "a format 4 snapshot").expect("format 4 is read");
         assert!(back.state.departed.contains(&7));
     }
 
@@ -260,5 +276,22 @@ mod tests {
         let body = SnapshotBody::decode(&data, "a snapshot").expect("it decodes");
         let error = body.check(&meta, "a snapshot").expect_err("it is refused").to_string();
         assert!(error.contains("more events than a u64 holds"), "{error}");
+    }
+
+    /// A snapshot written before certificates: the state has no ACME account and no certificates.
+    #[test]
+    fn a_snapshot_of_format_3_is_read_with_no_certificates() {
+        let v3 = coyote_state_machine::StateV3 { last_applied: 0, ..Default::default() };
+        let mut v3 = v3;
+        v3.departed.insert(3);
+        let data = encode(&SnapshotFile::V3(SnapshotBodyV3 {
+            last_applied: None,
+            last_membership: StoredMembership::default(),
+            state: v3,
+            archive: Vec::new(),
+        }));
+        let body = SnapshotBody::decode(&data, "a format 3 snapshot").expect("format 3 is read");
+        assert!(body.state.departed.contains(&3));
+        assert!(body.state.acme.is_none() && body.state.certs.is_empty());
     }
 }
