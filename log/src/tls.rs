@@ -580,6 +580,20 @@ pub fn placeholder_site(name: &str) -> Result<(Vec<u8>, Vec<u8>)> {
     Ok((cert.der().to_vec(), key.serialize_der()))
 }
 
+/// The certificate that answers an ACME TLS-ALPN-01 challenge for `name` (RFC 8737): self-signed,
+/// for `name` alone, carrying the SHA-256 of the challenge's key authorization. Returns the
+/// certificate and its key (PKCS#8), DER.
+pub fn acme_alpn_site(name: &str, key_authorization: &str) -> Result<(Vec<u8>, Vec<u8>)> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| TlsError::Generate(e.to_string()))?;
+    let mut params = site_params(&[name.to_string()])?;
+    let digest = Sha256::digest(key_authorization.as_bytes());
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(&digest)];
+    set_validity(&mut params, PLACEHOLDER_VALIDITY);
+    let cert = params.self_signed(&key).map_err(|e| TlsError::Generate(e.to_string()))?;
+    Ok((cert.der().to_vec(), key.serialize_der()))
+}
+
 /// What people need to know of an issued certificate chain (PEM): its leaf's validity and issuer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChainFacts {

@@ -7,10 +7,10 @@
 //!   that need a certificate (none yet, due for renewal, or an order whose claim lapsed), one at a
 //!   time; the claim is an event, so exactly one node works on a name. A node also carries on with
 //!   the orders it holds (after a restart, say).
-//! - Working on an order: the account comes from the log (created by the first node that needed
+//! - Working on an order (HTTP-01 or TLS-ALPN-01, [`Challenge`]): the account comes from the log (created by the first node that needed
 //!   one, its key sealed); a new order's URL and the certificate's key are in the log before any
 //!   challenge is answered, so a node that takes the claim over resumes the same order by its URL
-//!   and finalizes it with the same key. The HTTP-01 challenge answers go into the log and every
+//!   and finalizes it with the same key. The challenge answers go into the log and every
 //!   node's proxy answers them ([`Installed`]), whichever node the CA reaches. The claimant renews
 //!   its claim while it waits for the CA.
 //! - A failure is an event too: the state machine decides when the next attempt may be (1 minute,
@@ -58,6 +58,34 @@ pub struct AcmeOptions {
     /// A PEM file with the root that the CA's own HTTPS certificate chains to, for a test or private
     /// CA (Let's Encrypt's is trusted by the system already).
     pub root_pem: Option<PathBuf>,
+    /// How the CA checks that the cluster serves a name.
+    pub challenge: Challenge,
+}
+
+/// The ACME challenge the cluster answers; every node's proxy answers either.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Challenge {
+    /// An HTTP request to port 80 (`/.well-known/acme-challenge/TOKEN`).
+    Http01,
+    /// A TLS handshake on port 443 with the ALPN protocol `acme-tls/1`.
+    TlsAlpn01,
+}
+
+impl Challenge {
+    pub fn parse(text: &str) -> Option<Challenge> {
+        match text {
+            "http-01" => Some(Challenge::Http01),
+            "tls-alpn-01" => Some(Challenge::TlsAlpn01),
+            _ => None,
+        }
+    }
+
+    fn acme_type(self) -> ChallengeType {
+        match self {
+            Challenge::Http01 => ChallengeType::Http01,
+            Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
+        }
+    }
 }
 
 fn certified_key(chain: Vec<Vec<u8>>, key_der: Vec<u8>) -> Result<Arc<CertifiedKey>, String> {
@@ -66,6 +94,17 @@ fn certified_key(chain: Vec<Vec<u8>>, key_der: Vec<u8>) -> Result<Arc<CertifiedK
     CertifiedKey::from_der(chain, key, &rustls::crypto::ring::default_provider())
         .map(Arc::new)
         .map_err(|e| e.to_string())
+}
+
+/// The certificate answering a TLS-ALPN-01 challenge, with its key. Not checked against its key
+/// by parsing it: its critical `acmeIdentifier` extension is one that certificate parsers refuse.
+fn challenge_key(cert: Vec<u8>, key_der: Vec<u8>) -> Result<Arc<CertifiedKey>, String> {
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der));
+    let signing = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| e.to_string())?;
+    Ok(Arc::new(CertifiedKey::new(vec![CertificateDer::from(cert)], signing)))
 }
 
 /// Self-signed certificates for names whose real one is pending.
@@ -84,6 +123,8 @@ pub(crate) struct Installed {
     /// By name: when the certificate was issued (to know it unchanged) and the key to serve.
     certificates: HashMap<String, (u64, Arc<CertifiedKey>)>,
     challenges: HashMap<String, String>,
+    /// TLS-ALPN-01: by name, the key authorization and the certificate that answers it.
+    alpn: HashMap<String, (String, Arc<CertifiedKey>)>,
 }
 
 impl Installed {
@@ -99,6 +140,33 @@ impl Installed {
         if challenges != self.challenges {
             proxy.set_challenges(challenges.clone());
             self.challenges = challenges;
+        }
+        let wanted: HashMap<&String, &String> = state
+            .certs
+            .iter()
+            .filter_map(|(name, r)| Some((name, r.order.as_ref()?.challenges.values().next_back()?)))
+            .collect();
+        let same = wanted.len() == self.alpn.len()
+            && wanted.iter().all(|(n, k)| self.alpn.get(*n).is_some_and(|(have, _)| have == *k));
+        if !same {
+            let mut alpn = HashMap::new();
+            for (name, key_authorization) in wanted {
+                let kept = self.alpn.get(name).filter(|(have, _)| have == key_authorization);
+                let key = match kept {
+                    Some((_, key)) => Ok(key.clone()),
+                    None => log_tls::acme_alpn_site(name, key_authorization)
+                        .map_err(|e| e.to_string())
+                        .and_then(|(cert, key)| challenge_key(cert, key)),
+                };
+                match key {
+                    Ok(key) => {
+                        alpn.insert(name.clone(), (key_authorization.clone(), key));
+                    }
+                    Err(e) => tracing::error!(name, "cannot answer the TLS-ALPN-01 challenge: {e}"),
+                }
+            }
+            proxy.set_alpn_challenges(alpn.iter().map(|(n, (_, k))| (n.clone(), k.clone())).collect());
+            self.alpn = alpn;
         }
         let mut changed =
             self.certificates.len() != state.certs.values().filter(|r| r.current.is_some()).count();
@@ -284,9 +352,10 @@ impl Orderer {
                         AuthorizationStatus::Pending => {}
                         other => return Err(Stopped::Failed(format!("the CA's authorization is {other:?}"))),
                     }
+                    let kind = self.options.challenge;
                     let challenge = authorization
-                        .challenge(ChallengeType::Http01)
-                        .ok_or_else(|| Stopped::Failed("the CA offers no HTTP-01 challenge".into()))?;
+                        .challenge(kind.acme_type())
+                        .ok_or_else(|| Stopped::Failed(format!("the CA offers no {kind:?} challenge")))?;
                     ready.push((
                         challenge.token.clone(),
                         challenge.key_authorization().as_str().to_string(),
@@ -308,7 +377,7 @@ impl Orderer {
             let mut authorizations = order.authorizations();
             while let Some(authorization) = authorizations.next().await {
                 let mut authorization = authorization?;
-                if let Some(mut challenge) = authorization.challenge(ChallengeType::Http01) {
+                if let Some(mut challenge) = authorization.challenge(self.options.challenge.acme_type()) {
                     let pending = ready.iter().any(|(_, _, pending, url)| *pending && *url == challenge.url);
                     if pending {
                         challenge.set_ready().await?;

@@ -109,6 +109,10 @@ struct FrontArgs {
     /// A PEM file with the root the ACME CA's own HTTPS chains to (a test or private CA)
     #[arg(long, value_name = "FILE")]
     acme_ca_root: Option<PathBuf>,
+    /// How the ACME CA checks that the cluster serves a name: an HTTP request to port 80, or a TLS
+    /// handshake on port 443 (every node's proxy answers either)
+    #[arg(long, default_value = "http-01", value_name = "http-01|tls-alpn-01", value_parser = ["http-01", "tls-alpn-01"])]
+    acme_challenge: String,
 }
 
 impl From<FrontArgs> for daemon::FrontOptions {
@@ -117,6 +121,8 @@ impl From<FrontArgs> for daemon::FrontOptions {
             directory: f.acme_ca,
             email: f.acme_email,
             root_pem: f.acme_ca_root,
+            challenge: coyote_nodes::acme::Challenge::parse(&f.acme_challenge)
+                .unwrap_or(coyote_nodes::acme::Challenge::Http01),
         });
         daemon::FrontOptions { proxy: !f.no_proxy, http: f.http, https: f.https, metrics: f.metrics, acme }
     }

@@ -150,6 +150,8 @@ pub struct Proxy {
     connections: Arc<Semaphore>,
     /// ACME HTTP-01 challenges this node answers: token → key authorization.
     challenges: std::sync::RwLock<std::collections::HashMap<String, String>>,
+    /// ACME TLS-ALPN-01 challenges this node answers: name → the certificate that answers it.
+    alpn_challenges: std::sync::RwLock<std::collections::HashMap<String, Arc<rustls::sign::CertifiedKey>>>,
     pub stats: Arc<Stats>,
 }
 
@@ -169,6 +171,7 @@ impl Proxy {
             client,
             connections,
             challenges: Default::default(),
+            alpn_challenges: Default::default(),
             stats: Arc::new(Stats::default()),
         })
     }
@@ -194,6 +197,19 @@ impl Proxy {
     /// Answers these ACME HTTP-01 challenges (token → key authorization) from now on, on any name.
     pub fn set_challenges(&self, challenges: std::collections::HashMap<String, String>) {
         *self.challenges.write().expect("challenges lock") = challenges;
+    }
+
+    /// Answers these ACME TLS-ALPN-01 challenges (name → its challenge certificate) from now on.
+    pub fn set_alpn_challenges(
+        &self,
+        challenges: std::collections::HashMap<String, Arc<rustls::sign::CertifiedKey>>,
+    ) {
+        *self.alpn_challenges.write().expect("challenges lock") = challenges;
+    }
+
+    /// The certificate answering a TLS-ALPN-01 challenge for `name`, if this node answers one.
+    pub fn alpn_challenge(&self, name: &str) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.alpn_challenges.read().expect("challenges lock").get(&name.to_ascii_lowercase()).cloned()
     }
 
     /// The key authorization for the HTTP-01 challenge `token`, if this node answers it.

@@ -129,9 +129,21 @@ pub fn server_config(certificates: Arc<Certificates>) -> Arc<rustls::ServerConfi
     Arc::new(config)
 }
 
-/// Reads a client's ClientHello from `io`: the bytes read (to be replayed) and the name it asks
-/// for. A malformed hello gets its TLS alert and an error.
-pub async fn read_hello(io: &mut BoxStream) -> io::Result<(Vec<u8>, Option<String>)> {
+/// The ALPN protocol of ACME's TLS-ALPN-01 challenge (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// What the proxy reads of a ClientHello.
+pub struct Hello {
+    /// The bytes read, to be replayed to the handshake or the container.
+    pub seen: Vec<u8>,
+    /// The name it asks for.
+    pub name: Option<String>,
+    /// Whether it asks for the ACME TLS-ALPN-01 protocol.
+    pub acme: bool,
+}
+
+/// Reads a client's ClientHello from `io`. A malformed hello gets its TLS alert and an error.
+pub async fn read_hello(io: &mut BoxStream) -> io::Result<Hello> {
     let mut acceptor = rustls::server::Acceptor::default();
     let mut seen = Vec::new();
     let mut chunk = vec![0u8; 4096];
@@ -147,8 +159,10 @@ pub async fn read_hello(io: &mut BoxStream) -> io::Result<(Vec<u8>, Option<Strin
         acceptor.read_tls(&mut &chunk[..n])?;
         match acceptor.accept() {
             Ok(Some(accepted)) => {
-                let name = accepted.client_hello().server_name().map(str::to_string);
-                return Ok((seen, name));
+                let hello = accepted.client_hello();
+                let name = hello.server_name().map(str::to_string);
+                let acme = hello.alpn().is_some_and(|mut p| p.any(|p| p == ACME_TLS_ALPN));
+                return Ok(Hello { seen, name, acme });
             }
             Ok(None) if seen.len() > HELLO_MAX_BYTES => {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "the ClientHello is too large"));
@@ -170,7 +184,7 @@ pub async fn read_hello(io: &mut BoxStream) -> io::Result<(Vec<u8>, Option<Strin
 /// Serves one connection of the HTTPS listener.
 pub(crate) async fn serve(proxy: Arc<Proxy>, mut io: BoxStream, peer: SocketAddr) {
     let timeout = proxy.settings.handshake_timeout;
-    let (seen, name) = match tokio::time::timeout(timeout, read_hello(&mut io)).await {
+    let Hello { seen, name, acme } = match tokio::time::timeout(timeout, read_hello(&mut io)).await {
         Ok(Ok(hello)) => hello,
         Ok(Err(e)) => {
             tracing::debug!(%peer, "TLS connection refused: {e}");
@@ -182,6 +196,15 @@ pub(crate) async fn serve(proxy: Arc<Proxy>, mut io: BoxStream, peer: SocketAddr
             return;
         }
     };
+    if acme {
+        // The CA checking a TLS-ALPN-01 challenge: the handshake is the answer, nothing follows it.
+        if let Some(key) = name.as_deref().and_then(|n| proxy.alpn_challenge(n)) {
+            answer_alpn_challenge(key, seen, io, timeout).await;
+        } else {
+            let _ = io.write_all(&UNRECOGNIZED_NAME).await;
+        }
+        return;
+    }
     let route = name.as_deref().and_then(|n| proxy.table().lookup(n).cloned());
     let Some(route) = route else {
         // A name no service has, or none: say so, never show another site's certificate.
@@ -209,6 +232,34 @@ pub(crate) async fn serve(proxy: Arc<Proxy>, mut io: BoxStream, peer: SocketAddr
     };
     proxy.stats.handshake(true);
     crate::http::serve(proxy, stream, peer, true).await;
+}
+
+/// One certificate for every name.
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// Completes a handshake with the challenge certificate, speaking only `acme-tls/1`.
+async fn answer_alpn_challenge(key: Arc<CertifiedKey>, seen: Vec<u8>, io: BoxStream, timeout: Duration) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let Ok(builder) = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+    else {
+        return;
+    };
+    let mut config = builder.with_no_client_auth().with_cert_resolver(Arc::new(Fixed(key)));
+    config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    if let Ok(Ok(mut stream)) =
+        tokio::time::timeout(timeout, acceptor.accept(Rewind { seen, at: 0, inner: io })).await
+    {
+        let _ = stream.shutdown().await;
+    }
 }
 
 /// Splices a TLS connection, its ClientHello first, to the container that terminates it.

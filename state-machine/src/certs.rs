@@ -71,7 +71,7 @@ pub struct OrderClaim {
     pub order_url: Option<String>,
     /// The key the certificate will be for, sealed; chosen when the order was placed.
     pub key_sealed: Option<Vec<u8>>,
-    /// HTTP-01 challenges: token → key authorization.
+    /// Challenges: token → key authorization.
     pub challenges: BTreeMap<String, String>,
 }
 

@@ -180,7 +180,8 @@ pub enum Event {
         order_url: String,
         key_sealed: Vec<u8>,
     },
-    /// An HTTP-01 challenge of the order: every node answers `token` with `key_authorization`.
+    /// A challenge of the order, which every node answers: HTTP-01 (`token`'s path answered with
+    /// `key_authorization`) or TLS-ALPN-01 (a handshake for `name` with its digest).
     AcmeChallengeReady {
         name: String,
         node: NodeId,
@@ -453,7 +454,7 @@ impl Event {
                 format!("certificate of {name}: node {node} placed order {order_url}")
             }
             Event::AcmeChallengeReady { name, token, .. } => {
-                format!("certificate of {name}: HTTP-01 challenge {token} answered by every node")
+                format!("certificate of {name}: challenge {token} answered by every node")
             }
             Event::CertIssued { name, issuer, not_after_ms, .. } => format!(
                 "certificate of {name} issued by {issuer}, valid until {}",

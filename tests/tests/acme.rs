@@ -39,7 +39,8 @@ impl Drop for Pebble {
 
 impl Pebble {
     /// Starts pebble validating HTTP-01 on `http_port` of whatever address its DNS gives (`ip`).
-    fn start(dir: &Path, http_port: u16, ip: &str) -> Result<Pebble> {
+    /// TLS-ALPN-01 on `tls_port`.
+    fn start(dir: &Path, http_port: u16, tls_port: u16, ip: &str) -> Result<Pebble> {
         for tool in ["pebble", "pebble-challtestsrv"] {
             if Command::new("which").arg(tool).output().map(|o| !o.status.success()).unwrap_or(true) {
                 bail!("{tool} is needed by this test: apt-get install pebble (scripts/test.sh does)");
@@ -70,7 +71,7 @@ impl Pebble {
             "certificate": dir.join("pebble-cert.pem"),
             "privateKey": dir.join("pebble-key.pem"),
             "httpPort": http_port,
-            "tlsPort": 5001,
+            "tlsPort": tls_port,
             "ocspResponderURL": "",
             "externalAccountBindingRequired": false,
         }});
@@ -201,7 +202,7 @@ fn a_certificate_is_ordered_once_and_survives_the_death_of_the_node_ordering_it(
     let root = tempfile::tempdir()?;
     let http_port = port_free_on_all();
     // The CA reaches the last node first (the first one, the leader, is the likely claimant).
-    let pebble = Pebble::start(root.path(), http_port, IPS[2])?;
+    let pebble = Pebble::start(root.path(), http_port, 5001, IPS[2])?;
     let mut nodes: Vec<Node> = Vec::new();
     let mut https = Vec::new();
     for (i, ip) in IPS.iter().enumerate() {
@@ -290,5 +291,48 @@ fn a_certificate_is_ordered_once_and_survives_the_death_of_the_node_ordering_it(
     for n in nodes.iter_mut() {
         n.kill9();
     }
+    Ok(())
+}
+
+/// TLS-ALPN-01: the CA checks the name with a handshake on the HTTPS listener, which answers it
+/// with the challenge's certificate; then the same listener serves the issued certificate.
+#[test]
+fn a_certificate_is_ordered_with_the_tls_alpn_challenge() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let ip = IPS[1];
+    let (http, https) = (free_port_on(ip), free_port_on(ip));
+    let pebble = Pebble::start(root.path(), free_port_on(IPS[0]), https, ip)?;
+    let mut node = Node::on_ip(root.path(), "n1", ip);
+    node.front = Some((format!("{ip}:{http}"), format!("{ip}:{https}")));
+    node.flags = vec![
+        "--acme-ca".into(),
+        pebble.directory.clone(),
+        "--acme-ca-root".into(),
+        pebble.tls_root.display().to_string(),
+        "--acme-challenge".into(),
+        "tls-alpn-01".into(),
+    ];
+    node.up()?;
+    let name = format!("alpn-{}.example.org", std::process::id());
+    node.cli_json(&["service", "create", "site", "--image", "site:1", "--domain", &name])?;
+    let issued = wait_until("the certificate to be issued", TIMEOUT, || {
+        Ok(events_of(&node, "cert_issued")?.first().cloned())
+    });
+    if issued.is_err() {
+        // What pebble and the node said, to tell a refused challenge from a node that never answered.
+        eprintln!("pebble's log:\n{}", std::fs::read_to_string(&pebble.log).unwrap_or_default());
+        eprintln!(
+            "the node's log:\n{}",
+            std::fs::read_to_string(root.path().join("n1.log")).unwrap_or_default()
+        );
+    }
+    issued?;
+    // pebble's HTTP-01 port has no listener: only the handshake could have proved the name.
+    assert_eq!(pebble.count("Attempting to validate w/ HTTP"), 0, "not validated by HTTP-01");
+    let trusted = root.path().join("pebble-issuing-root.pem");
+    pebble.issuing_root(&trusted)?;
+    let (code, status, err) = fetch(ip, https, &name, &trusted);
+    assert_eq!((code, status.as_str()), (0, "502"), "{err}");
+    node.kill9();
     Ok(())
 }
