@@ -161,6 +161,8 @@ pub struct FrontOptions {
     pub metrics: Option<String>,
     /// Where certificates come from (`None`: the cluster's own CA).
     pub acme: Option<coyote_nodes::acme::AcmeOptions>,
+    /// The proxy's limits.
+    pub settings: coyote_proxy::Settings,
 }
 
 impl FrontOptions {
@@ -188,12 +190,7 @@ impl FrontOptions {
             std::fs::read(root)
                 .with_context(|| format!("--acme-ca-root {} cannot be read", root.display()))?;
         }
-        Ok(Some(FrontParts {
-            http,
-            https,
-            settings: coyote_proxy::Settings::default(),
-            acme: self.acme.clone(),
-        }))
+        Ok(Some(FrontParts { http, https, settings: self.settings.clone(), acme: self.acme.clone() }))
     }
 }
 

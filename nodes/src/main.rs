@@ -113,6 +113,21 @@ struct FrontArgs {
     /// handshake on port 443 (every node's proxy answers either)
     #[arg(long, default_value = "http-01", value_name = "http-01|tls-alpn-01", value_parser = ["http-01", "tls-alpn-01"])]
     acme_challenge: String,
+    /// The largest request headers the proxy takes (431 beyond)
+    #[arg(long, default_value = "64K", value_name = "SIZE", value_parser = parse_bytes_arg)]
+    proxy_max_header: u64,
+    /// The largest request body the proxy passes on (413 beyond)
+    #[arg(long, default_value = "256M", value_name = "SIZE", value_parser = parse_bytes_arg)]
+    proxy_max_body: u64,
+    /// How long a client may take to send its request headers, or its TLS handshake
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration_arg)]
+    proxy_client_timeout: std::time::Duration,
+    /// How long a container may take to start answering a request (504 beyond)
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration_arg)]
+    proxy_upstream_timeout: std::time::Duration,
+    /// Connections the proxy holds open at most (more are closed at once)
+    #[arg(long, default_value = "10000", value_name = "N")]
+    proxy_max_connections: usize,
 }
 
 impl From<FrontArgs> for daemon::FrontOptions {
@@ -124,7 +139,23 @@ impl From<FrontArgs> for daemon::FrontOptions {
             challenge: coyote_nodes::acme::Challenge::parse(&f.acme_challenge)
                 .unwrap_or(coyote_nodes::acme::Challenge::Http01),
         });
-        daemon::FrontOptions { proxy: !f.no_proxy, http: f.http, https: f.https, metrics: f.metrics, acme }
+        let settings = coyote_proxy::Settings {
+            max_header_bytes: usize::try_from(f.proxy_max_header).unwrap_or(usize::MAX),
+            max_body_bytes: f.proxy_max_body,
+            header_timeout: f.proxy_client_timeout,
+            handshake_timeout: f.proxy_client_timeout,
+            upstream_timeout: f.proxy_upstream_timeout,
+            max_connections: f.proxy_max_connections,
+            ..coyote_proxy::Settings::default()
+        };
+        daemon::FrontOptions {
+            proxy: !f.no_proxy,
+            http: f.http,
+            https: f.https,
+            metrics: f.metrics,
+            acme,
+            settings,
+        }
     }
 }
 

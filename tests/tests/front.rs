@@ -62,13 +62,9 @@ fn sites_are_served_by_name_from_any_node_and_follow_their_master() -> Result<()
     for (i, ip) in ["127.0.0.1", "127.0.0.2", "127.0.0.3"].iter().enumerate() {
         let mut n = Node::on_ip(root.path(), &format!("n{}", i + 1), ip);
         n.containers = true;
-        n.flags = vec![
-            "--forward".into(),
-            "userspace".into(),
-            "--no-backups".into(),
-            "--acme".into(),
-            "off".into(),
-        ];
+        n.flags = ["--forward", "userspace", "--no-backups", "--acme", "off", "--proxy-max-body", "64K"]
+            .map(String::from)
+            .to_vec();
         n.flags.extend(["--metrics".into(), format!("{ip}:{}", free_port_on(ip))]);
         let front = Front { ip: ip.to_string(), http: free_port_on(ip), https: free_port_on(ip) };
         n.front = Some((format!("{ip}:{}", front.http), format!("{ip}:{}", front.https)));
@@ -116,6 +112,18 @@ fn sites_are_served_by_name_from_any_node_and_follow_their_master() -> Result<()
     let (code, out, err) = curl(&fronts[other], &ca, &site, "/", &["-w", "\n%{http_code}"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("coyote test 1") && out.ends_with("200"), "through node {}: {out}", ids[other]);
+    // The limits are flags: a body over --proxy-max-body gets 413.
+    let body = root.path().join("body");
+    std::fs::write(&body, vec![b'x'; 100 * 1024])?;
+    let upload = format!("@{}", body.display());
+    let (code, out, err) = curl(
+        &fronts[other],
+        &ca,
+        &site,
+        "/",
+        &["-o", "/dev/null", "-w", "%{http_code}", "--data-binary", &upload],
+    );
+    assert_eq!((code, out.as_str()), (0, "413"), "{err}");
     // Plain HTTP is sent to HTTPS; an unknown name gets a TLS alert, not another site's certificate.
     let plain = format!("http://{site}:{}/a?b=1", fronts[other].http);
     let (_, out, _) = curl(
