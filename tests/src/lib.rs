@@ -539,3 +539,70 @@ pub fn http_get(port: u16) -> Result<String> {
 pub fn node_log_filter() -> String {
     std::env::var("COYOTE_NODE_LOG").unwrap_or_else(|_| "info,openraft=warn".to_string())
 }
+
+/// A tmpfs of `size`, unmounted on drop. Mounting needs root: without it, an error says how to
+/// leave the tests that need it out.
+pub struct SmallDisk {
+    pub path: PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounts it at `root/disk`.
+    pub fn mount(root: &Path, size: &str) -> Result<SmallDisk> {
+        let path = root.join("disk");
+        std::fs::create_dir(&path)?;
+        SmallDisk::mount_at(&path, size)
+    }
+
+    /// Mounts it at `path`, an existing directory.
+    pub fn mount_at(path: &Path, size: &str) -> Result<SmallDisk> {
+        const NEEDS_ROOT: &str = "this test needs root; to run the rest of the suite without it: \
+                                  cargo nextest run -E 'not (binary(full_disk) or test(/disk_full/))'";
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .with_context(|| format!("cannot run mount (util-linux) to mount a tmpfs ({NEEDS_ROOT})"))?;
+        if !out.status.success() {
+            bail!(
+                "cannot mount a tmpfs at {} ({NEEDS_ROOT}): {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(SmallDisk { path: path.to_path_buf() })
+    }
+
+    pub fn free(&self) -> Result<u64> {
+        let out = Command::new("df").args(["-B1", "--output=avail"]).arg(&self.path).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines().nth(1).and_then(|l| l.trim().parse().ok()).ok_or_else(|| anyhow!("df printed {text:?}"))
+    }
+
+    /// Writes a filler file until at most `leave` bytes are free (0: until the disk is full).
+    pub fn fill(&self, leave: u64) -> Result<PathBuf> {
+        let filler = self.path.join("filler");
+        let mut file = std::fs::File::create(&filler)?;
+        let chunk = vec![0u8; 64 << 10];
+        loop {
+            let free = self.free()?;
+            if free <= leave {
+                break;
+            }
+            let n = (free - leave).min(chunk.len() as u64) as usize;
+            if let Err(e) = file.write_all(&chunk[..n]).and_then(|_| file.sync_data()) {
+                if leave == 0 {
+                    break; // full
+                }
+                return Err(e).context("filling the disk");
+            }
+        }
+        Ok(filler)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}

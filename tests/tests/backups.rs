@@ -339,3 +339,78 @@ fn a_corrupt_chunk_is_found_fetched_again_and_recorded() -> Result<()> {
     guard.clean();
     Ok(())
 }
+
+/// The disk of a backup node fills up: its copy of a snapshot fails with `BackupFailed` naming the
+/// full disk, nothing half-written stays in its store, and the failover stores the snapshot all the
+/// same. The backup node's store is a small tmpfs (root needed, as for `full_disk`).
+#[test]
+fn disk_full_on_a_backup_node_fails_its_copy_alone() -> Result<()> {
+    test_images()?;
+    let root = tempfile::tempdir()?;
+    let mut guard = DockerGuard::default();
+    let service = unique("diskfull");
+    let (mut nodes, ids, m, f) = cluster_with_service(root.path(), &mut guard, &service, "0")?;
+    let b = 3 - m - f;
+    // The backup node's store on a 1 MiB disk, with no reserve: the disk itself fills up.
+    nodes[b].terminate(Duration::from_secs(10));
+    let store = nodes[b].dir.join("backups");
+    std::fs::remove_dir_all(&store)?;
+    std::fs::create_dir(&store)?;
+    let disk = coyote_tests::SmallDisk::mount_at(&store, "1M")?;
+    nodes[b].flags.extend(["--backup-reserve".into(), "0".into()]);
+    nodes[b].restart()?;
+
+    // 3 MiB that do not compress, in the master's volume, and a snapshot of it.
+    let volume = nodes[m].dir.join("volumes").join(&service);
+    wait_until("the master's container to write", TIMEOUT, || {
+        Ok((std::fs::read_to_string(volume.join("seq")).unwrap_or_default().lines().count() > 3)
+            .then_some(()))
+    })?;
+    let mut noise = vec![0u8; 3 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for byte in noise.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *byte = x as u8;
+    }
+    std::fs::write(volume.join("noise"), &noise)?;
+    let taken = nodes[m].cli_json(&["backup", "now", &service])?;
+    let snapshot = taken["snapshot"].as_str().context("an id")?.to_string();
+
+    let failure = wait_until("the backup node to report its failure", TIMEOUT, || {
+        let failed = nodes[m].events()?.into_iter().find(|e| {
+            e["kind"] == "backup_failed"
+                && e["outcome"] == "applied"
+                && e["event"]["BackupFailed"]["node"].as_u64() == Some(ids[b])
+        });
+        Ok(failed)
+    })?;
+    let reason = failure["event"]["BackupFailed"]["reason"].as_str().unwrap_or_default().to_lowercase();
+    assert!(reason.contains("space") || reason.contains("full"), "the reason names the full disk: {failure}");
+    eprintln!("the backup node reported: {reason}");
+    wait_until("the failover to store the snapshot all the same", TIMEOUT, || {
+        let list = nodes[m].cli_json(&["backup", "list", &service])?;
+        let record =
+            list["snapshots"].as_array().into_iter().flatten().find(|s| s["snapshot"] == snapshot.as_str());
+        let holders: Vec<u64> = record
+            .and_then(|r| r["holders"].as_array())
+            .map(|h| h.iter().filter_map(|n| n.as_u64()).collect())
+            .unwrap_or_default();
+        assert!(!holders.contains(&ids[b]), "the backup node does not count as a holder: {holders:?}");
+        Ok(holders.contains(&ids[f]).then_some(()))
+    })?;
+    // Nothing half-written: the store's temporary directory is empty, and every chunk it kept is
+    // whole (backup verify re-hashes each).
+    let leftovers: Vec<_> = std::fs::read_dir(store.join("tmp"))?.collect();
+    assert!(leftovers.is_empty(), "no partial chunk is left: {leftovers:?}");
+    let verified = nodes[b].cli_json(&["backup", "verify"])?;
+    assert_eq!(verified["corrupt_chunks"].as_u64(), Some(0), "{verified}");
+
+    for n in &mut nodes {
+        n.kill9();
+    }
+    drop(disk);
+    guard.clean();
+    Ok(())
+}

@@ -9,73 +9,10 @@
 //! user, leave this test out: `cargo nextest run -E 'not binary(full_disk)'`.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use coyote_tests::Node;
-
-/// A tmpfs of `size` mounted at a fresh directory, unmounted on drop.
-struct SmallDisk {
-    path: PathBuf,
-}
-
-impl SmallDisk {
-    fn mount(root: &Path, size: &str) -> Result<SmallDisk> {
-        const NEEDS_ROOT: &str = "this test needs root; to run the rest of the suite without it: \
-                                  cargo nextest run -E 'not binary(full_disk)'";
-        let path = root.join("disk");
-        std::fs::create_dir(&path)?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&path)
-            .output()
-            .with_context(|| format!("cannot run mount (util-linux) to mount a tmpfs ({NEEDS_ROOT})"))?;
-        if !out.status.success() {
-            bail!(
-                "cannot mount a tmpfs at {} ({NEEDS_ROOT}): {}",
-                path.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(SmallDisk { path })
-    }
-
-    fn free(&self) -> Result<u64> {
-        let out = Command::new("df").args(["-B1", "--output=avail"]).arg(&self.path).output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines().nth(1).and_then(|l| l.trim().parse().ok()).ok_or_else(|| anyhow!("df printed {text:?}"))
-    }
-
-    /// Writes a filler file until at most `leave` bytes are free (0: until the disk is full).
-    fn fill(&self, leave: u64) -> Result<PathBuf> {
-        let filler = self.path.join("filler");
-        let mut file = std::fs::File::create(&filler)?;
-        let chunk = vec![0u8; 64 << 10];
-        loop {
-            let free = self.free()?;
-            if free <= leave {
-                break;
-            }
-            let n = (free - leave).min(chunk.len() as u64) as usize;
-            if let Err(e) = file.write_all(&chunk[..n]).and_then(|_| file.sync_data()) {
-                if leave == 0 {
-                    break; // full
-                }
-                return Err(e).context("filling the disk");
-            }
-        }
-        Ok(filler)
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
+use coyote_tests::{Node, SmallDisk};
 
 fn raise(node: &Node, key: &str) -> Result<(u16, serde_json::Value)> {
     let body = serde_json::json!({ "key": key, "message": "x".repeat(2000) }).to_string();
