@@ -414,3 +414,98 @@ fn disk_full_on_a_backup_node_fails_its_copy_alone() -> Result<()> {
     guard.clean();
     Ok(())
 }
+
+/// Counts the chunk files in a node's store.
+fn chunk_count(node: &Node) -> usize {
+    let Ok(fans) = std::fs::read_dir(node.dir.join("backups").join("chunks")) else { return 0 };
+    fans.filter_map(|f| f.ok()).filter_map(|f| std::fs::read_dir(f.path()).ok()).map(|d| d.count()).sum()
+}
+
+/// The master dies while the failover is fetching its newest snapshot: the failover restores the
+/// last snapshot it holds whole (none of the half-fetched one: no file of it appears), leaves no
+/// partial chunk behind, and its container goes on from that snapshot's data.
+#[test]
+fn a_master_killed_mid_transfer_leaves_the_failover_its_last_whole_snapshot() -> Result<()> {
+    test_images()?;
+    let root = tempfile::tempdir()?;
+    let mut guard = DockerGuard::default();
+    let service = unique("midway");
+    let (mut nodes, ids, m, f) = cluster_with_service(root.path(), &mut guard, &service, "0")?;
+    let volume = nodes[m].dir.join("volumes").join(&service);
+    wait_until("the master's container to write", TIMEOUT, || {
+        Ok((std::fs::read_to_string(volume.join("seq")).unwrap_or_default().lines().count() > 3)
+            .then_some(()))
+    })?;
+    let first = nodes[m].cli_json(&["backup", "now", &service])?;
+    let first = first["snapshot"].as_str().context("an id")?.to_string();
+    let held_by = |node: &Node, snapshot: &str, holder: u64| -> Result<bool> {
+        let list = node.cli_json(&["backup", "list", &service])?;
+        Ok(list["snapshots"].as_array().into_iter().flatten().any(|s| {
+            s["snapshot"] == snapshot
+                && s["holders"].as_array().is_some_and(|h| h.iter().any(|n| n.as_u64() == Some(holder)))
+        }))
+    };
+    wait_until("the failover to store the first snapshot", TIMEOUT, || {
+        Ok(held_by(&nodes[f], &first, ids[f])?.then_some(()))
+    })?;
+
+    // 128 MiB that do not compress: a transfer of many chunks, each synced on arrival.
+    let mut noise = vec![0u8; 128 << 20];
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for byte in noise.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *byte = x as u8;
+    }
+    std::fs::write(volume.join("noise"), &noise)?;
+    drop(noise);
+    let before = chunk_count(&nodes[f]);
+    let second = nodes[m].cli_json(&["backup", "now", &service])?;
+    let second = second["snapshot"].as_str().context("an id")?.to_string();
+    let midway = wait_until("the failover to be fetching the second snapshot", TIMEOUT, || {
+        let now = chunk_count(&nodes[f]);
+        Ok((now > before + 2).then_some(now))
+    })?;
+    nodes[m].kill9();
+    assert!(!held_by(&nodes[f], &second, ids[f])?, "the kill came before the transfer ended");
+    eprintln!(
+        "the master was killed with {} of the second snapshot's chunks at the failover",
+        midway - before
+    );
+
+    let restored = wait_until("the failover to restore and take over", TIMEOUT, || {
+        let list = nodes[f].cli_json(&["backup", "list", &service])?;
+        Ok((list["master"].as_u64() == Some(ids[f]) && !list["restored"].is_null()).then_some(list))
+    })?;
+    let snapshot = restored["restored"]["snapshot"].as_str().context("a snapshot was restored")?;
+    let record =
+        restored["snapshots"].as_array().into_iter().flatten().find(|s| s["snapshot"] == second.as_str());
+    let second_elsewhere = record
+        .and_then(|r| r["holders"].as_array())
+        .is_some_and(|h| h.iter().any(|n| n.as_u64() != Some(ids[m])));
+    if second_elsewhere {
+        // The backup node finished its copy before the kill: that one is the newest held.
+        assert_eq!(snapshot, second, "the newest snapshot a live node holds");
+    } else {
+        assert_eq!(snapshot, first, "the last snapshot the failover held whole");
+        let new_volume = nodes[f].dir.join("volumes").join(&service);
+        assert!(!new_volume.join("noise").exists(), "nothing of the half-fetched snapshot");
+    }
+    let seq = nodes[f].dir.join("volumes").join(&service).join("seq");
+    wait_until("the new master's container to go on writing", TIMEOUT, || {
+        let Ok(text) = std::fs::read_to_string(&seq) else { return Ok(None) };
+        let last = check_sequence(&text, "the new master's data")?;
+        Ok((last > 10).then_some(()))
+    })?;
+    let leftovers: Vec<_> = std::fs::read_dir(nodes[f].dir.join("backups").join("tmp"))?.collect();
+    assert!(leftovers.is_empty(), "no partial chunk is left: {leftovers:?}");
+    let verified = nodes[f].cli_json(&["backup", "verify"])?;
+    assert_eq!(verified["corrupt_chunks"].as_u64(), Some(0), "{verified}");
+
+    for n in &mut nodes {
+        n.kill9();
+    }
+    guard.clean();
+    Ok(())
+}
