@@ -13,6 +13,10 @@
 //!
 //! Owners are set only when the process runs as root; otherwise files belong to the restoring user.
 //! A directory's mode and modification time are set after its contents are written.
+//!
+//! [`restore_with_base`] takes a tree restored earlier from another snapshot, left untouched since
+//! (a failover's ready copy): a file whose content and attributes the two manifests describe alike
+//! is hard-linked from it instead of written again, so a restore costs what changed.
 
 use std::ffi::OsStr;
 use std::fs::{self, DirBuilder, OpenOptions};
@@ -43,6 +47,16 @@ pub struct RestoreReport {
     pub bytes: u64,
     /// Whether owners were set (only when running as root).
     pub owners_set: bool,
+    /// Regular files hard-linked from the base tree instead of written (counted in `files` too).
+    pub linked: u64,
+}
+
+/// A tree restored earlier from `manifest` and untouched since, whose unchanged files a restore may
+/// link instead of writing them.
+#[derive(Debug, Clone, Copy)]
+pub struct Base<'a> {
+    pub manifest: &'a Manifest,
+    pub dir: &'a Path,
 }
 
 /// The chunks of `manifest` that `store` lacks: what a restore would still have to fetch from
@@ -54,6 +68,17 @@ pub fn missing(store: &ChunkStore, manifest: &Manifest) -> Vec<ChunkId> {
 /// Restores snapshot `snapshot_id` from `store` as a new directory `target`. See the
 /// [module documentation](self).
 pub fn restore(store: &ChunkStore, snapshot_id: &ChunkId, target: impl AsRef<Path>) -> Result<RestoreReport> {
+    restore_with_base(store, snapshot_id, target, None)
+}
+
+/// [`restore`], linking the files that `base` holds unchanged instead of writing them. See the
+/// [module documentation](self).
+pub fn restore_with_base(
+    store: &ChunkStore,
+    snapshot_id: &ChunkId,
+    target: impl AsRef<Path>,
+    base: Option<Base<'_>>,
+) -> Result<RestoreReport> {
     let target = target.as_ref();
     if fs::symlink_metadata(target).is_ok() {
         return Err(Error::TargetExists { path: target.to_path_buf() });
@@ -79,7 +104,7 @@ pub fn restore(store: &ChunkStore, snapshot_id: &ChunkId, target: impl AsRef<Pat
     let tmp = make_temp_dir(&parent, name)?;
     let as_root = rustix::process::geteuid().is_root();
     let mut report = RestoreReport { owners_set: as_root, ..RestoreReport::default() };
-    let written = write_tree(store, &manifest, &tmp, as_root, &mut report)
+    let written = write_tree(store, &manifest, &tmp, as_root, base, &mut report)
         .and_then(|()| rename_noreplace(&tmp, target))
         .and_then(|()| sync_dir(&parent));
     match written {
@@ -123,11 +148,24 @@ fn write_tree(
     manifest: &Manifest,
     tmp: &Path,
     as_root: bool,
+    base: Option<Base<'_>>,
     report: &mut RestoreReport,
 ) -> Result<()> {
+    let before: std::collections::HashMap<&[u8], &Entry> = base
+        .map(|b| b.manifest.entries().iter().map(|e| (e.path.as_slice(), e)).collect())
+        .unwrap_or_default();
     let mut dirs: Vec<(PathBuf, Attrs)> = Vec::new();
     for entry in manifest.entries() {
         let path = entry_path(tmp, entry)?;
+        if let (Some(base), EntryKind::File { .. }) = (base, &entry.kind) {
+            if before.get(entry.path.as_slice()).is_some_and(|old| *old == entry)
+                && link_from(base.dir, entry, &path)
+            {
+                report.files += 1;
+                report.linked += 1;
+                continue;
+            }
+        }
         match &entry.kind {
             EntryKind::Dir => {
                 DirBuilder::new().mode(0o700).create(&path).map_err(|e| Error::io(&path, e))?;
@@ -181,6 +219,22 @@ fn write_tree(
         finish_dir(path, attrs, as_root)?;
     }
     finish_dir(tmp, manifest.root(), as_root)
+}
+
+/// Hard-links `entry`'s file from the base tree `dir` to `path`; false when the base does not hold it
+/// as a regular file with the entry's size (then the file is written instead).
+fn link_from(dir: &Path, entry: &Entry, path: &Path) -> bool {
+    let Ok(old) = entry_path(dir, entry) else { return false };
+    let EntryKind::File { size, .. } = &entry.kind else { return false };
+    match fs::symlink_metadata(&old) {
+        Ok(md) if md.is_file() && md.len() == *size => fs::hard_link(&old, path).is_ok(),
+        _ => false,
+    }
+}
+
+/// Removes a tree [`restore`] wrote, whatever the modes of its directories. Best effort.
+pub fn remove_restored(path: &Path) {
+    remove_tree(path)
 }
 
 /// The entry's path inside `tmp`, after checking the manifest path once more.

@@ -200,3 +200,38 @@ fn capture_holds_new_chunks_until_commit() {
     restore(&store, &report2.id, &dst).unwrap();
     compare_trees(&src2, &dst, Compare { mtime_ns: true, owners: false, top: true });
 }
+
+/// A restore over a base tree (a failover's ready copy of the previous snapshot) links the files
+/// that did not change and writes the others; the result equals the source all the same.
+#[test]
+fn a_restore_over_a_base_links_unchanged_files_and_writes_changed_ones() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let mut rng = Rng::new(11);
+    tree(&src, &mut rng);
+    settle();
+    let store = ChunkStore::open(tmp.path().join("store")).unwrap();
+    let mut cache = MetaCache::new();
+    let first = snapshot(&src, &mut cache, &store).unwrap();
+    let ready = tmp.path().join("ready-1");
+    restore(&store, &first.id, &ready).unwrap();
+
+    overwrite(&src.join("big.db"), 1 << 20, &rng.bytes(4096));
+    write(&src.join("dir0/new.txt"), b"new");
+    fs::remove_file(src.join("dir4/small-4.txt")).unwrap();
+    let second = snapshot(&src, &mut cache, &store).unwrap();
+    let manifest = Manifest::load(&store, &first.id).unwrap();
+    let next = tmp.path().join("ready-2");
+    let base = coyote_data::Base { manifest: &manifest, dir: &ready };
+    let report = coyote_data::restore_with_base(&store, &second.id, &next, Some(base)).unwrap();
+    assert_eq!(report.files, 6, "{report:?}");
+    assert_eq!(report.linked, 4, "the four unchanged small files: {report:?}");
+    assert_eq!(compare_trees(&src, &next, Compare { mtime_ns: true, owners: false, top: false }), 11);
+    let inode = |p: &Path| fs::metadata(p).unwrap().ino();
+    assert_eq!(inode(&ready.join("dir1/small-1.txt")), inode(&next.join("dir1/small-1.txt")));
+    assert_ne!(inode(&ready.join("big.db")), inode(&next.join("big.db")));
+    // The base may go: the new tree keeps its files.
+    coyote_data::remove_restored(&ready);
+    assert_eq!(compare_trees(&src, &next, Compare { mtime_ns: true, owners: false, top: false }), 11);
+}

@@ -17,6 +17,10 @@
 //!   gRPC service): first the manifest, then the chunks it lacks, each checked against its hash as
 //!   it is stored and synced. Only then does it propose `SnapshotStored`. A failure is proposed as
 //!   `BackupFailed` with its reason, once per snapshot and reason.
+//! - **A ready copy** (failover). The failover keeps the newest snapshot it holds restored in
+//!   `volumes/.NAME.ready-ID`, next to the directory its stopped container would use: each new one
+//!   is restored over the previous copy, linking the files that did not change, so it costs what
+//!   changed. When it becomes master, the copy of the snapshot it restores is renamed into place.
 //! - **Restore before serving** (a new master). A node that became master restores the newest
 //!   snapshot some node holds into `volumes/NAME` (fetching what it lacks), moving the directory
 //!   that was there aside to `volumes/NAME.stale-EPOCH` (never deleting it), and proposes
@@ -259,7 +263,7 @@ impl Backups {
     /// the snapshots that are due.
     async fn pass(&self) {
         let me = self.node.id();
-        let (restores, replicas, masters) = self.node.store().with_state(|s| {
+        let (restores, replicas, masters, failovers) = self.node.store().with_state(|s| {
             let masters: Vec<String> = s.services_where(me, Role::Master).map(String::from).collect();
             let restores = masters
                 .iter()
@@ -277,7 +281,8 @@ impl Backups {
                 })
                 .map(String::from)
                 .collect();
-            (restores, replicas, masters)
+            let failovers: Vec<String> = s.services_where(me, Role::Failover).map(String::from).collect();
+            (restores, replicas, masters, failovers)
         });
         for service in restores {
             if let Err(e) = self.restore_before_serving(&service).await {
@@ -289,6 +294,14 @@ impl Backups {
                 tracing::warn!(%service, error = %e, "cannot store the newest snapshot");
             }
         }
+        for service in &failovers {
+            if let Err(e) = self.make_ready(service).await {
+                tracing::warn!(%service, error = %e, "cannot keep a ready copy of the newest snapshot");
+            }
+        }
+        let volumes = self.settings.volumes.clone();
+        let keep = failovers;
+        let _ = self.blocking(move || Ok(drop_ready_copies(&volumes, &keep))).await;
         let prune_due = {
             let mut at = self.pruned_at.lock().expect("prune lock");
             let due = at.is_none_or(|t| t.elapsed() >= self.settings.prune_every);
@@ -867,6 +880,39 @@ impl Backups {
     }
 
     /// Restores the newest snapshot into `volumes/NAME` before this node, a new master, serves it.
+    /// Restores the newest snapshot this node holds whole into `volumes/.NAME.ready-ID` (over the
+    /// previous ready copy), unless it is there already.
+    async fn make_ready(&self, service: &str) -> Result<(), BackupError> {
+        let me = self.node.id();
+        let Some(newest) =
+            self.node.store().with_state(|s| s.data.get(service)?.newest_held_by(me).map(|r| r.id.clone()))
+        else {
+            return Ok(());
+        };
+        let id: ChunkId =
+            newest.parse().map_err(|_| BackupError::Fetch(format!("{newest:?} is not a snapshot id")))?;
+        if !self.complete(&id).await? {
+            return Ok(());
+        }
+        let volumes = self.settings.volumes.clone();
+        let store = self.store.clone();
+        let service = service.to_string();
+        self.blocking(move || {
+            let ready = ready_copies(&volumes, &service);
+            if !ready.iter().any(|(r, _)| *r == newest) {
+                let target = volumes.join(format!(".{service}.ready-{newest}"));
+                restore_over_ready(&store, &id, &target, &ready)?;
+            }
+            for (r, dir) in ready {
+                if r != newest {
+                    coyote_data::remove_restored(&dir);
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn restore_before_serving(&self, service: &str) -> Result<(), BackupError> {
         let me = self.node.id();
         let Some((epoch, newest, mine)) = self.node.store().with_state(|s| {
@@ -967,8 +1013,56 @@ fn holders_of(s: &State, service: &str, snapshot: &str, me: NodeId) -> Vec<(Node
     holders
 }
 
-/// Restores snapshot `id` into `target`: into a sibling directory first, then the old directory (if
-/// any) is moved aside to `NAME.stale-EPOCH` and the restored one renamed into place.
+/// The ready copies of `service` in `volumes`: `.NAME.ready-ID` directories, with their snapshot ids.
+fn ready_copies(volumes: &Path, service: &str) -> Vec<(String, PathBuf)> {
+    let prefix = format!(".{service}.ready-");
+    let Ok(entries) = std::fs::read_dir(volumes) else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = name.strip_prefix(&prefix)?.to_string();
+            Some((id, e.path()))
+        })
+        .collect()
+}
+
+/// Removes the ready copies of services this node is not the failover of.
+fn drop_ready_copies(volumes: &Path, keep: &[String]) {
+    let Ok(entries) = std::fs::read_dir(volumes) else { return };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(service) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".ready-")).map(|(s, _)| s)
+        else {
+            continue;
+        };
+        if !keep.iter().any(|k| k == service) {
+            coyote_data::remove_restored(&entry.path());
+        }
+    }
+}
+
+/// Restores snapshot `id` as the new directory `target`, linking the unchanged files of one of the
+/// `ready` copies.
+fn restore_over_ready(
+    store: &ChunkStore,
+    id: &ChunkId,
+    target: &Path,
+    ready: &[(String, PathBuf)],
+) -> Result<(), BackupError> {
+    let base = ready.iter().find_map(|(r, dir)| {
+        let manifest = Manifest::load(store, &r.parse::<ChunkId>().ok()?).ok()?;
+        Some((manifest, dir))
+    });
+    let base = base.as_ref().map(|(manifest, dir)| coyote_data::Base { manifest, dir: dir.as_path() });
+    coyote_data::restore_with_base(store, id, target, base)?;
+    Ok(())
+}
+
+/// Restores snapshot `id` into `target`: the failover's ready copy of it is used as it is; otherwise
+/// it is restored into a sibling directory first (over a ready copy of another snapshot, if any).
+/// Then the old directory (if any) is moved aside to `NAME.stale-EPOCH` and the restored one renamed
+/// into place.
 fn restore_into(store: &ChunkStore, id: &ChunkId, target: &Path, epoch: u64) -> Result<(), BackupError> {
     let name = target
         .file_name()
@@ -977,12 +1071,19 @@ fn restore_into(store: &ChunkStore, id: &ChunkId, target: &Path, epoch: u64) -> 
     let parent = target.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent)
         .map_err(|e| BackupError::Refused(format!("cannot create {}: {e}", parent.display())))?;
-    let staging = parent.join(format!(".{name}.restoring"));
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging)
-            .map_err(|e| BackupError::Refused(format!("cannot clear {}: {e}", staging.display())))?;
-    }
-    coyote_data::restore(store, id, &staging)?;
+    let ready = ready_copies(parent, &name);
+    let staging = match ready.iter().find(|(r, _)| *r == id.to_hex()) {
+        Some((_, dir)) => dir.clone(),
+        None => {
+            let staging = parent.join(format!(".{name}.restoring"));
+            if staging.exists() {
+                std::fs::remove_dir_all(&staging)
+                    .map_err(|e| BackupError::Refused(format!("cannot clear {}: {e}", staging.display())))?;
+            }
+            restore_over_ready(store, id, &staging, &ready)?;
+            staging
+        }
+    };
     if target.exists() {
         let mut aside = parent.join(format!("{name}.stale-{epoch}"));
         let mut n = 1;
@@ -997,6 +1098,9 @@ fn restore_into(store: &ChunkStore, id: &ChunkId, target: &Path, epoch: u64) -> 
     std::fs::rename(&staging, target).map_err(|e| {
         BackupError::Refused(format!("cannot move the restored data into {}: {e}", target.display()))
     })?;
+    for (_, dir) in ready_copies(parent, &name) {
+        coyote_data::remove_restored(&dir);
+    }
     if let Ok(dir) = std::fs::File::open(parent) {
         let _ = dir.sync_all();
     }

@@ -92,6 +92,28 @@ fn a_failover_restores_the_newest_snapshot_before_its_container_starts() -> Resu
     let first_last = check_sequence(&seq, "an exported snapshot")?;
     assert!(first_last > 0);
 
+    // The failover keeps the newest snapshot it holds restored, ready to be renamed into place.
+    let ready_copies = |node: &Node| -> Vec<String> {
+        let prefix = format!(".{service}.ready-");
+        std::fs::read_dir(node.dir.join("volumes"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().to_string_lossy().strip_prefix(&prefix).map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let ready = wait_until("the failover to keep a ready copy", TIMEOUT, || {
+        let ready = ready_copies(&nodes[f]);
+        Ok((!ready.is_empty()).then_some(ready))
+    })?;
+    let ready_seq = std::fs::read_to_string(
+        nodes[f].dir.join("volumes").join(format!(".{service}.ready-{}", ready[0])).join("seq"),
+    )
+    .unwrap_or_default();
+    check_sequence(&ready_seq, "the ready copy")?;
+    assert!(ready_copies(&nodes[m]).is_empty(), "only the failover keeps one");
+
     // The master dies (its node process; its container is removed with the test's cluster).
     nodes[m].kill9();
     let killed = std::time::Instant::now();
@@ -140,6 +162,11 @@ fn a_failover_restores_the_newest_snapshot_before_its_container_starts() -> Resu
     assert!(live.starts_with(&restored_seq), "the live data begins with the restored snapshot");
     eprintln!("restored up to {restored_last}, the new master wrote on to {live_last}");
 
+    assert!(
+        ready_copies(&nodes[f]).is_empty(),
+        "the ready copy was used or dropped: {:?}",
+        ready_copies(&nodes[f])
+    );
     // What the failover's directory held before is moved aside, not deleted.
     let aside = std::fs::read_dir(nodes[f].dir.join("volumes"))?
         .filter_map(|e| e.ok())
