@@ -301,7 +301,15 @@ impl Backups {
         }
         let volumes = self.settings.volumes.clone();
         let keep = failovers;
-        let _ = self.blocking(move || Ok(drop_ready_copies(&volumes, &keep))).await;
+        let dropped = self
+            .blocking(move || {
+                drop_ready_copies(&volumes, &keep);
+                Ok(())
+            })
+            .await;
+        if let Err(e) = dropped {
+            tracing::warn!(error = %e, "cannot drop stale ready copies");
+        }
         let prune_due = {
             let mut at = self.pruned_at.lock().expect("prune lock");
             let due = at.is_none_or(|t| t.elapsed() >= self.settings.prune_every);
