@@ -77,6 +77,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/backups/verify", post(backup_verify))
         .route("/v1/backups/{service}", get(backup_list))
         .route("/v1/backups/{service}/restore", post(backup_restore))
+        .route("/v1/backups/{service}/rollback", post(backup_rollback))
         .route("/v1/backups/{service}/now", post(backup_now))
         .route("/v1/backups/{service}/export", get(backup_export))
         .with_state(api)
@@ -548,6 +549,48 @@ fn backups_of(api: &Api) -> Result<&Arc<crate::backups::Backups>, ApiError> {
             "this node keeps no backups (it runs without containers or with --no-backups)".into(),
         )
     })
+}
+
+/// Asks for `service`'s data to be rolled back in place to a snapshot (an id or the start of one;
+/// the newest some node holds by default): proposes `RestoreRequested`.
+async fn backup_rollback(
+    caller: Caller,
+    Path(service): Path<String>,
+    Json(req): Json<wire::BackupRollback>,
+) -> ApiResult<wire::RollbackAsked> {
+    let found = caller.api.node.store().with_state(|s| {
+        let ledger = s.data.get(&service)?;
+        let held = ledger.snapshots.values().filter(|r| !r.holders.is_empty());
+        let record = match req.snapshot.as_deref() {
+            None => ledger.newest_held(),
+            Some(prefix) => {
+                let mut matching = held.filter(|r| r.id.starts_with(prefix));
+                match (matching.next(), matching.next()) {
+                    (Some(r), None) => Some(r),
+                    _ => None,
+                }
+            }
+        }?;
+        Some(record.id.clone())
+    });
+    let Some(snapshot) = found else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            match &req.snapshot {
+                Some(p) => format!(
+                    "no single snapshot of {service} that a node holds has an id starting with {p:?} (see coyote backup list {service})"
+                ),
+                None => format!("no node holds a snapshot of {service}"),
+            },
+        ));
+    };
+    let event = Event::RestoreRequested {
+        service,
+        snapshot: snapshot.clone(),
+        reason: format!("asked by {}", caller.actor),
+    };
+    let proposed = propose(&caller, event).await?;
+    Ok(Json(wire::RollbackAsked { index: proposed.index, snapshot }))
 }
 
 async fn backup_now(

@@ -8,7 +8,8 @@
 //!   read and cut into chunks (only files changed since the last snapshot are read), then resumed;
 //!   the new chunks are compressed and stored after it resumes. The snapshot is proposed as
 //!   `SnapshotTaken` at the master's epoch: a master that was deposed meanwhile is refused by the
-//!   state machine. A snapshot identical to one already recorded is not proposed again. A service
+//!   state machine. A snapshot identical to one already recorded at this epoch is not proposed
+//!   again (one recorded at an earlier epoch is: the content is the newest again, after a restore). A service
 //!   whose spec has a dump command gets it run first once an hour ([`DUMP_EVERY`]; the snapshot is
 //!   then of kind `dump`, consistent by the dump, with no pause), and every time once a pause took
 //!   longer than [`BackupSettings::pause_limit`]; a dump that fails falls back to the pause.
@@ -50,6 +51,9 @@ use crate::runtime::{ContainerRuntime, RunState, Scope};
 
 /// How often the master runs a service's dump command before a snapshot (`SnapshotKind::Dump`).
 pub const DUMP_EVERY: Duration = Duration::from_secs(3600);
+
+/// How long a rollback waits for the service's container to stop before it tries again.
+const ROLLBACK_STOP_WAIT: Duration = Duration::from_secs(60);
 
 /// How long a holder may take to answer for a snapshot's manifest before the next holder is asked.
 const HOLDER_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
@@ -453,10 +457,9 @@ impl Backups {
         drop(caches);
         let report = report?;
         let snapshot = report.id.to_hex();
-        let known = self
-            .node
-            .store()
-            .with_state(|s| s.data.get(service).is_some_and(|d| d.snapshots.contains_key(&snapshot)));
+        let known = self.node.store().with_state(|s| {
+            s.data.get(service).and_then(|d| d.snapshots.get(&snapshot)).is_some_and(|r| r.epoch == epoch)
+        });
         let mut view = TakenView {
             service: service.to_string(),
             snapshot: snapshot.clone(),
@@ -887,7 +890,6 @@ impl Backups {
         id.parse().map_err(|_| BackupError::Fetch(format!("{id:?} is not a snapshot id")))
     }
 
-    /// Restores the newest snapshot into `volumes/NAME` before this node, a new master, serves it.
     /// Restores the newest snapshot this node holds whole into `volumes/.NAME.ready-ID` (over the
     /// previous ready copy), unless it is there already.
     async fn make_ready(&self, service: &str) -> Result<(), BackupError> {
@@ -921,7 +923,13 @@ impl Backups {
         .await
     }
 
+    /// Restores the newest snapshot into `volumes/NAME` before this node, a new master, serves it;
+    /// or, for a rollback an admin asked for, the snapshot asked for, once the container stopped.
     async fn restore_before_serving(&self, service: &str) -> Result<(), BackupError> {
+        let rollback = self.node.store().with_state(|s| s.rollbacks.get(service).cloned());
+        if let Some(snapshot) = rollback {
+            return self.roll_back(service, &snapshot).await;
+        }
         let me = self.node.id();
         let Some((epoch, newest, mine)) = self.node.store().with_state(|s| {
             let ledger = s.data.get(service)?;
@@ -1002,6 +1010,76 @@ impl Backups {
         let event =
             Event::RestoreCompleted { service: service.to_string(), snapshot: chosen, node: me, epoch };
         self.propose(event).await
+    }
+}
+
+impl Backups {
+    /// Rolls `service`'s data back to `snapshot` in place: waits until its container has stopped
+    /// (its fence stopped serving it at the rollback's epoch), restores the snapshot (the directory
+    /// moved aside), records the restore, and snapshots the restored data at once, so that a
+    /// failover restores it rather than a snapshot from before the rollback. When the snapshot cannot
+    /// be had, the directory stays as it is, the restore is recorded without a snapshot (the service
+    /// serves again) and the alarm `restore-failed/SERVICE` says why.
+    async fn roll_back(&self, service: &str, snapshot: &str) -> Result<(), BackupError> {
+        let me = self.node.id();
+        let epoch = self.node.store().with_state(|s| s.data.get(service).map(|d| d.epoch)).unwrap_or(0);
+        let deadline = tokio::time::Instant::now() + ROLLBACK_STOP_WAIT;
+        while self.running_container(service).await?.is_some() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BackupError::Refused(format!(
+                    "the container of {service} is still running {} s after the rollback was asked",
+                    ROLLBACK_STOP_WAIT.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let holders = self.node.store().with_state(|s| holders_of(s, service, snapshot, me));
+        let fetched =
+            tokio::time::timeout(self.settings.fetch_timeout, self.fetch(service, snapshot, &holders)).await;
+        let restored = match fetched {
+            Ok(Ok(())) => {
+                let id: ChunkId = snapshot.parse().map_err(|_| BackupError::Fetch("bad id".into()))?;
+                let store = self.store.clone();
+                let target = self.volume(service);
+                self.blocking(move || restore_into(&store, &id, &target, epoch))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no holder answered within {} s", self.settings.fetch_timeout.as_secs())),
+        };
+        let chosen = match restored {
+            Ok(()) => {
+                self.caches.lock().await.remove(service);
+                let _ = std::fs::remove_file(self.cache_path(service));
+                Some(snapshot.to_string())
+            }
+            Err(why) => {
+                let alarm = Event::AlarmRaised {
+                    key: format!("restore-failed/{service}"),
+                    node: Some(me),
+                    service: Some(service.to_string()),
+                    message: format!(
+                        "node {me} could not roll {service} back to snapshot {}: {why}; its data is as it was",
+                        short_id(snapshot)
+                    ),
+                };
+                if let Err(e) = self.propose(alarm).await {
+                    tracing::warn!(%service, error = %e, "cannot raise the restore-failed alarm");
+                }
+                None
+            }
+        };
+        let done = chosen.is_some();
+        let event =
+            Event::RestoreCompleted { service: service.to_string(), snapshot: chosen, node: me, epoch };
+        self.propose(event).await?;
+        if done {
+            if let Err(e) = self.snapshot(service, SnapshotKind::Manual).await {
+                tracing::warn!(%service, error = %e, "cannot snapshot the rolled-back data");
+            }
+        }
+        Ok(())
     }
 }
 

@@ -66,7 +66,9 @@ pub enum BackupCmd {
     /// Re-hash every chunk this node holds; snapshots that lost one are fetched again from another
     /// node that holds them, and what was found is recorded in the log
     Verify { service: Option<String> },
-    /// Restore a snapshot into a new directory on this server (the service is left as it is)
+    /// Roll a service's data back to a snapshot, in place: its master stops the container, moves
+    /// the data aside (volumes/NAME.stale-EPOCH), restores the snapshot and starts it again. With
+    /// --into, restore into a new directory on this server instead, leaving the service alone
     Restore {
         service: String,
         /// The snapshot (its id or the start of it) [default: the newest some node holds]
@@ -74,7 +76,7 @@ pub enum BackupCmd {
         snapshot: Option<String>,
         /// The directory to create; it must not exist
         #[arg(long)]
-        into: std::path::PathBuf,
+        into: Option<std::path::PathBuf>,
     },
     /// Write a snapshot of a service's data as a tar stream (to stdout, or --output FILE); it needs
     /// no cluster to be read back: `tar x`
@@ -384,6 +386,9 @@ pub async fn run(command: Command, client: &Client, json: bool) -> Result<()> {
     }
 }
 
+/// How long `backup restore` (in place) waits for the master to restore.
+const ROLLBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 fn print_json<T: Serialize>(value: &T) {
     println!("{}", serde_json::to_string(value).expect("API types encode"));
 }
@@ -491,7 +496,61 @@ async fn backup(cmd: BackupCmd, client: &Client, json: bool) -> Result<()> {
             }
             Ok(())
         }
-        BackupCmd::Restore { service, snapshot, into } => {
+        BackupCmd::Restore { service, snapshot, into: None } => {
+            let body = wire::BackupRollback { snapshot };
+            let asked: wire::RollbackAsked =
+                client.send_json(Method::POST, &format!("/v1/backups/{service}/rollback"), &body).await?;
+            if !json {
+                eprintln!(
+                    "rollback of {service} to snapshot {} asked (event {}); waiting for its master to restore it",
+                    short_id(&asked.snapshot),
+                    asked.index
+                );
+            }
+            let started = std::time::Instant::now();
+            let mut said = std::time::Instant::now();
+            let list = loop {
+                let list: wire::BackupList = client.get(&format!("/v1/backups/{service}")).await?;
+                if list.epoch != asked.index {
+                    anyhow::bail!(
+                        "the rollback was overtaken: {service} has a new epoch ({}), see coyote events tail",
+                        list.epoch
+                    );
+                }
+                if list.restored.is_some() {
+                    break list;
+                }
+                if started.elapsed() > ROLLBACK_WAIT {
+                    anyhow::bail!(
+                        "the master of {service} has not restored within {} s; it goes on trying (see coyote alarm list)",
+                        ROLLBACK_WAIT.as_secs()
+                    );
+                }
+                if !json && said.elapsed() >= std::time::Duration::from_secs(5) {
+                    eprintln!("  still waiting ({} s)", started.elapsed().as_secs());
+                    said = std::time::Instant::now();
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            };
+            let restored = list.restored.as_ref().expect("checked above");
+            if json {
+                print_json(&list);
+            } else if restored.snapshot.as_deref() == Some(asked.snapshot.as_str()) {
+                println!(
+                    "{service} rolled back to snapshot {} by node {}; the data it replaced is in volumes/{service}.stale-{} there",
+                    short_id(&asked.snapshot),
+                    restored.node,
+                    asked.index
+                );
+            } else {
+                anyhow::bail!(
+                    "node {} could not roll {service} back; its data is as it was (see coyote alarm list)",
+                    restored.node
+                );
+            }
+            Ok(())
+        }
+        BackupCmd::Restore { service, snapshot, into: Some(into) } => {
             let into = std::path::absolute(&into)
                 .map_err(|e| anyhow::anyhow!("cannot resolve {}: {e}", into.display()))?;
             let body = wire::BackupRestore { snapshot, into: into.display().to_string() };

@@ -341,6 +341,21 @@ pub struct BackupVerify {
     pub service: Option<String>,
 }
 
+/// `coyote backup restore SERVICE [--snapshot ID]` (in place).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackupRollback {
+    /// An id or the start of one [default: the newest snapshot some node holds].
+    #[serde(default)]
+    pub snapshot: Option<String>,
+}
+
+/// A rollback asked for: the index of its event (the service's new epoch) and the snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RollbackAsked {
+    pub index: u64,
+    pub snapshot: String,
+}
+
 /// `coyote backup restore SERVICE --into DIR [--snapshot ID]`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BackupRestore {

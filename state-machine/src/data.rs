@@ -10,7 +10,9 @@
 //! # Epochs
 //!
 //! A service's epoch is the index of the event that made its current master the master: its
-//! `ServiceCreated`, or the last `AuthoritySwitched` applied to it. A snapshot is accepted only from
+//! `ServiceCreated`, or the last `AuthoritySwitched` applied to it; or of an admin's later
+//! `RestoreRequested` (a rollback in place), since what the master wrote before the rollback is
+//! what the rollback discards. A snapshot is accepted only from
 //! the current master at the current epoch. A master that was deposed (it may not know yet) carries
 //! an older epoch, and its snapshot is refused: the data it describes may have diverged from the new
 //! master's, and restoring it anywhere would bring back a past that the cluster moved away from.

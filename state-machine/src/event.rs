@@ -205,6 +205,14 @@ pub enum Event {
         node: NodeId,
         reason: String,
     },
+    /// An admin asks for `service`'s data to be rolled back to `snapshot`, in place: a new epoch
+    /// begins, so the master stops serving, restores the snapshot (its directory moved aside) and
+    /// serves again once its `RestoreCompleted` is applied.
+    RestoreRequested {
+        service: String,
+        snapshot: String,
+        reason: String,
+    },
 }
 
 /// Why a snapshot was taken.
@@ -320,6 +328,7 @@ impl Event {
             Event::AcmeChallengeReady { .. } => "acme_challenge_ready",
             Event::CertIssued { .. } => "cert_issued",
             Event::CertOrderFailed { .. } => "cert_order_failed",
+            Event::RestoreRequested { .. } => "restore_requested",
         }
     }
 
@@ -351,6 +360,7 @@ impl Event {
         "acme_challenge_ready",
         "cert_issued",
         "cert_order_failed",
+        "restore_requested",
     ];
 
     /// One human line describing the event.
@@ -462,6 +472,9 @@ impl Event {
             ),
             Event::CertOrderFailed { name, node, reason } => {
                 format!("certificate of {name}: the order by node {node} failed: {reason}")
+            }
+            Event::RestoreRequested { service, snapshot, reason } => {
+                format!("service {service}: roll its data back to snapshot {} ({reason})", short_id(snapshot))
             }
         }
     }

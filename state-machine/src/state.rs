@@ -197,6 +197,8 @@ pub struct State {
     pub acme: Option<AcmeAccount>,
     /// Certificates and their orders, by name (lowercase).
     pub certs: BTreeMap<String, CertRecord>,
+    /// Rollbacks asked for and not done yet: service → the snapshot its master restores in place.
+    pub rollbacks: BTreeMap<String, String>,
 }
 
 /// [`State`] as snapshots before certificates held it (snapshot format 3), to read them.
@@ -233,6 +235,7 @@ impl From<StateV3> for State {
             data: v.data,
             acme: None,
             certs: BTreeMap::new(),
+            rollbacks: BTreeMap::new(),
         }
     }
 }
@@ -507,9 +510,11 @@ impl State {
                         ledger.epoch
                     ));
                 }
-                if ledger.snapshots.contains_key(snapshot) {
+                // The same content taken again at a later epoch (a master that restored it, a
+                // rollback) is recorded again as the newest; at the same epoch it is a repeat.
+                if ledger.snapshots.get(snapshot).is_some_and(|r| r.epoch == *epoch) {
                     return reject(format!(
-                        "snapshot {} of {service} is already recorded",
+                        "snapshot {} of {service} is already recorded at this epoch",
                         short_id(snapshot)
                     ));
                 }
@@ -652,6 +657,18 @@ impl State {
             }
             Event::CertOrderFailed { name, node, .. } => {
                 self.check_order_holder(name, *node, at_ms)?;
+            }
+            Event::RestoreRequested { service, snapshot, .. } => {
+                let record = self.check_known_snapshot(service, snapshot)?;
+                if record.holders.is_empty() {
+                    return reject(format!("no node holds snapshot {} of {service}", short_id(snapshot)));
+                }
+                if self.services[service].placement.is_none() {
+                    return reject(format!("service {service} has no master to restore it"));
+                }
+                if let Some(h) = self.handovers.get(service) {
+                    return reject(format!("a handover of {service} to node {} is under way", h.to));
+                }
             }
             Event::AlarmRaised { key, node, service, .. } => {
                 if key.is_empty() {
@@ -859,6 +876,7 @@ impl State {
             Event::ServiceRemoved { name } => {
                 self.services.remove(name);
                 self.data.remove(name);
+                self.rollbacks.remove(name);
                 self.alarms.retain(|_, a| a.service.as_deref() != Some(name));
                 self.reachability.retain(|(_, s), _| *s != Subject::Service(name.clone()));
             }
@@ -880,6 +898,9 @@ impl State {
                 let ledger = self.data.entry(service.clone()).or_default();
                 ledger.epoch = env.index;
                 ledger.restored = None;
+                // A rollback asked of the old master is not the new master's to do: it restores the
+                // newest snapshot.
+                self.rollbacks.remove(service);
                 // Reports about the service were about its old master: monitors start afresh.
                 self.reachability.retain(|(_, s), _| *s != Subject::Service(service.clone()));
             }
@@ -920,6 +941,16 @@ impl State {
                 new_bytes,
             } => {
                 let ledger = self.data.get_mut(service).expect("checked: ledger exists");
+                let holders = match ledger.snapshots.get(snapshot) {
+                    Some(old) => {
+                        let mut holders = old.holders.clone();
+                        holders.insert(*node, env.at_ms);
+                        holders
+                    }
+                    None => BTreeMap::from([(*node, env.at_ms)]),
+                };
+                let corrupt_on =
+                    ledger.snapshots.get(snapshot).map(|r| r.corrupt_on.clone()).unwrap_or_default();
                 ledger.snapshots.insert(
                     snapshot.clone(),
                     SnapshotRecord {
@@ -933,8 +964,8 @@ impl State {
                         new_bytes: *new_bytes,
                         taken_at_ms: env.at_ms,
                         taken_index: env.index,
-                        holders: BTreeMap::from([(*node, env.at_ms)]),
-                        corrupt_on: BTreeSet::new(),
+                        holders,
+                        corrupt_on,
                     },
                 );
                 ledger.failures.remove(node);
@@ -974,6 +1005,7 @@ impl State {
                 ledger.snapshots.remove(snapshot);
             }
             Event::RestoreCompleted { service, snapshot, node, epoch } => {
+                self.rollbacks.remove(service);
                 let ledger = self.data.get_mut(service).expect("checked: ledger exists");
                 ledger.restored = Some(Restored {
                     node: *node,
@@ -1067,6 +1099,12 @@ impl State {
                     };
                     self.alarms.insert(env.index, alarm);
                 }
+            }
+            Event::RestoreRequested { service, snapshot, .. } => {
+                let ledger = self.data.get_mut(service).expect("checked: ledger exists");
+                ledger.epoch = env.index;
+                ledger.restored = None;
+                self.rollbacks.insert(service.clone(), snapshot.clone());
             }
             Event::HandoverRequested { service, to, reason } => {
                 let from =

@@ -273,6 +273,11 @@ impl Runner {
                 node: num("node"),
                 reason: get("reason").replace('_', " "),
             }),
+            "rollback" => self.propose(Event::RestoreRequested {
+                service: pos[1].clone(),
+                snapshot: snapshot_id(&get("id")),
+                reason: "scenario".into(),
+            }),
             "show" => self.show(&pos[1], pos.get(2)),
             other => panic!("unknown scenario command {other:?}"),
         }
@@ -373,6 +378,9 @@ impl Runner {
                 if let Some(r) = &d.restored {
                     let from = r.snapshot.as_deref().map(short_id).unwrap_or("nothing");
                     writeln!(out, "  restored by node {} at epoch {} from {from}", r.node, r.epoch).unwrap();
+                }
+                if let Some(id) = s.rollbacks.get(name) {
+                    writeln!(out, "  rollback to {} asked", short_id(id)).unwrap();
                 }
                 let newest = d.newest_held().map(|r| short_id(&r.id)).unwrap_or("none");
                 writeln!(out, "  newest held: {newest}").unwrap();

@@ -536,3 +536,59 @@ fn a_master_killed_mid_transfer_leaves_the_failover_its_last_whole_snapshot() ->
     guard.clean();
     Ok(())
 }
+
+/// `backup restore SERVICE --snapshot ID` without `--into`: the service's data goes back to the
+/// snapshot in place. The master stops the container, moves the data aside, restores, and starts
+/// it again on the snapshot's data; the data it replaced is kept; the restored data is snapshotted
+/// at once (so a failover would not bring the discarded data back).
+#[test]
+fn a_rollback_in_place_restarts_the_service_on_the_snapshot() -> Result<()> {
+    test_images()?;
+    let root = tempfile::tempdir()?;
+    let mut guard = DockerGuard::default();
+    let service = unique("rollback");
+    let (mut nodes, _ids, m, f) = cluster_with_service(root.path(), &mut guard, &service, "0")?;
+    let volume = nodes[m].dir.join("volumes").join(&service);
+    wait_until("the master's container to write", TIMEOUT, || {
+        Ok((std::fs::read_to_string(volume.join("seq")).unwrap_or_default().lines().count() > 5)
+            .then_some(()))
+    })?;
+    let taken = nodes[m].cli_json(&["backup", "now", &service])?;
+    let snapshot = taken["snapshot"].as_str().context("an id")?.to_string();
+    let exports = root.path().join("exports");
+    let at_snapshot = exported_seq(&nodes[m], &service, &snapshot, &exports)?;
+    let snapshot_last = check_sequence(&at_snapshot, "the snapshot")?;
+    let later = wait_until("the container to write on", TIMEOUT, || {
+        let text = std::fs::read_to_string(volume.join("seq")).unwrap_or_default();
+        let last = check_sequence(&text, "the live data")?;
+        Ok((last > snapshot_last + 10).then_some(last))
+    })?;
+
+    // Asked through another node: the rollback is an event; the CLI waits for the restore.
+    let rolled = nodes[f].cli_json(&["backup", "restore", &service, "--snapshot", &snapshot[..12]])?;
+    let epoch = rolled["epoch"].as_u64().context("an epoch")?;
+    assert_eq!(rolled["restored"]["snapshot"], snapshot.as_str(), "{rolled}");
+    let live_last = wait_until("the container to write on from the snapshot", TIMEOUT, || {
+        let Ok(text) = std::fs::read_to_string(volume.join("seq")) else { return Ok(None) };
+        let last = check_sequence(&text, "the rolled-back data")?;
+        Ok((text.starts_with(&at_snapshot) && last > snapshot_last + 3).then_some(last))
+    })?;
+    eprintln!(
+        "snapshot at {snapshot_last}, written on to {later}, rolled back and written on to {live_last}"
+    );
+    let aside = nodes[m].dir.join("volumes").join(format!("{service}.stale-{epoch}")).join("seq");
+    let replaced = check_sequence(&std::fs::read_to_string(&aside)?, "the replaced data")?;
+    assert!(replaced >= later, "the data it replaced is kept aside, whole");
+    let list = nodes[m].cli_json(&["backup", "list", &service])?;
+    let after =
+        list["snapshots"].as_array().into_iter().flatten().any(|s| s["epoch"].as_u64() == Some(epoch));
+    assert!(after, "the rolled-back data was snapshotted at the new epoch: {list}");
+    let refused = nodes[m].cli_err(&["backup", "restore", &service, "--snapshot", "ffffffffffff"])?;
+    assert!(refused.contains("no single snapshot"), "{refused}");
+
+    for n in &mut nodes {
+        n.kill9();
+    }
+    guard.clean();
+    Ok(())
+}
