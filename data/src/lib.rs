@@ -31,7 +31,7 @@ pub use error::{Error, Result};
 pub use export::export_tar;
 pub use gc::{gc, GcReport};
 pub use manifest::{Attrs, ChunkRef, Entry, EntryKind, Manifest, Timestamp};
-pub use restore::{missing, remove_restored, restore, restore_with_base, Base, RestoreReport};
+pub use restore::{missing, remove_restored, restore, restore_with_base, sync_restored, Base, RestoreReport};
 pub use snapshot::{
     capture, capture_with, snapshot, CachedFile, Capture, CaptureOptions, MetaCache, SnapshotReport,
 };

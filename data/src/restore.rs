@@ -16,7 +16,9 @@
 //!
 //! [`restore_with_base`] takes a tree restored earlier from another snapshot, left untouched since
 //! (a failover's ready copy): a file whose content and attributes the two manifests describe alike
-//! is hard-linked from it instead of written again, so a restore costs what changed.
+//! is hard-linked from it instead of written again, so a restore costs what changed. It may also
+//! leave syncing to the caller (`sync: false`): a copy kept ready for later is synced once, with
+//! [`sync_restored`], when it is put to use.
 
 use std::ffi::OsStr;
 use std::fs::{self, DirBuilder, OpenOptions};
@@ -68,7 +70,19 @@ pub fn missing(store: &ChunkStore, manifest: &Manifest) -> Vec<ChunkId> {
 /// Restores snapshot `snapshot_id` from `store` as a new directory `target`. See the
 /// [module documentation](self).
 pub fn restore(store: &ChunkStore, snapshot_id: &ChunkId, target: impl AsRef<Path>) -> Result<RestoreReport> {
-    restore_with_base(store, snapshot_id, target, None)
+    restore_with_base(store, snapshot_id, target, None, true)
+}
+
+/// Makes a tree restored with `sync: false` durable: syncs the file system that holds it (one call,
+/// however many files), then its parent directory.
+pub fn sync_restored(path: &Path) -> Result<()> {
+    let fd = rustix::fs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| rio(path, e))?;
+    rustix::fs::syncfs(&fd).map_err(|e| rio(path, e))?;
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
+        _ => Ok(()),
+    }
 }
 
 /// [`restore`], linking the files that `base` holds unchanged instead of writing them. See the
@@ -78,6 +92,7 @@ pub fn restore_with_base(
     snapshot_id: &ChunkId,
     target: impl AsRef<Path>,
     base: Option<Base<'_>>,
+    sync: bool,
 ) -> Result<RestoreReport> {
     let target = target.as_ref();
     if fs::symlink_metadata(target).is_ok() {
@@ -104,9 +119,9 @@ pub fn restore_with_base(
     let tmp = make_temp_dir(&parent, name)?;
     let as_root = rustix::process::geteuid().is_root();
     let mut report = RestoreReport { owners_set: as_root, ..RestoreReport::default() };
-    let written = write_tree(store, &manifest, &tmp, as_root, base, &mut report)
+    let written = write_tree(store, &manifest, &tmp, as_root, base, sync, &mut report)
         .and_then(|()| rename_noreplace(&tmp, target))
-        .and_then(|()| sync_dir(&parent));
+        .and_then(|()| if sync { sync_dir(&parent) } else { Ok(()) });
     match written {
         Ok(()) => Ok(report),
         Err(e) => {
@@ -149,6 +164,7 @@ fn write_tree(
     tmp: &Path,
     as_root: bool,
     base: Option<Base<'_>>,
+    sync: bool,
     report: &mut RestoreReport,
 ) -> Result<()> {
     let before: std::collections::HashMap<&[u8], &Entry> = base
@@ -192,7 +208,9 @@ fn write_tree(
                     report.bytes += data.len() as u64;
                 }
                 set_attrs_fd(&file, &path, &entry.attrs, as_root)?;
-                file.sync_all().map_err(|e| Error::io(&path, e))?;
+                if sync {
+                    file.sync_all().map_err(|e| Error::io(&path, e))?;
+                }
                 report.files += 1;
             }
             EntryKind::Symlink { target } => {
@@ -216,9 +234,9 @@ fn write_tree(
     }
     // Deepest first, so a directory's time is set after everything inside it is finished.
     for (path, attrs) in dirs.iter().rev() {
-        finish_dir(path, attrs, as_root)?;
+        finish_dir(path, attrs, as_root, sync)?;
     }
-    finish_dir(tmp, manifest.root(), as_root)
+    finish_dir(tmp, manifest.root(), as_root, sync)
 }
 
 /// Hard-links `entry`'s file from the base tree `dir` to `path`; false when the base does not hold it
@@ -248,8 +266,8 @@ fn entry_path(tmp: &Path, entry: &Entry) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Owner (as root), mode and time of a directory, then its fsync.
-fn finish_dir(path: &Path, attrs: &Attrs, as_root: bool) -> Result<()> {
+/// Owner (as root), mode and time of a directory, then its fsync (with `sync`).
+fn finish_dir(path: &Path, attrs: &Attrs, as_root: bool, sync: bool) -> Result<()> {
     let fd = rustix::fs::open(
         path,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
@@ -257,7 +275,10 @@ fn finish_dir(path: &Path, attrs: &Attrs, as_root: bool) -> Result<()> {
     )
     .map_err(|e| rio(path, e))?;
     set_attrs_fd(&fd, path, attrs, as_root)?;
-    rustix::fs::fsync(&fd).map_err(|e| rio(path, e))
+    if sync {
+        rustix::fs::fsync(&fd).map_err(|e| rio(path, e))?;
+    }
+    Ok(())
 }
 
 /// Owner first (a change of owner clears set-id bits), then mode, then times.

@@ -224,7 +224,8 @@ fn a_restore_over_a_base_links_unchanged_files_and_writes_changed_ones() {
     let manifest = Manifest::load(&store, &first.id).unwrap();
     let next = tmp.path().join("ready-2");
     let base = coyote_data::Base { manifest: &manifest, dir: &ready };
-    let report = coyote_data::restore_with_base(&store, &second.id, &next, Some(base)).unwrap();
+    let report = coyote_data::restore_with_base(&store, &second.id, &next, Some(base), false).unwrap();
+    coyote_data::sync_restored(&next).unwrap();
     assert_eq!(report.files, 6, "{report:?}");
     assert_eq!(report.linked, 4, "the four unchanged small files: {report:?}");
     assert_eq!(compare_trees(&src, &next, Compare { mtime_ns: true, owners: false, top: false }), 11);

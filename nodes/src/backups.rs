@@ -195,6 +195,9 @@ pub struct Backups {
     /// Services whose last pause was longer than the limit: their dump command makes their
     /// snapshots consistent instead, while they have one.
     pause_too_long: Mutex<std::collections::BTreeSet<String>>,
+    /// The ready copies on disk, by service: the snapshot each holds. `None` until the volumes
+    /// directory was looked at once (copies left by an earlier run are found then).
+    ready: Mutex<Option<HashMap<String, String>>>,
 }
 
 impl Backups {
@@ -218,6 +221,7 @@ impl Backups {
             pruned_at: Mutex::new(None),
             dumped_at: Mutex::new(HashMap::new()),
             pause_too_long: Mutex::new(Default::default()),
+            ready: Mutex::new(None),
         }))
     }
 
@@ -298,22 +302,7 @@ impl Backups {
                 tracing::warn!(%service, error = %e, "cannot store the newest snapshot");
             }
         }
-        for service in &failovers {
-            if let Err(e) = self.make_ready(service).await {
-                tracing::warn!(%service, error = %e, "cannot keep a ready copy of the newest snapshot");
-            }
-        }
-        let volumes = self.settings.volumes.clone();
-        let keep = failovers;
-        let dropped = self
-            .blocking(move || {
-                drop_ready_copies(&volumes, &keep);
-                Ok(())
-            })
-            .await;
-        if let Err(e) = dropped {
-            tracing::warn!(error = %e, "cannot drop stale ready copies");
-        }
+        self.keep_ready(&failovers).await;
         let prune_due = {
             let mut at = self.pruned_at.lock().expect("prune lock");
             let due = at.is_none_or(|t| t.elapsed() >= self.settings.prune_every);
@@ -890,19 +879,80 @@ impl Backups {
         id.parse().map_err(|_| BackupError::Fetch(format!("{id:?} is not a snapshot id")))
     }
 
-    /// Restores the newest snapshot this node holds whole into `volumes/.NAME.ready-ID` (over the
-    /// previous ready copy), unless it is there already.
-    async fn make_ready(&self, service: &str) -> Result<(), BackupError> {
+    /// Keeps a ready copy of each of `failovers` (the services this node is the failover of), and
+    /// none of any other service.
+    async fn keep_ready(&self, failovers: &[String]) {
         let me = self.node.id();
-        let Some(newest) =
-            self.node.store().with_state(|s| s.data.get(service)?.newest_held_by(me).map(|r| r.id.clone()))
-        else {
-            return Ok(());
+        let known = self.ready.lock().expect("ready lock").clone();
+        let known = match known {
+            Some(known) => known,
+            None => {
+                let volumes = self.settings.volumes.clone();
+                let found = self.blocking(move || Ok(all_ready_copies(&volumes))).await.unwrap_or_default();
+                *self.ready.lock().expect("ready lock") = Some(found.clone());
+                found
+            }
         };
+        let wanted: Vec<(String, String)> = self.node.store().with_state(|s| {
+            failovers
+                .iter()
+                .filter_map(|name| {
+                    let newest = s.data.get(name)?.newest_held_by(me)?;
+                    Some((name.clone(), newest.id.clone()))
+                })
+                .collect()
+        });
+        for (service, newest) in &wanted {
+            if known.get(service) == Some(newest) {
+                continue;
+            }
+            match self.make_ready(service, newest).await {
+                Ok(true) => self.note_ready(service, Some(newest)),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(%service, error = %e, "cannot keep a ready copy of the newest snapshot")
+                }
+            }
+        }
+        let stale: Vec<String> = known.keys().filter(|s| !failovers.contains(s)).cloned().collect();
+        if stale.is_empty() {
+            return;
+        }
+        let volumes = self.settings.volumes.clone();
+        let services = stale.clone();
+        let dropped = self
+            .blocking(move || {
+                for service in &services {
+                    for (_, dir) in ready_copies(&volumes, service) {
+                        coyote_data::remove_restored(&dir);
+                    }
+                }
+                Ok(())
+            })
+            .await;
+        match dropped {
+            Ok(()) => stale.iter().for_each(|s| self.note_ready(s, None)),
+            Err(e) => tracing::warn!(error = %e, "cannot drop stale ready copies"),
+        }
+    }
+
+    fn note_ready(&self, service: &str, snapshot: Option<&str>) {
+        let mut ready = self.ready.lock().expect("ready lock");
+        let map = ready.get_or_insert_with(HashMap::new);
+        match snapshot {
+            Some(id) => map.insert(service.to_string(), id.to_string()),
+            None => map.remove(service),
+        };
+    }
+
+    /// Restores snapshot `newest`, which this node holds, into `volumes/.NAME.ready-ID` (over the
+    /// previous ready copy), unless it is there already; false when the store lacks some of it.
+    async fn make_ready(&self, service: &str, newest: &str) -> Result<bool, BackupError> {
+        let newest = newest.to_string();
         let id: ChunkId =
             newest.parse().map_err(|_| BackupError::Fetch(format!("{newest:?} is not a snapshot id")))?;
         if !self.complete(&id).await? {
-            return Ok(());
+            return Ok(false);
         }
         let volumes = self.settings.volumes.clone();
         let store = self.store.clone();
@@ -911,14 +961,15 @@ impl Backups {
             let ready = ready_copies(&volumes, &service);
             if !ready.iter().any(|(r, _)| *r == newest) {
                 let target = volumes.join(format!(".{service}.ready-{newest}"));
-                restore_over_ready(&store, &id, &target, &ready)?;
+                // Not synced now: it is synced once, when it is put to use.
+                restore_over_ready(&store, &id, &target, &ready, false)?;
             }
             for (r, dir) in ready {
                 if r != newest {
                     coyote_data::remove_restored(&dir);
                 }
             }
-            Ok(())
+            Ok(true)
         })
         .await
     }
@@ -1003,6 +1054,8 @@ impl Backups {
             let store = self.store.clone();
             let target = self.volume(service);
             self.blocking(move || restore_into(&store, &id, &target, epoch)).await?;
+            // The ready copies of the service went into place or away.
+            self.note_ready(service, None);
             // The cache described the directory that was moved aside.
             self.caches.lock().await.remove(service);
             let _ = std::fs::remove_file(self.cache_path(service));
@@ -1048,6 +1101,7 @@ impl Backups {
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no holder answered within {} s", self.settings.fetch_timeout.as_secs())),
         };
+        self.note_ready(service, None);
         let chosen = match restored {
             Ok(()) => {
                 self.caches.lock().await.remove(service);
@@ -1113,19 +1167,17 @@ fn ready_copies(volumes: &Path, service: &str) -> Vec<(String, PathBuf)> {
         .collect()
 }
 
-/// Removes the ready copies of services this node is not the failover of.
-fn drop_ready_copies(volumes: &Path, keep: &[String]) {
-    let Ok(entries) = std::fs::read_dir(volumes) else { return };
-    for entry in entries.filter_map(|e| e.ok()) {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(service) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".ready-")).map(|(s, _)| s)
-        else {
-            continue;
-        };
-        if !keep.iter().any(|k| k == service) {
-            coyote_data::remove_restored(&entry.path());
-        }
-    }
+/// Every ready copy in `volumes`: service → the snapshot it holds.
+fn all_ready_copies(volumes: &Path) -> HashMap<String, String> {
+    let Ok(entries) = std::fs::read_dir(volumes) else { return HashMap::new() };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let (service, id) = name.strip_prefix('.')?.rsplit_once(".ready-")?;
+            Some((service.to_string(), id.to_string()))
+        })
+        .collect()
 }
 
 /// Restores snapshot `id` as the new directory `target`, linking the unchanged files of one of the
@@ -1135,13 +1187,14 @@ fn restore_over_ready(
     id: &ChunkId,
     target: &Path,
     ready: &[(String, PathBuf)],
+    sync: bool,
 ) -> Result<(), BackupError> {
     let base = ready.iter().find_map(|(r, dir)| {
         let manifest = Manifest::load(store, &r.parse::<ChunkId>().ok()?).ok()?;
         Some((manifest, dir))
     });
     let base = base.as_ref().map(|(manifest, dir)| coyote_data::Base { manifest, dir: dir.as_path() });
-    coyote_data::restore_with_base(store, id, target, base)?;
+    coyote_data::restore_with_base(store, id, target, base, sync)?;
     Ok(())
 }
 
@@ -1159,14 +1212,17 @@ fn restore_into(store: &ChunkStore, id: &ChunkId, target: &Path, epoch: u64) -> 
         .map_err(|e| BackupError::Refused(format!("cannot create {}: {e}", parent.display())))?;
     let ready = ready_copies(parent, &name);
     let staging = match ready.iter().find(|(r, _)| *r == id.to_hex()) {
-        Some((_, dir)) => dir.clone(),
+        Some((_, dir)) => {
+            coyote_data::sync_restored(dir)?;
+            dir.clone()
+        }
         None => {
             let staging = parent.join(format!(".{name}.restoring"));
             if staging.exists() {
                 std::fs::remove_dir_all(&staging)
                     .map_err(|e| BackupError::Refused(format!("cannot clear {}: {e}", staging.display())))?;
             }
-            restore_over_ready(store, id, &staging, &ready)?;
+            restore_over_ready(store, id, &staging, &ready, true)?;
             staging
         }
     };
