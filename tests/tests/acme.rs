@@ -240,7 +240,11 @@ fn a_certificate_is_ordered_once_and_survives_the_death_of_the_node_ordering_it(
     if c == 2 {
         pebble.point_at(IPS[other])?;
     }
-    let (code, _, err) = fetch(IPS[other], https[other], &name, &pebble.tls_root);
+    // (Once the node has applied the service: before, the name is unknown there.)
+    let (code, _, err) = wait_until("the placeholder certificate", TIMEOUT, || {
+        let answer = fetch(IPS[other], https[other], &name, &pebble.tls_root);
+        Ok((answer.0 != 35).then_some(answer))
+    })?;
     assert_eq!(code, 60, "a placeholder is not trusted: {err}");
     // Killed once its order is placed at the CA, before the certificate is in the log.
     wait_until("the order to be placed", TIMEOUT, || {
