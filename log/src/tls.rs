@@ -503,17 +503,8 @@ impl ClusterCa {
             .map_err(|e| TlsError::InvalidCertificate { what: "CA private key", detail: e.to_string() })?;
         let issuer = Issuer::from_ca_cert_der(&self.cert_der, key)
             .map_err(|e| TlsError::InvalidCertificate { what: "CA certificate", detail: e.to_string() })?;
-        let site_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| TlsError::Generate(e.to_string()))?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, names.first().cloned().unwrap_or_default());
-        params.distinguished_name = dn;
-        params.subject_alt_names = names
-            .iter()
-            .map(|n| n.clone().try_into().map(SanType::DnsName))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| TlsError::Generate(format!("{e}")))?;
+        let site_key = generate_site_key()?;
+        let mut params = site_params(names)?;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
@@ -531,13 +522,16 @@ impl ClusterCa {
 /// How long a placeholder certificate is valid.
 pub const PLACEHOLDER_VALIDITY: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// A new ECDSA P-256 key for a web certificate, PKCS#8 DER.
-pub fn new_site_key() -> Result<Vec<u8>> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| TlsError::Generate(e.to_string()))?;
-    Ok(key.serialize_der())
+fn generate_site_key() -> Result<KeyPair> {
+    KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| TlsError::Generate(e.to_string()))
 }
 
+/// A new ECDSA P-256 key for a web certificate, PKCS#8 DER.
+pub fn new_site_key() -> Result<Vec<u8>> {
+    Ok(generate_site_key()?.serialize_der())
+}
+
+/// The name and DNS names of a web certificate for `names` (the first is its common name).
 fn site_params(names: &[String]) -> Result<CertificateParams> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -568,8 +562,7 @@ pub fn site_csr(names: &[String], key_der: &[u8]) -> Result<Vec<u8>> {
 /// A self-signed certificate for `name`, to keep TLS up while its real one is pending: a new ECDSA
 /// P-256 key, valid for [`PLACEHOLDER_VALIDITY`]. Returns the certificate and the key (PKCS#8), DER.
 pub fn placeholder_site(name: &str) -> Result<(Vec<u8>, Vec<u8>)> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| TlsError::Generate(e.to_string()))?;
+    let key = generate_site_key()?;
     let mut params = site_params(&[name.to_string()])?;
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -584,8 +577,7 @@ pub fn placeholder_site(name: &str) -> Result<(Vec<u8>, Vec<u8>)> {
 /// for `name` alone, carrying the SHA-256 of the challenge's key authorization. Returns the
 /// certificate and its key (PKCS#8), DER.
 pub fn acme_alpn_site(name: &str, key_authorization: &str) -> Result<(Vec<u8>, Vec<u8>)> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| TlsError::Generate(e.to_string()))?;
+    let key = generate_site_key()?;
     let mut params = site_params(&[name.to_string()])?;
     let digest = Sha256::digest(key_authorization.as_bytes());
     params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(&digest)];

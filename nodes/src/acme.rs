@@ -445,10 +445,12 @@ impl Orderer {
             return Ok(account.clone());
         }
         let directory = &self.options.directory;
-        let sealed = self.log.store().with_state(|s| {
-            s.acme.as_ref().filter(|a| a.directory == *directory).map(|a| a.credentials_sealed.clone())
-        });
-        let account = match sealed {
+        let sealed = || {
+            self.log.store().with_state(|s| {
+                s.acme.as_ref().filter(|a| a.directory == *directory).map(|a| a.credentials_sealed.clone())
+            })
+        };
+        let account = match sealed() {
             Some(sealed) => self.restore_account(&sealed).await?,
             None => {
                 let contact = self.options.email.as_ref().map(|e| format!("mailto:{e}"));
@@ -469,14 +471,8 @@ impl Orderer {
                     Ok(()) => account,
                     // Another node created one first: use that one.
                     Err(_) => {
-                        let sealed = self.log.store().with_state(|s| {
-                            s.acme
-                                .as_ref()
-                                .filter(|a| a.directory == *directory)
-                                .map(|a| a.credentials_sealed.clone())
-                        });
                         let sealed =
-                            sealed.ok_or_else(|| Stopped::Failed("no ACME account in the log".into()))?;
+                            sealed().ok_or_else(|| Stopped::Failed("no ACME account in the log".into()))?;
                         self.restore_account(&sealed).await?
                     }
                 }

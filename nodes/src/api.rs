@@ -558,27 +558,18 @@ async fn backup_rollback(
     Path(service): Path<String>,
     Json(req): Json<wire::BackupRollback>,
 ) -> ApiResult<wire::RollbackAsked> {
-    let found = caller.api.node.store().with_state(|s| {
-        let ledger = s.data.get(&service)?;
-        let held = ledger.snapshots.values().filter(|r| !r.holders.is_empty());
-        let record = match req.snapshot.as_deref() {
-            None => ledger.newest_held(),
-            Some(prefix) => {
-                let mut matching = held.filter(|r| r.id.starts_with(prefix));
-                match (matching.next(), matching.next()) {
-                    (Some(r), None) => Some(r),
-                    _ => None,
-                }
-            }
-        }?;
-        Some(record.id.clone())
-    });
+    // A snapshot no node holds is refused by the state machine, saying so.
+    let found = caller
+        .api
+        .node
+        .store()
+        .with_state(|s| s.data.get(&service)?.find(req.snapshot.as_deref()).map(|r| r.id.clone()));
     let Some(snapshot) = found else {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
             match &req.snapshot {
                 Some(p) => format!(
-                    "no single snapshot of {service} that a node holds has an id starting with {p:?} (see coyote backup list {service})"
+                    "no single snapshot of {service} has an id starting with {p:?} (see coyote backup list {service})"
                 ),
                 None => format!("no node holds a snapshot of {service}"),
             },

@@ -856,17 +856,7 @@ impl Backups {
     pub async fn export_source(&self, service: &str, snapshot: Option<&str>) -> Result<ChunkId, BackupError> {
         let me = self.node.id();
         let found = self.node.store().with_state(|s| {
-            let ledger = s.data.get(service)?;
-            let record = match snapshot {
-                None => ledger.newest_held(),
-                Some(prefix) => {
-                    let mut matching = ledger.snapshots.values().filter(|r| r.id.starts_with(prefix));
-                    match (matching.next(), matching.next()) {
-                        (Some(r), None) => Some(r),
-                        _ => None,
-                    }
-                }
-            }?;
+            let record = s.data.get(service)?.find(snapshot)?;
             Some((record.id.clone(), holders_of(s, service, &record.id, me)))
         });
         let Some((id, holders)) = found else {

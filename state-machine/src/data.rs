@@ -148,6 +148,17 @@ impl DataLedger {
         self.snapshots.values().filter(|s| !s.holders.is_empty()).max_by_key(|s| s.taken_index)
     }
 
+    /// The one snapshot whose id starts with `prefix`, or the newest some node holds when `prefix` is
+    /// `None`; `None` when no snapshot, or more than one, matches.
+    pub fn find(&self, prefix: Option<&str>) -> Option<&SnapshotRecord> {
+        let Some(prefix) = prefix else { return self.newest_held() };
+        let mut matching = self.snapshots.values().filter(|r| r.id.starts_with(prefix));
+        match (matching.next(), matching.next()) {
+            (Some(r), None) => Some(r),
+            _ => None,
+        }
+    }
+
     /// The newest snapshot `node` holds.
     pub fn newest_held_by(&self, node: NodeId) -> Option<&SnapshotRecord> {
         self.snapshots.values().filter(|s| s.holders.contains_key(&node)).max_by_key(|s| s.taken_index)

@@ -393,15 +393,7 @@ fn disk_full_on_a_backup_node_fails_its_copy_alone() -> Result<()> {
         Ok((std::fs::read_to_string(volume.join("seq")).unwrap_or_default().lines().count() > 3)
             .then_some(()))
     })?;
-    let mut noise = vec![0u8; 3 << 20];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for byte in noise.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *byte = x as u8;
-    }
-    std::fs::write(volume.join("noise"), &noise)?;
+    std::fs::write(volume.join("noise"), noise(3 << 20, 0x9e37_79b9_7f4a_7c15))?;
     let taken = nodes[m].cli_json(&["backup", "now", &service])?;
     let snapshot = taken["snapshot"].as_str().context("an id")?.to_string();
 
@@ -442,6 +434,19 @@ fn disk_full_on_a_backup_node_fails_its_copy_alone() -> Result<()> {
     Ok(())
 }
 
+/// `len` bytes that do not compress (xorshift from `seed`).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Counts the chunk files in a node's store.
 fn chunk_count(node: &Node) -> usize {
     let Ok(fans) = std::fs::read_dir(node.dir.join("backups").join("chunks")) else { return 0 };
@@ -477,16 +482,7 @@ fn a_master_killed_mid_transfer_leaves_the_failover_its_last_whole_snapshot() ->
     })?;
 
     // 128 MiB that do not compress: a transfer of many chunks, each synced on arrival.
-    let mut noise = vec![0u8; 128 << 20];
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    for byte in noise.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *byte = x as u8;
-    }
-    std::fs::write(volume.join("noise"), &noise)?;
-    drop(noise);
+    std::fs::write(volume.join("noise"), noise(128 << 20, 0x2545_f491_4f6c_dd1d))?;
     let before = chunk_count(&nodes[f]);
     let second = nodes[m].cli_json(&["backup", "now", &service])?;
     let second = second["snapshot"].as_str().context("an id")?.to_string();
