@@ -89,7 +89,7 @@ pub fn encode_snapshot(
     state: coyote_state_machine::State,
     archive: Vec<EventRecord>,
 ) -> Vec<u8> {
-    SnapshotBody { last_applied, last_membership, state, archive }.encode()
+    SnapshotBody { last_applied, last_membership, state, archive, accounts: Default::default() }.encode()
 }
 
 /// The kinds of record the store reads from sled, by the tag [`store_record`] takes.

@@ -64,7 +64,6 @@ use std::time::Duration;
 use coyote_log::LogNode;
 use coyote_state_machine::spec::format_argv;
 use coyote_state_machine::{Event, PortMap, Role};
-use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -158,29 +157,7 @@ pub fn parse_mem_available(meminfo: &str) -> Option<u64> {
     }
 }
 
-/// Traffic of one service, as shown by `coyote stats`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct ServiceStats {
-    pub service: String,
-    pub connections: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub cold_starts: u64,
-    pub cold_start_ms_p50: Option<u64>,
-    pub cold_start_ms_p99: Option<u64>,
-    pub running_ms: u64,
-    pub running: bool,
-    /// Connections that went through the activator's userspace splice (all of them in userspace
-    /// mode; in kernel mode, those that arrived while the container was stopped or starting).
-    pub spliced_connections: u64,
-    /// The kernel forwards the service's new connections to its container right now.
-    pub kernel_forwarding: bool,
-    /// Stops after the idle time, and under memory pressure.
-    pub idle_stops: u64,
-    pub memory_stops: u64,
-    /// Dump commands that failed (each kept the container running).
-    pub dumps_failed: u64,
-}
+pub use coyote_wire::ServiceStats;
 
 #[derive(Default)]
 struct Counters {

@@ -17,7 +17,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use coyote_log::store::EventRecord;
 use coyote_log::{JoinToken, LogNode, ProposeError, Proposed};
-use coyote_state_machine::{serve_from, Event, Outcome, ServiceSpec, SwitchCause, HANDOVER_WAIT_MS};
+use coyote_state_machine::{
+    serve_from, sha256_hex, AccountEvent, Event, Outcome, ServiceSpec, SwitchCause, HANDOVER_WAIT_MS,
+};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -54,6 +56,8 @@ pub struct Api {
     pub proxy: Option<Arc<coyote_proxy::Proxy>>,
     /// The ACME CA this node's proxy orders certificates from (`None`: the cluster's own CA).
     pub acme_directory: Option<String>,
+    /// Where this node serves the CRM (`http://HOST:PORT`), for the activation URLs it issues.
+    pub crm_url: Option<String>,
 }
 
 pub fn router(api: Api) -> Router {
@@ -80,6 +84,13 @@ pub fn router(api: Api) -> Router {
         .route("/v1/backups/{service}/rollback", post(backup_rollback))
         .route("/v1/backups/{service}/now", post(backup_now))
         .route("/v1/backups/{service}/export", get(backup_export))
+        .route("/v1/activations", post(activation_create))
+        .route("/v1/activations/use", post(activation_use))
+        .route("/v1/users", get(users).post(user_create))
+        .route("/v1/users/{name}/password", post(password_change))
+        .route("/v1/keys", get(keys).post(key_create))
+        .route("/v1/keys/{id}", axum::routing::delete(key_revoke))
+        .route("/v1/keys/{id}/used", post(key_used))
         .with_state(api)
 }
 
@@ -111,7 +122,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 /// The request header that names who asks (the CRM names its user, the simulator its admin). Without
 /// it, the actor is the CLI on this node (`cli@node:N`). Anyone who can open the socket may act, so
 /// this names, it does not authorise.
-pub const ACTOR_HEADER: &str = "coyote-actor";
+pub use coyote_wire::ACTOR_HEADER;
 /// Longest actor name, in bytes.
 pub const ACTOR_MAX_BYTES: usize = 128;
 
@@ -353,7 +364,7 @@ async fn stats(State(api): State<Api>) -> ApiResult<Vec<ServiceStats>> {
 
 async fn web_stats(State(api): State<Api>) -> ApiResult<crate::wire::WebStats> {
     match &api.proxy {
-        Some(p) => Ok(Json(crate::wire::WebStats::of(&p.stats))),
+        Some(p) => Ok(Json(crate::front::web_stats(&p.stats))),
         None => Err(ApiError(StatusCode::NOT_FOUND, "this node runs no proxy (--no-proxy)".into())),
     }
 }
@@ -705,4 +716,129 @@ async fn backup_restore(
         return Err(ApiError(StatusCode::BAD_REQUEST, format!("{:?} is not an absolute path", req.into)));
     }
     backups.restore_copy(&service, req.snapshot.as_deref(), into).await.map(Json).map_err(backup_error)
+}
+
+/// `n` random bytes as lowercase hex.
+fn random_hex(n: usize) -> String {
+    use rand::RngCore;
+    let mut bytes = vec![0u8; n];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+async fn activation_create(
+    caller: Caller,
+    Json(req): Json<wire::ActivationCreate>,
+) -> ApiResult<wire::ActivationCreated> {
+    use coyote_state_machine::accounts::{ACTIVATION_TTL_MAX_MS, ACTIVATION_TTL_MS};
+    let ttl_ms = req.ttl_ms.unwrap_or(ACTIVATION_TTL_MS);
+    if ttl_ms == 0 || ttl_ms > ACTIVATION_TTL_MAX_MS {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "an activation URL lives between 1 ms and a day".into(),
+        ));
+    }
+    let (activation_id, secret) = (random_hex(6), random_hex(32));
+    let at_ms = caller.api.node.now_ms();
+    let expires_at_ms = at_ms + ttl_ms;
+    let event = Event::Account(AccountEvent::ActivationIssued {
+        activation_id: activation_id.clone(),
+        secret_sha256: sha256_hex(secret.as_bytes()),
+        expires_at_ms,
+    });
+    let proposed = propose_at(&caller, event, at_ms).await?;
+    let code = format!("{activation_id}.{secret}");
+    let url = caller.api.crm_url.as_ref().map(|base| format!("{base}/activate/{code}"));
+    Ok(Json(wire::ActivationCreated { activation_id, code, url, expires_at_ms, index: proposed.index }))
+}
+
+async fn activation_use(caller: Caller, Json(req): Json<wire::ActivationUse>) -> ApiResult<Committed> {
+    let Some((id, secret)) = wire::parse_activation(&req.code) else {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "an activation code is ID.SECRET".into()));
+    };
+    let event = Event::Account(AccountEvent::AdminActivated {
+        activation_id: id.to_string(),
+        secret_sha256: sha256_hex(secret.as_bytes()),
+        name: req.name,
+        password_hash: req.password_hash,
+    });
+    let proposed = propose(&caller, event).await?;
+    Ok(Json(Committed { index: proposed.index }))
+}
+
+async fn users(State(api): State<Api>) -> ApiResult<Vec<wire::UserView>> {
+    Ok(Json(api.node.store().with_state(|s| {
+        s.accounts
+            .users
+            .values()
+            .map(|u| wire::UserView {
+                name: u.name.clone(),
+                role: u.role,
+                created_at_ms: u.created_at_ms,
+                password_changed_at_ms: u.password_changed_at_ms,
+            })
+            .collect()
+    })))
+}
+
+async fn user_create(caller: Caller, Json(req): Json<wire::UserCreate>) -> ApiResult<Committed> {
+    let event = Event::Account(AccountEvent::UserCreated {
+        name: req.name,
+        role: req.role,
+        password_hash: req.password_hash,
+    });
+    let proposed = propose(&caller, event).await?;
+    Ok(Json(Committed { index: proposed.index }))
+}
+
+async fn password_change(
+    caller: Caller,
+    Path(name): Path<String>,
+    Json(req): Json<wire::PasswordChange>,
+) -> ApiResult<Committed> {
+    let event = Event::Account(AccountEvent::PasswordChanged { name, password_hash: req.password_hash });
+    let proposed = propose(&caller, event).await?;
+    Ok(Json(Committed { index: proposed.index }))
+}
+
+async fn keys(State(api): State<Api>) -> ApiResult<Vec<wire::KeyView>> {
+    Ok(Json(api.node.store().with_state(|s| {
+        s.accounts
+            .api_keys
+            .values()
+            .map(|k| wire::KeyView {
+                key_id: k.id.clone(),
+                owner: k.owner.clone(),
+                label: k.label.clone(),
+                scope: k.scope,
+                created_at_ms: k.created_at_ms,
+                last_used_at_ms: k.last_used_at_ms,
+                revoked: k.revoked,
+            })
+            .collect()
+    })))
+}
+
+async fn key_create(caller: Caller, Json(req): Json<wire::KeyCreate>) -> ApiResult<wire::KeyCreated> {
+    let (key_id, secret) = (random_hex(6), random_hex(32));
+    let event = Event::Account(AccountEvent::ApiKeyCreated {
+        key_id: key_id.clone(),
+        owner: req.owner,
+        label: req.label,
+        scope: req.scope,
+        secret_sha256: sha256_hex(secret.as_bytes()),
+    });
+    let proposed = propose(&caller, event).await?;
+    let key = format!("{}{key_id}_{secret}", wire::KEY_PREFIX);
+    Ok(Json(wire::KeyCreated { key_id, key, index: proposed.index }))
+}
+
+async fn key_revoke(caller: Caller, Path(id): Path<String>) -> ApiResult<Committed> {
+    let proposed = propose(&caller, Event::Account(AccountEvent::ApiKeyRevoked { key_id: id })).await?;
+    Ok(Json(Committed { index: proposed.index }))
+}
+
+async fn key_used(caller: Caller, Path(id): Path<String>) -> ApiResult<Committed> {
+    let proposed = propose(&caller, Event::Account(AccountEvent::ApiKeyUsed { key_id: id })).await?;
+    Ok(Json(Committed { index: proposed.index }))
 }

@@ -167,14 +167,7 @@ pub struct RestoredCopy {
     pub bytes: u64,
 }
 
-/// Pause durations of this node's snapshots, for `coyote stats`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PauseStats {
-    pub count: u64,
-    pub p50_ms: u64,
-    pub p99_ms: u64,
-    pub max_ms: u64,
-}
+pub use coyote_wire::PauseStats;
 
 /// The backup part of a node.
 pub struct Backups {

@@ -21,6 +21,9 @@ pub enum Command {
     /// Join tokens
     #[command(subcommand)]
     Token(TokenCmd),
+    /// The CRM (web pages): activation URLs and users
+    #[command(subcommand)]
+    Crm(CrmCmd),
     /// The event log
     #[command(subcommand)]
     Events(EventsCmd),
@@ -106,6 +109,19 @@ pub enum TokenCmd {
     List,
     /// Revoke a token by id
     Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum CrmCmd {
+    /// Print a one-time URL that creates an admin of the CRM (the first one, or another after a
+    /// lost password)
+    Activate {
+        /// How long the URL stays valid (s, m, h; a day at most)
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+    /// List the CRM's users
+    Users,
 }
 
 #[derive(Subcommand)]
@@ -260,6 +276,7 @@ pub async fn run(command: Command, client: &Client, json: bool) -> Result<()> {
             Ok(())
         }
         Command::Token(cmd) => token(cmd, client, json).await,
+        Command::Crm(cmd) => crm(cmd, client, json).await,
         Command::Events(EventsCmd::Tail { follow, from, kind }) => {
             let kind_query = kind.map(|k| format!("&kind={k}")).unwrap_or_default();
             if follow {
@@ -633,6 +650,47 @@ pub fn parse_duration_ms(text: &str) -> Result<u64> {
         _ => bail!("{text:?} has an unknown unit (use s, m, h or d)"),
     };
     n.checked_mul(unit_ms).ok_or_else(|| anyhow::anyhow!("{text:?} is too long"))
+}
+
+async fn crm(cmd: CrmCmd, client: &Client, json: bool) -> Result<()> {
+    match cmd {
+        CrmCmd::Activate { ttl } => {
+            let ttl_ms = parse_duration_ms(&ttl)?;
+            let body = wire::ActivationCreate { ttl_ms: Some(ttl_ms) };
+            let created: wire::ActivationCreated =
+                client.send_json(Method::POST, "/v1/activations", &body).await?;
+            if json {
+                print_json(&created);
+            } else {
+                match &created.url {
+                    Some(url) => println!("{url}"),
+                    None => println!("/activate/{}", created.code),
+                }
+                eprintln!(
+                    "open it in a browser to create an admin; it works once, until {}{}",
+                    format_ms(created.expires_at_ms),
+                    if created.url.is_none() {
+                        " (this node serves no CRM: open the path on a node that does)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        CrmCmd::Users => {
+            let users: Vec<wire::UserView> = client.get("/v1/users").await?;
+            if json {
+                print_json(&users);
+            } else if users.is_empty() {
+                eprintln!("no users yet: `coyote crm activate` prints a URL that creates the first admin");
+            } else {
+                for u in users {
+                    println!("{:<32} {:<7} created {}", u.name, u.role.name(), format_ms(u.created_at_ms));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn token(cmd: TokenCmd, client: &Client, json: bool) -> Result<()> {

@@ -15,7 +15,7 @@ use coyote_nodes::backups::BackupSettings;
 use coyote_nodes::forward::{ForwardMode, Forwarder};
 use coyote_nodes::front::FrontParts;
 use coyote_nodes::monitor::MonitorConfig;
-use coyote_nodes::node::{ContainerParts, Node, Parts, STOP_WAIT};
+use coyote_nodes::node::{ContainerParts, CrmParts, Node, Parts, STOP_WAIT};
 use coyote_nodes::reconciler;
 use coyote_nodes::runtime::{ContainerRuntime, DockerRuntime, Scope};
 use coyote_nodes::sockets::{Sockets, TcpSockets};
@@ -163,6 +163,10 @@ pub struct FrontOptions {
     pub acme: Option<coyote_nodes::acme::AcmeOptions>,
     /// The proxy's limits.
     pub settings: coyote_proxy::Settings,
+    /// Where the CRM is served (`None`: no CRM on this node).
+    pub crm: Option<String>,
+    /// Print an activation URL once the node runs, while the cluster has no admin (`coyote up`).
+    pub activation: bool,
 }
 
 impl FrontOptions {
@@ -237,6 +241,15 @@ pub async fn run(
         })?),
         None => None,
     };
+    let crm_listener = match &front_options.crm {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot serve the CRM on {addr} (--crm): another program may hold the port; choose another with --crm HOST:PORT, or --no-crm")
+        })?),
+        None => None,
+    };
+    let crm_url = crm_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| format!("http://{a}"));
+    let crm =
+        crm_url.clone().map(|url| CrmParts { settings: coyote_crm::Settings::default(), url: Some(url) });
     let containers = if containers.reconcile {
         Some(container_parts(dir, &node_file, containers).await?)
     } else {
@@ -254,12 +267,21 @@ pub async fn run(
         probe: None,
         containers,
         front,
+        crm,
     })
     .await?;
     let api = {
         let (router, shutdown) = (node.api.clone(), node.stopping());
         tokio::spawn(async move { axum::serve(api_listener, router).with_graceful_shutdown(shutdown).await })
     };
+    if let (Some(listener), Some(router)) = (crm_listener, node.crm.clone()) {
+        let shutdown = node.stopping();
+        let service = router.into_make_service_with_connect_info::<SocketAddr>();
+        tokio::spawn(async move { axum::serve(listener, service).with_graceful_shutdown(shutdown).await });
+        if front_options.activation {
+            tokio::spawn(print_activation(node.log.clone(), node.api.clone()));
+        }
+    }
     if let Some(listener) = metrics_listener {
         let (router, shutdown) = (node.metrics.clone(), node.stopping());
         if let Ok(addr) = listener.local_addr() {
@@ -283,6 +305,9 @@ pub async fn run(
     );
     if front_options.proxy {
         eprintln!("proxy: http on {}, https on {}", front_options.http, front_options.https);
+    }
+    if let Some(url) = &crm_url {
+        eprintln!("CRM: {url}");
     }
 
     let failure = tokio::select! {
@@ -377,4 +402,41 @@ async fn wait_for_signal() -> Result<()> {
         _ = term.recv() => {}
     }
     Ok(())
+}
+
+/// Once the node can write, and while the cluster has no admin, issues an activation URL and prints
+/// it: the way the first admin is created (`coyote up`). Gives up quietly after a minute.
+async fn print_activation(log: LogNode, api: axum::Router) {
+    use tower::ServiceExt;
+    for _ in 0..60 {
+        if log.store().with_state(|s| s.accounts.admins().next().is_some()) {
+            return;
+        }
+        if log.status().await.leader.is_some() {
+            let body = serde_json::to_vec(&coyote_nodes::wire::ActivationCreate { ttl_ms: None })
+                .unwrap_or_default();
+            let request = axum::http::Request::post("/v1/activations")
+                .header("content-type", "application/json")
+                .header(coyote_nodes::api::ACTOR_HEADER, format!("up@node:{}", log.id()))
+                .body(axum::body::Body::from(body));
+            if let Ok(request) = request {
+                let Ok(response) = api.clone().oneshot(request).await;
+                if response.status().is_success() {
+                    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap_or_default();
+                    if let Ok(created) =
+                        serde_json::from_slice::<coyote_nodes::wire::ActivationCreated>(&bytes)
+                    {
+                        let url = created.url.unwrap_or(created.code);
+                        eprintln!(
+                            "activate this cluster: open {url}\n  (it works once, until {}; `coyote crm activate` prints another)",
+                            coyote_state_machine::format_ms(created.expires_at_ms)
+                        );
+                        return;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tracing::warn!("no activation URL was issued: the node could not write within a minute");
 }

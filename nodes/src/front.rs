@@ -29,6 +29,7 @@ use crate::activator::Activator;
 use crate::fence::Fence;
 use crate::runtime::{ContainerRuntime, RunState};
 use crate::sockets::{Listener, Sockets};
+use crate::wire::{DomainStats, WebStats};
 
 /// The path under which a node's gRPC listener takes requests forwarded by other nodes' proxies.
 pub const FORWARD_PREFIX: &str = "/coyote-proxy";
@@ -332,4 +333,34 @@ pub(crate) fn routes(proxy: Arc<Proxy>, routes: tonic::service::Routes) -> tonic
         .route(&format!("{FORWARD_PREFIX}/"), axum::routing::any(handler.clone()))
         .route(&format!("{FORWARD_PREFIX}/{{*rest}}"), axum::routing::any(handler));
     tonic::service::Routes::from(router)
+}
+
+/// This node's proxy traffic as `GET /v1/stats/web` answers it.
+pub fn web_stats(stats: &coyote_proxy::Stats) -> WebStats {
+    let (open_connections, connections, tls_handshakes, tls_handshake_failures) = stats.connections();
+    let bound = |counts: &coyote_proxy::stats::Counts, q: u64| {
+        let total: u64 = counts.latency.iter().sum();
+        let rank = (total * q).div_ceil(100).max(1);
+        let mut seen = 0;
+        for (i, n) in counts.latency.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return coyote_proxy::stats::LATENCY_BUCKETS_MS.get(i).copied();
+            }
+        }
+        None
+    };
+    let domains = stats
+        .domains()
+        .into_iter()
+        .map(|(domain, c)| DomainStats {
+            requests_by_class: c.by_class,
+            bytes_in: c.bytes_in,
+            bytes_out: c.bytes_out,
+            latency_p50_ms_at_most: bound(&c, 50),
+            latency_p99_ms_at_most: bound(&c, 99),
+            domain,
+        })
+        .collect();
+    WebStats { open_connections, connections, tls_handshakes, tls_handshake_failures, domains }
 }

@@ -91,6 +91,12 @@ struct FrontArgs {
     /// Run no proxy on this server (its services' domains are then reached through other nodes)
     #[arg(long)]
     no_proxy: bool,
+    /// Where the CRM (the web pages) is served
+    #[arg(long, default_value = "127.0.0.1:7180", value_name = "HOST:PORT")]
+    crm: String,
+    /// Serve no CRM on this server
+    #[arg(long)]
+    no_crm: bool,
     /// Serve the Prometheus text of /metrics over TCP here too (it is always on the API's unix
     /// socket) [default: off]
     #[arg(long, value_name = "HOST:PORT")]
@@ -150,6 +156,8 @@ impl From<FrontArgs> for daemon::FrontOptions {
         };
         daemon::FrontOptions {
             proxy: !f.no_proxy,
+            crm: (!f.no_crm).then_some(f.crm),
+            activation: false,
             http: f.http,
             https: f.https,
             metrics: f.metrics,
@@ -333,7 +341,9 @@ async fn run(cli: Cli) -> Result<()> {
             if !dir.is_initialized() {
                 daemon::init(&dir, &addrs.into(), &settings).await?;
             }
-            daemon::run(&dir, &settings, &containers.into(), &front.into()).await
+            let mut front: daemon::FrontOptions = front.into();
+            front.activation = true;
+            daemon::run(&dir, &settings, &containers.into(), &front).await
         }
         Command::Init { addrs, raft } => daemon::init(&dir, &addrs.into(), &raft.settings()).await,
         Command::Node { raft, containers, front } => {

@@ -24,8 +24,8 @@
 //!   listeners the caller gives, routing each service's domains to its master; other nodes'
 //!   proxies forward to this one over the gRPC listener.
 //!
-//! The web pages (CRM) join a node here when they exist, as a part of [`Parts`] and tasks of
-//! [`Node`].
+//! - with web pages ([`CrmParts`]): the CRM ([`coyote_crm`]), a router the caller serves, which
+//!   reads this node's replica and writes through the local API.
 //!
 //! # What the caller keeps
 //! Creating or joining a cluster (writing the data directory, asking for a certificate) happens
@@ -96,6 +96,15 @@ pub struct Parts<L> {
     pub containers: Option<ContainerParts>,
     /// The front door: HTTP and HTTPS for the services' domains (`None`: no proxy on this node).
     pub front: Option<FrontParts>,
+    /// The web pages (`None`: no CRM on this node).
+    pub crm: Option<CrmParts>,
+}
+
+/// What the CRM of a node needs.
+pub struct CrmParts {
+    pub settings: coyote_crm::Settings,
+    /// Where the caller serves it (`http://HOST:PORT`), for the activation URLs this node prints.
+    pub url: Option<String>,
 }
 
 /// What a node that runs containers needs.
@@ -124,6 +133,8 @@ pub struct Node {
     pub api: axum::Router,
     /// `/metrics` alone, for the caller to serve where Prometheus can scrape it.
     pub metrics: axum::Router,
+    /// The CRM's pages, for the caller to serve (`None`: no CRM on this node).
+    pub crm: Option<axum::Router>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -131,7 +142,8 @@ pub struct Node {
 impl Node {
     /// Starts the log on the store and every part on top of it, each in a task of its own.
     pub async fn start<L: PeerListener>(parts: Parts<L>) -> Result<Node, LogError> {
-        let Parts { config, store, identity, ca, env, listener, monitor, probe, containers, front } = parts;
+        let Parts { config, store, identity, ca, env, listener, monitor, probe, containers, front, crm } =
+            parts;
         let advertise = config.addr.clone();
         let scope = Scope { cluster_id: config.cluster_id.clone(), node_id: config.node_id };
         let (log_store, sm, handle) = store;
@@ -244,10 +256,12 @@ impl Node {
             backups: backups.clone(),
             proxy: proxy.clone(),
             acme_directory,
+            crm_url: crm.as_ref().and_then(|c| c.url.clone()),
         };
         let metrics = api::metrics_router(api.clone());
         let api = api::router(api);
-        Ok(Node { log, fence, reconciler, activator, backups, proxy, api, metrics, stop, tasks })
+        let crm = crm.map(|c| coyote_crm::Crm::new(log.clone(), api.clone(), c.settings).router());
+        Ok(Node { log, fence, reconciler, activator, backups, proxy, api, metrics, crm, stop, tasks })
     }
 
     /// A future that ends when the node stops (for the caller's servers of the API).

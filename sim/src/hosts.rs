@@ -14,7 +14,7 @@ use coyote_nodes::activator::ActivatorConfig;
 use coyote_nodes::backups::BackupSettings;
 use coyote_nodes::front::FrontParts;
 use coyote_nodes::monitor::MonitorConfig;
-use coyote_nodes::node::{ContainerParts, Node, Parts};
+use coyote_nodes::node::{ContainerParts, CrmParts, Node, Parts};
 use coyote_nodes::reconciler;
 use coyote_nodes::sockets::Sockets as _;
 
@@ -94,6 +94,7 @@ pub(crate) async fn host_software(world: Arc<World>, host: Arc<HostState>) -> Se
             }),
         }),
         front: Some(FrontParts { http: Some(http), https: None, settings: Default::default(), acme: None }),
+        crm: Some(CrmParts { settings: Default::default(), url: None }),
     })
     .await?;
     {

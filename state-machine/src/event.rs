@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::accounts::AccountEvent;
 use crate::spec::ServiceSpec;
 use crate::{LogIndex, NodeId, Term};
 
@@ -213,6 +214,8 @@ pub enum Event {
         snapshot: String,
         reason: String,
     },
+    /// Users, API keys and activation URLs (see [`crate::accounts`]).
+    Account(AccountEvent),
 }
 
 /// Why a snapshot was taken.
@@ -329,6 +332,7 @@ impl Event {
             Event::CertIssued { .. } => "cert_issued",
             Event::CertOrderFailed { .. } => "cert_order_failed",
             Event::RestoreRequested { .. } => "restore_requested",
+            Event::Account(e) => e.kind(),
         }
     }
 
@@ -361,6 +365,13 @@ impl Event {
         "cert_issued",
         "cert_order_failed",
         "restore_requested",
+        "activation_issued",
+        "admin_activated",
+        "user_created",
+        "password_changed",
+        "api_key_created",
+        "api_key_revoked",
+        "api_key_used",
     ];
 
     /// One human line describing the event.
@@ -476,6 +487,7 @@ impl Event {
             Event::RestoreRequested { service, snapshot, reason } => {
                 format!("service {service}: roll its data back to snapshot {} ({reason})", short_id(snapshot))
             }
+            Event::Account(e) => e.summary(),
         }
     }
 
@@ -488,6 +500,7 @@ impl Event {
             Event::CertOrderPlaced { key_sealed, .. } | Event::CertIssued { key_sealed, .. } => {
                 key_sealed.clear()
             }
+            Event::Account(a) => a.redact(),
             _ => {}
         }
         event

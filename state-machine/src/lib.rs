@@ -65,12 +65,14 @@
 //!   a setting in the log is later work.
 //! - Token secrets: the log only ever holds their SHA-256.
 
+pub mod accounts;
 pub mod certs;
 pub mod data;
 mod event;
 pub mod spec;
 mod state;
 
+pub use accounts::{AccountEvent, Accounts, KeyScope, UserRole};
 pub use data::{DataLedger, SnapshotRecord};
 pub use event::{
     decode, encode, short_id, Consistency, Envelope, Event, NodeInfo, Placement, Proposal, SnapshotKind,

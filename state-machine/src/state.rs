@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::accounts::Accounts;
 use crate::certs::{self, AcmeAccount, CertRecord, IssuedCert, OrderClaim};
 use crate::data::{
     valid_snapshot_id, BackupFailure, DataLedger, Restored, SnapshotRecord, RETENTION, SNAPSHOTS_MAX,
@@ -199,6 +200,10 @@ pub struct State {
     pub certs: BTreeMap<String, CertRecord>,
     /// Rollbacks asked for and not done yet: service → the snapshot its master restores in place.
     pub rollbacks: BTreeMap<String, String>,
+    /// Users, API keys and activation URLs. Snapshots (format 5 on) encode them beside the state, so
+    /// that the state's own encoding stays that of format 4.
+    #[serde(skip)]
+    pub accounts: Accounts,
 }
 
 /// [`State`] as snapshots before certificates held it (snapshot format 3), to read them.
@@ -236,6 +241,7 @@ impl From<StateV3> for State {
             acme: None,
             certs: BTreeMap::new(),
             rollbacks: BTreeMap::new(),
+            accounts: Accounts::default(),
         }
     }
 }
@@ -658,6 +664,7 @@ impl State {
             Event::CertOrderFailed { name, node, .. } => {
                 self.check_order_holder(name, *node, at_ms)?;
             }
+            Event::Account(e) => self.accounts.check(e, at_ms)?,
             Event::RestoreRequested { service, snapshot, .. } => {
                 let record = self.check_known_snapshot(service, snapshot)?;
                 if record.holders.is_empty() {
@@ -1100,6 +1107,7 @@ impl State {
                     self.alarms.insert(env.index, alarm);
                 }
             }
+            Event::Account(e) => self.accounts.mutate(e, env.at_ms),
             Event::RestoreRequested { service, snapshot, .. } => {
                 let ledger = self.data.get_mut(service).expect("checked: ledger exists");
                 ledger.epoch = env.index;

@@ -81,6 +81,8 @@ pub struct Node {
     /// Where the node's proxy listens (HTTP, HTTPS). `None` by default (`--no-proxy`): nodes of one
     /// test share the machine, and the default ports are the machine's.
     pub front: Option<(String, String)>,
+    /// Where the node serves its CRM. `None` by default (`--no-crm`), for the same reason.
+    pub crm: Option<String>,
 }
 
 impl Node {
@@ -100,6 +102,7 @@ impl Node {
             flags: Vec::new(),
             containers: false,
             front: None,
+            crm: None,
         }
     }
 
@@ -109,6 +112,10 @@ impl Node {
             Some((http, https)) => vec!["--http".into(), http.clone(), "--https".into(), https.clone()],
             None => vec!["--no-proxy".into()],
         };
+        let crm: Vec<String> = match &self.crm {
+            Some(addr) => vec!["--crm".into(), addr.clone()],
+            None => vec!["--no-crm".into()],
+        };
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let child = Command::new(coyote_bin())
             .args(args)
@@ -116,6 +123,7 @@ impl Node {
             .args(&self.flags)
             .args(if self.containers { &[][..] } else { &["--no-reconcile"][..] })
             .args(&front)
+            .args(&crm)
             .env("RUST_LOG", node_log_filter())
             .stdout(Stdio::null())
             .stderr(log)

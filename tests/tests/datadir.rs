@@ -14,7 +14,7 @@ fn refused(out: &Output) -> String {
 
 fn run_node(node: &Node) -> Output {
     std::process::Command::new(coyote_tests::coyote_bin())
-        .args(["node", "--no-proxy", "--data"])
+        .args(["node", "--no-proxy", "--no-crm", "--data"])
         .arg(&node.dir)
         .output()
         .expect("running coyote")

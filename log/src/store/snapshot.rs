@@ -22,7 +22,18 @@ pub(super) enum SnapshotFile {
     V2(SnapshotBodyV2),
     /// Before certificates: the state without them.
     V3(SnapshotBodyV3),
-    V4(SnapshotBody),
+    /// Before accounts: the state alone.
+    V4(SnapshotBodyV4),
+    V5(SnapshotBody),
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct SnapshotBodyV4 {
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership<NodeId, Node>,
+    /// Encoded without its accounts (see `State::accounts`).
+    state: State,
+    archive: Vec<EventRecord>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -55,6 +66,8 @@ pub(crate) struct SnapshotBody {
     pub(crate) last_membership: StoredMembership<NodeId, Node>,
     pub(crate) state: State,
     pub(crate) archive: Vec<EventRecord>,
+    /// `state.accounts`, which the state's own encoding leaves out.
+    pub(crate) accounts: coyote_state_machine::Accounts,
 }
 
 impl SnapshotBody {
@@ -65,26 +78,41 @@ impl SnapshotBody {
                 last_membership: b.last_membership,
                 state: b.state.into(),
                 archive: b.archive,
+                accounts: Default::default(),
             },
             SnapshotFile::V2(b) => SnapshotBody {
                 last_applied: b.last_applied,
                 last_membership: b.last_membership,
                 state: b.state.into(),
                 archive: b.archive,
+                accounts: Default::default(),
             },
             SnapshotFile::V3(b) => SnapshotBody {
                 last_applied: b.last_applied,
                 last_membership: b.last_membership,
                 state: b.state.into(),
                 archive: b.archive,
+                accounts: Default::default(),
             },
-            SnapshotFile::V4(body) => body,
+            SnapshotFile::V4(b) => SnapshotBody {
+                last_applied: b.last_applied,
+                last_membership: b.last_membership,
+                state: b.state,
+                archive: b.archive,
+                accounts: Default::default(),
+            },
+            SnapshotFile::V5(mut body) => {
+                body.state.accounts = std::mem::take(&mut body.accounts);
+                body
+            }
         })
     }
 
     /// The body as a snapshot's data.
     pub(crate) fn encode(self) -> Vec<u8> {
-        encode(&SnapshotFile::V4(self))
+        let mut body = self;
+        body.accounts = std::mem::take(&mut body.state.accounts);
+        encode(&SnapshotFile::V5(body))
     }
 
     /// Checks the body against its metadata and against itself.
@@ -169,7 +197,8 @@ impl Shared {
         };
         let meta =
             SnapshotMeta { last_log_id: last_applied, last_membership: last_membership.clone(), snapshot_id };
-        let body = SnapshotBody { last_applied, last_membership, state, archive };
+        let body =
+            SnapshotBody { last_applied, last_membership, state, archive, accounts: Default::default() };
         body.check(&meta, "the snapshot being built")?;
         let data = body.encode();
         self.write_snapshot(&meta, &data)?;
@@ -269,6 +298,7 @@ mod tests {
             last_membership: StoredMembership::default(),
             state,
             archive: Vec::new(),
+            accounts: Default::default(),
         };
         let meta =
             Meta { last_log_id: None, last_membership: StoredMembership::default(), snapshot_id: "x".into() };
@@ -293,5 +323,38 @@ mod tests {
         let body = SnapshotBody::decode(&data, "a format 3 snapshot").expect("format 3 is read");
         assert!(body.state.departed.contains(&3));
         assert!(body.state.acme.is_none() && body.state.certs.is_empty());
+    }
+
+    /// Accounts travel beside the state (format 5); a format 4 snapshot has none.
+    #[test]
+    fn accounts_survive_a_snapshot_and_format_4_has_none() {
+        let mut state = State::default();
+        let user = coyote_state_machine::accounts::User {
+            name: "alice".into(),
+            role: coyote_state_machine::UserRole::Admin,
+            password_hash: "$argon2id$v=19$x".into(),
+            created_at_ms: 1,
+            password_changed_at_ms: 1,
+        };
+        state.accounts.users.insert("alice".into(), user);
+        state.departed.insert(7);
+        let body = |state| SnapshotBody {
+            last_applied: None,
+            last_membership: StoredMembership::default(),
+            state,
+            archive: Vec::new(),
+            accounts: Default::default(),
+        };
+        let read = SnapshotBody::decode(&body(state.clone()).encode(), "a snapshot").expect("it decodes");
+        assert_eq!(read.state.accounts, state.accounts);
+        let v4 = encode(&SnapshotFile::V4(SnapshotBodyV4 {
+            last_applied: None,
+            last_membership: StoredMembership::default(),
+            state,
+            archive: Vec::new(),
+        }));
+        let read = SnapshotBody::decode(&v4, "a format 4 snapshot").expect("format 4 is read");
+        assert!(read.state.departed.contains(&7));
+        assert!(read.state.accounts.users.is_empty());
     }
 }

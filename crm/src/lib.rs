@@ -1,0 +1,185 @@
+//! The CRM: the web pages where a cluster is activated and run, served by every node.
+//!
+//! It reads from the node's replica of the log ([`LogNode`]) and writes only through the node's
+//! local API (the same typed requests as the `coyote` CLI, `coyote_wire`), naming who acts in the
+//! `coyote-actor` header: `user:NAME` for a person, `key:ID` for an API key. So every action is an
+//! event whose envelope names its actor, and the event log is the audit log.
+//!
+//! # Pages
+//! - `/activate/CODE`: the one-time activation URL (`coyote up` and `coyote crm activate` print
+//!   it); its first use creates an admin.
+//! - `/login`, `/logout`, `/account` (password change).
+//! - `/` (overview: servers, services with their roles, open alarms), `/services` (create, show,
+//!   switch authority and remove, each with a confirmation), `/alarms` (clear), `/events` (the log,
+//!   filtered by kind and actor, live over server-sent events at `/events/stream`, resuming from
+//!   `Last-Event-ID`), `/keys` (API keys: created, shown once, revoked).
+//! - `/api/v1/...`: the node's API for scripts, with `Authorization: Bearer coyote_ID_SECRET`. A
+//!   read key may only `GET`; no key reaches users, keys or activation URLs.
+//!
+//! # Security
+//! Sessions are HttpOnly, SameSite=Strict cookies (Secure when served over TLS). Every form carries
+//! the session's CSRF token, and a request whose `Origin` is not this site is refused. Wrong
+//! passwords are limited per address and per account ([`auth::Limiter`]). Pages are rendered on the
+//! server with escaping (askama), work without JavaScript, and are served with a
+//! Content-Security-Policy that allows no inline script; the one script (live events) is served by
+//! the binary.
+
+pub mod auth;
+mod pages;
+pub mod text;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use coyote_log::LogNode;
+use coyote_wire::ErrorAnswer;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tower::ServiceExt;
+
+use crate::auth::{Limiter, Session, Sessions};
+use crate::text::Text;
+
+/// How the CRM is served.
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    /// Whether its pages reach browsers over TLS (the session cookie is then `Secure`).
+    pub secure: bool,
+}
+
+/// The CRM of one node.
+#[derive(Clone)]
+pub struct Crm(Arc<Inner>);
+
+struct Inner {
+    node: LogNode,
+    api: Router,
+    settings: Settings,
+    sessions: Sessions,
+    limiter: Limiter,
+    text: &'static Text,
+}
+
+/// Largest API answer the CRM reads.
+const ANSWER_MAX: usize = 64 << 20;
+
+/// An error shown as a page (or, under `/api`, as JSON).
+#[derive(Debug)]
+pub struct CrmError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl CrmError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        CrmError { status, message: message.into() }
+    }
+}
+
+impl Crm {
+    /// The CRM over `node`, writing through `api` (the node's local API router).
+    pub fn new(node: LogNode, api: Router, settings: Settings) -> Crm {
+        Crm(Arc::new(Inner {
+            node,
+            api,
+            settings,
+            sessions: Sessions::default(),
+            limiter: Limiter::default(),
+            text: &text::EN,
+        }))
+    }
+
+    /// The pages and the `/api/v1` door, for the caller to serve (with
+    /// `into_make_service_with_connect_info::<SocketAddr>` so that login limits see addresses).
+    pub fn router(&self) -> Router {
+        pages::router(self.clone())
+    }
+
+    fn node(&self) -> &LogNode {
+        &self.0.node
+    }
+
+    fn text(&self) -> &'static Text {
+        self.0.text
+    }
+
+    /// Calls the node's API as `actor`, with `body` as JSON, and reads its answer.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        actor: &str,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, CrmError> {
+        let response = self
+            .forward(actor, method, path, body.map(|b| serde_json::to_vec(b)).transpose().ok().flatten())
+            .await;
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), ANSWER_MAX)
+            .await
+            .map_err(|e| CrmError::new(StatusCode::BAD_GATEWAY, format!("reading the node's answer: {e}")))?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorAnswer>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(CrmError::new(status, message));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| {
+            CrmError::new(StatusCode::BAD_GATEWAY, format!("the node's answer is not understood: {e}"))
+        })
+    }
+
+    /// Sends one request to the node's API as `actor`.
+    async fn forward(&self, actor: &str, method: Method, path: &str, body: Option<Vec<u8>>) -> Response {
+        let mut request = Request::builder().method(method).uri(path);
+        if body.is_some() {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+        }
+        let request =
+            request.header(coyote_wire::ACTOR_HEADER, actor).body(Body::from(body.unwrap_or_default()));
+        match request {
+            Ok(request) => match self.0.api.clone().oneshot(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            },
+            Err(e) => (StatusCode::BAD_REQUEST, format!("bad request: {e}")).into_response(),
+        }
+    }
+
+    /// The session the request names, or a new visitor's session (with the cookie to set).
+    fn session(&self, headers: &HeaderMap) -> (Session, Option<HeaderValue>) {
+        if let Some(id) = cookie(headers, auth::COOKIE) {
+            if let Some(session) = self.0.sessions.get(id) {
+                return (session, None);
+            }
+        }
+        let session = self.0.sessions.create(None);
+        let cookie = self.cookie(&session);
+        (session, Some(cookie))
+    }
+
+    fn cookie(&self, session: &Session) -> HeaderValue {
+        let secure = if self.0.settings.secure { "; Secure" } else { "" };
+        HeaderValue::from_str(&format!(
+            "{}={}; Path=/; HttpOnly; SameSite=Strict{secure}",
+            auth::COOKIE,
+            session.id
+        ))
+        .expect("a hex id is a valid header value")
+    }
+}
+
+/// The value of cookie `name` in the request.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}

@@ -1,0 +1,1071 @@
+//! The routes: each page is a handler that reads the replica, renders a template, and each form
+//! posts to a handler that checks the session and its CSRF token, then calls the node's API.
+
+// The checks that open a handler answer early with a whole page (`Err(Response)`), returned at once.
+#![allow(clippy::result_large_err)]
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use askama::Template;
+use axum::body::Body;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{any, get, post};
+use axum::{Extension, Form, Router};
+use coyote_state_machine::{format_ms, KeyScope, ServiceSpec, Subject};
+use coyote_wire::{Committed, EventView, KeyCreated};
+use serde::Deserialize;
+
+use crate::auth::{self, Session};
+use crate::text::Text;
+use crate::{Crm, CrmError};
+
+/// Events shown on the events page.
+const EVENTS_SHOWN: u64 = 200;
+/// The Content-Security-Policy of every page: nothing inline, nothing from elsewhere.
+const CSP: &str =
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; \
+                   form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+const APP_JS: &str = include_str!("../static/app.js");
+const APP_CSS: &str = include_str!("../static/app.css");
+
+pub fn router(crm: Crm) -> Router {
+    Router::new()
+        .route("/", get(overview))
+        .route("/activate/{code}", get(activate_page).post(activate))
+        .route("/login", get(login_page).post(login))
+        .route("/logout", post(logout))
+        .route("/account", get(account_page))
+        .route("/account/password", post(password_change))
+        .route("/services", get(services_page).post(service_create))
+        .route("/services/{name}", get(service_page))
+        .route("/services/{name}/switch", post(service_switch))
+        .route("/services/{name}/remove", post(service_remove))
+        .route("/alarms", get(alarms_page))
+        .route("/alarms/{id}/clear", post(alarm_clear))
+        .route("/events", get(events_page))
+        .route("/events/stream", get(events_stream))
+        .route("/keys", get(keys_page).post(key_create))
+        .route("/keys/{id}/revoke", post(key_revoke))
+        .route("/static/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
+        .route("/static/app.css", get(|| async { asset("text/css; charset=utf-8", APP_CSS) }))
+        .route("/api/v1/{*path}", any(api))
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(crm)
+}
+
+async fn security_headers(mut response: Response) -> Response {
+    let h = response.headers_mut();
+    h.insert("content-security-policy", HeaderValue::from_static(CSP));
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
+    response
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "max-age=300")], body).into_response()
+}
+
+/// What every page needs: the texts, who is logged in, the CSRF token for its forms.
+struct Layout {
+    t: &'static Text,
+    title: String,
+    user: Option<String>,
+    csrf: String,
+}
+
+/// A request's session, and the cookie to set when it is new.
+struct Visit {
+    session: Session,
+    set_cookie: Option<HeaderValue>,
+}
+
+impl Visit {
+    fn layout(&self, crm: &Crm, title: &str) -> Layout {
+        Layout {
+            t: crm.text(),
+            title: title.to_string(),
+            user: self.session.user.clone(),
+            csrf: self.session.csrf.clone(),
+        }
+    }
+
+    fn actor(&self) -> String {
+        format!("user:{}", self.session.user.as_deref().unwrap_or("?"))
+    }
+
+    /// `response` with the session cookie set if the session is new.
+    fn reply(&self, response: impl IntoResponse) -> Response {
+        let mut response = response.into_response();
+        if let Some(cookie) = &self.set_cookie {
+            response.headers_mut().append(header::SET_COOKIE, cookie.clone());
+        }
+        response
+    }
+}
+
+fn visit(crm: &Crm, headers: &HeaderMap) -> Visit {
+    let (session, set_cookie) = crm.session(headers);
+    Visit { session, set_cookie }
+}
+
+/// A page for a logged-in admin: the visit, or the redirect to the login page.
+fn admin(crm: &Crm, headers: &HeaderMap) -> Result<Visit, Response> {
+    let v = visit(crm, headers);
+    let Some(user) = &v.session.user else {
+        return Err(v.reply(Redirect::to("/login")));
+    };
+    let is_admin = crm.node().store().with_state(|s| {
+        s.accounts.users.get(user).is_some_and(|u| u.role == coyote_state_machine::UserRole::Admin)
+    });
+    if !is_admin {
+        return Err(error_page(crm, &v, CrmError::new(StatusCode::FORBIDDEN, "this page is for admins")));
+    }
+    Ok(v)
+}
+
+/// A form post: the visit, once its CSRF token and origin check out.
+fn checked_post(crm: &Crm, headers: &HeaderMap, csrf: &str, need_admin: bool) -> Result<Visit, Response> {
+    let v = if need_admin { admin(crm, headers)? } else { visit(crm, headers) };
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        let origin = origin.to_str().unwrap_or("");
+        let same = origin.split_once("://").is_some_and(|(_, rest)| rest == host) && !host.is_empty();
+        if !same {
+            let e = CrmError::new(StatusCode::FORBIDDEN, "this form was posted from another site: refused");
+            return Err(error_page(crm, &v, e));
+        }
+    }
+    if !auth::same(csrf, &v.session.csrf) {
+        let e = CrmError::new(
+            StatusCode::FORBIDDEN,
+            "this form's security token is missing or stale: reload the page and send it again",
+        );
+        return Err(error_page(crm, &v, e));
+    }
+    Ok(v)
+}
+
+fn render(v: &Visit, page: impl Template) -> Response {
+    match page.render() {
+        Ok(html) => v.reply(Html(html)),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot render the page: {e}")).into_response(),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "error.html")]
+struct ErrorPage {
+    layout: Layout,
+    message: String,
+}
+
+fn error_page(crm: &Crm, v: &Visit, e: CrmError) -> Response {
+    let layout = v.layout(crm, crm.text().error_title);
+    let mut response = render(v, ErrorPage { layout, message: e.message });
+    *response.status_mut() = e.status;
+    response
+}
+
+// ---- activation, login, account ----
+
+#[derive(Template)]
+#[template(path = "activate.html")]
+struct ActivatePage {
+    layout: Layout,
+    code: String,
+    error: Option<String>,
+}
+
+async fn activate_page(State(crm): State<Crm>, headers: HeaderMap, Path(code): Path<String>) -> Response {
+    let v = visit(&crm, &headers);
+    let layout = v.layout(&crm, crm.text().activate_title);
+    render(&v, ActivatePage { layout, code, error: None })
+}
+
+#[derive(Deserialize)]
+struct ActivateForm {
+    #[serde(default)]
+    csrf: String,
+    name: String,
+    password: String,
+    password2: String,
+}
+
+async fn activate(
+    State(crm): State<Crm>,
+    headers: HeaderMap,
+    Path(code): Path<String>,
+    Form(form): Form<ActivateForm>,
+) -> Response {
+    let v = match checked_post(&crm, &headers, &form.csrf, false) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let again = |v: &Visit, status: StatusCode, error: String| {
+        let layout = v.layout(&crm, crm.text().activate_title);
+        let mut r = render(v, ActivatePage { layout, code: code.clone(), error: Some(error) });
+        *r.status_mut() = status;
+        r
+    };
+    if let Err(e) = password_rules(&form.password, &form.password2) {
+        return again(&v, StatusCode::BAD_REQUEST, e);
+    }
+    let hash = match auth::hash_password(&form.password) {
+        Ok(h) => h,
+        Err(e) => return again(&v, StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    let id = code.split('.').next().unwrap_or("").to_string();
+    let body =
+        coyote_wire::ActivationUse { code: code.clone(), name: form.name.clone(), password_hash: hash };
+    let actor = format!("activation:{}", id.chars().take(32).collect::<String>());
+    match crm.call::<Committed>(&actor, Method::POST, "/v1/activations/use", Some(&body)).await {
+        Ok(_) => log_in(&crm, &v, form.name),
+        Err(e) => again(&v, e.status, e.message),
+    }
+}
+
+fn password_rules(password: &str, again: &str) -> Result<(), String> {
+    if password != again {
+        return Err("the two passwords differ".into());
+    }
+    let n = password.chars().count();
+    if n < auth::PASSWORD_MIN || password.len() > auth::PASSWORD_MAX {
+        return Err(format!("a password has {} to {} characters", auth::PASSWORD_MIN, auth::PASSWORD_MAX));
+    }
+    Ok(())
+}
+
+/// Replaces the visitor's session with a new one for `user`, and goes to the overview.
+fn log_in(crm: &Crm, old: &Visit, user: String) -> Response {
+    crm.0.sessions.remove(&old.session.id);
+    let session = crm.0.sessions.create(Some(user));
+    let cookie = crm.cookie(&session);
+    let mut r = Redirect::to("/").into_response();
+    r.headers_mut().append(header::SET_COOKIE, cookie);
+    r
+}
+
+#[derive(Template)]
+#[template(path = "login.html")]
+struct LoginPage {
+    layout: Layout,
+    error: Option<String>,
+}
+
+async fn login_page(State(crm): State<Crm>, headers: HeaderMap) -> Response {
+    let v = visit(&crm, &headers);
+    let layout = v.layout(&crm, crm.text().login_title);
+    render(&v, LoginPage { layout, error: None })
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    #[serde(default)]
+    csrf: String,
+    name: String,
+    password: String,
+}
+
+async fn login(
+    State(crm): State<Crm>,
+    headers: HeaderMap,
+    addr: Option<Extension<ConnectInfo<SocketAddr>>>,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    let addr = addr.map_or_else(|| "unknown".to_string(), |Extension(ConnectInfo(a))| a.ip().to_string());
+    let v = match checked_post(&crm, &headers, &form.csrf, false) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let keys = [format!("addr:{addr}"), format!("user:{}", form.name)];
+    let keys = [keys[0].as_str(), keys[1].as_str()];
+    let again = |status: StatusCode, error: String| {
+        let layout = v.layout(&crm, crm.text().login_title);
+        let mut r = render(&v, LoginPage { layout, error: Some(error) });
+        *r.status_mut() = status;
+        r
+    };
+    if crm.0.limiter.blocked(&keys) {
+        return again(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many wrong passwords: wait a minute ({} tries a minute at most)",
+                auth::FAILURES_MAX
+            ),
+        );
+    }
+    let hash =
+        crm.node().store().with_state(|s| s.accounts.users.get(&form.name).map(|u| u.password_hash.clone()));
+    let password = form.password.clone();
+    let ok = match hash {
+        Some(hash) if password.len() <= auth::PASSWORD_MAX => {
+            tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
+                .await
+                .unwrap_or(false)
+        }
+        _ => false,
+    };
+    if !ok {
+        crm.0.limiter.failed(&keys);
+        return again(StatusCode::UNAUTHORIZED, "wrong name or password".into());
+    }
+    log_in(&crm, &v, form.name)
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn logout(State(crm): State<Crm>, headers: HeaderMap, Form(form): Form<CsrfForm>) -> Response {
+    match checked_post(&crm, &headers, &form.csrf, false) {
+        Ok(v) => {
+            crm.0.sessions.remove(&v.session.id);
+            Redirect::to("/login").into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+#[derive(Template)]
+#[template(path = "account.html")]
+struct AccountPage {
+    layout: Layout,
+    message: Option<String>,
+    error: Option<String>,
+}
+
+async fn account_page(State(crm): State<Crm>, headers: HeaderMap) -> Response {
+    let v = visit(&crm, &headers);
+    if v.session.user.is_none() {
+        return v.reply(Redirect::to("/login"));
+    }
+    let layout = v.layout(&crm, crm.text().nav_account);
+    render(&v, AccountPage { layout, message: None, error: None })
+}
+
+#[derive(Deserialize)]
+struct PasswordForm {
+    #[serde(default)]
+    csrf: String,
+    current: String,
+    password: String,
+    password2: String,
+}
+
+async fn password_change(
+    State(crm): State<Crm>,
+    headers: HeaderMap,
+    Form(form): Form<PasswordForm>,
+) -> Response {
+    let v = match checked_post(&crm, &headers, &form.csrf, false) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let Some(user) = v.session.user.clone() else {
+        return Redirect::to("/login").into_response();
+    };
+    let page = |message: Option<String>, error: Option<String>, status: StatusCode| {
+        let layout = v.layout(&crm, crm.text().nav_account);
+        let mut r = render(&v, AccountPage { layout, message, error });
+        *r.status_mut() = status;
+        r
+    };
+    if let Err(e) = password_rules(&form.password, &form.password2) {
+        return page(None, Some(e), StatusCode::BAD_REQUEST);
+    }
+    let hash =
+        crm.node().store().with_state(|s| s.accounts.users.get(&user).map(|u| u.password_hash.clone()));
+    let current = form.current.clone();
+    let ok = match hash {
+        Some(h) => {
+            tokio::task::spawn_blocking(move || auth::verify_password(&current, &h)).await.unwrap_or(false)
+        }
+        None => false,
+    };
+    if !ok {
+        return page(None, Some("the current password is wrong".into()), StatusCode::UNAUTHORIZED);
+    }
+    let new_hash = match auth::hash_password(&form.password) {
+        Ok(h) => h,
+        Err(e) => return page(None, Some(e), StatusCode::INTERNAL_SERVER_ERROR),
+    };
+    let body = coyote_wire::PasswordChange { password_hash: new_hash };
+    let path = format!("/v1/users/{user}/password");
+    match crm.call::<Committed>(&v.actor(), Method::POST, &path, Some(&body)).await {
+        Ok(_) => page(Some(crm.text().password_changed.into()), None, StatusCode::OK),
+        Err(e) => page(None, Some(e.message), e.status),
+    }
+}
+
+// ---- overview, services ----
+
+struct NodeRow {
+    id: u64,
+    addr: String,
+    role: String,
+    reachable: bool,
+}
+
+struct ServiceRow {
+    name: String,
+    image: String,
+    domains: String,
+    master: String,
+    failover: String,
+    backups: String,
+    served: bool,
+}
+
+struct AlarmRow {
+    id: u64,
+    key: String,
+    message: String,
+    raised: String,
+}
+
+#[derive(Template)]
+#[template(path = "overview.html")]
+struct OverviewPage {
+    layout: Layout,
+    cluster_id: String,
+    leader: String,
+    term: u64,
+    applied: u64,
+    nodes: Vec<NodeRow>,
+    services: Vec<ServiceRow>,
+    alarms: Vec<AlarmRow>,
+}
+
+fn service_rows(crm: &Crm) -> Vec<ServiceRow> {
+    let dash = || "-".to_string();
+    crm.node().store().with_state(|s| {
+        s.services
+            .values()
+            .map(|svc| {
+                let p = svc.placement.as_ref();
+                let unreachable = s.reachability.iter().any(|((_, subject), o)| {
+                    *subject == Subject::Service(svc.spec.name.clone()) && !o.reachable
+                });
+                ServiceRow {
+                    name: svc.spec.name.clone(),
+                    image: svc.spec.image.clone(),
+                    domains: svc.spec.domains.join(" "),
+                    master: p.map_or_else(dash, |p| p.master.to_string()),
+                    failover: p.and_then(|p| p.failover).map_or_else(dash, |f| f.to_string()),
+                    backups: p.filter(|p| !p.backups.is_empty()).map_or_else(dash, |p| {
+                        p.backups.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(" ")
+                    }),
+                    served: p.is_some() && !unreachable,
+                }
+            })
+            .collect()
+    })
+}
+
+fn alarm_rows(crm: &Crm) -> Vec<AlarmRow> {
+    crm.node().store().with_state(|s| {
+        s.alarms
+            .values()
+            .map(|a| AlarmRow {
+                id: a.id,
+                key: a.key.clone(),
+                message: a.message.clone(),
+                raised: format_ms(a.raised_at_ms),
+            })
+            .collect()
+    })
+}
+
+async fn overview(State(crm): State<Crm>, headers: HeaderMap) -> Response {
+    let v = match admin(&crm, &headers) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let status = crm.node().status().await;
+    let nodes = status
+        .members
+        .iter()
+        .map(|m| NodeRow { id: m.id, addr: m.addr.clone(), role: m.role.clone(), reachable: m.reachable })
+        .collect();
+    let page = OverviewPage {
+        layout: v.layout(&crm, crm.text().nav_overview),
+        cluster_id: status.cluster_id.clone(),
+        leader: status.leader.map_or_else(|| crm.text().none.to_string(), |l| l.to_string()),
+        term: status.term,
+        applied: status.last_event,
+        nodes,
+        services: service_rows(&crm),
+        alarms: alarm_rows(&crm),
+    };
+    render(&v, page)
+}
+
+#[derive(Template)]
+#[template(path = "services.html")]
+struct ServicesPage {
+    layout: Layout,
+    services: Vec<ServiceRow>,
+    error: Option<String>,
+}
+
+async fn services_page(State(crm): State<Crm>, headers: HeaderMap) -> Response {
+    let v = match admin(&crm, &headers) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let layout = v.layout(&crm, crm.text().nav_services);
+    render(&v, ServicesPage { layout, services: service_rows(&crm), error: None })
+}
+
+#[derive(Deserialize)]
+struct ServiceForm {
+    #[serde(default)]
+    csrf: String,
+    name: String,
+    image: String,
+    #[serde(default)]
+    domains: String,
+    #[serde(default)]
+    http_port: String,
+    #[serde(default)]
+    memory_mib: String,
+    #[serde(default)]
+    on_demand: Option<String>,
+}
+
+impl ServiceForm {
+    fn spec(&self) -> Result<ServiceSpec, String> {
+        let number = |text: &str, what: &str| -> Result<Option<u64>, String> {
+            let text = text.trim();
+            if text.is_empty() {
+                return Ok(None);
+            }
+            text.parse::<u64>().map(Some).map_err(|_| format!("{what}: {text:?} is not a number"))
+        };
+        let http_port = match number(&self.http_port, "the HTTP port")? {
+            Some(p) => Some(u16::try_from(p).map_err(|_| format!("the HTTP port {p} is past 65535"))?),
+            None => None,
+        };
+        let memory_bytes = number(&self.memory_mib, "the memory")?.map(|m| m.saturating_mul(1 << 20));
+        let spec = ServiceSpec {
+            name: self.name.trim().to_string(),
+            image: self.image.trim().to_string(),
+            domains: self
+                .domains
+                .split([' ', ',', '\n', '\r', '\t'])
+                .filter(|d| !d.is_empty())
+                .map(|d| d.to_ascii_lowercase())
+                .collect(),
+            ports: Vec::new(),
+            memory_bytes,
+            on_demand: self.on_demand.is_some(),
+            dump: None,
+            http_check: None,
+            zone: None,
+            http_port,
+            tls_passthrough: false,
+        };
+        spec.validate().map_err(|e| e.to_string())?;
+        Ok(spec)
+    }
+}
+
+async fn service_create(
+    State(crm): State<Crm>,
+    headers: HeaderMap,
+    Form(form): Form<ServiceForm>,
+) -> Response {
+    let v = match checked_post(&crm, &headers, &form.csrf, true) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let fail = |status: StatusCode, error: String| {
+        let layout = v.layout(&crm, crm.text().nav_services);
+        let mut r = render(&v, ServicesPage { layout, services: service_rows(&crm), error: Some(error) });
+        *r.status_mut() = status;
+        r
+    };
+    let spec = match form.spec() {
+        Ok(s) => s,
+        Err(e) => return fail(StatusCode::BAD_REQUEST, e),
+    };
+    let name = spec.name.clone();
+    match crm.call::<coyote_wire::ServiceCreated>(&v.actor(), Method::POST, "/v1/services", Some(&spec)).await
+    {
+        Ok(_) => Redirect::to(&format!("/services/{name}")).into_response(),
+        Err(e) => fail(e.status, e.message),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "service.html")]
+struct ServicePage {
+    layout: Layout,
+    row: ServiceRow,
+    spec_json: String,
+    members: Vec<u64>,
+    /// The confirmation asked for: `switch` (with its target and how) or `remove`.
+    confirm: Option<String>,
+    to: u64,
+    now: bool,
+}
+
+fn service_page_for(
+    crm: &Crm,
+    v: &Visit,
+    name: &str,
+    confirm: Option<String>,
+    to: u64,
+    now: bool,
+) -> Response {
+    let found = crm.node().store().with_state(|s| {
+        s.services.get(name).map(|svc| {
+            let others: Vec<u64> = s.members.keys().copied().collect();
+            (serde_json::to_string_pretty(&svc.spec).unwrap_or_default(), others)
+        })
+    });
+    let Some((spec_json, members)) = found else {
+        return error_page(
+            crm,
+            v,
+            CrmError::new(StatusCode::NOT_FOUND, format!("service {name} does not exist")),
+        );
+    };
+    let Some(row) = service_rows(crm).into_iter().find(|r| r.name == name) else {
+        return error_page(
+            crm,
+            v,
+            CrmError::new(StatusCode::NOT_FOUND, format!("service {name} does not exist")),
+        );
+    };
+    let layout = v.layout(crm, &format!("{} {name}", crm.text().service));
+    render(v, ServicePage { layout, row, spec_json, members, confirm, to, now })
+}
+
+async fn service_page(State(crm): State<Crm>, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    match admin(&crm, &headers) {
+        Ok(v) => service_page_for(&crm, &v, &name, None, 0, false),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+struct SwitchForm {
+    #[serde(default)]
+    csrf: String,
+    to: u64,
+    #[serde(default)]
+    now: Option<String>,
+    /// Present once the admin confirmed.
+    #[serde(default)]
+    confirm: Option<String>,
+}
+
+async fn service_switch(
+    State(crm): State<Crm>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Form(form): Form<SwitchForm>,
+) -> Response {
+    let v = match checked_post(&crm, &headers, &form.csrf, true) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let now = form.now.is_some();
+    if form.confirm.is_none() {
+        return service_page_for(&crm, &v, &name, Some("switch".into()), form.to, now);
+    }
+    let body = coyote_wire::SwitchRequest { to: form.to, now };
+    let path = format!("/v1/services/{name}/switch");
+    match crm.call::<coyote_wire::SwitchAnswer>(&v.actor(), Method::POST, &path, Some(&body)).await {
+        Ok(_) => Redirect::to(&format!("/services/{name}")).into_response(),
+        Err(e) => error_page(&crm, &v, e),
+    }
+}
+
+#[derive(Deserialize)]
+struct ConfirmForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    confirm: Option<String>,
+}
+
+async fn service_remove(
+    State(crm): State<Crm>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Form(form): Form<ConfirmForm>,
+) -> Response {
+    let v = match checked_post(&crm, &headers, &form.csrf, true) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if form.confirm.is_none() {
+        return service_page_for(&crm, &v, &name, Some("remove".into()), 0, false);
+    }
+    let path = format!("/v1/services/{name}");
+    match crm.call::<Committed>(&v.actor(), Method::DELETE, &path, None::<&()>).await {
+        Ok(_) => Redirect::to("/services").into_response(),
+        Err(e) => error_page(&crm, &v, e),
+    }
+}
+
+// ---- alarms ----
+
+#[derive(Template)]
+#[template(path = "alarms.html")]
+struct AlarmsPage {
+    layout: Layout,
+    alarms: Vec<AlarmRow>,
+}
+
+async fn alarms_page(State(crm): State<Crm>, headers: HeaderMap) -> Response {
+    match admin(&crm, &headers) {
+        Ok(v) => {
+            let layout = v.layout(&crm, crm.text().nav_alarms);
+            render(&v, AlarmsPage { layout, alarms: alarm_rows(&crm) })
+        }
+        Err(r) => r,
+    }
+}
+
+async fn alarm_clear(
+    State(crm): State<Crm>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    let v = match checked_post(&crm, &headers, &form.csrf, true) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let path = format!("/v1/alarms/{id}/clear");
+    match crm.call::<Committed>(&v.actor(), Method::POST, &path, None::<&()>).await {
+        Ok(_) => Redirect::to("/alarms").into_response(),
+        Err(e) => error_page(&crm, &v, e),
+    }
+}
+
+// ---- events ----
+
+/// One event as the events page and the stream show it.
+#[derive(serde::Serialize)]
+struct EventRow {
+    index: u64,
+    at: String,
+    actor: String,
+    kind: String,
+    summary: String,
+    rejected: bool,
+}
+
+impl From<EventView> for EventRow {
+    fn from(e: EventView) -> Self {
+        let summary = match &e.reason {
+            Some(reason) => format!("{} (rejected: {reason})", e.summary),
+            None => e.summary,
+        };
+        EventRow {
+            index: e.index,
+            at: format_ms(e.at_ms),
+            actor: e.actor,
+            kind: e.kind,
+            rejected: e.reason.is_some(),
+            summary,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct EventsFilter {
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    actor: String,
+    from: Option<u64>,
+}
+
+impl EventsFilter {
+    fn keeps(&self, e: &EventView) -> bool {
+        (self.kind.is_empty() || e.kind == self.kind)
+            && (self.actor.is_empty() || e.actor.contains(&self.actor))
+    }
+
+    fn query(&self) -> String {
+        let enc = |s: &str| {
+            s.bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect::<String>()
+        };
+        format!("kind={}&actor={}", enc(&self.kind), enc(&self.actor))
+    }
+}
+
+#[derive(Template)]
+#[template(path = "events.html")]
+struct EventsPage {
+    layout: Layout,
+    events: Vec<EventRow>,
+    /// Every kind, and whether it is the one filtered on.
+    kinds: Vec<(&'static str, bool)>,
+    actor: String,
+    stream: String,
+}
+
+async fn events_page(
+    State(crm): State<Crm>,
+    headers: HeaderMap,
+    Query(filter): Query<EventsFilter>,
+) -> Response {
+    let v = match admin(&crm, &headers) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let store = crm.node().store();
+    let last = store.with_state(|s| s.last_applied);
+    // Scan back from the newest event until a page of matches is found (or 10 pages were read).
+    let mut rows = Vec::new();
+    let mut end = last + 1;
+    let mut scanned = 0;
+    while end > 1 && rows.len() < EVENTS_SHOWN as usize && scanned < 10 {
+        let from = end.saturating_sub(1000).max(1);
+        let records = store.events(from, (end - from) as usize).unwrap_or_default();
+        let mut page: Vec<EventRow> =
+            records.iter().map(EventView::from).filter(|e| filter.keeps(e)).map(EventRow::from).collect();
+        page.reverse();
+        rows.extend(page);
+        end = from;
+        scanned += 1;
+    }
+    rows.truncate(EVENTS_SHOWN as usize);
+    let stream = format!("/events/stream?{}&from={}", filter.query(), last + 1);
+    let layout = v.layout(&crm, crm.text().nav_events);
+    let page = EventsPage {
+        layout,
+        events: rows,
+        kinds: coyote_state_machine::Event::KINDS.iter().map(|k| (*k, *k == filter.kind)).collect(),
+        actor: filter.actor,
+        stream,
+    };
+    render(&v, page)
+}
+
+/// The events from `from` (or after `Last-Event-ID`), then each new one as it is applied.
+async fn events_stream(
+    State(crm): State<Crm>,
+    headers: HeaderMap,
+    Query(filter): Query<EventsFilter>,
+) -> Response {
+    let v = visit(&crm, &headers);
+    if admin(&crm, &headers).is_err() {
+        return v.reply(StatusCode::UNAUTHORIZED);
+    }
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|h| h.to_str().ok())
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(|i| i + 1);
+    let mut next =
+        resume.or(filter.from).unwrap_or_else(|| crm.node().store().with_state(|s| s.last_applied + 1));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(256);
+    tokio::spawn(async move {
+        let store = crm.node().store();
+        let mut applied = store.subscribe();
+        loop {
+            let records = match store.events(next, 1000) {
+                Ok(r) => r,
+                Err(_) => return,
+            };
+            let caught_up = records.len() < 1000;
+            for r in records {
+                next = r.envelope.index + 1;
+                let view = EventView::from(&r);
+                if !filter.keeps(&view) {
+                    continue;
+                }
+                let row = EventRow::from(view);
+                let data = serde_json::to_string(&row).unwrap_or_default();
+                let event = SseEvent::default().id(row.index.to_string()).event("event").data(data);
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+            if caught_up {
+                tokio::select! {
+                    changed = applied.changed() => if changed.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    v.reply(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+// ---- API keys ----
+
+struct KeyRow {
+    id: String,
+    owner: String,
+    label: String,
+    scope: &'static str,
+    created: String,
+    last_used: Option<String>,
+    revoked: bool,
+}
+
+#[derive(Template)]
+#[template(path = "keys.html")]
+struct KeysPage {
+    layout: Layout,
+    keys: Vec<KeyRow>,
+    new_key: Option<String>,
+    error: Option<String>,
+}
+
+fn keys_page_for(crm: &Crm, v: &Visit, new_key: Option<String>, error: Option<String>) -> Response {
+    let keys = crm.node().store().with_state(|s| {
+        s.accounts
+            .api_keys
+            .values()
+            .map(|k| KeyRow {
+                id: k.id.clone(),
+                owner: k.owner.clone(),
+                label: k.label.clone(),
+                scope: k.scope.name(),
+                created: format_ms(k.created_at_ms),
+                last_used: k.last_used_at_ms.map(format_ms),
+                revoked: k.revoked,
+            })
+            .collect()
+    });
+    let layout = v.layout(crm, crm.text().nav_keys);
+    render(v, KeysPage { layout, keys, new_key, error })
+}
+
+async fn keys_page(State(crm): State<Crm>, headers: HeaderMap) -> Response {
+    match admin(&crm, &headers) {
+        Ok(v) => keys_page_for(&crm, &v, None, None),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+struct KeyForm {
+    #[serde(default)]
+    csrf: String,
+    label: String,
+    scope: String,
+}
+
+async fn key_create(State(crm): State<Crm>, headers: HeaderMap, Form(form): Form<KeyForm>) -> Response {
+    let v = match checked_post(&crm, &headers, &form.csrf, true) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let scope = if form.scope == "write" { KeyScope::Write } else { KeyScope::Read };
+    let owner = v.session.user.clone().unwrap_or_default();
+    let body = coyote_wire::KeyCreate { owner, label: form.label.trim().to_string(), scope };
+    match crm.call::<KeyCreated>(&v.actor(), Method::POST, "/v1/keys", Some(&body)).await {
+        Ok(created) => keys_page_for(&crm, &v, Some(created.key), None),
+        Err(e) => keys_page_for(&crm, &v, None, Some(e.message)),
+    }
+}
+
+async fn key_revoke(
+    State(crm): State<Crm>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    let v = match checked_post(&crm, &headers, &form.csrf, true) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match crm.call::<Committed>(&v.actor(), Method::DELETE, &format!("/v1/keys/{id}"), None::<&()>).await {
+        Ok(_) => Redirect::to("/keys").into_response(),
+        Err(e) => keys_page_for(&crm, &v, None, Some(e.message)),
+    }
+}
+
+// ---- the API for scripts ----
+
+/// Paths of the node's API that no key reaches: accounts are managed on the pages only.
+const KEYLESS: &[&str] = &["activations", "users", "keys"];
+
+async fn api(State(crm): State<Crm>, Path(path): Path<String>, request: Request) -> Response {
+    let json_error = |status: StatusCode, error: &str| {
+        (status, axum::Json(coyote_wire::ErrorAnswer { error: error.to_string() })).into_response()
+    };
+    let bearer = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some((id, secret)) = bearer.and_then(coyote_wire::parse_key) else {
+        return json_error(
+            StatusCode::UNAUTHORIZED,
+            "an API key is needed: Authorization: Bearer coyote_ID_SECRET",
+        );
+    };
+    let digest = coyote_state_machine::sha256_hex(secret.as_bytes());
+    let key = crm.node().store().with_state(|s| s.accounts.api_keys.get(id).cloned());
+    let Some(key) = key.filter(|k| !k.revoked && auth::same(&k.secret_sha256, &digest)) else {
+        return json_error(StatusCode::UNAUTHORIZED, "this API key is unknown or revoked");
+    };
+    let first = path.split('/').next().unwrap_or("");
+    if KEYLESS.contains(&first) {
+        return json_error(
+            StatusCode::FORBIDDEN,
+            "users, keys and activations are managed on the web pages only",
+        );
+    }
+    let method = request.method().clone();
+    if key.scope == KeyScope::Read && method != Method::GET {
+        return json_error(StatusCode::FORBIDDEN, "this API key may only read (GET)");
+    }
+    let actor = format!("key:{}", key.id);
+    let query = request.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    let body = match axum::body::to_bytes(request.into_body(), 16 << 20).await {
+        Ok(b) => b,
+        Err(_) => {
+            return json_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "the request body is too large (16 MiB at most)",
+            )
+        }
+    };
+    let now = crm.node().now_ms();
+    if key
+        .last_used_at_ms
+        .is_none_or(|t| now.saturating_sub(t) >= coyote_state_machine::accounts::KEY_USE_RECORD_MS)
+    {
+        let crm = crm.clone();
+        let id = key.id.clone();
+        tokio::spawn(async move {
+            let path = format!("/v1/keys/{id}/used");
+            let _ = crm.call::<Committed>(&format!("key:{id}"), Method::POST, &path, None::<&()>).await;
+        });
+    }
+    let body = (!body.is_empty()).then(|| body.to_vec());
+    let response = crm.forward(&actor, method, &format!("/v1/{path}{query}"), body).await;
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, Body::new(body))
+}
