@@ -1,6 +1,7 @@
 //! Helpers for driving real `coyote` processes: start, join, kill -9, restart, and call the CLI.
 
 pub mod cpu;
+pub mod web;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;

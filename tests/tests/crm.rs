@@ -1,0 +1,194 @@
+//! The CRM of a real node, over HTTP: activation, login and its limits, CSRF and origin checks,
+//! escaping, the live event stream, and API keys with their scopes.
+
+use anyhow::{ensure, Context, Result};
+use coyote_tests::web::Web;
+use coyote_tests::{free_port, Node};
+
+/// A node serving its CRM, and the activation URL's path it printed.
+fn node_with_crm(root: &std::path::Path) -> Result<(Node, String)> {
+    let mut node = Node::new(root, "n1");
+    node.crm = Some(format!("127.0.0.1:{}", free_port()));
+    node.up()?;
+    let created = node.cli_json(&["crm", "activate", "--ttl", "10m"])?;
+    let url = created["url"].as_str().context("the activation names its URL")?;
+    let path = url.split_once("//").and_then(|(_, rest)| rest.find('/').map(|i| rest[i..].to_string()));
+    Ok((node, path.context("a URL with a path")?))
+}
+
+const PASSWORD: &str = "correct-horse-battery";
+
+/// Activates the cluster as `alice` through `web`.
+fn activate(web: &mut Web, path: &str) -> Result<()> {
+    let page = web.get(path)?;
+    ensure!(page.status == 200, "the activation page answered {}", page.status);
+    let csrf = page.input("csrf").context("the activation form has a CSRF token")?;
+    let done = web
+        .post(path, &[("csrf", &csrf), ("name", "alice"), ("password", PASSWORD), ("password2", PASSWORD)])?;
+    ensure!(done.status == 303, "activation answered {}: {}", done.status, done.body);
+    Ok(())
+}
+
+#[test]
+fn activation_is_single_use_and_forms_need_their_token_and_origin() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let (node, path) = node_with_crm(root.path())?;
+    let addr = node.crm.clone().unwrap();
+
+    // Without the CSRF token, and from another site: refused, and nobody is created.
+    let mut mallory = Web::new(&addr);
+    let page = mallory.get(&path)?;
+    let csrf = page.input("csrf").context("csrf")?;
+    let fields = [("name", "mallory"), ("password", PASSWORD), ("password2", PASSWORD)];
+    let no_token = mallory.post(&path, &fields)?;
+    assert_eq!(no_token.status, 403, "{}", no_token.body);
+    let with_token: Vec<(&str, &str)> = std::iter::once(("csrf", csrf.as_str())).chain(fields).collect();
+    let elsewhere = mallory.post_from(&path, &with_token, Some("http://evil.example"))?;
+    assert_eq!(elsewhere.status, 403, "{}", elsewhere.body);
+    assert!(elsewhere.body.contains("another site"), "{}", elsewhere.body);
+    let users = node.cli_json(&["crm", "users"])?;
+    assert_eq!(users.as_array().map(Vec::len), Some(0), "a refused form created a user: {users}");
+
+    // The first use creates the admin, and logs her in.
+    let mut alice = Web::new(&addr);
+    activate(&mut alice, &path)?;
+    let overview = alice.get("/")?;
+    assert_eq!(overview.status, 200);
+    assert!(overview.body.contains("Account (alice)"), "{}", overview.body);
+    let cookie = overview.header("content-security-policy").unwrap_or_default().to_string();
+    assert!(cookie.contains("script-src 'self'") && !cookie.contains("unsafe-inline"), "CSP: {cookie}");
+
+    // A second use of the same URL is refused, whoever tries.
+    let page = mallory.get(&path)?;
+    let csrf = page.input("csrf").context("csrf")?;
+    let again = mallory.post(
+        &path,
+        &[("csrf", &csrf), ("name", "mallory"), ("password", PASSWORD), ("password2", PASSWORD)],
+    )?;
+    assert_eq!(again.status, 409, "{}", again.body);
+    assert!(again.body.contains("already used"), "{}", again.body);
+    let users = node.cli_json(&["crm", "users"])?;
+    assert_eq!(users.as_array().map(Vec::len), Some(1), "{users}");
+
+    // The use is an event, with no password hash in it.
+    let events = node.events()?;
+    let activated = events.iter().find(|e| e["kind"] == "admin_activated").context("admin_activated")?;
+    assert!(activated["actor"].as_str().unwrap_or("").starts_with("activation:"), "{activated}");
+    assert!(!activated.to_string().contains("$argon2id$"), "a password hash is shown: {activated}");
+    Ok(())
+}
+
+#[test]
+fn wrong_passwords_are_limited_and_names_are_escaped() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let (node, path) = node_with_crm(root.path())?;
+    let addr = node.crm.clone().unwrap();
+    let mut alice = Web::new(&addr);
+    activate(&mut alice, &path)?;
+
+    let mut guesser = Web::new(&addr);
+    let login = |web: &mut Web, password: &str| -> Result<u16> {
+        let page = web.get("/login")?;
+        let csrf = page.input("csrf").context("csrf")?;
+        Ok(web.post("/login", &[("csrf", &csrf), ("name", "alice"), ("password", password)])?.status)
+    };
+    for i in 0..5 {
+        assert_eq!(login(&mut guesser, &format!("wrong-password-{i}"))?, 401);
+    }
+    assert_eq!(login(&mut guesser, "wrong-password-6")?, 429, "the sixth wrong password in a minute");
+    // The account is held for a minute, even with the right password.
+    assert_eq!(login(&mut Web::new(&addr), PASSWORD)?, 429);
+
+    // Text from outside is escaped: a service name, and an alarm message.
+    let page = alice.get("/services")?;
+    let csrf = page.input("csrf").context("csrf")?;
+    let bad = alice
+        .post("/services", &[("csrf", &csrf), ("name", "<script>alert(1)</script>"), ("image", "busybox")])?;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert!(bad.body.contains("alert(1)"), "the name is not shown: {}", bad.body);
+    assert!(!bad.body.contains("<script>alert"), "a name is not escaped: {}", bad.body);
+    let (code, _) = node.api(
+        "POST",
+        "/v1/alarms",
+        r#"{"key":"test/xss","message":"<img src=x onerror=alert(1)>","node":null,"service":null}"#,
+    )?;
+    assert_eq!(code, 200);
+    let overview = alice.get("/")?;
+    assert!(overview.body.contains("onerror=alert(1)"), "the message is not shown: {}", overview.body);
+    assert!(!overview.body.contains("<img src=x"), "an alarm message is not escaped");
+    Ok(())
+}
+
+#[test]
+fn the_event_stream_is_live_and_resumes_and_keys_have_scopes() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let (node, path) = node_with_crm(root.path())?;
+    let addr = node.crm.clone().unwrap();
+    let mut alice = Web::new(&addr);
+    activate(&mut alice, &path)?;
+
+    // Nobody logged in sees no events.
+    let anonymous = Web::new(&addr).get("/events")?;
+    assert_eq!(anonymous.status, 303, "{anonymous:?}");
+
+    let mut stream = alice.stream("/events/stream", None)?;
+    let page = alice.get("/services")?;
+    let csrf = page.input("csrf").context("csrf")?;
+    let created = alice.post(
+        "/services",
+        &[("csrf", &csrf), ("name", "blog"), ("image", "busybox:latest"), ("domains", "blog.example.org")],
+    )?;
+    assert_eq!(created.status, 303, "{}", created.body);
+    let event = loop {
+        let e = stream.next()?;
+        if e.data.contains("service_created") {
+            break e;
+        }
+    };
+    assert!(event.data.contains("\"actor\":\"user:alice\""), "{}", event.data);
+    let id = event.id.context("events have ids")?;
+
+    // After a reconnect with Last-Event-ID, the stream starts after that event.
+    let (code, _) = node.api(
+        "POST",
+        "/v1/alarms",
+        r#"{"key":"test/resume","message":"after the reconnect","node":null,"service":null}"#,
+    )?;
+    assert_eq!(code, 200);
+    let mut resumed = alice.stream("/events/stream", Some(id))?;
+    let next = resumed.next()?;
+    assert_eq!(next.id, Some(id + 1), "{next:?}");
+
+    // API keys: shown once; read keys read, write keys write, no key reaches the accounts.
+    let key = |web: &mut Web, scope: &str| -> Result<String> {
+        let page = web.get("/keys")?;
+        let csrf = page.input("csrf").context("csrf")?;
+        let shown =
+            web.post("/keys", &[("csrf", &csrf), ("label", &format!("{scope} script")), ("scope", scope)])?;
+        let at = shown.body.find("<code id=\"new-key\">").context("the new key is shown")?;
+        let rest = &shown.body[at + 19..];
+        Ok(rest[..rest.find('<').context("end of key")?].to_string())
+    };
+    let read = key(&mut alice, "read")?;
+    let write = key(&mut alice, "write")?;
+    assert!(!alice.get("/keys")?.body.contains(&read), "a key is shown twice");
+    let api = |key: &str, method: &str, path: &str, body: Option<&str>| -> Result<u16> {
+        let headers =
+            [("Authorization", format!("Bearer {key}")), ("Content-Type", "application/json".into())];
+        Ok(Web::new(&addr).request(method, path, &headers, body.map(str::as_bytes))?.status)
+    };
+    let spec = r#"{"name":"wiki","image":"busybox:latest","domains":[],"ports":[],"memory_bytes":null,"on_demand":false}"#;
+    assert_eq!(api(&read, "GET", "/api/v1/services", None)?, 200);
+    assert_eq!(api(&read, "POST", "/api/v1/services", Some(spec))?, 403);
+    assert_eq!(api(&write, "POST", "/api/v1/services", Some(spec))?, 200);
+    assert_eq!(api(&write, "GET", "/api/v1/keys", None)?, 403);
+    assert_eq!(api("coyote_nokey_0000", "GET", "/api/v1/services", None)?, 401);
+    assert_eq!(Web::new(&addr).get("/api/v1/services")?.status, 401);
+    let events = node.events()?;
+    let wiki = events
+        .iter()
+        .find(|e| e["kind"] == "service_created" && e["summary"].as_str().unwrap_or("").contains("wiki"))
+        .context("wiki created")?;
+    assert!(wiki["actor"].as_str().unwrap_or("").starts_with("key:"), "{wiki}");
+    Ok(())
+}
