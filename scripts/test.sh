@@ -44,6 +44,14 @@ if ! command -v pebble >/dev/null 2>&1 || ! command -v pebble-challtestsrv >/dev
   install || { $sudo apt-get update -q >/dev/null && install; }
 fi
 
+if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
+  echo "==> installing chromium and chromium-driver (for the CRM's browser tests)"
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  install() { $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver fonts-dejavu-core >/dev/null; }
+  install || { $sudo apt-get update -q >/dev/null && install; }
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -2,6 +2,7 @@
 
 pub mod cpu;
 pub mod web;
+pub mod webdriver;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;

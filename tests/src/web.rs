@@ -95,8 +95,7 @@ impl Web {
         head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
         s.write_all(head.as_bytes())?;
         s.write_all(body)?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw)?;
+        let raw = read_answer(&mut s).with_context(|| format!("reading the answer to {method} {path}"))?;
         let text = String::from_utf8_lossy(&raw).into_owned();
         let Some((head, body)) = text.split_once("\r\n\r\n") else {
             bail!("no complete answer to {method} {path}: {text:?}");
@@ -147,6 +146,37 @@ impl Web {
             }
         }
         Ok(EventStream { reader })
+    }
+}
+
+/// An answer's bytes: up to the end of its `Content-Length` body, or to the end of the connection
+/// when it has none (some servers keep the connection open despite `Connection: close`).
+fn read_answer(s: &mut TcpStream) -> Result<Vec<u8>> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            if let Some(length) = length {
+                while raw.len() < end + 4 + length {
+                    let n = s.read(&mut buf)?;
+                    if n == 0 {
+                        bail!("the connection closed inside the body");
+                    }
+                    raw.extend_from_slice(&buf[..n]);
+                }
+                return Ok(raw);
+            }
+        }
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok(raw);
+        }
+        raw.extend_from_slice(&buf[..n]);
     }
 }
 
