@@ -194,7 +194,7 @@ pub struct StreamEvent {
 
 impl EventStream {
     /// The next event with data (keep-alive comments are skipped).
-    pub fn next(&mut self) -> Result<StreamEvent> {
+    pub fn next_event(&mut self) -> Result<StreamEvent> {
         let (mut id, mut data) = (None, String::new());
         loop {
             let mut line = String::new();

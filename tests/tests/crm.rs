@@ -140,7 +140,7 @@ fn the_event_stream_is_live_and_resumes_and_keys_have_scopes() -> Result<()> {
     )?;
     assert_eq!(created.status, 303, "{}", created.body);
     let event = loop {
-        let e = stream.next()?;
+        let e = stream.next_event()?;
         if e.data.contains("service_created") {
             break e;
         }
@@ -156,7 +156,7 @@ fn the_event_stream_is_live_and_resumes_and_keys_have_scopes() -> Result<()> {
     )?;
     assert_eq!(code, 200);
     let mut resumed = alice.stream("/events/stream", Some(id))?;
-    let next = resumed.next()?;
+    let next = resumed.next_event()?;
     assert_eq!(next.id, Some(id + 1), "{next:?}");
 
     // API keys: shown once; read keys read, write keys write, no key reaches the accounts.
