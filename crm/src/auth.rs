@@ -37,6 +37,8 @@ pub struct Session {
     pub csrf: String,
     /// The logged-in user, or none for a visitor.
     pub user: Option<String>,
+    /// The signup this visitor made, while it waits for an admin.
+    pub signup: Option<String>,
     last_seen: Instant,
 }
 
@@ -68,7 +70,13 @@ impl Sessions {
 
     /// A new session, for `user` (or a visitor).
     pub fn create(&self, user: Option<String>) -> Session {
-        let session = Session { id: random_token(), csrf: random_token(), user, last_seen: Instant::now() };
+        let session = Session {
+            id: random_token(),
+            csrf: random_token(),
+            user,
+            signup: None,
+            last_seen: Instant::now(),
+        };
         let mut map = self.map.lock().expect("sessions lock");
         if map.len() >= SESSIONS_MAX {
             map.retain(|_, s| s.last_seen.elapsed() <= SESSION_IDLE);
@@ -81,6 +89,13 @@ impl Sessions {
         }
         map.insert(session.id.clone(), session.clone());
         session
+    }
+
+    /// Remembers that this visitor signed up as `name`.
+    pub fn set_signup(&self, id: &str, name: &str) {
+        if let Some(s) = self.map.lock().expect("sessions lock").get_mut(id) {
+            s.signup = Some(name.to_string());
+        }
     }
 
     pub fn remove(&self, id: &str) {

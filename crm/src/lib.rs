@@ -35,6 +35,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use coyote_log::LogNode;
+use coyote_state_machine::accounts::SignupStatus;
 use coyote_wire::ErrorAnswer;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -62,6 +63,9 @@ struct Inner {
     limiter: Limiter,
     text: &'static Text,
 }
+
+/// How often [`Crm::observe`] looks for signups to report served.
+const OBSERVE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Largest API answer the CRM reads.
 const ANSWER_MAX: usize = 64 << 20;
@@ -96,6 +100,39 @@ impl Crm {
     /// `into_make_service_with_connect_info::<SocketAddr>` so that login limits see addresses).
     pub fn router(&self) -> Router {
         pages::router(self.clone())
+    }
+
+    /// Reports, for each signup whose service this node masters, when this node serves it
+    /// (`SignupServed`, the last step a member sees). Runs until `stop`.
+    pub async fn observe(self, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        let me = self.node().id();
+        let actor = format!("crm@node:{me}");
+        loop {
+            let due: Vec<String> = self.node().store().with_state(|s| {
+                s.accounts
+                    .signups
+                    .values()
+                    .filter(|su| su.status == SignupStatus::Approved && su.served_at_ms.is_none())
+                    .filter(|su| {
+                        s.services
+                            .get(&su.name)
+                            .and_then(|svc| svc.placement.as_ref())
+                            .is_some_and(|p| p.master == me)
+                    })
+                    .map(|su| su.name.clone())
+                    .collect()
+            });
+            for name in due {
+                // Refused (409) while this node does not serve it yet: asked again next round.
+                let path = format!("/v1/signups/{name}/served");
+                let _ = self.call::<coyote_wire::Committed>(&actor, Method::POST, &path, None::<&()>).await;
+            }
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(OBSERVE_EVERY) => {}
+            }
+        }
     }
 
     fn node(&self) -> &LogNode {

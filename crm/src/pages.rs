@@ -17,6 +17,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{any, get, post};
 use axum::{Extension, Form, Router};
+use coyote_state_machine::accounts::{CrmSettings, SignupMode, SignupStatus, SignupTemplate};
 use coyote_state_machine::{format_ms, KeyScope, ServiceSpec, Subject};
 use coyote_wire::{Committed, EventView, KeyCreated};
 use serde::Deserialize;
@@ -54,6 +55,13 @@ pub fn router(crm: Crm) -> Router {
         .route("/keys/{id}/revoke", post(key_revoke))
         .route("/static/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
         .route("/static/app.css", get(|| async { asset("text/css; charset=utf-8", APP_CSS) }))
+        .route("/signup", get(signup_page).post(signup))
+        .route("/me", get(me_page))
+        .route("/signups", get(signups_page))
+        .route("/signups/{name}/decide", post(signup_decide))
+        .route("/invites", post(invite_create))
+        .route("/invites/{id}/revoke", post(invite_revoke))
+        .route("/settings", get(settings_page).post(settings_save))
         .route("/api/v1/{*path}", any(api))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(crm)
@@ -125,7 +133,7 @@ fn admin(crm: &Crm, headers: &HeaderMap) -> Result<Visit, Response> {
         s.accounts.users.get(user).is_some_and(|u| u.role == coyote_state_machine::UserRole::Admin)
     });
     if !is_admin {
-        return Err(error_page(crm, &v, CrmError::new(StatusCode::FORBIDDEN, "this page is for admins")));
+        return Err(v.reply(Redirect::to("/me")));
     }
     Ok(v)
 }
@@ -242,7 +250,8 @@ fn password_rules(password: &str, again: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Replaces the visitor's session with a new one for `user`, and goes to the overview.
+/// Replaces the visitor's session with a new one for `user`, and goes to the overview (which
+/// sends members on to their own page).
 fn log_in(crm: &Crm, old: &Visit, user: String) -> Response {
     crm.0.sessions.remove(&old.session.id);
     let session = crm.0.sessions.create(Some(user));
@@ -1068,4 +1077,455 @@ async fn api(State(crm): State<Crm>, Path(path): Path<String>, request: Request)
     let response = crm.forward(&actor, method, &format!("/v1/{path}{query}"), body).await;
     let (parts, body) = response.into_parts();
     Response::from_parts(parts, Body::new(body))
+}
+
+// ---- signups ----
+
+#[derive(Template)]
+#[template(path = "signup.html")]
+struct SignupPage {
+    layout: Layout,
+    /// `None`: signups are closed.
+    intro: Option<&'static str>,
+    invite: String,
+    error: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct SignupQuery {
+    #[serde(default)]
+    invite: String,
+}
+
+fn signup_intro(crm: &Crm) -> Option<&'static str> {
+    let t = crm.text();
+    match crm.node().store().with_state(|s| s.accounts.settings.signup) {
+        SignupMode::Off => None,
+        SignupMode::Public => Some(t.signup_intro_public),
+        SignupMode::Approval => Some(t.signup_intro_approval),
+        SignupMode::Invite => Some(t.signup_intro_invite),
+    }
+}
+
+async fn signup_page(State(crm): State<Crm>, headers: HeaderMap, Query(q): Query<SignupQuery>) -> Response {
+    let v = visit(&crm, &headers);
+    let layout = v.layout(&crm, crm.text().signup_title);
+    let intro = signup_intro(&crm);
+    let mut r = render(&v, SignupPage { layout, intro, invite: q.invite, error: None });
+    if intro.is_none() {
+        *r.status_mut() = StatusCode::FORBIDDEN;
+    }
+    r
+}
+
+#[derive(Deserialize)]
+struct SignupForm {
+    #[serde(default)]
+    csrf: String,
+    name: String,
+    password: String,
+    password2: String,
+    #[serde(default)]
+    invite: String,
+}
+
+async fn signup(State(crm): State<Crm>, headers: HeaderMap, Form(form): Form<SignupForm>) -> Response {
+    let v = match checked_post(&crm, &headers, &form.csrf, false) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let again = |status: StatusCode, error: String| {
+        let layout = v.layout(&crm, crm.text().signup_title);
+        let page =
+            SignupPage { layout, intro: signup_intro(&crm), invite: form.invite.clone(), error: Some(error) };
+        let mut r = render(&v, page);
+        *r.status_mut() = status;
+        r
+    };
+    if let Err(e) = password_rules(&form.password, &form.password2) {
+        return again(StatusCode::BAD_REQUEST, e);
+    }
+    let hash = match auth::hash_password(&form.password) {
+        Ok(h) => h,
+        Err(e) => return again(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    let name = form.name.trim().to_string();
+    let invite = (!form.invite.trim().is_empty()).then(|| form.invite.trim().to_string());
+    let body = coyote_wire::SignupCreate { name: name.clone(), password_hash: hash, invite };
+    let actor = format!("signup:{}", name.chars().filter(|c| !c.is_control()).take(64).collect::<String>());
+    match crm.call::<Committed>(&actor, Method::POST, "/v1/signups", Some(&body)).await {
+        Ok(_) => {
+            let member = crm.node().store().with_state(|s| s.accounts.users.contains_key(&name));
+            if member {
+                log_in(&crm, &v, name)
+            } else {
+                crm.0.sessions.set_signup(&v.session.id, &name);
+                Redirect::to("/me").into_response()
+            }
+        }
+        Err(e) => again(e.status, e.message),
+    }
+}
+
+/// One step of a signup, as its member sees it.
+struct Step {
+    label: &'static str,
+    /// The index of the event that did it, or what it waits for.
+    done: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "me.html")]
+struct MePage {
+    layout: Layout,
+    name: Option<String>,
+    steps: Vec<Step>,
+    rejected: Option<String>,
+    domain: Option<String>,
+}
+
+async fn me_page(State(crm): State<Crm>, headers: HeaderMap) -> Response {
+    let v = visit(&crm, &headers);
+    let name = v.session.user.clone().or_else(|| v.session.signup.clone());
+    let t = crm.text();
+    let found = name.as_ref().and_then(|n| {
+        crm.node().store().with_state(|s| {
+            s.accounts.signups.get(n).map(|su| {
+                let service = s.services.get(n);
+                (su.clone(), service.map(|svc| svc.spec.domains.join(" ")), s.accounts.users.contains_key(n))
+            })
+        })
+    });
+    let (mut steps, mut rejected, mut domain) = (Vec::new(), None, None);
+    if let Some((su, service_domain, is_user)) = found {
+        let event = |i: u64| format!("event {i}");
+        let approved = su.approved_index.map(event);
+        steps.push(Step { label: t.step_requested, done: Some(event(su.requested_index)) });
+        steps.push(Step { label: t.step_approved, done: approved.clone() });
+        steps.push(Step { label: t.step_user, done: approved.clone().filter(|_| is_user) });
+        steps.push(Step { label: t.step_service, done: approved.filter(|_| service_domain.is_some()) });
+        steps.push(Step {
+            label: t.step_served,
+            done: su
+                .served_at_ms
+                .map(|at| format!("{} ({} {})", format_ms(at), t.node, su.served_by.unwrap_or(0))),
+        });
+        if let SignupStatus::Rejected { reason } = su.status {
+            rejected = Some(reason);
+        }
+        domain = service_domain;
+    }
+    let layout = v.layout(&crm, t.me_title);
+    render(&v, MePage { layout, name, steps, rejected, domain })
+}
+
+struct SignupRow {
+    name: String,
+    status: String,
+    pending: bool,
+    requested: String,
+    invite: String,
+}
+
+struct InviteRow {
+    id: String,
+    expires: String,
+    state: String,
+    open: bool,
+}
+
+#[derive(Template)]
+#[template(path = "signups.html")]
+struct SignupsPage {
+    layout: Layout,
+    mode: &'static str,
+    signups: Vec<SignupRow>,
+    invites: Vec<InviteRow>,
+    new_invite: Option<String>,
+    error: Option<String>,
+}
+
+fn signups_page_for(crm: &Crm, v: &Visit, new_invite: Option<String>, error: Option<String>) -> Response {
+    let now = crm.node().now_ms();
+    let (mode, signups, invites) = crm.node().store().with_state(|s| {
+        let a = &s.accounts;
+        let signups = a
+            .signups
+            .values()
+            .map(|su| SignupRow {
+                name: su.name.clone(),
+                status: match &su.status {
+                    SignupStatus::Pending => "pending".to_string(),
+                    SignupStatus::Approved if su.served_at_ms.is_some() => "served".to_string(),
+                    SignupStatus::Approved => "approved".to_string(),
+                    SignupStatus::Rejected { reason } => format!("rejected: {reason}"),
+                },
+                pending: su.status == SignupStatus::Pending,
+                requested: format_ms(su.requested_at_ms),
+                invite: su.invite.clone().unwrap_or_default(),
+            })
+            .collect();
+        let invites = a
+            .invites
+            .values()
+            .map(|i| {
+                let open = i.used_by.is_none() && !i.revoked && i.expires_at_ms > now;
+                let state = match (&i.used_by, i.revoked) {
+                    (Some(by), _) => format!("used by {by}"),
+                    (None, true) => "revoked".to_string(),
+                    (None, false) if i.expires_at_ms <= now => "expired".to_string(),
+                    (None, false) => "open".to_string(),
+                };
+                InviteRow { id: i.id.clone(), expires: format_ms(i.expires_at_ms), state, open }
+            })
+            .collect();
+        (a.settings.signup.name(), signups, invites)
+    });
+    let layout = v.layout(crm, crm.text().nav_signups);
+    render(v, SignupsPage { layout, mode, signups, invites, new_invite, error })
+}
+
+async fn signups_page(State(crm): State<Crm>, headers: HeaderMap) -> Response {
+    match admin(&crm, &headers) {
+        Ok(v) => signups_page_for(&crm, &v, None, None),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+struct DecideForm {
+    #[serde(default)]
+    csrf: String,
+    decision: String,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn signup_decide(
+    State(crm): State<Crm>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Form(form): Form<DecideForm>,
+) -> Response {
+    let v = match checked_post(&crm, &headers, &form.csrf, true) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let approve = form.decision == "approve";
+    let reason =
+        if form.reason.trim().is_empty() { "rejected by an admin".into() } else { form.reason.trim().into() };
+    let body = coyote_wire::SignupDecide { approve, reason };
+    match crm
+        .call::<Committed>(&v.actor(), Method::POST, &format!("/v1/signups/{name}/decide"), Some(&body))
+        .await
+    {
+        Ok(_) => Redirect::to("/signups").into_response(),
+        Err(e) => signups_page_for(&crm, &v, None, Some(e.message)),
+    }
+}
+
+#[derive(Deserialize)]
+struct InviteForm {
+    #[serde(default)]
+    csrf: String,
+    days: u64,
+}
+
+async fn invite_create(State(crm): State<Crm>, headers: HeaderMap, Form(form): Form<InviteForm>) -> Response {
+    let v = match checked_post(&crm, &headers, &form.csrf, true) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let body = coyote_wire::InviteCreate { ttl_ms: form.days.saturating_mul(86_400_000) };
+    match crm.call::<coyote_wire::InviteCreated>(&v.actor(), Method::POST, "/v1/invites", Some(&body)).await {
+        Ok(created) => {
+            let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+            let scheme = if crm.0.settings.secure { "https" } else { "http" };
+            let link = format!("{scheme}://{host}/signup?invite={}", created.code);
+            signups_page_for(&crm, &v, Some(link), None)
+        }
+        Err(e) => signups_page_for(&crm, &v, None, Some(e.message)),
+    }
+}
+
+async fn invite_revoke(
+    State(crm): State<Crm>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    let v = match checked_post(&crm, &headers, &form.csrf, true) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match crm.call::<Committed>(&v.actor(), Method::DELETE, &format!("/v1/invites/{id}"), None::<&()>).await {
+        Ok(_) => Redirect::to("/signups").into_response(),
+        Err(e) => signups_page_for(&crm, &v, None, Some(e.message)),
+    }
+}
+
+// ---- settings ----
+
+#[derive(Template)]
+#[template(path = "settings.html")]
+struct SettingsPage {
+    layout: Layout,
+    cluster_name: String,
+    admin_domain: String,
+    /// Each mode's value and label, and whether it is the current one.
+    modes: Vec<(&'static str, &'static str, bool)>,
+    image: String,
+    domain: String,
+    http_port: String,
+    memory_mib: String,
+    on_demand: bool,
+    message: Option<String>,
+    error: Option<String>,
+}
+
+fn settings_page_for(
+    crm: &Crm,
+    v: &Visit,
+    form: Option<&SettingsForm>,
+    message: Option<String>,
+    error: Option<String>,
+) -> Response {
+    let t = crm.text();
+    let current = crm.node().store().with_state(|s| s.accounts.settings.clone());
+    let from_state = || {
+        let tpl = current.template.clone();
+        SettingsForm {
+            csrf: String::new(),
+            cluster_name: current.cluster_name.clone(),
+            admin_domain: current.admin_domain.clone().unwrap_or_default(),
+            signup: current.signup.name().to_string(),
+            image: tpl.as_ref().map(|t| t.image.clone()).unwrap_or_default(),
+            domain: tpl.as_ref().map(|t| t.domain.clone()).unwrap_or_default(),
+            http_port: tpl.as_ref().and_then(|t| t.http_port).map(|p| p.to_string()).unwrap_or_default(),
+            memory_mib: tpl
+                .as_ref()
+                .and_then(|t| t.memory_bytes)
+                .map(|m| (m >> 20).to_string())
+                .unwrap_or_default(),
+            on_demand: tpl.as_ref().is_some_and(|t| t.on_demand).then(|| "on".to_string()),
+        }
+    };
+    let owned;
+    let f = match form {
+        Some(f) => f,
+        None => {
+            owned = from_state();
+            &owned
+        }
+    };
+    let modes = [
+        ("off", t.mode_off),
+        ("public", t.mode_public),
+        ("approval", t.mode_approval),
+        ("invite", t.mode_invite),
+    ]
+    .into_iter()
+    .map(|(value, label)| (value, label, value == f.signup))
+    .collect();
+    let page = SettingsPage {
+        layout: v.layout(crm, t.nav_settings),
+        cluster_name: f.cluster_name.clone(),
+        admin_domain: f.admin_domain.clone(),
+        modes,
+        image: f.image.clone(),
+        domain: f.domain.clone(),
+        http_port: f.http_port.clone(),
+        memory_mib: f.memory_mib.clone(),
+        on_demand: f.on_demand.is_some(),
+        message,
+        error,
+    };
+    render(v, page)
+}
+
+async fn settings_page(State(crm): State<Crm>, headers: HeaderMap) -> Response {
+    match admin(&crm, &headers) {
+        Ok(v) => settings_page_for(&crm, &v, None, None, None),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+struct SettingsForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    cluster_name: String,
+    #[serde(default)]
+    admin_domain: String,
+    signup: String,
+    #[serde(default)]
+    image: String,
+    #[serde(default)]
+    domain: String,
+    #[serde(default)]
+    http_port: String,
+    #[serde(default)]
+    memory_mib: String,
+    #[serde(default)]
+    on_demand: Option<String>,
+}
+
+impl SettingsForm {
+    fn settings(&self) -> Result<CrmSettings, String> {
+        let signup = SignupMode::parse(&self.signup)
+            .ok_or_else(|| format!("{:?} is not a signup mode", self.signup))?;
+        let number = |text: &str, what: &str| -> Result<Option<u64>, String> {
+            let text = text.trim();
+            if text.is_empty() {
+                return Ok(None);
+            }
+            text.parse::<u64>().map(Some).map_err(|_| format!("{what}: {text:?} is not a number"))
+        };
+        let template = if self.image.trim().is_empty() && self.domain.trim().is_empty() {
+            None
+        } else {
+            let http_port = match number(&self.http_port, "the HTTP port")? {
+                Some(p) => Some(u16::try_from(p).map_err(|_| format!("the HTTP port {p} is past 65535"))?),
+                None => None,
+            };
+            Some(SignupTemplate {
+                image: self.image.trim().to_string(),
+                domain: self.domain.trim().to_ascii_lowercase(),
+                http_port,
+                memory_bytes: number(&self.memory_mib, "the memory")?.map(|m| m.saturating_mul(1 << 20)),
+                on_demand: self.on_demand.is_some(),
+            })
+        };
+        let admin_domain = self.admin_domain.trim().to_ascii_lowercase();
+        Ok(CrmSettings {
+            cluster_name: self.cluster_name.trim().to_string(),
+            admin_domain: (!admin_domain.is_empty()).then_some(admin_domain),
+            signup,
+            template,
+        })
+    }
+}
+
+async fn settings_save(
+    State(crm): State<Crm>,
+    headers: HeaderMap,
+    Form(form): Form<SettingsForm>,
+) -> Response {
+    let v = match checked_post(&crm, &headers, &form.csrf, true) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let settings = match form.settings() {
+        Ok(s) => s,
+        Err(e) => return settings_page_for(&crm, &v, Some(&form), None, Some(e)),
+    };
+    match crm.call::<Committed>(&v.actor(), Method::PUT, "/v1/settings", Some(&settings)).await {
+        Ok(_) => settings_page_for(&crm, &v, None, Some(crm.text().saved.into()), None),
+        Err(e) => {
+            let mut r = settings_page_for(&crm, &v, Some(&form), None, Some(e.message));
+            *r.status_mut() = e.status;
+            r
+        }
+    }
 }

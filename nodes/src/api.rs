@@ -91,6 +91,12 @@ pub fn router(api: Api) -> Router {
         .route("/v1/keys", get(keys).post(key_create))
         .route("/v1/keys/{id}", axum::routing::delete(key_revoke))
         .route("/v1/keys/{id}/used", post(key_used))
+        .route("/v1/settings", get(settings).put(settings_change))
+        .route("/v1/invites", post(invite_create))
+        .route("/v1/invites/{id}", axum::routing::delete(invite_revoke))
+        .route("/v1/signups", post(signup_create))
+        .route("/v1/signups/{name}/decide", post(signup_decide))
+        .route("/v1/signups/{name}/served", post(signup_served))
         .with_state(api)
 }
 
@@ -840,5 +846,82 @@ async fn key_revoke(caller: Caller, Path(id): Path<String>) -> ApiResult<Committ
 
 async fn key_used(caller: Caller, Path(id): Path<String>) -> ApiResult<Committed> {
     let proposed = propose(&caller, Event::Account(AccountEvent::ApiKeyUsed { key_id: id })).await?;
+    Ok(Json(Committed { index: proposed.index }))
+}
+
+async fn settings(State(api): State<Api>) -> ApiResult<coyote_state_machine::accounts::CrmSettings> {
+    Ok(Json(api.node.store().with_state(|s| s.accounts.settings.clone())))
+}
+
+async fn settings_change(
+    caller: Caller,
+    Json(settings): Json<coyote_state_machine::accounts::CrmSettings>,
+) -> ApiResult<Committed> {
+    let proposed = propose(&caller, Event::Account(AccountEvent::SettingsChanged { settings })).await?;
+    Ok(Json(Committed { index: proposed.index }))
+}
+
+async fn invite_create(
+    caller: Caller,
+    Json(req): Json<wire::InviteCreate>,
+) -> ApiResult<wire::InviteCreated> {
+    let (invite_id, secret) = (random_hex(6), random_hex(32));
+    let at_ms = caller.api.node.now_ms();
+    let expires_at_ms = at_ms.saturating_add(req.ttl_ms);
+    let event = Event::Account(AccountEvent::InviteIssued {
+        invite_id: invite_id.clone(),
+        secret_sha256: sha256_hex(secret.as_bytes()),
+        expires_at_ms,
+    });
+    let proposed = propose_at(&caller, event, at_ms).await?;
+    let code = format!("{invite_id}.{secret}");
+    Ok(Json(wire::InviteCreated { invite_id, code, expires_at_ms, index: proposed.index }))
+}
+
+async fn invite_revoke(caller: Caller, Path(id): Path<String>) -> ApiResult<Committed> {
+    let proposed = propose(&caller, Event::Account(AccountEvent::InviteRevoked { invite_id: id })).await?;
+    Ok(Json(Committed { index: proposed.index }))
+}
+
+async fn signup_create(caller: Caller, Json(req): Json<wire::SignupCreate>) -> ApiResult<Committed> {
+    let invite = match &req.invite {
+        None => None,
+        Some(code) => {
+            let Some((id, secret)) = wire::parse_activation(code) else {
+                return Err(ApiError(StatusCode::BAD_REQUEST, "an invite code is ID.SECRET".into()));
+            };
+            Some(coyote_state_machine::accounts::InviteUse {
+                invite_id: id.to_string(),
+                secret_sha256: sha256_hex(secret.as_bytes()),
+            })
+        }
+    };
+    let event = Event::Account(AccountEvent::SignupRequested {
+        name: req.name,
+        password_hash: req.password_hash,
+        invite,
+    });
+    let proposed = propose(&caller, event).await?;
+    Ok(Json(Committed { index: proposed.index }))
+}
+
+async fn signup_decide(
+    caller: Caller,
+    Path(name): Path<String>,
+    Json(req): Json<wire::SignupDecide>,
+) -> ApiResult<Committed> {
+    let event =
+        Event::Account(AccountEvent::SignupDecided { name, approve: req.approve, reason: req.reason });
+    let proposed = propose(&caller, event).await?;
+    Ok(Json(Committed { index: proposed.index }))
+}
+
+/// This node observes that it serves the member's service (its fence lets it serve it).
+async fn signup_served(caller: Caller, Path(name): Path<String>) -> ApiResult<Committed> {
+    if !caller.api.fence.serving_services().contains(&name) {
+        return Err(ApiError(StatusCode::CONFLICT, format!("this node does not serve {name}")));
+    }
+    let node = caller.api.node.id();
+    let proposed = propose(&caller, Event::Account(AccountEvent::SignupServed { name, node })).await?;
     Ok(Json(Committed { index: proposed.index }))
 }

@@ -260,7 +260,11 @@ impl Node {
         };
         let metrics = api::metrics_router(api.clone());
         let api = api::router(api);
-        let crm = crm.map(|c| coyote_crm::Crm::new(log.clone(), api.clone(), c.settings).router());
+        let crm = crm.map(|c| {
+            let crm = coyote_crm::Crm::new(log.clone(), api.clone(), c.settings);
+            tasks.push(tokio::spawn(crm.clone().observe(stopped())));
+            crm.router()
+        });
         Ok(Node { log, fence, reconciler, activator, backups, proxy, api, metrics, crm, stop, tasks })
     }
 

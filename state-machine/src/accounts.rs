@@ -17,7 +17,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::Rejection;
+use crate::spec::ServiceSpec;
+use crate::{NodeId, Rejection};
 
 /// Default lifetime of an activation URL.
 pub const ACTIVATION_TTL_MS: u64 = 3_600_000;
@@ -106,6 +107,132 @@ pub struct ApiKey {
     pub revoked: bool,
 }
 
+/// Who may sign up on the CRM's signup page.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SignupMode {
+    /// Nobody: the page says signups are closed.
+    #[default]
+    Off,
+    /// Anyone: the account and its service are created at once.
+    Public,
+    /// Anyone may ask; an admin approves or rejects each request.
+    Approval,
+    /// Only with an invite link from an admin, each used once.
+    Invite,
+}
+
+impl SignupMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            SignupMode::Off => "off",
+            SignupMode::Public => "public",
+            SignupMode::Approval => "approval",
+            SignupMode::Invite => "invite",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<SignupMode> {
+        [SignupMode::Off, SignupMode::Public, SignupMode::Approval, SignupMode::Invite]
+            .into_iter()
+            .find(|m| m.name() == text)
+    }
+}
+
+/// What a signup provisions: a service named after the member, at `NAME.DOMAIN`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SignupTemplate {
+    pub image: String,
+    /// The domain under which each member's service gets its name (`alice.DOMAIN`).
+    pub domain: String,
+    pub http_port: Option<u16>,
+    pub memory_bytes: Option<u64>,
+    pub on_demand: bool,
+}
+
+impl SignupTemplate {
+    /// The spec of `name`'s service.
+    pub fn spec(&self, name: &str) -> ServiceSpec {
+        ServiceSpec {
+            name: name.to_string(),
+            image: self.image.clone(),
+            domains: vec![format!("{name}.{}", self.domain)],
+            ports: Vec::new(),
+            memory_bytes: self.memory_bytes,
+            on_demand: self.on_demand,
+            dump: None,
+            http_check: None,
+            zone: None,
+            http_port: self.http_port,
+            tls_passthrough: false,
+        }
+    }
+}
+
+/// The CRM's settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct CrmSettings {
+    /// The cluster's name, as the pages show it.
+    pub cluster_name: String,
+    /// The domain the proxy serves the CRM at.
+    pub admin_domain: Option<String>,
+    pub signup: SignupMode,
+    /// What a signup provisions (`None`: signups cannot be opened).
+    pub template: Option<SignupTemplate>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Invite {
+    pub id: String,
+    pub secret_sha256: String,
+    pub issued_at_ms: u64,
+    pub expires_at_ms: u64,
+    /// The member who signed up with it.
+    pub used_by: Option<String>,
+    pub revoked: bool,
+}
+
+/// The use of an invite link in a signup: its id and its secret's SHA-256.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct InviteUse {
+    pub invite_id: String,
+    pub secret_sha256: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum SignupStatus {
+    /// Waiting for an admin (approval mode).
+    Pending,
+    Approved,
+    Rejected {
+        reason: String,
+    },
+}
+
+/// A signup and its steps, each with the index of the event that made it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Signup {
+    pub name: String,
+    /// Kept until the account is created, then cleared.
+    pub password_hash: String,
+    pub requested_at_ms: u64,
+    pub requested_index: u64,
+    pub invite: Option<String>,
+    pub status: SignupStatus,
+    /// The event that approved it (the request itself in public and invite modes): it created
+    /// the member's account and service.
+    pub approved_index: Option<u64>,
+    /// When the master of the member's service reported serving it, and which node that was.
+    pub served_at_ms: Option<u64>,
+    pub served_by: Option<NodeId>,
+}
+
+/// Signups waiting for an admin, at most.
+pub const SIGNUPS_PENDING_MAX: usize = 1_000;
+/// Valid invite links at once, at most.
+pub const INVITES_OPEN_MAX: usize = 1_000;
+/// Longest lifetime of an invite link.
+pub const INVITE_TTL_MAX_MS: u64 = 30 * 24 * 3_600_000;
+
 /// A key's use is recorded again only this long after the last recorded use.
 pub const KEY_USE_RECORD_MS: u64 = 60_000;
 
@@ -115,6 +242,10 @@ pub struct Accounts {
     pub users: BTreeMap<String, User>,
     pub api_keys: BTreeMap<String, ApiKey>,
     pub activations: BTreeMap<String, Activation>,
+    pub settings: CrmSettings,
+    pub invites: BTreeMap<String, Invite>,
+    /// By the member's name.
+    pub signups: BTreeMap<String, Signup>,
 }
 
 /// The events about accounts (one variant of [`crate::Event`]). New variants go at the end.
@@ -156,6 +287,35 @@ pub enum AccountEvent {
     ApiKeyUsed {
         key_id: String,
     },
+    SettingsChanged {
+        settings: CrmSettings,
+    },
+    InviteIssued {
+        invite_id: String,
+        secret_sha256: String,
+        expires_at_ms: u64,
+    },
+    InviteRevoked {
+        invite_id: String,
+    },
+    /// Someone asks for an account on the signup page. In public mode, and with a valid invite,
+    /// `apply` approves it at once: this event creates the member and their service.
+    SignupRequested {
+        name: String,
+        password_hash: String,
+        invite: Option<InviteUse>,
+    },
+    /// An admin's decision on a pending signup; an approval creates the member and their service.
+    SignupDecided {
+        name: String,
+        approve: bool,
+        reason: String,
+    },
+    /// The master of a member's service reports that it serves it.
+    SignupServed {
+        name: String,
+        node: NodeId,
+    },
 }
 
 /// Whether `name` can name a user: 1 to [`USER_NAME_MAX`] bytes of lowercase letters, digits, `.`,
@@ -182,6 +342,55 @@ fn valid_password_hash(hash: &str) -> bool {
         && hash.bytes().all(|b| b.is_ascii_graphic())
 }
 
+/// Longest cluster name, in characters.
+pub const CLUSTER_NAME_MAX: usize = 64;
+
+fn valid_domain(d: &str) -> bool {
+    d.len() <= 253
+        && d.contains('.')
+        && d.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}
+
+fn check_settings(settings: &CrmSettings) -> Result<(), Rejection> {
+    let reject = |m: String| Err(Rejection::new(m));
+    let name = &settings.cluster_name;
+    if name.chars().count() > CLUSTER_NAME_MAX || name.chars().any(char::is_control) {
+        return reject(format!("a cluster name is at most {CLUSTER_NAME_MAX} printable characters"));
+    }
+    if let Some(d) = &settings.admin_domain {
+        if !valid_domain(d) {
+            return reject(format!("{d:?} is not a domain name (lowercase, like admin.example.org)"));
+        }
+    }
+    match &settings.template {
+        None if settings.signup != SignupMode::Off => {
+            return reject("signups need a template (image and domain)".into());
+        }
+        None => {}
+        Some(t) => {
+            if t.image.is_empty()
+                || t.image.len() > 256
+                || t.image.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return reject(format!("{:?} is not an image name", t.image));
+            }
+            if !valid_domain(&t.domain) {
+                return reject(format!("{:?} is not a domain name (lowercase, like example.org)", t.domain));
+            }
+            if t.http_port == Some(0) {
+                return reject("the template's HTTP port cannot be 0".into());
+            }
+        }
+    }
+    Ok(())
+}
+
 impl AccountEvent {
     pub fn kind(&self) -> &'static str {
         match self {
@@ -192,6 +401,12 @@ impl AccountEvent {
             AccountEvent::ApiKeyCreated { .. } => "api_key_created",
             AccountEvent::ApiKeyRevoked { .. } => "api_key_revoked",
             AccountEvent::ApiKeyUsed { .. } => "api_key_used",
+            AccountEvent::SettingsChanged { .. } => "settings_changed",
+            AccountEvent::InviteIssued { .. } => "invite_issued",
+            AccountEvent::InviteRevoked { .. } => "invite_revoked",
+            AccountEvent::SignupRequested { .. } => "signup_requested",
+            AccountEvent::SignupDecided { .. } => "signup_decided",
+            AccountEvent::SignupServed { .. } => "signup_served",
         }
     }
 
@@ -203,6 +418,12 @@ impl AccountEvent {
         "api_key_created",
         "api_key_revoked",
         "api_key_used",
+        "settings_changed",
+        "invite_issued",
+        "invite_revoked",
+        "signup_requested",
+        "signup_decided",
+        "signup_served",
     ];
 
     pub fn summary(&self) -> String {
@@ -221,6 +442,30 @@ impl AccountEvent {
             }
             AccountEvent::ApiKeyRevoked { key_id } => format!("API key {key_id} revoked"),
             AccountEvent::ApiKeyUsed { key_id } => format!("API key {key_id} used"),
+            AccountEvent::SettingsChanged { settings } => format!(
+                "settings: name {:?}, admin domain {}, signups {}{}",
+                settings.cluster_name,
+                settings.admin_domain.as_deref().unwrap_or("-"),
+                settings.signup.name(),
+                settings
+                    .template
+                    .as_ref()
+                    .map(|t| format!(" (image {}, under {})", t.image, t.domain))
+                    .unwrap_or_default()
+            ),
+            AccountEvent::InviteIssued { invite_id, expires_at_ms, .. } => {
+                format!("invite {invite_id} issued, valid until {}", crate::format_ms(*expires_at_ms))
+            }
+            AccountEvent::InviteRevoked { invite_id } => format!("invite {invite_id} revoked"),
+            AccountEvent::SignupRequested { name, invite, .. } => match invite {
+                Some(i) => format!("signup of {name} with invite {}", i.invite_id),
+                None => format!("signup of {name} requested"),
+            },
+            AccountEvent::SignupDecided { name, approve: true, .. } => format!("signup of {name} approved"),
+            AccountEvent::SignupDecided { name, reason, .. } => {
+                format!("signup of {name} rejected: {reason}")
+            }
+            AccountEvent::SignupServed { name, node } => format!("service of {name} served by node {node}"),
         }
     }
 
@@ -229,7 +474,8 @@ impl AccountEvent {
         match self {
             AccountEvent::AdminActivated { password_hash, .. }
             | AccountEvent::UserCreated { password_hash, .. }
-            | AccountEvent::PasswordChanged { password_hash, .. } => password_hash.clear(),
+            | AccountEvent::PasswordChanged { password_hash, .. }
+            | AccountEvent::SignupRequested { password_hash, .. } => password_hash.clear(),
             _ => {}
         }
     }
@@ -329,12 +575,128 @@ impl Accounts {
                     Some(_) => {}
                 }
             }
+            AccountEvent::SettingsChanged { settings } => check_settings(settings)?,
+            AccountEvent::InviteIssued { invite_id, secret_sha256, expires_at_ms } => {
+                if !valid_id(invite_id) || !valid_sha256(secret_sha256) {
+                    return reject("invite id or secret hash is malformed".into());
+                }
+                if self.invites.contains_key(invite_id) {
+                    return reject(format!("invite {invite_id} already exists"));
+                }
+                if *expires_at_ms <= at_ms || *expires_at_ms - at_ms > INVITE_TTL_MAX_MS {
+                    return reject("an invite link lasts from a moment to 30 days".into());
+                }
+                if self.open_invites(at_ms).count() >= INVITES_OPEN_MAX {
+                    return reject(format!("too many invite links open (at most {INVITES_OPEN_MAX})"));
+                }
+            }
+            AccountEvent::InviteRevoked { invite_id } => match self.invites.get(invite_id) {
+                None => return reject(format!("invite {invite_id} does not exist")),
+                Some(i) if i.revoked => return reject(format!("invite {invite_id} is already revoked")),
+                Some(_) => {}
+            },
+            AccountEvent::SignupRequested { name, password_hash, invite } => {
+                if self.settings.signup == SignupMode::Off {
+                    return reject("signups are closed".into());
+                }
+                if self.settings.template.is_none() {
+                    return reject(
+                        "signups have no template: an admin must choose one in the settings".into(),
+                    );
+                }
+                if let Some(s) = self.signups.get(name) {
+                    if !matches!(s.status, SignupStatus::Rejected { .. }) {
+                        return reject(format!("{name} has already signed up"));
+                    }
+                }
+                new_user(name, password_hash)?;
+                match invite {
+                    Some(i) => self.check_invite(i, at_ms)?,
+                    None if self.settings.signup == SignupMode::Invite => {
+                        return reject("signups need an invite link".into());
+                    }
+                    None => {}
+                }
+                let pending = self.signups.values().filter(|s| s.status == SignupStatus::Pending).count();
+                if self.settings.signup == SignupMode::Approval
+                    && invite.is_none()
+                    && pending >= SIGNUPS_PENDING_MAX
+                {
+                    return reject(format!(
+                        "too many signups wait for an admin (at most {SIGNUPS_PENDING_MAX})"
+                    ));
+                }
+            }
+            AccountEvent::SignupDecided { name, approve, .. } => {
+                match self.signups.get(name) {
+                    None => return reject(format!("{name} has not signed up")),
+                    Some(s) if s.status != SignupStatus::Pending => {
+                        return reject(format!("the signup of {name} was already decided"));
+                    }
+                    Some(_) => {}
+                }
+                if *approve {
+                    if self.users.contains_key(name) {
+                        return reject(format!("user {name} already exists"));
+                    }
+                    if self.settings.template.is_none() {
+                        return reject(
+                            "signups have no template: an admin must choose one in the settings".into(),
+                        );
+                    }
+                }
+            }
+            AccountEvent::SignupServed { name, .. } => match self.signups.get(name) {
+                Some(s) if s.status == SignupStatus::Approved && s.served_at_ms.is_none() => {}
+                Some(_) => return reject(format!("the signup of {name} is not waiting to be served")),
+                None => return reject(format!("{name} has not signed up")),
+            },
+        }
+        Ok(())
+    }
+
+    /// The spec of the service `event` creates for a new member, if it creates one (checked by the
+    /// state as any new service is).
+    pub(crate) fn provisions(&self, event: &AccountEvent) -> Option<ServiceSpec> {
+        let template = self.settings.template.as_ref()?;
+        match event {
+            AccountEvent::SignupRequested { name, invite, .. }
+                if self.settings.signup == SignupMode::Public || invite.is_some() =>
+            {
+                Some(template.spec(name))
+            }
+            AccountEvent::SignupDecided { name, approve: true, .. } => Some(template.spec(name)),
+            _ => None,
+        }
+    }
+
+    /// The invite links that can still be used at `at_ms`.
+    pub fn open_invites(&self, at_ms: u64) -> impl Iterator<Item = &Invite> {
+        self.invites.values().filter(move |i| i.used_by.is_none() && !i.revoked && i.expires_at_ms > at_ms)
+    }
+
+    fn check_invite(&self, invite: &InviteUse, at_ms: u64) -> Result<(), Rejection> {
+        let reject = |m: &str| Err(Rejection::new(m));
+        let Some(i) = self.invites.get(&invite.invite_id) else {
+            return reject("this invite link does not exist");
+        };
+        if i.secret_sha256 != invite.secret_sha256 {
+            return reject("this invite link does not exist");
+        }
+        if i.used_by.is_some() {
+            return reject("this invite link was already used");
+        }
+        if i.revoked {
+            return reject("this invite link was revoked");
+        }
+        if i.expires_at_ms <= at_ms {
+            return reject("this invite link has expired");
         }
         Ok(())
     }
 
     /// Applies a checked event.
-    pub(crate) fn mutate(&mut self, event: &AccountEvent, at_ms: u64) {
+    pub(crate) fn mutate(&mut self, event: &AccountEvent, at_ms: u64, index: u64) {
         let user = |name: &String, role, hash: &String| User {
             name: name.clone(),
             role,
@@ -390,6 +752,62 @@ impl Accounts {
             AccountEvent::ApiKeyUsed { key_id } => {
                 self.api_keys.get_mut(key_id).expect("checked: key exists").last_used_at_ms = Some(at_ms);
             }
+            AccountEvent::SettingsChanged { settings } => self.settings = settings.clone(),
+            AccountEvent::InviteIssued { invite_id, secret_sha256, expires_at_ms } => {
+                self.invites.retain(|_, i| i.expires_at_ms.saturating_add(ACTIVATIONS_KEPT_MS) > at_ms);
+                self.invites.insert(
+                    invite_id.clone(),
+                    Invite {
+                        id: invite_id.clone(),
+                        secret_sha256: secret_sha256.clone(),
+                        issued_at_ms: at_ms,
+                        expires_at_ms: *expires_at_ms,
+                        used_by: None,
+                        revoked: false,
+                    },
+                );
+            }
+            AccountEvent::InviteRevoked { invite_id } => {
+                self.invites.get_mut(invite_id).expect("checked: invite exists").revoked = true;
+            }
+            AccountEvent::SignupRequested { name, password_hash, invite } => {
+                let now = self.settings.signup == SignupMode::Public || invite.is_some();
+                if let Some(i) = invite {
+                    self.invites.get_mut(&i.invite_id).expect("checked: invite exists").used_by =
+                        Some(name.clone());
+                }
+                if now {
+                    self.users.insert(name.clone(), user(name, UserRole::Member, password_hash));
+                }
+                let signup = Signup {
+                    name: name.clone(),
+                    password_hash: if now { String::new() } else { password_hash.clone() },
+                    requested_at_ms: at_ms,
+                    requested_index: index,
+                    invite: invite.as_ref().map(|i| i.invite_id.clone()),
+                    status: if now { SignupStatus::Approved } else { SignupStatus::Pending },
+                    approved_index: now.then_some(index),
+                    served_at_ms: None,
+                    served_by: None,
+                };
+                self.signups.insert(name.clone(), signup);
+            }
+            AccountEvent::SignupDecided { name, approve, reason } => {
+                let signup = self.signups.get_mut(name).expect("checked: signup exists");
+                let hash = std::mem::take(&mut signup.password_hash);
+                if *approve {
+                    signup.status = SignupStatus::Approved;
+                    signup.approved_index = Some(index);
+                    self.users.insert(name.clone(), user(name, UserRole::Member, &hash));
+                } else {
+                    signup.status = SignupStatus::Rejected { reason: reason.clone() };
+                }
+            }
+            AccountEvent::SignupServed { name, node } => {
+                let signup = self.signups.get_mut(name).expect("checked: signup exists");
+                signup.served_at_ms = Some(at_ms);
+                signup.served_by = Some(*node);
+            }
         }
     }
 }
@@ -412,7 +830,7 @@ mod tests {
             expires_at_ms: at + ACTIVATION_TTL_MS,
         };
         a.check(&issue, at).unwrap();
-        a.mutate(&issue, at);
+        a.mutate(&issue, at, 1);
         let activate = AccountEvent::AdminActivated {
             activation_id: id.into(),
             secret_sha256: sha('a'),
@@ -426,7 +844,7 @@ mod tests {
     fn an_activation_url_creates_one_admin_once() {
         let (mut a, activate) = issued("act1", 1000);
         a.check(&activate, 2000).unwrap();
-        a.mutate(&activate, 2000);
+        a.mutate(&activate, 2000, 1);
         assert_eq!(a.admins().count(), 1);
         let again = AccountEvent::AdminActivated {
             activation_id: "act1".into(),
@@ -468,7 +886,7 @@ mod tests {
     #[test]
     fn a_revoked_key_is_not_used() {
         let (mut a, activate) = issued("act1", 1000);
-        a.mutate(&activate, 2000);
+        a.mutate(&activate, 2000, 1);
         let create = AccountEvent::ApiKeyCreated {
             key_id: "k1".into(),
             owner: "alice".into(),
@@ -477,13 +895,13 @@ mod tests {
             secret_sha256: sha('c'),
         };
         a.check(&create, 3000).unwrap();
-        a.mutate(&create, 3000);
+        a.mutate(&create, 3000, 1);
         let used = AccountEvent::ApiKeyUsed { key_id: "k1".into() };
         a.check(&used, 4000).unwrap();
-        a.mutate(&used, 4000);
+        a.mutate(&used, 4000, 1);
         assert_eq!(a.api_keys["k1"].last_used_at_ms, Some(4000));
         let revoke = AccountEvent::ApiKeyRevoked { key_id: "k1".into() };
-        a.mutate(&revoke, 5000);
+        a.mutate(&revoke, 5000, 1);
         assert!(a.check(&used, 6000).is_err());
         assert!(a.check(&revoke, 6000).is_err());
     }

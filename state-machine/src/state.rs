@@ -431,16 +431,7 @@ impl State {
                 Some(t) if t.revoked => return reject(format!("token {token_id} is already revoked")),
                 Some(_) => {}
             },
-            Event::ServiceCreated { spec } => {
-                spec.validate()?;
-                if self.services.contains_key(&spec.name) {
-                    return reject(format!("service {} already exists", spec.name));
-                }
-                if self.services.len() >= SERVICES_MAX {
-                    return reject(format!("too many services (at most {SERVICES_MAX})"));
-                }
-                self.check_ports_free(spec)?;
-            }
+            Event::ServiceCreated { spec } => self.check_new_service(spec)?,
             Event::ServiceSpecChanged { spec } => {
                 spec.validate()?;
                 if !self.services.contains_key(&spec.name) {
@@ -664,7 +655,12 @@ impl State {
             Event::CertOrderFailed { name, node, .. } => {
                 self.check_order_holder(name, *node, at_ms)?;
             }
-            Event::Account(e) => self.accounts.check(e, at_ms)?,
+            Event::Account(e) => {
+                self.accounts.check(e, at_ms)?;
+                if let Some(spec) = self.accounts.provisions(e) {
+                    self.check_new_service(&spec)?;
+                }
+            }
             Event::RestoreRequested { service, snapshot, .. } => {
                 let record = self.check_known_snapshot(service, snapshot)?;
                 if record.holders.is_empty() {
@@ -772,6 +768,28 @@ impl State {
         (votes, self.members.len() / 2 + 1)
     }
 
+    fn check_new_service(&self, spec: &ServiceSpec) -> Result<(), Rejection> {
+        spec.validate()?;
+        if self.services.contains_key(&spec.name) {
+            return Err(Rejection::new(format!("service {} already exists", spec.name)));
+        }
+        if self.services.len() >= SERVICES_MAX {
+            return Err(Rejection::new(format!("too many services (at most {SERVICES_MAX})")));
+        }
+        self.check_ports_free(spec)
+    }
+
+    fn create_service(&mut self, spec: &ServiceSpec, env: &Envelope) {
+        // The placement follows from the state: deriving it here makes a service and its
+        // placement one event, which no crash can split.
+        let placement = self.place();
+        self.services.insert(
+            spec.name.clone(),
+            Service { spec: spec.clone(), placement, created_at_ms: env.at_ms, serve_from_ms: env.at_ms },
+        );
+        self.data.insert(spec.name.clone(), DataLedger::new(env.index));
+    }
+
     fn check_ports_free(&self, spec: &ServiceSpec) -> Result<(), Rejection> {
         for (name, svc) in &self.services {
             if *name == spec.name {
@@ -862,21 +880,7 @@ impl State {
             Event::TokenRevoked { token_id } => {
                 self.tokens.get_mut(token_id).expect("checked: token exists").revoked = true;
             }
-            Event::ServiceCreated { spec } => {
-                // The placement follows from the state: deriving it here makes a service and its
-                // placement one event, which no crash can split.
-                let placement = self.place();
-                self.services.insert(
-                    spec.name.clone(),
-                    Service {
-                        spec: spec.clone(),
-                        placement,
-                        created_at_ms: env.at_ms,
-                        serve_from_ms: env.at_ms,
-                    },
-                );
-                self.data.insert(spec.name.clone(), DataLedger::new(env.index));
-            }
+            Event::ServiceCreated { spec } => self.create_service(spec, env),
             Event::ServiceSpecChanged { spec } => {
                 self.services.get_mut(&spec.name).expect("checked: service exists").spec = spec.clone();
             }
@@ -1107,7 +1111,14 @@ impl State {
                     self.alarms.insert(env.index, alarm);
                 }
             }
-            Event::Account(e) => self.accounts.mutate(e, env.at_ms),
+            Event::Account(e) => {
+                // A signup that is approved creates the member's service in the same event.
+                let provision = self.accounts.provisions(e);
+                self.accounts.mutate(e, env.at_ms, env.index);
+                if let Some(spec) = provision {
+                    self.create_service(&spec, env);
+                }
+            }
             Event::RestoreRequested { service, snapshot, .. } => {
                 let ledger = self.data.get_mut(service).expect("checked: ledger exists");
                 ledger.epoch = env.index;

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
+use coyote_state_machine::accounts::{AccountEvent, CrmSettings, InviteUse, SignupMode, SignupTemplate};
 use coyote_state_machine::spec::{parse_bytes, parse_port};
 use coyote_state_machine::{
     sha256_hex, short_id, Consistency, Envelope, Event, NodeInfo, Outcome, Placement, Proposal, ServiceSpec,
@@ -278,6 +279,47 @@ impl Runner {
                 snapshot: snapshot_id(&get("id")),
                 reason: "scenario".into(),
             }),
+            "settings" => {
+                let template = kv.get("image").map(|image| SignupTemplate {
+                    image: image.clone(),
+                    domain: get("domain"),
+                    http_port: kv.get("http-port").map(|p| p.parse().expect("http-port")),
+                    memory_bytes: None,
+                    on_demand: pos.iter().any(|p| p == "on-demand"),
+                });
+                let settings = CrmSettings {
+                    cluster_name: get("name"),
+                    admin_domain: kv.get("admin-domain").cloned(),
+                    signup: SignupMode::parse(&get("signup")).expect("signup=off|public|approval|invite"),
+                    template,
+                };
+                self.propose(Event::Account(AccountEvent::SettingsChanged { settings }))
+            }
+            "invite-issue" => self.propose(Event::Account(AccountEvent::InviteIssued {
+                invite_id: pos[1].clone(),
+                secret_sha256: sha256_hex(pos[1].as_bytes()),
+                expires_at_ms: num("expires"),
+            })),
+            "invite-revoke" => {
+                self.propose(Event::Account(AccountEvent::InviteRevoked { invite_id: pos[1].clone() }))
+            }
+            "signup" => self.propose(Event::Account(AccountEvent::SignupRequested {
+                name: pos[1].clone(),
+                password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
+                invite: kv.get("invite").map(|i| InviteUse {
+                    invite_id: i.clone(),
+                    secret_sha256: sha256_hex(kv.get("secret").unwrap_or(i).as_bytes()),
+                }),
+            })),
+            "signup-decide" => self.propose(Event::Account(AccountEvent::SignupDecided {
+                name: pos[1].clone(),
+                approve: pos.get(2).is_some_and(|d| d == "approve"),
+                reason: "scenario".into(),
+            })),
+            "signup-served" => self.propose(Event::Account(AccountEvent::SignupServed {
+                name: pos[1].clone(),
+                node: num("node"),
+            })),
             "show" => self.show(&pos[1], pos.get(2)),
             other => panic!("unknown scenario command {other:?}"),
         }
@@ -287,6 +329,22 @@ impl Runner {
         let s = &self.state;
         let out = &mut self.out;
         match what {
+            "signups" => {
+                for su in s.accounts.signups.values() {
+                    let user = s.accounts.users.get(&su.name).map(|u| u.role.name()).unwrap_or("no user");
+                    let service = s
+                        .services
+                        .get(&su.name)
+                        .map(|svc| svc.spec.domains.join(","))
+                        .unwrap_or_else(|| "no service".into());
+                    writeln!(
+                        out,
+                        "  {}: {:?} requested at {} approved at {:?} served by {:?}; {user}; {service}",
+                        su.name, su.status, su.requested_index, su.approved_index, su.served_by
+                    )
+                    .unwrap();
+                }
+            }
             "members" => {
                 for m in s.members.values() {
                     writeln!(out, "  node {} at {}", m.id, m.addr).unwrap();

@@ -192,3 +192,124 @@ fn the_event_stream_is_live_and_resumes_and_keys_have_scopes() -> Result<()> {
     assert!(wiki["actor"].as_str().unwrap_or("").starts_with("key:"), "{wiki}");
     Ok(())
 }
+
+/// Signs up as `name` through `web` (with an invite code, if any); the answer to the form.
+fn sign_up(web: &mut Web, name: &str, invite: &str) -> Result<coyote_tests::web::Reply> {
+    let page = web.get(&format!("/signup?invite={invite}"))?;
+    let csrf = page.input("csrf").context("the signup page has a form")?;
+    web.post(
+        "/signup",
+        &[
+            ("csrf", &csrf),
+            ("name", name),
+            ("password", PASSWORD),
+            ("password2", PASSWORD),
+            ("invite", invite),
+        ],
+    )
+}
+
+fn settings(admin: &mut Web, mode: &str) -> Result<()> {
+    let page = admin.get("/settings")?;
+    let csrf = page.input("csrf").context("csrf")?;
+    let saved = admin.post(
+        "/settings",
+        &[
+            ("csrf", &csrf),
+            ("cluster_name", "Club des randonneurs"),
+            ("signup", mode),
+            ("image", "busybox:latest"),
+            ("domain", "club.example.org"),
+            ("http_port", "8080"),
+        ],
+    )?;
+    ensure!(
+        saved.status == 200 && saved.body.contains("Saved."),
+        "settings: {} {}",
+        saved.status,
+        saved.body
+    );
+    Ok(())
+}
+
+#[test]
+fn each_signup_mode_creates_members_and_their_services() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let (node, path) = node_with_crm(root.path())?;
+    let addr = node.crm.clone().unwrap();
+    let mut admin = Web::new(&addr);
+    activate(&mut admin, &path)?;
+
+    // Closed by default.
+    let closed = Web::new(&addr).get("/signup")?;
+    assert_eq!(closed.status, 403);
+    assert!(closed.body.contains("closed"), "{}", closed.body);
+
+    // Public: the member and the service exist at once, and the member lands on their own page.
+    settings(&mut admin, "public")?;
+    let mut bob = Web::new(&addr);
+    let done = sign_up(&mut bob, "bob", "")?;
+    assert_eq!(done.status, 303, "{}", done.body);
+    let me = bob.get("/me")?;
+    assert!(me.body.contains("bob.club.example.org"), "{}", me.body);
+    assert_eq!(bob.get("/")?.header("location"), Some("/me"), "a member does not see the admin pages");
+    let service = node.cli_json(&["service", "show", "bob"])?;
+    assert_eq!(service["spec"]["http_port"], 8080, "{service}");
+    // The master observes that it serves the service: the last step.
+    coyote_tests::wait_until("bob's site served", std::time::Duration::from_secs(30), || {
+        let me = bob.get("/me")?;
+        Ok(me.body.contains("(Server 1)").then_some(()))
+    })?;
+    assert_eq!(sign_up(&mut Web::new(&addr), "bob", "")?.status, 409, "a name signs up once");
+
+    // Approval: nothing until an admin approves.
+    settings(&mut admin, "approval")?;
+    let mut carol = Web::new(&addr);
+    assert_eq!(sign_up(&mut carol, "carol", "")?.status, 303);
+    let waiting = carol.get("/me")?;
+    assert!(waiting.body.contains("waiting") && !waiting.body.contains("carol.club"), "{}", waiting.body);
+    ensure!(node.cli_json(&["service", "show", "carol"]).is_err(), "carol's service exists before approval");
+    let list = admin.get("/signups")?;
+    let csrf = list.input("csrf").context("csrf")?;
+    let approved = admin.post("/signups/carol/decide", &[("csrf", &csrf), ("decision", "approve")])?;
+    assert_eq!(approved.status, 303, "{}", approved.body);
+    assert!(carol.get("/me")?.body.contains("carol.club.example.org"));
+    node.cli_json(&["service", "show", "carol"])?;
+    let mut dave = Web::new(&addr);
+    assert_eq!(sign_up(&mut dave, "dave", "")?.status, 303);
+    admin.post(
+        "/signups/dave/decide",
+        &[("csrf", &csrf), ("decision", "reject"), ("reason", "unknown to us")],
+    )?;
+    assert!(dave.get("/me")?.body.contains("unknown to us"));
+
+    // Invite: refused without a link; a link works once.
+    settings(&mut admin, "invite")?;
+    let refused = sign_up(&mut Web::new(&addr), "erin", "")?;
+    assert_eq!(refused.status, 409);
+    assert!(refused.body.contains("invite link"), "{}", refused.body);
+    let list = admin.get("/signups")?;
+    let csrf = list.input("csrf").context("csrf")?;
+    let made = admin.post("/invites", &[("csrf", &csrf), ("days", "7")])?;
+    let at = made.body.find("<code id=\"new-invite\">").context("the invite link is shown")?;
+    let link = &made.body[at + 22..];
+    let link = &link[..link.find('<').context("end")?];
+    let code = link.split_once("invite=").context("a link with its code")?.1.to_string();
+    assert_eq!(sign_up(&mut Web::new(&addr), "erin", &code)?.status, 303);
+    let twice = sign_up(&mut Web::new(&addr), "frank", &code)?;
+    assert_eq!(twice.status, 409);
+    assert!(twice.body.contains("already used"), "{}", twice.body);
+
+    // Every step is an event with its actor.
+    let events = node.events()?;
+    let requested: Vec<&str> = events
+        .iter()
+        .filter(|e| e["kind"] == "signup_requested")
+        .filter_map(|e| e["actor"].as_str())
+        .collect();
+    assert!(requested.contains(&"signup:bob") && requested.contains(&"signup:erin"), "{requested:?}");
+    let decided = events.iter().find(|e| e["kind"] == "signup_decided").context("signup_decided")?;
+    assert_eq!(decided["actor"], "user:alice");
+    assert!(!events.iter().any(|e| e.to_string().contains("$argon2id$")), "a password hash is shown");
+    Ok(())
+}

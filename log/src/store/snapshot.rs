@@ -23,8 +23,9 @@ pub(super) enum SnapshotFile {
     /// Before certificates: the state without them.
     V3(SnapshotBodyV3),
     /// Before accounts: the state alone.
-    V4(SnapshotBodyV4),
-    V5(SnapshotBody),
+    V4(Box<SnapshotBodyV4>),
+    /// Boxed, as format 4: the largest (a box encodes as what it holds).
+    V5(Box<SnapshotBody>),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -103,7 +104,7 @@ impl SnapshotBody {
             },
             SnapshotFile::V5(mut body) => {
                 body.state.accounts = std::mem::take(&mut body.accounts);
-                body
+                *body
             }
         })
     }
@@ -112,7 +113,7 @@ impl SnapshotBody {
     pub(crate) fn encode(self) -> Vec<u8> {
         let mut body = self;
         body.accounts = std::mem::take(&mut body.state.accounts);
-        encode(&SnapshotFile::V5(body))
+        encode(&SnapshotFile::V5(Box::new(body)))
     }
 
     /// Checks the body against its metadata and against itself.
@@ -347,12 +348,12 @@ mod tests {
         };
         let read = SnapshotBody::decode(&body(state.clone()).encode(), "a snapshot").expect("it decodes");
         assert_eq!(read.state.accounts, state.accounts);
-        let v4 = encode(&SnapshotFile::V4(SnapshotBodyV4 {
+        let v4 = encode(&SnapshotFile::V4(Box::new(SnapshotBodyV4 {
             last_applied: None,
             last_membership: StoredMembership::default(),
             state,
             archive: Vec::new(),
-        }));
+        })));
         let read = SnapshotBody::decode(&v4, "a format 4 snapshot").expect("format 4 is read");
         assert!(read.state.departed.contains(&7));
         assert!(read.state.accounts.users.is_empty());

@@ -520,3 +520,34 @@ pub fn parse_activation(code: &str) -> Option<(&str, &str)> {
     let (id, secret) = code.split_once('.')?;
     (!id.is_empty() && !secret.is_empty()).then_some((id, secret))
 }
+
+/// `POST /v1/invites`: a new invite link for the signup page.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InviteCreate {
+    pub ttl_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InviteCreated {
+    pub invite_id: String,
+    /// `ID.SECRET`, for the link `/signup?invite=CODE`; shown once.
+    pub code: String,
+    pub expires_at_ms: u64,
+    pub index: u64,
+}
+
+/// `POST /v1/signups`: what the signup page sends.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SignupCreate {
+    pub name: String,
+    pub password_hash: String,
+    /// `ID.SECRET` of an invite link.
+    pub invite: Option<String>,
+}
+
+/// `POST /v1/signups/{name}/decide`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SignupDecide {
+    pub approve: bool,
+    pub reason: String,
+}
