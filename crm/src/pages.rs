@@ -47,6 +47,10 @@ pub fn router(crm: Crm) -> Router {
         .route("/services/{name}", get(service_page))
         .route("/services/{name}/switch", post(service_switch))
         .route("/services/{name}/remove", post(service_remove))
+        .route("/services/{name}/update", post(service_update))
+        .route("/events/{index}/revert", get(revert_page).post(revert))
+        .route("/tokens", get(tokens_page).post(token_create))
+        .route("/tokens/{id}/revoke", post(token_revoke))
         .route("/alarms", get(alarms_page))
         .route("/alarms/{id}/clear", post(alarm_clear))
         .route("/events", get(events_page))
@@ -621,6 +625,8 @@ struct ServicePage {
     layout: Layout,
     row: ServiceRow,
     spec_json: String,
+    /// The edit form's values.
+    edit: EditFields,
     members: Vec<u64>,
     /// The confirmation asked for: `switch` (with its target and how) or `remove`.
     confirm: Option<String>,
@@ -639,10 +645,10 @@ fn service_page_for(
     let found = crm.node().store().with_state(|s| {
         s.services.get(name).map(|svc| {
             let others: Vec<u64> = s.members.keys().copied().collect();
-            (serde_json::to_string_pretty(&svc.spec).unwrap_or_default(), others)
+            (serde_json::to_string_pretty(&svc.spec).unwrap_or_default(), others, EditFields::of(&svc.spec))
         })
     });
-    let Some((spec_json, members)) = found else {
+    let Some((spec_json, members, edit)) = found else {
         return error_page(
             crm,
             v,
@@ -657,7 +663,7 @@ fn service_page_for(
         );
     };
     let layout = v.layout(crm, &format!("{} {name}", crm.text().service));
-    render(v, ServicePage { layout, row, spec_json, members, confirm, to, now })
+    render(v, ServicePage { layout, row, spec_json, edit, members, confirm, to, now })
 }
 
 async fn service_page(State(crm): State<Crm>, headers: HeaderMap, Path(name): Path<String>) -> Response {
@@ -1527,5 +1533,354 @@ async fn settings_save(
             *r.status_mut() = e.status;
             r
         }
+    }
+}
+
+// ---- changing a spec, with its diff first; reverting a change ----
+
+/// The fields of a spec the edit form shows.
+struct EditFields {
+    image: String,
+    domains: String,
+    http_port: String,
+    memory_mib: String,
+    on_demand: bool,
+}
+
+impl EditFields {
+    fn of(spec: &ServiceSpec) -> EditFields {
+        EditFields {
+            image: spec.image.clone(),
+            domains: spec.domains.join(" "),
+            http_port: spec.http_port.map(|p| p.to_string()).unwrap_or_default(),
+            memory_mib: spec.memory_bytes.map(|m| (m >> 20).to_string()).unwrap_or_default(),
+            on_demand: spec.on_demand,
+        }
+    }
+}
+
+/// One line of a diff: `-` removed, `+` added, ` ` kept.
+struct DiffLine {
+    sign: char,
+    text: String,
+}
+
+/// The lines of `old` and `new` as a diff (longest common subsequence; specs are a few dozen lines).
+fn diff(old: &str, new: &str) -> Vec<DiffLine> {
+    let a: Vec<&str> = old.lines().collect();
+    let b: Vec<&str> = new.lines().collect();
+    let mut common = vec![vec![0u32; b.len() + 1]; a.len() + 1];
+    for i in (0..a.len()).rev() {
+        for j in (0..b.len()).rev() {
+            common[i][j] =
+                if a[i] == b[j] { common[i + 1][j + 1] + 1 } else { common[i + 1][j].max(common[i][j + 1]) };
+        }
+    }
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    let line = |sign, text: &str| DiffLine { sign, text: text.to_string() };
+    while i < a.len() || j < b.len() {
+        if i < a.len() && j < b.len() && a[i] == b[j] {
+            out.push(line(' ', a[i]));
+            i += 1;
+            j += 1;
+        } else if j < b.len() && (i == a.len() || common[i][j + 1] >= common[i + 1][j]) {
+            out.push(line('+', b[j]));
+            j += 1;
+        } else {
+            out.push(line('-', a[i]));
+            i += 1;
+        }
+    }
+    out
+}
+
+#[derive(Template)]
+#[template(path = "change.html")]
+struct ChangePage {
+    layout: Layout,
+    name: String,
+    diff: Vec<DiffLine>,
+    /// Where the confirmation posts, and the fields it carries.
+    action: String,
+    fields: Vec<(String, String)>,
+}
+
+fn pretty(spec: &ServiceSpec) -> String {
+    serde_json::to_string_pretty(spec).unwrap_or_default()
+}
+
+fn current_spec(crm: &Crm, name: &str) -> Option<ServiceSpec> {
+    crm.node().store().with_state(|s| s.services.get(name).map(|svc| svc.spec.clone()))
+}
+
+#[derive(Deserialize)]
+struct UpdateForm {
+    #[serde(default)]
+    csrf: String,
+    image: String,
+    #[serde(default)]
+    domains: String,
+    #[serde(default)]
+    http_port: String,
+    #[serde(default)]
+    memory_mib: String,
+    #[serde(default)]
+    on_demand: Option<String>,
+    #[serde(default)]
+    confirm: Option<String>,
+}
+
+async fn service_update(
+    State(crm): State<Crm>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Form(form): Form<UpdateForm>,
+) -> Response {
+    let v = match checked_post(&crm, &headers, &form.csrf, true) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let Some(current) = current_spec(&crm, &name) else {
+        return error_page(
+            &crm,
+            &v,
+            CrmError::new(StatusCode::NOT_FOUND, format!("service {name} does not exist")),
+        );
+    };
+    let edited = ServiceForm {
+        csrf: String::new(),
+        name: name.clone(),
+        image: form.image.clone(),
+        domains: form.domains.clone(),
+        http_port: form.http_port.clone(),
+        memory_mib: form.memory_mib.clone(),
+        on_demand: form.on_demand.clone(),
+    };
+    // The form edits some fields; the others stay as they are.
+    let spec = match edited.spec() {
+        Ok(e) => ServiceSpec {
+            image: e.image,
+            domains: e.domains,
+            http_port: e.http_port,
+            memory_bytes: e.memory_bytes,
+            on_demand: e.on_demand,
+            ..current.clone()
+        },
+        Err(e) => return error_page(&crm, &v, CrmError::new(StatusCode::BAD_REQUEST, e)),
+    };
+    if form.confirm.is_none() {
+        let mut fields = vec![
+            ("image".to_string(), form.image.clone()),
+            ("domains".to_string(), form.domains.clone()),
+            ("http_port".to_string(), form.http_port.clone()),
+            ("memory_mib".to_string(), form.memory_mib.clone()),
+        ];
+        if form.on_demand.is_some() {
+            fields.push(("on_demand".into(), "on".into()));
+        }
+        let page = ChangePage {
+            layout: v.layout(&crm, &format!("{} {name}", crm.text().spec)),
+            name: name.clone(),
+            diff: diff(&pretty(&current), &pretty(&spec)),
+            action: format!("/services/{name}/update"),
+            fields,
+        };
+        return render(&v, page);
+    }
+    let path = format!("/v1/services/{name}");
+    match crm.call::<coyote_wire::ServiceUpdated>(&v.actor(), Method::PUT, &path, Some(&spec)).await {
+        Ok(_) => Redirect::to(&format!("/services/{name}")).into_response(),
+        Err(e) => error_page(&crm, &v, e),
+    }
+}
+
+/// Events scanned back from a spec change for the spec it replaced, at most.
+const REVERT_SCAN: u64 = 100_000;
+
+/// The service a spec change at `index` changed, and the spec it replaced.
+fn spec_before(crm: &Crm, index: u64) -> Result<(String, ServiceSpec), CrmError> {
+    let store = crm.node().store();
+    let not_found = |m: String| CrmError::new(StatusCode::NOT_FOUND, m);
+    let record = store
+        .events(index, 1)
+        .ok()
+        .and_then(|r| r.into_iter().next())
+        .filter(|r| r.envelope.index == index)
+        .ok_or_else(|| not_found(format!("event {index} is not in this node's archive")))?;
+    let coyote_state_machine::Event::ServiceSpecChanged { spec } = &record.envelope.event else {
+        return Err(CrmError::new(
+            StatusCode::BAD_REQUEST,
+            format!("event {index} is not a change of a spec"),
+        ));
+    };
+    let name = spec.name.clone();
+    let mut end = index;
+    while end > 1 && index - end < REVERT_SCAN {
+        let from = end.saturating_sub(1000).max(1);
+        let records = store.events(from, (end - from) as usize).unwrap_or_default();
+        for r in records.iter().rev() {
+            if !r.outcome.is_applied() {
+                continue;
+            }
+            match &r.envelope.event {
+                coyote_state_machine::Event::ServiceCreated { spec }
+                | coyote_state_machine::Event::ServiceSpecChanged { spec }
+                    if spec.name == name =>
+                {
+                    return Ok((name, spec.clone()));
+                }
+                _ => {}
+            }
+        }
+        end = from;
+    }
+    Err(not_found(format!("the spec of {name} before event {index} is not in this node's archive")))
+}
+
+async fn revert_page(State(crm): State<Crm>, headers: HeaderMap, Path(index): Path<u64>) -> Response {
+    let v = match admin(&crm, &headers) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let (name, old) = match spec_before(&crm, index) {
+        Ok(found) => found,
+        Err(e) => return error_page(&crm, &v, e),
+    };
+    let Some(current) = current_spec(&crm, &name) else {
+        return error_page(
+            &crm,
+            &v,
+            CrmError::new(StatusCode::NOT_FOUND, format!("service {name} does not exist")),
+        );
+    };
+    let page = ChangePage {
+        layout: v.layout(&crm, &format!("{} {name}", crm.text().spec)),
+        name,
+        diff: diff(&pretty(&current), &pretty(&old)),
+        action: format!("/events/{index}/revert"),
+        fields: Vec::new(),
+    };
+    render(&v, page)
+}
+
+async fn revert(
+    State(crm): State<Crm>,
+    headers: HeaderMap,
+    Path(index): Path<u64>,
+    Form(form): Form<ConfirmForm>,
+) -> Response {
+    let v = match checked_post(&crm, &headers, &form.csrf, true) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let (name, old) = match spec_before(&crm, index) {
+        Ok(found) => found,
+        Err(e) => return error_page(&crm, &v, e),
+    };
+    let path = format!("/v1/services/{name}");
+    match crm.call::<coyote_wire::ServiceUpdated>(&v.actor(), Method::PUT, &path, Some(&old)).await {
+        Ok(_) => Redirect::to(&format!("/services/{name}")).into_response(),
+        Err(e) => error_page(&crm, &v, e),
+    }
+}
+
+// ---- join tokens ----
+
+struct TokenRow {
+    id: String,
+    state: &'static str,
+    valid: bool,
+    expires: String,
+    uses: String,
+}
+
+#[derive(Template)]
+#[template(path = "tokens.html")]
+struct TokensPage {
+    layout: Layout,
+    tokens: Vec<TokenRow>,
+    /// A token just created, and the command to run with it on the new server.
+    created: Option<(String, String)>,
+    error: Option<String>,
+}
+
+fn tokens_page_for(
+    crm: &Crm,
+    v: &Visit,
+    created: Option<(String, String)>,
+    error: Option<String>,
+) -> Response {
+    let now = crm.node().now_ms();
+    let tokens = crm.node().store().with_state(|s| {
+        s.tokens
+            .values()
+            .map(|t| {
+                let view = coyote_wire::TokenView::new(t, now);
+                let state = match view.status {
+                    coyote_wire::TokenState::Valid => "valid",
+                    coyote_wire::TokenState::Expired => "expired",
+                    coyote_wire::TokenState::Used => "used",
+                    coyote_wire::TokenState::Revoked => "revoked",
+                };
+                TokenRow {
+                    id: view.id,
+                    state,
+                    valid: view.status == coyote_wire::TokenState::Valid,
+                    expires: format_ms(view.expires_at_ms),
+                    uses: format!("{}/{}", view.uses_total - view.uses_left, view.uses_total),
+                }
+            })
+            .collect()
+    });
+    let layout = v.layout(crm, crm.text().nav_tokens);
+    render(v, TokensPage { layout, tokens, created, error })
+}
+
+async fn tokens_page(State(crm): State<Crm>, headers: HeaderMap) -> Response {
+    match admin(&crm, &headers) {
+        Ok(v) => tokens_page_for(&crm, &v, None, None),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenForm {
+    #[serde(default)]
+    csrf: String,
+    hours: u64,
+    uses: u32,
+}
+
+async fn token_create(State(crm): State<Crm>, headers: HeaderMap, Form(form): Form<TokenForm>) -> Response {
+    let v = match checked_post(&crm, &headers, &form.csrf, true) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let body = coyote_wire::TokenCreate { ttl_ms: form.hours.saturating_mul(3_600_000), uses: form.uses };
+    match crm.call::<coyote_wire::TokenCreated>(&v.actor(), Method::POST, "/v1/tokens", Some(&body)).await {
+        Ok(created) => {
+            let command = format!(
+                "coyote join {} --data /var/lib/coyote --listen <THIS-SERVER-IP>:7100",
+                created.token
+            );
+            tokens_page_for(&crm, &v, Some((created.token, command)), None)
+        }
+        Err(e) => tokens_page_for(&crm, &v, None, Some(e.message)),
+    }
+}
+
+async fn token_revoke(
+    State(crm): State<Crm>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    let v = match checked_post(&crm, &headers, &form.csrf, true) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match crm.call::<Committed>(&v.actor(), Method::DELETE, &format!("/v1/tokens/{id}"), None::<&()>).await {
+        Ok(_) => Redirect::to("/tokens").into_response(),
+        Err(e) => tokens_page_for(&crm, &v, None, Some(e.message)),
     }
 }

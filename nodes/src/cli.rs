@@ -680,7 +680,7 @@ async fn crm(cmd: CrmCmd, client: &Client, json: bool) -> Result<()> {
         CrmCmd::Users => {
             let users: Vec<wire::UserView> = client.get("/v1/users").await?;
             if json {
-                print_json(&users);
+                print_json_lines(&users);
             } else if users.is_empty() {
                 eprintln!("no users yet: `coyote crm activate` prints a URL that creates the first admin");
             } else {

@@ -46,8 +46,8 @@ fn activation_is_single_use_and_forms_need_their_token_and_origin() -> Result<()
     let elsewhere = mallory.post_from(&path, &with_token, Some("http://evil.example"))?;
     assert_eq!(elsewhere.status, 403, "{}", elsewhere.body);
     assert!(elsewhere.body.contains("another site"), "{}", elsewhere.body);
-    let users = node.cli_json(&["crm", "users"])?;
-    assert_eq!(users.as_array().map(Vec::len), Some(0), "a refused form created a user: {users}");
+    let users = node.cli_json_lines(&["crm", "users"])?;
+    assert!(users.is_empty(), "a refused form created a user: {users:?}");
 
     // The first use creates the admin, and logs her in.
     let mut alice = Web::new(&addr);
@@ -67,8 +67,9 @@ fn activation_is_single_use_and_forms_need_their_token_and_origin() -> Result<()
     )?;
     assert_eq!(again.status, 409, "{}", again.body);
     assert!(again.body.contains("already used"), "{}", again.body);
-    let users = node.cli_json(&["crm", "users"])?;
-    assert_eq!(users.as_array().map(Vec::len), Some(1), "{users}");
+    let users = node.cli_json_lines(&["crm", "users"])?;
+    assert_eq!(users.len(), 1, "{users:?}");
+    assert_eq!(users[0]["role"], "Admin");
 
     // The use is an event, with no password hash in it.
     let events = node.events()?;
@@ -311,5 +312,62 @@ fn each_signup_mode_creates_members_and_their_services() -> Result<()> {
     let decided = events.iter().find(|e| e["kind"] == "signup_decided").context("signup_decided")?;
     assert_eq!(decided["actor"], "user:alice");
     assert!(!events.iter().any(|e| e.to_string().contains("$argon2id$")), "a password hash is shown");
+    Ok(())
+}
+
+#[test]
+fn a_spec_change_shows_its_diff_first_and_can_be_reverted_and_tokens_are_made_on_a_page() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let (node, path) = node_with_crm(root.path())?;
+    let addr = node.crm.clone().unwrap();
+    let mut alice = Web::new(&addr);
+    activate(&mut alice, &path)?;
+    let out =
+        node.cli(&["service", "create", "blog", "--image", "busybox:1", "--domain", "blog.example.org"]);
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let image = || -> Result<String> {
+        Ok(node.cli_json(&["service", "show", "blog"])?["spec"]["image"].as_str().unwrap_or("").to_string())
+    };
+
+    // The change is shown before it is committed, and nothing changes until it is confirmed.
+    let page = alice.get("/services/blog")?;
+    let csrf = page.input("csrf").context("csrf")?;
+    let fields = [("csrf", csrf.as_str()), ("image", "busybox:2"), ("domains", "blog.example.org")];
+    let preview = alice.post("/services/blog/update", &fields)?;
+    assert_eq!(preview.status, 200, "{}", preview.body);
+    assert!(preview.body.contains("- ") && preview.body.contains("busybox:1"), "{}", preview.body);
+    assert!(preview.body.contains("+ ") && preview.body.contains("busybox:2"), "{}", preview.body);
+    assert_eq!(image()?, "busybox:1", "a preview changed the spec");
+    let confirmed: Vec<(&str, &str)> = fields.iter().copied().chain([("confirm", "yes")]).collect();
+    assert_eq!(alice.post("/services/blog/update", &confirmed)?.status, 303);
+    assert_eq!(image()?, "busybox:2");
+
+    // Reverted from its event: a new event restores the old spec.
+    let events = node.events()?;
+    let change = events.iter().rev().find(|e| e["kind"] == "service_spec_changed").context("the change")?;
+    assert_eq!(change["actor"], "user:alice");
+    let index = change["index"].as_u64().context("index")?;
+    let listed = alice.get("/events")?;
+    assert!(listed.body.contains(&format!("/events/{index}/revert")), "no revert link");
+    let shown = alice.get(&format!("/events/{index}/revert"))?;
+    assert!(shown.body.contains("busybox:1"), "{}", shown.body);
+    let csrf = shown.input("csrf").context("csrf")?;
+    let reverted = alice.post(&format!("/events/{index}/revert"), &[("csrf", &csrf), ("confirm", "yes")])?;
+    assert_eq!(reverted.status, 303, "{}", reverted.body);
+    assert_eq!(image()?, "busybox:1");
+    let events = node.events()?;
+    let last = events.iter().rev().find(|e| e["kind"] == "service_spec_changed").context("the revert")?;
+    assert!(last["index"].as_u64() > Some(index), "the revert is a new event");
+
+    // A join token, with the command to run, and revoked.
+    let page = alice.get("/tokens")?;
+    let csrf = page.input("csrf").context("csrf")?;
+    let made = alice.post("/tokens", &[("csrf", &csrf), ("hours", "2"), ("uses", "1")])?;
+    assert!(made.body.contains("<code id=\"join-command\">coyote join "), "{}", made.body);
+    let tokens = node.cli_json_lines(&["token", "list"])?;
+    let id = tokens[0]["id"].as_str().context("a token")?.to_string();
+    assert_eq!(tokens[0]["status"], "valid");
+    assert_eq!(alice.post(&format!("/tokens/{id}/revoke"), &[("csrf", &csrf)])?.status, 303);
+    assert_eq!(node.cli_json_lines(&["token", "list"])?[0]["status"], "revoked");
     Ok(())
 }
