@@ -89,6 +89,8 @@ struct Layout {
     t: &'static Text,
     title: String,
     user: Option<String>,
+    /// Whether the user is an admin (members see only their own page).
+    admin: bool,
     csrf: String,
 }
 
@@ -100,12 +102,13 @@ struct Visit {
 
 impl Visit {
     fn layout(&self, crm: &Crm, title: &str) -> Layout {
-        Layout {
-            t: crm.text(),
-            title: title.to_string(),
-            user: self.session.user.clone(),
-            csrf: self.session.csrf.clone(),
-        }
+        let user = self.session.user.clone();
+        let admin = user.as_ref().is_some_and(|u| {
+            crm.node().store().with_state(|s| {
+                s.accounts.users.get(u).is_some_and(|u| u.role == coyote_state_machine::UserRole::Admin)
+            })
+        });
+        Layout { t: crm.text(), title: title.to_string(), user, admin, csrf: self.session.csrf.clone() }
     }
 
     fn actor(&self) -> String {

@@ -416,11 +416,18 @@ fn dechunk(mut body: &str) -> String {
 
 /// A cluster of `n` nodes formed with join tokens; node 0 created it.
 pub fn cluster(root: &Path, n: usize) -> Result<Vec<Node>> {
+    cluster_with(root, n, |_| {})
+}
+
+/// [`cluster`], with `configure` applied to each node before it starts.
+pub fn cluster_with(root: &Path, n: usize, configure: impl Fn(&mut Node)) -> Result<Vec<Node>> {
     let mut nodes = vec![Node::new(root, "n1")];
+    configure(&mut nodes[0]);
     nodes[0].up()?;
     for i in 1..n {
         let token = nodes[0].token(&[])?;
         let mut node = Node::new(root, &format!("n{}", i + 1));
+        configure(&mut node);
         node.join(&token)?;
         nodes.push(node);
     }

@@ -129,6 +129,11 @@ impl Browser {
         self.session_call("POST", &format!("/element/{element}/click"), Some(json!({}))).map(drop)
     }
 
+    /// Runs `script` in the page (to set a `<select>`, which WebDriver cannot type into).
+    pub fn run(&mut self, script: &str) -> Result<()> {
+        self.session_call("POST", "/execute/sync", Some(json!({ "script": script, "args": [] }))).map(drop)
+    }
+
     pub fn text(&mut self, css: &str) -> Result<String> {
         let element = self.find(css)?;
         Ok(self
