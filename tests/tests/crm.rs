@@ -371,3 +371,47 @@ fn a_spec_change_shows_its_diff_first_and_can_be_reverted_and_tokens_are_made_on
     assert_eq!(node.cli_json_lines(&["token", "list"])?[0]["status"], "revoked");
     Ok(())
 }
+
+#[test]
+fn the_crm_of_a_follower_writes_through_the_leader_and_a_signup_survives_the_leader() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut nodes =
+        coyote_tests::cluster_with(root.path(), 3, |n| n.crm = Some(format!("127.0.0.1:{}", free_port())))?;
+    let leader = coyote_tests::leader_index(&nodes)?;
+    let follower = (leader + 1) % 3;
+    let addr = nodes[follower].crm.clone().context("a CRM")?;
+    let created = nodes[follower].cli_json(&["crm", "activate"])?;
+    let url = created["url"].as_str().context("url")?;
+    let path = &url[url.find("/activate/").context("path")?..];
+    let mut admin = Web::new(&addr);
+    activate(&mut admin, path)?;
+    settings(&mut admin, "approval")?;
+    let mut carol = Web::new(&addr);
+    assert_eq!(sign_up(&mut carol, "carol", "")?.status, 303);
+
+    // The leader dies between the request and the approval.
+    nodes[leader].kill9();
+    let list = admin.get("/signups")?;
+    let csrf = list.input("csrf").context("csrf")?;
+    coyote_tests::wait_until("the approval to commit", std::time::Duration::from_secs(30), || {
+        let r = admin.post("/signups/carol/decide", &[("csrf", &csrf), ("decision", "approve")])?;
+        Ok((r.status == 303).then_some(()))
+    })?;
+    let me = carol.get("/me")?;
+    assert!(me.body.contains("carol.club.example.org"), "{}", me.body);
+    let other = 3 - leader - follower;
+    coyote_tests::wait_until(
+        "the other survivor to see carol's service",
+        std::time::Duration::from_secs(10),
+        || Ok(nodes[other].cli_json(&["service", "show", "carol"]).ok()),
+    )?;
+    let events = nodes[other].events()?;
+    let actors: Vec<&str> = events
+        .iter()
+        .filter(|e| e["kind"] == "signup_requested" || e["kind"] == "signup_decided")
+        .filter(|e| e["outcome"] == "applied")
+        .filter_map(|e| e["actor"].as_str())
+        .collect();
+    assert_eq!(actors, ["signup:carol", "user:alice"]);
+    Ok(())
+}
