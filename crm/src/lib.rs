@@ -25,6 +25,7 @@
 //! the binary.
 
 pub mod auth;
+pub mod charts;
 mod pages;
 pub mod text;
 
@@ -42,7 +43,6 @@ use serde::Serialize;
 use tower::ServiceExt;
 
 use crate::auth::{Limiter, Session, Sessions};
-use crate::text::Text;
 
 /// How the CRM is served.
 #[derive(Clone, Debug, Default)]
@@ -61,8 +61,23 @@ struct Inner {
     settings: Settings,
     sessions: Sessions,
     limiter: Limiter,
-    text: &'static Text,
+    /// This node's traffic, sampled every [`SAMPLE_EVERY`] rounds of [`Crm::observe`].
+    history: std::sync::Mutex<std::collections::VecDeque<Sample>>,
 }
+
+/// One reading of this node's traffic counters (totals since the node started).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Sample {
+    /// Per service: connections and cold starts through the activator.
+    pub services: std::collections::BTreeMap<String, (u64, u64)>,
+    /// Per domain: requests through the proxy.
+    pub domains: std::collections::BTreeMap<String, u64>,
+}
+
+/// Samples kept: ten minutes at one every 10 s.
+pub(crate) const SAMPLES_KEPT: usize = 61;
+/// Rounds of [`Crm::observe`] between two samples.
+const SAMPLE_EVERY: u64 = 5;
 
 /// How often [`Crm::observe`] looks for signups to report served.
 const OBSERVE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
@@ -92,7 +107,7 @@ impl Crm {
             settings,
             sessions: Sessions::default(),
             limiter: Limiter::default(),
-            text: &text::EN,
+            history: Default::default(),
         }))
     }
 
@@ -108,7 +123,12 @@ impl Crm {
         tokio::pin!(stop);
         let me = self.node().id();
         let actor = format!("crm@node:{me}");
+        let mut round = 0u64;
         loop {
+            if round.is_multiple_of(SAMPLE_EVERY) {
+                self.sample(&actor).await;
+            }
+            round += 1;
             let due: Vec<String> = self.node().store().with_state(|s| {
                 s.accounts
                     .signups
@@ -135,12 +155,31 @@ impl Crm {
         }
     }
 
-    fn node(&self) -> &LogNode {
-        &self.0.node
+    /// Reads this node's traffic counters into the history.
+    async fn sample(&self, actor: &str) {
+        let mut sample = Sample::default();
+        let none: Option<&()> = None;
+        if let Ok(stats) =
+            self.call::<Vec<coyote_wire::ServiceStats>>(actor, Method::GET, "/v1/stats", none).await
+        {
+            for s in stats {
+                sample.services.insert(s.service, (s.connections, s.cold_starts));
+            }
+        }
+        if let Ok(web) = self.call::<coyote_wire::WebStats>(actor, Method::GET, "/v1/stats/web", none).await {
+            for d in web.domains {
+                sample.domains.insert(d.domain, d.requests_by_class.iter().sum());
+            }
+        }
+        let mut history = self.0.history.lock().expect("history lock");
+        history.push_back(sample);
+        while history.len() > SAMPLES_KEPT {
+            history.pop_front();
+        }
     }
 
-    fn text(&self) -> &'static Text {
-        self.0.text
+    fn node(&self) -> &LogNode {
+        &self.0.node
     }
 
     /// Calls the node's API as `actor`, with `body` as JSON, and reads its answer.

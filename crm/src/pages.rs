@@ -18,6 +18,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{any, get, post};
 use axum::{Extension, Form, Router};
 use coyote_state_machine::accounts::{CrmSettings, SignupMode, SignupStatus, SignupTemplate};
+use coyote_state_machine::spec::parse_port;
 use coyote_state_machine::{format_ms, KeyScope, ServiceSpec, Subject};
 use coyote_wire::{Committed, EventView, KeyCreated};
 use serde::Deserialize;
@@ -50,6 +51,7 @@ pub fn router(crm: Crm) -> Router {
         .route("/services/{name}/update", post(service_update))
         .route("/events/{index}/revert", get(revert_page).post(revert))
         .route("/tokens", get(tokens_page).post(token_create))
+        .route("/stats", get(stats_page))
         .route("/tokens/{id}/revoke", post(token_revoke))
         .route("/alarms", get(alarms_page))
         .route("/alarms/{id}/clear", post(alarm_clear))
@@ -98,6 +100,8 @@ struct Layout {
 struct Visit {
     session: Session,
     set_cookie: Option<HeaderValue>,
+    /// The texts in the visitor's language.
+    t: &'static Text,
 }
 
 impl Visit {
@@ -108,7 +112,7 @@ impl Visit {
                 s.accounts.users.get(u).is_some_and(|u| u.role == coyote_state_machine::UserRole::Admin)
             })
         });
-        Layout { t: crm.text(), title: title.to_string(), user, admin, csrf: self.session.csrf.clone() }
+        Layout { t: self.t, title: title.to_string(), user, admin, csrf: self.session.csrf.clone() }
     }
 
     fn actor(&self) -> String {
@@ -127,7 +131,8 @@ impl Visit {
 
 fn visit(crm: &Crm, headers: &HeaderMap) -> Visit {
     let (session, set_cookie) = crm.session(headers);
-    Visit { session, set_cookie }
+    let t = crate::text::for_languages(headers.get(header::ACCEPT_LANGUAGE).and_then(|h| h.to_str().ok()));
+    Visit { session, set_cookie, t }
 }
 
 /// A page for a logged-in admin: the visit, or the redirect to the login page.
@@ -182,7 +187,7 @@ struct ErrorPage {
 }
 
 fn error_page(crm: &Crm, v: &Visit, e: CrmError) -> Response {
-    let layout = v.layout(crm, crm.text().error_title);
+    let layout = v.layout(crm, v.t.error_title);
     let mut response = render(v, ErrorPage { layout, message: e.message });
     *response.status_mut() = e.status;
     response
@@ -200,7 +205,7 @@ struct ActivatePage {
 
 async fn activate_page(State(crm): State<Crm>, headers: HeaderMap, Path(code): Path<String>) -> Response {
     let v = visit(&crm, &headers);
-    let layout = v.layout(&crm, crm.text().activate_title);
+    let layout = v.layout(&crm, v.t.activate_title);
     render(&v, ActivatePage { layout, code, error: None })
 }
 
@@ -224,7 +229,7 @@ async fn activate(
         Err(r) => return r,
     };
     let again = |v: &Visit, status: StatusCode, error: String| {
-        let layout = v.layout(&crm, crm.text().activate_title);
+        let layout = v.layout(&crm, v.t.activate_title);
         let mut r = render(v, ActivatePage { layout, code: code.clone(), error: Some(error) });
         *r.status_mut() = status;
         r
@@ -277,7 +282,7 @@ struct LoginPage {
 
 async fn login_page(State(crm): State<Crm>, headers: HeaderMap) -> Response {
     let v = visit(&crm, &headers);
-    let layout = v.layout(&crm, crm.text().login_title);
+    let layout = v.layout(&crm, v.t.login_title);
     render(&v, LoginPage { layout, error: None })
 }
 
@@ -303,7 +308,7 @@ async fn login(
     let keys = [format!("addr:{addr}"), format!("user:{}", form.name)];
     let keys = [keys[0].as_str(), keys[1].as_str()];
     let again = |status: StatusCode, error: String| {
-        let layout = v.layout(&crm, crm.text().login_title);
+        let layout = v.layout(&crm, v.t.login_title);
         let mut r = render(&v, LoginPage { layout, error: Some(error) });
         *r.status_mut() = status;
         r
@@ -364,7 +369,7 @@ async fn account_page(State(crm): State<Crm>, headers: HeaderMap) -> Response {
     if v.session.user.is_none() {
         return v.reply(Redirect::to("/login"));
     }
-    let layout = v.layout(&crm, crm.text().nav_account);
+    let layout = v.layout(&crm, v.t.nav_account);
     render(&v, AccountPage { layout, message: None, error: None })
 }
 
@@ -390,7 +395,7 @@ async fn password_change(
         return Redirect::to("/login").into_response();
     };
     let page = |message: Option<String>, error: Option<String>, status: StatusCode| {
-        let layout = v.layout(&crm, crm.text().nav_account);
+        let layout = v.layout(&crm, v.t.nav_account);
         let mut r = render(&v, AccountPage { layout, message, error });
         *r.status_mut() = status;
         r
@@ -417,7 +422,7 @@ async fn password_change(
     let body = coyote_wire::PasswordChange { password_hash: new_hash };
     let path = format!("/v1/users/{user}/password");
     match crm.call::<Committed>(&v.actor(), Method::POST, &path, Some(&body)).await {
-        Ok(_) => page(Some(crm.text().password_changed.into()), None, StatusCode::OK),
+        Ok(_) => page(Some(v.t.password_changed.into()), None, StatusCode::OK),
         Err(e) => page(None, Some(e.message), e.status),
     }
 }
@@ -513,9 +518,9 @@ async fn overview(State(crm): State<Crm>, headers: HeaderMap) -> Response {
         .map(|m| NodeRow { id: m.id, addr: m.addr.clone(), role: m.role.clone(), reachable: m.reachable })
         .collect();
     let page = OverviewPage {
-        layout: v.layout(&crm, crm.text().nav_overview),
+        layout: v.layout(&crm, v.t.nav_overview),
         cluster_id: status.cluster_id.clone(),
-        leader: status.leader.map_or_else(|| crm.text().none.to_string(), |l| l.to_string()),
+        leader: status.leader.map_or_else(|| v.t.none.to_string(), |l| l.to_string()),
         term: status.term,
         applied: status.last_event,
         nodes,
@@ -538,7 +543,7 @@ async fn services_page(State(crm): State<Crm>, headers: HeaderMap) -> Response {
         Ok(v) => v,
         Err(r) => return r,
     };
-    let layout = v.layout(&crm, crm.text().nav_services);
+    let layout = v.layout(&crm, v.t.nav_services);
     render(&v, ServicesPage { layout, services: service_rows(&crm), error: None })
 }
 
@@ -552,6 +557,8 @@ struct ServiceForm {
     domains: String,
     #[serde(default)]
     http_port: String,
+    #[serde(default)]
+    ports: String,
     #[serde(default)]
     memory_mib: String,
     #[serde(default)]
@@ -581,7 +588,12 @@ impl ServiceForm {
                 .filter(|d| !d.is_empty())
                 .map(|d| d.to_ascii_lowercase())
                 .collect(),
-            ports: Vec::new(),
+            ports: self
+                .ports
+                .split([' ', ',', '\n', '\r', '\t'])
+                .filter(|p| !p.is_empty())
+                .map(|p| parse_port(p).map_err(|e| e.to_string()))
+                .collect::<Result<_, _>>()?,
             memory_bytes,
             on_demand: self.on_demand.is_some(),
             dump: None,
@@ -605,7 +617,7 @@ async fn service_create(
         Err(r) => return r,
     };
     let fail = |status: StatusCode, error: String| {
-        let layout = v.layout(&crm, crm.text().nav_services);
+        let layout = v.layout(&crm, v.t.nav_services);
         let mut r = render(&v, ServicesPage { layout, services: service_rows(&crm), error: Some(error) });
         *r.status_mut() = status;
         r
@@ -665,7 +677,7 @@ fn service_page_for(
             CrmError::new(StatusCode::NOT_FOUND, format!("service {name} does not exist")),
         );
     };
-    let layout = v.layout(crm, &format!("{} {name}", crm.text().service));
+    let layout = v.layout(crm, &format!("{} {name}", v.t.service));
     render(v, ServicePage { layout, row, spec_json, edit, members, confirm, to, now })
 }
 
@@ -750,7 +762,7 @@ struct AlarmsPage {
 async fn alarms_page(State(crm): State<Crm>, headers: HeaderMap) -> Response {
     match admin(&crm, &headers) {
         Ok(v) => {
-            let layout = v.layout(&crm, crm.text().nav_alarms);
+            let layout = v.layout(&crm, v.t.nav_alarms);
             render(&v, AlarmsPage { layout, alarms: alarm_rows(&crm) })
         }
         Err(r) => r,
@@ -873,7 +885,7 @@ async fn events_page(
     }
     rows.truncate(EVENTS_SHOWN as usize);
     let stream = format!("/events/stream?{}&from={}", filter.query(), last + 1);
-    let layout = v.layout(&crm, crm.text().nav_events);
+    let layout = v.layout(&crm, v.t.nav_events);
     let page = EventsPage {
         layout,
         events: rows,
@@ -973,7 +985,7 @@ fn keys_page_for(crm: &Crm, v: &Visit, new_key: Option<String>, error: Option<St
             })
             .collect()
     });
-    let layout = v.layout(crm, crm.text().nav_keys);
+    let layout = v.layout(crm, v.t.nav_keys);
     render(v, KeysPage { layout, keys, new_key, error })
 }
 
@@ -1106,8 +1118,7 @@ struct SignupQuery {
     invite: String,
 }
 
-fn signup_intro(crm: &Crm) -> Option<&'static str> {
-    let t = crm.text();
+fn signup_intro(crm: &Crm, t: &'static Text) -> Option<&'static str> {
     match crm.node().store().with_state(|s| s.accounts.settings.signup) {
         SignupMode::Off => None,
         SignupMode::Public => Some(t.signup_intro_public),
@@ -1118,8 +1129,8 @@ fn signup_intro(crm: &Crm) -> Option<&'static str> {
 
 async fn signup_page(State(crm): State<Crm>, headers: HeaderMap, Query(q): Query<SignupQuery>) -> Response {
     let v = visit(&crm, &headers);
-    let layout = v.layout(&crm, crm.text().signup_title);
-    let intro = signup_intro(&crm);
+    let layout = v.layout(&crm, v.t.signup_title);
+    let intro = signup_intro(&crm, v.t);
     let mut r = render(&v, SignupPage { layout, intro, invite: q.invite, error: None });
     if intro.is_none() {
         *r.status_mut() = StatusCode::FORBIDDEN;
@@ -1144,9 +1155,13 @@ async fn signup(State(crm): State<Crm>, headers: HeaderMap, Form(form): Form<Sig
         Err(r) => return r,
     };
     let again = |status: StatusCode, error: String| {
-        let layout = v.layout(&crm, crm.text().signup_title);
-        let page =
-            SignupPage { layout, intro: signup_intro(&crm), invite: form.invite.clone(), error: Some(error) };
+        let layout = v.layout(&crm, v.t.signup_title);
+        let page = SignupPage {
+            layout,
+            intro: signup_intro(&crm, v.t),
+            invite: form.invite.clone(),
+            error: Some(error),
+        };
         let mut r = render(&v, page);
         *r.status_mut() = status;
         r
@@ -1196,7 +1211,7 @@ struct MePage {
 async fn me_page(State(crm): State<Crm>, headers: HeaderMap) -> Response {
     let v = visit(&crm, &headers);
     let name = v.session.user.clone().or_else(|| v.session.signup.clone());
-    let t = crm.text();
+    let t = v.t;
     let found = name.as_ref().and_then(|n| {
         crm.node().store().with_state(|s| {
             s.accounts.signups.get(n).map(|su| {
@@ -1290,7 +1305,7 @@ fn signups_page_for(crm: &Crm, v: &Visit, new_invite: Option<String>, error: Opt
             .collect();
         (a.settings.signup.name(), signups, invites)
     });
-    let layout = v.layout(crm, crm.text().nav_signups);
+    let layout = v.layout(crm, v.t.nav_signups);
     render(v, SignupsPage { layout, mode, signups, invites, new_invite, error })
 }
 
@@ -1399,7 +1414,7 @@ fn settings_page_for(
     message: Option<String>,
     error: Option<String>,
 ) -> Response {
-    let t = crm.text();
+    let t = v.t;
     let current = crm.node().store().with_state(|s| s.accounts.settings.clone());
     let from_state = || {
         let tpl = current.template.clone();
@@ -1530,7 +1545,7 @@ async fn settings_save(
         Err(e) => return settings_page_for(&crm, &v, Some(&form), None, Some(e)),
     };
     match crm.call::<Committed>(&v.actor(), Method::PUT, "/v1/settings", Some(&settings)).await {
-        Ok(_) => settings_page_for(&crm, &v, None, Some(crm.text().saved.into()), None),
+        Ok(_) => settings_page_for(&crm, &v, None, Some(v.t.saved.into()), None),
         Err(e) => {
             let mut r = settings_page_for(&crm, &v, Some(&form), None, Some(e.message));
             *r.status_mut() = e.status;
@@ -1546,6 +1561,7 @@ struct EditFields {
     image: String,
     domains: String,
     http_port: String,
+    ports: String,
     memory_mib: String,
     on_demand: bool,
 }
@@ -1556,6 +1572,12 @@ impl EditFields {
             image: spec.image.clone(),
             domains: spec.domains.join(" "),
             http_port: spec.http_port.map(|p| p.to_string()).unwrap_or_default(),
+            ports: spec
+                .ports
+                .iter()
+                .map(|p| format!("{}:{}", p.host, p.container))
+                .collect::<Vec<_>>()
+                .join(" "),
             memory_mib: spec.memory_bytes.map(|m| (m >> 20).to_string()).unwrap_or_default(),
             on_demand: spec.on_demand,
         }
@@ -1626,6 +1648,8 @@ struct UpdateForm {
     #[serde(default)]
     http_port: String,
     #[serde(default)]
+    ports: String,
+    #[serde(default)]
     memory_mib: String,
     #[serde(default)]
     on_demand: Option<String>,
@@ -1656,6 +1680,7 @@ async fn service_update(
         image: form.image.clone(),
         domains: form.domains.clone(),
         http_port: form.http_port.clone(),
+        ports: form.ports.clone(),
         memory_mib: form.memory_mib.clone(),
         on_demand: form.on_demand.clone(),
     };
@@ -1665,6 +1690,7 @@ async fn service_update(
             image: e.image,
             domains: e.domains,
             http_port: e.http_port,
+            ports: e.ports,
             memory_bytes: e.memory_bytes,
             on_demand: e.on_demand,
             ..current.clone()
@@ -1676,13 +1702,14 @@ async fn service_update(
             ("image".to_string(), form.image.clone()),
             ("domains".to_string(), form.domains.clone()),
             ("http_port".to_string(), form.http_port.clone()),
+            ("ports".to_string(), form.ports.clone()),
             ("memory_mib".to_string(), form.memory_mib.clone()),
         ];
         if form.on_demand.is_some() {
             fields.push(("on_demand".into(), "on".into()));
         }
         let page = ChangePage {
-            layout: v.layout(&crm, &format!("{} {name}", crm.text().spec)),
+            layout: v.layout(&crm, &format!("{} {name}", v.t.spec)),
             name: name.clone(),
             diff: diff(&pretty(&current), &pretty(&spec)),
             action: format!("/services/{name}/update"),
@@ -1757,7 +1784,7 @@ async fn revert_page(State(crm): State<Crm>, headers: HeaderMap, Path(index): Pa
         );
     };
     let page = ChangePage {
-        layout: v.layout(&crm, &format!("{} {name}", crm.text().spec)),
+        layout: v.layout(&crm, &format!("{} {name}", v.t.spec)),
         name,
         diff: diff(&pretty(&current), &pretty(&old)),
         action: format!("/events/{index}/revert"),
@@ -1835,7 +1862,7 @@ fn tokens_page_for(
             })
             .collect()
     });
-    let layout = v.layout(crm, crm.text().nav_tokens);
+    let layout = v.layout(crm, v.t.nav_tokens);
     render(v, TokensPage { layout, tokens, created, error })
 }
 
@@ -1886,4 +1913,63 @@ async fn token_revoke(
         Ok(_) => Redirect::to("/tokens").into_response(),
         Err(e) => tokens_page_for(&crm, &v, None, Some(e.message)),
     }
+}
+
+// ---- stats ----
+
+struct ChartRow {
+    name: String,
+    total: String,
+    /// Server-rendered SVG (its text is escaped by `charts`).
+    svg: String,
+}
+
+#[derive(Template)]
+#[template(path = "stats.html")]
+struct StatsPage {
+    layout: Layout,
+    services: Vec<ChartRow>,
+    domains: Vec<ChartRow>,
+}
+
+/// The differences between consecutive values: what happened in each interval.
+fn deltas(values: &[u64]) -> Vec<u64> {
+    values.windows(2).map(|w| w[1].saturating_sub(w[0])).collect()
+}
+
+async fn stats_page(State(crm): State<Crm>, headers: HeaderMap) -> Response {
+    let v = match admin(&crm, &headers) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let t = v.t;
+    let history: Vec<crate::Sample> = crm.0.history.lock().expect("history lock").iter().cloned().collect();
+    let latest = history.last().cloned().unwrap_or_default();
+    let services = latest
+        .services
+        .iter()
+        .map(|(name, (connections, cold_starts))| {
+            let series: Vec<u64> = history.iter().map(|s| s.services.get(name).map_or(0, |c| c.0)).collect();
+            let starts: Vec<u64> = history.iter().map(|s| s.services.get(name).map_or(0, |c| c.1)).collect();
+            let svg = format!(
+                "{}{}",
+                crate::charts::line(&format!("{name}: {}", t.stats_connections), &deltas(&series), 320, 80),
+                crate::charts::line(&format!("{name}: {}", t.stats_cold_starts), &deltas(&starts), 320, 80)
+            );
+            ChartRow { name: name.clone(), total: format!("{connections} / {cold_starts}"), svg }
+        })
+        .collect();
+    let domains = latest
+        .domains
+        .iter()
+        .map(|(domain, requests)| {
+            let series: Vec<u64> =
+                history.iter().map(|s| s.domains.get(domain).copied().unwrap_or(0)).collect();
+            let svg =
+                crate::charts::line(&format!("{domain}: {}", t.stats_requests), &deltas(&series), 320, 80);
+            ChartRow { name: domain.clone(), total: requests.to_string(), svg }
+        })
+        .collect();
+    let layout = v.layout(&crm, t.nav_stats);
+    render(&v, StatsPage { layout, services, domains })
 }

@@ -1,4 +1,5 @@
-//! Every text the pages show, in one place, so that a translation is one more value of [`Text`].
+//! Every text the pages show, in one place, so that a translation is one more value of [`Text`]:
+//! English ([`EN`]) and French ([`FR`]), chosen by the browser's `Accept-Language`.
 
 /// The words of the pages in one language.
 pub struct Text {
@@ -51,6 +52,7 @@ pub struct Text {
     pub domains: &'static str,
     pub domains_hint: &'static str,
     pub http_port: &'static str,
+    pub ports: &'static str,
     pub memory: &'static str,
     pub on_demand: &'static str,
     pub create_service: &'static str,
@@ -85,6 +87,12 @@ pub struct Text {
     pub revoked: &'static str,
     pub nav_signups: &'static str,
     pub nav_tokens: &'static str,
+    pub nav_stats: &'static str,
+    pub stats_intro: &'static str,
+    pub stats_connections: &'static str,
+    pub stats_cold_starts: &'static str,
+    pub stats_requests: &'static str,
+    pub stats_none: &'static str,
     pub edit: &'static str,
     pub preview: &'static str,
     pub change_confirm: &'static str,
@@ -186,6 +194,7 @@ pub static EN: Text = Text {
     domains: "Domains",
     domains_hint: "separated by spaces or commas",
     http_port: "HTTP port in the container",
+    ports: "Published ports (HOST:CONTAINER, separated by spaces)",
     memory: "Memory (MiB)",
     on_demand: "Start on demand",
     create_service: "Create a service",
@@ -220,6 +229,12 @@ pub static EN: Text = Text {
     revoked: "revoked",
     nav_signups: "Signups",
     nav_tokens: "Join tokens",
+    nav_stats: "Stats",
+    stats_intro: "Traffic through this server over the last ten minutes, per 10 seconds.",
+    stats_connections: "connections",
+    stats_cold_starts: "cold starts",
+    stats_requests: "requests",
+    stats_none: "No traffic counted on this server yet.",
     edit: "Change the spec",
     preview: "Show the change",
     change_confirm: "This change will be committed (removed lines in red, added ones in green):",
@@ -270,3 +285,186 @@ pub static EN: Text = Text {
     error_title: "Something went wrong",
     back: "Back",
 };
+
+pub static FR: Text = Text {
+    lang: "fr",
+    product: "coyote",
+    nav_overview: "Vue d’ensemble",
+    nav_services: "Services",
+    nav_alarms: "Alarmes",
+    nav_events: "Événements",
+    nav_keys: "Clés d’API",
+    nav_account: "Compte",
+    logout: "Se déconnecter",
+    activate_title: "Activer ce cluster",
+    activate_intro: "Choisissez le nom et le mot de passe du premier administrateur du cluster. Ce lien ne sert qu’une fois.",
+    activate_submit: "Créer l’administrateur",
+    login_title: "Connexion",
+    login_submit: "Se connecter",
+    name: "Nom",
+    password: "Mot de passe",
+    password_again: "Mot de passe, à nouveau",
+    password_current: "Mot de passe actuel",
+    password_new: "Nouveau mot de passe",
+    password_change: "Changer le mot de passe",
+    password_changed: "Le mot de passe a été changé.",
+    cluster: "Cluster",
+    leader: "Meneur",
+    term: "Mandat",
+    applied: "Appliqués",
+    nodes: "Serveurs",
+    node: "Serveur",
+    address: "Adresse",
+    role: "Rôle",
+    reachable: "joignable",
+    unreachable: "injoignable",
+    services: "Services",
+    service: "Service",
+    master: "Maître",
+    failover: "Relève",
+    backups: "Sauvegardes",
+    served: "servi",
+    not_served: "non servi",
+    none: "aucun",
+    open_alarms: "Alarmes ouvertes",
+    no_alarms: "Aucune alarme ouverte.",
+    alarm: "Alarme",
+    message: "Message",
+    raised: "Levée",
+    clear: "Lever l’alarme",
+    image: "Image",
+    domains: "Domaines",
+    domains_hint: "séparés par des espaces ou des virgules",
+    http_port: "Port HTTP dans le conteneur",
+    ports: "Ports publiés (HÔTE:CONTENEUR, séparés par des espaces)",
+    memory: "Mémoire (Mio)",
+    on_demand: "Démarrer à la demande",
+    create_service: "Créer un service",
+    create: "Créer",
+    remove: "Supprimer",
+    remove_confirm: "Supprimer ce service ? Son conteneur s’arrête sur chaque serveur.",
+    switch: "Changer de maître",
+    switch_to: "Vers le serveur",
+    switch_now: "Tout de suite (pour un maître disparu), sans vidage ni arrêt par le maître",
+    switch_confirm: "Changer le maître de ce service ?",
+    confirm: "Confirmer",
+    cancel: "Annuler",
+    spec: "Spécification",
+    events: "Événements",
+    events_live: "Les nouveaux événements apparaissent ici dès qu’ils sont validés.",
+    kind: "Type",
+    actor: "Acteur",
+    any: "tous",
+    filter: "Filtrer",
+    when: "Quand",
+    what: "Quoi",
+    api_keys: "Clés d’API",
+    key_label: "Libellé",
+    key_scope: "Portée",
+    scope_read: "lecture",
+    scope_write: "lecture et écriture",
+    key_create: "Créer une clé",
+    key_shown_once: "Copiez cette clé maintenant : elle n’est montrée qu’une fois.",
+    key_last_used: "Dernier usage",
+    never: "jamais",
+    revoke: "Révoquer",
+    revoked: "révoquée",
+    nav_signups: "Inscriptions",
+    nav_tokens: "Jetons d’adhésion",
+    nav_stats: "Statistiques",
+    stats_intro: "Le trafic passé par ce serveur ces dix dernières minutes, par tranche de 10 secondes.",
+    stats_connections: "connexions",
+    stats_cold_starts: "démarrages à froid",
+    stats_requests: "requêtes",
+    stats_none: "Aucun trafic compté sur ce serveur pour l’instant.",
+    edit: "Modifier la spécification",
+    preview: "Voir la modification",
+    change_confirm: "Cette modification sera validée (lignes retirées en rouge, ajoutées en vert) :",
+    revert: "Annuler ce changement",
+    token_ttl_hours: "Valable (heures)",
+    token_uses: "Serveurs pouvant s’en servir",
+    token_create: "Créer un jeton d’adhésion",
+    token_shown_once: "Copiez ce jeton maintenant : il n’est montré qu’une fois.",
+    token_command: "Sur le nouveau serveur, lancez :",
+    expires: "Expire",
+    uses: "Utilisations",
+    nav_settings: "Réglages",
+    signup_title: "Inscription",
+    signup_closed: "Les inscriptions sont fermées sur ce cluster.",
+    signup_submit: "S’inscrire",
+    signup_intro_public: "Choisissez un nom et un mot de passe : votre compte et votre site sont créés aussitôt.",
+    signup_intro_approval: "Choisissez un nom et un mot de passe : un administrateur validera votre inscription.",
+    signup_intro_invite: "Choisissez un nom et un mot de passe : votre lien d’invitation crée votre compte et votre site.",
+    me_title: "Votre inscription",
+    step_requested: "Demandée",
+    step_approved: "Acceptée",
+    step_user: "Compte créé",
+    step_service: "Site créé",
+    step_served: "Site servi",
+    step_waiting: "en attente",
+    step_rejected: "Refusée",
+    no_signup: "Aucune inscription connue pour cette visite.",
+    approve: "Accepter",
+    reject: "Refuser",
+    pending_signups: "En attente de validation",
+    all_signups: "Toutes les inscriptions",
+    invites: "Liens d’invitation",
+    invite_create: "Créer un lien d’invitation",
+    invite_days: "Valable (jours)",
+    invite_shown_once: "Envoyez ce lien maintenant : il n’est montré qu’une fois.",
+    status: "État",
+    cluster_name: "Nom du cluster",
+    admin_domain: "Domaine d’administration",
+    signup_mode: "Inscriptions",
+    mode_off: "fermées",
+    mode_public: "publiques : tout le monde",
+    mode_approval: "sur validation d’un administrateur",
+    mode_invite: "sur lien d’invitation seulement",
+    template: "Ce que crée une inscription",
+    template_domain: "Domaine (chaque membre reçoit NOM.DOMAINE)",
+    save: "Enregistrer",
+    saved: "Enregistré.",
+    error_title: "Un problème est survenu",
+    back: "Retour",
+};
+
+/// The texts for the first language of an `Accept-Language` header that the pages speak (English
+/// when none is).
+pub fn for_languages(accept: Option<&str>) -> &'static Text {
+    let mut ranked: Vec<(f32, &str)> = accept
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|item| {
+            let mut parts = item.split(';');
+            let lang = parts.next()?.trim();
+            let q = parts
+                .find_map(|p| p.trim().strip_prefix("q=").and_then(|q| q.parse::<f32>().ok()))
+                .unwrap_or(1.0);
+            Some((q, lang))
+        })
+        .collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+    for (_, lang) in ranked {
+        let primary = lang.split('-').next().unwrap_or("").to_ascii_lowercase();
+        match primary.as_str() {
+            "fr" => return &FR,
+            "en" => return &EN,
+            _ => {}
+        }
+    }
+    &EN
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_language_follows_accept_language() {
+        assert_eq!(for_languages(None).lang, "en");
+        assert_eq!(for_languages(Some("fr-FR,fr;q=0.9,en;q=0.8")).lang, "fr");
+        assert_eq!(for_languages(Some("de-DE,en;q=0.5,fr;q=0.7")).lang, "fr");
+        assert_eq!(for_languages(Some("de,es")).lang, "en");
+        assert_eq!(for_languages(Some("en-GB")).lang, "en");
+    }
+}

@@ -404,9 +404,12 @@ impl Driver<'_> {
             return false;
         }
         self.trace("formed".into());
-        // The admin creates the services through node 1 (`coyote service create`).
+        // The admin creates the services through node 1: the first on the CRM's page, the others
+        // with `coyote service create`.
         for i in 1..=self.params.services {
-            self.admin(&self.names[0].clone(), Admin::CreateService(service_spec(i, self.params.nodes)));
+            let spec = service_spec(i, self.params.nodes);
+            let command = if i == 1 { Admin::CreateServiceInCrm(spec) } else { Admin::CreateService(spec) };
+            self.admin(&self.names[0].clone(), command);
         }
         let mut probe = Duration::ZERO;
         let served = self.run_until(end + self.params.formation, |d| {

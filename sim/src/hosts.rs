@@ -22,7 +22,7 @@ use crate::material::material;
 use crate::model::{ModelRuntime, TurmoilProbe};
 use crate::net;
 use crate::params::{raft_settings, BACKUP_EVERY, CLUSTER_ID, HTTP_PORT, IDLE_STOP, PORT};
-use crate::workload::{admin, issue_token, join, visitors, web_visitors, workload};
+use crate::workload::{admin, create_crm_admin, issue_token, join, visitors, web_visitors, workload};
 use crate::world::{HostState, SimNode, World};
 
 /// The wall clock of a simulated node: turmoil's simulated time since the epoch. Outside a host (the
@@ -104,11 +104,12 @@ pub(crate) async fn host_software(world: Arc<World>, host: Arc<HostState>) -> Se
     if host.index == 0 && !host.initialized.load(Ordering::SeqCst) {
         node.log.initialize(material.ca().pin()).await?;
         issue_token(&world, &node.log).await;
+        create_crm_admin(&world, &node.log).await;
         host.initialized.store(true, Ordering::SeqCst);
     }
     {
-        let (world, host, api) = (world.clone(), host.clone(), node.api.clone());
-        tokio::spawn(async move { admin(&world, &host, api).await });
+        let (world, host, api, crm) = (world.clone(), host.clone(), node.api.clone(), node.crm.clone());
+        tokio::spawn(async move { admin(&world, &host, api, crm).await });
     }
     let sim_node = SimNode {
         node: node.log.clone(),

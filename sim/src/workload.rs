@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use coyote_log::{cluster, LogNode};
 use coyote_nodes::wire;
-use coyote_state_machine::{Event, Outcome, ServiceSpec};
+use coyote_state_machine::{AccountEvent, Event, Outcome, ServiceSpec, UserRole};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -15,17 +15,23 @@ use rand::{Rng, SeedableRng};
 use crate::checks::Ack;
 use crate::material::material;
 use crate::net;
-use crate::params::{ADMIN_ACTOR, HTTP_PORT, JOIN_RETRY, VISIT_TIMEOUT};
+use crate::params::{
+    ADMIN_ACTOR, CRM_ADMIN, CRM_PASSWORD, CRM_PASSWORD_HASH, HTTP_PORT, JOIN_RETRY, VISIT_TIMEOUT,
+};
 use crate::world::{Admin, HostState, World};
 
 /// Runs the admin's commands queued for this host, one at a time, through this node's API router
 /// (the CLI's path, without the unix socket).
-pub(crate) async fn admin(world: &World, host: &HostState, api: axum::Router) {
+pub(crate) async fn admin(world: &World, host: &HostState, api: axum::Router, crm: Option<axum::Router>) {
     loop {
         tokio::time::sleep(Duration::from_millis(10)).await;
         let next = world.admin.lock().expect("admin lock").get_mut(&host.name).and_then(|q| q.pop_front());
         match next {
             Some(Admin::CreateService(spec)) => create_service(world, &api, spec).await,
+            Some(Admin::CreateServiceInCrm(spec)) => match &crm {
+                Some(crm) => create_service_in_crm(world, crm, spec).await,
+                None => world.trace("admin: this node serves no CRM".into()),
+            },
             Some(Admin::Switch { service, to }) => {
                 // `coyote service switch` without `--now`: a graceful handover.
                 let path = format!("/v1/services/{service}/switch");
@@ -58,6 +64,117 @@ pub(crate) async fn create_service(world: &World, api: &axum::Router, spec: Serv
         }
     }
     world.trace(format!("admin: {name} created and placed"));
+}
+
+/// The CRM's services page, as a person uses it: log in, then post the form. Again after an error,
+/// until the service exists.
+pub(crate) async fn create_service_in_crm(world: &World, crm: &axum::Router, spec: ServiceSpec) {
+    let name = spec.name.clone();
+    loop {
+        match crm_create(crm, &spec).await {
+            Ok(()) => break,
+            Err(e) if e.contains("already exists") => break,
+            Err(e) => {
+                world.trace(format!("admin: creating {name} in the CRM: {e}"));
+                tokio::time::sleep(JOIN_RETRY).await;
+            }
+        }
+    }
+    world.trace(format!("admin: {name} created in the CRM"));
+}
+
+async fn crm_create(crm: &axum::Router, spec: &ServiceSpec) -> Result<(), String> {
+    let page = crm_request(crm, "GET", "/login", None, "").await?;
+    let form = format!("csrf={}&name={CRM_ADMIN}&password={CRM_PASSWORD}", csrf_of(&page.2)?);
+    let (status, cookie, body) = crm_request(crm, "POST", "/login", page.1.as_deref(), &form).await?;
+    if status != 303 {
+        return Err(format!("login answered {status}: {}", error_of(&body)));
+    }
+    let cookie = cookie.ok_or("login set no session cookie")?;
+    let page = crm_request(crm, "GET", "/services", Some(&cookie), "").await?;
+    let form = format!(
+        "csrf={}&name={}&image={}&domains={}&http_port={}&ports={}&memory_mib={}{}",
+        csrf_of(&page.2)?,
+        spec.name,
+        spec.image.replace(':', "%3A"),
+        spec.domains.join("+"),
+        spec.http_port.map(|p| p.to_string()).unwrap_or_default(),
+        spec.ports.iter().map(|p| format!("{}%3A{}", p.host, p.container)).collect::<Vec<_>>().join("+"),
+        spec.memory_bytes.map(|m| (m >> 20).to_string()).unwrap_or_default(),
+        if spec.on_demand { "&on_demand=on" } else { "" },
+    );
+    // The form has no fields for these: the services the admin creates in the CRM have none.
+    if spec.dump.is_some() || spec.http_check.is_some() || spec.zone.is_some() || spec.tls_passthrough {
+        return Err(format!("{} needs fields the CRM's form does not have", spec.name));
+    }
+    let (status, _, body) = crm_request(crm, "POST", "/services", Some(&cookie), &form).await?;
+    if status == 303 {
+        Ok(())
+    } else {
+        Err(format!("{status}: {}", error_of(&body)))
+    }
+}
+
+/// One request to the CRM's router: the status, the session cookie it set, the page.
+async fn crm_request(
+    crm: &axum::Router,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    form: &str,
+) -> Result<(u16, Option<String>, String), String> {
+    use tower::ServiceExt;
+    let mut request = axum::http::Request::builder().method(method).uri(path);
+    if let Some(c) = cookie {
+        request = request.header("cookie", c);
+    }
+    if !form.is_empty() {
+        request = request.header("content-type", "application/x-www-form-urlencoded");
+    }
+    let request = request.body(axum::body::Body::from(form.to_string())).map_err(|e| e.to_string())?;
+    let response = crm.clone().oneshot(request).await.map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let cookie = response
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(String::from)
+        .or_else(|| cookie.map(String::from));
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.map_err(|e| e.to_string())?;
+    Ok((status, cookie, String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+fn csrf_of(page: &str) -> Result<String, String> {
+    let needle = "name=\"csrf\" value=\"";
+    let at = page.find(needle).ok_or("a page without a form")? + needle.len();
+    let rest = &page[at..];
+    Ok(rest[..rest.find('"').ok_or("a broken form")?].to_string())
+}
+
+fn error_of(page: &str) -> String {
+    match page.find("id=\"error\">") {
+        Some(at) => page[at + "id=\"error\">".len()..].split('<').next().unwrap_or("").to_string(),
+        None => page.chars().take(200).collect(),
+    }
+}
+
+/// Node 1 creates the CRM's admin with the cluster.
+pub(crate) async fn create_crm_admin(world: &World, node: &LogNode) {
+    let event = Event::Account(AccountEvent::UserCreated {
+        name: CRM_ADMIN.into(),
+        role: UserRole::Admin,
+        password_hash: CRM_PASSWORD_HASH.into(),
+    });
+    loop {
+        match node.propose(event.clone(), "sim@n1".into()).await {
+            Ok(proposed) => {
+                world.trace(format!("CRM admin created at {}", proposed.index));
+                return;
+            }
+            Err(_) => tokio::time::sleep(JOIN_RETRY).await,
+        }
+    }
 }
 
 /// One request to a node's API router, as the simulated admin: its answer, or the status and error.

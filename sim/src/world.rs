@@ -68,7 +68,12 @@ pub(crate) type ProposalAnswer = Arc<Mutex<Option<Result<Outcome, String>>>>;
 #[derive(Clone, Debug)]
 pub enum Admin {
     CreateService(ServiceSpec),
-    Switch { service: String, to: u64 },
+    /// The same, on the CRM's services page, logged in as its admin.
+    CreateServiceInCrm(ServiceSpec),
+    Switch {
+        service: String,
+        to: u64,
+    },
 }
 
 impl World {

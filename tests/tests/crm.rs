@@ -415,3 +415,35 @@ fn the_crm_of_a_follower_writes_through_the_leader_and_a_signup_survives_the_lea
     assert_eq!(actors, ["signup:carol", "user:alice"]);
     Ok(())
 }
+
+#[test]
+fn the_stats_page_charts_the_traffic_of_each_domain() -> Result<()> {
+    use std::io::{Read, Write};
+    let root = tempfile::tempdir()?;
+    let mut node = Node::new(root.path(), "n1");
+    node.crm = Some(format!("127.0.0.1:{}", free_port()));
+    let http = format!("127.0.0.1:{}", free_port());
+    node.front = Some((http.clone(), format!("127.0.0.1:{}", free_port())));
+    node.up()?;
+    let addr = node.crm.clone().unwrap();
+    let code = node.cli_json(&["crm", "activate"])?["code"].as_str().context("code")?.to_string();
+    let mut alice = Web::new(&addr);
+    activate(&mut alice, &format!("/activate/{code}"))?;
+    let out =
+        node.cli(&["service", "create", "blog", "--image", "busybox:latest", "--domain", "blog.example.org"]);
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for _ in 0..3 {
+        let mut s = std::net::TcpStream::connect(&http)?;
+        write!(s, "GET / HTTP/1.1\r\nHost: blog.example.org\r\nConnection: close\r\n\r\n")?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+    }
+    // A sample every 10 s: the domain appears with its chart once a sample has counted it.
+    let page = coyote_tests::wait_until("the domain's chart", std::time::Duration::from_secs(30), || {
+        let page = alice.get("/stats")?;
+        Ok(page.body.contains("data-domain=\"blog.example.org\"").then_some(page))
+    })?;
+    assert!(page.body.contains("<svg") && page.body.contains("<polyline"), "{}", page.body);
+    assert!(page.body.contains("blog.example.org: requests"), "{}", page.body);
+    Ok(())
+}
