@@ -24,10 +24,11 @@ pub(crate) const JOIN_RETRY: Duration = Duration::from_millis(500);
 pub(crate) const TOKEN_SECRET: &str = "simulated-join-secret";
 /// The actor of every instructed switch: the simulated admin.
 pub const ADMIN_ACTOR: &str = "admin@sim";
-/// The CRM's admin, created with the cluster (a fixed hash, so that the log is the same bytes in
-/// every run of a seed: a hash made here would draw a random salt), and her password.
+/// The CRM's admin, created with the cluster with a fixed password hash (so that the log is the same
+/// bytes in every run of a seed: a hash made here would draw a random salt), and her API key.
 pub(crate) const CRM_ADMIN: &str = "admin";
-pub(crate) const CRM_PASSWORD: &str = "sim-admin-password";
+pub(crate) const CRM_KEY_ID: &str = "simadmin";
+pub(crate) const CRM_KEY_SECRET: &str = "simulated-key-secret";
 pub(crate) const CRM_PASSWORD_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$5kWx6g6+yN4GoZNrXDnNZQ$Da4MXZY82jLKC0PoEdkBaY3loVc87HscN+VrtfOgF7g";
 /// Services are named `svc1`, `svc2`, ... and listen on ports from here.

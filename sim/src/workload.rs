@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use coyote_log::{cluster, LogNode};
 use coyote_nodes::wire;
-use coyote_state_machine::{AccountEvent, Event, Outcome, ServiceSpec, UserRole};
+use coyote_state_machine::{sha256_hex, AccountEvent, Event, KeyScope, Outcome, ServiceSpec, UserRole};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -16,7 +16,8 @@ use crate::checks::Ack;
 use crate::material::material;
 use crate::net;
 use crate::params::{
-    ADMIN_ACTOR, CRM_ADMIN, CRM_PASSWORD, CRM_PASSWORD_HASH, HTTP_PORT, JOIN_RETRY, VISIT_TIMEOUT,
+    ADMIN_ACTOR, CRM_ADMIN, CRM_KEY_ID, CRM_KEY_SECRET, CRM_PASSWORD_HASH, HTTP_PORT, JOIN_RETRY,
+    VISIT_TIMEOUT,
 };
 use crate::world::{Admin, HostState, World};
 
@@ -66,8 +67,9 @@ pub(crate) async fn create_service(world: &World, api: &axum::Router, spec: Serv
     world.trace(format!("admin: {name} created and placed"));
 }
 
-/// The CRM's services page, as a person uses it: log in, then post the form. Again after an error,
-/// until the service exists.
+/// The CRM's door for scripts (`/api/v1`), with the admin's API key. Again after an error, until
+/// the service exists. (The pages' login checks the password on tokio's blocking pool, whose
+/// threads would make a run differ from its replay: the simulator goes through the key instead.)
 pub(crate) async fn create_service_in_crm(world: &World, crm: &axum::Router, spec: ServiceSpec) {
     let name = spec.name.clone();
     loop {
@@ -84,95 +86,49 @@ pub(crate) async fn create_service_in_crm(world: &World, crm: &axum::Router, spe
 }
 
 async fn crm_create(crm: &axum::Router, spec: &ServiceSpec) -> Result<(), String> {
-    let page = crm_request(crm, "GET", "/login", None, "").await?;
-    let form = format!("csrf={}&name={CRM_ADMIN}&password={CRM_PASSWORD}", csrf_of(&page.2)?);
-    let (status, cookie, body) = crm_request(crm, "POST", "/login", page.1.as_deref(), &form).await?;
-    if status != 303 {
-        return Err(format!("login answered {status}: {}", error_of(&body)));
-    }
-    let cookie = cookie.ok_or("login set no session cookie")?;
-    let page = crm_request(crm, "GET", "/services", Some(&cookie), "").await?;
-    let form = format!(
-        "csrf={}&name={}&image={}&domains={}&http_port={}&ports={}&memory_mib={}{}",
-        csrf_of(&page.2)?,
-        spec.name,
-        spec.image.replace(':', "%3A"),
-        spec.domains.join("+"),
-        spec.http_port.map(|p| p.to_string()).unwrap_or_default(),
-        spec.ports.iter().map(|p| format!("{}%3A{}", p.host, p.container)).collect::<Vec<_>>().join("+"),
-        spec.memory_bytes.map(|m| (m >> 20).to_string()).unwrap_or_default(),
-        if spec.on_demand { "&on_demand=on" } else { "" },
-    );
-    // The form has no fields for these: the services the admin creates in the CRM have none.
-    if spec.dump.is_some() || spec.http_check.is_some() || spec.zone.is_some() || spec.tls_passthrough {
-        return Err(format!("{} needs fields the CRM's form does not have", spec.name));
-    }
-    let (status, _, body) = crm_request(crm, "POST", "/services", Some(&cookie), &form).await?;
-    if status == 303 {
-        Ok(())
-    } else {
-        Err(format!("{status}: {}", error_of(&body)))
-    }
-}
-
-/// One request to the CRM's router: the status, the session cookie it set, the page.
-async fn crm_request(
-    crm: &axum::Router,
-    method: &str,
-    path: &str,
-    cookie: Option<&str>,
-    form: &str,
-) -> Result<(u16, Option<String>, String), String> {
     use tower::ServiceExt;
-    let mut request = axum::http::Request::builder().method(method).uri(path);
-    if let Some(c) = cookie {
-        request = request.header("cookie", c);
-    }
-    if !form.is_empty() {
-        request = request.header("content-type", "application/x-www-form-urlencoded");
-    }
-    let request = request.body(axum::body::Body::from(form.to_string())).map_err(|e| e.to_string())?;
+    let request = axum::http::Request::builder()
+        .method("POST")
+        .uri("/api/v1/services")
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {}{CRM_KEY_ID}_{CRM_KEY_SECRET}", wire::KEY_PREFIX))
+        .body(axum::body::Body::from(serde_json::to_vec(spec).map_err(|e| e.to_string())?))
+        .map_err(|e| e.to_string())?;
     let response = crm.clone().oneshot(request).await.map_err(|e| e.to_string())?;
-    let status = response.status().as_u16();
-    let cookie = response
-        .headers()
-        .get("set-cookie")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(String::from)
-        .or_else(|| cookie.map(String::from));
+    let status = response.status();
     let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.map_err(|e| e.to_string())?;
-    Ok((status, cookie, String::from_utf8_lossy(&bytes).into_owned()))
-}
-
-fn csrf_of(page: &str) -> Result<String, String> {
-    let needle = "name=\"csrf\" value=\"";
-    let at = page.find(needle).ok_or("a page without a form")? + needle.len();
-    let rest = &page[at..];
-    Ok(rest[..rest.find('"').ok_or("a broken form")?].to_string())
-}
-
-fn error_of(page: &str) -> String {
-    match page.find("id=\"error\">") {
-        Some(at) => page[at + "id=\"error\">".len()..].split('<').next().unwrap_or("").to_string(),
-        None => page.chars().take(200).collect(),
+    if status.is_success() {
+        return Ok(());
     }
+    let error = serde_json::from_slice::<wire::ErrorAnswer>(&bytes).map(|e| e.error).unwrap_or_default();
+    Err(format!("{status}: {error}"))
 }
 
-/// Node 1 creates the CRM's admin with the cluster.
+/// Node 1 creates the CRM's admin and her API key with the cluster.
 pub(crate) async fn create_crm_admin(world: &World, node: &LogNode) {
-    let event = Event::Account(AccountEvent::UserCreated {
-        name: CRM_ADMIN.into(),
-        role: UserRole::Admin,
-        password_hash: CRM_PASSWORD_HASH.into(),
-    });
-    loop {
-        match node.propose(event.clone(), "sim@n1".into()).await {
-            Ok(proposed) => {
-                world.trace(format!("CRM admin created at {}", proposed.index));
-                return;
+    let events = [
+        Event::Account(AccountEvent::UserCreated {
+            name: CRM_ADMIN.into(),
+            role: UserRole::Admin,
+            password_hash: CRM_PASSWORD_HASH.into(),
+        }),
+        Event::Account(AccountEvent::ApiKeyCreated {
+            key_id: CRM_KEY_ID.into(),
+            owner: CRM_ADMIN.into(),
+            label: "the simulated admin".into(),
+            scope: KeyScope::Write,
+            secret_sha256: sha256_hex(CRM_KEY_SECRET.as_bytes()),
+        }),
+    ];
+    for event in events {
+        loop {
+            match node.propose(event.clone(), "sim@n1".into()).await {
+                Ok(proposed) => {
+                    world.trace(format!("CRM {} at {}", event.kind(), proposed.index));
+                    break;
+                }
+                Err(_) => tokio::time::sleep(JOIN_RETRY).await,
             }
-            Err(_) => tokio::time::sleep(JOIN_RETRY).await,
         }
     }
 }

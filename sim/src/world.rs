@@ -68,7 +68,7 @@ pub(crate) type ProposalAnswer = Arc<Mutex<Option<Result<Outcome, String>>>>;
 #[derive(Clone, Debug)]
 pub enum Admin {
     CreateService(ServiceSpec),
-    /// The same, on the CRM's services page, logged in as its admin.
+    /// The same, through the CRM's API door with the admin's key.
     CreateServiceInCrm(ServiceSpec),
     Switch {
         service: String,
