@@ -61,9 +61,25 @@ struct Inner {
     settings: Settings,
     sessions: Sessions,
     limiter: Limiter,
+    /// Each applied event, decoded and rendered once for every follower of the events page
+    /// ([`Crm::feed`]).
+    feed: tokio::sync::broadcast::Sender<std::sync::Arc<FeedItem>>,
     /// This node's traffic, sampled every [`SAMPLE_EVERY`] rounds of [`Crm::observe`].
     history: std::sync::Mutex<std::collections::VecDeque<Sample>>,
 }
+
+/// An event as the live events page receives it, rendered once.
+#[derive(Debug)]
+pub(crate) struct FeedItem {
+    pub index: u64,
+    pub kind: String,
+    pub actor: String,
+    /// The JSON the page's script reads.
+    pub data: String,
+}
+
+/// Events the feed holds for followers that fall behind; one that falls further reads the archive.
+const FEED_CAPACITY: usize = 4096;
 
 /// One reading of this node's traffic counters (totals since the node started).
 #[derive(Clone, Debug, Default)]
@@ -108,6 +124,7 @@ impl Crm {
             sessions: Sessions::default(),
             limiter: Limiter::default(),
             history: Default::default(),
+            feed: tokio::sync::broadcast::channel(FEED_CAPACITY).0,
         }))
     }
 
@@ -151,6 +168,31 @@ impl Crm {
             tokio::select! {
                 _ = &mut stop => return,
                 _ = tokio::time::sleep(OBSERVE_EVERY) => {}
+            }
+        }
+    }
+
+    /// Renders each event this node applies, once, for the followers of the events page. Runs until
+    /// `stop`.
+    pub async fn feed(self, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        let store = self.node().store();
+        let mut applied = store.subscribe();
+        let mut next = store.with_state(|s| s.last_applied + 1);
+        loop {
+            let records = store.events(next, 1000).unwrap_or_default();
+            let caught_up = records.len() < 1000;
+            for r in &records {
+                next = r.envelope.index + 1;
+                let item = pages::feed_item(r);
+                // No follower: nothing to do.
+                let _ = self.0.feed.send(std::sync::Arc::new(item));
+            }
+            if caught_up {
+                tokio::select! {
+                    changed = applied.changed() => if changed.is_err() { return },
+                    _ = &mut stop => return,
+                }
             }
         }
     }

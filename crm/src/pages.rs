@@ -827,8 +827,15 @@ struct EventsFilter {
 
 impl EventsFilter {
     fn keeps(&self, e: &EventView) -> bool {
-        (self.kind.is_empty() || e.kind == self.kind)
-            && (self.actor.is_empty() || e.actor.contains(&self.actor))
+        self.keeps_kind_actor(&e.kind, &e.actor)
+    }
+
+    fn keeps_item(&self, item: &crate::FeedItem) -> bool {
+        self.keeps_kind_actor(&item.kind, &item.actor)
+    }
+
+    fn keeps_kind_actor(&self, kind: &str, actor: &str) -> bool {
+        (self.kind.is_empty() || kind == self.kind) && (self.actor.is_empty() || actor.contains(&self.actor))
     }
 
     fn query(&self) -> String {
@@ -896,6 +903,17 @@ async fn events_page(
     render(&v, page)
 }
 
+/// An applied event rendered for the live events page.
+pub(crate) fn feed_item(record: &coyote_log::store::EventRecord) -> crate::FeedItem {
+    let row = EventRow::from(EventView::from(record));
+    crate::FeedItem {
+        index: row.index,
+        data: serde_json::to_string(&row).unwrap_or_default(),
+        kind: row.kind,
+        actor: row.actor,
+    }
+}
+
 /// The events from `from` (or after `Last-Event-ID`), then each new one as it is applied.
 async fn events_stream(
     State(crm): State<Crm>,
@@ -914,32 +932,47 @@ async fn events_stream(
     let mut next =
         resume.or(filter.from).unwrap_or_else(|| crm.node().store().with_state(|s| s.last_applied + 1));
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(256);
+    // Subscribed before reading the archive, so that no event falls between the two: what the
+    // archive gave is skipped in the feed.
+    let mut feed = crm.0.feed.subscribe();
     tokio::spawn(async move {
         let store = crm.node().store();
-        let mut applied = store.subscribe();
+        let send = |item: &crate::FeedItem| {
+            SseEvent::default().id(item.index.to_string()).event("event").data(&item.data)
+        };
         loop {
-            let records = match store.events(next, 1000) {
-                Ok(r) => r,
-                Err(_) => return,
-            };
-            let caught_up = records.len() < 1000;
-            for r in records {
-                next = r.envelope.index + 1;
-                let view = EventView::from(&r);
-                if !filter.keeps(&view) {
-                    continue;
+            // From the archive, up to what it holds now.
+            loop {
+                let Ok(records) = store.events(next, 1000) else { return };
+                let caught_up = records.len() < 1000;
+                for r in &records {
+                    next = r.envelope.index + 1;
+                    let item = feed_item(r);
+                    if filter.keeps_item(&item) && tx.send(Ok(send(&item))).await.is_err() {
+                        return;
+                    }
                 }
-                let row = EventRow::from(view);
-                let data = serde_json::to_string(&row).unwrap_or_default();
-                let event = SseEvent::default().id(row.index.to_string()).event("event").data(data);
-                if tx.send(Ok(event)).await.is_err() {
-                    return;
+                if caught_up {
+                    break;
                 }
             }
-            if caught_up {
-                tokio::select! {
-                    changed = applied.changed() => if changed.is_err() { return },
+            // Then live, from the events rendered once for every follower.
+            loop {
+                let received = tokio::select! {
+                    received = feed.recv() => received,
                     _ = tx.closed() => return,
+                };
+                match received {
+                    Ok(item) if item.index < next => {}
+                    Ok(item) if item.index == next => {
+                        next += 1;
+                        if filter.keeps_item(&item) && tx.send(Ok(send(&item))).await.is_err() {
+                            return;
+                        }
+                    }
+                    // A gap, or this follower fell behind the feed: back to the archive.
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 }
             }
         }

@@ -263,6 +263,7 @@ impl Node {
         let crm = crm.map(|c| {
             let crm = coyote_crm::Crm::new(log.clone(), api.clone(), c.settings);
             tasks.push(tokio::spawn(crm.clone().observe(stopped())));
+            tasks.push(tokio::spawn(crm.clone().feed(stopped())));
             crm.router()
         });
         Ok(Node { log, fence, reconciler, activator, backups, proxy, api, metrics, crm, stop, tasks })
