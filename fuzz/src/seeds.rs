@@ -91,6 +91,7 @@ pub fn sample_events() -> Vec<Event> {
         Event::ClusterCreated { cluster_id: "c".into(), node: node_info(1), ca_pin: "b".repeat(64) },
         Event::NodeJoined { node: node_info(4), token_id: "t1".into(), secret_sha256: sha256_hex(b"secret") },
         Event::NodeLeft { node_id: 3, reason: "retired".into() },
+        Event::NodeRemoved { node_id: 3, reason: "gone".into(), forced: true },
         Event::TokenIssued {
             token_id: "t2".into(),
             secret_sha256: sha256_hex(b"x"),

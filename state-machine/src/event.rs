@@ -216,6 +216,14 @@ pub enum Event {
     },
     /// Users, API keys and activation URLs (see [`crate::accounts`]).
     Account(AccountEvent),
+    /// A server that is gone for good was removed by an admin (`coyote node remove`). Unless
+    /// `forced`, a majority of the other members must report it unreachable. Every service it was
+    /// master of moves to its failover, as a failover would take it; its other roles are refilled.
+    NodeRemoved {
+        node_id: NodeId,
+        reason: String,
+        forced: bool,
+    },
 }
 
 /// Why a snapshot was taken.
@@ -333,6 +341,7 @@ impl Event {
             Event::CertOrderFailed { .. } => "cert_order_failed",
             Event::RestoreRequested { .. } => "restore_requested",
             Event::Account(e) => e.kind(),
+            Event::NodeRemoved { .. } => "node_removed",
         }
     }
 
@@ -372,6 +381,7 @@ impl Event {
         "api_key_created",
         "api_key_revoked",
         "api_key_used",
+        "node_removed",
     ];
 
     /// One human line describing the event.
@@ -488,6 +498,10 @@ impl Event {
                 format!("service {service}: roll its data back to snapshot {} ({reason})", short_id(snapshot))
             }
             Event::Account(e) => e.summary(),
+            Event::NodeRemoved { node_id, reason, forced } => {
+                let how = if *forced { "removed by force" } else { "removed" };
+                format!("node {node_id} {how}: {reason}")
+            }
         }
     }
 

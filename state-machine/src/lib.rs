@@ -83,6 +83,7 @@ pub use state::{
     cert_alarm_key, serve_from, sha256_hex, Alarm, ClusterInfo, ContainerGoal, DesiredContainer, Handover,
     Member, Observation, Outcome, Role, Service, State, StateV1, StateV2, StateV3, Token, TokenStatus,
     DRIFT_MARGIN_MS, FAILOVER_AFTER_MS, HANDOVER_WAIT_MS, LEASE_MS, PLACEMENT_BACKUPS_MAX,
+    TOLERANCE_ALARM_KEY,
 };
 
 /// Deliberate bugs, for the simulator to show that its checkers catch them. Compiled only with the

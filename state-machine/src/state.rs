@@ -30,6 +30,8 @@ pub const FAILOVER_AFTER_MS: u64 = 250;
 /// How long the target of a handover waits for the master to hand over (dump, stop, switch) before
 /// it proposes the switch itself. It proposes at once when a majority reports the master unreachable.
 pub const HANDOVER_WAIT_MS: u64 = 30_000;
+/// The key of the alarm open while a cluster of two or more servers can lose none of them.
+pub const TOLERANCE_ALARM_KEY: &str = "fault-tolerance";
 /// Tokens are forgotten this long after they expire (their use stays in the event history).
 pub const TOKEN_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 
@@ -407,6 +409,30 @@ impl State {
                 }
                 if let Some(name) = self.services_where(*node_id, Role::Master).next() {
                     return reject(format!("node {node_id} is master of {name}: switch it away first"));
+                }
+            }
+            Event::NodeRemoved { node_id, forced, .. } => {
+                if !self.members.contains_key(node_id) {
+                    return reject(format!("node {node_id} is not a member"));
+                }
+                if self.members.len() == 1 {
+                    return reject("the last member cannot be removed".into());
+                }
+                if !forced {
+                    let (votes, needed) = self.master_down_votes(*node_id);
+                    if votes < needed {
+                        return reject(format!(
+                            "node {node_id} is not gone: only {votes} of the {needed} members needed report it unreachable. On that server, run `coyote node leave`; to remove it anyway, use --force"
+                        ));
+                    }
+                }
+                for name in self.services_where(*node_id, Role::Master) {
+                    let failover = self.services[name].placement.as_ref().and_then(|p| p.failover);
+                    if failover.is_none() {
+                        return reject(format!(
+                            "node {node_id} is master of {name}, which has no failover: switch it to one of its backups first (coyote service switch {name} --to NODE --now)"
+                        ));
+                    }
                 }
             }
             Event::TokenIssued { token_id, expires_at_ms, uses, secret_sha256 } => {
@@ -841,25 +867,22 @@ impl State {
                 token.used_by.push(node.id);
                 self.add_member(node, env);
             }
-            Event::NodeLeft { node_id, .. } => {
-                self.members.remove(node_id);
-                self.departed.insert(*node_id);
-                self.reachability.retain(|(o, s), _| o != node_id && *s != Subject::Node(*node_id));
-                for svc in self.services.values_mut() {
-                    if let Some(p) = &mut svc.placement {
-                        if p.failover == Some(*node_id) {
-                            p.failover = None;
-                        }
-                        p.backups.retain(|b| b != node_id);
-                    }
+            Event::NodeLeft { node_id, .. } => self.depart(*node_id),
+            Event::NodeRemoved { node_id, .. } => {
+                // Its services move as a failover would move them: the old master, if it still
+                // runs, cannot renew its lease once removed, and the new one waits it out.
+                let mastered: Vec<(String, NodeId)> = self
+                    .services
+                    .iter()
+                    .filter_map(|(name, svc)| {
+                        let p = svc.placement.as_ref()?;
+                        (p.master == *node_id).then_some((name.clone(), p.failover?))
+                    })
+                    .collect();
+                for (name, to) in mastered {
+                    self.switch_authority(&name, to, 0, env);
                 }
-                // A node that left holds nothing any more.
-                for ledger in self.data.values_mut() {
-                    for record in ledger.snapshots.values_mut() {
-                        record.holders.remove(node_id);
-                    }
-                    ledger.failures.remove(node_id);
-                }
+                self.depart(*node_id);
             }
             Event::TokenIssued { token_id, secret_sha256, expires_at_ms, uses } => {
                 self.tokens.retain(|_, t| t.expires_at_ms.saturating_add(TOKEN_RETENTION_MS) > env.at_ms);
@@ -896,24 +919,7 @@ impl State {
                     Some(placement.clone());
             }
             Event::AuthoritySwitched { service, to, not_before_ms, .. } => {
-                let svc = self.services.get_mut(service).expect("checked: service exists");
-                let p = svc.placement.as_mut().expect("checked: placement exists");
-                let old = p.master;
-                if p.failover == Some(*to) {
-                    p.failover = None;
-                }
-                p.backups.retain(|b| b != to);
-                p.backups.insert(0, old);
-                p.master = *to;
-                svc.serve_from_ms = serve_from(env.at_ms).max(*not_before_ms);
-                let ledger = self.data.entry(service.clone()).or_default();
-                ledger.epoch = env.index;
-                ledger.restored = None;
-                // A rollback asked of the old master is not the new master's to do: it restores the
-                // newest snapshot.
-                self.rollbacks.remove(service);
-                // Reports about the service were about its old master: monitors start afresh.
-                self.reachability.retain(|(_, s), _| *s != Subject::Service(service.clone()));
+                self.switch_authority(service, *to, *not_before_ms, env)
             }
             Event::AlarmRaised { key, node, service, message } => {
                 self.alarms.insert(
@@ -1134,8 +1140,14 @@ impl State {
                 );
             }
         }
+        if changes_members(&env.event) {
+            self.refill_backups();
+        }
         if refills_failovers(&env.event) {
             self.refill_failovers();
+        }
+        if changes_tolerance(&env.event) {
+            self.refresh_tolerance_alarm(env);
         }
         // A handover ends with the switch, or when what it was about is gone: the service, the
         // master it was asked of, or the target's role.
@@ -1146,6 +1158,147 @@ impl State {
                 .and_then(|s| s.placement.as_ref())
                 .is_some_and(|p| p.master == h.from && p.nodes().any(|n| n == h.to))
         });
+    }
+
+    /// Makes `to` master of `service` (checked: it is placed): the old master becomes its first
+    /// backup, the data's epoch starts at this event, and the new master serves once the old one's
+    /// lease has run out.
+    fn switch_authority(&mut self, service: &str, to: NodeId, not_before_ms: u64, env: &Envelope) {
+        let svc = self.services.get_mut(service).expect("checked: service exists");
+        let p = svc.placement.as_mut().expect("checked: placement exists");
+        let old = p.master;
+        if p.failover == Some(to) {
+            p.failover = None;
+        }
+        p.backups.retain(|b| *b != to);
+        p.backups.insert(0, old);
+        p.master = to;
+        svc.serve_from_ms = serve_from(env.at_ms).max(not_before_ms);
+        let ledger = self.data.entry(service.to_string()).or_default();
+        ledger.epoch = env.index;
+        ledger.restored = None;
+        // A rollback asked of the old master is not the new master's to do: it restores the
+        // newest snapshot.
+        self.rollbacks.remove(service);
+        // Reports about the service were about its old master: monitors start afresh.
+        self.reachability.retain(|(_, s), _| *s != Subject::Service(service.to_string()));
+    }
+
+    /// Takes `node` out of the cluster (checked: it masters nothing): out of the members for good,
+    /// out of every placement, and out of the holders of every snapshot.
+    fn depart(&mut self, node: NodeId) {
+        self.members.remove(&node);
+        self.departed.insert(node);
+        self.reachability.retain(|(o, s), _| *o != node && *s != Subject::Node(node));
+        for svc in self.services.values_mut() {
+            if let Some(p) = &mut svc.placement {
+                if p.failover == Some(node) {
+                    p.failover = None;
+                }
+                p.backups.retain(|b| *b != node);
+            }
+        }
+        // A node that left holds nothing any more.
+        for ledger in self.data.values_mut() {
+            for record in ledger.snapshots.values_mut() {
+                record.holders.remove(&node);
+            }
+            ledger.failures.remove(&node);
+        }
+    }
+
+    /// Brings every placement back to [`PLACEMENT_BACKUPS_MAX`] backups where members allow it:
+    /// after a member joined or one was taken out, the least loaded healthy members not yet placed
+    /// are added (the backups then fetch the service's snapshots). Deterministic: in the order of
+    /// the services' names, ties to the lower node id.
+    fn refill_backups(&mut self) {
+        let names: Vec<String> = self
+            .services
+            .iter()
+            .filter(|(_, svc)| {
+                svc.placement.as_ref().is_some_and(|p| {
+                    p.backups.len() < PLACEMENT_BACKUPS_MAX && p.nodes().count() < self.members.len()
+                })
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in names {
+            let Some(order) = self.place() else { return };
+            let p = self.services[&name].placement.clone().expect("listed above");
+            let placed: BTreeSet<NodeId> = p.nodes().collect();
+            let wanted = PLACEMENT_BACKUPS_MAX - p.backups.len();
+            let add: Vec<NodeId> =
+                order.nodes().filter(|n| !placed.contains(n) && self.healthy(*n)).take(wanted).collect();
+            if !add.is_empty() {
+                let p =
+                    self.services.get_mut(&name).and_then(|s| s.placement.as_mut()).expect("listed above");
+                p.backups.extend(add);
+            }
+        }
+    }
+
+    /// A member that no majority reports unreachable.
+    fn healthy(&self, node: NodeId) -> bool {
+        let (votes, needed) = self.master_down_votes(node);
+        self.members.contains_key(&node) && votes < needed
+    }
+
+    /// How many members the cluster can lose and still have a majority, counting as lost already
+    /// the members a majority reports unreachable: `(can_lose, members, lost)`.
+    pub fn fault_tolerance(&self) -> (usize, usize, Vec<NodeId>) {
+        let members = self.members.len();
+        let lost: Vec<NodeId> = self.members.keys().copied().filter(|n| !self.healthy(*n)).collect();
+        let up = members - lost.len();
+        (up.saturating_sub(members / 2 + 1), members, lost)
+    }
+
+    /// Opens the alarm [`TOLERANCE_ALARM_KEY`] while a cluster of two or more members can lose none
+    /// of them, and clears it once it can (a single server is a choice, not a fault).
+    fn refresh_tolerance_alarm(&mut self, env: &Envelope) {
+        let (can_lose, members, lost) = self.fault_tolerance();
+        let open = self.alarms.values().find(|a| a.key == TOLERANCE_ALARM_KEY).map(|a| a.id);
+        if members < 2 || can_lose > 0 {
+            if let Some(id) = open {
+                self.alarms.remove(&id);
+            }
+            return;
+        }
+        let message = if lost.is_empty() {
+            format!(
+                "the cluster can lose none of its {members} servers: one failure stops every change; add a server (coyote token create, then coyote join on it)"
+            )
+        } else {
+            let names: Vec<String> = lost.iter().map(|n| format!("node {n}")).collect();
+            let names = names.join(", ");
+            if members - lost.len() > members / 2 {
+                format!(
+                    "the cluster can lose none of its {members} servers: a majority reports {names} unreachable, and one more failure stops every change; bring it back, or replace it (add a server, then coyote node remove)"
+                )
+            } else {
+                format!(
+                    "the cluster has lost its majority of {members} servers: a majority reports {names} unreachable; bring them back"
+                )
+            }
+        };
+        match open {
+            Some(id) => {
+                if let Some(alarm) = self.alarms.get_mut(&id) {
+                    alarm.message = message;
+                }
+            }
+            None if self.alarms.len() < ALARMS_OPEN_MAX => {
+                let alarm = Alarm {
+                    id: env.index,
+                    key: TOLERANCE_ALARM_KEY.to_string(),
+                    node: None,
+                    service: None,
+                    message,
+                    raised_at_ms: env.at_ms,
+                };
+                self.alarms.insert(env.index, alarm);
+            }
+            None => {}
+        }
     }
 
     /// Fills every empty failover slot that can be filled ([`State::refill_failover`]), in the order
@@ -1400,10 +1553,7 @@ impl State {
         if p.failover.is_some() {
             return None;
         }
-        let healthy = |n: &NodeId| {
-            let (votes, needed) = self.master_down_votes(*n);
-            self.members.contains_key(n) && votes < needed
-        };
+        let healthy = |n: &NodeId| self.healthy(*n);
         let mut next = p.clone();
         if let Some(pos) = p.backups.iter().position(healthy) {
             next.failover = Some(next.backups.remove(pos));
@@ -1457,7 +1607,22 @@ fn refills_failovers(event: &Event) -> bool {
         Event::AuthoritySwitched { .. }
             | Event::NodeJoined { .. }
             | Event::NodeLeft { .. }
+            | Event::NodeRemoved { .. }
             | Event::PlacementSet { .. }
             | Event::ReachabilityChanged { subject: Subject::Node(_), .. }
     )
+}
+
+/// Whether applying `event` changes who the members are.
+fn changes_members(event: &Event) -> bool {
+    matches!(event, Event::NodeJoined { .. } | Event::NodeLeft { .. } | Event::NodeRemoved { .. })
+}
+
+/// Whether applying `event` may change how many members the cluster can lose.
+fn changes_tolerance(event: &Event) -> bool {
+    changes_members(event)
+        || matches!(
+            event,
+            Event::ClusterCreated { .. } | Event::ReachabilityChanged { subject: Subject::Node(_), .. }
+        )
 }

@@ -25,6 +25,7 @@ fn event() -> impl Strategy<Value = Event> {
             Event::NodeJoined { node: NodeInfo { id, addr: format!("n{id}") }, token_id, secret_sha256 }
         }),
         1 => node.clone().prop_map(|node_id| Event::NodeLeft { node_id, reason: "r".into() }),
+        1 => (node.clone(), any::<bool>()).prop_map(|(node_id, forced)| Event::NodeRemoved { node_id, reason: "r".into(), forced }),
         2 => (token.clone(), secret, 1u32..4, 0u64..20_000).prop_map(|(token_id, secret_sha256, uses, exp)| {
             Event::TokenIssued { token_id, secret_sha256, expires_at_ms: exp, uses }
         }),

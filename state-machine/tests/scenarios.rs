@@ -109,6 +109,11 @@ impl Runner {
                 secret_sha256: sha256_hex(get("secret").as_bytes()),
             }),
             "leave" => self.propose(Event::NodeLeft { node_id: num("node"), reason: "scenario".into() }),
+            "remove" => self.propose(Event::NodeRemoved {
+                node_id: num("node"),
+                reason: "scenario".into(),
+                forced: pos.iter().any(|p| p == "force"),
+            }),
             "service-create" => {
                 let spec = self.spec(&pos, &kv);
                 self.propose(Event::ServiceCreated { spec })
