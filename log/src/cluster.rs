@@ -473,7 +473,11 @@ impl LogNode {
         S: futures::Stream<Item = std::io::Result<tls::TlsConn<IO>>> + Send + 'static,
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let raft = pb::raft_server::RaftServer::new(RaftService::new(self.0.raft.clone()))
+        let refuse: network::Refuse = {
+            let node = self.clone();
+            Arc::new(move |peer| node.refusal(peer))
+        };
+        let raft = pb::raft_server::RaftServer::new(RaftService::new(self.0.raft.clone(), refuse))
             .max_decoding_message_size(MESSAGE_MAX_BYTES)
             .max_encoding_message_size(MESSAGE_MAX_BYTES);
         let cluster = pb::cluster_server::ClusterServer::new(ClusterService { node: self.clone() });
@@ -926,6 +930,29 @@ impl LogNode {
         }
     }
 
+    /// Why a call of `peer` is refused although its certificate holds: the log records it as removed
+    /// (it left or was removed) and Raft's membership no longer names it. While the membership still
+    /// does (the change is under way), Raft carries on with it, so that the change itself commits.
+    pub fn refusal(&self, peer: NodeId) -> Option<Status> {
+        if !self.0.store.with_state(|s| s.departed.contains(&peer)) {
+            return None;
+        }
+        let m = self.0.raft.metrics().borrow().clone();
+        if m.membership_config.membership().get_node(&peer).is_some() {
+            return None;
+        }
+        Some(Status::permission_denied(format!(
+            "{} node {peer} was removed from cluster {}: it can no longer take part",
+            network::REMOVED_PREFIX,
+            self.0.cluster_id
+        )))
+    }
+
+    /// Becomes `Some(why)` once a member refused this node as removed from the cluster.
+    pub fn removed(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.0.channels.removed()
+    }
+
     pub async fn shutdown(&self) {
         if let Err(e) = self.0.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not shut down cleanly");
@@ -949,6 +976,16 @@ struct ClusterService {
     node: LogNode,
 }
 
+impl ClusterService {
+    fn require_member<T>(&self, request: &Request<T>) -> Result<NodeId, Status> {
+        let peer = require_member(request)?;
+        match self.node.refusal(peer) {
+            Some(status) => Err(status),
+            None => Ok(peer),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for ClusterService {
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
@@ -966,19 +1003,19 @@ impl pb::cluster_server::Cluster for ClusterService {
     }
 
     async fn propose(&self, request: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
-        require_member(&request)?;
+        self.require_member(&request)?;
         let proposal: Proposal = decode(&request.into_inner().data)?;
         let result = self.node.submit(proposal, false).await;
         Ok(Response::new(pb::Blob { data: encode(&result) }))
     }
 
     async fn ping(&self, request: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
-        require_member(&request)?;
+        self.require_member(&request)?;
         Ok(Response::new(pb::Blob { data: encode(&self.node.0.id) }))
     }
 
     async fn confirm(&self, request: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
-        require_member(&request)?;
+        self.require_member(&request)?;
         let result = self.node.read_index().await;
         Ok(Response::new(pb::Blob { data: encode(&result) }))
     }

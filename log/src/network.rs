@@ -98,7 +98,12 @@ pub struct Channels {
     tls: Arc<rustls::ClientConfig>,
     dial: tls::DynDial,
     inner: Arc<Mutex<ChannelMap>>,
+    /// Set once a member refused this node as removed from the cluster ([`REMOVED_PREFIX`]).
+    removed: Arc<tokio::sync::watch::Sender<Option<String>>>,
 }
+
+/// How a member's refusal of a removed node begins: the removed node recognises its own removal by it.
+pub const REMOVED_PREFIX: &str = "removed from the cluster:";
 
 /// A channel on which nothing succeeded for this long is dropped after its next failure.
 pub const SUSPECT_AFTER: Duration = Duration::from_millis(500);
@@ -221,6 +226,18 @@ impl PeerChannel {
         match &result {
             Ok(_) => self.succeeded(),
             Err(status) if dead_connection(status.code()) => self.broken(),
+            Err(status) if status.code() == tonic::Code::PermissionDenied => {
+                if let Some(why) = status.message().strip_prefix(REMOVED_PREFIX) {
+                    let why = why.trim().to_string();
+                    self.channels.removed.send_if_modified(|r| {
+                        let first = r.is_none();
+                        if first {
+                            *r = Some(why);
+                        }
+                        first
+                    });
+                }
+            }
             Err(_) => {}
         }
         result
@@ -250,7 +267,12 @@ fn rpc_error<E: std::error::Error>(status: &Status) -> RPCError<NodeId, Node, E>
 
 impl Channels {
     pub fn new(tls: Arc<rustls::ClientConfig>, dial: tls::DynDial) -> Self {
-        Channels { tls, dial, inner: Arc::default() }
+        Channels { tls, dial, inner: Arc::default(), removed: Arc::new(tokio::sync::watch::channel(None).0) }
+    }
+
+    /// Becomes `Some(why)` once a member refused this node as removed from the cluster.
+    pub fn removed(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.removed.subscribe()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ChannelMap> {
@@ -574,11 +596,23 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 /// The server side of Raft's RPCs. Only members (a client certificate from the cluster CA) may call.
 pub struct RaftService {
     raft: Raft,
+    refuse: Refuse,
 }
 
+/// Whether a peer is refused though its certificate holds (it was removed from the cluster), and why.
+pub type Refuse = Arc<dyn Fn(NodeId) -> Option<Status> + Send + Sync>;
+
 impl RaftService {
-    pub fn new(raft: Raft) -> Self {
-        RaftService { raft }
+    pub fn new(raft: Raft, refuse: Refuse) -> Self {
+        RaftService { raft, refuse }
+    }
+
+    fn require_member<T>(&self, request: &Request<T>) -> Result<NodeId, Status> {
+        let peer = require_member(request)?;
+        match (self.refuse)(peer) {
+            Some(status) => Err(status),
+            None => Ok(peer),
+        }
     }
 }
 
@@ -591,7 +625,7 @@ pub(crate) fn require_member<T>(request: &Request<T>) -> Result<NodeId, Status> 
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
     async fn append_entries(&self, request: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
-        require_member(&request)?;
+        self.require_member(&request)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(&request.into_inner().data)?;
         tracing::debug!(target: "coyote_path", entries = rpc.entries.len(), "ae recv");
         let result = self.raft.append_entries(rpc).await;
@@ -608,7 +642,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         request: Request<tonic::Streaming<pb::Blob>>,
     ) -> Result<Response<Self::ReplicateStream>, Status> {
-        require_member(&request)?;
+        self.require_member(&request)?;
         let state = Some((request.into_inner(), self.raft.clone()));
         let answers = futures::stream::unfold(state, |state| async move {
             let (mut inbound, raft) = state?;
@@ -634,14 +668,14 @@ impl pb::raft_server::Raft for RaftService {
     }
 
     async fn vote(&self, request: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
-        require_member(&request)?;
+        self.require_member(&request)?;
         let rpc: VoteRequest<NodeId> = decode(&request.into_inner().data)?;
         let result = self.raft.vote(rpc).await;
         Ok(Response::new(pb::Blob { data: encode(&result) }))
     }
 
     async fn install_snapshot(&self, request: Request<pb::Blob>) -> Result<Response<pb::Blob>, Status> {
-        require_member(&request)?;
+        self.require_member(&request)?;
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(&request.into_inner().data)?;
         let result = self.raft.install_snapshot(rpc).await;
         Ok(Response::new(pb::Blob { data: encode(&result) }))

@@ -97,6 +97,8 @@ pub fn router(api: Api) -> Router {
         .route("/v1/signups", post(signup_create))
         .route("/v1/signups/{name}/decide", post(signup_decide))
         .route("/v1/signups/{name}/served", post(signup_served))
+        .route("/v1/leave", post(leave))
+        .route("/v1/nodes/{id}/remove", post(node_remove))
         .with_state(api)
 }
 
@@ -199,7 +201,39 @@ async fn status(State(api): State<Api>) -> ApiResult<Status> {
             })
             .collect()
     });
-    Ok(Json(Status { cluster, services }))
+    let voters: Vec<_> = cluster.members.iter().filter(|m| m.role != "learner").collect();
+    let tolerance = wire::Tolerance::of(voters.len(), voters.iter().filter(|m| m.reachable).count());
+    Ok(Json(Status { cluster, services, tolerance }))
+}
+
+/// This server leaves the cluster (`coyote node leave`, once it masters nothing): the log records
+/// it, the leader takes it out of Raft's membership, and this node removes its containers and stops.
+async fn leave(caller: Caller) -> ApiResult<Committed> {
+    let me = caller.api.node.id();
+    let event = Event::NodeLeft { node_id: me, reason: "it left (coyote node leave)".into() };
+    let proposed = propose(&caller, event).await?;
+    Ok(Json(Committed { index: proposed.index }))
+}
+
+/// A server that is gone is taken out of the cluster (`coyote node remove`).
+async fn node_remove(
+    caller: Caller,
+    Path(id): Path<u64>,
+    Json(req): Json<wire::NodeRemove>,
+) -> ApiResult<Committed> {
+    if id == caller.api.node.id() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("node {id} is this server: to take it out, run `coyote node leave` on it"),
+        ));
+    }
+    let reason = req.reason.unwrap_or_else(|| format!("removed through node {}", caller.api.node.id()));
+    if reason.len() > 200 {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "the reason is longer than 200 bytes".into()));
+    }
+    let event = Event::NodeRemoved { node_id: id, reason, forced: req.force };
+    let proposed = propose(&caller, event).await?;
+    Ok(Json(Committed { index: proposed.index }))
 }
 
 #[derive(Deserialize)]

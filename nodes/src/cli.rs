@@ -49,6 +49,148 @@ pub enum Command {
     Cert(CertCmd),
 }
 
+/// What `coyote node` does besides running the node.
+#[derive(Subcommand)]
+pub enum NodeCmd {
+    /// Retire this server: hand every service it is master of over to another server, leave the
+    /// cluster (its other roles are refilled elsewhere), remove its containers and stop. The data
+    /// directory stays unless --purge
+    Leave {
+        /// Delete the data directory once the node has stopped (the services' volumes with it)
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Take a server that is gone for good out of the cluster, from any other server: its services
+    /// move to their failovers and its roles are refilled. Refused while a majority of the members
+    /// still reaches it, unless --force
+    Remove {
+        /// The node's id (see `coyote status`)
+        id: u64,
+        /// Remove it even though a majority still reaches it (it is then refused if it calls again)
+        #[arg(long)]
+        force: bool,
+        /// Why, recorded with the event
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+/// How long `coyote node leave` waits for the handovers, and then for the node to stop.
+const LEAVE_HANDOVER_WAIT: std::time::Duration =
+    std::time::Duration::from_millis(coyote_state_machine::HANDOVER_WAIT_MS + 30_000);
+const LEAVE_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// One step of `coyote node leave`: a line on stderr, or a JSON object on stdout with `--json`.
+fn step(json: bool, step: &str, detail: String) {
+    if json {
+        print_json(&serde_json::json!({ "step": step, "detail": detail }));
+    } else {
+        eprintln!("{detail}");
+    }
+}
+
+pub async fn node(cmd: NodeCmd, client: &Client, data: &std::path::Path, json: bool) -> Result<()> {
+    match cmd {
+        NodeCmd::Remove { id, force, reason } => {
+            let body = wire::NodeRemove { force, reason };
+            let c: wire::Committed =
+                client.send_json(Method::POST, &format!("/v1/nodes/{id}/remove"), &body).await?;
+            if json {
+                print_json(&c);
+            } else {
+                println!(
+                    "node {id} removed (event {}): the services it was master of moved to their failovers, its other roles are refilled, and the membership shrinks within seconds",
+                    c.index
+                );
+            }
+            Ok(())
+        }
+        NodeCmd::Leave { purge } => leave(client, data, purge, json).await,
+    }
+}
+
+async fn leave(client: &Client, data: &std::path::Path, purge: bool, json: bool) -> Result<()> {
+    let status: wire::Status = client.get("/v1/status").await?;
+    let me = status.cluster.node_id;
+    // 1. Every service this server is master of goes to its failover (or first backup), gracefully.
+    let services: Vec<wire::ServiceView> = client.get("/v1/services").await?;
+    let mut waiting = std::collections::BTreeMap::new();
+    for svc in &services {
+        let Some(p) = svc.placement.as_ref().filter(|p| p.master == me) else { continue };
+        let Some(to) = p.failover.or_else(|| p.backups.first().copied()) else {
+            bail!(
+                "{} has no other server to go to (no failover, no backup): add a server first, or remove the service",
+                svc.name
+            );
+        };
+        let body = wire::SwitchRequest { to, now: false };
+        let _: wire::SwitchAnswer =
+            client.send_json(Method::POST, &format!("/v1/services/{}/switch", svc.name), &body).await?;
+        step(json, "handover", format!("handing {} over to node {to} (its data goes with it) ...", svc.name));
+        waiting.insert(svc.name.clone(), to);
+    }
+    let deadline = tokio::time::Instant::now() + LEAVE_HANDOVER_WAIT;
+    while !waiting.is_empty() {
+        if tokio::time::Instant::now() >= deadline {
+            let names: Vec<&String> = waiting.keys().collect();
+            bail!("the handover of {names:?} did not end in time; nothing else was changed: run `coyote node leave` again");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let services: Vec<wire::ServiceView> = client.get("/v1/services").await?;
+        for svc in &services {
+            let master = svc.placement.as_ref().map(|p| p.master);
+            if waiting.contains_key(&svc.name) && master != Some(me) {
+                waiting.remove(&svc.name);
+                let to = master.map(|m| format!("node {m}")).unwrap_or_else(|| "no node".into());
+                step(json, "handed_over", format!("{}: {to} is master now", svc.name));
+            }
+        }
+        waiting.retain(|name, _| services.iter().any(|s| s.name == *name));
+    }
+    // 2. The log records the leave; the leader takes this server out of Raft's membership, and this
+    // node removes its containers and stops once it has applied it.
+    let c: wire::Committed = client.act(Method::POST, "/v1/leave").await?;
+    step(
+        json,
+        "left",
+        format!("node {me} left the cluster (event {}); its other roles are refilled elsewhere", c.index),
+    );
+    step(json, "stopping", "removing its containers and stopping ...".into());
+    let deadline = tokio::time::Instant::now() + LEAVE_STOP_WAIT;
+    while client.get::<wire::Status>("/v1/status").await.is_ok() {
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "node {me} left the cluster, but it has not stopped within {} s: stop it yourself",
+                LEAVE_STOP_WAIT.as_secs()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    step(json, "stopped", format!("node {me} stopped; its containers are removed"));
+    // 3. The data directory, only on request, and only once it is known to be a departed node's.
+    if purge {
+        if !data.join("departed").exists() || !data.join("node.json").exists() {
+            bail!(
+                "{} does not look like the data directory of a node that left: not deleting it",
+                data.display()
+            );
+        }
+        std::fs::remove_dir_all(data)
+            .map_err(|e| anyhow::anyhow!("cannot delete {}: {e}", data.display()))?;
+        step(json, "purged", format!("deleted {}", data.display()));
+    } else {
+        step(
+            json,
+            "kept",
+            format!(
+                "its data directory {} is kept (delete it with --purge next time, or by hand)",
+                data.display()
+            ),
+        );
+    }
+    Ok(())
+}
+
 #[derive(Subcommand)]
 pub enum CertCmd {
     /// Every domain with its certificate: issuer, expiry, state, the last error
@@ -1004,6 +1146,12 @@ fn print_status(status: &wire::Status, json: bool) {
         opt(s.applied_index),
         opt(s.snapshot_index),
         opt(s.purged_index)
+    );
+    let t = &status.tolerance;
+    let warning = if t.voters >= 2 && t.can_lose == 0 { ": one more failure stops every change" } else { "" };
+    println!(
+        "tolerance can lose {} of {} servers ({} reachable){warning}",
+        t.can_lose, t.voters, t.reachable
     );
     println!("members");
     for m in &s.members {

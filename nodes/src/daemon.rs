@@ -219,6 +219,13 @@ pub async fn run(
     let (log, sm, handle) = store::open(&dir.store())
         .with_context(|| format!("the store in {} cannot be opened", dir.store().display()))?;
     check_store_cluster(&handle, dir, &node_file.cluster_id)?;
+    let me = node_file.node_id;
+    let departed = dir.departed().or_else(|| {
+        handle.with_state(|s| s.departed.contains(&me)).then(|| format!("node {me} left or was removed"))
+    });
+    if let Some(why) = departed {
+        bail!("{}", departed_message(dir, &node_file, &why));
+    }
 
     let listener = TcpListener::bind(&node_file.listen)
         .await
@@ -316,6 +323,22 @@ pub async fn run(
             None
         }
         reason = node.log.stopped() => Some(reason),
+        why = node.departed() => {
+            // Written first: a crash from here on must not let this server start again as a member.
+            let recorded = dir.write_departed(&why);
+            eprintln!("node {me} is no longer a member: {why}\nremoving its containers and stopping ...");
+            // Its own replica records a leave; a removal may be known only from a member's refusal.
+            let left = node.log.store().with_state(|s| s.departed.contains(&me));
+            let removed = node.retire().await;
+            let _ = tokio::time::timeout(STOP_WAIT, api).await;
+            let _ = std::fs::remove_file(&socket_path);
+            recorded?;
+            if !removed {
+                eprintln!("some of its containers could not be removed: see `docker ps -a --filter label=coyote.node={me}`");
+            }
+            eprintln!("{}", departed_message(dir, &node_file, &why));
+            return if left { Ok(()) } else { Err(anyhow!("node {me} was removed from the cluster")) };
+        }
     };
     if let Some(reason) = &failure {
         tracing::error!(%reason, "the log stopped");
@@ -392,6 +415,18 @@ async fn container_parts(
         sockets: None,
         backups,
     })
+}
+
+/// What a server that is no longer a member says when asked to run.
+fn departed_message(dir: &DataDir, node_file: &NodeFile, why: &str) -> String {
+    format!(
+        "node {} is no longer a member of cluster {} ({why}): this server cannot take part any more. \
+         Its data directory {} is kept (with the services' volumes); to use this server in a cluster \
+         again, move it away and join with a new token (coyote join)",
+        node_file.node_id,
+        node_file.cluster_id,
+        dir.path.display()
+    )
 }
 
 async fn wait_for_signal() -> Result<()> {

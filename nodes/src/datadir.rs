@@ -51,6 +51,21 @@ impl DataDir {
     pub fn socket(&self) -> PathBuf {
         self.path.join("coyote.sock")
     }
+    /// Written once this server is no longer a member: why. A node never starts from a directory
+    /// that holds it.
+    pub fn departed_file(&self) -> PathBuf {
+        self.path.join("departed")
+    }
+
+    /// Records that this server is no longer a member, and why.
+    pub fn write_departed(&self, why: &str) -> Result<()> {
+        write_private(&self.departed_file(), &format!("{why}\n"))
+    }
+
+    /// Why this server is no longer a member, if it was told so.
+    pub fn departed(&self) -> Option<String> {
+        fs::read_to_string(self.departed_file()).ok().map(|s| s.trim().to_string())
+    }
     fn tls(&self, name: &str) -> PathBuf {
         self.path.join("tls").join(name)
     }

@@ -54,8 +54,12 @@ enum Command {
         #[command(flatten)]
         raft: RaftArgs,
     },
-    /// Run the node held in the data directory, in the foreground
+    /// Run the node held in the data directory, in the foreground (or, with `leave` or `remove`,
+    /// take a server out of the cluster)
+    #[command(args_conflicts_with_subcommands = true)]
     Node {
+        #[command(subcommand)]
+        action: Option<cli::NodeCmd>,
         #[command(flatten)]
         raft: RaftArgs,
         #[command(flatten)]
@@ -304,7 +308,7 @@ fn main() -> ExitCode {
         std::process::abort();
     }));
     let cli = Cli::parse();
-    let daemon = !matches!(cli.command, Command::Client(_));
+    let daemon = !matches!(cli.command, Command::Client(_) | Command::Node { action: Some(_), .. });
     let default_level = if daemon { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -346,7 +350,8 @@ async fn run(cli: Cli) -> Result<()> {
             daemon::run(&dir, &settings, &containers.into(), &front).await
         }
         Command::Init { addrs, raft } => daemon::init(&dir, &addrs.into(), &raft.settings()).await,
-        Command::Node { raft, containers, front } => {
+        Command::Node { action: Some(cmd), .. } => cli::node(cmd, &client, &data, json).await,
+        Command::Node { action: None, raft, containers, front } => {
             daemon::run(&dir, &raft.settings(), &containers.into(), &front.into()).await
         }
         Command::Join { token, addrs, raft, containers, front } => {

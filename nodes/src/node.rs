@@ -280,6 +280,40 @@ impl Node {
         self.log.shutdown().await;
         let _ = tokio::time::timeout(STOP_WAIT, futures::future::join_all(self.tasks)).await;
     }
+
+    /// Resolves once this server is no longer a member, with why: its own replica records that it
+    /// left or was removed, or a member refused it as removed (a server that was down while it was
+    /// removed learns it that way, its replica never will).
+    pub async fn departed(&self) -> String {
+        let me = self.log.id();
+        let mut applied = self.log.store().subscribe();
+        let mut refused = self.log.removed();
+        loop {
+            let recorded = self.log.store().with_state(|s| s.departed.contains(&me));
+            if recorded {
+                return format!("node {me} is no longer a member of the cluster: it left or was removed");
+            }
+            if let Some(why) = refused.borrow_and_update().clone() {
+                return why;
+            }
+            tokio::select! {
+                changed = applied.changed() => if changed.is_err() { std::future::pending::<()>().await },
+                changed = refused.changed() => if changed.is_err() { std::future::pending::<()>().await },
+            }
+        }
+    }
+
+    /// Stops a server that is no longer a member: every part and the log stop first, so that nothing
+    /// starts a container again, then every container of this node is removed (its volumes stay in
+    /// the data directory). Returns whether the containers are gone.
+    pub async fn retire(self) -> bool {
+        let reconciler = self.reconciler.clone();
+        self.stop().await;
+        match reconciler {
+            Some(r) => r.remove_all().await,
+            None => true,
+        }
+    }
 }
 
 /// A future that ends once `stop` says so (or is dropped).

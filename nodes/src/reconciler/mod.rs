@@ -280,6 +280,13 @@ impl Reconciler {
         self.passes.fetch_add(1, Ordering::Release);
     }
 
+    /// Removes every container of this node (its scope), whatever the state says: for a node that is
+    /// no longer a member. Returns whether the runtime could be asked, and every removal succeeded.
+    pub async fn remove_all(&self) -> bool {
+        let report = self.executor.converge(&[]).await;
+        report.complete && report.problems.is_empty()
+    }
+
     async fn propose(&self, event: Event) {
         let summary = event.summary();
         match tokio::time::timeout(PROPOSE_ALARM_TIMEOUT, self.node.propose(event, self.actor())).await {

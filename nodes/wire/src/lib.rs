@@ -288,6 +288,32 @@ pub struct Status {
     #[serde(flatten)]
     pub cluster: ClusterStatus,
     pub services: Vec<ServiceData>,
+    pub tolerance: Tolerance,
+}
+
+/// How many servers the cluster can lose now and still make changes: of its voting members, those
+/// this node reaches right now, less the majority it needs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Tolerance {
+    pub voters: usize,
+    pub reachable: usize,
+    pub can_lose: usize,
+}
+
+impl Tolerance {
+    pub fn of(voters: usize, reachable: usize) -> Self {
+        Tolerance { voters, reachable, can_lose: reachable.saturating_sub(voters / 2 + 1) }
+    }
+}
+
+/// `POST /v1/nodes/{id}/remove`: take a server that is gone out of the cluster.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct NodeRemove {
+    /// Remove it even though a majority does not report it unreachable.
+    #[serde(default)]
+    pub force: bool,
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 /// How old the copy of a service's data is that its failover would restore.
