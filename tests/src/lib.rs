@@ -175,6 +175,19 @@ impl Node {
         Ok(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
+    /// `coyote node` on an existing directory, without waiting for it to be ready (for a node that
+    /// is expected to stop by itself).
+    pub fn start(&mut self) -> Result<()> {
+        let dir = self.dir.display().to_string();
+        self.spawn(&["node", "--data", &dir])
+    }
+
+    /// This node's id, from its data directory.
+    pub fn id(&self) -> Result<u64> {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(self.dir.join("node.json"))?)?;
+        v["node_id"].as_u64().ok_or_else(|| anyhow!("{} names no node id", self.dir.display()))
+    }
+
     /// `coyote node` on an existing directory.
     pub fn restart(&mut self) -> Result<()> {
         let dir = self.dir.display().to_string();
