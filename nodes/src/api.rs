@@ -206,13 +206,47 @@ async fn status(State(api): State<Api>) -> ApiResult<Status> {
     Ok(Json(Status { cluster, services, tolerance }))
 }
 
-/// This server leaves the cluster (`coyote node leave`, once it masters nothing): the log records
-/// it, the leader takes it out of Raft's membership, and this node removes its containers and stops.
-async fn leave(caller: Caller) -> ApiResult<Committed> {
+/// One step of this server's leave (`coyote node leave`), asked again until it has left. While it
+/// is master of services, each is handed over (gracefully, with its data) to its failover, or its
+/// first backup: the handovers not yet under way are asked for, and the answer lists them all.
+/// Once it masters nothing, the leave itself is recorded: its other roles are refilled elsewhere,
+/// the leader takes it out of Raft's membership, and this node removes its containers and stops.
+async fn leave(caller: Caller) -> ApiResult<wire::LeaveAnswer> {
     let me = caller.api.node.id();
-    let event = Event::NodeLeft { node_id: me, reason: "it left (coyote node leave)".into() };
-    let proposed = propose(&caller, event).await?;
-    Ok(Json(Committed { index: proposed.index }))
+    let plan: Result<Vec<(wire::HandingOver, bool)>, String> = caller.api.node.store().with_state(|s| {
+        let mut out = Vec::new();
+        for name in s.services_where(me, coyote_state_machine::Role::Master) {
+            if let Some(h) = s.handover(name) {
+                out.push((wire::HandingOver { service: name.to_string(), to: h.to }, false));
+                continue;
+            }
+            let p = s.services[name].placement.as_ref();
+            let to = p.and_then(|p| p.failover.or_else(|| p.backups.first().copied()));
+            let Some(to) = to else {
+                return Err(format!(
+                    "{name} has no other server to go to (no failover, no backup): add a server first, or remove the service"
+                ));
+            };
+            out.push((wire::HandingOver { service: name.to_string(), to }, true));
+        }
+        Ok(out)
+    });
+    let plan = plan.map_err(|e| ApiError(StatusCode::CONFLICT, e))?;
+    if plan.is_empty() {
+        let event = Event::NodeLeft { node_id: me, reason: "it left (coyote node leave)".into() };
+        let proposed = propose(&caller, event).await?;
+        return Ok(Json(wire::LeaveAnswer { handing_over: Vec::new(), left_at: Some(proposed.index) }));
+    }
+    let mut handing_over = Vec::new();
+    for (h, ask) in plan {
+        if ask {
+            let reason = format!("node {me} leaves the cluster");
+            propose(&caller, Event::HandoverRequested { service: h.service.clone(), to: h.to, reason })
+                .await?;
+        }
+        handing_over.push(h);
+    }
+    Ok(Json(wire::LeaveAnswer { handing_over, left_at: None }))
 }
 
 /// A server that is gone is taken out of the cluster (`coyote node remove`).

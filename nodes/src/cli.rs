@@ -112,48 +112,38 @@ pub async fn node(cmd: NodeCmd, client: &Client, data: &std::path::Path, json: b
 async fn leave(client: &Client, data: &std::path::Path, purge: bool, json: bool) -> Result<()> {
     let status: wire::Status = client.get("/v1/status").await?;
     let me = status.cluster.node_id;
-    // 1. Every service this server is master of goes to its failover (or first backup), gracefully.
-    let services: Vec<wire::ServiceView> = client.get("/v1/services").await?;
-    let mut waiting = std::collections::BTreeMap::new();
-    for svc in &services {
-        let Some(p) = svc.placement.as_ref().filter(|p| p.master == me) else { continue };
-        let Some(to) = p.failover.or_else(|| p.backups.first().copied()) else {
-            bail!(
-                "{} has no other server to go to (no failover, no backup): add a server first, or remove the service",
-                svc.name
-            );
-        };
-        let body = wire::SwitchRequest { to, now: false };
-        let _: wire::SwitchAnswer =
-            client.send_json(Method::POST, &format!("/v1/services/{}/switch", svc.name), &body).await?;
-        step(json, "handover", format!("handing {} over to node {to} (its data goes with it) ...", svc.name));
-        waiting.insert(svc.name.clone(), to);
-    }
+    // 1. Every service this server is master of is handed over (its data goes with it), then the
+    // log records the leave: the node's API does both, one step per call.
     let deadline = tokio::time::Instant::now() + LEAVE_HANDOVER_WAIT;
-    while !waiting.is_empty() {
-        if tokio::time::Instant::now() >= deadline {
-            let names: Vec<&String> = waiting.keys().collect();
-            bail!("the handover of {names:?} did not end in time; nothing else was changed: run `coyote node leave` again");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        let services: Vec<wire::ServiceView> = client.get("/v1/services").await?;
-        for svc in &services {
-            let master = svc.placement.as_ref().map(|p| p.master);
-            if waiting.contains_key(&svc.name) && master != Some(me) {
-                waiting.remove(&svc.name);
-                let to = master.map(|m| format!("node {m}")).unwrap_or_else(|| "no node".into());
-                step(json, "handed_over", format!("{}: {to} is master now", svc.name));
+    let mut shown: std::collections::BTreeSet<String> = Default::default();
+    let left_at = loop {
+        let answer: wire::LeaveAnswer = client.act(Method::POST, "/v1/leave").await?;
+        for h in &answer.handing_over {
+            if shown.insert(h.service.clone()) {
+                step(
+                    json,
+                    "handover",
+                    format!("handing {} over to node {} (its data goes with it) ...", h.service, h.to),
+                );
             }
         }
-        waiting.retain(|name, _| services.iter().any(|s| s.name == *name));
-    }
-    // 2. The log records the leave; the leader takes this server out of Raft's membership, and this
-    // node removes its containers and stops once it has applied it.
-    let c: wire::Committed = client.act(Method::POST, "/v1/leave").await?;
+        for name in shown.iter().filter(|s| !answer.handing_over.iter().any(|h| h.service == **s)) {
+            step(json, "handed_over", format!("{name}: handed over"));
+        }
+        shown.retain(|s| answer.handing_over.iter().any(|h| h.service == *s));
+        if let Some(index) = answer.left_at {
+            break index;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let names: Vec<&String> = shown.iter().collect();
+            bail!("the handover of {names:?} did not end in time; this server is still a member: run `coyote node leave` again");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
     step(
         json,
         "left",
-        format!("node {me} left the cluster (event {}); its other roles are refilled elsewhere", c.index),
+        format!("node {me} left the cluster (event {left_at}); its other roles are refilled elsewhere"),
     );
     step(json, "stopping", "removing its containers and stopping ...".into());
     let deadline = tokio::time::Instant::now() + LEAVE_STOP_WAIT;

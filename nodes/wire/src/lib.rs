@@ -306,6 +306,21 @@ impl Tolerance {
     }
 }
 
+/// `POST /v1/leave`: where this server's leave stands. Asked again until `left_at` is set.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LeaveAnswer {
+    /// The services this server is still master of, each with the server it is handed over to.
+    pub handing_over: Vec<HandingOver>,
+    /// The event that recorded the leave, once nothing was left to hand over.
+    pub left_at: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HandingOver {
+    pub service: String,
+    pub to: u64,
+}
+
 /// `POST /v1/nodes/{id}/remove`: take a server that is gone out of the cluster.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct NodeRemove {
