@@ -60,12 +60,15 @@ pub enum NodeCmd {
         #[arg(long)]
         purge: bool,
     },
-    /// Take a server that is gone for good out of the cluster, from any other server: its services
-    /// move to their failovers and its roles are refilled. Refused while a majority of the members
-    /// still reaches it, unless --force
+    /// Take a server that is gone for good out of the cluster, from any other server, once its
+    /// failovers have taken its services over: its other roles are refilled and the membership
+    /// shrinks. Refused while a majority of the members still reaches it, unless --force
     Remove {
         /// The node's id (see `coyote status`)
         id: u64,
+        /// How long to wait for the members to see it gone and its failovers to take over (s, m)
+        #[arg(long, default_value = "30s")]
+        wait: String,
         /// Remove it even though a majority still reaches it (it is then refused if it calls again)
         #[arg(long)]
         force: bool,
@@ -91,15 +94,36 @@ fn step(json: bool, step: &str, detail: String) {
 
 pub async fn node(cmd: NodeCmd, client: &Client, data: &std::path::Path, json: bool) -> Result<()> {
     match cmd {
-        NodeCmd::Remove { id, force, reason } => {
+        NodeCmd::Remove { id, wait, force, reason } => {
+            let wait = if wait == "0" { 0 } else { parse_duration_ms(&wait)? };
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait);
             let body = wire::NodeRemove { force, reason };
-            let c: wire::Committed =
-                client.send_json(Method::POST, &format!("/v1/nodes/{id}/remove"), &body).await?;
+            let path = format!("/v1/nodes/{id}/remove");
+            let mut last = String::new();
+            let c: wire::Committed = loop {
+                match client.send_json(Method::POST, &path, &body).await {
+                    Ok(c) => break c,
+                    // What time settles: the members' reports, the failovers' takeovers.
+                    Err(e)
+                        if tokio::time::Instant::now() < deadline
+                            && (e.to_string().contains("is not gone")
+                                || e.to_string().contains("is still master of")) =>
+                    {
+                        let reason = e.to_string();
+                        if reason != last {
+                            step(json, "waiting", format!("waiting: {reason}"));
+                            last = reason;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
             if json {
                 print_json(&c);
             } else {
                 println!(
-                    "node {id} removed (event {}): the services it was master of moved to their failovers, its other roles are refilled, and the membership shrinks within seconds",
+                    "node {id} removed (event {}): its roles are refilled elsewhere, and the membership shrinks within seconds",
                     c.index
                 );
             }

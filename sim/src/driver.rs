@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use coyote_log::store::{self, EventRecord};
-use coyote_state_machine::{Event, Placement, SwitchCause};
+use coyote_state_machine::{Event, Placement, SwitchCause, DRIFT_MARGIN_MS, LEASE_MS};
 use rand::rngs::StdRng;
 use sha2::{Digest, Sha256};
 
@@ -59,12 +59,19 @@ pub(crate) struct Driver<'a> {
     pub(crate) replay: checks::Replay,
     /// The service a scenario acts on.
     pub(crate) focus: String,
+    /// The host that was its master when the scenario began.
+    pub(crate) focus_master: String,
     /// Connections spliced to on-demand containers so far.
     pub(crate) spliced: usize,
     /// Data records already checked ([`checks::data_followed_authority`]).
     pub(crate) data_checked: usize,
     /// The last step after which each host served each service it no longer serves.
     pub(crate) served_until: BTreeMap<(String, String), Duration>,
+    /// How many nodes the cluster has now: the parameter, less those that left or were removed,
+    /// plus those that joined since.
+    pub(crate) expected_nodes: usize,
+    /// When a check first found each node recorded as departed (it left or was removed).
+    pub(crate) departed_seen: BTreeMap<u64, Duration>,
 }
 impl Driver<'_> {
     pub(crate) fn trace(&self, line: String) {
@@ -249,11 +256,11 @@ impl Driver<'_> {
                 let log_applied = store.last_applied();
                 let applied = store.last_event();
                 let archive = if with_archive { self.archive_of(host, store) } else { Arc::default() };
-                let (members, placements) = store.with_state(|s| {
+                let (members, placements, departed) = store.with_state(|s| {
                     let members = s.members.keys().copied().collect();
                     let placements =
                         s.services.iter().map(|(n, svc)| (n.clone(), svc.placement.clone())).collect();
-                    (members, placements)
+                    (members, placements, s.departed.iter().copied().collect())
                 });
                 NodeSnapshot {
                     host: host.clone(),
@@ -267,6 +274,7 @@ impl Driver<'_> {
                     voters: m.membership_config.membership().voter_ids().collect(),
                     members,
                     placements,
+                    departed,
                     serving: sim_node.serving(),
                     containers: sim_node.containers.running(),
                 }
@@ -288,8 +296,27 @@ impl Driver<'_> {
         for n in &nodes {
             self.hosts.insert(n.node_id, n.host.clone());
         }
+        let now = self.sim.elapsed();
+        for id in nodes.iter().flat_map(|n| n.departed.iter()) {
+            self.departed_seen.entry(*id).or_insert(now);
+        }
         let acks = self.world.acks.lock().expect("acks lock").clone();
         let mut found = checks::prefixes_agree(&nodes);
+        // A node that left or was removed serves nothing once a lease (and the drift margin) has
+        // passed since a check first found it recorded so: a removed master that still runs cannot
+        // renew its lease, and one that was down when it was removed never gets one.
+        let grace = Duration::from_millis(LEASE_MS + DRIFT_MARGIN_MS) + self.params.check_every;
+        for n in nodes.iter().filter(|n| !n.serving.is_empty()) {
+            if let Some(seen) = self.departed_seen.get(&n.node_id).filter(|seen| now > **seen + grace) {
+                found.push(format!(
+                    "removed: {} (node {}) serves {:?} {} ms after it was found removed",
+                    n.host,
+                    n.node_id,
+                    n.serving,
+                    (now - *seen).as_millis()
+                ));
+            }
+        }
         found.extend(checks::no_ack_lost(&nodes, &acks));
         found.extend(checks::one_leader_per_term(&nodes));
         found.extend(checks::roles_well_formed(&nodes));
@@ -378,13 +405,13 @@ impl Driver<'_> {
     /// Whether the log converged and every service is served by its master alone.
     pub(crate) fn all_converged(&self) -> Result<(), String> {
         let nodes = self.light_snapshots();
-        checks::converged(&nodes, self.params.nodes)?;
+        checks::converged(&nodes, self.expected_nodes)?;
         checks::services_converged(&nodes, self.params.services)
     }
 
     pub(crate) fn formation(&mut self) -> bool {
         let end = self.sim.elapsed() + self.params.formation;
-        let expected = self.params.nodes;
+        let expected = self.expected_nodes;
         let mut probe = Duration::ZERO;
         let formed = self.run_until(end, |d| {
             if d.sim.elapsed() < probe {
@@ -496,6 +523,11 @@ impl Driver<'_> {
             .get(host)
             .map(|n| n.node.id())
             .or_else(|| self.hosts.iter().find(|(_, h)| *h == host).map(|(id, _)| *id))
+    }
+
+    /// Why `host`'s node is no longer a member, once it has stopped for that.
+    pub(crate) fn departed_host(&self, host: &str) -> Option<String> {
+        self.world.departed.lock().expect("departed lock").get(host).cloned()
     }
 
     pub(crate) fn running_hosts(&self) -> Vec<String> {

@@ -62,6 +62,13 @@ pub(crate) async fn host_software(world: Arc<World>, host: Arc<HostState>) -> Se
     *host.identity.lock().expect("identity lock") = Some((node_id, cert_pem.clone(), key_pem.clone()));
     let identity = Identity::from_pem(material.ca().cert_pem(), &cert_pem, &key_pem)?;
     let store = store::open_memory(&host.disk)?;
+    // As `coyote node` refuses to run a node that is no longer a member: the host stays down.
+    let recorded = store.2.with_state(|s| s.departed.contains(&node_id));
+    let departed = host.departed.lock().expect("departed lock").clone();
+    if let Some(why) = departed.or(recorded.then(|| format!("node {node_id} left or was removed"))) {
+        world.trace(format!("{} refuses to start node {node_id}: no longer a member ({why})", host.name));
+        return std::future::pending().await;
+    }
     let config =
         LogNodeConfig { node_id, cluster_id: CLUSTER_ID.into(), addr: addr.clone(), raft: raft_settings() };
     host.containers.reboot();
@@ -127,6 +134,19 @@ pub(crate) async fn host_software(world: Arc<World>, host: Arc<HostState>) -> Se
         let (world, host, log) = (world.clone(), host.clone(), node.log.clone());
         tokio::spawn(async move { web_visitors(&world, &host, &log, incarnation).await });
     }
-    workload(&world, &host, &node.log, incarnation).await;
+    let departed = tokio::select! {
+        () = workload(&world, &host, &node.log, incarnation) => None,
+        why = node.departed() => Some(why),
+    };
+    if let Some(why) = departed {
+        // As `coyote node` does: recorded first, then every part stops and the containers go.
+        *host.departed.lock().expect("departed lock") = Some(why.clone());
+        world.trace(format!("{}: node {node_id} is no longer a member ({why}); it stops", host.name));
+        world.running.lock().expect("running lock").remove(&host.name);
+        let removed = node.retire().await;
+        world.trace(format!("{}: node {node_id} stopped, containers removed: {removed}", host.name));
+        world.departed.lock().expect("departed lock").insert(host.name.clone(), why);
+        return std::future::pending().await;
+    }
     Ok(())
 }

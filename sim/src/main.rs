@@ -56,7 +56,8 @@ struct Args {
     /// Run a hand-written scenario (or `all` of them) for each seed instead of the random schedule:
     /// master-cut-off, failover-cut-from-master, leader-crash-mid-switch, old-master-returns,
     /// manual-switch, backup-master-gone, leader-and-one-crash, leader-writes-lost,
-    /// isolated-leader-confirms, answers-lost, stale-placement.
+    /// isolated-leader-confirms, answers-lost, stale-placement, node-leaves, crashed-node-removed,
+    /// removed-node-returns, replacement.
     #[arg(long)]
     scenario: Option<String>,
     /// Switch on a deliberate bug to see the checkers catch it: `keep-conflicting-entries`,

@@ -90,6 +90,30 @@ fn align_task_ids() {
 /// A multiple of the number of task lists of a current-thread tokio runtime (4 in tokio 1.54).
 pub(crate) const TASK_ID_ALIGN: u64 = 64;
 
+/// Adds host `name` to the simulation, the `index`th (its containers' randomness comes from the seed
+/// and the index); it starts at the next step, and joins the cluster unless it is the first.
+pub(crate) fn add_host(driver: &mut Driver, index: usize, name: &str) {
+    let world = driver.world.clone();
+    let container_seed = world.seed ^ ((index as u64 + 1) << 48) ^ 0xC0_0C;
+    let host = Arc::new(HostState {
+        name: name.to_string(),
+        index,
+        disk: MemoryDisk::new().expect("an in-memory store"),
+        identity: Mutex::new(None),
+        initialized: AtomicBool::new(false),
+        starts: AtomicU64::new(0),
+        containers: Arc::new(Containers::new(
+            container_seed,
+            world.slow_start_ms.clone(),
+            name,
+            world.data.clone(),
+        )),
+        dir: tempfile::Builder::new().prefix("coyote-sim-").tempdir().expect("a temporary directory"),
+        departed: Mutex::new(None),
+    });
+    driver.sim.host(name, move || host_main(world.clone(), host.clone()));
+}
+
 /// Runs one seed to the end and reports.
 pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
     assert!(
@@ -124,6 +148,7 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
         visits: Mutex::new(BTreeMap::new()),
         web: Mutex::new((0, 0)),
         data: Default::default(),
+        departed: Mutex::new(BTreeMap::new()),
     });
     let sim = turmoil::Builder::new()
         .simulation_duration(Duration::from_secs(24 * 3600))
@@ -159,30 +184,16 @@ pub fn run_seed(seed: u64, params: &Params) -> SeedReport {
         switches_traced: 0,
         replay: checks::Replay::default(),
         focus: String::new(),
+        focus_master: String::new(),
         spliced: 0,
         data_checked: 0,
         served_until: BTreeMap::new(),
+        expected_nodes: params.nodes,
+        departed_seen: BTreeMap::new(),
     };
     driver.record_links();
     for (index, name) in names.iter().enumerate() {
-        let container_seed = seed ^ ((index as u64 + 1) << 48) ^ 0xC0_0C;
-        let host = Arc::new(HostState {
-            name: name.clone(),
-            index,
-            disk: MemoryDisk::new().expect("an in-memory store"),
-            identity: Mutex::new(None),
-            initialized: AtomicBool::new(false),
-            starts: AtomicU64::new(0),
-            containers: Arc::new(Containers::new(
-                container_seed,
-                slow_start_ms.clone(),
-                name,
-                world.data.clone(),
-            )),
-            dir: tempfile::Builder::new().prefix("coyote-sim-").tempdir().expect("a temporary directory"),
-        });
-        let world = world.clone();
-        driver.sim.host(name.as_str(), move || host_main(world.clone(), host.clone()));
+        add_host(&mut driver, index, name);
     }
     let played = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| play(&mut driver)));
     if played.is_err() {

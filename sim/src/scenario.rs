@@ -48,10 +48,23 @@ pub enum Scenario {
     /// leader until the heal and must then be refused, since authority moves only by a switch,
     /// which the fences wait for.
     StalePlacement,
+    /// The master leaves the cluster (`coyote node leave`): its services are handed over with their
+    /// data, then it leaves Raft's membership, removes its containers and stops.
+    NodeLeaves,
+    /// The master crashes for good and the admin removes it (`coyote node remove`) once the others
+    /// report it gone: its services move to their failovers, its roles are refilled, and the
+    /// membership shrinks.
+    CrashedNodeRemoved,
+    /// As `crashed-node-removed`, then the removed server restarts from its disk, which never heard
+    /// of its removal: the members refuse its calls, it learns it was removed and stops, and it never
+    /// serves.
+    RemovedNodeReturns,
+    /// As `crashed-node-removed`, then a new server joins in its place and takes the roles it held.
+    Replacement,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 11] = [
+    pub const ALL: [Scenario; 15] = [
         Scenario::MasterCutOff,
         Scenario::FailoverCutFromMaster,
         Scenario::LeaderCrashMidSwitch,
@@ -63,6 +76,10 @@ impl Scenario {
         Scenario::IsolatedLeaderConfirms,
         Scenario::AnswersLost,
         Scenario::StalePlacement,
+        Scenario::NodeLeaves,
+        Scenario::CrashedNodeRemoved,
+        Scenario::RemovedNodeReturns,
+        Scenario::Replacement,
     ];
 
     pub fn name(self) -> &'static str {
@@ -78,6 +95,10 @@ impl Scenario {
             Scenario::IsolatedLeaderConfirms => "isolated-leader-confirms",
             Scenario::AnswersLost => "answers-lost",
             Scenario::StalePlacement => "stale-placement",
+            Scenario::NodeLeaves => "node-leaves",
+            Scenario::CrashedNodeRemoved => "crashed-node-removed",
+            Scenario::RemovedNodeReturns => "removed-node-returns",
+            Scenario::Replacement => "replacement",
         }
     }
 

@@ -99,6 +99,13 @@ fn alarmed(d: &Driver) -> bool {
     })
 }
 
+/// Whether the most advanced node's archive holds an applied event of `kind` (a node's departure).
+fn departed_in_archive(d: &Driver, kind: &str) -> bool {
+    d.snapshots().into_iter().max_by_key(|n| n.applied).is_some_and(|n| {
+        n.archive.iter().any(|r| r.envelope.event.kind() == kind && r.outcome == Outcome::Applied)
+    })
+}
+
 impl Scenario {
     /// Plays the scenario; false once the run cannot go on.
     pub(crate) fn run(self, d: &mut Driver) -> bool {
@@ -122,6 +129,7 @@ impl Scenario {
             return false;
         };
         d.trace(format!("scenario {}: {service} master {master}, failover {failover}", self.name()));
+        d.focus_master = master.clone();
         let secs = Duration::from_secs;
         match self {
             Scenario::MasterCutOff => {
@@ -352,6 +360,80 @@ impl Scenario {
                     return false;
                 }
             }
+            Scenario::NodeLeaves => {
+                d.admin(&master, Admin::Leave);
+                let missing =
+                    || format!("scenario {}: {master} did not leave and stop within 60 s", self.name());
+                let stopped = |d: &Driver| d.departed_host(&master).is_some();
+                let Some(took) = wait_until(d, (secs(60), STEP), missing, stopped) else {
+                    return false;
+                };
+                d.trace(format!("{master} left and stopped after {took:?}"));
+                d.expected_nodes -= 1;
+                if !d.run_for(secs(3)) {
+                    return false;
+                }
+            }
+            Scenario::CrashedNodeRemoved | Scenario::RemovedNodeReturns | Scenario::Replacement => {
+                let Some(victim) = d.id_of(&master) else {
+                    d.violation(format!("scenario {}: {master} has no node id", self.name()));
+                    return false;
+                };
+                // The crash is never healed: the server is gone for good.
+                let crash = d.start(Fault::Crash { host: master.clone() });
+                let via = d.names.iter().find(|h| **h != master).cloned().unwrap_or_default();
+                d.admin(&via, Admin::Remove { node: victim, force: false });
+                let missing =
+                    || format!("scenario {}: node {victim} was not removed within 60 s", self.name());
+                let removed = |d: &Driver| {
+                    let nodes = d.light_snapshots();
+                    !nodes.is_empty()
+                        && nodes.iter().all(|n| n.departed.contains(&victim) && !n.voters.contains(&victim))
+                };
+                let Some(took) = wait_until(d, (secs(60), STEP), missing, removed) else {
+                    return false;
+                };
+                d.trace(format!("node {victim} removed and out of the membership after {took:?}"));
+                d.expected_nodes -= 1;
+                if !d.run_for(secs(3)) {
+                    return false;
+                }
+                match self {
+                    Scenario::RemovedNodeReturns => {
+                        d.end(crash);
+                        let missing = || {
+                            format!("scenario {}: the removed {master} did not stop within 30 s", self.name())
+                        };
+                        let refused = |d: &Driver| d.departed_host(&master).is_some();
+                        let Some(took) = wait_until(d, (secs(30), STEP), missing, refused) else {
+                            return false;
+                        };
+                        d.trace(format!("the removed {master} learned it and stopped after {took:?}"));
+                    }
+                    Scenario::Replacement => {
+                        let name = format!("n{}", d.names.len() + 1);
+                        let index = d.names.len();
+                        crate::run::add_host(d, index, &name);
+                        d.names.push(name.clone());
+                        d.expected_nodes += 1;
+                        let missing =
+                            || format!("scenario {}: {name} did not become a voter within 60 s", self.name());
+                        let voter = |d: &Driver| {
+                            let id = d.id_of(&name);
+                            id.is_some()
+                                && d.light_snapshots().iter().all(|n| n.voters.contains(&id.unwrap_or(0)))
+                        };
+                        let Some(took) = wait_until(d, (secs(60), STEP), missing, voter) else {
+                            return false;
+                        };
+                        d.trace(format!("{name} joined and became a voter after {took:?}"));
+                    }
+                    _ => {}
+                }
+                if !d.run_for(secs(3)) {
+                    return false;
+                }
+            }
             Scenario::BackupMasterGone => {
                 let crash_master = d.start(Fault::Crash { host: master });
                 let crash_failover = d.start(Fault::Crash { host: failover });
@@ -421,6 +503,32 @@ impl Scenario {
                     instructed.len() == 1 && instructed[0].before.backups.contains(&instructed[0].to),
                     "one instructed switch, to a backup",
                 );
+            }
+            Scenario::NodeLeaves => {
+                expect(failovers == 0, "no switch by failover");
+                expect(
+                    switches.first().is_some_and(|s| {
+                        matches!(s.cause, SwitchCause::Handover | SwitchCause::HandoverOverdue)
+                            && s.before.failover == Some(s.to)
+                    }),
+                    "a graceful handover to the failover",
+                );
+                expect(departed_in_archive(d, "node_left"), "the leave in the log");
+                expect(d.departed_host(&d.focus_master).is_some(), "the node that left to stop");
+            }
+            Scenario::CrashedNodeRemoved | Scenario::RemovedNodeReturns | Scenario::Replacement => {
+                expect(failovers >= 1, "a switch by failover before the removal");
+                expect(departed_in_archive(d, "node_removed"), "the removal in the log");
+                if self == Scenario::RemovedNodeReturns {
+                    expect(d.departed_host(&d.focus_master).is_some(), "the removed node to stop");
+                }
+                if self == Scenario::Replacement {
+                    let newest = d.names.last().and_then(|h| d.id_of(h));
+                    let placed = d.placement(service).is_some_and(|p| {
+                        p.failover.is_some() && newest.is_some_and(|n| p.nodes().any(|m| m == n))
+                    });
+                    expect(placed, "the new server to hold a role of the service, and a failover");
+                }
             }
             Scenario::BackupMasterGone => {
                 expect(failovers == 0, "no switch by failover (the failover is down too)");

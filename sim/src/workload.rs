@@ -45,8 +45,54 @@ pub(crate) async fn admin(world: &World, host: &HostState, api: axum::Router, cr
                     Err(e) => world.trace(format!("admin: switch {service} to node {to} failed: {e}")),
                 }
             }
+            Some(Admin::Leave) => leave(world, &api).await,
+            Some(Admin::Remove { node, force }) => remove(world, &api, node, force).await,
             None => {}
         }
+    }
+}
+
+/// `coyote node leave`: the node's API asks the handovers, then records the leave; asked again
+/// every half second until it has, for at most a minute and a half.
+async fn leave(world: &World, api: &axum::Router) {
+    for _ in 0..180 {
+        match call::<_, wire::LeaveAnswer>(api, "POST", "/v1/leave", &()).await {
+            Ok(wire::LeaveAnswer { left_at: Some(index), .. }) => {
+                world.trace(format!("admin: this node left at {index}"));
+                return;
+            }
+            Ok(answer) => {
+                let list: Vec<String> =
+                    answer.handing_over.iter().map(|h| format!("{} to node {}", h.service, h.to)).collect();
+                world.trace(format!("admin: leaving; handing over {}", list.join(", ")));
+            }
+            Err(e) => world.trace(format!("admin: leave: {e}")),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    world.trace("admin: the leave did not end in 90 s".into());
+}
+
+/// `coyote node remove`: again while the members do not report the node gone yet (or no leader
+/// answers), as an admin would, for at most a minute.
+async fn remove(world: &World, api: &axum::Router, node: u64, force: bool) {
+    let request = wire::NodeRemove { force, reason: Some("gone for good".into()) };
+    let path = format!("/v1/nodes/{node}/remove");
+    for _ in 0..60 {
+        match call::<_, wire::Committed>(api, "POST", &path, &request).await {
+            Ok(c) => {
+                world.trace(format!("admin: node {node} removed at {}", c.index));
+                return;
+            }
+            Err(e) => {
+                world.trace(format!("admin: remove node {node}: {e}"));
+                let settles = ["is not gone", "is still master of", "503"];
+                if !settles.iter().any(|s| e.contains(s)) {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(JOIN_RETRY).await;
     }
 }
 
@@ -180,12 +226,19 @@ pub(crate) async fn issue_token(world: &World, node: &LogNode) {
 
 /// The real join path: a CSR and the token to a member, a certificate back.
 pub(crate) async fn join(world: &World, host: &HostState, addr: &str) -> (u64, String, String) {
-    let (key_pem, csr_pem) = &material().joiner_keys[host.index];
+    let keys = &material().joiner_keys;
+    let (key_pem, csr_pem) = &keys[host.index % keys.len()];
     let dial = net::dial();
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        match cluster::request_join_with(&world.token, addr, csr_pem, &dial).await {
+        // A server that joins later (a replacement) asks the first servers in turn: the one in the
+        // token may be the one it replaces.
+        let mut token = world.token.clone();
+        if host.index >= world.nodes_expected {
+            token.addr = format!("n{}:{}", attempts as usize % world.nodes_expected + 1, crate::params::PORT);
+        }
+        match cluster::request_join_with(&token, addr, csr_pem, &dial).await {
             Ok(reply) => {
                 world.trace(format!(
                     "{} joined as node {} after {attempts} attempts",

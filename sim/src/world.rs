@@ -38,6 +38,8 @@ pub(crate) struct World {
     pub(crate) web: Mutex<(usize, usize)>,
     /// What model containers did to their data.
     pub(crate) data: crate::model::DataLog,
+    /// Hosts whose node is no longer a member, with why, once each stopped.
+    pub(crate) departed: Mutex<BTreeMap<String, String>>,
 }
 
 /// One running node: its log, its fence, its runtime (to read the fence's clock from outside) and
@@ -74,6 +76,13 @@ pub enum Admin {
         service: String,
         to: u64,
     },
+    /// `coyote node leave` on the host the command is queued for.
+    Leave,
+    /// `coyote node remove NODE [--force]`.
+    Remove {
+        node: u64,
+        force: bool,
+    },
 }
 
 impl World {
@@ -96,4 +105,6 @@ pub(crate) struct HostState {
     /// The host's real directory for what the node keeps in files: services' volumes and the
     /// backup store (removed at the end of the run).
     pub(crate) dir: tempfile::TempDir,
+    /// Why its node is no longer a member, once it was told (the data directory's `departed` file).
+    pub(crate) departed: Mutex<Option<String>>,
 }

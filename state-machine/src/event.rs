@@ -217,8 +217,9 @@ pub enum Event {
     /// Users, API keys and activation URLs (see [`crate::accounts`]).
     Account(AccountEvent),
     /// A server that is gone for good was removed by an admin (`coyote node remove`). Unless
-    /// `forced`, a majority of the other members must report it unreachable. Every service it was
-    /// master of moves to its failover, as a failover would take it; its other roles are refilled.
+    /// `forced`, a majority of the other members must report it unreachable. It must be master of
+    /// nothing (its failovers take over by themselves first, or the admin switches its services);
+    /// its other roles are refilled.
     NodeRemoved {
         node_id: NodeId,
         reason: String,

@@ -426,13 +426,17 @@ impl State {
                         ));
                     }
                 }
-                for name in self.services_where(*node_id, Role::Master) {
+                // Authority moves only by a switch: by the failover rule, or by an instruction.
+                if let Some(name) = self.services_where(*node_id, Role::Master).next() {
                     let failover = self.services[name].placement.as_ref().and_then(|p| p.failover);
-                    if failover.is_none() {
-                        return reject(format!(
+                    return reject(match failover {
+                        Some(f) => format!(
+                            "node {node_id} is still master of {name}: its failover, node {f}, takes over by itself once it has seen it gone; remove it after that (or switch {name} away: coyote service switch {name} --to NODE --now)"
+                        ),
+                        None => format!(
                             "node {node_id} is master of {name}, which has no failover: switch it to one of its backups first (coyote service switch {name} --to NODE --now)"
-                        ));
-                    }
+                        ),
+                    });
                 }
             }
             Event::TokenIssued { token_id, expires_at_ms, uses, secret_sha256 } => {
@@ -868,22 +872,7 @@ impl State {
                 self.add_member(node, env);
             }
             Event::NodeLeft { node_id, .. } => self.depart(*node_id),
-            Event::NodeRemoved { node_id, .. } => {
-                // Its services move as a failover would move them: the old master, if it still
-                // runs, cannot renew its lease once removed, and the new one waits it out.
-                let mastered: Vec<(String, NodeId)> = self
-                    .services
-                    .iter()
-                    .filter_map(|(name, svc)| {
-                        let p = svc.placement.as_ref()?;
-                        (p.master == *node_id).then_some((name.clone(), p.failover?))
-                    })
-                    .collect();
-                for (name, to) in mastered {
-                    self.switch_authority(&name, to, 0, env);
-                }
-                self.depart(*node_id);
-            }
+            Event::NodeRemoved { node_id, .. } => self.depart(*node_id),
             Event::TokenIssued { token_id, secret_sha256, expires_at_ms, uses } => {
                 self.tokens.retain(|_, t| t.expires_at_ms.saturating_add(TOKEN_RETENTION_MS) > env.at_ms);
                 self.tokens.insert(
@@ -919,7 +908,24 @@ impl State {
                     Some(placement.clone());
             }
             Event::AuthoritySwitched { service, to, not_before_ms, .. } => {
-                self.switch_authority(service, *to, *not_before_ms, env)
+                let svc = self.services.get_mut(service).expect("checked: service exists");
+                let p = svc.placement.as_mut().expect("checked: placement exists");
+                let old = p.master;
+                if p.failover == Some(*to) {
+                    p.failover = None;
+                }
+                p.backups.retain(|b| b != to);
+                p.backups.insert(0, old);
+                p.master = *to;
+                svc.serve_from_ms = serve_from(env.at_ms).max(*not_before_ms);
+                let ledger = self.data.entry(service.clone()).or_default();
+                ledger.epoch = env.index;
+                ledger.restored = None;
+                // A rollback asked of the old master is not the new master's to do: it restores the
+                // newest snapshot.
+                self.rollbacks.remove(service);
+                // Reports about the service were about its old master: monitors start afresh.
+                self.reachability.retain(|(_, s), _| *s != Subject::Service(service.clone()));
             }
             Event::AlarmRaised { key, node, service, message } => {
                 self.alarms.insert(
@@ -1158,30 +1164,6 @@ impl State {
                 .and_then(|s| s.placement.as_ref())
                 .is_some_and(|p| p.master == h.from && p.nodes().any(|n| n == h.to))
         });
-    }
-
-    /// Makes `to` master of `service` (checked: it is placed): the old master becomes its first
-    /// backup, the data's epoch starts at this event, and the new master serves once the old one's
-    /// lease has run out.
-    fn switch_authority(&mut self, service: &str, to: NodeId, not_before_ms: u64, env: &Envelope) {
-        let svc = self.services.get_mut(service).expect("checked: service exists");
-        let p = svc.placement.as_mut().expect("checked: placement exists");
-        let old = p.master;
-        if p.failover == Some(to) {
-            p.failover = None;
-        }
-        p.backups.retain(|b| *b != to);
-        p.backups.insert(0, old);
-        p.master = to;
-        svc.serve_from_ms = serve_from(env.at_ms).max(not_before_ms);
-        let ledger = self.data.entry(service.to_string()).or_default();
-        ledger.epoch = env.index;
-        ledger.restored = None;
-        // A rollback asked of the old master is not the new master's to do: it restores the
-        // newest snapshot.
-        self.rollbacks.remove(service);
-        // Reports about the service were about its old master: monitors start afresh.
-        self.reachability.retain(|(_, s), _| *s != Subject::Service(service.to_string()));
     }
 
     /// Takes `node` out of the cluster (checked: it masters nothing): out of the members for good,

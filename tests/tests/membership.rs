@@ -105,17 +105,28 @@ fn a_dead_server_is_removed_replaced_and_refused_when_it_returns() -> Result<()>
     assert!(!mastered.is_empty(), "the placement spreads masters over the three nodes");
     nodes[v].kill9();
 
-    // Removed once the others report it unreachable.
-    let removed = wait_until("the removal to be accepted", TIMEOUT, || {
-        let out = nodes[0].cli(&["node", "remove", &victim.to_string(), "--json"]);
-        if out.status.success() {
-            return Ok(Some(serde_json::from_slice::<Value>(&out.stdout)?));
-        }
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(err.contains("is not gone"), "refused for another reason: {err}");
-        Ok(None)
-    })?;
-    eprintln!("removed at event {}", removed["index"]);
+    // `node remove` waits until the others report it unreachable and its failovers have taken its
+    // services over (authority moves only by a switch), then removes it.
+    let lines = nodes[0].cli_json_lines(&["node", "remove", &victim.to_string()])?;
+    let (removed, waits) = lines.split_last().context("an answer")?;
+    for w in waits {
+        let detail = w["detail"].as_str().unwrap_or_default();
+        assert!(
+            w["step"] == "waiting"
+                && (detail.contains("is not gone") || detail.contains("is still master of")),
+            "{w}"
+        );
+    }
+    eprintln!("removed at event {} after {} waits", removed["index"], waits.len());
+    let events = nodes[0].events()?;
+    for name in &mastered {
+        let failover = events.iter().any(|e| {
+            e["kind"] == "authority_switched"
+                && e["outcome"] == "applied"
+                && e["event"]["AuthoritySwitched"]["service"] == name.as_str()
+        });
+        assert!(failover, "{name} was switched to its failover before the removal");
+    }
     let voters = wait_for_voters(&nodes[0], 2)?;
     assert!(!voters.contains(&victim), "Raft's membership shrank without node {victim}");
     for svc in services(&nodes[0])? {
@@ -192,7 +203,7 @@ fn a_removal_needs_force_while_a_majority_reaches_the_server() -> Result<()> {
     let root = tempfile::tempdir()?;
     let mut nodes = three(root.path(), |_| {})?;
     let ids: Vec<u64> = nodes.iter().map(Node::id).collect::<Result<_>>()?;
-    let err = nodes[0].cli_err(&["node", "remove", &ids[2].to_string()])?;
+    let err = nodes[0].cli_err(&["node", "remove", &ids[2].to_string(), "--wait", "0"])?;
     assert!(err.contains("is not gone") && err.contains("--force"), "{err}");
     let err = nodes[0].cli_err(&["node", "remove", &ids[0].to_string()])?;
     assert!(err.contains("node leave"), "{err}");

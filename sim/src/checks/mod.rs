@@ -52,6 +52,8 @@ pub struct NodeSnapshot {
     pub members: Vec<u64>,
     /// Every service in its applied state, with its placement.
     pub placements: BTreeMap<String, Option<Placement>>,
+    /// The nodes that left or were removed, in its applied state.
+    pub departed: Vec<u64>,
     /// The services its fence lets it serve now.
     pub serving: Vec<String>,
     /// The services whose (model) container runs on its host now.
@@ -100,6 +102,7 @@ pub(crate) mod testing {
             voters: vec![1],
             members: vec![1],
             placements: BTreeMap::new(),
+            departed: Vec::new(),
             serving: Vec::new(),
             containers: Vec::new(),
         }
