@@ -60,3 +60,32 @@ fn a_stale_placement_committed_after_a_failover_is_refused() {
     assert!(refused[0].contains("only an authority switch"), "{}", refused[0]);
     assert_eq!(report.switches, (1, 0), "the one switch by failover, none instructed");
 }
+
+#[test]
+fn a_removed_node_that_returns_is_refused_and_never_serves() {
+    let report = run_seed(0, &params(Scenario::RemovedNodeReturns));
+    // The scenario fails the run unless the removal is applied, the membership shrinks and the
+    // returning node stops; the removed-node check fails it if that node serves.
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert!(report.switches.0 >= 1, "the failover took over before the removal: {:?}", report.switches);
+    let stopped: Vec<&String> = report
+        .trace
+        .iter()
+        .filter(|l| l.contains("is no longer a member") && l.contains("was removed"))
+        .collect();
+    assert_eq!(stopped.len(), 1, "the returning node learned its removal from a refusal: {stopped:?}");
+}
+
+#[test]
+fn a_replacement_takes_the_roles_of_the_removed_node() {
+    let report = run_seed(1, &params(Scenario::Replacement));
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert!(report.trace.iter().any(|l| l.contains("n6 joined and became a voter")));
+}
+
+#[test]
+fn a_master_that_leaves_hands_over_first() {
+    let report = run_seed(0, &params(Scenario::NodeLeaves));
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert_eq!(report.switches, (0, 1), "one handover, no failover");
+}
