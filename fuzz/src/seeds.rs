@@ -91,7 +91,6 @@ pub fn sample_events() -> Vec<Event> {
         Event::ClusterCreated { cluster_id: "c".into(), node: node_info(1), ca_pin: "b".repeat(64) },
         Event::NodeJoined { node: node_info(4), token_id: "t1".into(), secret_sha256: sha256_hex(b"secret") },
         Event::NodeLeft { node_id: 3, reason: "retired".into() },
-        Event::NodeRemoved { node_id: 3, reason: "gone".into(), forced: true },
         Event::TokenIssued {
             token_id: "t2".into(),
             secret_sha256: sha256_hex(b"x"),
@@ -122,6 +121,7 @@ pub fn sample_events() -> Vec<Event> {
             reachable: false,
         },
         Event::HandoverRequested { service: SERVICE.into(), to: 2, reason: "fuzz".into() },
+        Event::NodeRemoved { node_id: 3, reason: "gone".into(), forced: true },
     ]
 }
 
