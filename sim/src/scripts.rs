@@ -528,6 +528,15 @@ impl Scenario {
                         p.failover.is_some() && newest.is_some_and(|n| p.nodes().any(|m| m == n))
                     });
                     expect(placed, "the new server to hold a role of the service, and a failover");
+                    // Its role brings the service's snapshots to it: the holders are back to the count.
+                    let stored = d.snapshots().into_iter().max_by_key(|n| n.applied).is_some_and(|n| {
+                        n.archive.iter().any(|r| {
+                            r.outcome == Outcome::Applied
+                                && matches!(&r.envelope.event, Event::SnapshotStored { service: s, node, .. }
+                                    if s == service && Some(*node) == newest)
+                        })
+                    });
+                    expect(stored, "the new server to store a snapshot of the service");
                 }
             }
             Scenario::BackupMasterGone => {
