@@ -44,6 +44,11 @@ use tower::ServiceExt;
 
 use crate::auth::{Limiter, Session, Sessions};
 
+/// The mark of a request that reached the pages over TLS (set by whoever serves them, the node's
+/// proxy at the admin domain): the session cookie is then `Secure`.
+#[derive(Clone, Copy, Debug)]
+pub struct OverTls;
+
 /// How the CRM is served.
 #[derive(Clone, Debug, Default)]
 pub struct Settings {

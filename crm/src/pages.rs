@@ -70,7 +70,29 @@ pub fn router(crm: Crm) -> Router {
         .route("/settings", get(settings_page).post(settings_save))
         .route("/api/v1/{*path}", any(api))
         .layer(axum::middleware::map_response(security_headers))
+        .layer(axum::middleware::from_fn(secure_cookies))
         .with_state(crm)
+}
+
+/// A request that reached the pages over TLS (the proxy at the admin domain marks it so): its
+/// cookies are `Secure`, and the browser is told to come back over HTTPS only.
+async fn secure_cookies(request: Request, next: axum::middleware::Next) -> Response {
+    let tls = request.extensions().get::<crate::OverTls>().is_some();
+    let mut response = next.run(request).await;
+    if tls {
+        let h = response.headers_mut();
+        let cookies: Vec<HeaderValue> = h.get_all(header::SET_COOKIE).iter().cloned().collect();
+        h.remove(header::SET_COOKIE);
+        for c in cookies {
+            let text = c.to_str().unwrap_or_default();
+            let secure = if text.contains("; Secure") { text.to_string() } else { format!("{text}; Secure") };
+            if let Ok(v) = HeaderValue::from_str(&secure) {
+                h.append(header::SET_COOKIE, v);
+            }
+        }
+        h.insert("strict-transport-security", HeaderValue::from_static("max-age=31536000"));
+    }
+    response
 }
 
 async fn security_headers(mut response: Response) -> Response {

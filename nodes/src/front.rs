@@ -364,3 +364,23 @@ pub fn web_stats(stats: &coyote_proxy::Stats) -> WebStats {
         .collect();
     WebStats { open_connections, connections, tls_handshakes, tls_handshake_failures, domains }
 }
+
+/// The node's own pages behind the proxy: `router` (the CRM) answers the admin domain in-process,
+/// told who asks (for its limits) and whether over TLS (for its cookies).
+pub(crate) fn local_pages(router: axum::Router) -> coyote_proxy::Local {
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+    Arc::new(move |mut request: hyper::Request<coyote_proxy::Body>, client: coyote_proxy::ClientInfo| {
+        let router = router.clone();
+        Box::pin(async move {
+            let extensions = request.extensions_mut();
+            extensions.insert(axum::extract::ConnectInfo(std::net::SocketAddr::new(client.ip, 0)));
+            if client.https {
+                extensions.insert(coyote_crm::OverTls);
+            }
+            let request = request.map(axum::body::Body::new);
+            let Ok(response) = router.oneshot(request).await;
+            response.map(|body| body.map_err(|e| Box::new(e) as coyote_proxy::BoxError).boxed_unsync())
+        })
+    })
+}

@@ -266,6 +266,10 @@ impl Node {
             tasks.push(tokio::spawn(crm.clone().feed(stopped())));
             crm.router()
         });
+        // The proxy serves the CRM at the admin domain too (HTTPS, by the cluster's certificate).
+        if let (Some(proxy), Some(router)) = (&proxy, &crm) {
+            proxy.set_local(front::local_pages(router.clone()));
+        }
         Ok(Node { log, fence, reconciler, activator, backups, proxy, api, metrics, crm, stop, tasks })
     }
 

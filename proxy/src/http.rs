@@ -108,6 +108,21 @@ async fn handle(proxy: Arc<Proxy>, request: Request<Body>, client: Peer) -> Resp
         {
             redirect_to_https(host, request.uri())
         }
+        (Some(host), Some(route)) if route.local => match proxy.local_pages() {
+            Some(pages) => {
+                let mut request = request;
+                // HTTP/2 names the host in the URI alone; the pages read the Host header.
+                if let Ok(value) = HeaderValue::from_str(host) {
+                    request.headers_mut().insert(header::HOST, value);
+                }
+                let client = crate::ClientInfo { ip: client.ip, https: client.https };
+                pages(request, client).await
+            }
+            None => error(
+                StatusCode::NOT_FOUND,
+                &format!("No site named {} is served here.", crate::table::strip_port(host)),
+            ),
+        },
         (Some(host), Some(route)) => {
             let host = host.clone();
             match route.master {

@@ -85,6 +85,18 @@ pub struct Opened {
     pub guard: Option<Box<dyn Send + Sync>>,
 }
 
+/// Who sent a request to the node's own pages ([`Proxy::set_local`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientInfo {
+    pub ip: std::net::IpAddr,
+    /// It came over TLS, terminated by this proxy.
+    pub https: bool,
+}
+
+/// The node's own pages, served in-process for the names the table marks local.
+pub type Local =
+    Arc<dyn Fn(hyper::Request<Body>, ClientInfo) -> BoxFuture<'static, hyper::Response<Body>> + Send + Sync>;
+
 /// What the proxy needs from its node.
 pub trait Backend: Send + Sync + 'static {
     /// This node's id.
@@ -152,6 +164,8 @@ pub struct Proxy {
     challenges: std::sync::RwLock<std::collections::HashMap<String, String>>,
     /// ACME TLS-ALPN-01 challenges this node answers: name → the certificate that answers it.
     alpn_challenges: std::sync::RwLock<std::collections::HashMap<String, Arc<rustls::sign::CertifiedKey>>>,
+    /// The node's own pages, once the node gave them.
+    local: std::sync::OnceLock<Local>,
     pub stats: Arc<Stats>,
 }
 
@@ -172,6 +186,7 @@ impl Proxy {
             connections,
             challenges: Default::default(),
             alpn_challenges: Default::default(),
+            local: std::sync::OnceLock::new(),
             stats: Arc::new(Stats::default()),
         })
     }
@@ -187,6 +202,16 @@ impl Proxy {
             *current = table;
             true
         });
+    }
+
+    /// Serves the names the table marks local (the CRM at the admin domain) with `local`. Set once;
+    /// until then such names answer 404.
+    pub fn set_local(&self, local: Local) {
+        let _ = self.local.set(local);
+    }
+
+    pub(crate) fn local_pages(&self) -> Option<&Local> {
+        self.local.get()
     }
 
     /// The certificates the HTTPS listener serves.

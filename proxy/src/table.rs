@@ -16,6 +16,9 @@ pub struct Route {
     pub port: u16,
     /// TLS connections go to the container undecrypted.
     pub passthrough: bool,
+    /// The node's own pages (the CRM at the cluster's admin domain): served by every node itself,
+    /// never forwarded, through [`crate::Proxy::set_local`].
+    pub local: bool,
 }
 
 /// Host name (lowercase, no trailing dot) → route.
@@ -35,10 +38,17 @@ impl Table {
                 master: svc.placement.as_ref().map(|p| p.master),
                 port: svc.spec.web_port(),
                 passthrough: svc.spec.tls_passthrough,
+                local: false,
             });
             for domain in &svc.spec.domains {
                 routes.entry(normalize(domain)).or_insert_with(|| route.clone());
             }
+        }
+        // The CRM at the admin domain, unless a service has taken that name.
+        if let Some(domain) = &state.accounts.settings.admin_domain {
+            let route =
+                Route { service: String::new(), master: None, port: 0, passthrough: false, local: true };
+            routes.entry(normalize(domain)).or_insert_with(|| Arc::new(route));
         }
         Table { routes }
     }

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::accounts::Accounts;
+use crate::accounts::{AccountEvent, Accounts};
 use crate::certs::{self, AcmeAccount, CertRecord, IssuedCert, OrderClaim};
 use crate::data::{
     valid_snapshot_id, BackupFailure, DataLedger, Restored, SnapshotRecord, RETENTION, SNAPSHOTS_MAX,
@@ -690,6 +690,16 @@ impl State {
                 if let Some(spec) = self.accounts.provisions(e) {
                     self.check_new_service(&spec)?;
                 }
+                if let AccountEvent::SettingsChanged { settings } = e {
+                    let taken = settings.admin_domain.as_deref().and_then(|d| {
+                        self.services
+                            .values()
+                            .find(|s| s.spec.domains.iter().any(|e| e.eq_ignore_ascii_case(d)))
+                    });
+                    if let (Some(d), Some(svc)) = (&settings.admin_domain, taken) {
+                        return reject(format!("domain {d} is already served by service {}", svc.spec.name));
+                    }
+                }
             }
             Event::RestoreRequested { service, snapshot, .. } => {
                 let record = self.check_known_snapshot(service, snapshot)?;
@@ -821,6 +831,11 @@ impl State {
     }
 
     fn check_ports_free(&self, spec: &ServiceSpec) -> Result<(), Rejection> {
+        if let Some(d) =
+            self.admin_domain().filter(|d| spec.domains.iter().any(|e| e.eq_ignore_ascii_case(d)))
+        {
+            return Err(Rejection::new(format!("domain {d} is the cluster's admin domain (the CRM)")));
+        }
         for (name, svc) in &self.services {
             if *name == spec.name {
                 continue;
@@ -1364,15 +1379,23 @@ impl State {
     pub fn orderable(&self, name: &str) -> bool {
         !name.is_empty()
             && name == name.to_ascii_lowercase()
-            && self.services.values().any(|s| !s.spec.tls_passthrough && serves_name(&s.spec, name))
+            && (self.services.values().any(|s| !s.spec.tls_passthrough && serves_name(&s.spec, name))
+                || self.admin_domain() == Some(name))
     }
 
-    /// Every name coyote may order a certificate for, in order.
+    /// The domain every node's proxy serves the CRM at, if the admin set one.
+    pub fn admin_domain(&self) -> Option<&str> {
+        self.accounts.settings.admin_domain.as_deref()
+    }
+
+    /// Every name coyote may order a certificate for, in order: the services' domains (but those
+    /// passed through to their containers) and the admin domain.
     pub fn orderable_names(&self) -> BTreeSet<String> {
         self.services
             .values()
             .filter(|s| !s.spec.tls_passthrough)
             .flat_map(|s| s.spec.domains.iter().map(|d| d.trim_end_matches('.').to_ascii_lowercase()))
+            .chain(self.admin_domain().map(str::to_string))
             .collect()
     }
 

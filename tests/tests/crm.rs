@@ -447,3 +447,82 @@ fn the_stats_page_charts_the_traffic_of_each_domain() -> Result<()> {
     assert!(page.body.contains("blog.example.org: requests"), "{}", page.body);
     Ok(())
 }
+
+/// `curl -i` against the node's proxy, with `name` resolved to 127.0.0.1 on both of its ports.
+fn curl_front(front: &(u16, u16), ca: &std::path::Path, name: &str, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-i", "--max-time", "20", "--cacert"])
+        .arg(ca)
+        .args(["--resolve", &format!("{name}:{}:127.0.0.1", front.0)])
+        .args(["--resolve", &format!("{name}:{}:127.0.0.1", front.1)])
+        .args(args)
+        .output()
+        .context("curl is needed by this test")?;
+    ensure!(out.status.success(), "curl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn the_proxy_serves_the_crm_at_the_admin_domain_over_https_with_secure_cookies() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut node = Node::new(root.path(), "n1");
+    node.crm = Some(format!("127.0.0.1:{}", free_port()));
+    let front = (free_port(), free_port());
+    node.front = Some((format!("127.0.0.1:{}", front.0), format!("127.0.0.1:{}", front.1)));
+    node.flags = vec!["--acme".into(), "off".into()];
+    node.up()?;
+    let created = node.cli_json(&["crm", "activate", "--ttl", "10m"])?;
+    let url = created["url"].as_str().context("an activation URL")?;
+    let path =
+        url.split_once("//").and_then(|(_, r)| r.find('/').map(|i| r[i..].to_string())).context("a path")?;
+    activate(&mut Web::new(node.crm.as_deref().unwrap_or_default()), &path)?;
+
+    let admin = format!("admin-{}.test", std::process::id());
+    let (code, mut settings) = node.api("GET", "/v1/settings", "")?;
+    ensure!(code == 200, "GET /v1/settings answered {code}");
+    // No domain is served before the admin names one.
+    let ca = node.dir.join("tls").join("ca.pem");
+    let https = |p: &str| format!("https://{admin}:{}{p}", front.1);
+    let before = curl_front(&front, &ca, &admin, &[&https("/login")]).err().context("no name before")?;
+    assert!(before.to_string().contains("unrecognized name"), "{before}");
+    settings["admin_domain"] = serde_json::Value::String(admin.clone());
+    let (code, answer) = node.api("PUT", "/v1/settings", &settings.to_string())?;
+    ensure!(code == 200, "PUT /v1/settings answered {code}: {answer}");
+
+    // Over HTTPS, with a certificate of the cluster's CA for that name: the login page, a Secure
+    // session cookie, HSTS; over HTTP/2 too.
+    let page = curl_front(&front, &ca, &admin, &[&https("/login")])?;
+    assert!(page.starts_with("HTTP/") && page.contains(" 200"), "{page}");
+    let cookie =
+        page.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).context("a cookie")?;
+    assert!(cookie.contains("HttpOnly") && cookie.contains("; Secure"), "{cookie}");
+    assert!(page.to_ascii_lowercase().contains("strict-transport-security: max-age="), "{page}");
+    let h2 = curl_front(&front, &ca, &admin, &["--http2", &https("/login")])?;
+    assert!(h2.starts_with("HTTP/2 200"), "{h2}");
+    // Plain HTTP is sent to HTTPS.
+    let plain = curl_front(&front, &ca, &admin, &[&format!("http://{admin}:{}/login", front.0)])?;
+    assert!(plain.contains(" 308") && plain.contains(&format!("https://{admin}/login")), "{plain}");
+
+    // Logging in works through the proxy: the form's token, the cookie, the origin check.
+    let jar = root.path().join("jar");
+    let jar = jar.to_str().context("a path")?;
+    let login = curl_front(&front, &ca, &admin, &["-c", jar, &https("/login")])?;
+    let csrf =
+        login.split("name=\"csrf\" value=\"").nth(1).and_then(|r| r.split('"').next()).context("csrf")?;
+    let origin = format!("Origin: https://{admin}:{}", front.1);
+    let body = format!("csrf={csrf}&name=alice&password={PASSWORD}");
+    let posted = curl_front(
+        &front,
+        &ca,
+        &admin,
+        &["-b", jar, "-c", jar, "-H", &origin, "--data", &body, &https("/login")],
+    )?;
+    assert!(posted.contains(" 303"), "{posted}");
+    let overview = curl_front(&front, &ca, &admin, &["-b", jar, &https("/")])?;
+    assert!(overview.contains("Account (alice)"), "{overview}");
+
+    // The name is the CRM's: no service may take it.
+    let err = node.cli_err(&["service", "create", "squat", "--image", "none:1", "--domain", &admin])?;
+    assert!(err.contains("admin domain"), "{err}");
+    Ok(())
+}
