@@ -43,6 +43,7 @@ pub fn router(crm: Crm) -> Router {
         .route("/login", get(login_page).post(login))
         .route("/logout", post(logout))
         .route("/account", get(account_page))
+        .route("/nodes/{id}/remove", post(node_remove))
         .route("/account/password", post(password_change))
         .route("/services", get(services_page).post(service_create))
         .route("/services/{name}", get(service_page))
@@ -484,6 +485,9 @@ struct OverviewPage {
     term: u64,
     applied: u64,
     nodes: Vec<NodeRow>,
+    /// How many servers the cluster can lose now, of its voters.
+    can_lose: usize,
+    voters: usize,
     services: Vec<ServiceRow>,
     alarms: Vec<AlarmRow>,
 }
@@ -539,6 +543,8 @@ async fn overview(State(crm): State<Crm>, headers: HeaderMap) -> Response {
         .iter()
         .map(|m| NodeRow { id: m.id, addr: m.addr.clone(), role: m.role.clone(), reachable: m.reachable })
         .collect();
+    let voters: Vec<_> = status.members.iter().filter(|m| m.role != "learner").collect();
+    let tolerance = coyote_wire::Tolerance::of(voters.len(), voters.iter().filter(|m| m.reachable).count());
     let page = OverviewPage {
         layout: v.layout(&crm, v.t.nav_overview),
         cluster_id: status.cluster_id.clone(),
@@ -546,10 +552,32 @@ async fn overview(State(crm): State<Crm>, headers: HeaderMap) -> Response {
         term: status.term,
         applied: status.last_event,
         nodes,
+        can_lose: tolerance.can_lose,
+        voters: tolerance.voters,
         services: service_rows(&crm),
         alarms: alarm_rows(&crm),
     };
     render(&v, page)
+}
+
+/// Takes a server that is gone for good out of the cluster (`coyote node remove`, without force):
+/// refused, with the reason shown, while a majority still reaches it or it still masters a service.
+async fn node_remove(
+    State(crm): State<Crm>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    let v = match checked_post(&crm, &headers, &form.csrf, true) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let body = coyote_wire::NodeRemove { force: false, reason: Some("removed on the CRM's overview".into()) };
+    let path = format!("/v1/nodes/{id}/remove");
+    match crm.call::<Committed>(&v.actor(), Method::POST, &path, Some(&body)).await {
+        Ok(_) => Redirect::to("/").into_response(),
+        Err(e) => error_page(&crm, &v, e),
+    }
 }
 
 #[derive(Template)]

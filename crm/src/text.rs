@@ -34,6 +34,11 @@ pub struct Text {
     pub role: &'static str,
     pub reachable: &'static str,
     pub unreachable: &'static str,
+    /// Before "N of M": how many servers the cluster can lose now.
+    pub tolerance: &'static str,
+    pub of: &'static str,
+    /// The warning beside a cluster that can lose none of its servers.
+    pub tolerance_none: &'static str,
     pub services: &'static str,
     pub service: &'static str,
     pub master: &'static str,
@@ -176,6 +181,10 @@ pub static EN: Text = Text {
     role: "Role",
     reachable: "reachable",
     unreachable: "unreachable",
+    tolerance: "Servers it can lose now",
+    of: "of",
+    tolerance_none:
+        "one more failure stops every change: bring the unreachable server back, or remove it and add another",
     services: "Services",
     service: "Service",
     master: "Master",
@@ -318,6 +327,9 @@ pub static FR: Text = Text {
     role: "Rôle",
     reachable: "joignable",
     unreachable: "injoignable",
+    tolerance: "Serveurs qu’il peut perdre maintenant",
+    of: "sur",
+    tolerance_none: "une panne de plus arrête toute modification : rétablissez le serveur injoignable, ou retirez-le et ajoutez-en un autre",
     services: "Services",
     service: "Service",
     master: "Maître",

@@ -17,6 +17,7 @@ fn node_with_crm(root: &std::path::Path) -> Result<(Node, String)> {
 }
 
 const PASSWORD: &str = "correct-horse-battery";
+const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Activates the cluster as `alice` through `web`.
 fn activate(web: &mut Web, path: &str) -> Result<()> {
@@ -524,5 +525,49 @@ fn the_proxy_serves_the_crm_at_the_admin_domain_over_https_with_secure_cookies()
     // The name is the CRM's: no service may take it.
     let err = node.cli_err(&["service", "create", "squat", "--image", "none:1", "--domain", &admin])?;
     assert!(err.contains("admin domain"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn the_overview_shows_what_the_cluster_can_lose_and_removes_a_dead_server() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut nodes =
+        coyote_tests::cluster_with(root.path(), 3, |n| n.crm = Some(format!("127.0.0.1:{}", free_port())))?;
+    let addr = nodes[0].crm.clone().context("a CRM")?;
+    let created = nodes[0].cli_json(&["crm", "activate"])?;
+    let url = created["url"].as_str().context("url")?;
+    let mut admin = Web::new(&addr);
+    activate(&mut admin, &url[url.find("/activate/").context("path")?..])?;
+    let page = admin.get("/")?;
+    assert!(page.body.contains("Servers it can lose now: 1 of 3"), "{}", page.body);
+    assert!(!page.body.contains("action=\"/nodes/"), "no remove button while every server answers");
+
+    let dead = nodes[2].id()?;
+    nodes[2].kill9();
+    let page = coyote_tests::wait_until("the overview to show the dead server", TIMEOUT, || {
+        let page = admin.get("/")?;
+        Ok(page.body.contains("Servers it can lose now: 0 of 3").then_some(page))
+    })?;
+    assert!(page.body.contains("one more failure stops every change"), "{}", page.body);
+    let action = format!("action=\"/nodes/{dead}/remove\"");
+    assert!(page.body.contains(&action), "a remove button for node {dead}: {}", page.body);
+    let csrf = page.input("csrf").context("csrf")?;
+    let path = format!("/nodes/{dead}/remove");
+    // Refused (the page says why) until the others report it gone; then removed.
+    coyote_tests::wait_until("the removal", TIMEOUT, || {
+        let r = admin.post(&path, &[("csrf", &csrf)])?;
+        if r.status != 303 {
+            assert!(r.body.contains("is not gone"), "{}", r.body);
+        }
+        Ok((r.status == 303).then_some(()))
+    })?;
+    let events = nodes[1].events()?;
+    let removal = events.iter().find(|e| e["kind"] == "node_removed").context("the removal")?;
+    assert_eq!(removal["actor"], "user:alice", "{removal}");
+    coyote_tests::wait_until("the membership to shrink", TIMEOUT, || {
+        let page = admin.get("/")?;
+        Ok((page.body.contains("Servers it can lose now: 0 of 2") && !page.body.contains(&action))
+            .then_some(()))
+    })?;
     Ok(())
 }
