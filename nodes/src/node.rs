@@ -60,6 +60,15 @@ use coyote_proxy::Proxy;
 /// How long [`Node::stop`] waits for the node's tasks to end.
 pub const STOP_WAIT: Duration = Duration::from_secs(5);
 
+/// How long a node that finds its departure in its replica waits for Raft's membership to drop it.
+const DEPART_WAIT: Duration = Duration::from_secs(10);
+/// How long it goes on after that, so that its last heartbeats tell the others what committed.
+const DEPART_LINGER: Duration = Duration::from_millis(500);
+
+/// How long a stopping node's gRPC server lets calls under way finish before it drops its
+/// connections.
+const SERVER_DRAIN: Duration = Duration::from_secs(1);
+
 /// Where the node accepts its peers' connections: a listener whose connections the node wraps in
 /// its TLS. `tokio::net::TcpListener` is one; the simulator gives turmoil's.
 pub trait PeerListener: Send + 'static {
@@ -240,10 +249,19 @@ impl Node {
         {
             let log = log.clone();
             let incoming = listener.incoming(log.server_tls());
-            let shutdown = stopped();
+            let (shutdown, stopping) = (stopped(), stopped());
             tasks.push(tokio::spawn(async move {
-                if let Err(e) = log.serve_with(incoming, shutdown, routes).await {
-                    tracing::error!(error = %e, "the node's gRPC server stopped");
+                // A graceful stop waits for every connection to close, and peers keep theirs open:
+                // the connections still open a second after the stop are dropped.
+                let dropped = async {
+                    stopping.await;
+                    tokio::time::sleep(SERVER_DRAIN).await;
+                };
+                tokio::select! {
+                    served = log.serve_with(incoming, shutdown, routes) => if let Err(e) = served {
+                        tracing::error!(error = %e, "the node's gRPC server stopped");
+                    },
+                    () = dropped => {}
                 }
             }));
         }
@@ -288,23 +306,38 @@ impl Node {
     /// Resolves once this server is no longer a member, with why: its own replica records that it
     /// left or was removed, or a member refused it as removed (a server that was down while it was
     /// removed learns it that way, its replica never will).
+    ///
+    /// A node that finds its departure in its replica goes on until Raft's membership no longer
+    /// names it (or a member refuses it, or [`DEPART_WAIT`] has passed), and a moment more: a
+    /// leader that left must stay long enough for the others to learn that its entries committed.
     pub async fn departed(&self) -> String {
         let me = self.log.id();
         let mut applied = self.log.store().subscribe();
         let mut refused = self.log.removed();
         loop {
-            let recorded = self.log.store().with_state(|s| s.departed.contains(&me));
-            if recorded {
-                return format!("node {me} is no longer a member of the cluster: it left or was removed");
-            }
             if let Some(why) = refused.borrow_and_update().clone() {
                 return why;
+            }
+            let recorded = self.log.store().with_state(|s| s.departed.contains(&me));
+            if recorded {
+                break;
             }
             tokio::select! {
                 changed = applied.changed() => if changed.is_err() { std::future::pending::<()>().await },
                 changed = refused.changed() => if changed.is_err() { std::future::pending::<()>().await },
             }
         }
+        let mut metrics = self.log.raft().metrics();
+        let out = metrics.wait_for(|m| m.membership_config.membership().get_node(&me).is_none());
+        let _ = tokio::time::timeout(DEPART_WAIT, async {
+            tokio::select! {
+                _ = out => {}
+                _ = refused.wait_for(Option::is_some) => {}
+            }
+        })
+        .await;
+        tokio::time::sleep(DEPART_LINGER).await;
+        format!("node {me} is no longer a member of the cluster: it left or was removed")
     }
 
     /// Stops a server that is no longer a member: every part and the log stop first, so that nothing

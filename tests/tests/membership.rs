@@ -313,6 +313,36 @@ fn a_master_leaves_and_its_data_goes_with_its_service() -> Result<()> {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no longer a member"));
 
+    // Now the Raft leader leaves: the last server takes over, with every event and the data.
+    let leader = nodes[other].status()?["leader"].as_u64().context("a leader")?;
+    let l = ids.iter().position(|i| *i == leader).context("the leader's node")?;
+    let last = (0..3).find(|i| *i != m && *i != l).context("the last node")?;
+    let before = nodes[last].events()?.len();
+    nodes[l].cli_json_lines(&["node", "leave"])?;
+    nodes[l].wait_exit(TIMEOUT)?;
+    let voters = wait_for_voters(&nodes[last], 1)?;
+    assert_eq!(voters, BTreeSet::from([ids[last]]));
+    let show = nodes[last].cli_json(&["service", "show", &service])?;
+    assert_eq!(show["placement"]["master"].as_u64(), Some(ids[last]), "{show}");
+    let events = nodes[last].events()?;
+    assert!(events.len() > before, "the leave is in the last server's log");
+    let lefts = events.iter().filter(|e| e["kind"] == "node_left" && e["outcome"] == "applied").count();
+    assert_eq!(lefts, 2);
+    let volume = nodes[last].dir.join("volumes").join(&service).join("seq");
+    let latest = std::fs::read_to_string(&new_volume)?;
+    wait_until("the last server's container to write", TIMEOUT, || {
+        let Ok(text) = std::fs::read_to_string(&volume) else { return Ok(None) };
+        check_sequence(&text, "the last server's data")?;
+        Ok((text.starts_with(&latest) && text.len() > latest.len()).then_some(()))
+    })?;
+    // A lone server can lose none, and says so without an alarm.
+    let status = nodes[last].status()?;
+    assert_eq!(
+        (status["tolerance"]["can_lose"].as_u64(), status["tolerance"]["voters"].as_u64()),
+        (Some(0), Some(1))
+    );
+    assert!(open_alarm(&nodes[last], "fault-tolerance")?.is_none());
+
     for n in &mut nodes {
         n.kill9();
     }
