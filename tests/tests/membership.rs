@@ -104,6 +104,7 @@ fn a_dead_server_is_removed_replaced_and_refused_when_it_returns() -> Result<()>
         .collect();
     assert!(!mastered.is_empty(), "the placement spreads masters over the three nodes");
     nodes[v].kill9();
+    let killed = std::time::Instant::now();
 
     // `node remove` waits until the others report it unreachable and its failovers have taken its
     // services over (authority moves only by a switch), then removes it.
@@ -117,7 +118,12 @@ fn a_dead_server_is_removed_replaced_and_refused_when_it_returns() -> Result<()>
             "{w}"
         );
     }
-    eprintln!("removed at event {} after {} waits", removed["index"], waits.len());
+    eprintln!(
+        "removed at event {} after {} waits, {:?} after the kill",
+        removed["index"],
+        waits.len(),
+        killed.elapsed()
+    );
     let events = nodes[0].events()?;
     for name in &mastered {
         let failover = events.iter().any(|e| {
@@ -129,6 +135,7 @@ fn a_dead_server_is_removed_replaced_and_refused_when_it_returns() -> Result<()>
     }
     let voters = wait_for_voters(&nodes[0], 2)?;
     assert!(!voters.contains(&victim), "Raft's membership shrank without node {victim}");
+    eprintln!("membership of 2 voters {:?} after the kill", killed.elapsed());
     for svc in services(&nodes[0])? {
         assert!(!placed(&svc).contains(&victim), "a placement still names node {victim}: {svc}");
     }
@@ -150,7 +157,9 @@ fn a_dead_server_is_removed_replaced_and_refused_when_it_returns() -> Result<()>
     fourth.join(&token)?;
     let new_id = fourth.id()?;
     assert!(!ids.contains(&new_id), "a new id, never the removed one's");
+    let joining = std::time::Instant::now();
     wait_for_voters(&nodes[0], 3)?;
+    eprintln!("the new server was a voter {:?} after its node was ready", joining.elapsed());
     wait_until("the roles to be refilled", TIMEOUT, || {
         let list = services(&nodes[0])?;
         let refilled = list.iter().all(|s| {
@@ -168,7 +177,9 @@ fn a_dead_server_is_removed_replaced_and_refused_when_it_returns() -> Result<()>
     // The removed server comes back: it is refused, stops by itself, and disturbs no election.
     let before = nodes[0].status()?;
     nodes[v].start()?;
+    let returned = std::time::Instant::now();
     let exit = nodes[v].wait_exit(TIMEOUT)?;
+    eprintln!("the removed server stopped {:?} after it started again", returned.elapsed());
     assert!(!exit.success(), "a removed node that learns it was removed exits with an error");
     let log = nodes[v].log_text();
     // It learned it from the members' refusal: its own log never saw the removal.
@@ -272,7 +283,9 @@ fn a_master_leaves_and_its_data_goes_with_its_service() -> Result<()> {
         Ok((text.lines().count() > 10).then_some(()))
     })?;
 
+    let leaving = std::time::Instant::now();
     let steps = nodes[m].cli_json_lines(&["node", "leave"])?;
+    eprintln!("node leave took {:?}", leaving.elapsed());
     let kinds: Vec<&str> = steps.iter().filter_map(|s| s["step"].as_str()).collect();
     assert_eq!(kinds, ["handover", "handed_over", "left", "stopping", "stopped", "kept"], "{steps:?}");
     nodes[m].wait_exit(TIMEOUT)?;
