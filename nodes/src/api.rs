@@ -262,8 +262,8 @@ async fn node_remove(
         ));
     }
     let reason = req.reason.unwrap_or_else(|| format!("removed through node {}", caller.api.node.id()));
-    if reason.len() > 200 {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "the reason is longer than 200 bytes".into()));
+    if reason.len() > 200 || reason.chars().any(char::is_control) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "a reason is at most 200 printable bytes".into()));
     }
     let event = Event::NodeRemoved { node_id: id, reason, forced: req.force };
     let proposed = propose(&caller, event).await?;

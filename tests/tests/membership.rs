@@ -331,8 +331,10 @@ fn a_master_leaves_and_its_data_goes_with_its_service() -> Result<()> {
     let l = ids.iter().position(|i| *i == leader).context("the leader's node")?;
     let last = (0..3).find(|i| *i != m && *i != l).context("the last node")?;
     let before = nodes[last].events()?.len();
-    nodes[l].cli_json_lines(&["node", "leave"])?;
+    let steps = nodes[l].cli_json_lines(&["node", "leave", "--purge"])?;
+    assert_eq!(steps.last().and_then(|s| s["step"].as_str()), Some("purged"), "{steps:?}");
     nodes[l].wait_exit(TIMEOUT)?;
+    assert!(!nodes[l].dir.exists(), "--purge deletes the data directory");
     let voters = wait_for_voters(&nodes[last], 1)?;
     assert_eq!(voters, BTreeSet::from([ids[last]]));
     let show = nodes[last].cli_json(&["service", "show", &service])?;
