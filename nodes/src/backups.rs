@@ -228,6 +228,7 @@ impl Backups {
         let server = pb::data_server::DataServer::new(DataService {
             store: self.store.clone(),
             inline: self.settings.inline,
+            node: self.node.clone(),
         })
         .max_decoding_message_size(MESSAGE_MAX_BYTES)
         .max_encoding_message_size(MESSAGE_MAX_BYTES);
@@ -1249,10 +1250,12 @@ impl Backups {
     }
 }
 
-/// The `Data` gRPC service: chunks of this node's store, to members only.
+/// The `Data` gRPC service: chunks of this node's store, to members only (a removed server's
+/// certificate still holds, so it is refused by the log's record: `LogNode::refusal`).
 struct DataService {
     store: Arc<ChunkStore>,
     inline: bool,
+    node: LogNode,
 }
 
 type ChunkStream = Pin<Box<dyn futures::Stream<Item = Result<pb::Chunk, tonic::Status>> + Send + 'static>>;
@@ -1265,8 +1268,11 @@ impl pb::data_server::Data for DataService {
         &self,
         request: tonic::Request<pb::ChunksRequest>,
     ) -> Result<tonic::Response<Self::ChunksStream>, tonic::Status> {
-        if coyote_log::tls::peer_node(&request).is_none() {
+        let Some(peer) = coyote_log::tls::peer_node(&request) else {
             return Err(tonic::Status::unauthenticated("a certificate from this cluster's CA is required"));
+        };
+        if let Some(refused) = self.node.refusal(peer) {
+            return Err(refused);
         }
         let request = request.into_inner();
         if request.ids.len() > FETCH_BATCH * 4 {

@@ -331,6 +331,8 @@ fn a_master_leaves_and_its_data_goes_with_its_service() -> Result<()> {
     let l = ids.iter().position(|i| *i == leader).context("the leader's node")?;
     let last = (0..3).find(|i| *i != m && *i != l).context("the last node")?;
     let before = nodes[last].events()?.len();
+    // What the current master wrote so far (its directory may be the one purged below).
+    let latest = std::fs::read_to_string(&new_volume)?;
     let steps = nodes[l].cli_json_lines(&["node", "leave", "--purge"])?;
     assert_eq!(steps.last().and_then(|s| s["step"].as_str()), Some("purged"), "{steps:?}");
     nodes[l].wait_exit(TIMEOUT)?;
@@ -344,7 +346,6 @@ fn a_master_leaves_and_its_data_goes_with_its_service() -> Result<()> {
     let lefts = events.iter().filter(|e| e["kind"] == "node_left" && e["outcome"] == "applied").count();
     assert_eq!(lefts, 2);
     let volume = nodes[last].dir.join("volumes").join(&service).join("seq");
-    let latest = std::fs::read_to_string(&new_volume)?;
     wait_until("the last server's container to write", TIMEOUT, || {
         let Ok(text) = std::fs::read_to_string(&volume) else { return Ok(None) };
         check_sequence(&text, "the last server's data")?;
