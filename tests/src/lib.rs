@@ -636,3 +636,18 @@ impl Drop for SmallDisk {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
 }
+
+/// The sequence numbers in a `seq` file: each line must be the next integer from 1 (nothing lost in
+/// the middle, nothing torn, no restart from 1); returns the last.
+pub fn check_sequence(text: &str, what: &str) -> Result<u64> {
+    let mut last = 0;
+    for (i, line) in text.lines().enumerate() {
+        let n: u64 =
+            line.parse().with_context(|| format!("{what}: line {} is {line:?}, not a number", i + 1))?;
+        if n != last + 1 {
+            bail!("{what}: line {} holds {n} after {last}", i + 1);
+        }
+        last = n;
+    }
+    Ok(last)
+}

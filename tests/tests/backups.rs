@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use coyote_tests::{test_images, wait_until, DockerGuard, Node};
+use coyote_tests::{check_sequence, test_images, wait_until, DockerGuard, Node};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -20,21 +20,6 @@ fn node_id(node: &Node) -> Result<u64> {
 fn unique(what: &str) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     format!("{what}{}x{nanos}", std::process::id())
-}
-
-/// The sequence numbers in a `seq` file: each line must be the next integer from 1 (nothing lost in
-/// the middle, nothing torn, no restart from 1); returns the last.
-fn check_sequence(text: &str, what: &str) -> Result<u64> {
-    let mut last = 0;
-    for (i, line) in text.lines().enumerate() {
-        let n: u64 =
-            line.parse().with_context(|| format!("{what}: line {} is {line:?}, not a number", i + 1))?;
-        if n != last + 1 {
-            bail!("{what}: line {} holds {n} after {last}", i + 1);
-        }
-        last = n;
-    }
-    Ok(last)
 }
 
 /// The `seq` file of a snapshot, through `coyote backup export` and GNU tar.

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use coyote_tests::{test_images, wait_until, DockerGuard, Node};
+use coyote_tests::{check_sequence, test_images, wait_until, DockerGuard, Node};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -246,20 +246,6 @@ fn a_removal_needs_force_while_a_majority_reaches_the_server() -> Result<()> {
         n.kill9();
     }
     Ok(())
-}
-
-/// The sequence numbers in a `seq` file: each line the next integer from 1; returns the last.
-fn check_sequence(text: &str, what: &str) -> Result<u64> {
-    let mut last = 0;
-    for (i, line) in text.lines().enumerate() {
-        let n: u64 =
-            line.parse().with_context(|| format!("{what}: line {} is {line:?}, not a number", i + 1))?;
-        if n != last + 1 {
-            bail!("{what}: line {} holds {n} after {last}", i + 1);
-        }
-        last = n;
-    }
-    Ok(last)
 }
 
 #[test]
