@@ -268,7 +268,10 @@ impl Crm {
                 Ok(response) => response,
                 Err(never) => match never {},
             },
-            Err(e) => (StatusCode::BAD_REQUEST, format!("bad request: {e}")).into_response(),
+            Err(e) => {
+                (StatusCode::BAD_REQUEST, axum::Json(ErrorAnswer { error: format!("bad request: {e}") }))
+                    .into_response()
+            }
         }
     }
 

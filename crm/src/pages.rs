@@ -69,6 +69,7 @@ pub fn router(crm: Crm) -> Router {
         .route("/invites", post(invite_create))
         .route("/invites/{id}/revoke", post(invite_revoke))
         .route("/settings", get(settings_page).post(settings_save))
+        .route("/api/v1/openapi.json", get(api_document))
         .route("/api/v1/{*path}", any(api))
         .layer(axum::middleware::map_response(security_headers))
         .layer(axum::middleware::from_fn(secure_cookies))
@@ -1122,9 +1123,52 @@ async fn key_revoke(
 /// Paths of the node's API that no key reaches: accounts are managed on the pages only.
 const KEYLESS: &[&str] = &["activations", "users", "keys"];
 
-async fn api(State(crm): State<Crm>, Path(path): Path<String>, request: Request) -> Response {
+/// The JSON API's OpenAPI document, public: the node's own document, served under `/api`, less the
+/// routes that only the pages may use, with the API key as the way in.
+async fn api_document(State(crm): State<Crm>) -> Response {
+    match crm.call::<serde_json::Value>("crm", Method::GET, "/v1/openapi.json", None::<&()>).await {
+        Ok(mut doc) => {
+            public_document(&mut doc);
+            axum::Json(doc).into_response()
+        }
+        Err(e) => (e.status, axum::Json(coyote_wire::ErrorAnswer { error: e.message })).into_response(),
+    }
+}
+
+/// Turns the node's API document into the document of `/api/v1`.
+fn public_document(doc: &mut serde_json::Value) {
+    use serde_json::json;
+    doc["servers"] = json!([{ "url": "/api", "description": "this CRM" }]);
+    if let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) {
+        paths.retain(|path, _| {
+            let first = path.strip_prefix("/v1/").unwrap_or(path).split('/').next().unwrap_or("");
+            !KEYLESS.contains(&first)
+        });
+    }
+    if !doc["components"].is_object() {
+        doc["components"] = json!({});
+    }
+    doc["components"]["securitySchemes"] = json!({
+        "api_key": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key made on the keys page (coyote_ID_SECRET). A read key may only GET."
+        }
+    });
+    doc["security"] = json!([{ "api_key": [] }]);
+}
+
+async fn api(
+    State(crm): State<Crm>,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    request: Request,
+) -> Response {
     let json_error = |status: StatusCode, error: &str| {
         (status, axum::Json(coyote_wire::ErrorAnswer { error: error.to_string() })).into_response()
+    };
+    let path = match path {
+        Ok(Path(path)) => path,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &e.body_text()),
     };
     let bearer = request
         .headers()
@@ -1143,8 +1187,10 @@ async fn api(State(crm): State<Crm>, Path(path): Path<String>, request: Request)
     let Some(key) = key.filter(|k| !k.revoked && auth::same(&k.secret_sha256, &digest)) else {
         return json_error(StatusCode::UNAUTHORIZED, "this API key is unknown or revoked");
     };
-    let first = path.split('/').next().unwrap_or("");
-    if KEYLESS.contains(&first) {
+    // The node's router takes the path as it came (percent-encoded); both forms are checked.
+    let raw = request.uri().path().strip_prefix("/api/v1/").unwrap_or_default().to_string();
+    let first = |p: &str| p.split('/').next().unwrap_or("").to_ascii_lowercase();
+    if KEYLESS.contains(&first(&path).as_str()) || KEYLESS.contains(&first(&raw).as_str()) {
         return json_error(
             StatusCode::FORBIDDEN,
             "users, keys and activations are managed on the web pages only",
@@ -1178,7 +1224,7 @@ async fn api(State(crm): State<Crm>, Path(path): Path<String>, request: Request)
         });
     }
     let body = (!body.is_empty()).then(|| body.to_vec());
-    let response = crm.forward(&actor, method, &format!("/v1/{path}{query}"), body).await;
+    let response = crm.forward(&actor, method, &format!("/v1/{raw}{query}"), body).await;
     let (parts, body) = response.into_parts();
     Response::from_parts(parts, Body::new(body))
 }

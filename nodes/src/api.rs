@@ -13,7 +13,7 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use coyote_log::store::EventRecord;
 use coyote_log::{JoinToken, LogNode, ProposeError, Proposed};
@@ -60,46 +60,108 @@ pub struct Api {
     pub crm_url: Option<String>,
 }
 
+/// The node's API document: the `/v1` routes, their requests and answers (OpenAPI 3.1).
+#[derive(utoipa::OpenApi)]
+#[openapi(info(
+    title = "coyote",
+    description = "A coyote node's API. Reads come from the node's replica of the log; writes propose events."
+))]
+struct ApiDoc;
+
+/// The API's routes with their document, which both come from the same handlers, so that one
+/// cannot name a route the other lacks.
+fn routes() -> (Router<Api>, utoipa::openapi::OpenApi) {
+    use utoipa::OpenApi;
+    use utoipa_axum::router::OpenApiRouter;
+    use utoipa_axum::routes;
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(status))
+        .routes(routes!(events))
+        .routes(routes!(tokens, token_create))
+        .routes(routes!(token_revoke))
+        .routes(routes!(services, service_create))
+        .routes(routes!(service_show, service_update, service_remove))
+        .routes(routes!(service_switch))
+        .routes(routes!(serving))
+        .routes(routes!(stats))
+        .routes(routes!(web_stats))
+        .routes(routes!(certs))
+        .routes(routes!(plan))
+        .routes(routes!(alarms, alarm_raise))
+        .routes(routes!(alarm_clear))
+        .routes(routes!(backups_view))
+        .routes(routes!(backup_verify))
+        .routes(routes!(backup_list))
+        .routes(routes!(backup_restore))
+        .routes(routes!(backup_rollback))
+        .routes(routes!(backup_now))
+        .routes(routes!(backup_export))
+        .routes(routes!(activation_create))
+        .routes(routes!(activation_use))
+        .routes(routes!(users, user_create))
+        .routes(routes!(password_change))
+        .routes(routes!(keys, key_create))
+        .routes(routes!(key_revoke))
+        .routes(routes!(key_used))
+        .routes(routes!(settings, settings_change))
+        .routes(routes!(invite_create))
+        .routes(routes!(invite_revoke))
+        .routes(routes!(signup_create))
+        .routes(routes!(signup_decide))
+        .routes(routes!(signup_served))
+        .routes(routes!(leave))
+        .routes(routes!(node_remove))
+        .split_for_parts()
+}
+
+/// The API's OpenAPI document, as JSON.
+pub fn openapi_json() -> String {
+    routes().1.to_json().expect("the API document serializes")
+}
+
 pub fn router(api: Api) -> Router {
-    Router::new()
-        .route("/v1/status", get(status))
-        .route("/v1/events", get(events))
-        .route("/v1/tokens", get(tokens).post(token_create))
-        .route("/v1/tokens/{id}", axum::routing::delete(token_revoke))
-        .route("/v1/services", get(services).post(service_create))
-        .route("/v1/services/{name}", get(service_show).put(service_update).delete(service_remove))
-        .route("/v1/services/{name}/switch", post(service_switch))
-        .route("/v1/serving", get(serving))
-        .route("/v1/stats", get(stats))
-        .route("/v1/stats/web", get(web_stats))
-        .route("/v1/certs", get(certs))
+    let (routes, doc) = routes();
+    let doc = Arc::new(doc.to_json().expect("the API document serializes"));
+    routes
         .route("/metrics", get(metrics))
-        .route("/v1/plan", get(plan))
-        .route("/v1/alarms", get(alarms).post(alarm_raise))
-        .route("/v1/alarms/{id}/clear", post(alarm_clear))
-        .route("/v1/backups", get(backups_view))
-        .route("/v1/backups/verify", post(backup_verify))
-        .route("/v1/backups/{service}", get(backup_list))
-        .route("/v1/backups/{service}/restore", post(backup_restore))
-        .route("/v1/backups/{service}/rollback", post(backup_rollback))
-        .route("/v1/backups/{service}/now", post(backup_now))
-        .route("/v1/backups/{service}/export", get(backup_export))
-        .route("/v1/activations", post(activation_create))
-        .route("/v1/activations/use", post(activation_use))
-        .route("/v1/users", get(users).post(user_create))
-        .route("/v1/users/{name}/password", post(password_change))
-        .route("/v1/keys", get(keys).post(key_create))
-        .route("/v1/keys/{id}", axum::routing::delete(key_revoke))
-        .route("/v1/keys/{id}/used", post(key_used))
-        .route("/v1/settings", get(settings).put(settings_change))
-        .route("/v1/invites", post(invite_create))
-        .route("/v1/invites/{id}", axum::routing::delete(invite_revoke))
-        .route("/v1/signups", post(signup_create))
-        .route("/v1/signups/{name}/decide", post(signup_decide))
-        .route("/v1/signups/{name}/served", post(signup_served))
-        .route("/v1/leave", post(leave))
-        .route("/v1/nodes/{id}/remove", post(node_remove))
+        .route(
+            "/v1/openapi.json",
+            get(move || async move { ([("content-type", "application/json")], doc.as_str().to_owned()) }),
+        )
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(api)
+}
+
+/// Longest error text kept when an error is turned into JSON.
+const ERROR_TEXT_MAX: usize = 4096;
+
+/// Every error answer is an [`ErrorAnswer`]: the refusals axum's extractors and router make (a body
+/// that is not JSON, a path or query that does not parse, no such route) come as text, and become
+/// JSON here, so that a client reads one shape whatever went wrong.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, ERROR_TEXT_MAX).await {
+        Ok(b) if !b.is_empty() => String::from_utf8_lossy(&b).into_owned(),
+        _ => match status {
+            StatusCode::NOT_FOUND => "no such route".to_string(),
+            StatusCode::METHOD_NOT_ALLOWED => "this route does not take this method".to_string(),
+            other => other.canonical_reason().unwrap_or("error").to_string(),
+        },
+    };
+    let mut answer = (status, Json(ErrorAnswer { error: text })).into_response();
+    if let Some(allow) = parts.headers.get(axum::http::header::ALLOW) {
+        answer.headers_mut().insert(axum::http::header::ALLOW, allow.clone());
+    }
+    answer
 }
 
 pub struct ApiError(StatusCode, String);
@@ -181,6 +243,7 @@ async fn propose_at(caller: &Caller, event: Event, at_ms: u64) -> Result<Propose
     }
 }
 
+#[utoipa::path(get, path = "/v1/status", tag = "cluster", summary = "This node, the cluster, the services and the fault tolerance", responses((status = 200, description = "Done", body = Status), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn status(State(api): State<Api>) -> ApiResult<Status> {
     let cluster = api.node.status().await;
     let now_ms = api.node.now_ms();
@@ -211,6 +274,7 @@ async fn status(State(api): State<Api>) -> ApiResult<Status> {
 /// first backup: the handovers not yet under way are asked for, and the answer lists them all.
 /// Once it masters nothing, the leave itself is recorded: its other roles are refilled elsewhere,
 /// the leader takes it out of Raft's membership, and this node removes its containers and stops.
+#[utoipa::path(post, path = "/v1/leave", tag = "nodes", summary = "One step of this server's leave", responses((status = 200, description = "Done", body = wire::LeaveAnswer), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn leave(caller: Caller) -> ApiResult<wire::LeaveAnswer> {
     let me = caller.api.node.id();
     let plan: Result<Vec<(wire::HandingOver, bool)>, String> = caller.api.node.store().with_state(|s| {
@@ -250,6 +314,7 @@ async fn leave(caller: Caller) -> ApiResult<wire::LeaveAnswer> {
 }
 
 /// A server that is gone is taken out of the cluster (`coyote node remove`).
+#[utoipa::path(post, path = "/v1/nodes/{id}/remove", tag = "nodes", summary = "Takes a server that is gone out of the cluster", params(("id" = u64, Path, description = "The node's id")), request_body = wire::NodeRemove, responses((status = 200, description = "Done", body = Committed), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn node_remove(
     caller: Caller,
     Path(id): Path<u64>,
@@ -270,14 +335,19 @@ async fn node_remove(
     Ok(Json(Committed { index: proposed.index }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct EventsQuery {
+    /// The first index to return (0: from the start).
     from: Option<u64>,
+    /// Only the events of this kind.
     kind: Option<String>,
+    /// Keep the connection and send each event as it commits, one JSON object per line.
     #[serde(default)]
     follow: bool,
 }
 
+#[utoipa::path(get, path = "/v1/events", tag = "events", summary = "The event history: one page, or with follow=true every event as it commits (one JSON object per line)", params(EventsQuery), responses((status = 200, description = "One page (JSON), or with follow=true one event per line", content((EventsPage = "application/json"), (EventView = "application/x-ndjson"))), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn events(State(api): State<Api>, Query(q): Query<EventsQuery>) -> Result<Response, ApiError> {
     if let Some(kind) = &q.kind {
         if !Event::KINDS.contains(&kind.as_str()) {
@@ -347,6 +417,7 @@ fn read_events(api: &Api, from: u64, limit: usize) -> Result<Vec<EventRecord>, A
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the event archive: {e}")))
 }
 
+#[utoipa::path(post, path = "/v1/tokens", tag = "tokens", summary = "Issues a join token", request_body = TokenCreate, responses((status = 200, description = "Done", body = TokenCreated), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn token_create(caller: Caller, Json(req): Json<TokenCreate>) -> ApiResult<TokenCreated> {
     let api = &caller.api;
     if req.ttl_ms == 0 || req.ttl_ms > TOKEN_TTL_MAX_MS {
@@ -374,16 +445,19 @@ async fn token_create(caller: Caller, Json(req): Json<TokenCreate>) -> ApiResult
     }))
 }
 
+#[utoipa::path(get, path = "/v1/tokens", tag = "tokens", summary = "The join tokens", responses((status = 200, description = "Done", body = Vec<TokenView>), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn tokens(State(api): State<Api>) -> ApiResult<Vec<TokenView>> {
     let now = api.node.now_ms();
     Ok(Json(api.node.store().with_state(|s| s.tokens.values().map(|t| TokenView::new(t, now)).collect())))
 }
 
+#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens", summary = "Revokes a join token", params(("id" = String, Path, description = "The token's id")), responses((status = 200, description = "Done", body = Committed), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn token_revoke(caller: Caller, Path(id): Path<String>) -> ApiResult<Committed> {
     let proposed = propose(&caller, Event::TokenRevoked { token_id: id }).await?;
     Ok(Json(Committed { index: proposed.index }))
 }
 
+#[utoipa::path(post, path = "/v1/services", tag = "services", summary = "Creates a service; the log places it", request_body = ServiceSpec, responses((status = 200, description = "Done", body = ServiceCreated), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn service_create(caller: Caller, Json(spec): Json<ServiceSpec>) -> ApiResult<ServiceCreated> {
     let api = &caller.api;
     let name = spec.name.clone();
@@ -398,6 +472,7 @@ async fn service_create(caller: Caller, Json(spec): Json<ServiceSpec>) -> ApiRes
 /// An instruction: the way a backup (or any member with a role) becomes master. By default a
 /// graceful handover (the master dumps, stops and then switches; see `State::handovers`); with
 /// `now`, the switch itself.
+#[utoipa::path(post, path = "/v1/services/{name}/switch", tag = "services", summary = "Moves a service's authority to another node", params(("name" = String, Path, description = "The service's name")), request_body = SwitchRequest, responses((status = 200, description = "Done", body = SwitchAnswer), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn service_switch(
     caller: Caller,
     Path(name): Path<String>,
@@ -429,6 +504,7 @@ async fn service_switch(
     Ok(Json(SwitchAnswer { name, to: req.to, index: proposed.index, how }))
 }
 
+#[utoipa::path(get, path = "/v1/stats", tag = "stats", summary = "Connections, cold starts and pauses of the services on this node", responses((status = 200, description = "Done", body = Vec<ServiceStats>), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn stats(State(api): State<Api>) -> ApiResult<Vec<ServiceStats>> {
     Ok(Json(match &api.activator {
         Some(a) => a.stats().await,
@@ -436,6 +512,7 @@ async fn stats(State(api): State<Api>) -> ApiResult<Vec<ServiceStats>> {
     }))
 }
 
+#[utoipa::path(get, path = "/v1/stats/web", tag = "stats", summary = "The traffic of this node's proxy, per domain", responses((status = 200, description = "Done", body = wire::WebStats), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn web_stats(State(api): State<Api>) -> ApiResult<crate::wire::WebStats> {
     match &api.proxy {
         Some(p) => Ok(Json(crate::front::web_stats(&p.stats))),
@@ -474,14 +551,17 @@ async fn metrics(State(api): State<Api>) -> Response {
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }
 
+#[utoipa::path(get, path = "/v1/serving", tag = "services", summary = "The services this node's fence lets it serve now", responses((status = 200, description = "Done", body = Serving), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn serving(State(api): State<Api>) -> ApiResult<Serving> {
     Ok(Json(Serving { node_id: api.node.id(), serving: api.fence.serving_services() }))
 }
 
+#[utoipa::path(get, path = "/v1/services", tag = "services", summary = "The services", responses((status = 200, description = "Done", body = Vec<ServiceView>), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn services(State(api): State<Api>) -> ApiResult<Vec<ServiceView>> {
     Ok(Json(api.node.store().with_state(|s| s.services.values().map(ServiceView::from).collect())))
 }
 
+#[utoipa::path(get, path = "/v1/services/{name}", tag = "services", summary = "One service", params(("name" = String, Path, description = "The service's name")), responses((status = 200, description = "Done", body = ServiceView), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn service_show(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<ServiceView> {
     api.node
         .store()
@@ -490,6 +570,7 @@ async fn service_show(State(api): State<Api>, Path(name): Path<String>) -> ApiRe
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("service {name} does not exist")))
 }
 
+#[utoipa::path(put, path = "/v1/services/{name}", tag = "services", summary = "Replaces a service's spec", params(("name" = String, Path, description = "The service's name")), request_body = ServiceSpec, responses((status = 200, description = "Done", body = ServiceUpdated), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn service_update(
     caller: Caller,
     Path(name): Path<String>,
@@ -507,6 +588,7 @@ async fn service_update(
 }
 
 /// What this node's reconciler would do now, without doing it.
+#[utoipa::path(get, path = "/v1/plan", tag = "cluster", summary = "What this node's reconciler would do now", responses((status = 200, description = "Done", body = serde_json::Value), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn plan(State(api): State<Api>) -> ApiResult<PlanView> {
     let Some(reconciler) = &api.reconciler else {
         return Err(ApiError(
@@ -519,12 +601,14 @@ async fn plan(State(api): State<Api>) -> ApiResult<PlanView> {
     Ok(Json(view))
 }
 
+#[utoipa::path(delete, path = "/v1/services/{name}", tag = "services", summary = "Removes a service", params(("name" = String, Path, description = "The service's name")), responses((status = 200, description = "Done", body = Committed), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn service_remove(caller: Caller, Path(name): Path<String>) -> ApiResult<Committed> {
     let proposed = propose(&caller, Event::ServiceRemoved { name }).await?;
     Ok(Json(Committed { index: proposed.index }))
 }
 
 /// Every name a certificate may be ordered for, with what the log knows of it (no keys).
+#[utoipa::path(get, path = "/v1/certs", tag = "certs", summary = "Every name a certificate may be ordered for, and its state", responses((status = 200, description = "Done", body = Vec<wire::CertView>), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn certs(State(api): State<Api>) -> ApiResult<Vec<crate::wire::CertView>> {
     let now = api.node.now_ms();
     let acme = api.acme_directory.clone();
@@ -557,10 +641,12 @@ async fn certs(State(api): State<Api>) -> ApiResult<Vec<crate::wire::CertView>> 
     Ok(Json(views))
 }
 
+#[utoipa::path(get, path = "/v1/alarms", tag = "alarms", summary = "The open alarms", responses((status = 200, description = "Done", body = Vec<Alarm>), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn alarms(State(api): State<Api>) -> ApiResult<Vec<Alarm>> {
     Ok(Json(api.node.store().with_state(|s| s.open_alarms().cloned().collect())))
 }
 
+#[utoipa::path(post, path = "/v1/alarms", tag = "alarms", summary = "Raises an alarm", request_body = AlarmRaise, responses((status = 200, description = "Done", body = AlarmRaised), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn alarm_raise(caller: Caller, Json(req): Json<AlarmRaise>) -> ApiResult<AlarmRaised> {
     let event =
         Event::AlarmRaised { key: req.key, node: req.node, service: req.service, message: req.message };
@@ -569,12 +655,14 @@ async fn alarm_raise(caller: Caller, Json(req): Json<AlarmRaise>) -> ApiResult<A
     Ok(Json(AlarmRaised { id: proposed.index, index: proposed.index }))
 }
 
+#[utoipa::path(post, path = "/v1/alarms/{id}/clear", tag = "alarms", summary = "Clears an alarm", params(("id" = u64, Path, description = "The alarm's id")), responses((status = 200, description = "Done", body = Committed), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn alarm_clear(caller: Caller, Path(id): Path<u64>) -> ApiResult<Committed> {
     let event = Event::AlarmCleared { alarm_id: id, reason: "cleared by an admin".into() };
     let proposed = propose(&caller, event).await?;
     Ok(Json(Committed { index: proposed.index }))
 }
 
+#[utoipa::path(get, path = "/v1/backups/{service}", tag = "backups", summary = "A service's snapshots and who holds them", params(("service" = String, Path, description = "The service's name")), responses((status = 200, description = "Done", body = wire::BackupList), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn backup_list(State(api): State<Api>, Path(service): Path<String>) -> ApiResult<wire::BackupList> {
     let now_ms = api.node.now_ms();
     api.node
@@ -638,6 +726,7 @@ fn backups_of(api: &Api) -> Result<&Arc<crate::backups::Backups>, ApiError> {
 
 /// Asks for `service`'s data to be rolled back in place to a snapshot (an id or the start of one;
 /// the newest some node holds by default): proposes `RestoreRequested`.
+#[utoipa::path(post, path = "/v1/backups/{service}/rollback", tag = "backups", summary = "Rolls a service's data back to a snapshot", params(("service" = String, Path, description = "The service's name")), request_body = wire::BackupRollback, responses((status = 200, description = "Done", body = wire::RollbackAsked), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn backup_rollback(
     caller: Caller,
     Path(service): Path<String>,
@@ -669,6 +758,7 @@ async fn backup_rollback(
     Ok(Json(wire::RollbackAsked { index: proposed.index, snapshot }))
 }
 
+#[utoipa::path(post, path = "/v1/backups/{service}/now", tag = "backups", summary = "Takes a snapshot now, on the service's master", params(("service" = String, Path, description = "The service's name")), request_body = Option<wire::BackupNow>, responses((status = 200, description = "Done", body = wire::TakenView), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn backup_now(
     State(api): State<Api>,
     Path(service): Path<String>,
@@ -708,11 +798,14 @@ async fn backup_now(
     })
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ExportQuery {
+    /// A snapshot id, or the start of one (the newest by default).
     snapshot: Option<String>,
 }
 
+#[utoipa::path(get, path = "/v1/backups/{service}/export", tag = "backups", summary = "A snapshot as a tar archive", params(("service" = String, Path, description = "The service's name"), ExportQuery), responses((status = 200, description = "A tar archive", content_type = "application/x-tar"), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn backup_export(
     State(api): State<Api>,
     Path(service): Path<String>,
@@ -751,6 +844,7 @@ impl std::io::Write for ChannelWriter {
     }
 }
 
+#[utoipa::path(get, path = "/v1/backups", tag = "backups", summary = "This node's snapshot pauses", responses((status = 200, description = "Done", body = wire::BackupsView), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn backups_view(State(api): State<Api>) -> ApiResult<wire::BackupsView> {
     let backups = backups_of(&api)?;
     Ok(Json(wire::BackupsView { pauses: backups.pause_stats() }))
@@ -765,6 +859,7 @@ fn backup_error(e: crate::backups::BackupError) -> ApiError {
     }
 }
 
+#[utoipa::path(post, path = "/v1/backups/verify", tag = "backups", summary = "Re-hashes the chunks this node holds and repairs what it can", request_body = Option<wire::BackupVerify>, responses((status = 200, description = "Done", body = wire::VerifyView), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn backup_verify(
     State(api): State<Api>,
     body: Option<Json<wire::BackupVerify>>,
@@ -779,6 +874,7 @@ async fn backup_verify(
     backups.verify(service.as_deref()).await.map(Json).map_err(backup_error)
 }
 
+#[utoipa::path(post, path = "/v1/backups/{service}/restore", tag = "backups", summary = "Restores a snapshot into a directory of this node", params(("service" = String, Path, description = "The service's name")), request_body = wire::BackupRestore, responses((status = 200, description = "Done", body = wire::RestoredCopy), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn backup_restore(
     State(api): State<Api>,
     Path(service): Path<String>,
@@ -800,6 +896,7 @@ fn random_hex(n: usize) -> String {
     hex::encode(bytes)
 }
 
+#[utoipa::path(post, path = "/v1/activations", tag = "accounts", summary = "Issues a one-time activation URL", request_body = wire::ActivationCreate, responses((status = 200, description = "Done", body = wire::ActivationCreated), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn activation_create(
     caller: Caller,
     Json(req): Json<wire::ActivationCreate>,
@@ -826,6 +923,7 @@ async fn activation_create(
     Ok(Json(wire::ActivationCreated { activation_id, code, url, expires_at_ms, index: proposed.index }))
 }
 
+#[utoipa::path(post, path = "/v1/activations/use", tag = "accounts", summary = "Uses an activation code: creates the first admin", request_body = wire::ActivationUse, responses((status = 200, description = "Done", body = Committed), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn activation_use(caller: Caller, Json(req): Json<wire::ActivationUse>) -> ApiResult<Committed> {
     let Some((id, secret)) = wire::parse_activation(&req.code) else {
         return Err(ApiError(StatusCode::BAD_REQUEST, "an activation code is ID.SECRET".into()));
@@ -840,6 +938,7 @@ async fn activation_use(caller: Caller, Json(req): Json<wire::ActivationUse>) ->
     Ok(Json(Committed { index: proposed.index }))
 }
 
+#[utoipa::path(get, path = "/v1/users", tag = "accounts", summary = "The users", responses((status = 200, description = "Done", body = Vec<wire::UserView>), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn users(State(api): State<Api>) -> ApiResult<Vec<wire::UserView>> {
     Ok(Json(api.node.store().with_state(|s| {
         s.accounts
@@ -855,6 +954,7 @@ async fn users(State(api): State<Api>) -> ApiResult<Vec<wire::UserView>> {
     })))
 }
 
+#[utoipa::path(post, path = "/v1/users", tag = "accounts", summary = "Creates a user", request_body = wire::UserCreate, responses((status = 200, description = "Done", body = Committed), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn user_create(caller: Caller, Json(req): Json<wire::UserCreate>) -> ApiResult<Committed> {
     let event = Event::Account(AccountEvent::UserCreated {
         name: req.name,
@@ -865,6 +965,7 @@ async fn user_create(caller: Caller, Json(req): Json<wire::UserCreate>) -> ApiRe
     Ok(Json(Committed { index: proposed.index }))
 }
 
+#[utoipa::path(post, path = "/v1/users/{name}/password", tag = "accounts", summary = "Changes a user's password", params(("name" = String, Path, description = "The user's name")), request_body = wire::PasswordChange, responses((status = 200, description = "Done", body = Committed), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn password_change(
     caller: Caller,
     Path(name): Path<String>,
@@ -875,6 +976,7 @@ async fn password_change(
     Ok(Json(Committed { index: proposed.index }))
 }
 
+#[utoipa::path(get, path = "/v1/keys", tag = "accounts", summary = "The API keys (never their secrets)", responses((status = 200, description = "Done", body = Vec<wire::KeyView>), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn keys(State(api): State<Api>) -> ApiResult<Vec<wire::KeyView>> {
     Ok(Json(api.node.store().with_state(|s| {
         s.accounts
@@ -893,6 +995,7 @@ async fn keys(State(api): State<Api>) -> ApiResult<Vec<wire::KeyView>> {
     })))
 }
 
+#[utoipa::path(post, path = "/v1/keys", tag = "accounts", summary = "Creates an API key; its secret is shown once", request_body = wire::KeyCreate, responses((status = 200, description = "Done", body = wire::KeyCreated), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn key_create(caller: Caller, Json(req): Json<wire::KeyCreate>) -> ApiResult<wire::KeyCreated> {
     let (key_id, secret) = (random_hex(6), random_hex(32));
     let event = Event::Account(AccountEvent::ApiKeyCreated {
@@ -907,20 +1010,24 @@ async fn key_create(caller: Caller, Json(req): Json<wire::KeyCreate>) -> ApiResu
     Ok(Json(wire::KeyCreated { key_id, key, index: proposed.index }))
 }
 
+#[utoipa::path(delete, path = "/v1/keys/{id}", tag = "accounts", summary = "Revokes an API key", params(("id" = String, Path, description = "The key's id")), responses((status = 200, description = "Done", body = Committed), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn key_revoke(caller: Caller, Path(id): Path<String>) -> ApiResult<Committed> {
     let proposed = propose(&caller, Event::Account(AccountEvent::ApiKeyRevoked { key_id: id })).await?;
     Ok(Json(Committed { index: proposed.index }))
 }
 
+#[utoipa::path(post, path = "/v1/keys/{id}/used", tag = "accounts", summary = "Records an API key's use", params(("id" = String, Path, description = "The key's id")), responses((status = 200, description = "Done", body = Committed), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn key_used(caller: Caller, Path(id): Path<String>) -> ApiResult<Committed> {
     let proposed = propose(&caller, Event::Account(AccountEvent::ApiKeyUsed { key_id: id })).await?;
     Ok(Json(Committed { index: proposed.index }))
 }
 
+#[utoipa::path(get, path = "/v1/settings", tag = "settings", summary = "The CRM's settings", responses((status = 200, description = "Done", body = coyote_state_machine::accounts::CrmSettings), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn settings(State(api): State<Api>) -> ApiResult<coyote_state_machine::accounts::CrmSettings> {
     Ok(Json(api.node.store().with_state(|s| s.accounts.settings.clone())))
 }
 
+#[utoipa::path(put, path = "/v1/settings", tag = "settings", summary = "Changes the CRM's settings", request_body = coyote_state_machine::accounts::CrmSettings, responses((status = 200, description = "Done", body = Committed), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn settings_change(
     caller: Caller,
     Json(settings): Json<coyote_state_machine::accounts::CrmSettings>,
@@ -929,6 +1036,7 @@ async fn settings_change(
     Ok(Json(Committed { index: proposed.index }))
 }
 
+#[utoipa::path(post, path = "/v1/invites", tag = "signups", summary = "Issues an invite link", request_body = wire::InviteCreate, responses((status = 200, description = "Done", body = wire::InviteCreated), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn invite_create(
     caller: Caller,
     Json(req): Json<wire::InviteCreate>,
@@ -946,11 +1054,13 @@ async fn invite_create(
     Ok(Json(wire::InviteCreated { invite_id, code, expires_at_ms, index: proposed.index }))
 }
 
+#[utoipa::path(delete, path = "/v1/invites/{id}", tag = "signups", summary = "Revokes an invite link", params(("id" = String, Path, description = "The invite's id")), responses((status = 200, description = "Done", body = Committed), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn invite_revoke(caller: Caller, Path(id): Path<String>) -> ApiResult<Committed> {
     let proposed = propose(&caller, Event::Account(AccountEvent::InviteRevoked { invite_id: id })).await?;
     Ok(Json(Committed { index: proposed.index }))
 }
 
+#[utoipa::path(post, path = "/v1/signups", tag = "signups", summary = "Records a signup", request_body = wire::SignupCreate, responses((status = 200, description = "Done", body = Committed), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn signup_create(caller: Caller, Json(req): Json<wire::SignupCreate>) -> ApiResult<Committed> {
     let invite = match &req.invite {
         None => None,
@@ -973,6 +1083,7 @@ async fn signup_create(caller: Caller, Json(req): Json<wire::SignupCreate>) -> A
     Ok(Json(Committed { index: proposed.index }))
 }
 
+#[utoipa::path(post, path = "/v1/signups/{name}/decide", tag = "signups", summary = "Approves or refuses a signup", params(("name" = String, Path, description = "The member's name")), request_body = wire::SignupDecide, responses((status = 200, description = "Done", body = Committed), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn signup_decide(
     caller: Caller,
     Path(name): Path<String>,
@@ -985,6 +1096,7 @@ async fn signup_decide(
 }
 
 /// This node observes that it serves the member's service (its fence lets it serve it).
+#[utoipa::path(post, path = "/v1/signups/{name}/served", tag = "signups", summary = "Records that a member's service is served", params(("name" = String, Path, description = "The member's name")), responses((status = 200, description = "Done", body = Committed), (status = "4XX", description = "Refused: the answer says why", body = ErrorAnswer), (status = "5XX", description = "The node or the cluster cannot answer now", body = ErrorAnswer)))]
 async fn signup_served(caller: Caller, Path(name): Path<String>) -> ApiResult<Committed> {
     if !caller.api.fence.serving_services().contains(&name) {
         return Err(ApiError(StatusCode::CONFLICT, format!("this node does not serve {name}")));
@@ -992,4 +1104,58 @@ async fn signup_served(caller: Caller, Path(name): Path<String>) -> ApiResult<Co
     let node = caller.api.node.id();
     let proposed = propose(&caller, Event::Account(AccountEvent::SignupServed { name, node })).await?;
     Ok(Json(Committed { index: proposed.index }))
+}
+
+#[cfg(test)]
+mod document {
+    /// Every `$ref` in `value`.
+    fn refs<'a>(value: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v.as_str()) {
+                        ("$ref", Some(r)) => out.push(r),
+                        _ => refs(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn every_operation_is_described_and_every_schema_it_names_exists() {
+        let doc: serde_json::Value = serde_json::from_str(&super::openapi_json()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        let mut operations = 0;
+        for (path, item) in paths {
+            assert!(path.starts_with("/v1/"), "{path}");
+            for (method, op) in item.as_object().unwrap() {
+                operations += 1;
+                assert!(
+                    op["summary"].as_str().is_some_and(|s| !s.is_empty()),
+                    "{method} {path} has no summary"
+                );
+                assert!(op["tags"][0].is_string(), "{method} {path} has no tag");
+                assert!(op["responses"]["200"].is_object(), "{method} {path} has no answer");
+                assert!(op["responses"]["4XX"].is_object(), "{method} {path} names no errors");
+                for name in path.split('{').skip(1).map(|p| &p[..p.find('}').unwrap()]) {
+                    let params = op["parameters"].as_array().unwrap();
+                    assert!(
+                        params.iter().any(|p| p["name"] == name && p["in"] == "path"),
+                        "{method} {path} does not describe {name}"
+                    );
+                }
+            }
+        }
+        assert!(operations >= 40, "{operations} operations");
+        let mut names = Vec::new();
+        refs(&doc, &mut names);
+        assert!(names.iter().any(|r| r.ends_with("/ServiceSpec")));
+        for r in names {
+            let name = r.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("{r}"));
+            assert!(doc["components"]["schemas"][name].is_object(), "{r} names no schema");
+        }
+    }
 }

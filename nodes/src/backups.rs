@@ -126,7 +126,7 @@ pub enum BackupError {
 }
 
 /// What one snapshot did, as `coyote backup now` shows it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct TakenView {
     pub service: String,
     pub snapshot: String,
@@ -143,7 +143,7 @@ pub struct TakenView {
 }
 
 /// What `coyote backup verify` found.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct VerifyView {
     /// Chunks re-hashed, and those whose bytes no longer match their name (removed).
     pub checked_chunks: u64,
@@ -157,7 +157,7 @@ pub struct VerifyView {
 }
 
 /// What `coyote backup restore --into` did.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct RestoredCopy {
     pub snapshot: String,
     pub into: String,

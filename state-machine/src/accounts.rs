@@ -39,6 +39,7 @@ const PASSWORD_HASH_MAX: usize = 256;
 
 /// What a user may do.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum UserRole {
     /// Runs the cluster: every page and action.
     Admin,
@@ -57,6 +58,7 @@ impl UserRole {
 
 /// What an API key may do.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum KeyScope {
     /// Reads only (`GET`).
     Read,
@@ -109,6 +111,7 @@ pub struct ApiKey {
 
 /// Who may sign up on the CRM's signup page.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum SignupMode {
     /// Nobody: the page says signups are closed.
     #[default]
@@ -140,6 +143,7 @@ impl SignupMode {
 
 /// What a signup provisions: a service named after the member, at `NAME.DOMAIN`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SignupTemplate {
     pub image: String,
     /// The domain under which each member's service gets its name (`alice.DOMAIN`).
@@ -170,6 +174,7 @@ impl SignupTemplate {
 
 /// The CRM's settings.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CrmSettings {
     /// The cluster's name, as the pages show it.
     pub cluster_name: String,

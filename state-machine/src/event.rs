@@ -24,6 +24,7 @@ pub struct NodeInfo {
 /// Who serves a service (master), who takes over by itself (failover), and who holds its data and waits
 /// for an instruction (backups).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Placement {
     pub master: NodeId,
     pub failover: Option<NodeId>,

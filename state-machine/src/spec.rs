@@ -55,6 +55,7 @@ pub const NAMESERVERS_MAX: usize = 8;
 /// The DNS zone of a service, and the nameservers that serve it from its master: while any of them
 /// answers an SOA query for the zone, the failover does not take over (see the monitor).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ZoneCheck {
     pub zone: String,
     /// `HOST:PORT` or `HOST` (port 53); HOST is an IP address or a name.
@@ -62,6 +63,7 @@ pub struct ZoneCheck {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PortMap {
     pub host: u16,
     pub container: u16,
@@ -97,6 +99,7 @@ pub struct ServiceSpec {
 
 /// The JSON form of a spec: named fields, `dump` optional.
 #[derive(Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename = "ServiceSpec")]
 struct SpecFields {
     name: String,
@@ -115,6 +118,25 @@ struct SpecFields {
     http_port: Option<u16>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     tls_passthrough: bool,
+}
+
+/// The schema of a spec is that of its JSON form.
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for ServiceSpec {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        <SpecFields as utoipa::PartialSchema>::schema()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for ServiceSpec {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "ServiceSpec".into()
+    }
+
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
+        <SpecFields as utoipa::ToSchema>::schemas(schemas)
+    }
 }
 
 impl Serialize for ServiceSpec {

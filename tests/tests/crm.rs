@@ -192,6 +192,62 @@ fn the_event_stream_is_live_and_resumes_and_keys_have_scopes() -> Result<()> {
         .find(|e| e["kind"] == "service_created" && e["summary"].as_str().unwrap_or("").contains("wiki"))
         .context("wiki created")?;
     assert!(wiki["actor"].as_str().unwrap_or("").starts_with("key:"), "{wiki}");
+
+    // The API's OpenAPI document is public and describes the routes a key reaches, no others.
+    let reply = Web::new(&addr).get("/api/v1/openapi.json")?;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let doc: serde_json::Value = serde_json::from_str(&reply.body).context("the document is JSON")?;
+    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")), "{}", doc["openapi"]);
+    assert_eq!(doc["servers"][0]["url"], "/api");
+    assert_eq!(doc["components"]["securitySchemes"]["api_key"]["scheme"], "bearer");
+    let paths = doc["paths"].as_object().context("the document has paths")?;
+    assert!(paths["/v1/services"].get("get").is_some() && paths["/v1/services"].get("post").is_some());
+    assert!(paths.contains_key("/v1/services/{name}/switch") && paths.contains_key("/v1/backups/{service}"));
+    for keyless in ["/v1/keys", "/v1/users", "/v1/activations"] {
+        assert!(!paths.contains_key(keyless), "{keyless} is only for the pages, yet documented");
+    }
+    // Every documented read without parameters is a route (a path no route takes gets "no such
+    // route"), and every answer is JSON, errors included.
+    let mut reads = 0;
+    for (path, item) in paths {
+        if path.contains('{') || item.get("get").is_none() {
+            continue;
+        }
+        let headers = [("Authorization", format!("Bearer {read}"))];
+        let answer = Web::new(&addr).request("GET", &format!("/api{path}"), &headers, None)?;
+        let body = serde_json::from_str::<serde_json::Value>(&answer.body).with_context(|| {
+            format!("GET /api{path} answered {} without JSON: {:?}", answer.status, answer.body)
+        })?;
+        assert_ne!(body["error"], "no such route", "GET /api{path}");
+        reads += 1;
+    }
+    assert!(reads >= 10, "only {reads} documented reads");
+    let headers = [("Authorization", format!("Bearer {read}"))];
+    let nowhere = Web::new(&addr).request("GET", "/api/v1/nowhere", &headers, None)?;
+    assert_eq!((nowhere.status, nowhere.body.as_str()), (404, r#"{"error":"no such route"}"#));
+    let headers = [("Authorization", format!("Bearer {write}")), ("Content-Type", "application/json".into())];
+    let bad = Web::new(&addr).request("POST", "/api/v1/services", &headers, Some(b"{\"name\":"))?;
+    assert_eq!(bad.status, 400, "{bad:?}");
+    let error: serde_json::Value = serde_json::from_str(&bad.body).context("a bad body's error is JSON")?;
+    assert!(error["error"].as_str().is_some_and(|e| e.contains("EOF")), "{error}");
+    // A spec made of the schema's required fields only is accepted.
+    let schema = &doc["components"]["schemas"]["ServiceSpec"];
+    let mut spec = serde_json::Map::new();
+    for field in schema["required"].as_array().context("the spec's schema lists required fields")? {
+        let field = field.as_str().context("a field name")?;
+        let value = match (field, schema["properties"][field]["type"].as_str()) {
+            ("name", _) => serde_json::json!("docs"),
+            ("image", _) => serde_json::json!("busybox:latest"),
+            (_, Some("array")) => serde_json::json!([]),
+            (_, Some("boolean")) => serde_json::json!(false),
+            (_, Some("integer")) => serde_json::json!(0),
+            (_, Some("string")) => serde_json::json!(""),
+            (_, other) => anyhow::bail!("required field {field} of type {other:?}"),
+        };
+        spec.insert(field.to_string(), value);
+    }
+    let spec = serde_json::Value::Object(spec).to_string();
+    assert_eq!(api(&write, "POST", "/api/v1/services", Some(&spec))?, 200, "{spec}");
     Ok(())
 }
 

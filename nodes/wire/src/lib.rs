@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 pub const ACTOR_HEADER: &str = "coyote-actor";
 
 /// The proxy's traffic on one node (`GET /v1/stats/web`).
-#[derive(Serialize, Deserialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug, utoipa::ToSchema)]
 pub struct WebStats {
     pub open_connections: u64,
     pub connections: u64,
@@ -21,7 +21,7 @@ pub struct WebStats {
 }
 
 /// One domain's requests through this node's proxy.
-#[derive(Serialize, Deserialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug, utoipa::ToSchema)]
 pub struct DomainStats {
     pub domain: String,
     /// Requests answered with 1xx, 2xx, 3xx, 4xx, 5xx.
@@ -38,13 +38,13 @@ pub use coyote_log::ClusterStatus;
 pub use coyote_state_machine::Alarm;
 
 /// Every error answer: the HTTP status says what kind, `error` says what in words.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorAnswer {
     pub error: String,
 }
 
 /// A name's certificate (`GET /v1/certs`, `coyote cert list`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CertView {
     pub name: String,
     /// `valid`, `renewing`, `ordering`, `waiting` (to retry after a failure), `expired`, `pending`,
@@ -65,7 +65,7 @@ pub struct CertView {
 }
 
 /// An event as `coyote events tail` shows it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventView {
     pub index: u64,
     pub term: u64,
@@ -77,10 +77,11 @@ pub struct EventView {
     /// Why it was rejected, for a rejected one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    #[schema(value_type = Object)]
     pub event: Event,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventOutcome {
     Applied,
@@ -109,20 +110,20 @@ impl From<&EventRecord> for EventView {
 }
 
 /// One page of the event history; `next` is where the following page starts, absent after the last.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventsPage {
     pub events: Vec<EventView>,
     pub next: Option<u64>,
 }
 
 /// `POST /v1/tokens`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenCreate {
     pub ttl_ms: u64,
     pub uses: u32,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenCreated {
     /// The whole token, to give to the joining server (shown once).
     pub token: String,
@@ -132,7 +133,7 @@ pub struct TokenCreated {
     pub index: u64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenView {
     pub id: String,
     pub status: TokenState,
@@ -143,7 +144,7 @@ pub struct TokenView {
     pub used_by: Vec<u64>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TokenState {
     Valid,
@@ -184,7 +185,7 @@ impl std::fmt::Display for TokenState {
 }
 
 /// A service as `coyote service show` shows it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ServiceView {
     pub name: String,
     pub spec: ServiceSpec,
@@ -209,7 +210,7 @@ impl From<&Service> for ServiceView {
 }
 
 /// `POST /v1/services`: the spec. The answer: where the log placed it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ServiceCreated {
     pub name: String,
     pub index: u64,
@@ -218,7 +219,7 @@ pub struct ServiceCreated {
 }
 
 /// `PUT /v1/services/NAME`: the spec. The answer:
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ServiceUpdated {
     pub name: String,
     pub index: u64,
@@ -226,7 +227,7 @@ pub struct ServiceUpdated {
 }
 
 /// `POST /v1/services/NAME/switch`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SwitchRequest {
     pub to: u64,
     /// Switch at once, without the master's dump and stop (for a master that is gone for good).
@@ -234,7 +235,7 @@ pub struct SwitchRequest {
     pub now: bool,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SwitchAnswer {
     pub name: String,
     pub to: u64,
@@ -243,7 +244,7 @@ pub struct SwitchAnswer {
     pub how: SwitchHow,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "switch", rename_all = "snake_case")]
 pub enum SwitchHow {
     /// A handover was asked for: the master (`from`) dumps and stops, then switches; the target takes
@@ -254,14 +255,14 @@ pub enum SwitchHow {
 }
 
 /// `GET /v1/serving`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Serving {
     pub node_id: u64,
     pub serving: Vec<String>,
 }
 
 /// `POST /v1/alarms`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AlarmRaise {
     pub key: String,
     pub message: String,
@@ -270,22 +271,23 @@ pub struct AlarmRaise {
 }
 
 /// An alarm raised: its id is the index of the event that raised it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AlarmRaised {
     pub id: u64,
     pub index: u64,
 }
 
 /// What was done by one event, with its index: a token revoked, a service removed, an alarm cleared.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Committed {
     pub index: u64,
 }
 
 /// `coyote status`: the cluster as this node sees it, and each service's data age.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Status {
     #[serde(flatten)]
+    #[schema(value_type = Object)]
     pub cluster: ClusterStatus,
     pub services: Vec<ServiceData>,
     pub tolerance: Tolerance,
@@ -293,7 +295,7 @@ pub struct Status {
 
 /// How many servers the cluster can lose now and still make changes: of its voting members, those
 /// this node reaches right now, less the majority it needs.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Tolerance {
     pub voters: usize,
     pub reachable: usize,
@@ -307,7 +309,7 @@ impl Tolerance {
 }
 
 /// `POST /v1/leave`: where this server's leave stands. Asked again until `left_at` is set.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LeaveAnswer {
     /// The services this server is still master of, each with the server it is handed over to.
     pub handing_over: Vec<HandingOver>,
@@ -315,14 +317,14 @@ pub struct LeaveAnswer {
     pub left_at: Option<u64>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct HandingOver {
     pub service: String,
     pub to: u64,
 }
 
 /// `POST /v1/nodes/{id}/remove`: take a server that is gone out of the cluster.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeRemove {
     /// Remove it even though a majority does not report it unreachable.
     #[serde(default)]
@@ -332,7 +334,7 @@ pub struct NodeRemove {
 }
 
 /// How old the copy of a service's data is that its failover would restore.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ServiceData {
     pub service: String,
     pub master: Option<u64>,
@@ -344,14 +346,14 @@ pub struct ServiceData {
 }
 
 /// `coyote backup verify [SERVICE]`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BackupVerify {
     #[serde(default)]
     pub service: Option<String>,
 }
 
 /// `coyote backup restore SERVICE [--snapshot ID]` (in place).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BackupRollback {
     /// An id or the start of one [default: the newest snapshot some node holds].
     #[serde(default)]
@@ -359,14 +361,14 @@ pub struct BackupRollback {
 }
 
 /// A rollback asked for: the index of its event (the service's new epoch) and the snapshot.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RollbackAsked {
     pub index: u64,
     pub snapshot: String,
 }
 
 /// `coyote backup restore SERVICE --into DIR [--snapshot ID]`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BackupRestore {
     #[serde(default)]
     pub snapshot: Option<String>,
@@ -375,13 +377,13 @@ pub struct BackupRestore {
 }
 
 /// This node's backups: how long snapshots paused running containers.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BackupsView {
     pub pauses: PauseStats,
 }
 
 /// `coyote backup list SERVICE`: what the log knows about a service's data.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BackupList {
     pub service: String,
     /// The index of the event that made the current master the master.
@@ -397,7 +399,7 @@ pub struct BackupList {
     pub restored: Option<RestoredView>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SnapshotView {
     pub snapshot: String,
     pub parent: Option<String>,
@@ -412,7 +414,7 @@ pub struct SnapshotView {
     pub corrupt_on: Vec<u64>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BackupFailureView {
     pub node: u64,
     pub snapshot: Option<String>,
@@ -420,7 +422,7 @@ pub struct BackupFailureView {
     pub at_ms: u64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RestoredView {
     pub node: u64,
     pub snapshot: Option<String>,
@@ -428,7 +430,7 @@ pub struct RestoredView {
 }
 
 /// `coyote backup now SERVICE`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BackupNow {
     /// Why: shown in the log as the snapshot's kind (`manual` when absent).
     #[serde(default)]
@@ -436,7 +438,7 @@ pub struct BackupNow {
 }
 
 /// Traffic of one service, as shown by `coyote stats`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ServiceStats {
     pub service: String,
     pub connections: u64,
@@ -460,7 +462,7 @@ pub struct ServiceStats {
 }
 
 /// Pause durations of this node's snapshots, for `coyote stats`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct PauseStats {
     pub count: u64,
     pub p50_ms: u64,
@@ -469,13 +471,13 @@ pub struct PauseStats {
 }
 
 /// `POST /v1/activations`: a new one-time URL that creates an admin.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ActivationCreate {
     /// Its lifetime (default: an hour, at most a day).
     pub ttl_ms: Option<u64>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ActivationCreated {
     pub activation_id: String,
     /// `ID.SECRET`, the last part of the URL; shown once, the log keeps only the secret's SHA-256.
@@ -487,7 +489,7 @@ pub struct ActivationCreated {
 }
 
 /// `POST /v1/activations/use`: the first visit of an activation URL creates its admin.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ActivationUse {
     /// `ID.SECRET`, as in the URL.
     pub code: String,
@@ -496,7 +498,7 @@ pub struct ActivationUse {
 }
 
 /// `POST /v1/users`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UserCreate {
     pub name: String,
     pub role: coyote_state_machine::UserRole,
@@ -504,13 +506,13 @@ pub struct UserCreate {
 }
 
 /// `POST /v1/users/{name}/password`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PasswordChange {
     pub password_hash: String,
 }
 
 /// A user as `GET /v1/users` shows it (never the password hash).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UserView {
     pub name: String,
     pub role: coyote_state_machine::UserRole,
@@ -519,14 +521,14 @@ pub struct UserView {
 }
 
 /// `POST /v1/keys`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct KeyCreate {
     pub owner: String,
     pub label: String,
     pub scope: coyote_state_machine::KeyScope,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct KeyCreated {
     pub key_id: String,
     /// `coyote_ID_SECRET`: shown once, the log keeps only the secret's SHA-256.
@@ -535,7 +537,7 @@ pub struct KeyCreated {
 }
 
 /// An API key as `GET /v1/keys` shows it (never its secret).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct KeyView {
     pub key_id: String,
     pub owner: String,
@@ -563,12 +565,12 @@ pub fn parse_activation(code: &str) -> Option<(&str, &str)> {
 }
 
 /// `POST /v1/invites`: a new invite link for the signup page.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InviteCreate {
     pub ttl_ms: u64,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InviteCreated {
     pub invite_id: String,
     /// `ID.SECRET`, for the link `/signup?invite=CODE`; shown once.
@@ -578,7 +580,7 @@ pub struct InviteCreated {
 }
 
 /// `POST /v1/signups`: what the signup page sends.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SignupCreate {
     pub name: String,
     pub password_hash: String,
@@ -587,7 +589,7 @@ pub struct SignupCreate {
 }
 
 /// `POST /v1/signups/{name}/decide`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SignupDecide {
     pub approve: bool,
     pub reason: String,
