@@ -79,8 +79,8 @@ pub(crate) struct FeedItem {
     pub index: u64,
     pub kind: String,
     pub actor: String,
-    /// The JSON the page's script reads.
-    pub data: String,
+    /// The whole server-sent event: its id, and the JSON the page's script reads.
+    pub frame: axum::body::Bytes,
 }
 
 /// Events the feed holds for followers that fall behind; one that falls further reads the archive.

@@ -8,12 +8,11 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use askama::Template;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{any, get, post};
 use axum::{Extension, Form, Router};
@@ -957,15 +956,95 @@ async fn events_page(
 /// An applied event rendered for the live events page.
 pub(crate) fn feed_item(record: &coyote_log::store::EventRecord) -> crate::FeedItem {
     let row = EventRow::from(EventView::from(record));
+    // JSON has no raw line break, so the data is one `data:` line.
+    let data = serde_json::to_string(&row).unwrap_or_default();
     crate::FeedItem {
         index: row.index,
-        data: serde_json::to_string(&row).unwrap_or_default(),
+        frame: Bytes::from(format!("id: {}\nevent: event\ndata: {data}\n\n", row.index)),
         kind: row.kind,
         actor: row.actor,
     }
 }
 
-/// The events from `from` (or after `Last-Event-ID`), then each new one as it is applied.
+/// A comment line sent to an idle follower, so that proxies keep the connection and the browser
+/// notices a dead node.
+const STREAM_KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Events read from the archive at a time by a follower that catches up.
+const STREAM_ARCHIVE_BATCH: usize = 1000;
+
+/// A follower of the live event log: it reads the archive up to what it holds, then the feed that
+/// renders each event once for every follower. Each wake-up sends every event at hand as one chunk,
+/// so that a burst of commits costs a follower one write, and the stream is polled by the
+/// connection itself (no task, no channel in between).
+struct Follower {
+    crm: Crm,
+    feed: tokio::sync::broadcast::Receiver<std::sync::Arc<crate::FeedItem>>,
+    next: u64,
+    filter: EventsFilter,
+    live: bool,
+    ended: bool,
+}
+
+impl Follower {
+    /// The next chunk of the stream, or `None` at its end (the node stops, or its archive fails).
+    async fn step(mut self) -> Option<(Result<Bytes, Infallible>, Follower)> {
+        use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+        let mut chunk = Vec::new();
+        loop {
+            if self.ended {
+                return None;
+            }
+            if !self.live {
+                let records = self.crm.node().store().events(self.next, STREAM_ARCHIVE_BATCH).ok()?;
+                self.live = records.len() < STREAM_ARCHIVE_BATCH;
+                for r in &records {
+                    self.next = r.envelope.index + 1;
+                    let item = feed_item(r);
+                    if self.filter.keeps_item(&item) {
+                        chunk.extend_from_slice(&item.frame);
+                    }
+                }
+            } else {
+                let mut received = match tokio::time::timeout(STREAM_KEEP_ALIVE, self.feed.recv()).await {
+                    Ok(received) => Some(received),
+                    Err(_) => return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), self)),
+                };
+                while let Some(r) = received.take() {
+                    match r {
+                        Ok(item) if item.index < self.next => {}
+                        Ok(item) if item.index == self.next => {
+                            self.next += 1;
+                            if self.filter.keeps_item(&item) {
+                                chunk.extend_from_slice(&item.frame);
+                            }
+                        }
+                        // A gap, or this follower fell behind the feed: back to the archive.
+                        Ok(_) | Err(RecvError::Lagged(_)) => {
+                            self.live = false;
+                            break;
+                        }
+                        Err(RecvError::Closed) => {
+                            self.ended = true;
+                            break;
+                        }
+                    }
+                    received = match self.feed.try_recv() {
+                        Ok(item) => Some(Ok(item)),
+                        Err(TryRecvError::Empty) => None,
+                        Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
+                        Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
+                    };
+                }
+            }
+            if !chunk.is_empty() {
+                return Some((Ok(Bytes::from(chunk)), self));
+            }
+        }
+    }
+}
+
+/// The events from `from` (or after `Last-Event-ID`), then each new one as it is applied, as
+/// server-sent events.
 async fn events_stream(
     State(crm): State<Crm>,
     headers: HeaderMap,
@@ -980,56 +1059,17 @@ async fn events_stream(
         .and_then(|h| h.to_str().ok())
         .and_then(|s| s.parse::<u64>().ok())
         .map(|i| i + 1);
-    let mut next =
+    let next =
         resume.or(filter.from).unwrap_or_else(|| crm.node().store().with_state(|s| s.last_applied + 1));
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(256);
     // Subscribed before reading the archive, so that no event falls between the two: what the
     // archive gave is skipped in the feed.
-    let mut feed = crm.0.feed.subscribe();
-    tokio::spawn(async move {
-        let store = crm.node().store();
-        let send = |item: &crate::FeedItem| {
-            SseEvent::default().id(item.index.to_string()).event("event").data(&item.data)
-        };
-        loop {
-            // From the archive, up to what it holds now.
-            loop {
-                let Ok(records) = store.events(next, 1000) else { return };
-                let caught_up = records.len() < 1000;
-                for r in &records {
-                    next = r.envelope.index + 1;
-                    let item = feed_item(r);
-                    if filter.keeps_item(&item) && tx.send(Ok(send(&item))).await.is_err() {
-                        return;
-                    }
-                }
-                if caught_up {
-                    break;
-                }
-            }
-            // Then live, from the events rendered once for every follower.
-            loop {
-                let received = tokio::select! {
-                    received = feed.recv() => received,
-                    _ = tx.closed() => return,
-                };
-                match received {
-                    Ok(item) if item.index < next => {}
-                    Ok(item) if item.index == next => {
-                        next += 1;
-                        if filter.keeps_item(&item) && tx.send(Ok(send(&item))).await.is_err() {
-                            return;
-                        }
-                    }
-                    // A gap, or this follower fell behind the feed: back to the archive.
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        }
-    });
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-    v.reply(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+    let feed = crm.0.feed.subscribe();
+    let follower = Follower { crm, feed, next, filter, live: false, ended: false };
+    let stream = futures::stream::unfold(follower, Follower::step);
+    v.reply((
+        [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")],
+        Body::from_stream(stream),
+    ))
 }
 
 // ---- API keys ----
