@@ -5,6 +5,7 @@
 #
 #   coyote-test/httpd:1   busybox httpd on port 80 serving /www/index.html ("coyote test 1")
 #   coyote-test/httpd:2   the same, serving "coyote test 2" (a spec change)
+#   coyote-test/upgrade-echo:1   answers every request on port 80 with a protocol switch, then echoes
 #   coyote-test/crash:1   exits with status 3 a moment after it starts (a crash loop)
 #   coyote-test/seq:1     appends the next sequence number to /data/seq every 50 ms, synced, starting
 #                         after the last number already there (the backup tests)
@@ -70,5 +71,16 @@ EXPOSE 80
 CMD ["/bin/busybox", "sh", "-c", "trap \"exit 0\" TERM; /bin/busybox httpd -f -p 80 -h /www & wait"]'
 build coyote-test/httpd:1 "$httpd" www/index.html "coyote test 1"
 build coyote-test/httpd:2 "$httpd" www/index.html "coyote test 2"
+# Answers any request with a protocol switch (`Upgrade: echo`), then echoes what it receives.
+upgrade_echo='cr=$(printf "\\r")
+while read -r line; do
+  line=${line%"$cr"}
+  [ -z "$line" ] && break
+done
+printf "HTTP/1.1 101 Switching Protocols\\r\\nConnection: Upgrade\\r\\nUpgrade: echo\\r\\n\\r\\n"
+exec /bin/busybox cat'
+build coyote-test/upgrade-echo:1 'COPY up.sh /up.sh
+EXPOSE 80
+CMD ["/bin/busybox", "sh", "-c", "trap \"exit 0\" TERM; /bin/busybox nc -ll -p 80 -e /bin/busybox sh /up.sh & wait"]' up.sh "$upgrade_echo"
 build coyote-test/crash:1 'CMD ["/bin/busybox", "sh", "-c", "sleep 1; exit 3"]'
 build coyote-test/seq:1 'CMD ["/bin/busybox", "sh", "-c", "trap \"exit 0\" TERM; i=$(/bin/busybox tail -n 1 /data/seq 2>/dev/null); i=${i:-0}; while true; do i=$((i+1)); echo $i >> /data/seq; /bin/busybox sync /data/seq; /bin/busybox sleep 0.05; done"]'

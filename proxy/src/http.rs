@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
@@ -19,12 +19,14 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::pages::{self, error};
 use crate::table::Route;
 use crate::{
     Backend, Body, BoxError, BoxStream, Proxy, Refusal, FORWARDED_CLIENT, FORWARDED_HOST, FORWARDED_PROTO,
+    TUNNEL_SWITCHED, TUNNEL_UPGRADE,
 };
 
 /// Where ACME HTTP-01 challenges are asked for: never redirected to HTTPS.
@@ -130,7 +132,7 @@ async fn handle(proxy: Arc<Proxy>, request: Request<Body>, client: Peer) -> Resp
                     error(StatusCode::SERVICE_UNAVAILABLE, "The site is being set up; try again in a moment.")
                 }
                 Some(master) if master == proxy.backend.node_id() => {
-                    local(&proxy, route, request, &host, client).await
+                    local(&proxy, route, request, &host, client, None).await
                 }
                 Some(master) => forward(&proxy, master, request, &host, client).await,
             }
@@ -177,7 +179,19 @@ pub(crate) async fn handle_forwarded(proxy: Arc<Proxy>, mut request: Request<Bod
             "The site is moving to another server; try again in a moment.",
         );
     }
-    local(&proxy, &route, request, &host, Peer { ip, https }).await
+    let peer = Peer { ip, https };
+    match request.headers_mut().remove(TUNNEL_UPGRADE) {
+        None => local(&proxy, &route, request, &host, peer, None).await,
+        Some(protocol) => {
+            // The switch as the container expects it; the body is the client's side of the tunnel.
+            let (mut parts, tunnel) = request.into_parts();
+            parts.version = Version::HTTP_11;
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, protocol);
+            let request = Request::from_parts(parts, pages::empty());
+            local(&proxy, &route, request, &host, peer, Some(tunnel)).await
+        }
+    }
 }
 
 fn redirect_to_https(host: &str, uri: &Uri) -> Response<Body> {
@@ -285,20 +299,22 @@ fn limit_body(proxy: &Proxy, request: Request<Body>) -> Result<Request<Body>, Re
     Ok(request.map(|b| Limited::new(b, max as usize).boxed_unsync()))
 }
 
-/// Serves `request` from the service's container on this node.
+/// Serves `request` from the service's container on this node. `tunnel` is the client's side of a
+/// protocol switch forwarded by another node's proxy ([`TUNNEL_UPGRADE`]).
 async fn local(
     proxy: &Arc<Proxy>,
     route: &Route,
     request: Request<Body>,
     host: &str,
     client: Peer,
+    tunnel: Option<Body>,
 ) -> Response<Body> {
     let mut request = match limit_body(proxy, request) {
         Ok(r) => r,
         Err(response) => return response,
     };
     let upgrade = is_upgrade(&request);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let client_upgrade = (upgrade && tunnel.is_none()).then(|| hyper::upgrade::on(&mut request));
     let opened = match proxy.backend.open(&route.service, route.port).await {
         Ok(opened) => opened,
         Err(Refusal::NotServing) => {
@@ -366,6 +382,28 @@ async fn local(
         let (parts, _) = response.into_parts();
         return Response::from_parts(parts, pages::empty());
     }
+    if let (Some(tunnel), StatusCode::SWITCHING_PROTOCOLS) = (tunnel, response.status()) {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let (mut parts, _) = response.into_parts();
+        let protocol = parts.headers.get(header::UPGRADE).cloned().unwrap_or(HeaderValue::from_static(""));
+        strip_hop_by_hop(&mut parts.headers, false);
+        parts.status = StatusCode::OK;
+        parts.headers.insert(TUNNEL_SWITCHED, protocol);
+        let (to_client, body) = tunnel_body();
+        let guard = opened.guard;
+        let service = route.service.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let Ok(upstream) = upstream_upgrade.await else {
+                tracing::debug!(service, "a forwarded protocol switch did not complete");
+                return;
+            };
+            let (read, write) = tokio::io::split(TokioIo::new(upstream));
+            // No idle cut: the tunnel lasts while either side keeps it open.
+            tokio::join!(pump(read, to_client), drain(tunnel, write));
+        });
+        return Response::from_parts(parts, body);
+    }
     strip_hop_by_hop(response.headers_mut(), false);
     let guard = opened.guard;
     response.map(move |body| {
@@ -383,18 +421,25 @@ async fn forward(
     host: &str,
     client: Peer,
 ) -> Response<Body> {
-    if is_upgrade(&request) {
-        return error(
-            StatusCode::BAD_GATEWAY,
-            "This server does not run the site, and protocol switches (websockets) are not forwarded: \
-             point the site's name at the server that runs it.",
-        );
-    }
-    let (mut parts, body) = match limit_body(proxy, request) {
+    let mut request = request;
+    let switch = is_upgrade(&request)
+        .then(|| {
+            request.headers().get(header::UPGRADE).cloned().map(|p| (p, hyper::upgrade::on(&mut request)))
+        })
+        .flatten();
+    let (mut parts, mut body) = match limit_body(proxy, request) {
         Ok(r) => r.into_parts(),
         Err(response) => return response,
     };
     strip_hop_by_hop(&mut parts.headers, false);
+    // A protocol switch travels as a tunnel: the request's body carries what the client sends.
+    let mut to_master = None;
+    if let Some((protocol, _)) = &switch {
+        parts.headers.insert(TUNNEL_UPGRADE, protocol.clone());
+        let (sender, tunnel) = tunnel_body();
+        to_master = Some(sender);
+        body = tunnel;
+    }
     let forwarded = [
         (FORWARDED_HOST, host.to_string()),
         (FORWARDED_CLIENT, client.ip.to_string()),
@@ -411,7 +456,10 @@ async fn forward(
     let timeout = proxy.settings.upstream_timeout + Duration::from_secs(5);
     match tokio::time::timeout(timeout, proxy.backend.forward(master, Request::from_parts(parts, body))).await
     {
-        Ok(Ok(response)) => response,
+        Ok(Ok(response)) => match (switch, to_master) {
+            (Some((_, client_upgrade)), Some(to_master)) => tunnel_back(response, client_upgrade, to_master),
+            _ => response,
+        },
         Ok(Err(e)) => {
             tracing::info!(master, error = %e, "cannot forward a request to the master's proxy");
             error(StatusCode::BAD_GATEWAY, "The server that runs this site cannot be reached from here.")
@@ -420,6 +468,74 @@ async fn forward(
             error(StatusCode::GATEWAY_TIMEOUT, "The server that runs this site did not answer in time.")
         }
     }
+}
+
+/// Bytes read at a time from one side of a tunnel.
+const TUNNEL_BUFFER: usize = 16 * 1024;
+/// Frames a tunnel's body holds before the side that reads into it waits.
+const TUNNEL_FRAMES: usize = 8;
+
+type TunnelSender = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
+
+/// A body fed by the sender: one side of a tunnel.
+fn tunnel_body() -> (TunnelSender, Body) {
+    let (sender, receiver) = tokio::sync::mpsc::channel(TUNNEL_FRAMES);
+    let frames = futures::stream::unfold(receiver, |mut r| async move { r.recv().await.map(|f| (f, r)) });
+    (sender, StreamBody::new(frames).boxed_unsync())
+}
+
+/// Sends what `from` reads into a tunnel's body, until either ends.
+async fn pump(mut from: impl AsyncRead + Unpin, to: TunnelSender) {
+    let mut buffer = vec![0u8; TUNNEL_BUFFER];
+    loop {
+        match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if to.send(Ok(Frame::data(Bytes::copy_from_slice(&buffer[..n])))).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Writes a tunnel's body to `to`, then closes `to`'s sending side.
+async fn drain(mut from: Body, mut to: impl AsyncWrite + Unpin) {
+    while let Some(Ok(frame)) = from.frame().await {
+        if let Ok(data) = frame.into_data() {
+            if to.write_all(&data).await.is_err() {
+                return;
+            }
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// The master's answer to a forwarded protocol switch, for the client: `101` and a tunnel between
+/// the client's connection and the answer's body when the container switched, else the answer.
+fn tunnel_back(
+    response: Response<Body>,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+    to_master: TunnelSender,
+) -> Response<Body> {
+    let Some(protocol) = response.headers().get(TUNNEL_SWITCHED).cloned() else { return response };
+    if response.status() != StatusCode::OK {
+        return response;
+    }
+    let (mut parts, from_master) = response.into_parts();
+    parts.headers.remove(TUNNEL_SWITCHED);
+    parts.status = StatusCode::SWITCHING_PROTOCOLS;
+    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    parts.headers.insert(header::UPGRADE, protocol);
+    tokio::spawn(async move {
+        let Ok(client) = client_upgrade.await else {
+            tracing::debug!("a forwarded protocol switch did not complete");
+            return;
+        };
+        let (read, write) = tokio::io::split(TokioIo::new(client));
+        tokio::join!(pump(read, to_master), drain(from_master, write));
+    });
+    Response::from_parts(parts, pages::empty())
 }
 
 /// Counts a body's bytes as they pass, and calls `on_end` with the count when the body ends or is

@@ -10,7 +10,9 @@
 //!   (the node's [`Backend`] does that, through the activator);
 //! - on any other node, it is forwarded to the master's proxy over the cluster's mutual TLS
 //!   ([`Backend::forward`]); the master handles it as its own ([`Proxy::handle_forwarded`]), never
-//!   forwarding again.
+//!   forwarding again. A protocol switch (a websocket) goes the same way as a tunnel: the forwarded
+//!   request's body carries what the client sends, the answer's body what the container sends
+//!   ([`TUNNEL_UPGRADE`]).
 //!
 //! A new table replaces the old one whole ([`Proxy::set_table`]); requests already under way, and
 //! upgraded connections (websockets), keep going.
@@ -67,6 +69,12 @@ pub type BoxStream = Box<dyn Stream>;
 pub const FORWARDED_HOST: &str = "x-coyote-host";
 pub const FORWARDED_CLIENT: &str = "x-coyote-client";
 pub const FORWARDED_PROTO: &str = "x-coyote-proto";
+/// A protocol switch (a websocket) asked of another node's proxy: HTTP/2 has no `Upgrade`, so the
+/// forwarding proxy names the protocol in this header, the request's body carries what the client
+/// sends, and the master's proxy answers `200` with [`TUNNEL_SWITCHED`] (the protocol the container
+/// switched to) and a body that carries what the container sends.
+pub const TUNNEL_UPGRADE: &str = "x-coyote-upgrade";
+pub const TUNNEL_SWITCHED: &str = "x-coyote-switched";
 
 /// Why a request cannot go to a container from here.
 #[derive(Debug)]

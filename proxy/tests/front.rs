@@ -401,3 +401,44 @@ async fn an_upgraded_connection_outlives_a_routing_change() {
     let back = raw(f.http, b"GET / HTTP/1.1\r\nHost: blog.test\r\nConnection: close\r\n\r\n").await;
     assert!(back.starts_with("HTTP/1.1 502") && back.contains("cannot be reached"), "now forwarded: {back}");
 }
+
+#[tokio::test]
+async fn an_upgraded_connection_reaches_the_master_through_another_node() {
+    let master = front(2, 2, Settings { redirect_to_https: false, ..Settings::default() }).await;
+    let other = front(1, 2, Settings { redirect_to_https: false, ..Settings::default() }).await;
+    other.node.peers.lock().unwrap().insert(2, master.proxy.clone());
+    let mut s = TcpStream::connect(other.http).await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: blog.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut byte)).await.unwrap().unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo") && !head.contains("x-coyote"), "{head}");
+    assert_eq!(other.node.forwarded.load(Ordering::SeqCst), 1);
+    // Both ways, several times, and a large message in pieces.
+    for round in 0..3 {
+        let msg = format!("hello {round}");
+        s.write_all(msg.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await.unwrap().unwrap();
+        assert_eq!(back, msg.as_bytes());
+    }
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut r, mut w) = s.into_split();
+    let sent = big.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        // The client closes its side: the close travels to the container and back.
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut back)).await.unwrap().unwrap();
+    writer.await.unwrap();
+    assert!(back == big, "{} bytes came back of {}", back.len(), big.len());
+}

@@ -1,7 +1,7 @@
 //! The front door, for real: three `coyote` processes, each with its proxy on its own loopback
 //! address, running Docker containers. A website is reached by name over HTTPS (HTTP/1.1 and
 //! HTTP/2, curl with `--resolve`) at its master and at any other node (forwarded over the cluster's
-//! mutual TLS); an on-demand site is started by its first request, which waits; when the master is
+//! mutual TLS), a protocol switch too (tunnelled to the master); an on-demand site is started by its first request, which waits; when the master is
 //! killed, the site is served again from its new master through the nodes that are left.
 
 use std::process::Command;
@@ -50,6 +50,48 @@ fn curl(
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A protocol switch (`Upgrade: echo`) asked of `name` over HTTPS at `front`, then three messages
+/// echoed back through it: `None` while the switch is not answered.
+fn upgrade_echo(front: &Front, ca: &std::path::Path, name: &str) -> Result<Option<()>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use std::io::{Read, Write};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca)? {
+        roots.add(cert?)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls = rustls::ClientConnection::new(config.into(), ServerName::try_from(name.to_string())?)?;
+    let tcp = std::net::TcpStream::connect((front.ip.as_str(), front.https))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut s = rustls::StreamOwned::new(tls, tcp);
+    write!(s, "GET /ws HTTP/1.1\r\nHost: {name}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        if s.read(&mut byte)? == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        return Ok(None);
+    }
+    for round in 0..3 {
+        let msg = format!("hello {round} through {}", front.ip);
+        s.write_all(msg.as_bytes())?;
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back)?;
+        anyhow::ensure!(back == msg.as_bytes(), "{:?} came back for {msg:?}", String::from_utf8_lossy(&back));
+    }
+    Ok(Some(()))
 }
 
 #[test]
@@ -112,6 +154,27 @@ fn sites_are_served_by_name_from_any_node_and_follow_their_master() -> Result<()
     let (code, out, err) = curl(&fronts[other], &ca, &site, "/", &["-w", "\n%{http_code}"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("coyote test 1") && out.ends_with("200"), "through node {}: {out}", ids[other]);
+    // A protocol switch (a websocket, say) at another node: tunnelled to the master's proxy over
+    // the cluster's mutual TLS, both ways.
+    let echo_site = format!("echo-{suffix}.test");
+    let echo = format!("echo{}", std::process::id());
+    let created = nodes[0].cli_json(&[
+        "service",
+        "create",
+        &echo,
+        "--image",
+        "coyote-test/upgrade-echo:1",
+        "--domain",
+        &echo_site,
+    ])?;
+    let echo_master = created["placement"]["master"].as_u64().context("a master")?;
+    let em = ids.iter().position(|i| *i == echo_master).context("master")?;
+    wait_until("a protocol switch at the echo site's master", TIMEOUT, || {
+        upgrade_echo(&fronts[em], &ca, &echo_site)
+    })?;
+    let not_master = (em + 1) % 3;
+    upgrade_echo(&fronts[not_master], &ca, &echo_site)?
+        .with_context(|| format!("no protocol switch through node {}", ids[not_master]))?;
     // The limits are flags: a body over --proxy-max-body gets 413.
     let body = root.path().join("body");
     std::fs::write(&body, vec![b'x'; 100 * 1024])?;
