@@ -26,7 +26,7 @@ use crate::pages::{self, error};
 use crate::table::Route;
 use crate::{
     Backend, Body, BoxError, BoxStream, Proxy, Refusal, FORWARDED_CLIENT, FORWARDED_HOST, FORWARDED_PROTO,
-    TUNNEL_SWITCHED, TUNNEL_UPGRADE,
+    TUNNEL_PASSTHROUGH, TUNNEL_SWITCHED, TUNNEL_UPGRADE,
 };
 
 /// Where ACME HTTP-01 challenges are asked for: never redirected to HTTPS.
@@ -156,6 +156,10 @@ fn count_out(proxy: &Arc<Proxy>, domain: Option<String>, response: Response<Body
 
 /// A request forwarded by another node's proxy: served here or refused, never forwarded again.
 pub(crate) async fn handle_forwarded(proxy: Arc<Proxy>, mut request: Request<Body>) -> Response<Body> {
+    if let Some(name) = request.headers_mut().remove(TUNNEL_PASSTHROUGH) {
+        let name = name.to_str().unwrap_or_default().to_string();
+        return crate::tls::passthrough_forwarded(&proxy, &name, request.into_body()).await;
+    }
     let headers = request.headers_mut();
     let host = headers.remove(FORWARDED_HOST).and_then(|v| v.to_str().ok().map(str::to_string));
     let ip = headers
@@ -475,17 +479,17 @@ const TUNNEL_BUFFER: usize = 16 * 1024;
 /// Frames a tunnel's body holds before the side that reads into it waits.
 const TUNNEL_FRAMES: usize = 8;
 
-type TunnelSender = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
+pub(crate) type TunnelSender = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
 
 /// A body fed by the sender: one side of a tunnel.
-fn tunnel_body() -> (TunnelSender, Body) {
+pub(crate) fn tunnel_body() -> (TunnelSender, Body) {
     let (sender, receiver) = tokio::sync::mpsc::channel(TUNNEL_FRAMES);
     let frames = futures::stream::unfold(receiver, |mut r| async move { r.recv().await.map(|f| (f, r)) });
     (sender, StreamBody::new(frames).boxed_unsync())
 }
 
 /// Sends what `from` reads into a tunnel's body, until either ends.
-async fn pump(mut from: impl AsyncRead + Unpin, to: TunnelSender) {
+pub(crate) async fn pump(mut from: impl AsyncRead + Unpin, to: TunnelSender) {
     let mut buffer = vec![0u8; TUNNEL_BUFFER];
     loop {
         match from.read(&mut buffer).await {
@@ -500,7 +504,7 @@ async fn pump(mut from: impl AsyncRead + Unpin, to: TunnelSender) {
 }
 
 /// Writes a tunnel's body to `to`, then closes `to`'s sending side.
-async fn drain(mut from: Body, mut to: impl AsyncWrite + Unpin) {
+pub(crate) async fn drain(mut from: Body, mut to: impl AsyncWrite + Unpin) {
     while let Some(Ok(frame)) = from.frame().await {
         if let Ok(data) = frame.into_data() {
             if to.write_all(&data).await.is_err() {

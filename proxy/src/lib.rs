@@ -19,7 +19,8 @@
 //!
 //! # TLS
 //! The HTTPS listener reads the ClientHello first ([`tls::read_hello`]). A name whose service asks for
-//! passthrough is spliced to the container's port 443 undecrypted, the ClientHello included. Any other
+//! passthrough is spliced to the container's port 443 undecrypted, the ClientHello included (at
+//! another node, through the master's proxy: [`TUNNEL_PASSTHROUGH`]). Any other
 //! name is terminated here with the certificate [`Certificates`] resolves for it (ECDSA P-256, TLS
 //! 1.2 and 1.3, session tickets and resumption, HTTP/2 and HTTP/1.1 by ALPN); a name no service has
 //! gets a TLS alert (`unrecognized_name`), never another site's certificate.
@@ -75,6 +76,10 @@ pub const FORWARDED_PROTO: &str = "x-coyote-proto";
 /// switched to) and a body that carries what the container sends.
 pub const TUNNEL_UPGRADE: &str = "x-coyote-upgrade";
 pub const TUNNEL_SWITCHED: &str = "x-coyote-switched";
+/// A passed-through TLS connection sent to the master's proxy: the header names the ClientHello's
+/// name, the request's body carries the client's bytes (the ClientHello first), and the answer's
+/// body the container's.
+pub const TUNNEL_PASSTHROUGH: &str = "x-coyote-passthrough";
 
 /// Why a request cannot go to a container from here.
 #[derive(Debug)]

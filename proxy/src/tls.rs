@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
 use crate::table::Table;
-use crate::{BoxStream, Proxy};
+use crate::{BoxStream, Proxy, TUNNEL_PASSTHROUGH};
 
 /// The most a ClientHello may take, in bytes (they are a few hundred; post-quantum key shares make
 /// them a few thousand).
@@ -213,7 +213,7 @@ pub(crate) async fn serve(proxy: Arc<Proxy>, mut io: BoxStream, peer: SocketAddr
         return;
     };
     if route.passthrough {
-        passthrough(&proxy, &route, seen, io).await;
+        passthrough(&proxy, &route, name.as_deref().unwrap_or_default(), seen, io).await;
         return;
     }
     let acceptor = tokio_rustls::TlsAcceptor::from(proxy.tls.clone());
@@ -262,15 +262,43 @@ async fn answer_alpn_challenge(key: Arc<CertifiedKey>, seen: Vec<u8>, io: BoxStr
     }
 }
 
-/// Splices a TLS connection, its ClientHello first, to the container that terminates it.
-async fn passthrough(proxy: &Arc<Proxy>, route: &crate::Route, seen: Vec<u8>, mut io: BoxStream) {
-    if route.master != Some(proxy.backend.node_id()) {
-        // Passed-through TLS is not forwarded between nodes (yet): the name must point at the master.
-        tracing::info!(
-            service = route.service,
-            "a passthrough connection reached a node that does not run the service"
-        );
-        return;
+/// Splices a TLS connection, its ClientHello first, to the container that terminates it: here when
+/// this node is the service's master, else through the master's proxy ([`TUNNEL_PASSTHROUGH`]).
+async fn passthrough(proxy: &Arc<Proxy>, route: &crate::Route, name: &str, seen: Vec<u8>, mut io: BoxStream) {
+    match route.master {
+        None => return,
+        Some(master) if master != proxy.backend.node_id() => {
+            let Ok(name) = hyper::header::HeaderValue::from_str(name) else { return };
+            let (to_master, body) = crate::http::tunnel_body();
+            let Ok(request) = hyper::Request::builder()
+                .method(hyper::Method::POST)
+                .uri("/")
+                .header(TUNNEL_PASSTHROUGH, name)
+                .body(body)
+            else {
+                return;
+            };
+            if to_master.send(Ok(hyper::body::Frame::data(bytes::Bytes::from(seen)))).await.is_err() {
+                return;
+            }
+            let timeout = proxy.settings.upstream_timeout + Duration::from_secs(5);
+            let response = match tokio::time::timeout(timeout, proxy.backend.forward(master, request)).await {
+                Ok(Ok(response)) if response.status() == hyper::StatusCode::OK => response,
+                Ok(Ok(response)) => {
+                    tracing::info!(service = route.service, status = %response.status(), "the master refused a passthrough connection");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::info!(service = route.service, error = %e, "cannot forward a passthrough connection");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let (read, write) = tokio::io::split(io);
+            tokio::join!(crate::http::pump(read, to_master), crate::http::drain(response.into_body(), write));
+            return;
+        }
+        Some(_) => {}
     }
     let opened =
         match proxy.backend.open(&route.service, coyote_state_machine::spec::TLS_PASSTHROUGH_PORT).await {
@@ -286,6 +314,46 @@ async fn passthrough(proxy: &Arc<Proxy>, route: &crate::Route, seen: Vec<u8>, mu
     }
     let _guard = opened.guard;
     let _ = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
+}
+
+/// A passed-through TLS connection forwarded by another node's proxy: spliced to the container
+/// here, the answer's body carrying what the container sends.
+pub(crate) async fn passthrough_forwarded(
+    proxy: &Arc<Proxy>,
+    name: &str,
+    from_client: crate::Body,
+) -> hyper::Response<crate::Body> {
+    use crate::pages::error;
+    use hyper::StatusCode;
+    let route = proxy.table().lookup(name).cloned();
+    let Some(route) = route.filter(|r| r.passthrough) else {
+        return error(StatusCode::NOT_FOUND, "No site with TLS passthrough has this name here.");
+    };
+    if route.master != Some(proxy.backend.node_id()) {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The site is moving to another server; try again in a moment.",
+        );
+    }
+    let opened =
+        match proxy.backend.open(&route.service, coyote_state_machine::spec::TLS_PASSTHROUGH_PORT).await {
+            Ok(opened) => opened,
+            Err(e) => {
+                tracing::info!(service = route.service, "forwarded passthrough connection refused: {e:?}");
+                return error(StatusCode::SERVICE_UNAVAILABLE, "The site cannot be reached now.");
+            }
+        };
+    let Ok(upstream) = proxy.backend.dial(opened.addr).await else {
+        return error(StatusCode::BAD_GATEWAY, "The site's container is not running.");
+    };
+    let (to_client, body) = crate::http::tunnel_body();
+    let guard = opened.guard;
+    tokio::spawn(async move {
+        let _guard = guard;
+        let (read, write) = tokio::io::split(upstream);
+        tokio::join!(crate::http::pump(read, to_client), crate::http::drain(from_client, write));
+    });
+    hyper::Response::new(body)
 }
 
 /// A stream that first yields bytes already read from it.

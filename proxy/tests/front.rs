@@ -66,6 +66,8 @@ struct TestNode {
     serving: AtomicBool,
     peers: Mutex<HashMap<NodeId, Arc<Proxy>>>,
     forwarded: AtomicUsize,
+    /// Where a service's container terminates passed-through TLS.
+    tls_upstream: Mutex<Option<SocketAddr>>,
 }
 
 impl Backend for TestNode {
@@ -73,10 +75,14 @@ impl Backend for TestNode {
         self.id
     }
 
-    fn open(&self, _service: &str, _port: u16) -> BoxFuture<'_, Result<Opened, Refusal>> {
+    fn open(&self, _service: &str, port: u16) -> BoxFuture<'_, Result<Opened, Refusal>> {
         Box::pin(async move {
             if !self.serving.load(Ordering::SeqCst) {
                 return Err(Refusal::NotServing);
+            }
+            if port == coyote_state_machine::spec::TLS_PASSTHROUGH_PORT {
+                let addr = self.tls_upstream.lock().unwrap().ok_or(Refusal::NotServing)?;
+                return Ok(Opened { addr, guard: None });
             }
             Ok(Opened { addr: self.upstream, guard: None })
         })
@@ -217,6 +223,7 @@ async fn front(id: NodeId, master: NodeId, settings: Settings) -> Front {
         serving: AtomicBool::new(true),
         peers: Mutex::default(),
         forwarded: AtomicUsize::new(0),
+        tls_upstream: Mutex::default(),
     });
     let ca = TestCa::new();
     let proxy = Proxy::new(node.clone(), ca.clone(), settings);
@@ -441,4 +448,100 @@ async fn an_upgraded_connection_reaches_the_master_through_another_node() {
     tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut back)).await.unwrap().unwrap();
     writer.await.unwrap();
     assert!(back == big, "{} bytes came back of {}", back.len(), big.len());
+}
+
+/// One certificate for every name.
+#[derive(Debug)]
+struct OneCert(Arc<CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for OneCert {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// A container that terminates TLS itself with a certificate for `name` from `ca`, and answers the
+/// request of each connection with a page that says so.
+async fn tls_container(ca: &TestCa, name: &str) -> SocketAddr {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(OneCert(ca.issue(name).unwrap())));
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else { return };
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut byte = [0u8; 1];
+                    if tls.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let page = "terminated by the container";
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                    page.len()
+                );
+                let _ = tls.write_all(answer.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn passed_through_tls_reaches_the_container_from_any_node() {
+    let master = front(2, 2, Settings::default()).await;
+    let other = front(1, 2, Settings::default()).await;
+    other.node.peers.lock().unwrap().insert(2, master.proxy.clone());
+    // The container's certificate comes from the master's test CA, which curl trusts; the proxies
+    // never issue one for the name.
+    let vault = tls_container(&master.ca, "vault.test").await;
+    let issued_before = (master.ca.issued.load(Ordering::SeqCst), other.ca.issued.load(Ordering::SeqCst));
+    *master.node.tls_upstream.lock().unwrap() = Some(vault);
+    let mut state = State::default();
+    let mut vault_spec = spec("vault", "vault.test");
+    vault_spec.tls_passthrough = true;
+    state.services.insert(
+        "vault".into(),
+        Service {
+            spec: vault_spec,
+            placement: Some(Placement { master: 2, failover: None, backups: vec![] }),
+            created_at_ms: 0,
+            serve_from_ms: 0,
+        },
+    );
+    for f in [&master, &other] {
+        f.proxy.set_table(Table::from_state(&state));
+    }
+    for (f, through) in [(&master, "the master"), (&other, "another node")] {
+        let args = vec![
+            "-sS".to_string(),
+            "--max-time".into(),
+            "10".into(),
+            "--cacert".into(),
+            master.ca_file.path().display().to_string(),
+            "--resolve".into(),
+            format!("vault.test:{}:127.0.0.1", f.https.port()),
+            format!("https://vault.test:{}/", f.https.port()),
+        ];
+        let (code, out, err) = curl(args).await;
+        assert_eq!((code, out.as_str()), (0, "terminated by the container"), "through {through}: {err}");
+    }
+    assert_eq!(other.node.forwarded.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        (master.ca.issued.load(Ordering::SeqCst), other.ca.issued.load(Ordering::SeqCst)),
+        issued_before,
+        "a proxy made a certificate for a passed-through name"
+    );
 }
