@@ -385,6 +385,17 @@ async fn a_node_that_is_not_the_master_forwards_to_it() {
     assert!(back.starts_with("HTTP/1.1 502") && back.contains("cannot be reached"), "{back}");
 }
 
+/// Three messages sent on an upgraded connection to the echoing container, and each read back.
+async fn echo_rounds(s: &mut TcpStream) {
+    for round in 0..3 {
+        let msg = format!("hello {round}");
+        s.write_all(msg.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await.unwrap().unwrap();
+        assert_eq!(back, msg.as_bytes());
+    }
+}
+
 #[tokio::test]
 async fn an_upgraded_connection_outlives_a_routing_change() {
     let f = front(1, 1, Settings { redirect_to_https: false, ..Settings::default() }).await;
@@ -398,13 +409,7 @@ async fn an_upgraded_connection_outlives_a_routing_change() {
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     // The site moves to another node: new requests go there, this connection goes on.
     f.proxy.set_table(table(2));
-    for round in 0..3 {
-        let msg = format!("hello {round}");
-        s.write_all(msg.as_bytes()).await.unwrap();
-        let mut back = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await.unwrap().unwrap();
-        assert_eq!(back, msg.as_bytes());
-    }
+    echo_rounds(&mut s).await;
     let back = raw(f.http, b"GET / HTTP/1.1\r\nHost: blog.test\r\nConnection: close\r\n\r\n").await;
     assert!(back.starts_with("HTTP/1.1 502") && back.contains("cannot be reached"), "now forwarded: {back}");
 }
@@ -429,13 +434,7 @@ async fn an_upgraded_connection_reaches_the_master_through_another_node() {
     assert!(head.contains("upgrade: echo") && !head.contains("x-coyote"), "{head}");
     assert_eq!(other.node.forwarded.load(Ordering::SeqCst), 1);
     // Both ways, several times, and a large message in pieces.
-    for round in 0..3 {
-        let msg = format!("hello {round}");
-        s.write_all(msg.as_bytes()).await.unwrap();
-        let mut back = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await.unwrap().unwrap();
-        assert_eq!(back, msg.as_bytes());
-    }
+    echo_rounds(&mut s).await;
     let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     let (mut r, mut w) = s.into_split();
     let sent = big.clone();
