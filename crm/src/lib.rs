@@ -17,7 +17,8 @@
 //!   read key may only `GET`; no key reaches users, keys or activation URLs.
 //!
 //! # Security
-//! Sessions are HttpOnly, SameSite=Strict cookies (Secure when served over TLS). Every form carries
+//! Sessions are signed HttpOnly, SameSite=Strict cookies (Secure when served over TLS) that every
+//! node of the cluster takes ([`auth`]). Every form carries
 //! the session's CSRF token, and a request whose `Origin` is not this site is refused. Wrong
 //! passwords are limited per address and per account ([`auth::Limiter`]). Pages are rendered on the
 //! server with escaping (askama), work without JavaScript, and are served with a
@@ -50,10 +51,23 @@ use crate::auth::{Limiter, Session, Sessions};
 pub struct OverTls;
 
 /// How the CRM is served.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Settings {
     /// Whether its pages reach browsers over TLS (the session cookie is then `Secure`).
     pub secure: bool,
+    /// What the session cookies' key is derived from: the cluster CA's private key, which every
+    /// node holds, so that a session works on every node. `None`: a random key, and sessions that
+    /// work on this node only, until it restarts.
+    pub session_secret: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("secure", &self.secure)
+            .field("session_secret", &self.session_secret.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// The CRM of one node.
@@ -125,8 +139,11 @@ impl Crm {
         Crm(Arc::new(Inner {
             node,
             api,
+            sessions: match &settings.session_secret {
+                Some(secret) => Sessions::from_secret(secret),
+                None => Sessions::random(),
+            },
             settings,
-            sessions: Sessions::default(),
             limiter: Limiter::default(),
             history: Default::default(),
             feed: tokio::sync::broadcast::channel(FEED_CAPACITY).0,
@@ -276,25 +293,56 @@ impl Crm {
     }
 
     /// The session the request names, or a new visitor's session (with the cookie to set).
+    /// A session that is in the second half of its life comes with a renewed cookie.
     fn session(&self, headers: &HeaderMap) -> (Session, Option<HeaderValue>) {
-        if let Some(id) = cookie(headers, auth::COOKIE) {
-            if let Some(session) = self.0.sessions.get(id) {
-                return (session, None);
+        let now = self.node().now_ms();
+        if let Some(value) = cookie(headers, auth::COOKIE) {
+            if let Some(session) = self.0.sessions.check(value, now, |user| self.password_of(user)) {
+                if !self.0.sessions.ageing(&session, now) {
+                    return (session, None);
+                }
+                let renewed = self.0.sessions.renewed(&session, now);
+                let cookie = self.cookie(&renewed);
+                return (renewed, Some(cookie));
             }
         }
-        let session = self.0.sessions.create(None);
+        let session = self.0.sessions.create(None, now);
         let cookie = self.cookie(&session);
         (session, Some(cookie))
     }
 
+    /// A new session for `user` (or a visitor).
+    fn new_session(&self, user: Option<String>) -> Session {
+        self.0.sessions.create(user, self.node().now_ms())
+    }
+
+    /// The password hash of `user` in the log, which the user's sessions are signed over.
+    fn password_of(&self, user: &str) -> Option<String> {
+        self.node().store().with_state(|s| s.accounts.users.get(user).map(|u| u.password_hash.clone()))
+    }
+
+    /// The cookie that carries `session`.
     fn cookie(&self, session: &Session) -> HeaderValue {
+        let password = session.user.as_deref().and_then(|u| self.password_of(u)).unwrap_or_default();
+        self.cookie_over(session, &password)
+    }
+
+    /// The cookie that carries `session`, signed over its user's `password_hash`.
+    fn cookie_over(&self, session: &Session, password_hash: &str) -> HeaderValue {
+        let value = self.0.sessions.cookie_value(session, password_hash);
+        let secure = if self.0.settings.secure { "; Secure" } else { "" };
+        HeaderValue::from_str(&format!("{}={value}; Path=/; HttpOnly; SameSite=Strict{secure}", auth::COOKIE))
+            .expect("a cookie of hex, digits, dots and dashes is a valid header value")
+    }
+
+    /// The cookie that ends the session in the browser.
+    fn cookie_cleared(&self) -> HeaderValue {
         let secure = if self.0.settings.secure { "; Secure" } else { "" };
         HeaderValue::from_str(&format!(
-            "{}={}; Path=/; HttpOnly; SameSite=Strict{secure}",
-            auth::COOKIE,
-            session.id
+            "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict{secure}",
+            auth::COOKIE
         ))
-        .expect("a hex id is a valid header value")
+        .expect("a valid header value")
     }
 }
 

@@ -287,9 +287,8 @@ fn password_rules(password: &str, again: &str) -> Result<(), String> {
 
 /// Replaces the visitor's session with a new one for `user`, and goes to the overview (which
 /// sends members on to their own page).
-fn log_in(crm: &Crm, old: &Visit, user: String) -> Response {
-    crm.0.sessions.remove(&old.session.id);
-    let session = crm.0.sessions.create(Some(user));
+fn log_in(crm: &Crm, _old: &Visit, user: String) -> Response {
+    let session = crm.new_session(Some(user));
     let cookie = crm.cookie(&session);
     let mut r = Redirect::to("/").into_response();
     r.headers_mut().append(header::SET_COOKIE, cookie);
@@ -371,9 +370,10 @@ struct CsrfForm {
 
 async fn logout(State(crm): State<Crm>, headers: HeaderMap, Form(form): Form<CsrfForm>) -> Response {
     match checked_post(&crm, &headers, &form.csrf, false) {
-        Ok(v) => {
-            crm.0.sessions.remove(&v.session.id);
-            Redirect::to("/login").into_response()
+        Ok(_) => {
+            let mut r = Redirect::to("/login").into_response();
+            r.headers_mut().append(header::SET_COOKIE, crm.cookie_cleared());
+            r
         }
         Err(r) => r,
     }
@@ -442,10 +442,15 @@ async fn password_change(
         Ok(h) => h,
         Err(e) => return page(None, Some(e), StatusCode::INTERNAL_SERVER_ERROR),
     };
-    let body = coyote_wire::PasswordChange { password_hash: new_hash };
+    let body = coyote_wire::PasswordChange { password_hash: new_hash.clone() };
     let path = format!("/v1/users/{user}/password");
     match crm.call::<Committed>(&v.actor(), Method::POST, &path, Some(&body)).await {
-        Ok(_) => page(Some(v.t.password_changed.into()), None, StatusCode::OK),
+        Ok(_) => {
+            // The change ends every session of the user but this one, which gets a new cookie.
+            let mut r = page(Some(v.t.password_changed.into()), None, StatusCode::OK);
+            r.headers_mut().append(header::SET_COOKIE, crm.cookie_over(&v.session, &new_hash));
+            r
+        }
         Err(e) => page(None, Some(e.message), e.status),
     }
 }
@@ -1352,8 +1357,11 @@ async fn signup(State(crm): State<Crm>, headers: HeaderMap, Form(form): Form<Sig
             if member {
                 log_in(&crm, &v, name)
             } else {
-                crm.0.sessions.set_signup(&v.session.id, &name);
-                Redirect::to("/me").into_response()
+                // The visitor's session remembers the signup, for its status page.
+                let session = auth::Session { signup: Some(name), ..v.session.clone() };
+                let mut r = Redirect::to("/me").into_response();
+                r.headers_mut().append(header::SET_COOKIE, crm.cookie(&session));
+                r
             }
         }
         Err(e) => again(e.status, e.message),

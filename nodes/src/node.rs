@@ -157,6 +157,9 @@ impl Node {
         let scope = Scope { cluster_id: config.cluster_id.clone(), node_id: config.node_id };
         let (log_store, sm, handle) = store;
         let ca_for_front = ca.clone();
+        // The CRM's sessions are signed with a key derived from the cluster CA's, which every node
+        // holds: a session made by one node's pages is taken by every other's.
+        let session_secret = ca.as_ref().map(|ca| ca.key_pem().as_bytes().to_vec());
         let log = LogNode::start_in(config, log_store, sm, handle, &identity, ca, env).await?;
         let (stop, _) = watch::channel(false);
         let stopped = || until_stopped(&stop);
@@ -279,7 +282,9 @@ impl Node {
         let metrics = api::metrics_router(api.clone());
         let api = api::router(api);
         let crm = crm.map(|c| {
-            let crm = coyote_crm::Crm::new(log.clone(), api.clone(), c.settings);
+            let mut settings = c.settings;
+            settings.session_secret = settings.session_secret.or(session_secret);
+            let crm = coyote_crm::Crm::new(log.clone(), api.clone(), settings);
             tasks.push(tokio::spawn(crm.clone().observe(stopped())));
             tasks.push(tokio::spawn(crm.clone().feed(stopped())));
             crm.router()

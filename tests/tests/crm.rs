@@ -470,6 +470,42 @@ fn the_crm_of_a_follower_writes_through_the_leader_and_a_signup_survives_the_lea
         .filter_map(|e| e["actor"].as_str())
         .collect();
     assert_eq!(actors, ["signup:carol", "user:alice"]);
+
+    // A session made by one node's pages is taken by every other's, its form token included.
+    let other_addr = nodes[other].crm.clone().context("a CRM")?;
+    let mut elsewhere = Web::new(&other_addr);
+    elsewhere.cookie = admin.cookie.clone();
+    let page = elsewhere.get("/account")?;
+    assert_eq!(page.status, 200, "the session of node {follower} at node {other}: {page:?}");
+    let csrf = page.input("csrf").context("csrf")?;
+    let changed = elsewhere.post(
+        "/account/password",
+        &[
+            ("csrf", &csrf),
+            ("current", PASSWORD),
+            ("password", "another-horse-battery"),
+            ("password2", "another-horse-battery"),
+        ],
+    )?;
+    assert_eq!(changed.status, 200, "{}", changed.body);
+    // The password change ends the other sessions of the user on every node (once each has applied
+    // it), not this one.
+    let old_cookie = admin.cookie.clone();
+    for (at, name) in [(&addr, follower), (&other_addr, other)] {
+        coyote_tests::wait_until(&format!("node {name} to refuse the old session"), TIMEOUT, || {
+            let mut stale = Web::new(at);
+            stale.cookie = old_cookie.clone();
+            Ok((stale.get("/account")?.status == 303).then_some(()))
+        })?;
+    }
+    assert_eq!(elsewhere.get("/account")?.status, 200, "the session that changed the password ended");
+    let mut moved = Web::new(&addr);
+    moved.cookie = elsewhere.cookie.clone();
+    assert_eq!(moved.get("/account")?.status, 200, "the renewed session is not taken at node {follower}");
+    // A session cookie that was tampered with is a new visitor's.
+    let mut forged = Web::new(&addr);
+    forged.cookie = elsewhere.cookie.as_ref().map(|c| c.replacen('.', ".9", 1));
+    assert_eq!(forged.get("/account")?.status, 303);
     Ok(())
 }
 
