@@ -82,7 +82,7 @@ struct Inner {
     limiter: Limiter,
     /// Each applied event, decoded and rendered once for every follower of the events page
     /// ([`Crm::feed`]).
-    feed: tokio::sync::broadcast::Sender<std::sync::Arc<FeedItem>>,
+    feed: tokio::sync::broadcast::Sender<std::sync::Arc<FeedBatch>>,
     /// This node's traffic, sampled every [`SAMPLE_EVERY`] rounds of [`Crm::observe`].
     history: std::sync::Mutex<std::collections::VecDeque<Sample>>,
 }
@@ -97,8 +97,50 @@ pub(crate) struct FeedItem {
     pub frame: axum::body::Bytes,
 }
 
-/// Events the feed holds for followers that fall behind; one that falls further reads the archive.
-const FEED_CAPACITY: usize = 4096;
+/// Events applied together, or within [`FEED_COALESCE`] of each other, rendered once: each follower
+/// sends a batch as one write, and one with no filter sends `joined` as it is.
+#[derive(Debug)]
+pub(crate) struct FeedBatch {
+    /// In index order, without gaps; each item's frame is a slice of `joined`.
+    pub items: Vec<FeedItem>,
+    pub joined: axum::body::Bytes,
+}
+
+impl FeedBatch {
+    fn new(records: &[coyote_log::store::EventRecord]) -> FeedBatch {
+        let rendered: Vec<FeedItem> = records.iter().map(pages::feed_item).collect();
+        let mut joined = Vec::with_capacity(rendered.iter().map(|i| i.frame.len()).sum());
+        let mut at = Vec::with_capacity(rendered.len());
+        for item in &rendered {
+            at.push(joined.len()..joined.len() + item.frame.len());
+            joined.extend_from_slice(&item.frame);
+        }
+        let joined = axum::body::Bytes::from(joined);
+        let items = rendered
+            .into_iter()
+            .zip(at)
+            .map(|(item, range)| FeedItem { frame: joined.slice(range), ..item })
+            .collect();
+        FeedBatch { items, joined }
+    }
+
+    pub fn first_index(&self) -> u64 {
+        self.items.first().map_or(0, |i| i.index)
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.items.last().map_or(0, |i| i.index)
+    }
+}
+
+/// How long the feed waits after an event is applied for more, so that a burst goes out as one
+/// batch: the live event log is at most this much later than the log.
+pub const FEED_COALESCE: std::time::Duration = std::time::Duration::from_millis(20);
+/// Events in one batch, at most.
+const FEED_BATCH_MAX: usize = 256;
+
+/// Batches the feed holds for followers that fall behind; one that falls further reads the archive.
+const FEED_CAPACITY: usize = 256;
 
 /// One reading of this node's traffic counters (totals since the node started).
 #[derive(Clone, Debug, Default)]
@@ -202,17 +244,20 @@ impl Crm {
         let mut applied = store.subscribe();
         let mut next = store.with_state(|s| s.last_applied + 1);
         loop {
-            let records = store.events(next, 1000).unwrap_or_default();
-            let caught_up = records.len() < 1000;
-            for r in &records {
-                next = r.envelope.index + 1;
-                let item = pages::feed_item(r);
+            let records = store.events(next, FEED_BATCH_MAX).unwrap_or_default();
+            let caught_up = records.len() < FEED_BATCH_MAX;
+            if let Some(last) = records.last() {
+                next = last.envelope.index + 1;
                 // No follower: nothing to do.
-                let _ = self.0.feed.send(std::sync::Arc::new(item));
+                let _ = self.0.feed.send(std::sync::Arc::new(FeedBatch::new(&records)));
             }
             if caught_up {
                 tokio::select! {
                     changed = applied.changed() => if changed.is_err() { return },
+                    _ = &mut stop => return,
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(FEED_COALESCE) => {}
                     _ = &mut stop => return,
                 }
             }

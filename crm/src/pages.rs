@@ -978,12 +978,11 @@ const STREAM_KEEP_ALIVE: Duration = Duration::from_secs(15);
 const STREAM_ARCHIVE_BATCH: usize = 1000;
 
 /// A follower of the live event log: it reads the archive up to what it holds, then the feed that
-/// renders each event once for every follower. Each wake-up sends every event at hand as one chunk,
-/// so that a burst of commits costs a follower one write, and the stream is polled by the
-/// connection itself (no task, no channel in between).
+/// renders each batch of events once for every follower. Each wake-up sends every event at hand as
+/// one chunk, and the stream is polled by the connection itself (no task, no channel in between).
 struct Follower {
     crm: Crm,
-    feed: tokio::sync::broadcast::Receiver<std::sync::Arc<crate::FeedItem>>,
+    feed: tokio::sync::broadcast::Receiver<std::sync::Arc<crate::FeedBatch>>,
     next: u64,
     filter: EventsFilter,
     live: bool,
@@ -994,7 +993,8 @@ impl Follower {
     /// The next chunk of the stream, or `None` at its end (the node stops, or its archive fails).
     async fn step(mut self) -> Option<(Result<Bytes, Infallible>, Follower)> {
         use tokio::sync::broadcast::error::{RecvError, TryRecvError};
-        let mut chunk = Vec::new();
+        let mut chunk: Vec<Bytes> = Vec::new();
+        let everything = self.filter.kind.is_empty() && self.filter.actor.is_empty();
         loop {
             if self.ended {
                 return None;
@@ -1006,7 +1006,7 @@ impl Follower {
                     self.next = r.envelope.index + 1;
                     let item = feed_item(r);
                     if self.filter.keeps_item(&item) {
-                        chunk.extend_from_slice(&item.frame);
+                        chunk.push(item.frame);
                     }
                 }
             } else {
@@ -1016,12 +1016,18 @@ impl Follower {
                 };
                 while let Some(r) = received.take() {
                     match r {
-                        Ok(item) if item.index < self.next => {}
-                        Ok(item) if item.index == self.next => {
-                            self.next += 1;
-                            if self.filter.keeps_item(&item) {
-                                chunk.extend_from_slice(&item.frame);
+                        Ok(batch) if batch.last_index() < self.next => {}
+                        Ok(batch) if batch.first_index() == self.next && everything => {
+                            self.next = batch.last_index() + 1;
+                            chunk.push(batch.joined.clone());
+                        }
+                        Ok(batch) if batch.first_index() <= self.next => {
+                            for item in batch.items.iter().filter(|i| i.index >= self.next) {
+                                if self.filter.keeps_item(item) {
+                                    chunk.push(item.frame.clone());
+                                }
                             }
+                            self.next = batch.last_index() + 1;
                         }
                         // A gap, or this follower fell behind the feed: back to the archive.
                         Ok(_) | Err(RecvError::Lagged(_)) => {
@@ -1041,8 +1047,10 @@ impl Follower {
                     };
                 }
             }
-            if !chunk.is_empty() {
-                return Some((Ok(Bytes::from(chunk)), self));
+            match chunk.len() {
+                0 => {}
+                1 => return Some((Ok(chunk.remove(0)), self)),
+                _ => return Some((Ok(Bytes::from(chunk.concat())), self)),
             }
         }
     }
