@@ -269,7 +269,7 @@ async fn activate(
         coyote_wire::ActivationUse { code: code.clone(), name: form.name.clone(), password_hash: hash };
     let actor = format!("activation:{}", id.chars().take(32).collect::<String>());
     match crm.call::<Committed>(&actor, Method::POST, "/v1/activations/use", Some(&body)).await {
-        Ok(_) => log_in(&crm, &v, form.name),
+        Ok(_) => log_in(&crm, form.name),
         Err(e) => again(&v, e.status, e.message),
     }
 }
@@ -287,7 +287,7 @@ fn password_rules(password: &str, again: &str) -> Result<(), String> {
 
 /// Replaces the visitor's session with a new one for `user`, and goes to the overview (which
 /// sends members on to their own page).
-fn log_in(crm: &Crm, _old: &Visit, user: String) -> Response {
+fn log_in(crm: &Crm, user: String) -> Response {
     let session = crm.new_session(Some(user));
     let cookie = crm.cookie(&session);
     let mut r = Redirect::to("/").into_response();
@@ -359,7 +359,7 @@ async fn login(
         crm.0.limiter.failed(&keys);
         return again(StatusCode::UNAUTHORIZED, "wrong name or password".into());
     }
-    log_in(&crm, &v, form.name)
+    log_in(&crm, form.name)
 }
 
 #[derive(Deserialize)]
@@ -1363,7 +1363,7 @@ async fn signup(State(crm): State<Crm>, headers: HeaderMap, Form(form): Form<Sig
         Ok(_) => {
             let member = crm.node().store().with_state(|s| s.accounts.users.contains_key(&name));
             if member {
-                log_in(&crm, &v, name)
+                log_in(&crm, name)
             } else {
                 // The visitor's session remembers the signup, for its status page.
                 let session = auth::Session { signup: Some(name), ..v.session.clone() };

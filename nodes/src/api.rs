@@ -121,12 +121,18 @@ pub fn openapi_json() -> String {
 
 pub fn router(api: Api) -> Router {
     let (routes, doc) = routes();
-    let doc = Arc::new(doc.to_json().expect("the API document serializes"));
+    let doc = Arc::new(doc);
     routes
         .route("/metrics", get(metrics))
         .route(
             "/v1/openapi.json",
-            get(move || async move { ([("content-type", "application/json")], doc.as_str().to_owned()) }),
+            // Serialized when asked for (rarely), not each time a node starts.
+            get(move || async move {
+                match doc.to_json() {
+                    Ok(json) => ([("content-type", "application/json")], json).into_response(),
+                    Err(e) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+                }
+            }),
         )
         .layer(axum::middleware::map_response(json_errors))
         .with_state(api)

@@ -402,9 +402,8 @@ async fn local(
                 tracing::debug!(service, "a forwarded protocol switch did not complete");
                 return;
             };
-            let (read, write) = tokio::io::split(TokioIo::new(upstream));
             // No idle cut: the tunnel lasts while either side keeps it open.
-            tokio::join!(pump(read, to_client), drain(tunnel, write));
+            bridge(TokioIo::new(upstream), to_client, tunnel).await;
         });
         return Response::from_parts(parts, body);
     }
@@ -437,13 +436,12 @@ async fn forward(
     };
     strip_hop_by_hop(&mut parts.headers, false);
     // A protocol switch travels as a tunnel: the request's body carries what the client sends.
-    let mut to_master = None;
-    if let Some((protocol, _)) = &switch {
-        parts.headers.insert(TUNNEL_UPGRADE, protocol.clone());
-        let (sender, tunnel) = tunnel_body();
-        to_master = Some(sender);
+    let tunnel = switch.map(|(protocol, client_upgrade)| {
+        parts.headers.insert(TUNNEL_UPGRADE, protocol);
+        let (to_master, tunnel) = tunnel_body();
         body = tunnel;
-    }
+        (client_upgrade, to_master)
+    });
     let forwarded = [
         (FORWARDED_HOST, host.to_string()),
         (FORWARDED_CLIENT, client.ip.to_string()),
@@ -460,9 +458,9 @@ async fn forward(
     let timeout = proxy.settings.upstream_timeout + Duration::from_secs(5);
     match tokio::time::timeout(timeout, proxy.backend.forward(master, Request::from_parts(parts, body))).await
     {
-        Ok(Ok(response)) => match (switch, to_master) {
-            (Some((_, client_upgrade)), Some(to_master)) => tunnel_back(response, client_upgrade, to_master),
-            _ => response,
+        Ok(Ok(response)) => match tunnel {
+            Some((client_upgrade, to_master)) => tunnel_back(response, client_upgrade, to_master),
+            None => response,
         },
         Ok(Err(e)) => {
             tracing::info!(master, error = %e, "cannot forward a request to the master's proxy");
@@ -489,7 +487,7 @@ pub(crate) fn tunnel_body() -> (TunnelSender, Body) {
 }
 
 /// Sends what `from` reads into a tunnel's body, until either ends.
-pub(crate) async fn pump(mut from: impl AsyncRead + Unpin, to: TunnelSender) {
+async fn pump(mut from: impl AsyncRead + Unpin, to: TunnelSender) {
     let mut buffer = vec![0u8; TUNNEL_BUFFER];
     loop {
         match from.read(&mut buffer).await {
@@ -503,8 +501,15 @@ pub(crate) async fn pump(mut from: impl AsyncRead + Unpin, to: TunnelSender) {
     }
 }
 
+/// Carries a connection's bytes into a tunnel (`to`) and the tunnel's bytes (`from`) back to it,
+/// until both directions have ended.
+pub(crate) async fn bridge(io: impl AsyncRead + AsyncWrite, to: TunnelSender, from: Body) {
+    let (read, write) = tokio::io::split(io);
+    tokio::join!(pump(read, to), drain(from, write));
+}
+
 /// Writes a tunnel's body to `to`, then closes `to`'s sending side.
-pub(crate) async fn drain(mut from: Body, mut to: impl AsyncWrite + Unpin) {
+async fn drain(mut from: Body, mut to: impl AsyncWrite + Unpin) {
     while let Some(Ok(frame)) = from.frame().await {
         if let Ok(data) = frame.into_data() {
             if to.write_all(&data).await.is_err() {
@@ -536,8 +541,7 @@ fn tunnel_back(
             tracing::debug!("a forwarded protocol switch did not complete");
             return;
         };
-        let (read, write) = tokio::io::split(TokioIo::new(client));
-        tokio::join!(pump(read, to_master), drain(from_master, write));
+        bridge(TokioIo::new(client), to_master, from_master).await;
     });
     Response::from_parts(parts, pages::empty())
 }

@@ -294,8 +294,7 @@ async fn passthrough(proxy: &Arc<Proxy>, route: &crate::Route, name: &str, seen:
                 }
                 Err(_) => return,
             };
-            let (read, write) = tokio::io::split(io);
-            tokio::join!(crate::http::pump(read, to_master), crate::http::drain(response.into_body(), write));
+            crate::http::bridge(io, to_master, response.into_body()).await;
             return;
         }
         Some(_) => {}
@@ -350,8 +349,7 @@ pub(crate) async fn passthrough_forwarded(
     let guard = opened.guard;
     tokio::spawn(async move {
         let _guard = guard;
-        let (read, write) = tokio::io::split(upstream);
-        tokio::join!(crate::http::pump(read, to_client), crate::http::drain(from_client, write));
+        crate::http::bridge(upstream, to_client, from_client).await;
     });
     hyper::Response::new(body)
 }
