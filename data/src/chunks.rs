@@ -2,10 +2,16 @@
 //!
 //! A chunk is named by the blake3 hash of its *uncompressed* bytes ([`ChunkId`]) and stored
 //! compressed at `ROOT/chunks/ab/abcd…` (the first two hex digits of its id as a fan-out
-//! directory). A write goes to a fresh file in `ROOT/tmp/`, is fsynced, renamed into place, and the
-//! fan-out directory is fsynced; a chunk already present is never rewritten. So a chunk file that
+//! directory). A write goes to a fresh file in `ROOT/tmp/`, is made durable, renamed into place,
+//! and the rename is made durable; a chunk already present is never rewritten. So a chunk file that
 //! exists under its name is complete, and a crash leaves at most stale files in `ROOT/tmp/`, which
 //! [`ChunkStore::open`] removes.
+//!
+//! Many chunks are written as one [`Batch`]: each goes to its temporary file as it comes, and
+//! [`ChunkStore::publish`] fsyncs them all at once from a few threads (so the file system commits
+//! them together), renames them, and fsyncs each fan-out directory once. A single
+//! [`ChunkStore::put`] is a batch of one. Only the store's own files are synced: other writers'
+//! data on the same file system is not flushed with them.
 //!
 //! Reading decompresses with a bound on the output ([`MAX_CHUNK_BYTES`] for file data,
 //! [`MAX_OBJECT_BYTES`] for manifests) and re-hashes, so neither a damaged disk nor a hostile peer
@@ -15,7 +21,7 @@
 //! One `ChunkStore` value may be shared between threads; two processes must not open the same
 //! root at once (opening removes the other's temporary files).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -29,14 +35,17 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::error::{Error, Result};
 
 /// The smallest chunk content-defined chunking cuts (except a file's last chunk).
-pub const CDC_MIN: usize = 16 * 1024;
-/// The average chunk size content-defined chunking aims for.
-pub const CDC_AVG: usize = 64 * 1024;
+pub const CDC_MIN: usize = 4 * 1024;
+/// The average chunk size content-defined chunking aims for: small enough that a database's
+/// scattered page writes cost little more than the pages, large enough that a manifest stays a
+/// small fraction of the data.
+pub const CDC_AVG: usize = 16 * 1024;
 /// The largest chunk content-defined chunking cuts.
-pub const CDC_MAX: usize = 256 * 1024;
+pub const CDC_MAX: usize = 64 * 1024;
 
-/// The largest file-data chunk: what [`ChunkStore::get`] decompresses at most.
-pub const MAX_CHUNK_BYTES: usize = CDC_MAX;
+/// The largest file-data chunk: what [`ChunkStore::get`] decompresses at most, and what a
+/// manifest may name. Larger than [`CDC_MAX`], so chunks cut with larger settings stay readable.
+pub const MAX_CHUNK_BYTES: usize = 256 * 1024;
 
 /// The largest object the store holds at all (a manifest is stored as one object): the bound for
 /// [`ChunkStore::put`], [`ChunkStore::put_compressed`] and [`ChunkStore::verify`].
@@ -243,15 +252,29 @@ impl ChunkStore {
 
     /// [`ChunkStore::put`] for bytes whose id the caller has just computed.
     pub(crate) fn put_known(&self, id: ChunkId, data: &[u8]) -> Result<Put> {
+        let mut batch = Batch::default();
+        let put = self.stage_known(&mut batch, id, data)?;
+        self.publish(batch)?;
+        Ok(put)
+    }
+
+    /// [`ChunkStore::put`] into `batch`: the chunk is written to a temporary file and becomes part
+    /// of the store when the batch is [published](ChunkStore::publish).
+    pub fn stage(&self, batch: &mut Batch, data: &[u8]) -> Result<Put> {
+        self.stage_known(batch, ChunkId::of(data), data)
+    }
+
+    /// [`ChunkStore::stage`] for bytes whose id the caller has just computed.
+    pub(crate) fn stage_known(&self, batch: &mut Batch, id: ChunkId, data: &[u8]) -> Result<Put> {
         if data.len() > MAX_OBJECT_BYTES {
             return Err(Error::TooLarge { len: data.len(), max: MAX_OBJECT_BYTES });
         }
-        if self.contains(&id) {
+        if batch.ids.contains(&id) || self.contains(&id) {
             return Ok(Put { id, stored_bytes: 0, new: false });
         }
         let compressed =
             zstd::bulk::compress(data, self.level).map_err(|e| Error::io(self.chunk_path(&id), e))?;
-        self.write_chunk(id, &compressed)
+        self.write_tmp(batch, id, &compressed)
     }
 
     /// Stores a chunk received from another node in its compressed form, as
@@ -262,6 +285,15 @@ impl ChunkStore {
     /// [`Error::HashMismatch`] (or [`Error::Corrupt`] when they do not decompress) and stores
     /// nothing.
     pub fn put_compressed(&self, id: &ChunkId, compressed: &[u8]) -> Result<Put> {
+        let mut batch = Batch::default();
+        let put = self.stage_compressed(&mut batch, id, compressed)?;
+        self.publish(batch)?;
+        Ok(put)
+    }
+
+    /// [`ChunkStore::put_compressed`] into `batch` (see [`ChunkStore::stage`]); the bytes are
+    /// checked before anything is written.
+    pub fn stage_compressed(&self, batch: &mut Batch, id: &ChunkId, compressed: &[u8]) -> Result<Put> {
         let actual = hash_compressed(compressed, MAX_OBJECT_BYTES).map_err(|reason| Error::Corrupt {
             id: *id,
             reason: format!("received bytes are not a valid chunk: {reason}"),
@@ -269,10 +301,43 @@ impl ChunkStore {
         if actual != *id {
             return Err(Error::HashMismatch { expected: *id, actual });
         }
-        if self.contains(id) {
+        if batch.ids.contains(id) || self.contains(id) {
             return Ok(Put { id: *id, stored_bytes: 0, new: false });
         }
-        self.write_chunk(*id, compressed)
+        self.write_tmp(batch, *id, compressed)
+    }
+
+    /// Makes every chunk of `batch` part of the store, durably: their temporary files are fsynced,
+    /// each is renamed to its name, and the fan-out directories the renames touched are fsynced.
+    /// On a failure the chunks not yet renamed are removed; those renamed stay (each is whole).
+    pub fn publish(&self, mut batch: Batch) -> Result<()> {
+        if batch.staged.is_empty() {
+            return Ok(());
+        }
+        let tmps: Vec<PathBuf> = batch.staged.iter().map(|s| s.tmp.clone()).collect();
+        sync_all(&tmps, false)?;
+        let mut fanouts = BTreeSet::new();
+        let mut staged = std::mem::take(&mut batch.staged).into_iter();
+        while let Some(next) = staged.next() {
+            let dest = self.chunk_path(&next.id);
+            let renamed = match dest.parent() {
+                Some(fanout) => {
+                    if !fanouts.contains(fanout) {
+                        fanouts.insert(fanout.to_path_buf());
+                    }
+                    create_dir_synced(fanout)
+                }
+                None => Ok(()),
+            }
+            .and_then(|()| fs::rename(&next.tmp, &dest).map_err(|e| Error::io(&dest, e)));
+            if let Err(e) = renamed {
+                for left in std::iter::once(next).chain(staged) {
+                    let _ = fs::remove_file(&left.tmp);
+                }
+                return Err(e);
+            }
+        }
+        sync_all(&fanouts.into_iter().collect::<Vec<_>>(), true)
     }
 
     /// Reads chunk `id` of file data: decompressed (at most [`MAX_CHUNK_BYTES`]) and checked
@@ -366,9 +431,9 @@ impl ChunkStore {
         Ok(st.f_bavail.saturating_mul(st.f_frsize))
     }
 
-    /// Writes an already compressed chunk: reserve check, tmp file, fsync, rename, fsync of the
-    /// fan-out directory. On any failure the tmp file is removed.
-    fn write_chunk(&self, id: ChunkId, compressed: &[u8]) -> Result<Put> {
+    /// Writes an already compressed chunk to a temporary file of `batch`, after the reserve check.
+    /// On any failure the temporary file is removed.
+    fn write_tmp(&self, batch: &mut Batch, id: ChunkId, compressed: &[u8]) -> Result<Put> {
         let need = compressed.len() as u64;
         if self.reserve > 0 {
             let free = self.free_bytes()?;
@@ -376,10 +441,6 @@ impl ChunkStore {
                 return Err(Error::DiskReserve { free, reserve: self.reserve });
             }
         }
-        let dest = self.chunk_path(&id);
-        let fanout = dest.parent().map(Path::to_path_buf).unwrap_or_else(|| self.chunks.clone());
-        create_dir_synced(&fanout)?;
-
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let tmp = self.tmp.join(format!("{id}.{}.{n}", std::process::id()));
         let written = (|| {
@@ -389,17 +450,49 @@ impl ChunkStore {
                 .mode(0o644)
                 .open(&tmp)
                 .map_err(|e| Error::io(&tmp, e))?;
-            file.write_all(compressed).map_err(|e| Error::io(&tmp, e))?;
-            file.sync_all().map_err(|e| Error::io(&tmp, e))?;
-            drop(file);
-            fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
-            sync_dir(&fanout)
+            file.write_all(compressed).map_err(|e| Error::io(&tmp, e))
         })();
         if let Err(e) = written {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
+        batch.ids.insert(id);
+        batch.staged.push(Staged { id, tmp });
         Ok(Put { id, stored_bytes: need, new: true })
+    }
+}
+
+/// Chunks written to temporary files and not yet part of the store: see [`ChunkStore::stage`] and
+/// [`ChunkStore::publish`]. Dropping a batch without publishing it removes its temporary files.
+#[derive(Debug, Default)]
+pub struct Batch {
+    staged: Vec<Staged>,
+    ids: HashSet<ChunkId>,
+}
+
+impl Batch {
+    /// How many chunks the batch holds.
+    pub fn len(&self) -> usize {
+        self.staged.len()
+    }
+
+    /// Whether the batch holds no chunk.
+    pub fn is_empty(&self) -> bool {
+        self.staged.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct Staged {
+    id: ChunkId,
+    tmp: PathBuf,
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        for staged in &self.staged {
+            let _ = fs::remove_file(&staged.tmp);
+        }
     }
 }
 
@@ -413,6 +506,42 @@ fn create_dir_synced(dir: &Path) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(Error::io(dir, e)),
     }
+}
+
+/// The most threads [`sync_all`] fsyncs from.
+const SYNC_THREADS: usize = 8;
+
+/// Fsyncs every file (or directory, when `dirs`) of `paths`, from up to [`SYNC_THREADS`] threads:
+/// fsyncs that wait at the same time share the file system's journal commits.
+fn sync_all(paths: &[PathBuf], dirs: bool) -> Result<()> {
+    let sync = |path: &PathBuf| -> Result<()> {
+        if dirs {
+            return sync_dir(path);
+        }
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        file.sync_all().map_err(|e| Error::io(path, e))
+    };
+    let threads = paths.len().div_ceil(4).min(SYNC_THREADS);
+    if threads <= 1 {
+        return paths.iter().try_for_each(sync);
+    }
+    let next = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    match paths.get(i) {
+                        Some(path) => sync(path)?,
+                        None => return Ok(()),
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join().unwrap_or_else(|_| Err(Error::io("fsync", io::Error::other("an fsync thread panicked"))))
+        })
+    })
 }
 
 /// Fsyncs a directory, making the renames and creations in it durable.

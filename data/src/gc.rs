@@ -1,6 +1,7 @@
 //! Garbage collection: removing chunks that no kept snapshot needs.
 //!
-//! [`gc`] keeps the manifests of the snapshots it is told to keep, every chunk they use, and every
+//! [`gc`] keeps the manifests of the snapshots it is told to keep (their indexes and parts), every
+//! chunk they use, and every
 //! chunk written less than `grace` ago (a transfer or a snapshot may be storing chunks whose
 //! manifest does not exist yet); it removes every other chunk. A kept snapshot whose manifest is
 //! missing or damaged stops the collection before anything is removed.
@@ -35,6 +36,7 @@ pub fn gc(store: &ChunkStore, keep: &[ChunkId], grace: Duration) -> Result<GcRep
     for id in keep {
         let manifest = Manifest::load(store, id)?;
         reachable.insert(*id);
+        reachable.extend(Manifest::parts(store, id)?);
         reachable.extend(manifest.chunks());
     }
     let now = SystemTime::now();

@@ -24,7 +24,7 @@ pub mod restore;
 pub mod snapshot;
 
 pub use chunks::{
-    ChunkId, ChunkStore, Put, VerifyReport, CDC_AVG, CDC_MAX, CDC_MIN, DEFAULT_LEVEL, MAX_CHUNK_BYTES,
+    Batch, ChunkId, ChunkStore, Put, VerifyReport, CDC_AVG, CDC_MAX, CDC_MIN, DEFAULT_LEVEL, MAX_CHUNK_BYTES,
     MAX_OBJECT_BYTES,
 };
 pub use error::{Error, Result};

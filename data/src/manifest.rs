@@ -5,8 +5,13 @@
 //! everything inside it). A regular file lists its content as chunks, each with its length, so the
 //! file's size can be checked against its chunks without reading them.
 //!
-//! Encoded, a manifest is one format-version byte followed by its bincode form; it is stored as an
-//! object in the [`ChunkStore`], and the snapshot's id is that object's [`ChunkId`].
+//! Encoded, a manifest is one format-version byte followed by its bincode form. It is stored in the
+//! [`ChunkStore`] cut into parts by content-defined chunking ([`PART_MIN`]/[`PART_AVG`]/
+//! [`PART_MAX`]), each part a chunk, and an index object listing the parts ([`INDEX_VERSION`] and
+//! the bincode form of the parts' [`ChunkRef`]s); the snapshot's id is the index's [`ChunkId`].
+//! Entries are sorted by path, so two snapshots of a tree share every part but those around what
+//! changed, and shipping a snapshot ships only those parts and a small index. A manifest stored
+//! whole, as one object holding its encoded form, is read too.
 //!
 //! A manifest may come from another node, so [`Manifest::decode`] trusts nothing: it refuses
 //! absolute paths, `.`/`..` and empty components, NUL bytes, unsorted or repeated paths, an entry
@@ -21,11 +26,22 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::chunks::{ChunkId, ChunkStore, Put, MAX_CHUNK_BYTES, MAX_OBJECT_BYTES};
+use crate::chunks::{Batch, ChunkId, ChunkStore, Put, MAX_CHUNK_BYTES, MAX_OBJECT_BYTES};
+use fastcdc::v2020::FastCDC;
 use crate::error::{Error, Result};
 
 /// The format version written as the first byte of an encoded manifest.
 pub const FORMAT_VERSION: u8 = 1;
+
+/// The first byte of a snapshot's index object, which lists the parts of its encoded manifest.
+pub const INDEX_VERSION: u8 = 2;
+
+/// The smallest part an encoded manifest is cut into (except its last).
+pub const PART_MIN: usize = 2 * 1024;
+/// The average size of a manifest's parts.
+pub const PART_AVG: usize = 8 * 1024;
+/// The largest part of a manifest.
+pub const PART_MAX: usize = 32 * 1024;
 
 /// The longest path (in bytes) a manifest may hold, as Linux's `PATH_MAX` less its NUL.
 pub const MAX_PATH_BYTES: usize = 4095;
@@ -195,15 +211,57 @@ impl Manifest {
         Ok(manifest)
     }
 
-    /// Reads snapshot `id` from `store` and decodes it.
+    /// Reads snapshot `id` from `store` (its index and parts, or a manifest stored whole) and
+    /// decodes it.
     pub fn load(store: &ChunkStore, id: &ChunkId) -> Result<Manifest> {
-        let bytes = store.get_with_limit(id, MAX_OBJECT_BYTES)?;
+        let object = store.get_with_limit(id, MAX_OBJECT_BYTES)?;
+        let Some(parts) = decode_index(&object)? else {
+            return Manifest::decode(&object);
+        };
+        let mut bytes = Vec::with_capacity(parts.iter().map(|p| p.len as usize).sum());
+        for part in &parts {
+            let data = store.get_with_limit(&part.id, part.len as usize)?;
+            if data.len() != part.len as usize {
+                return Err(Error::manifest(format!(
+                    "part {} has {} bytes, the index says {}",
+                    part.id,
+                    data.len(),
+                    part.len
+                )));
+            }
+            bytes.extend_from_slice(&data);
+        }
         Manifest::decode(&bytes)
     }
 
-    /// Encodes this manifest and stores it in `store`; the returned id is the snapshot's id.
+    /// Encodes this manifest and stores its parts and its index in `store`; the returned id is
+    /// the snapshot's id (the index's), and its stored bytes count the new parts too.
     pub fn store(&self, store: &ChunkStore) -> Result<Put> {
-        store.put(&self.encode()?)
+        let encoded = self.encode()?;
+        let mut batch = Batch::default();
+        let mut parts = Vec::new();
+        let mut stored_bytes = 0;
+        for cut in FastCDC::new(&encoded, PART_MIN, PART_AVG, PART_MAX) {
+            let data = encoded.get(cut.offset..cut.offset + cut.length).unwrap_or_default();
+            let put = store.stage(&mut batch, data)?;
+            stored_bytes += put.stored_bytes;
+            parts.push(ChunkRef { id: put.id, len: cut.length as u32 });
+        }
+        // The parts are durable under their names before the index that names them is.
+        store.publish(batch)?;
+        let mut index = vec![INDEX_VERSION];
+        bincode::serde::encode_into_std_write(&parts, &mut index, bincode::config::standard())
+            .map_err(|e| Error::manifest(format!("cannot encode the index: {e}")))?;
+        let put = store.put(&index)?;
+        Ok(Put { stored_bytes: put.stored_bytes + stored_bytes, ..put })
+    }
+
+    /// The parts of snapshot `id`'s manifest, as its index in `store` lists them (none for a
+    /// manifest stored whole). A node that receives a snapshot fetches its index, then these, then
+    /// the chunks the manifest names.
+    pub fn parts(store: &ChunkStore, id: &ChunkId) -> Result<Vec<ChunkId>> {
+        let object = store.get_with_limit(id, MAX_OBJECT_BYTES)?;
+        Ok(decode_index(&object)?.unwrap_or_default().into_iter().map(|p| p.id).collect())
     }
 
     /// Checks everything [`Manifest::decode`] promises (see the [module documentation](self)).
@@ -300,6 +358,35 @@ pub(crate) fn check_path(path: &[u8]) -> Result<(), &'static str> {
         }
     }
     Ok(())
+}
+
+/// The parts an index object lists, or `None` when `object` is not an index (a manifest stored
+/// whole). Refuses an index that does not decode, names a part of 0 bytes or more than
+/// [`PART_MAX`], or adds up to more than [`MAX_OBJECT_BYTES`].
+fn decode_index(object: &[u8]) -> Result<Option<Vec<ChunkRef>>> {
+    let Some((&INDEX_VERSION, body)) = object.split_first() else {
+        return Ok(None);
+    };
+    let config = bincode::config::standard().with_limit::<MAX_OBJECT_BYTES>();
+    let (parts, read): (Vec<ChunkRef>, usize) = bincode::serde::decode_from_slice(body, config)
+        .map_err(|e| Error::manifest(format!("cannot decode the index: {e}")))?;
+    if read != body.len() {
+        return Err(Error::manifest(format!("{} trailing bytes after the index", body.len().saturating_sub(read))));
+    }
+    let mut total = 0usize;
+    for part in &parts {
+        if part.len == 0 || part.len as usize > PART_MAX {
+            return Err(Error::manifest(format!(
+                "index names part {} of {} bytes, outside 1..={PART_MAX}",
+                part.id, part.len
+            )));
+        }
+        total = total.saturating_add(part.len as usize);
+    }
+    if total > MAX_OBJECT_BYTES {
+        return Err(Error::manifest(format!("index adds up to {total} bytes, more than {MAX_OBJECT_BYTES}")));
+    }
+    Ok(Some(parts))
 }
 
 fn check_attrs(attrs: &Attrs) -> Result<(), &'static str> {

@@ -9,9 +9,11 @@
 //!    nanoseconds, inode). A changed file is cut into chunks by content-defined chunking
 //!    ([`CDC_MIN`]/[`CDC_AVG`]/[`CDC_MAX`]) and each chunk hashed; chunks the store lacks are kept
 //!    in memory, uncompressed, in the [`Capture`] (up to [`CaptureOptions::max_pending_bytes`];
-//!    beyond it they are stored at once, which lengthens the pause but bounds memory).
-//! 2. [`Capture::commit`] compresses and stores those chunks, stores the manifest, and updates the
-//!    cache.
+//!    beyond it they are compressed and written to temporary files at once, which lengthens the
+//!    pause but bounds memory).
+//! 2. [`Capture::commit`] compresses and writes the chunks kept in memory, publishes them all as one
+//!    [`Batch`] (so a snapshot costs a few file-system syncs, not two per chunk), stores the
+//!    manifest, and updates the cache.
 //!
 //! [`snapshot`] does both in one call.
 //!
@@ -34,7 +36,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fastcdc::v2020::StreamCDC;
 use serde::{Deserialize, Serialize};
 
-use crate::chunks::{sync_dir, ChunkId, ChunkStore, CDC_AVG, CDC_MAX, CDC_MIN, MAX_OBJECT_BYTES};
+use crate::chunks::{sync_dir, Batch, ChunkId, ChunkStore, CDC_AVG, CDC_MAX, CDC_MIN, MAX_OBJECT_BYTES};
 use crate::error::{Error, Result};
 use crate::manifest::{Attrs, ChunkRef, Entry, EntryKind, Manifest, Timestamp, MODE_MASK};
 
@@ -185,13 +187,14 @@ impl Default for CaptureOptions {
 }
 
 /// The result of the first phase of a snapshot: the tree as it was, and the new chunks not yet
-/// stored. Dropping it without [`Capture::commit`] stores nothing more (chunks already stored
-/// because of the memory bound stay until garbage collection).
+/// stored. Dropping it without [`Capture::commit`] stores nothing (and removes the temporary files
+/// of chunks written because of the memory bound).
 #[derive(Debug)]
 pub struct Capture {
     root: Attrs,
     entries: Vec<Entry>,
     pending: Vec<(ChunkId, Vec<u8>)>,
+    batch: Batch,
     next_cache: HashMap<Vec<u8>, CachedFile>,
     files: u64,
     changed_files: u64,
@@ -215,16 +218,18 @@ impl Capture {
 
     /// The second phase: stores the new chunks (compressed) and the manifest, and replaces the
     /// cache's contents with what this capture saw.
-    pub fn commit(self, store: &ChunkStore, cache: &mut MetaCache) -> Result<SnapshotReport> {
+    pub fn commit(mut self, store: &ChunkStore, cache: &mut MetaCache) -> Result<SnapshotReport> {
         let mut new_bytes = self.new_bytes;
         let mut stored_bytes = self.stored_bytes;
         for (id, data) in &self.pending {
-            let put = store.put_known(*id, data)?;
+            let put = store.stage_known(&mut self.batch, *id, data)?;
             if put.new {
                 new_bytes += data.len() as u64;
                 stored_bytes += put.stored_bytes;
             }
         }
+        // The chunks are durable under their names before the manifest that names them is.
+        store.publish(std::mem::take(&mut self.batch))?;
         let manifest = Manifest::new(self.root, self.entries)?;
         let put = manifest.store(store)?;
         stored_bytes += put.stored_bytes;
@@ -301,6 +306,7 @@ pub fn capture_with(
             root: attrs_of(&root_md),
             entries: Vec::new(),
             pending: Vec::new(),
+            batch: Batch::default(),
             next_cache: HashMap::new(),
             files: 0,
             changed_files: 0,
@@ -445,7 +451,7 @@ impl State<'_> {
             return Ok(());
         }
         if self.pending_bytes.saturating_add(data.len()) > self.options.max_pending_bytes {
-            let put = self.store.put_known(id, &data)?;
+            let put = self.store.stage_known(&mut self.capture.batch, id, &data)?;
             if put.new {
                 self.capture.new_bytes += data.len() as u64;
                 self.capture.stored_bytes += put.stored_bytes;

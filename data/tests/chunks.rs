@@ -7,7 +7,7 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 
 use common::{flip_byte, Rng};
-use coyote_data::{ChunkId, ChunkStore, Error, MAX_CHUNK_BYTES, MAX_OBJECT_BYTES};
+use coyote_data::{Batch, ChunkId, ChunkStore, Error, MAX_CHUNK_BYTES, MAX_OBJECT_BYTES};
 
 #[test]
 fn chunk_ids_print_and_parse_as_hex() {
@@ -63,6 +63,47 @@ fn put_get_list_remove() {
     assert_eq!(store.list().unwrap(), vec![z.id]);
     assert_eq!(common::tmp_files(tmp.path()), 0);
     assert!(store.free_bytes().unwrap() > 0);
+}
+
+#[test]
+fn a_batch_is_invisible_until_published_and_leaves_nothing_when_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(tmp.path()).unwrap();
+    let present = store.put(b"already here").unwrap().id;
+    let datas: Vec<Vec<u8>> = (0..20).map(|i| Rng::new(i).bytes(5_000 + i as usize)).collect();
+
+    // Dropped: nothing stored, no temporary file left.
+    let mut batch = Batch::default();
+    for data in &datas {
+        assert!(store.stage(&mut batch, data).unwrap().new);
+    }
+    assert_eq!(batch.len(), 20);
+    assert_eq!(common::tmp_files(tmp.path()), 20);
+    assert!(datas.iter().all(|d| !store.contains(&ChunkId::of(d))));
+    drop(batch);
+    assert_eq!(common::tmp_files(tmp.path()), 0);
+    assert_eq!(store.list().unwrap(), vec![present]);
+
+    // Published: every chunk readable under its name; a chunk staged twice or already present is
+    // written once.
+    let mut batch = Batch::default();
+    for data in &datas {
+        store.stage(&mut batch, data).unwrap();
+    }
+    assert!(!store.stage(&mut batch, &datas[3]).unwrap().new);
+    assert!(!store.stage(&mut batch, b"already here").unwrap().new);
+    let compressed = store.get_compressed(&present).unwrap();
+    assert!(!store.stage_compressed(&mut batch, &present, &compressed).unwrap().new);
+    assert_eq!(batch.len(), 20);
+    // A received chunk that does not hash to its id is refused and leaves the batch as it was.
+    let wrong = ChunkId::of(b"something else");
+    assert!(matches!(store.stage_compressed(&mut batch, &wrong, &compressed), Err(Error::HashMismatch { .. })));
+    store.publish(batch).unwrap();
+    assert_eq!(common::tmp_files(tmp.path()), 0);
+    for data in &datas {
+        assert_eq!(&store.get(&ChunkId::of(data)).unwrap(), data);
+    }
+    assert_eq!(store.list().unwrap().len(), 21);
 }
 
 #[test]

@@ -36,14 +36,27 @@ fn gc_removes_what_only_dropped_snapshots_used() {
     assert_eq!(report.removed, 0);
     assert_eq!(report.kept as usize, all_before.len());
 
+    // A snapshot's objects: its chunks, its manifest's index and the manifest's parts.
+    let objects = |id: ChunkId, chunks: &BTreeSet<ChunkId>| {
+        let mut all = chunks.clone();
+        all.insert(id);
+        let parts = Manifest::parts(&store, &id).unwrap();
+        assert!(!parts.is_empty());
+        all.extend(parts);
+        all
+    };
+    let (o1, o2) = (objects(first.id, &m1), objects(second.id, &m2));
+    assert_eq!(o1.union(&o2).count(), all_before.len());
     let report = gc(&store, &[second.id], Duration::ZERO).unwrap();
-    assert_eq!(report.removed as usize, only_first.len() + 1, "the first snapshot's own chunks and manifest");
+    assert_eq!(
+        report.removed as usize,
+        o1.difference(&o2).count(),
+        "the first snapshot's own chunks, index and manifest parts"
+    );
     assert!(report.removed_bytes > 0);
-    assert_eq!(report.kept as usize, m2.len() + 1);
+    assert_eq!(report.kept as usize, o2.len());
     let after: BTreeSet<ChunkId> = store.list().unwrap().into_iter().collect();
-    let mut expected = m2.clone();
-    expected.insert(second.id);
-    assert_eq!(after, expected);
+    assert_eq!(after, o2);
     assert!(!store.contains(&first.id));
 
     // The kept snapshot still restores.

@@ -136,6 +136,51 @@ fn a_snapshot_id_that_is_not_a_manifest_is_refused() {
     assert!(temp_dirs(tmp.path()).is_empty());
 }
 
+#[test]
+fn hostile_manifest_indexes_are_refused() {
+    use coyote_data::manifest::{INDEX_VERSION, PART_MAX};
+    use coyote_data::ChunkRef;
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ChunkStore::open(tmp.path().join("store")).unwrap();
+    let index = |parts: &[ChunkRef], trailing: &[u8]| {
+        let mut out = vec![INDEX_VERSION];
+        out.extend(bincode::serde::encode_to_vec(parts, bincode::config::standard()).unwrap());
+        out.extend_from_slice(trailing);
+        store.put(&out).unwrap().id
+    };
+    let good = encode_raw(vec![dir("a")]);
+    let part = store.put(&good).unwrap().id;
+    let garbage = store.put(&Rng::new(3).bytes(3000)).unwrap().id;
+    let len = good.len() as u32;
+    let cases: Vec<(&str, ChunkId, &str)> = vec![
+        ("trailing", index(&[ChunkRef { id: part, len }], b"x"), "trailing bytes after the index"),
+        ("empty part", index(&[ChunkRef { id: part, len: 0 }], b""), "outside 1..="),
+        ("huge part", index(&[ChunkRef { id: part, len: PART_MAX as u32 + 1 }], b""), "outside 1..="),
+        ("wrong length", index(&[ChunkRef { id: part, len: len - 1 }], b""), "decompresses to more"),
+        ("short part", index(&[ChunkRef { id: part, len: len + 1 }], b""), "the index says"),
+        ("garbage", index(&[ChunkRef { id: garbage, len: 3000 }], b""), "format version"),
+        ("no parts", index(&[], b""), "empty"),
+    ];
+    for (name, id, expect) in cases {
+        match Manifest::load(&store, &id) {
+            Err(e @ (Error::InvalidManifest { .. } | Error::Corrupt { .. })) => {
+                assert!(e.to_string().contains(expect), "{name}: {e}")
+            }
+            other => panic!("{name}: accepted or refused for another reason: {other:?}"),
+        }
+        let target = tmp.path().join(name);
+        assert!(restore(&store, &id, &target).is_err(), "{name}");
+        assert!(fs::symlink_metadata(&target).is_err(), "{name}: the target exists");
+    }
+    // A part that is not in the store.
+    let id = index(&[ChunkRef { id: ChunkId([9; 32]), len: 10 }], b"");
+    assert!(matches!(Manifest::load(&store, &id), Err(Error::MissingChunk { .. })));
+    // The same manifest through a good index loads.
+    let id = index(&[ChunkRef { id: part, len }], b"");
+    assert_eq!(Manifest::load(&store, &id).unwrap().entries().len(), 1);
+    assert_eq!(Manifest::parts(&store, &id).unwrap(), vec![part]);
+}
+
 /// Makes the locked directories writable again so the temporary directory can be removed when the
 /// tests run as a user other than root.
 fn unlock(tmp: &Path) {

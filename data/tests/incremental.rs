@@ -236,3 +236,28 @@ fn a_restore_over_a_base_links_unchanged_files_and_writes_changed_ones() {
     coyote_data::remove_restored(&ready);
     assert_eq!(compare_trees(&src, &next, Compare { mtime_ns: true, owners: false, top: false }), 11);
 }
+
+#[test]
+fn a_small_change_in_a_large_tree_shares_most_of_the_manifest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let mut rng = Rng::new(11);
+    for i in 0..3000 {
+        write(&src.join(format!("mail/{:02}/msg-{i:05}.eml", i % 30)), &rng.bytes(200 + i % 700));
+    }
+    settle();
+    let store = ChunkStore::open(tmp.path().join("store")).unwrap();
+    let mut cache = MetaCache::new();
+    let first = snapshot(&src, &mut cache, &store).unwrap();
+    let first_parts = Manifest::parts(&store, &first.id).unwrap();
+    assert!(first_parts.len() >= 10, "{} parts for 3000 files", first_parts.len());
+
+    write(&src.join("mail/07/msg-new.eml"), &rng.bytes(500));
+    let second = snapshot(&src, &mut cache, &store).unwrap();
+    let second_parts = Manifest::parts(&store, &second.id).unwrap();
+    let new_parts = second_parts.iter().filter(|p| !first_parts.contains(p)).count();
+    assert!(new_parts <= 3, "{new_parts} of {} parts changed for one new file", second_parts.len());
+    let dst = tmp.path().join("restored");
+    restore(&store, &second.id, &dst).unwrap();
+    compare_trees(&src, &dst, Compare { mtime_ns: true, owners: false, top: true });
+}

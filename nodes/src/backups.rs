@@ -651,7 +651,7 @@ impl Backups {
         Err(BackupError::Fetch(last))
     }
 
-    /// Whether the store holds the manifest and every chunk of snapshot `id`.
+    /// Whether the store holds the manifest (its index and parts) and every chunk of snapshot `id`.
     async fn complete(&self, id: &ChunkId) -> Result<bool, BackupError> {
         let store = self.store.clone();
         let id = *id;
@@ -659,7 +659,12 @@ impl Backups {
             if !store.contains(&id) {
                 return Ok(false);
             }
-            let manifest = Manifest::load(&store, &id)?;
+            let manifest = match Manifest::load(&store, &id) {
+                Ok(manifest) => manifest,
+                // A part of the manifest is not here (yet).
+                Err(coyote_data::Error::MissingChunk { .. }) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            };
             Ok(coyote_data::missing(&store, &manifest).is_empty())
         })
         .await
@@ -678,8 +683,19 @@ impl Backups {
                     BackupError::Fetch(format!("no answer within {} s", HOLDER_ANSWER_TIMEOUT.as_secs()))
                 })??;
         }
+        // The manifest's parts, then the chunks it names.
         let store = self.store.clone();
         let manifest_id = *id;
+        let parts = self
+            .blocking(move || {
+                let parts = Manifest::parts(&store, &manifest_id)?;
+                Ok::<_, BackupError>(parts.into_iter().filter(|p| !store.contains(p)).collect::<Vec<_>>())
+            })
+            .await?;
+        for batch in parts.chunks(FETCH_BATCH) {
+            self.fetch_chunks(&mut client, service, batch).await?;
+        }
+        let store = self.store.clone();
         let missing = self
             .blocking(move || {
                 let manifest = Manifest::load(&store, &manifest_id)?;
@@ -711,6 +727,7 @@ impl Backups {
             .map_err(|s| BackupError::Fetch(format!("unreachable or refused: {}", s.message())))?
             .into_inner();
         let mut received = 0;
+        let mut chunks = Vec::with_capacity(ids.len());
         while let Some(chunk) = stream
             .message()
             .await
@@ -726,14 +743,21 @@ impl Backups {
             if chunk.missing {
                 return Err(BackupError::Fetch(format!("the holder lacks chunk {expected}")));
             }
-            let store = self.store.clone();
-            let id = *expected;
-            self.blocking(move || Ok(store.put_compressed(&id, &chunk.data)?)).await?;
+            chunks.push((*expected, chunk.data));
         }
         if received != ids.len() {
             return Err(BackupError::Fetch(format!("the holder sent {received} of {} chunks", ids.len())));
         }
-        Ok(())
+        // Checked one by one, made durable together.
+        let store = self.store.clone();
+        self.blocking(move || {
+            let mut batch = coyote_data::Batch::default();
+            for (id, data) in &chunks {
+                store.stage_compressed(&mut batch, id, data)?;
+            }
+            Ok(store.publish(batch)?)
+        })
+        .await
     }
 
     /// Removes the chunks that no snapshot recorded in the log needs (those retention forgot, those
