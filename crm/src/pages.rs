@@ -656,6 +656,7 @@ impl ServiceForm {
             zone: None,
             http_port,
             tls_passthrough: false,
+            keep: None,
         };
         spec.validate().map_err(|e| e.to_string())?;
         Ok(spec)

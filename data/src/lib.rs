@@ -4,7 +4,8 @@
 //! - [`chunks`]: the [`ChunkStore`], a directory of zstd-compressed chunks named by the blake3 hash
 //!   of their content.
 //! - [`manifest`]: the [`Manifest`], the description of one snapshot of a directory tree; a
-//!   snapshot's id is the id of its encoded manifest, stored as an object in the same store.
+//!   manifest is stored in the same store as content-defined parts under an index, and a
+//!   snapshot's id is the index's id.
 //! - [`snapshot`](mod@snapshot): taking a snapshot in two phases, [`capture`] (while the service's
 //!   container is paused) and [`Capture::commit`] (after it resumes), with a [`MetaCache`] so
 //!   unchanged files are not read again.

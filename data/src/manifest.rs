@@ -27,8 +27,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::chunks::{Batch, ChunkId, ChunkStore, Put, MAX_CHUNK_BYTES, MAX_OBJECT_BYTES};
-use fastcdc::v2020::FastCDC;
 use crate::error::{Error, Result};
+use fastcdc::v2020::FastCDC;
 
 /// The format version written as the first byte of an encoded manifest.
 pub const FORMAT_VERSION: u8 = 1;
@@ -371,7 +371,10 @@ fn decode_index(object: &[u8]) -> Result<Option<Vec<ChunkRef>>> {
     let (parts, read): (Vec<ChunkRef>, usize) = bincode::serde::decode_from_slice(body, config)
         .map_err(|e| Error::manifest(format!("cannot decode the index: {e}")))?;
     if read != body.len() {
-        return Err(Error::manifest(format!("{} trailing bytes after the index", body.len().saturating_sub(read))));
+        return Err(Error::manifest(format!(
+            "{} trailing bytes after the index",
+            body.len().saturating_sub(read)
+        )));
     }
     let mut total = 0usize;
     for part in &parts {

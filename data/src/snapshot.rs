@@ -398,19 +398,16 @@ impl State<'_> {
         if !before.is_file() {
             return Err(Error::BadPath { path: path.to_path_buf(), reason: "replaced while being read" });
         }
-        let mut chunks = Vec::new();
-        let mut size = 0u64;
-        for chunk in StreamCDC::new(&file, CDC_MIN, CDC_AVG, CDC_MAX) {
-            let chunk = chunk.map_err(|e| Error::io(path, io::Error::from(e)))?;
-            let id = ChunkId::of(&chunk.data);
-            let len = u32::try_from(chunk.data.len()).map_err(|_| Error::BadPath {
-                path: path.to_path_buf(),
-                reason: "chunk larger than 4 GiB",
-            })?;
-            size += u64::from(len);
-            chunks.push(ChunkRef { id, len });
-            self.keep(id, chunk.data)?;
-        }
+        let (chunks, size) = if before.size() >= PIPELINE_MIN_BYTES {
+            self.cut_pipelined(path, &file)?
+        } else {
+            let mut cut = Cut::default();
+            for chunk in StreamCDC::new(&file, CDC_MIN, CDC_AVG, CDC_MAX) {
+                let chunk = chunk.map_err(|e| Error::io(path, io::Error::from(e)))?;
+                cut.add(self, chunk.data)?;
+            }
+            (cut.chunks, cut.size)
+        };
         self.capture.bytes += size;
 
         let after = file.metadata().map_err(|e| Error::io(path, e))?;
@@ -431,6 +428,43 @@ impl State<'_> {
             );
         }
         Ok((size, chunks))
+    }
+
+    /// Cuts a large file with two threads: this one reads it and finds the chunk boundaries, the
+    /// other hashes and keeps each chunk, so the pause lasts about the longer of the two rather
+    /// than their sum.
+    fn cut_pipelined(&mut self, path: &Path, file: &File) -> Result<(Vec<ChunkRef>, u64)> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(PIPELINE_DEPTH);
+        std::thread::scope(|scope| {
+            let worker = scope.spawn(|| -> Result<Cut> {
+                let mut cut = Cut::default();
+                for data in rx {
+                    cut.add(self, data)?;
+                }
+                Ok(cut)
+            });
+            let mut read = Ok(());
+            for chunk in StreamCDC::new(file, CDC_MIN, CDC_AVG, CDC_MAX) {
+                match chunk {
+                    // A closed channel: the worker failed, and says why below.
+                    Ok(chunk) => {
+                        if tx.send(chunk.data).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        read = Err(Error::io(path, io::Error::from(e)));
+                        break;
+                    }
+                }
+            }
+            drop(tx);
+            let cut = worker
+                .join()
+                .unwrap_or_else(|_| Err(Error::io(path, io::Error::other("the hashing thread panicked"))))?;
+            read?;
+            Ok((cut.chunks, cut.size))
+        })
     }
 
     /// Whether the store holds `id` (remembering the answer for this capture).
@@ -463,6 +497,31 @@ impl State<'_> {
         self.pending_ids.insert(id);
         self.capture.pending.push((id, data));
         Ok(())
+    }
+}
+
+/// Files at least this large are cut by two threads ([`State::cut_pipelined`]).
+const PIPELINE_MIN_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Chunks in flight between the reading thread and the hashing thread.
+const PIPELINE_DEPTH: usize = 64;
+
+/// A file's chunks as they are cut.
+#[derive(Default)]
+struct Cut {
+    chunks: Vec<ChunkRef>,
+    size: u64,
+}
+
+impl Cut {
+    /// Hashes the next chunk of the file, records it, and keeps it if the store may lack it.
+    fn add(&mut self, state: &mut State<'_>, data: Vec<u8>) -> Result<()> {
+        let id = ChunkId::of(&data);
+        // A chunk is at most CDC_MAX bytes.
+        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        self.size += u64::from(len);
+        self.chunks.push(ChunkRef { id, len });
+        state.keep(id, data)
     }
 }
 

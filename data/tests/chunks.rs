@@ -97,7 +97,10 @@ fn a_batch_is_invisible_until_published_and_leaves_nothing_when_dropped() {
     assert_eq!(batch.len(), 20);
     // A received chunk that does not hash to its id is refused and leaves the batch as it was.
     let wrong = ChunkId::of(b"something else");
-    assert!(matches!(store.stage_compressed(&mut batch, &wrong, &compressed), Err(Error::HashMismatch { .. })));
+    assert!(matches!(
+        store.stage_compressed(&mut batch, &wrong, &compressed),
+        Err(Error::HashMismatch { .. })
+    ));
     store.publish(batch).unwrap();
     assert_eq!(common::tmp_files(tmp.path()), 0);
     for data in &datas {

@@ -66,6 +66,7 @@ pub fn full_spec() -> ServiceSpec {
         zone: Some(ZoneCheck { zone: "example.com.".into(), nameservers: vec!["127.0.0.1:5353".into()] }),
         http_port: Some(8080),
         tls_passthrough: true,
+        keep: None,
     }
 }
 
@@ -82,6 +83,7 @@ fn minimal_spec() -> ServiceSpec {
         zone: None,
         http_port: None,
         tls_passthrough: false,
+        keep: None,
     }
 }
 

@@ -38,7 +38,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use coyote_data::{ChunkId, ChunkStore, Manifest, MetaCache};
+use coyote_data::{Batch, ChunkId, ChunkStore, Manifest, MetaCache};
 use coyote_log::pb;
 use coyote_log::LogNode;
 use coyote_state_machine::{
@@ -60,6 +60,9 @@ const HOLDER_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Chunks asked for in one call.
 const FETCH_BATCH: usize = 64;
+
+/// Received chunks are made durable (and part of the store) this many at a time.
+const PUBLISH_EVERY: usize = 4096;
 /// Largest gRPC message of the data service: a manifest of a very large tree, or one chunk.
 const MESSAGE_MAX_BYTES: usize = 64 * 1024 * 1024;
 
@@ -677,11 +680,15 @@ impl Backups {
             .max_encoding_message_size(MESSAGE_MAX_BYTES);
         if !self.store.contains(id) {
             // A holder that does not answer the manifest promptly is passed over for the next one.
-            tokio::time::timeout(HOLDER_ANSWER_TIMEOUT, self.fetch_chunks(&mut client, service, &[*id]))
-                .await
-                .map_err(|_| {
-                    BackupError::Fetch(format!("no answer within {} s", HOLDER_ANSWER_TIMEOUT.as_secs()))
-                })??;
+            let batch = tokio::time::timeout(
+                HOLDER_ANSWER_TIMEOUT,
+                self.fetch_chunks(&mut client, service, &[*id], Batch::default()),
+            )
+            .await
+            .map_err(|_| {
+                BackupError::Fetch(format!("no answer within {} s", HOLDER_ANSWER_TIMEOUT.as_secs()))
+            })??;
+            self.publish(batch).await?;
         }
         // The manifest's parts, then the chunks it names.
         let store = self.store.clone();
@@ -692,9 +699,11 @@ impl Backups {
                 Ok::<_, BackupError>(parts.into_iter().filter(|p| !store.contains(p)).collect::<Vec<_>>())
             })
             .await?;
-        for batch in parts.chunks(FETCH_BATCH) {
-            self.fetch_chunks(&mut client, service, batch).await?;
+        let mut batch = Batch::default();
+        for ids in parts.chunks(FETCH_BATCH) {
+            batch = self.fetch_chunks(&mut client, service, ids, batch).await?;
         }
+        self.publish(batch).await?;
         let store = self.store.clone();
         let missing = self
             .blocking(move || {
@@ -702,21 +711,31 @@ impl Backups {
                 Ok::<_, BackupError>(coyote_data::missing(&store, &manifest))
             })
             .await?;
-        for batch in missing.chunks(FETCH_BATCH) {
-            self.fetch_chunks(&mut client, service, batch).await?;
+        // Made durable a few thousand chunks at a time: few syncs, and a broken transfer keeps
+        // what it published.
+        let mut batch = Batch::default();
+        for ids in missing.chunks(FETCH_BATCH) {
+            batch = self.fetch_chunks(&mut client, service, ids, batch).await?;
+            if batch.len() >= PUBLISH_EVERY {
+                self.publish(std::mem::take(&mut batch)).await?;
+            }
         }
+        self.publish(batch).await?;
         if !self.complete(id).await? {
             return Err(BackupError::Fetch("the snapshot is still incomplete after fetching it".into()));
         }
         Ok(())
     }
 
+    /// Fetches chunks `ids` from a holder, checks each and writes it to `batch`, which it returns
+    /// (dropped, with its temporary files, on a failure).
     async fn fetch_chunks(
         &self,
         client: &mut pb::data_client::DataClient<tonic::transport::Channel>,
         service: &str,
         ids: &[ChunkId],
-    ) -> Result<(), BackupError> {
+        batch: Batch,
+    ) -> Result<Batch, BackupError> {
         let request = pb::ChunksRequest {
             service: service.to_string(),
             ids: ids.iter().map(|id| id.as_bytes().to_vec()).collect(),
@@ -748,16 +767,21 @@ impl Backups {
         if received != ids.len() {
             return Err(BackupError::Fetch(format!("the holder sent {received} of {} chunks", ids.len())));
         }
-        // Checked one by one, made durable together.
         let store = self.store.clone();
         self.blocking(move || {
-            let mut batch = coyote_data::Batch::default();
+            let mut batch = batch;
             for (id, data) in &chunks {
                 store.stage_compressed(&mut batch, id, data)?;
             }
-            Ok(store.publish(batch)?)
+            Ok(batch)
         })
         .await
+    }
+
+    /// Makes the chunks of `batch` part of the store, durably.
+    async fn publish(&self, batch: Batch) -> Result<(), BackupError> {
+        let store = self.store.clone();
+        self.blocking(move || Ok(store.publish(batch)?)).await
     }
 
     /// Removes the chunks that no snapshot recorded in the log needs (those retention forgot, those

@@ -5,6 +5,7 @@
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use coyote_nodes::wire;
+use coyote_state_machine::data::Retention;
 use coyote_state_machine::spec::human_bytes;
 use coyote_state_machine::spec::{parse_bytes, parse_port};
 use coyote_state_machine::{format_ms, PortMap, ServiceSpec, ZoneCheck};
@@ -336,6 +337,10 @@ pub enum ServiceCmd {
         /// through to its port 443 undecrypted
         #[arg(long)]
         tls_passthrough: bool,
+        /// Which snapshots of the service's data to keep: last=N,hourly=N,daily=N,weekly=N (a count
+        /// not given keeps its default: last=10,hourly=24,daily=7,weekly=4)
+        #[arg(long, value_name = "RETENTION")]
+        keep: Option<String>,
     },
     /// List services
     List,
@@ -405,6 +410,9 @@ pub enum ServiceCmd {
         /// Pass TLS through to the container (true) or terminate it in the proxy (false)
         #[arg(long, value_name = "BOOL")]
         tls_passthrough: Option<bool>,
+        /// Which snapshots to keep: last=N,hourly=N,daily=N,weekly=N, or `default`
+        #[arg(long, value_name = "RETENTION")]
+        keep: Option<String>,
     },
     /// Remove a service
     Rm { name: String },
@@ -917,7 +925,13 @@ async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
             nameservers,
             http_port,
             tls_passthrough,
+            keep,
         } => {
+            let keep = keep
+                .as_deref()
+                .map(str::parse::<Retention>)
+                .transpose()
+                .map_err(|r| anyhow::anyhow!("{r}"))?;
             let ports: Vec<PortMap> =
                 ports.iter().map(|p| parse_port(p)).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?;
             let memory_bytes = memory.as_deref().map(parse_bytes).transpose().map_err(anyhow::Error::msg)?;
@@ -935,6 +949,7 @@ async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
                 zone,
                 http_port,
                 tls_passthrough,
+                keep,
             };
             if let Err(r) = spec.validate() {
                 bail!("{r}");
@@ -982,6 +997,7 @@ async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
             no_zone,
             http_port,
             tls_passthrough,
+            keep,
         } => {
             let current: wire::ServiceView = client.get(&format!("/v1/services/{name}")).await?;
             let mut spec = current.spec;
@@ -1028,6 +1044,13 @@ async fn service(cmd: ServiceCmd, client: &Client, json: bool) -> Result<()> {
             }
             if let Some(on) = tls_passthrough {
                 spec.tls_passthrough = on;
+            }
+            match keep.as_deref() {
+                None => {}
+                Some("default") => spec.keep = None,
+                Some(text) => {
+                    spec.keep = Some(text.parse::<Retention>().map_err(|r| anyhow::anyhow!("{r}"))?)
+                }
             }
             if let Err(r) = spec.validate() {
                 bail!("{r}");

@@ -109,6 +109,7 @@ mod tests {
             zone: None,
             http_port,
             tls_passthrough: false,
+            keep: None,
         }
     }
 

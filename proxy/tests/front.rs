@@ -168,6 +168,7 @@ fn spec(name: &str, domain: &str) -> ServiceSpec {
         zone: None,
         http_port: None,
         tls_passthrough: false,
+        keep: None,
     }
 }
 

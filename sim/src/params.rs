@@ -171,6 +171,7 @@ pub fn service_spec(i: usize, nodes: usize) -> ServiceSpec {
         // names.
         http_port: Some(if on_demand { container } else { port }),
         tls_passthrough: false,
+        keep: None,
     }
 }
 

@@ -168,6 +168,7 @@ impl SignupTemplate {
             zone: None,
             http_port: self.http_port,
             tls_passthrough: false,
+            keep: None,
         }
     }
 }

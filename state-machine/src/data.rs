@@ -27,8 +27,10 @@ use crate::{LogIndex, NodeId};
 /// At most this many snapshots of one service in the ledger: retention forgets old ones long before.
 pub const SNAPSHOTS_MAX: usize = 512;
 
-/// Which snapshots of a service the ledger keeps (see [`Retention::retained`]).
+/// Which snapshots of a service the ledger keeps (see [`Retention::retained`]). A service's spec
+/// may give its own ([`crate::ServiceSpec::keep`]); [`RETENTION`] otherwise.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Retention {
     /// The newest this many.
     pub last: usize,
@@ -40,12 +42,34 @@ pub struct Retention {
     pub weekly: usize,
 }
 
-/// The retention every cluster uses.
+/// The retention of a service whose spec gives none.
 pub const RETENTION: Retention = Retention { last: 10, hourly: 24, daily: 7, weekly: 4 };
+
+/// The most snapshots a retention may ask to keep, all counts together: below [`SNAPSHOTS_MAX`],
+/// with room for the newest snapshot of each node holding a role.
+pub const RETENTION_MAX: usize = 400;
 
 const HOUR_MS: u64 = 3_600_000;
 
 impl Retention {
+    /// Checks that the retention keeps at least the newest snapshot and at most [`RETENTION_MAX`].
+    pub fn validate(&self) -> Result<(), crate::Rejection> {
+        if self.last == 0 {
+            return Err(crate::Rejection::new(
+                "a retention keeps at least the newest snapshot (last=1 or more)".to_string(),
+            ));
+        }
+        let total = [self.last, self.hourly, self.daily, self.weekly]
+            .iter()
+            .fold(0usize, |a, b| a.saturating_add(*b));
+        if total > RETENTION_MAX {
+            return Err(crate::Rejection::new(format!(
+                "a retention keeps at most {RETENTION_MAX} snapshots in all; this one asks for {total}"
+            )));
+        }
+        Ok(())
+    }
+
     /// The ids of the snapshots to keep: those the policy keeps, and always the newest that each of
     /// `keep_for` (the nodes holding a role for the service) holds, so that no node loses the copy
     /// it would restore from. Buckets are counted on the snapshots' `taken_at_ms`, whole hours, days
@@ -173,5 +197,38 @@ impl DataLedger {
     /// Whether the current master has restored at the current epoch.
     pub fn restored_at_epoch(&self, master: NodeId) -> bool {
         self.restored.as_ref().is_some_and(|r| r.node == master && r.epoch == self.epoch)
+    }
+}
+
+impl std::fmt::Display for Retention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "last={},hourly={},daily={},weekly={}", self.last, self.hourly, self.daily, self.weekly)
+    }
+}
+
+impl std::str::FromStr for Retention {
+    type Err = crate::Rejection;
+
+    /// `last=N,hourly=N,daily=N,weekly=N`; a count not given is the default's ([`RETENTION`]).
+    fn from_str(text: &str) -> Result<Retention, crate::Rejection> {
+        let mut keep = RETENTION;
+        for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let bad = || {
+                crate::Rejection::new(format!(
+                    "retention {item:?}: expected last=N, hourly=N, daily=N or weekly=N, separated by commas"
+                ))
+            };
+            let (key, value) = item.split_once('=').ok_or_else(bad)?;
+            let n: usize = value.trim().parse().map_err(|_| bad())?;
+            match key.trim() {
+                "last" => keep.last = n,
+                "hourly" => keep.hourly = n,
+                "daily" => keep.daily = n,
+                "weekly" => keep.weekly = n,
+                _ => return Err(bad()),
+            }
+        }
+        keep.validate()?;
+        Ok(keep)
     }
 }

@@ -18,6 +18,7 @@ use serde::ser::SerializeTuple;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
+use crate::data::Retention;
 use crate::Rejection;
 
 /// Smallest memory limit accepted: Docker refuses limits under 6 MiB.
@@ -41,9 +42,16 @@ pub const FLAG_HTTP_PORT: u8 = 0b1_0000;
 /// The proxy passes TLS connections for the service's domains through to its container, which
 /// terminates TLS itself (no data follows).
 pub const FLAG_TLS_PASSTHROUGH: u8 = 0b10_0000;
+/// A retention of the service's snapshots follows.
+pub const FLAG_KEEP: u8 = 0b100_0000;
 const FLAG_ON_DEMAND: u8 = 0b01;
-const FLAGS_KNOWN: u8 =
-    FLAG_ON_DEMAND | FLAG_DUMP | FLAG_HTTP_CHECK | FLAG_ZONE | FLAG_HTTP_PORT | FLAG_TLS_PASSTHROUGH;
+const FLAGS_KNOWN: u8 = FLAG_ON_DEMAND
+    | FLAG_DUMP
+    | FLAG_HTTP_CHECK
+    | FLAG_ZONE
+    | FLAG_HTTP_PORT
+    | FLAG_TLS_PASSTHROUGH
+    | FLAG_KEEP;
 /// The container port web traffic goes to when a spec names none.
 pub const HTTP_PORT_DEFAULT: u16 = 80;
 /// The container port that passed-through TLS connections go to.
@@ -95,6 +103,8 @@ pub struct ServiceSpec {
     /// TLS connections for the service's domains go to its container undecrypted, routed by the
     /// name in their ClientHello, to the container's port [`TLS_PASSTHROUGH_PORT`].
     pub tls_passthrough: bool,
+    /// Which of the service's snapshots the ledger keeps (`None`: [`crate::data::RETENTION`]).
+    pub keep: Option<Retention>,
 }
 
 /// The JSON form of a spec: named fields, `dump` optional.
@@ -118,6 +128,8 @@ struct SpecFields {
     http_port: Option<u16>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     tls_passthrough: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    keep: Option<Retention>,
 }
 
 /// The schema of a spec is that of its JSON form.
@@ -154,6 +166,7 @@ impl Serialize for ServiceSpec {
                 zone,
                 http_port,
                 tls_passthrough,
+                keep,
             } = self.clone();
             return SpecFields {
                 name,
@@ -167,6 +180,7 @@ impl Serialize for ServiceSpec {
                 zone,
                 http_port,
                 tls_passthrough,
+                keep,
             }
             .serialize(serializer);
         }
@@ -186,10 +200,14 @@ impl Serialize for ServiceSpec {
         if self.tls_passthrough {
             flags |= FLAG_TLS_PASSTHROUGH;
         }
+        if self.keep.is_some() {
+            flags |= FLAG_KEEP;
+        }
         let extra = usize::from(self.dump.is_some())
             + usize::from(self.http_check.is_some())
             + usize::from(self.zone.is_some())
-            + usize::from(self.http_port.is_some());
+            + usize::from(self.http_port.is_some())
+            + usize::from(self.keep.is_some());
         let mut t = serializer.serialize_tuple(6 + extra)?;
         t.serialize_element(&self.name)?;
         t.serialize_element(&self.image)?;
@@ -208,6 +226,9 @@ impl Serialize for ServiceSpec {
         }
         if let Some(port) = &self.http_port {
             t.serialize_element(port)?;
+        }
+        if let Some(keep) = &self.keep {
+            t.serialize_element(keep)?;
         }
         t.end()
     }
@@ -228,6 +249,7 @@ impl<'de> Deserialize<'de> for ServiceSpec {
                 zone,
                 http_port,
                 tls_passthrough,
+                keep,
             } = SpecFields::deserialize(deserializer)?;
             return Ok(ServiceSpec {
                 name,
@@ -241,6 +263,7 @@ impl<'de> Deserialize<'de> for ServiceSpec {
                 zone,
                 http_port,
                 tls_passthrough,
+                keep,
             });
         }
         struct Binary;
@@ -282,6 +305,11 @@ impl<'de> Deserialize<'de> for ServiceSpec {
                 } else {
                     None
                 };
+                let keep = if flags & FLAG_KEEP != 0 {
+                    Some(seq.next_element()?.ok_or_else(|| missing("its retention"))?)
+                } else {
+                    None
+                };
                 let on_demand = flags & FLAG_ON_DEMAND != 0;
                 let tls_passthrough = flags & FLAG_TLS_PASSTHROUGH != 0;
                 Ok(ServiceSpec {
@@ -296,10 +324,11 @@ impl<'de> Deserialize<'de> for ServiceSpec {
                     zone,
                     http_port,
                     tls_passthrough,
+                    keep,
                 })
             }
         }
-        deserializer.deserialize_tuple(10, Binary)
+        deserializer.deserialize_tuple(11, Binary)
     }
 }
 
@@ -353,6 +382,9 @@ impl ServiceSpec {
                 "TLS passthrough needs at least one domain (the name it is routed by)".to_string(),
             ));
         }
+        if let Some(keep) = &self.keep {
+            keep.validate()?;
+        }
         Ok(())
     }
 
@@ -366,6 +398,7 @@ impl ServiceSpec {
             zone: None,
             http_port: None,
             tls_passthrough: false,
+            keep: None,
             ..self.clone()
         };
         hex::encode(Sha256::digest(crate::encode(&container)))
@@ -406,6 +439,9 @@ impl ServiceSpec {
         }
         if self.tls_passthrough {
             parts.push("TLS passthrough".into());
+        }
+        if let Some(keep) = &self.keep {
+            parts.push(format!("keeps {keep}"));
         }
         parts.join(", ")
     }
@@ -664,7 +700,39 @@ mod tests {
             zone: None,
             http_port: None,
             tls_passthrough: false,
+            keep: None,
         }
+    }
+
+    #[test]
+    fn a_retention_round_trips_without_changing_the_hash_or_old_bytes() {
+        let plain = spec(None);
+        let keep: Retention = "last=3, daily=2".parse().unwrap();
+        assert_eq!(keep, Retention { last: 3, daily: 2, ..crate::data::RETENTION });
+        assert_eq!(keep.to_string().parse::<Retention>().unwrap(), keep);
+        let with = ServiceSpec { keep: Some(keep), dump: Some(vec!["true".into()]), ..spec(None) };
+        assert!(with.validate().is_ok());
+        let bytes = crate::encode(&with);
+        assert_eq!(crate::decode::<ServiceSpec>(&bytes).unwrap(), with);
+        let pair = (with.clone(), 7u64);
+        assert_eq!(crate::decode::<(ServiceSpec, u64)>(&crate::encode(&pair)).unwrap(), pair);
+        assert_eq!(with.hash(), plain.hash(), "the retention is not part of the container");
+        let json = serde_json::to_value(&with).unwrap();
+        assert_eq!(json["keep"]["last"], 3);
+        assert_eq!(serde_json::from_value::<ServiceSpec>(json).unwrap(), with);
+        assert!(serde_json::to_value(&plain).unwrap().get("keep").is_none());
+        assert!(with.describe().contains("keeps last=3,hourly=24,daily=2,weekly=4"));
+        // A spec without one is encoded as before.
+        assert_eq!(
+            crate::encode(&plain)[..],
+            crate::encode(&ServiceSpec { keep: None, ..plain.clone() })[..]
+        );
+        for bad in ["last=0", "last=401", "hourly=400", "monthly=3", "last", "last=x"] {
+            assert!(bad.parse::<Retention>().is_err(), "{bad}");
+        }
+        let over =
+            ServiceSpec { keep: Some(Retention { last: 0, hourly: 1, daily: 1, weekly: 1 }), ..spec(None) };
+        assert!(over.validate().is_err());
     }
 
     #[test]

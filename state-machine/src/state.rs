@@ -1015,8 +1015,9 @@ impl State {
                     .as_ref()
                     .map(|p| p.nodes().collect())
                     .unwrap_or_default();
+                let retention = self.services[service].spec.keep.unwrap_or(RETENTION);
                 let ledger = self.data.get_mut(service).expect("checked: ledger exists");
-                let keep = RETENTION.retained(ledger, &keep_for);
+                let keep = retention.retained(ledger, &keep_for);
                 ledger.snapshots.retain(|id, _| keep.contains(id));
             }
             Event::SnapshotStored { service, snapshot, node } => {

@@ -43,6 +43,7 @@ fn event() -> impl Strategy<Value = Event> {
                 zone: None,
                 http_port: None,
                 tls_passthrough: false,
+                keep: None,
             }
         }),
         1 => name.clone().prop_map(|name| Event::ServiceRemoved { name }),

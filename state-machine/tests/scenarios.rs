@@ -80,6 +80,8 @@ impl Runner {
             zone: None,
             http_port: kv.get("http-port").map(|p| p.parse().expect("http-port")),
             tls_passthrough: pos.iter().any(|p| p == "tls-passthrough"),
+            // `keep=last:2,hourly:0` (a `:` for the `=` the scenario's own syntax takes).
+            keep: kv.get("keep").map(|k| k.replace(':', "=").parse().expect("keep")),
         }
     }
 

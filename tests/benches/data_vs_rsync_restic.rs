@@ -11,7 +11,7 @@
 //! coyote's side is what a master and its failover do: a snapshot (capture: walk, `stat`, read and
 //! cut the changed files, as under `docker pause`; then commit: compress and store the new chunks),
 //! then the chunks the other store lacks, read compressed from the first store and written to the
-//! second, each re-hashed on the way in (`stage_compressed`) and made durable 64 at a time, as a
+//! second, each re-hashed on the way in (`stage_compressed`) and made durable 4096 at a time, as a
 //! node fetches them. Both stores are on this machine and the
 //! copy is in-process: no TLS and no network stack, where rsync pays for ssh's encryption on the
 //! loopback. The bytes "on the wire" are the compressed chunks copied.
@@ -201,8 +201,10 @@ impl Coyote {
         let manifest_raw = self.a.get_compressed(&report.id)?;
         wire += manifest_raw.len() as u64;
         self.b.put_compressed(&report.id, &manifest_raw)?;
-        let parts: Vec<_> =
-            coyote_data::Manifest::parts(&self.b, &report.id)?.into_iter().filter(|p| !self.b.contains(p)).collect();
+        let parts: Vec<_> = coyote_data::Manifest::parts(&self.b, &report.id)?
+            .into_iter()
+            .filter(|p| !self.b.contains(p))
+            .collect();
         let mut batch = coyote_data::Batch::default();
         for id in &parts {
             let raw = self.a.get_compressed(id)?;
@@ -211,8 +213,8 @@ impl Coyote {
         }
         self.b.publish(batch)?;
         let manifest = coyote_data::Manifest::load(&self.b, &report.id)?;
-        // As a node fetches: 64 chunks per request, each batch made durable together.
-        for ids in coyote_data::missing(&self.b, &manifest).chunks(64) {
+        // As a node fetches: made durable 4096 chunks at a time.
+        for ids in coyote_data::missing(&self.b, &manifest).chunks(4096) {
             let mut batch = coyote_data::Batch::default();
             for id in ids {
                 let raw = self.a.get_compressed(id)?;

@@ -453,6 +453,7 @@ fn serve_proxy(upstream: u16, port: u16, dir: &Path) -> Result<()> {
                     zone: None,
                     http_port: Some(upstream),
                     tls_passthrough: false,
+                    keep: None,
                 },
                 placement: Some(coyote_state_machine::Placement {
                     master: 1,

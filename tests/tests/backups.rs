@@ -567,6 +567,23 @@ fn a_rollback_in_place_restarts_the_service_on_the_snapshot() -> Result<()> {
     let refused = nodes[m].cli_err(&["backup", "restore", &service, "--snapshot", "ffffffffffff"])?;
     assert!(refused.contains("no single snapshot"), "{refused}");
 
+    // The service's own retention: the newest two (and the newest each role holder holds).
+    let refused = nodes[m].cli_err(&["service", "update", &service, "--keep", "last=0"])?;
+    assert!(refused.contains("at least the newest"), "{refused}");
+    nodes[m].cli_json(&["service", "update", &service, "--keep", "last=2,hourly=0,daily=0,weekly=0"])?;
+    let shown = nodes[f].cli_json(&["service", "show", &service])?;
+    assert_eq!(shown["spec"]["keep"]["last"], 2, "{shown}");
+    let mut newest = String::new();
+    for _ in 0..3 {
+        let taken = nodes[m].cli_json(&["backup", "now", &service])?;
+        newest = taken["snapshot"].as_str().context("an id")?.to_string();
+    }
+    let list = nodes[m].cli_json(&["backup", "list", &service])?;
+    let ids: Vec<&str> =
+        list["snapshots"].as_array().into_iter().flatten().filter_map(|s| s["snapshot"].as_str()).collect();
+    assert!(ids.contains(&newest.as_str()) && !ids.contains(&snapshot.as_str()), "{list}");
+    assert!(ids.len() <= 2 + 3, "the newest two and each holder's newest: {list}");
+
     for n in &mut nodes {
         n.kill9();
     }

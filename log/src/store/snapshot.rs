@@ -272,6 +272,7 @@ mod tests {
             zone: None,
             http_port: None,
             tls_passthrough: false,
+            keep: None,
         };
         let service =
             coyote_state_machine::Service { spec, placement: None, created_at_ms: 1, serve_from_ms: 1 };

@@ -315,6 +315,7 @@ mod test_support {
             zone: None,
             http_port: None,
             tls_passthrough: false,
+            keep: None,
         }
     }
 
