@@ -61,7 +61,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use coyote_log::LogNode;
+use coyote_log::{pb, LogNode};
 use coyote_state_machine::spec::format_argv;
 use coyote_state_machine::{Event, PortMap, Role};
 use tokio::task::JoinHandle;
@@ -396,6 +396,24 @@ impl Activator {
     pub fn with_memory_source(mut self, source: Arc<dyn MemorySource>) -> Self {
         self.memory = source;
         self
+    }
+
+    /// Whether this node holds `service`'s gate with its listeners running: it serves the service
+    /// on demand here, and a connection would be answered (starting the container if stopped).
+    pub fn listening(&self, service: &str) -> bool {
+        self.gates
+            .lock()
+            .expect("gates lock")
+            .get(service)
+            .is_some_and(|gate| gate.listeners.iter().all(|l| !l.is_finished()))
+    }
+
+    /// `routes` with the `Activation` gRPC service added: members ask it whether this node holds an
+    /// on-demand service's listeners ([`Activator::listening`]).
+    pub fn routes(self: &Arc<Self>, routes: tonic::service::Routes) -> tonic::service::Routes {
+        routes.add_service(pb::activation_server::ActivationServer::new(ActivationService {
+            activator: self.clone(),
+        }))
     }
 
     /// Keeps the gates in line with the log and the lease, and stops idle containers, until `shutdown`.
@@ -1201,6 +1219,29 @@ pub mod planted {
 
     pub(crate) fn ignores_fence() -> bool {
         IGNORES_FENCE.load(Ordering::SeqCst)
+    }
+}
+
+/// The `Activation` gRPC service, to members only (a removed server's certificate still holds, so
+/// it is refused by the log's record: `LogNode::refusal`).
+struct ActivationService {
+    activator: Arc<Activator>,
+}
+
+#[tonic::async_trait]
+impl pb::activation_server::Activation for ActivationService {
+    async fn listening(
+        &self,
+        request: tonic::Request<pb::ListeningRequest>,
+    ) -> Result<tonic::Response<pb::ListeningReply>, tonic::Status> {
+        let Some(peer) = coyote_log::tls::peer_node(&request) else {
+            return Err(tonic::Status::unauthenticated("a certificate from this cluster's CA is required"));
+        };
+        if let Some(refused) = self.activator.node.refusal(peer) {
+            return Err(refused);
+        }
+        let listening = self.activator.listening(&request.into_inner().service);
+        Ok(tonic::Response::new(pb::ListeningReply { listening }))
     }
 }
 

@@ -6,7 +6,9 @@
 //! `coyote_log::cluster::ANSWERED_FRESH`: the leader's heartbeats to its followers count) and, for
 //! each service where it is failover or backup, the service at its master (a TCP connection to the
 //! service's first published port at the master's address, or an HTTP request there if the spec
-//! names an HTTP check path) and its DNS zone (an SOA query to the nameservers the
+//! names an HTTP check path; for an on-demand service, a question to the master's activator over the
+//! cluster's mutual TLS, whether it holds the service's listeners, since a connection would start
+//! the container and keep it from stopping when idle) and its DNS zone (an SOA query to the nameservers the
 //! spec names, if any), through a [`ServiceProbe`]: [`NetProbe`] in production, the simulator's
 //! network in `sim/`. A service counts as unreachable only while its check fails AND, if it has a
 //! zone, none of the zone's nameservers answers: a zone still served means its master still lives.
@@ -154,6 +156,21 @@ type Round = Vec<(Subject, bool)>;
 /// proposal from being sent again: a forward to a leader that just died can hang for seconds.
 const PROPOSE_AGAIN_AFTER: Duration = Duration::from_millis(400);
 
+/// Whether the node at `addr` holds on-demand `service`'s listeners, asked over the cluster's mutual
+/// TLS within `timeout`: `Some(false)` when it does not or does not answer, `None` when it does not
+/// know the question (a build without it), for the caller to probe the service itself.
+async fn listening_at(node: &LogNode, addr: &str, service: &str, timeout: Duration) -> Option<bool> {
+    let Ok(channel) = node.peer(addr) else { return Some(false) };
+    let mut client = coyote_log::pb::activation_client::ActivationClient::new(channel);
+    let mut request = tonic::Request::new(coyote_log::pb::ListeningRequest { service: service.to_string() });
+    request.set_timeout(timeout);
+    match tokio::time::timeout(timeout, client.listening(request)).await {
+        Ok(Ok(reply)) => Some(reply.into_inner().listening),
+        Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => None,
+        _ => Some(false),
+    }
+}
+
 /// The service check and the zone check of one service (either may be absent).
 pub type Checks = (Option<Check>, Option<ZoneCheck>);
 
@@ -291,7 +308,7 @@ impl Monitor {
                 }
                 subjects.insert(subject);
             }
-            let mut services: Vec<(String, Checks, Option<String>)> = Vec::new();
+            let mut services: Vec<(String, Checks, Option<String>, bool)> = Vec::new();
             for name in s.services.keys() {
                 let role = s.role(name, me);
                 if !matches!(role, Some(Role::Failover) | Some(Role::Backup)) {
@@ -301,7 +318,8 @@ impl Monitor {
                 if due(&subject, role == Some(Role::Failover)) {
                     let master = s.services[name].placement.as_ref().map(|p| p.master).unwrap_or(0);
                     let master_addr = s.members.get(&master).map(|m| m.addr.clone());
-                    services.push((name.clone(), service_checks(s, name, master), master_addr));
+                    let on_demand = s.services[name].spec.on_demand;
+                    services.push((name.clone(), service_checks(s, name, master), master_addr, on_demand));
                 }
                 subjects.insert(subject);
             }
@@ -320,22 +338,32 @@ impl Monitor {
             .collect();
         let service_probes: Vec<_> = services
             .iter()
-            .map(|(_, (check, zone), master_addr)| {
+            .map(|(name, (check, zone), master_addr, on_demand)| {
                 let probe = check.clone().map(|c| self.probe.probe(c, timeout));
                 let zone = zone.clone().map(|z| self.probe.zone(z, timeout));
                 let node = self.node.clone();
                 let master_addr = master_addr.clone();
+                let (name, on_demand) = (name.clone(), *on_demand);
                 async move {
+                    // An on-demand service is asked of its master's activator: connecting to it
+                    // would start its container, and keep it from ever stopping when idle.
+                    let listening = match (&master_addr, on_demand) {
+                        (Some(addr), true) => listening_at(&node, addr, &name, timeout).await,
+                        _ => None,
+                    };
                     // The service counts as unreachable only while its zone is too (when it has one).
                     let (service_ok, zone_ok) = tokio::join!(
                         async {
-                            match (probe, master_addr) {
-                                (Some(probe), _) => probe.await,
+                            match (listening, probe, master_addr) {
+                                (Some(listening), _, _) => listening,
+                                (None, Some(probe), _) => probe.await,
                                 // A service with no port cannot be probed: its master's reachability decides.
-                                (None, Some(addr)) => tokio::time::timeout(timeout, node.ping_peer(&addr))
-                                    .await
-                                    .unwrap_or(false),
-                                (None, None) => false,
+                                (None, None, Some(addr)) => {
+                                    tokio::time::timeout(timeout, node.ping_peer(&addr))
+                                        .await
+                                        .unwrap_or(false)
+                                }
+                                (None, None, None) => false,
                             }
                         },
                         async {
@@ -356,7 +384,7 @@ impl Monitor {
             );
             let mut results: Round = Vec::new();
             results.extend(peers.iter().map(|(id, _)| Subject::Node(*id)).zip(peer_ok));
-            results.extend(services.into_iter().map(|(name, _, _)| Subject::Service(name)).zip(service_ok));
+            results.extend(services.into_iter().map(|(name, ..)| Subject::Service(name)).zip(service_ok));
             results
         }
     }

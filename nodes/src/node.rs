@@ -213,6 +213,9 @@ impl Node {
             None => (None, None),
         };
         let mut routes = backups.as_ref().map(|b| b.routes()).unwrap_or_default();
+        if let Some(activator) = &activator {
+            routes = activator.routes(routes);
+        }
         let mut acme_directory = None;
         let proxy = match front {
             Some(FrontParts { http, https, mut settings, acme }) => {

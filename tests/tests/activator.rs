@@ -221,6 +221,91 @@ fn an_on_demand_service_starts_on_the_first_connection_and_stops_when_idle() -> 
 }
 
 #[test]
+fn the_failover_checks_an_on_demand_service_without_waking_it() -> Result<()> {
+    test_images()?;
+    let root = tempfile::tempdir()?;
+    let mut guard = DockerGuard::default();
+    let mut nodes: Vec<Node> = Vec::new();
+    for (i, ip) in ["127.0.0.1", "127.0.0.2"].iter().enumerate() {
+        let mut n = Node::on_ip(root.path(), &format!("n{}", i + 1), ip);
+        n.containers = true;
+        n.flags = vec!["--idle-stop".into(), "3s".into()];
+        if i == 0 {
+            n.up()?;
+            guard.cluster_ids.push(n.cluster_id()?);
+        } else {
+            let token = nodes[0].token(&[])?;
+            n.join(&token)?;
+        }
+        nodes.push(n);
+    }
+    let cluster = nodes[0].cluster_id()?;
+    let port = free_port();
+    let service = format!("odf{}", std::process::id());
+    let created = nodes[0].cli_json(&[
+        "service",
+        "create",
+        &service,
+        "--image",
+        "coyote-test/httpd:1",
+        "--port",
+        &format!("{port}:80"),
+        "--on-demand",
+    ])?;
+    let master = created["placement"]["master"].as_u64().context("a master")?;
+    assert!(created["placement"]["failover"].as_u64().is_some(), "{created}");
+    let node_id = |n: &Node| -> Result<u64> {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(n.dir.join("node.json"))?)?;
+        v["node_id"].as_u64().context("no node id")
+    };
+    let ids: Vec<u64> = nodes.iter().map(node_id).collect::<Result<_>>()?;
+    let m = ids.iter().position(|i| *i == master).context("the master is one of the nodes")?;
+    let s = wait_until("the master's activator to listen", Duration::from_secs(60), || {
+        stats_of(&nodes[m], &service)
+    })?;
+    assert_eq!(s["cold_starts"], 0, "{s}");
+
+    // The failover has checked the service many times over (every 200 ms) while it was stopped:
+    // the service counts as reachable, and none of those checks started it.
+    std::thread::sleep(Duration::from_secs(2));
+    let s = stats_of(&nodes[m], &service)?.context("stats")?;
+    assert_eq!((s["cold_starts"].as_u64(), s["connections"].as_u64()), (Some(0), Some(0)), "{s}");
+    assert_eq!(s["running"], false, "{s}");
+
+    // A visitor starts it; idle, it stops again despite the failover's checks, and stays stopped.
+    assert!(http_get(port)?.contains(" 200 "));
+    wait_until("the idle stop", Duration::from_secs(30), || {
+        Ok(stats_of(&nodes[m], &service)?.filter(|s| s["idle_stops"] == 1 && s["running"] == false))
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    let s = stats_of(&nodes[m], &service)?.context("stats")?;
+    assert_eq!((s["cold_starts"].as_u64(), s["idle_stops"].as_u64()), (Some(1), Some(1)), "{s}");
+    assert_eq!(s["running"], false, "{s}");
+    // The master's container, by Docker.
+    let state = docker(&[
+        "ps",
+        "-a",
+        "--filter",
+        &format!("label=coyote.cluster={cluster}"),
+        "--filter",
+        &format!("label=coyote.node={master}"),
+        "--filter",
+        &format!("label=coyote.service={service}"),
+        "--format",
+        "{{.State}}",
+    ])?;
+    assert!(!state.trim().is_empty() && !state.contains("running"), "{state:?}");
+    // And no failover happened: the master is the same.
+    let shown = nodes[1 - m].cli_json(&["service", "show", &service])?;
+    assert_eq!(shown["placement"]["master"].as_u64(), Some(master), "{shown}");
+    for n in &mut nodes {
+        n.kill9();
+    }
+    guard.clean();
+    Ok(())
+}
+
+#[test]
 fn a_container_left_running_by_a_previous_run_is_stopped_when_idle() -> Result<()> {
     test_images()?;
     let root = tempfile::tempdir()?;
