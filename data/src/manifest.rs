@@ -10,8 +10,9 @@
 //! [`PART_MAX`]), each part a chunk, and an index object listing the parts ([`INDEX_VERSION`] and
 //! the bincode form of the parts' [`ChunkRef`]s); the snapshot's id is the index's [`ChunkId`].
 //! Entries are sorted by path, so two snapshots of a tree share every part but those around what
-//! changed, and shipping a snapshot ships only those parts and a small index. A manifest stored
-//! whole, as one object holding its encoded form, is read too.
+//! changed, and shipping a snapshot ships only those parts and a small index. A manifest of at most
+//! [`WHOLE_MAX`] bytes is stored whole, as one object holding its encoded form, and its id is the
+//! snapshot's.
 //!
 //! A manifest may come from another node, so [`Manifest::decode`] trusts nothing: it refuses
 //! absolute paths, `.`/`..` and empty components, NUL bytes, unsorted or repeated paths, an entry
@@ -42,6 +43,10 @@ pub const PART_MIN: usize = 2 * 1024;
 pub const PART_AVG: usize = 8 * 1024;
 /// The largest part of a manifest.
 pub const PART_MAX: usize = 32 * 1024;
+
+/// A manifest that encodes to at most this many bytes is stored whole, as one object: cutting it
+/// would save little, and would cost a node that fetches the snapshot one more round trip.
+pub const WHOLE_MAX: usize = 64 * 1024;
 
 /// The longest path (in bytes) a manifest may hold, as Linux's `PATH_MAX` less its NUL.
 pub const MAX_PATH_BYTES: usize = 4095;
@@ -234,10 +239,14 @@ impl Manifest {
         Manifest::decode(&bytes)
     }
 
-    /// Encodes this manifest and stores its parts and its index in `store`; the returned id is
-    /// the snapshot's id (the index's), and its stored bytes count the new parts too.
+    /// Encodes this manifest and stores its parts and its index in `store` (or, up to
+    /// [`WHOLE_MAX`] bytes, the manifest whole); the returned id is the snapshot's id (the
+    /// index's), and its stored bytes count the new parts too.
     pub fn store(&self, store: &ChunkStore) -> Result<Put> {
         let encoded = self.encode()?;
+        if encoded.len() <= WHOLE_MAX {
+            return store.put(&encoded);
+        }
         let mut batch = Batch::default();
         let mut parts = Vec::new();
         let mut stored_bytes = 0;

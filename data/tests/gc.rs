@@ -40,9 +40,7 @@ fn gc_removes_what_only_dropped_snapshots_used() {
     let objects = |id: ChunkId, chunks: &BTreeSet<ChunkId>| {
         let mut all = chunks.clone();
         all.insert(id);
-        let parts = Manifest::parts(&store, &id).unwrap();
-        assert!(!parts.is_empty());
-        all.extend(parts);
+        all.extend(Manifest::parts(&store, &id).unwrap());
         all
     };
     let (o1, o2) = (objects(first.id, &m1), objects(second.id, &m2));
