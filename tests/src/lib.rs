@@ -324,6 +324,12 @@ impl Node {
         v["cluster_id"].as_str().map(String::from).ok_or_else(|| anyhow!("no cluster id in node.json"))
     }
 
+    /// The node id in the node's `node.json`.
+    pub fn node_id(&self) -> Result<u64> {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(self.dir.join("node.json"))?)?;
+        v["node_id"].as_u64().ok_or_else(|| anyhow!("no node id in node.json"))
+    }
+
     /// Runs a CLI command that must fail; returns its stderr.
     pub fn cli_err(&self, args: &[&str]) -> Result<String> {
         let out = self.cli(args);
@@ -517,6 +523,31 @@ pub fn test_images() -> Result<()> {
         })
         .clone()
         .map_err(|e| anyhow!(e))
+}
+
+/// The node id of `node` (see [`Node::node_id`]), for `map`.
+pub fn node_id(node: &Node) -> Result<u64> {
+    node.node_id()
+}
+
+/// Forms a cluster of `nodes`, configured by the caller: the first makes it (its id registered with
+/// `guard`, so its containers go when the test ends), the others join it with a token from the first.
+pub fn form_cluster(guard: &mut DockerGuard, nodes: Vec<Node>) -> Result<Vec<Node>> {
+    let mut formed: Vec<Node> = Vec::with_capacity(nodes.len());
+    for mut node in nodes {
+        match formed.first() {
+            None => {
+                node.up()?;
+                guard.cluster_ids.push(node.cluster_id()?);
+            }
+            Some(first) => {
+                let token = first.token(&[])?;
+                node.join(&token)?;
+            }
+        }
+        formed.push(node);
+    }
+    Ok(formed)
 }
 
 /// Removes, when dropped (even after a failed assertion), every container labelled with one

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use coyote_tests::{free_port_on, wait_until, Node};
+use coyote_tests::{free_port_on, node_id, wait_until, Node};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -168,11 +168,6 @@ fn port_free_on_all() -> u16 {
             return port;
         }
     }
-}
-
-fn node_id(node: &Node) -> Result<u64> {
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(node.dir.join("node.json"))?)?;
-    v["node_id"].as_u64().context("no node id")
 }
 
 /// The events of one kind, as `coyote events tail --json` shows them.

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use coyote_tests::{docker, free_port, http_get, test_images, wait_until, DockerGuard, Node};
+use coyote_tests::{docker, form_cluster, free_port, http_get, test_images, wait_until, DockerGuard, Node};
 use serde_json::Value;
 
 fn state_of(cluster: &str, service: &str) -> Result<Option<String>> {
@@ -225,20 +225,13 @@ fn the_failover_checks_an_on_demand_service_without_waking_it() -> Result<()> {
     test_images()?;
     let root = tempfile::tempdir()?;
     let mut guard = DockerGuard::default();
-    let mut nodes: Vec<Node> = Vec::new();
-    for (i, ip) in ["127.0.0.1", "127.0.0.2"].iter().enumerate() {
+    let nodes = ["127.0.0.1", "127.0.0.2"].iter().enumerate().map(|(i, ip)| {
         let mut n = Node::on_ip(root.path(), &format!("n{}", i + 1), ip);
         n.containers = true;
         n.flags = vec!["--idle-stop".into(), "3s".into()];
-        if i == 0 {
-            n.up()?;
-            guard.cluster_ids.push(n.cluster_id()?);
-        } else {
-            let token = nodes[0].token(&[])?;
-            n.join(&token)?;
-        }
-        nodes.push(n);
-    }
+        n
+    });
+    let mut nodes = form_cluster(&mut guard, nodes.collect())?;
     let cluster = nodes[0].cluster_id()?;
     let port = free_port();
     let service = format!("odf{}", std::process::id());
@@ -254,11 +247,7 @@ fn the_failover_checks_an_on_demand_service_without_waking_it() -> Result<()> {
     ])?;
     let master = created["placement"]["master"].as_u64().context("a master")?;
     assert!(created["placement"]["failover"].as_u64().is_some(), "{created}");
-    let node_id = |n: &Node| -> Result<u64> {
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(n.dir.join("node.json"))?)?;
-        v["node_id"].as_u64().context("no node id")
-    };
-    let ids: Vec<u64> = nodes.iter().map(node_id).collect::<Result<_>>()?;
+    let ids: Vec<u64> = nodes.iter().map(Node::node_id).collect::<Result<_>>()?;
     let m = ids.iter().position(|i| *i == master).context("the master is one of the nodes")?;
     let s = wait_until("the master's activator to listen", Duration::from_secs(60), || {
         stats_of(&nodes[m], &service)

@@ -7,15 +7,9 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use coyote_tests::{check_sequence, test_images, wait_until, DockerGuard, Node};
-use serde_json::Value;
+use coyote_tests::{check_sequence, form_cluster, node_id, test_images, wait_until, DockerGuard, Node};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-fn node_id(node: &Node) -> Result<u64> {
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(node.dir.join("node.json"))?)?;
-    v["node_id"].as_u64().context("no node id")
-}
 
 fn unique(what: &str) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
@@ -173,20 +167,13 @@ fn cluster_with_service(
     service: &str,
     backup_every: &str,
 ) -> Result<(Vec<Node>, Vec<u64>, usize, usize)> {
-    let mut nodes: Vec<Node> = Vec::new();
-    for (i, ip) in ["127.0.0.1", "127.0.0.2", "127.0.0.3"].iter().enumerate() {
+    let nodes = ["127.0.0.1", "127.0.0.2", "127.0.0.3"].iter().enumerate().map(|(i, ip)| {
         let mut n = Node::on_ip(root, &format!("n{}", i + 1), ip);
         n.containers = true;
         n.flags = vec!["--backup-every".into(), backup_every.into(), "--forward".into(), "userspace".into()];
-        if i == 0 {
-            n.up()?;
-            guard.cluster_ids.push(n.cluster_id()?);
-        } else {
-            let token = nodes[0].token(&[])?;
-            n.join(&token)?;
-        }
-        nodes.push(n);
-    }
+        n
+    });
+    let nodes = form_cluster(guard, nodes.collect())?;
     let ids: Vec<u64> = nodes.iter().map(node_id).collect::<Result<_>>()?;
     let created = nodes[0].cli_json(&["service", "create", service, "--image", "coyote-test/seq:1"])?;
     let master = created["placement"]["master"].as_u64().context("a master")?;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use coyote_tests::{cluster, event_keys, leader_index, wait_until, Node};
+use coyote_tests::{cluster, event_keys, leader_index, node_id, wait_until, Node};
 use serde_json::Value;
 
 fn create_service(node: &Node, name: &str, port: u16) -> Result<u64> {
@@ -18,11 +18,6 @@ fn create_service(node: &Node, name: &str, port: u16) -> Result<u64> {
         &format!("{port}:80"),
     ])?;
     v["index"].as_u64().ok_or_else(|| anyhow::anyhow!("no index in {v}"))
-}
-
-fn node_id(node: &Node) -> Result<u64> {
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(node.dir.join("node.json"))?)?;
-    v["node_id"].as_u64().ok_or_else(|| anyhow::anyhow!("no node id"))
 }
 
 fn indexes_of(events: &[Value], kind: &str) -> Vec<u64> {

@@ -6,13 +6,8 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use anyhow::Result;
-use coyote_tests::{free_port_on, wait_until, Node};
+use coyote_tests::{free_port_on, node_id, wait_until, Node};
 use serde_json::Value;
-
-fn node_id(node: &Node) -> Result<u64> {
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(node.dir.join("node.json"))?)?;
-    v["node_id"].as_u64().ok_or_else(|| anyhow::anyhow!("no node id"))
-}
 
 #[test]
 fn the_failover_takes_over_when_the_master_dies() -> Result<()> {

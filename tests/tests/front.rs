@@ -8,15 +8,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use coyote_tests::{free_port_on, test_images, wait_until, DockerGuard, Node};
-use serde_json::Value;
+use coyote_tests::{form_cluster, free_port_on, node_id, test_images, wait_until, DockerGuard, Node};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
-
-fn node_id(node: &Node) -> Result<u64> {
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(node.dir.join("node.json"))?)?;
-    v["node_id"].as_u64().context("no node id")
-}
 
 /// A node's loopback address and its proxy's HTTP and HTTPS ports.
 struct Front {
@@ -110,16 +104,10 @@ fn sites_are_served_by_name_from_any_node_and_follow_their_master() -> Result<()
         n.flags.extend(["--metrics".into(), format!("{ip}:{}", free_port_on(ip))]);
         let front = Front { ip: ip.to_string(), http: free_port_on(ip), https: free_port_on(ip) };
         n.front = Some((format!("{ip}:{}", front.http), format!("{ip}:{}", front.https)));
-        if i == 0 {
-            n.up()?;
-            guard.cluster_ids.push(n.cluster_id()?);
-        } else {
-            let token = nodes[0].token(&[])?;
-            n.join(&token)?;
-        }
         nodes.push(n);
         fronts.push(front);
     }
+    let mut nodes = form_cluster(&mut guard, nodes)?;
     let ids: Vec<u64> = nodes.iter().map(node_id).collect::<Result<_>>()?;
     let ca = nodes[0].dir.join("tls").join("ca.pem");
     let suffix = format!("{}x{}", std::process::id(), nodes[0].cluster_id()?);
