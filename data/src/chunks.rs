@@ -321,13 +321,12 @@ impl ChunkStore {
         while let Some(next) = staged.next() {
             let dest = self.chunk_path(&next.id);
             let renamed = match dest.parent() {
-                Some(fanout) => {
-                    if !fanouts.contains(fanout) {
-                        fanouts.insert(fanout.to_path_buf());
-                    }
+                // Each fan-out directory is made (if need be) once per batch.
+                Some(fanout) if !fanouts.contains(fanout) => {
+                    fanouts.insert(fanout.to_path_buf());
                     create_dir_synced(fanout)
                 }
-                None => Ok(()),
+                _ => Ok(()),
             }
             .and_then(|()| fs::rename(&next.tmp, &dest).map_err(|e| Error::io(&dest, e)));
             if let Err(e) = renamed {

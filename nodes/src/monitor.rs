@@ -345,15 +345,15 @@ impl Monitor {
                 let master_addr = master_addr.clone();
                 let (name, on_demand) = (name.clone(), *on_demand);
                 async move {
-                    // An on-demand service is asked of its master's activator: connecting to it
-                    // would start its container, and keep it from ever stopping when idle.
-                    let listening = match (&master_addr, on_demand) {
-                        (Some(addr), true) => listening_at(&node, addr, &name, timeout).await,
-                        _ => None,
-                    };
                     // The service counts as unreachable only while its zone is too (when it has one).
                     let (service_ok, zone_ok) = tokio::join!(
                         async {
+                            // An on-demand service is asked of its master's activator: connecting to
+                            // it would start its container, and keep it from ever stopping when idle.
+                            let listening = match (&master_addr, on_demand) {
+                                (Some(addr), true) => listening_at(&node, addr, &name, timeout).await,
+                                _ => None,
+                            };
                             match (listening, probe, master_addr) {
                                 (Some(listening), _, _) => listening,
                                 (None, Some(probe), _) => probe.await,
